@@ -1,0 +1,47 @@
+"""batchrun: resumable batch runs of LLM requests against OpenAI-compatible APIs."""
+
+from ._exceptions import (
+    APIError,
+    BatchrunError,
+    ConfigError,
+    InputError,
+    Interrupted,
+    JobAborted,
+    JobFatalAPIError,
+    RetryableAPIError,
+    RowFatalAPIError,
+    SpecError,
+    StateMismatchError,
+    UsageError,
+)
+from ._progress import BarProgress, LogProgress, NullProgress, Progress
+from ._runner import Summary, run_job
+from ._spec import ApiSpec, JobSpec, RetrySpec, load_spec, parse_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIError",
+    "ApiSpec",
+    "BarProgress",
+    "BatchrunError",
+    "ConfigError",
+    "InputError",
+    "Interrupted",
+    "JobAborted",
+    "JobFatalAPIError",
+    "JobSpec",
+    "LogProgress",
+    "NullProgress",
+    "Progress",
+    "RetryableAPIError",
+    "RetrySpec",
+    "RowFatalAPIError",
+    "SpecError",
+    "StateMismatchError",
+    "Summary",
+    "UsageError",
+    "load_spec",
+    "parse_spec",
+    "run_job",
+]

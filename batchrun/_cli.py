@@ -1,0 +1,125 @@
+"""The `batchrun` command: thin over `run_job`, mapping outcomes to exit codes.
+
+    0  every row ok            2  spec, input or config error (no request sent)
+    1  finished, some failed   3  aborted (auth, quota, signal); rerun to resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+from ._exceptions import JobAborted, UsageError
+from ._progress import make_progress
+from ._runner import run_job
+from ._spec import load_spec
+from ._state import StateStore, lock_holder, state_path
+
+__all__ = ["main"]
+
+INTERNAL_ERROR = 4
+
+RUN_EXAMPLE = """\
+examples:
+  batchrun run jobs/example.yaml               run or resume the job
+  batchrun run jobs/example.yaml --limit 20    try the first 20 rows only
+  batchrun run jobs/example.yaml --restart     discard saved progress, start over
+
+exit codes: 0 all rows ok, 1 some rows failed, 2 spec/input/config error
+(no request sent), 3 aborted (auth, quota, signal): rerun to resume."""
+
+STATUS_EXAMPLE = """\
+example:
+  batchrun status jobs/example.yaml"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="batchrun",
+        description="Run batches of LLM requests against OpenAI-compatible APIs, resumably.",
+        epilog="example:\n  batchrun run jobs/example.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="run or resume a job", epilog=RUN_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    run.add_argument("job", metavar="JOB", help="the job spec (YAML)")
+    run.add_argument("--limit", type=_positive, metavar="N", help="settle only the first N input rows")
+    run.add_argument("--restart", action="store_true", help="discard the saved progress and start over")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+
+    status = commands.add_parser(
+        "status",
+        help="show a job's progress from its saved state, sending no request",
+        epilog=STATUS_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument("job", metavar="JOB", help="the job spec (YAML)")
+
+    args = parser.parse_args(argv)
+    try:
+        return _run(args) if args.command == "run" else _status(args)
+    except UsageError as exc:
+        print(f"batchrun: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except JobAborted as exc:
+        print(f"batchrun: aborted: {exc}", file=sys.stderr)
+        summary = getattr(exc, "summary", None)
+        if summary is not None:
+            print(f"batchrun: {summary.line()}", file=sys.stderr)
+        print("batchrun: rerun the same command to resume", file=sys.stderr)
+        return exc.exit_code
+    except Exception:  # a bug, not a user error: show it all
+        traceback.print_exc()
+        print("batchrun: internal error; the saved progress is intact, rerun to resume", file=sys.stderr)
+        return INTERNAL_ERROR
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _run(args: argparse.Namespace) -> int:
+    summary = run_job(
+        args.job,
+        limit=args.limit,
+        restart=args.restart,
+        progress=make_progress(not args.no_progress),
+        handle_signals=True,
+    )
+    print(f"batchrun: {summary.line()}")
+    return summary.exit_code
+
+
+def _status(args: argparse.Namespace) -> int:
+    spec = load_spec(args.job)
+    path = state_path(spec.output)
+    try:
+        store = StateStore.open(path, lock=False)
+    except FileNotFoundError:
+        print(f"{spec.name}: not started (no state at {path})")
+        return 0
+    try:
+        meta, counts = store.meta(), store.counts()
+    finally:
+        store.close()
+    rows = meta.get("rows", 0)
+    remaining = rows - counts["ok"] - counts["failed"]
+    holder = lock_holder(path)
+    state = f"running (pid {holder})" if holder else ("finished" if remaining == 0 else "stopped")
+    print(f"{spec.name}: {state}")
+    print(f"  rows       {rows:,}")
+    print(f"  ok         {counts['ok']:,}")
+    print(f"  failed     {counts['failed']:,}")
+    print(f"  remaining  {remaining:,}")
+    print(f"  tokens     {counts['total_tokens']:,} ({counts['prompt_tokens']:,} prompt, "
+          f"{counts['completion_tokens']:,} completion)")
+    print(f"  output     {spec.output}{'' if spec.output.exists() else ' (not written yet)'}")
+    return 0

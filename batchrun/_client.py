@@ -1,0 +1,124 @@
+"""Calling the API for one row: one httpx client, tenacity retries, httpx errors mapped.
+
+This is the one place httpx exceptions become batchrun's: whatever goes wrong on
+the wire turns into a RetryableAPIError, a RowFatalAPIError (returned as a failed
+Result) or a JobFatalAPIError (raised: the job must stop).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import httpx
+
+from ._exceptions import APIError, RetryableAPIError
+from ._protocol import Result, StreamAssembler, build_body, endpoint_path, parse_answer
+from ._inputs import Row
+from ._policy import classify, retrying
+from ._spec import JobSpec
+
+__all__ = ["Client"]
+
+_JSON = {"content-type": "application/json"}
+
+
+class Client:
+    """Sends rows' requests; use as `async with Client(...) as client`."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        *,
+        api_key: str | None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Any] = anyio.sleep,
+    ) -> None:
+        self.spec = spec
+        self._api_key = api_key
+        self._transport = transport
+        self._sleep = sleep
+        self._http: httpx.AsyncClient | None = None
+        self.requests_sent = 0
+
+    async def __aenter__(self) -> Client:
+        headers = {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        limit = self.spec.concurrency
+        self._http = httpx.AsyncClient(
+            base_url=self.spec.api.base_url,
+            headers=headers,
+            timeout=self.spec.api.timeout_s,
+            limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+            transport=self._transport,
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._http is not None
+        await self._http.aclose()
+
+    async def call(self, row: Row) -> Result:
+        """Answer one row, retrying what is worth retrying; a failure is a failed Result.
+
+        Raises JobFatalAPIError when the API refuses the job as a whole.
+        """
+        body = build_body(row.body, self.spec.model, self.spec.params)
+        path = endpoint_path(row.endpoint)
+        payload = json.dumps(body, ensure_ascii=False).encode()  # once, for every attempt
+        stream = bool(body.get("stream"))
+        attempts = 0
+        latency = 0.0
+        try:
+            async for attempt in retrying(self.spec.retry, sleep=self._sleep):
+                with attempt:
+                    attempts += 1
+                    started = time.monotonic()
+                    try:
+                        result = await self._send(path, payload, row.endpoint, stream)
+                    finally:
+                        latency = time.monotonic() - started
+        except APIError as exc:  # JobFatalAPIError is no APIError: it propagates
+            return Result(row.index, row.id, "failed", attempts=attempts, latency_s=latency, error=self._redact(str(exc)))
+        result.row_index, result.id = row.index, row.id
+        result.attempts, result.latency_s = attempts, latency
+        return result
+
+    async def _send(self, path: str, payload: bytes, endpoint: str, stream: bool) -> Result:
+        assert self._http is not None
+        self.requests_sent += 1
+        try:
+            if stream:
+                async with self._http.stream("POST", path, content=payload, headers=_JSON) as response:
+                    if not response.is_success:
+                        await response.aread()
+                        raise self._refusal(response)
+                    assembler = StreamAssembler(endpoint)
+                    async for line in response.aiter_lines():
+                        assembler.feed_line(line)
+                    return assembler.result()
+            response = await self._http.post(path, content=payload, headers=_JSON)
+        except httpx.TimeoutException as exc:
+            raise RetryableAPIError(f"no answer within {self.spec.api.timeout_s:g} s ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise RetryableAPIError(f"connection failed: {type(exc).__name__}: {exc}") from exc
+        if not response.is_success:
+            raise self._refusal(response)
+        try:
+            data = json.loads(response.content)
+        except ValueError:
+            raise RetryableAPIError("the response body is not valid JSON", status=response.status_code) from None
+        return parse_answer(endpoint, data)
+
+    def _refusal(self, response: httpx.Response) -> APIError:
+        error = classify(response.status_code, response.headers, response.content, now=time.time())
+        error.args = (self._redact(str(error)),)
+        return error
+
+    def _redact(self, text: str) -> str:
+        """Servers sometimes echo the key they rejected; it must never reach a file."""
+        if self._api_key and self._api_key in text:
+            text = text.replace(self._api_key, "[redacted]")
+        return text

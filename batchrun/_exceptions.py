@@ -1,0 +1,100 @@
+"""Every error batchrun raises, in one hierarchy.
+
+    BatchrunError
+    ├── UsageError                 exit 2, raised before any request is sent
+    │   ├── SpecError              the job spec: unknown key, wrong type, bad value
+    │   ├── InputError             the input file: unreadable, malformed line, duplicate ids
+    │   ├── ConfigError            the environment: missing API key, unwritable output
+    │   └── StateMismatchError     the saved state belongs to another input or request shape
+    ├── JobAborted                 exit 3: the job stopped before every row was settled
+    │   ├── JobFatalAPIError       401/403, insufficient quota: no later request can succeed
+    │   └── Interrupted            a signal asked the job to stop
+    └── APIError                   one request failed; the runner turns it into row data
+        ├── RetryableAPIError      429, 5xx, timeouts, dropped connections, broken bodies
+        └── RowFatalAPIError       any other 4xx: this row can never succeed as sent
+
+`APIError` never escapes `run_job`: a failed row is data (status, error, attempts).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "APIError",
+    "BatchrunError",
+    "ConfigError",
+    "InputError",
+    "Interrupted",
+    "JobAborted",
+    "JobFatalAPIError",
+    "RetryableAPIError",
+    "RowFatalAPIError",
+    "SpecError",
+    "StateMismatchError",
+    "UsageError",
+]
+
+
+class BatchrunError(Exception):
+    """Base of every error batchrun raises on purpose."""
+
+
+class UsageError(BatchrunError):
+    """Something the user must fix before the job can start (exit code 2)."""
+
+    exit_code = 2
+
+
+class SpecError(UsageError):
+    """The job spec is invalid; the message names the offending key path."""
+
+
+class InputError(UsageError):
+    """The input file cannot be read as rows; the message names file and line."""
+
+
+class ConfigError(UsageError):
+    """The environment does not allow the job to run (missing key, unwritable output)."""
+
+
+class StateMismatchError(UsageError):
+    """The saved progress was written for another input or request configuration."""
+
+
+class JobAborted(BatchrunError):
+    """The job stopped early; its state is saved and a rerun resumes it (exit code 3)."""
+
+    exit_code = 3
+
+
+class JobFatalAPIError(JobAborted):
+    """The API refused in a way no retry or later row can fix (bad key, no quota)."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Interrupted(JobAborted):
+    """The job was asked to stop by a signal."""
+
+
+class APIError(BatchrunError):
+    """One request failed. `status` is None when no HTTP answer arrived."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RetryableAPIError(APIError):
+    """A failure worth retrying; `retry_after` is the server's requested wait in seconds."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class RowFatalAPIError(APIError):
+    """The API rejected this row's request; retrying it unchanged cannot help."""

@@ -1,0 +1,324 @@
+"""Reading input rows: JSONL, gzipped JSONL or Parquet, always streamed.
+
+A row becomes a `Row`: its position, its id, the endpoint it goes to and the request
+fields it carries itself. Everything else in the row is a passthrough column, copied
+to the output beside the answer. Three shapes are understood:
+
+    {"prompt": "..."}                                   -> /completions
+    {"messages": [...]}                                 -> /chat/completions
+    {"custom_id": "...", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+
+The file is read more than once (to validate, to run, to write the output), so the
+reader is a small object that can start over rather than a one-shot iterator.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._exceptions import InputError
+
+__all__ = ["InputReader", "Row", "OUTPUT_COLUMNS"]
+
+# Fields a flat row may carry for the request itself; any other column passes through.
+REQUEST_FIELDS = frozenset(
+    """prompt messages model max_tokens max_completion_tokens temperature top_p top_k min_p
+    n stop seed presence_penalty frequency_penalty repetition_penalty logit_bias logprobs
+    top_logprobs echo suffix best_of response_format tools tool_choice parallel_tool_calls
+    stream stream_options user reasoning_effort context_length_exceeded_behavior
+    prompt_cache_key prediction modalities""".split()
+)
+BATCH_FIELDS = frozenset({"custom_id", "method", "url", "body"})
+ID_FIELDS = ("id", "custom_id")
+
+# The answer's columns; an input column of the same name would be ambiguous.
+OUTPUT_COLUMNS = (
+    "row_index id status output_text reasoning_content tool_calls finish_reason model "
+    "response_id prompt_tokens completion_tokens total_tokens cached_tokens "
+    "reasoning_tokens attempts latency_s error"
+).split()
+
+_URL_ENDPOINTS = {
+    "/v1/chat/completions": "chat",
+    "/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/completions": "completions",
+}
+
+
+@dataclass(slots=True)
+class Row:
+    index: int
+    id: str
+    endpoint: str  # "chat" or "completions"
+    body: dict[str, Any]  # the row's own request fields; the spec's params fill the rest
+    where: str  # "line 12" or "row 11", for messages
+
+
+class InputReader:
+    """Streams rows from one input file, from the start each time it is asked."""
+
+    def __init__(
+        self, path: Path, *, endpoint: str | None = None, require_model: bool = False, batch_rows: int = 1024
+    ) -> None:
+        self.path = path
+        self.endpoint = endpoint
+        self.require_model = require_model
+        self.batch_rows = batch_rows
+        self.is_parquet = path.suffix == ".parquet"
+        if not path.is_file():
+            raise InputError(f"{path}: input file not found")
+
+    # -- whole-file checks -------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """A digest of the file's bytes: a resume must see the very same input."""
+        digest = hashlib.blake2b(digest_size=16)
+        try:
+            with self.path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
+        return digest.hexdigest()
+
+    def validate(self) -> tuple[int, dict[str, str]]:
+        """Parse every row once before any request; return (row count, passthrough types).
+
+        Ids are checked for duplicates in a temporary on-disk SQLite table so that
+        memory does not grow with the input.
+        """
+        ids = sqlite3.connect("")  # "" is a private temporary database on disk
+        ids.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, place TEXT)")
+        kinds: dict[str, set[str]] = {}
+        count = 0
+        duplicates: list[str] = []
+        try:
+            for rows, extras in self._batches(collect_extras=True):
+                count += len(rows)
+                for name, values in extras.items():
+                    seen = kinds.setdefault(name, set())
+                    seen.update(_kind(v) for v in values)
+                for row in rows:
+                    try:
+                        ids.execute("INSERT INTO ids VALUES (?, ?)", (row.id, row.where))
+                    except sqlite3.IntegrityError:
+                        (first,) = ids.execute("SELECT place FROM ids WHERE id = ?", (row.id,)).fetchone()
+                        duplicates.append(f"{row.id!r} at {first} and {row.where}")
+                if len(duplicates) >= 5:
+                    break
+        finally:
+            ids.close()
+        if duplicates:
+            raise InputError(
+                f"{self.path}: duplicate row ids: {'; '.join(duplicates[:5])}; "
+                "every id and custom_id must be unique"
+            )
+        return count, {name: _arrow_kind(k) for name, k in kinds.items()}
+
+    # -- streaming ------------------------------------------------------------------------
+
+    def rows(self, start: int = 0) -> Iterator[Row]:
+        for rows, _ in self._batches(collect_extras=False):
+            if rows and rows[-1].index < start:
+                continue
+            for row in rows:
+                if row.index >= start:
+                    yield row
+
+    def passthrough_batches(self, types: dict[str, str]) -> Iterator[pa.Table]:
+        """The passthrough columns, a table per batch, in the types `validate` chose."""
+        schema = pa.schema([(name, _ARROW_TYPES[kind]) for name, kind in types.items()])
+        if self.is_parquet:
+            for batch in self._parquet_batches(list(types)):
+                yield pa.Table.from_batches([batch]).select(list(types))
+            return
+        for rows, extras in self._batches(collect_extras=True):
+            columns = {
+                name: [_coerce(v, types[name]) for v in extras.get(name, [None] * len(rows))]
+                for name in types
+            }
+            yield pa.Table.from_pydict(columns, schema=schema)
+
+    # -- parsing -------------------------------------------------------------------------
+
+    def _batches(self, *, collect_extras: bool) -> Iterator[tuple[list[Row], dict[str, list[Any]]]]:
+        source = self._parquet_records() if self.is_parquet else self._jsonl_records()
+        rows: list[Row] = []
+        extras: dict[str, list[Any]] = {}
+        for index, (where, record) in enumerate(source):
+            rows.append(self._row(index, where, record))
+            if collect_extras:
+                for key, value in record.items():
+                    if key not in REQUEST_FIELDS and key not in BATCH_FIELDS and key not in ID_FIELDS:
+                        column = extras.get(key)
+                        if column is None:
+                            if key in OUTPUT_COLUMNS:
+                                raise InputError(
+                                    f"{self.path}: {where}: column {key!r} clashes with the output column "
+                                    "of that name; rename it in the input"
+                                )
+                            column = extras[key] = [None] * (len(rows) - 1)
+                        column.append(value)
+                for column in extras.values():
+                    if len(column) < len(rows):
+                        column.append(None)
+            if len(rows) >= self.batch_rows:
+                yield rows, extras
+                rows, extras = [], {}
+        if rows:
+            yield rows, extras
+
+    def _jsonl_records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        opener = gzip.open if self.path.name.endswith(".gz") else open
+        try:
+            with opener(self.path, "rb") as f:
+                for number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    where = f"line {number}"
+                    try:
+                        record = json.loads(line)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                        raise InputError(f"{self.path}: {where}: not valid JSON ({exc})") from None
+                    if not isinstance(record, dict):
+                        raise InputError(f"{self.path}: {where}: expected a JSON object, got {type(record).__name__}")
+                    yield where, record
+        except (OSError, EOFError) as exc:
+            raise InputError(f"{self.path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
+
+    def _parquet_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        try:
+            f = pq.ParquetFile(self.path)
+            yield from f.iter_batches(batch_size=self.batch_rows, columns=columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{self.path}: cannot read as Parquet: {exc}") from exc
+
+    def _parquet_records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        index = 0
+        for batch in self._parquet_batches(None):
+            for record in batch.to_pylist():
+                yield f"row {index}", record
+                index += 1
+
+    def _row(self, index: int, where: str, record: dict[str, Any]) -> Row:
+        def fail(message: str) -> InputError:
+            return InputError(f"{self.path}: {where}: {message}")
+
+        row_id = next((record[k] for k in ID_FIELDS if record.get(k) is not None), index)
+        if not isinstance(row_id, (str, int)) or isinstance(row_id, bool):
+            raise fail(f"id must be a string or an integer, got {row_id!r}")
+
+        if record.get("body") is not None:
+            body = _json_value(record["body"], fail, "body")
+            if not isinstance(body, dict):
+                raise fail("body must be a JSON object")
+            method = record.get("method") or "POST"
+            if method != "POST":
+                raise fail(f"method {method!r} is not supported; batch lines must POST")
+            url = record.get("url")
+            endpoint = _URL_ENDPOINTS.get(url) if url else _shape(body)
+            if endpoint is None:
+                raise fail(f"url {url!r} is not supported; use /v1/chat/completions or /v1/completions")
+            body = dict(body)
+        else:
+            body = {k: v for k, v in record.items() if k in REQUEST_FIELDS and v is not None}
+            endpoint = _shape(body)
+            if endpoint is None:
+                keys = ", ".join(sorted(record)) or "none"
+                raise fail(f"a row needs prompt, messages or body (an OpenAI batch line); its keys: {keys}")
+
+        if "messages" in body:
+            messages = _json_value(body["messages"], fail, "messages")
+            if not isinstance(messages, list) or not messages:
+                raise fail("messages must be a non-empty list")
+            body["messages"] = [_drop_nulls(m) if self.is_parquet else m for m in messages]
+        if self.require_model and not body.get("model"):
+            raise fail("the row names no model and the spec sets none; add model: to the spec")
+        wanted = self.endpoint or endpoint
+        if wanted != endpoint:
+            if wanted == "completions":
+                raise fail("the spec sets endpoint: completions, but this row has messages")
+            body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
+        return Row(index, str(row_id), wanted, body, where)
+
+
+def _shape(body: dict[str, Any]) -> str | None:
+    if body.get("messages") is not None:
+        return "chat"
+    if body.get("prompt") is not None:
+        return "completions"
+    return None
+
+
+def _json_value(value: Any, fail: Any, name: str) -> Any:
+    """Parquet may hold nested data as a JSON string; accept both."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise fail(f"{name} is a string but not valid JSON ({exc})") from None
+    return value
+
+
+def _drop_nulls(message: Any) -> Any:
+    """A Parquet list of structs gives every message every field; absent ones are null."""
+    if isinstance(message, dict):
+        return {k: v for k, v in message.items() if v is not None}
+    return message
+
+
+# Passthrough column types for JSONL: the narrowest Arrow type every value fits.
+_ARROW_TYPES = {
+    "null": pa.string(),
+    "bool": pa.bool_(),
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "string": pa.string(),
+    "json": pa.string(),
+}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int" if -(2**63) <= value < 2**63 else "json"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    return "json"
+
+
+def _arrow_kind(kinds: set[str]) -> str:
+    kinds = kinds - {"null"}
+    if not kinds:
+        return "null"
+    if len(kinds) == 1:
+        return next(iter(kinds))
+    if kinds == {"int", "float"}:
+        return "float"
+    return "json"
+
+
+def _coerce(value: Any, kind: str) -> Any:
+    if value is None:
+        return None
+    if kind == "json":
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if kind == "float":
+        return float(value)
+    return value

@@ -1,0 +1,199 @@
+"""The request/response protocol: request bodies out, `Result` rows in.
+
+Pure functions over dicts and lines; nothing here touches a socket, so every shape
+the API can answer with is testable from literals.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._exceptions import RetryableAPIError
+
+__all__ = ["Result", "StreamAssembler", "build_body", "endpoint_path", "parse_answer"]
+
+_PATHS = {"chat": "/chat/completions", "completions": "/completions"}
+
+
+def endpoint_path(endpoint: str) -> str:
+    return _PATHS[endpoint]
+
+
+def build_body(row_body: Mapping[str, Any], model: str | None, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Spec params, then the row's own fields on top; streams ask for usage too."""
+    body: dict[str, Any] = {"model": model} if model else {}
+    body.update(params)
+    body.update(row_body)
+    if body.get("stream"):
+        # Fireworks puts usage in the last chunk anyway; OpenAI only when asked.
+        body.setdefault("stream_options", {"include_usage": True})
+    return body
+
+
+@dataclass(slots=True)
+class Result:
+    """One settled row: what is checkpointed and, in the end, one output row."""
+
+    row_index: int
+    id: str
+    status: str  # "ok" | "failed"
+    output_text: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: str | None = None  # JSON text of the assistant's tool calls
+    finish_reason: str | None = None
+    model: str | None = None
+    response_id: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    attempts: int = 0
+    latency_s: float | None = None
+    error: str | None = None
+
+
+RESULT_FIELDS = tuple(Result.__dataclass_fields__)
+
+
+def parse_answer(endpoint: str, data: Any) -> Result:
+    """Turn a non-streaming response body into a Result (row_index and id left blank)."""
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+        raise RetryableAPIError("the response has no choices", status=200)
+    choice = data["choices"][0]
+    if not isinstance(choice, dict):
+        raise RetryableAPIError("the response's choice is not an object", status=200)
+    if endpoint == "chat":
+        message = choice.get("message") or {}
+        text, reasoning, tool_calls = (
+            message.get("content"),
+            message.get("reasoning_content"),
+            message.get("tool_calls"),
+        )
+    else:
+        text, reasoning, tool_calls = choice.get("text"), None, None
+    result = Result(
+        row_index=-1,
+        id="",
+        status="ok",
+        output_text=text,
+        reasoning_content=reasoning,
+        tool_calls=json.dumps(tool_calls, ensure_ascii=False) if tool_calls else None,
+        finish_reason=choice.get("finish_reason"),
+        model=data.get("model"),
+        response_id=data.get("id"),
+    )
+    _set_usage(result, data.get("usage"))
+    return result
+
+
+def _set_usage(result: Result, usage: Any) -> None:
+    if not isinstance(usage, dict):
+        return
+    result.prompt_tokens = _int(usage.get("prompt_tokens"))
+    result.completion_tokens = _int(usage.get("completion_tokens"))
+    result.total_tokens = _int(usage.get("total_tokens"))
+    if result.total_tokens is None and result.prompt_tokens is not None and result.completion_tokens is not None:
+        result.total_tokens = result.prompt_tokens + result.completion_tokens
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict):
+        result.cached_tokens = _int(details.get("cached_tokens"))
+    details = usage.get("completion_tokens_details")
+    if isinstance(details, dict):
+        result.reasoning_tokens = _int(details.get("reasoning_tokens"))
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class StreamAssembler:
+    """Joins server-sent event chunks into one Result.
+
+    Feed it every line of the event stream. Usage is taken from whichever chunk
+    carries it: Fireworks puts it in the chunk with `finish_reason`, OpenAI in an
+    extra final chunk whose `choices` is empty. A stream that ends before `[DONE]`
+    was cut short (its usage may be missing) and is retryable.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.usage: Any = None
+        self.model: str | None = None
+        self.response_id: str | None = None
+        self.done = False
+
+    def feed_line(self, line: str) -> None:
+        if not line.startswith("data:"):
+            return  # blank separators, comments (": keep-alive"), event:/id: fields
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = json.loads(payload)
+        except json.JSONDecodeError:
+            raise RetryableAPIError("the event stream has a chunk that is not JSON", status=200) from None
+        if not isinstance(chunk, dict):
+            raise RetryableAPIError("the event stream has a chunk that is not an object", status=200)
+        if isinstance(chunk.get("error"), dict):
+            message = chunk["error"].get("message") or "unknown error"
+            raise RetryableAPIError(f"the stream reported an error: {message}", status=200)
+        self.model = chunk.get("model") or self.model
+        self.response_id = chunk.get("id") or self.response_id
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            self._feed_choice(choice)
+
+    def _feed_choice(self, choice: dict[str, Any]) -> None:
+        if self.endpoint == "chat":
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                self.text.append(delta["content"])
+            if delta.get("reasoning_content"):
+                self.reasoning.append(delta["reasoning_content"])
+            for call in delta.get("tool_calls") or ():
+                self._feed_tool_call(call)
+        elif choice.get("text"):
+            self.text.append(choice["text"])
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+
+    def _feed_tool_call(self, delta: dict[str, Any]) -> None:
+        """Tool calls arrive in pieces keyed by index; arguments are concatenated."""
+        call = self.tool_calls.setdefault(delta.get("index", 0), {"function": {"arguments": ""}})
+        for key in ("id", "type"):
+            if delta.get(key):
+                call[key] = delta[key]
+        function = delta.get("function") or {}
+        if function.get("name"):
+            call["function"]["name"] = function["name"]
+        call["function"]["arguments"] += function.get("arguments") or ""
+
+    def result(self) -> Result:
+        if not self.done:
+            raise RetryableAPIError("the event stream ended before the answer was complete", status=200)
+        calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        result = Result(
+            row_index=-1,
+            id="",
+            status="ok",
+            output_text="".join(self.text) if self.text or not calls else None,
+            reasoning_content="".join(self.reasoning) or None,
+            tool_calls=json.dumps(calls, ensure_ascii=False) if calls else None,
+            finish_reason=self.finish_reason,
+            model=self.model,
+            response_id=self.response_id,
+        )
+        _set_usage(result, self.usage)
+        return result

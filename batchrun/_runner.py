@@ -1,0 +1,314 @@
+"""The runner: spec -> validated input -> worker pool -> checkpoint -> Parquet output.
+
+    feed ──rows──▶ workers (≤ concurrency in flight) ──results──▶ writer ──▶ SQLite state
+                                                                   └─▶ progress
+    afterwards: state + input passthrough ──▶ output .parquet (atomic)
+
+Every request-free check comes first (spec, key, input, state), so a mistake costs
+no request. The first request goes alone: until one row has been answered, a
+wrong key or a dead endpoint costs one request, not `concurrency` of them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from ._client import Client
+from ._exceptions import BatchrunError, ConfigError, Interrupted, JobAborted, JobFatalAPIError
+from ._inputs import InputReader, Row
+from ._mock import MOCK_SCHEME, mock_transport
+from ._output import ROW_GROUP_ROWS, write_output
+from ._progress import NullProgress, Progress
+from ._protocol import Result
+from ._spec import JobSpec, load_spec
+from ._state import StateStore, state_path
+
+__all__ = ["Summary", "run_job"]
+
+FLUSH_EVERY_S = 1.0  # a kill -9 loses at most this much of the answers received
+FLUSH_EVERY_ROWS = 2000
+GRACE_S = 10.0  # after SIGTERM/SIGINT, how long requests in flight may finish
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a run did; `exit_code` is the CLI's."""
+
+    job: str
+    output: Path
+    state: Path
+    rows: int
+    ok: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    requests: int
+    elapsed_s: float
+    output_written: bool
+    aborted: str | None = None
+
+    @property
+    def remaining(self) -> int:
+        return self.rows - self.ok - self.failed
+
+    @property
+    def exit_code(self) -> int:
+        if self.aborted or self.remaining:
+            return 3
+        return 1 if self.failed else 0
+
+    def line(self) -> str:
+        head = f"{self.rows:,} rows: {self.ok:,} ok, {self.failed:,} failed"
+        if self.remaining:
+            head += f", {self.remaining:,} remaining"
+        tokens = f"{self.total_tokens:,} tokens ({self.prompt_tokens:,} prompt, {self.completion_tokens:,} completion)"
+        tail = f"output: {self.output}" if self.output_written else f"progress saved in {self.state}"
+        return f"{head}; {tokens}; {self.requests:,} requests in {self.elapsed_s:.1f} s; {tail}"
+
+
+def run_job(
+    job: str | os.PathLike[str] | JobSpec,
+    *,
+    limit: int | None = None,
+    restart: bool = False,
+    progress: Progress | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    environ: Mapping[str, str] | None = None,
+    handle_signals: bool = False,
+) -> Summary:
+    """Run (or resume) a job to completion and write its output.
+
+    Returns the Summary when every row is settled (check `summary.failed`); raises
+    UsageError (exit 2) before any request for a bad spec, input, key or state, and
+    JobAborted (exit 3, with `.summary`) when the job stopped early: its progress
+    is saved and the same call resumes it.
+    """
+    started = time.monotonic()
+    spec = job if isinstance(job, JobSpec) else load_spec(job)
+    env = os.environ if environ is None else environ
+    progress = progress or NullProgress()
+    api_key = _api_key(spec, env)
+    if spec.api.base_url.startswith(MOCK_SCHEME):
+        transport = transport or mock_transport()
+    _check_output(spec.output)
+
+    store, total, passthrough = _open_state(spec, limit=limit, restart=restart)
+    try:
+        done = store.ok_rows(total)
+        settled = store.counts(below=total)
+        progress.start(total, settled["ok"] + settled["failed"])
+        client = Client(spec, api_key=api_key, transport=transport)
+        pool = _Pool(spec, client, store, progress, done, total)
+        try:
+            anyio.run(pool.run, handle_signals)
+        finally:
+            progress.close()
+        counts = store.counts(below=total)
+        written = False
+        if pool.aborted is None and counts["ok"] + counts["failed"] == total:
+            output_reader = InputReader(spec.input, endpoint=spec.endpoint, batch_rows=ROW_GROUP_ROWS)
+            write_output(spec.output, store, output_reader, rows=total, passthrough=passthrough)
+            written = True
+    finally:
+        store.close()
+
+    summary = Summary(
+        job=spec.name,
+        output=spec.output,
+        state=store.path,
+        rows=total,
+        requests=client.requests_sent,
+        elapsed_s=time.monotonic() - started,
+        output_written=written,
+        aborted=str(pool.aborted) if pool.aborted else None,
+        **counts,
+    )
+    if pool.aborted is not None:
+        pool.aborted.summary = summary  # type: ignore[attr-defined]
+        raise pool.aborted
+    return summary
+
+
+def _api_key(spec: JobSpec, env: Mapping[str, str]) -> str | None:
+    if spec.api.base_url.startswith(MOCK_SCHEME):
+        return None
+    name = spec.api.api_key_env
+    key = env.get(name)
+    if not key:
+        raise ConfigError(f"{name} is not set; export it or set api.api_key_env in {spec.name}")
+    return key
+
+
+def _check_output(output: Path) -> None:
+    folder = output.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{output}: cannot create the output folder {folder}: {exc.strerror}") from exc
+    if output.is_dir():
+        raise ConfigError(f"{output}: is a folder; name a .parquet file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{output}: the folder {folder} is not writable")
+
+
+def _open_state(spec: JobSpec, *, limit: int | None, restart: bool) -> tuple[StateStore, int, dict[str, str]]:
+    """Open (or make) the job's state and check it belongs to this input and spec.
+
+    The input is validated in full the first time; a resume whose input digest
+    matches the saved one trusts the saved row count and column types.
+    """
+    reader = InputReader(spec.input, endpoint=spec.endpoint, require_model=spec.model is None)
+    path = state_path(spec.output)
+    fresh = restart or not path.exists()
+    store = StateStore.open(path, restart=restart)
+    try:
+        digest = reader.fingerprint()
+        saved = store.meta()
+        if saved.get("input_digest") == digest:
+            rows, passthrough = saved["rows"], saved["passthrough"]
+        else:
+            rows, passthrough = reader.validate()
+        store.claim(
+            {"input_digest": digest, "rows": rows, "passthrough": passthrough, "request": spec.request_config()},
+            spec_name=spec.name,
+        )
+    except BatchrunError:
+        store.close(remove=fresh)
+        raise
+    return store, rows if limit is None else min(rows, limit), passthrough
+
+
+class _Pool:
+    """The worker pool of one run: feed, workers and the writer in one task group."""
+
+    def __init__(
+        self, spec: JobSpec, client: Client, store: StateStore, progress: Progress, done: bytearray, total: int
+    ) -> None:
+        self.spec = spec
+        self.client = client
+        self.store = store
+        self.progress = progress
+        self.done = done
+        self.total = total
+        self.aborted: JobAborted | None = None
+        self.stopping = False
+        self.buffer: list[Result] = []
+
+    async def run(self, handle_signals: bool) -> None:
+        rows_send, rows_receive = anyio.create_memory_object_stream[Row](self.spec.concurrency)
+        results_send, results_receive = anyio.create_memory_object_stream[Result](self.spec.concurrency)
+        self.answered_once = anyio.Event()
+        self._writer_done = anyio.Event()
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._write, results_receive)
+            outer.start_soon(self._tick)
+            if handle_signals:
+                outer.start_soon(self._watch_signals)
+            async with self.client, anyio.create_task_group() as self.workers:
+                self.workers.start_soon(self._feed, rows_send)
+                for n in range(self.spec.concurrency):
+                    self.workers.start_soon(
+                        self._work, n == 0, rows_receive.clone(), results_send.clone()
+                    )
+                rows_receive.close()
+                results_send.close()
+            # Workers are done and have closed their result streams; the writer ends
+            # after its last flush. Stop the ticker and the signal watcher.
+            await self._writer_done.wait()
+            outer.cancel_scope.cancel()
+
+    async def _feed(self, rows: ObjectSendStream[Row]) -> None:
+        async with rows:
+            reader = InputReader(self.spec.input, endpoint=self.spec.endpoint)
+            try:
+                for row in reader.rows():
+                    if row.index >= self.total or self.stopping:
+                        break
+                    if not self.done[row.index]:
+                        await rows.send(row)
+            except anyio.BrokenResourceError:
+                pass  # every worker has stopped
+
+    async def _work(
+        self,
+        first: bool,
+        rows: ObjectReceiveStream[Row],
+        results: ObjectSendStream[Result],
+    ) -> None:
+        async with rows, results:
+            if not first:
+                await self.answered_once.wait()
+            async for row in rows:
+                if self.stopping:
+                    return
+                try:
+                    result = await self.client.call(row)
+                except JobFatalAPIError as exc:
+                    self._abort(exc)
+                    return
+                self.answered_once.set()
+                # An answer received is paid for: hand it to the writer even if the
+                # pool is being cancelled (the writer outlives the workers).
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await results.send(result)
+                    except anyio.BrokenResourceError:
+                        return
+
+    def _abort(self, exc: JobAborted) -> None:
+        if self.aborted is None:
+            self.aborted = exc
+        self.stopping = True
+        self.workers.cancel_scope.cancel()
+
+    # -- the writer: the only owner of the state -----------------------------------------
+
+    async def _write(self, results: ObjectReceiveStream[Result]) -> None:
+        try:
+            async with results:
+                async for result in results:
+                    self.buffer.append(result)
+                    if len(self.buffer) >= FLUSH_EVERY_ROWS:
+                        self._flush()
+        finally:
+            self._flush()
+            self._writer_done.set()
+
+    async def _tick(self) -> None:
+        """Flush at least every FLUSH_EVERY_S, even when answers trickle in."""
+        while True:
+            await anyio.sleep(FLUSH_EVERY_S)
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, self.buffer = self.buffer, []
+        if not batch:
+            return
+        self.store.save(batch)
+        failed = sum(r.status != "ok" for r in batch)
+        tokens = sum(r.total_tokens or 0 for r in batch)
+        self.progress.advance(len(batch) - failed, failed, tokens)
+
+    # -- signals -----------------------------------------------------------------------
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if self.aborted is None:
+                    self.aborted = Interrupted(f"interrupted by {name}")
+                    self.stopping = True
+                    self.answered_once.set()  # wake waiting workers so they see `stopping`
+                    self.workers.cancel_scope.deadline = anyio.current_time() + GRACE_S
+                else:
+                    self.workers.cancel_scope.cancel()

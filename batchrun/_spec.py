@@ -1,0 +1,213 @@
+"""The job spec: a YAML (or JSON) file parsed into frozen dataclasses.
+
+One parser builds the whole spec and rejects anything it does not know, naming the
+key path and the key it probably meant: a misspelt `concurency` must never be
+silently ignored, because the run it would spoil is long and paid for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ._exceptions import SpecError
+
+__all__ = ["ApiSpec", "JobSpec", "RetrySpec", "load_spec", "parse_spec"]
+
+DEFAULT_BASE_URL = "https://api.fireworks.ai/inference/v1"
+ENDPOINTS = ("chat", "completions")
+
+
+@dataclass(frozen=True)
+class RetrySpec:
+    max_attempts: int = 6
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ApiSpec:
+    base_url: str = DEFAULT_BASE_URL
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    input: Path
+    output: Path
+    model: str | None = None
+    endpoint: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    concurrency: int = 32
+    retry: RetrySpec = field(default_factory=RetrySpec)
+    api: ApiSpec = field(default_factory=ApiSpec)
+    source: Path | None = None  # the spec file, for messages
+
+    @property
+    def name(self) -> str:
+        return str(self.source) if self.source else "job spec"
+
+    def request_config(self) -> dict[str, Any]:
+        """The parts of the spec that shape request bodies; a resume must match them."""
+        return {"model": self.model, "endpoint": self.endpoint, "params": dict(self.params)}
+
+
+def load_spec(path: str | os.PathLike[str]) -> JobSpec:
+    """Read and validate the spec at `path`; relative paths resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the job spec: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_spec(raw, base_dir=path.parent, source=path)
+
+
+def parse_spec(
+    raw: Any,
+    *,
+    base_dir: str | os.PathLike[str] = ".",
+    source: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> JobSpec:
+    """Build a JobSpec from already-loaded YAML/JSON data."""
+    where = f"{source}: " if source else ""
+    env = os.environ if environ is None else environ
+    try:
+        return _build(_expand(raw, env, ""), Path(base_dir), source, env)
+    except SpecError as exc:
+        raise SpecError(f"{where}{exc}") from None
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, env: Mapping[str, str], path: str) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string, naming unset variables."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise SpecError(f"{path or 'spec'}: ${{{name}}} is not set; export it or write ${{{name}:-default}}")
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, env, _join(path, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> None:
+    for key in raw:
+        if key in allowed:
+            continue
+        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(allowed)}"
+        raise SpecError(f"{_join(path, str(key))}: unknown key{hint}")
+
+
+def _mapping(raw: Any, path: str) -> Mapping[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{path or 'spec'}: expected a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name != "source")
+
+
+def _number(raw: Mapping[str, Any], key: str, path: str, default: Any, *, kind: type, minimum: float) -> Any:
+    if key not in raw:
+        return default
+    value = raw[key]
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok or value < minimum:
+        what = "a whole number" if kind is int else "a number"
+        raise SpecError(f"{_join(path, key)}: expected {what} >= {minimum}, got {value!r}")
+    return kind(value)
+
+
+def _string(raw: Mapping[str, Any], key: str, path: str, default: str | None) -> str | None:
+    value = raw.get(key, default)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise SpecError(f"{_join(path, key)}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _base_url(url: str) -> str:
+    if not url.startswith(("http://", "https://", "mock://")):
+        raise SpecError(f"api.base_url: expected an http(s):// URL or mock://, got {url!r}")
+    return url if url == "mock://" else url.rstrip("/")
+
+
+def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]) -> JobSpec:
+    top = _mapping(raw, "")
+    _check_keys(top, _fields(JobSpec), "")
+    for key in ("input", "output"):
+        if not top.get(key):
+            raise SpecError(f"{key}: required; name the {key} file")
+
+    input_path = Path(os.path.abspath(base_dir / str(top["input"])))
+    if not str(input_path).endswith((".jsonl", ".jsonl.gz", ".parquet")):
+        raise SpecError(f"input: {top['input']!r} must end in .jsonl, .jsonl.gz or .parquet")
+    output_path = Path(os.path.abspath(base_dir / str(top["output"])))
+    if output_path.suffix != ".parquet":
+        raise SpecError(f"output: {top['output']!r} must end in .parquet")
+
+    endpoint = _string(top, "endpoint", "", None)
+    if endpoint is not None and endpoint not in ENDPOINTS:
+        raise SpecError(f"endpoint: expected one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+    params = _mapping(top.get("params"), "params")
+
+    retry_raw = _mapping(top.get("retry"), "retry")
+    _check_keys(retry_raw, _fields(RetrySpec), "retry")
+    d = RetrySpec()
+    retry = RetrySpec(
+        max_attempts=_number(retry_raw, "max_attempts", "retry", d.max_attempts, kind=int, minimum=1),
+        backoff_initial_s=_number(retry_raw, "backoff_initial_s", "retry", d.backoff_initial_s, kind=float, minimum=0),
+        backoff_max_s=_number(retry_raw, "backoff_max_s", "retry", d.backoff_max_s, kind=float, minimum=0),
+    )
+
+    api_raw = _mapping(top.get("api"), "api")
+    _check_keys(api_raw, _fields(ApiSpec), "api")
+    default_base = env.get("OPENAI_API_BASE") or DEFAULT_BASE_URL
+    api = ApiSpec(
+        base_url=_base_url(_string(api_raw, "base_url", "api", default_base)),
+        api_key_env=_string(api_raw, "api_key_env", "api", ApiSpec.api_key_env),
+        timeout_s=_number(api_raw, "timeout_s", "api", ApiSpec.timeout_s, kind=float, minimum=0.001),
+    )
+
+    return JobSpec(
+        input=input_path,
+        output=output_path,
+        model=_string(top, "model", "", None),
+        endpoint=endpoint,
+        params=dict(params),
+        concurrency=_number(top, "concurrency", "", JobSpec.concurrency, kind=int, minimum=1),
+        retry=retry,
+        api=api,
+        source=source,
+    )

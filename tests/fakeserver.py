@@ -1,0 +1,400 @@
+"""Fault-injecting fake OpenAI-compatible HTTP/1.1 server for tests.
+
+Serves POST /v1/completions and /v1/chat/completions on 127.0.0.1 only, from a
+daemon thread running its own asyncio loop, so both sync and async tests can use
+it.  Requests are recorded, and every 200 body sent completely is kept in
+`answers`, so tests can check what a client wrote against what was served.
+
+Per request, in this order: require_key, status_for, first_attempt_status, one
+random draw choosing at most one fault, then latency, then the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+
+# Outcome -> Faults attribute holding its rate, in the order their slices of [0, 1) are laid out.
+_DRAWN_FAULTS = {"drop": "drop_rate", "500": "error_500_rate", "503": "error_503_rate", "429": "rate_429",
+                 "hang": "hang_rate", "invalid_json": "invalid_json_rate", "truncated_body": "truncated_body_rate",
+                 "truncated_stream": "truncated_stream_rate"}
+
+_ERRORS = {
+    429: ("rate limit exceeded (injected)", "rate_limit_error", "rate_limit_exceeded"),
+    500: ("internal error (injected)", "server_error", "internal_error"),
+    503: ("service overloaded (injected)", "server_error", "service_unavailable"),
+}
+
+
+@dataclass
+class Faults:
+    """What goes wrong.  Replacing FakeServer.faults restarts the draws from the new seed."""
+
+    seed: int = 0
+    drop_rate: float = 0.0  # close the connection without any answer
+    error_500_rate: float = 0.0
+    error_503_rate: float = 0.0
+    rate_429: float = 0.0  # 429 with Retry-After: retry_after
+    retry_after: str = "0"
+    first_attempt_status: int | None = None  # status of the first request for each key (per Faults object)
+    hang_rate: float = 0.0  # wait hang_s, then answer normally if the client is still there
+    hang_s: float = 30.0
+    invalid_json_rate: float = 0.0  # 200 application/json whose body is not JSON
+    truncated_body_rate: float = 0.0  # full Content-Length announced, half written, then close
+    truncated_stream_rate: float = 0.0  # streams end cleanly before the finish chunk and [DONE]
+    latency_s: float = 0.0  # delay before every answer
+    latency_jitter_s: float = 0.0  # uniform +- on latency_s
+    require_key: str | None = None  # else 401 unless "Authorization: Bearer <require_key>"
+    status_for: Callable[[dict], tuple[int, dict] | None] | None = None  # body -> (status, error body) to force
+    usage_style: str = "fireworks"  # "fireworks": usage in the finish chunk; "openai": extra chunk if asked for
+
+    def __post_init__(self) -> None:
+        if self.usage_style not in ("fireworks", "openai"):
+            raise ValueError(f"usage_style must be 'fireworks' or 'openai', not {self.usage_style!r}")
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: dict[str, str]
+    body: dict
+    key: str
+    outcome: str
+
+
+def request_key(body: dict) -> str:
+    """Identity of a row's request: the prompt itself, or the chat messages as canonical JSON."""
+    if "messages" in body:
+        return json.dumps(body["messages"], sort_keys=True, ensure_ascii=False)
+    return body["prompt"]
+
+
+def error_body(message: str, type_: str, code: str) -> dict:
+    return {"error": {"message": message, "type": type_, "code": code}}
+
+
+def _status_error(status: int) -> dict:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return error_body(*_ERRORS.get(status, (f"status {status} (injected)", kind, str(status))))
+
+
+class FakeServer:
+    def __init__(self, faults: Faults | None = None):
+        self.faults = faults or Faults()
+        self.base_url = ""
+        self.requests: list[Recorded] = []
+        self.answers: dict[str, list[dict]] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._cond = threading.Condition()  # guards the recorded state above, shared with test threads
+        self._n = 0  # normal answers built so far, over the server's life
+        self._tasks: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._use_faults(self.faults)
+
+    # ---- lifecycle, called from the test thread ----
+
+    def start(self) -> FakeServer:
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="fakeserver", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if self._server is None:
+            raise RuntimeError("fake server failed to start (see the thread's traceback)")
+        port = self._server.sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        return self
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._thread = None
+
+    def __enter__(self) -> FakeServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def reset_stats(self) -> None:
+        with self._cond:
+            self.requests.clear()
+            self.answers.clear()
+            self.max_in_flight = 0
+
+    def count(self, key: str) -> int:
+        with self._cond:
+            return sum(1 for r in self.requests if r.key == key)
+
+    def wait_for_requests(self, n: int, timeout: float = 10) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.requests) >= n, timeout):
+                raise TimeoutError(f"{len(self.requests)} requests arrived, expected {n}")
+
+    # ---- server loop thread ----
+
+    def _run(self, ready: threading.Event) -> None:
+        try:
+            # A large backlog so hundreds of clients connecting at once are not refused.
+            start = asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=2048)
+            self._server = self._loop.run_until_complete(start)
+        finally:
+            ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    async def _shutdown(self) -> None:
+        self._server.close()
+        # Cancelling also ends handlers sleeping in hang/latency.  Loop because a
+        # connection accepted just before close() registers its task only once it runs.
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # let the closed transports run their connection_lost callbacks
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            while (request := await _read_request(reader)) is not None:
+                if not await self._respond(reader, writer, *request):
+                    break
+        except (ConnectionError, EOFError, asyncio.LimitOverrunError, ValueError):
+            pass  # the client went away or sent something unparsable: drop the connection
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _respond(self, reader, writer, method: str, path: str, headers: dict[str, str], raw: bytes) -> bool:
+        """Answer one request; return whether the connection stays open."""
+        close = headers.get("connection", "").lower() == "close"
+        # Requests rejected here are not recorded: they never reach the fault logic.
+        if method != "POST" or path not in _ENDPOINTS:
+            error = error_body(f"no route for {method} {path}", "invalid_request_error", "not_found")
+            await _send(writer, 404, error, close=close)
+            return not close
+        body = _parse_body(path, raw)
+        if body is None:
+            await _send(writer, 400, error_body("malformed request body", "invalid_request_error", "invalid_body"),
+                        close=close)
+            return not close
+
+        faults = self.faults
+        key = request_key(body)
+        # Decided before any await, so the random draws follow the arrival order.
+        outcome, status, error = self._decide(faults, headers, body, key)
+        with self._cond:
+            self.requests.append(Recorded(path, headers, body, key, outcome))
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self._cond.notify_all()
+        try:
+            delay = faults.latency_s + self._jitter.uniform(-faults.latency_jitter_s, faults.latency_jitter_s)
+            if outcome == "hang":
+                delay += faults.hang_s
+            if not await _sleep_while_connected(reader, delay):
+                return False
+            if error is not None:
+                retry = {"Retry-After": faults.retry_after} if status == 429 else {}
+                await _send(writer, status, error, headers=retry, close=close)
+                return not close
+            if outcome == "drop":
+                return False
+            if outcome == "invalid_json":
+                await _send(writer, 200, b'{"id": "broken", "choices": [', close=close)
+                return not close
+            answer = self._build_answer(body, key)
+            if body.get("stream") is True:
+                await _send_stream(writer, body, answer, outcome, faults.usage_style, close)
+                sent_completely = outcome not in ("truncated_body", "truncated_stream")
+            else:
+                sent_completely = outcome != "truncated_body"
+                await _send(writer, 200, answer, close=close, truncate=not sent_completely)
+            if sent_completely:
+                with self._cond:
+                    self.answers.setdefault(key, []).append(answer)
+            return sent_completely and not close
+        finally:
+            with self._cond:
+                self.in_flight -= 1
+
+    def _use_faults(self, faults: Faults) -> None:
+        """A new Faults object starts afresh: its own seeded draws, no key seen yet."""
+        self._faults_in_use = faults
+        self._rng = random.Random(faults.seed)
+        self._jitter = random.Random(f"jitter-{faults.seed}")  # separate, so jitter never shifts the draws
+        self._seen_keys: set[str] = set()
+
+    def _decide(self, faults: Faults, headers: dict[str, str], body: dict,
+                key: str) -> tuple[str, int | None, dict | None]:
+        """(outcome, status, error body); status and error body are None unless an error is to be answered."""
+        if self._faults_in_use is not faults:
+            self._use_faults(faults)
+        if faults.require_key is not None and headers.get("authorization") != f"Bearer {faults.require_key}":
+            return "401", 401, error_body("Invalid API key", "invalid_request_error", "invalid_api_key")
+        if faults.status_for is not None and (forced := faults.status_for(body)) is not None:
+            return "status_for", *forced
+        first = key not in self._seen_keys
+        self._seen_keys.add(key)
+        if first and faults.first_attempt_status is not None:
+            return "first_attempt", faults.first_attempt_status, _status_error(faults.first_attempt_status)
+        draw, edge = self._rng.random(), 0.0
+        for outcome, rate_name in _DRAWN_FAULTS.items():
+            edge += getattr(faults, rate_name)
+            if draw < edge:
+                if outcome.isdigit():
+                    return outcome, int(outcome), _status_error(int(outcome))
+                if outcome == "truncated_stream" and body.get("stream") is not True:
+                    break  # only a stream can end early cleanly: a plain request is answered normally
+                return outcome, None, None
+        return "ok", None, None
+
+    def _build_answer(self, body: dict, key: str) -> dict:
+        """The non-stream response body; streams are cut from it, and it is what `answers` keeps."""
+        self._n += 1
+        n = self._n
+        text = f"answer-{n} to {key[:20]!r}"
+        prompt_tokens, completion_tokens = len(key) // 4 + 1, len(text.split())
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": n % 3}}
+        common = {"created": int(time.time()), "model": body["model"]}
+        if "messages" not in body:
+            choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
+            answer = {"id": f"cmpl-{n}", "object": "text_completion", **common, "choices": [choice], "usage": usage}
+        else:
+            message = {"role": "assistant", "content": text}
+            if "reason" in body["model"]:
+                message["reasoning_content"] = f"thinking-{n}"
+                usage["completion_tokens_details"] = {"reasoning_tokens": 2}
+            answer = {"id": f"chatcmpl-{n}", "object": "chat.completion", **common,
+                      "choices": [{"index": 0, "message": message, "finish_reason": "stop"}], "usage": usage}
+        if type(body.get("max_tokens")) is int:
+            answer["max_tokens_seen"] = body["max_tokens"]
+        return answer
+
+
+async def _send_stream(writer, body: dict, answer: dict, outcome: str, usage_style: str, close: bool) -> None:
+    """SSE events over chunked transfer encoding; the truncating faults cut them short."""
+    leading, final = _stream_chunks(answer, body, usage_style)
+    events = [f"data: {json.dumps(chunk)}\n\n" for chunk in leading]
+    if outcome not in ("truncated_body", "truncated_stream"):
+        events += [f"data: {json.dumps(chunk)}\n\n" for chunk in final] + ["data: [DONE]\n\n"]
+    close = close or outcome in ("truncated_body", "truncated_stream")
+    writer.write(_head(200, "text/event-stream", {"Transfer-Encoding": "chunked"}, close))
+    for event in events:
+        data = event.encode()
+        writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+    if outcome != "truncated_body":  # truncated_body breaks the framing too: no terminating chunk
+        writer.write(b"0\r\n\r\n")
+    await writer.drain()
+
+
+def _stream_chunks(answer: dict, body: dict, usage_style: str) -> tuple[list[dict], list[dict]]:
+    """SSE chunks equivalent to `answer`, split into (before the finish chunk, the finish chunk and after)."""
+    choice = answer["choices"][0]
+    chat = answer["object"] == "chat.completion"
+    text = choice["message"]["content"] if chat else choice["text"]
+    cuts = [0, len(text) // 3, 2 * len(text) // 3, len(text)]
+    pieces = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+    if chat:
+        deltas = [{"content": piece} for piece in pieces]
+        if "reasoning_content" in choice["message"]:
+            deltas.insert(0, {"reasoning_content": choice["message"]["reasoning_content"]})
+        deltas[0] = {"role": "assistant", **deltas[0]}
+        payloads = [{"index": 0, "delta": delta} for delta in deltas]
+    else:
+        payloads = [{"index": 0, "text": piece, "logprobs": None} for piece in pieces]
+    base = {"id": answer["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": answer["created"], "model": answer["model"]}
+    if "max_tokens_seen" in answer:
+        base["max_tokens_seen"] = answer["max_tokens_seen"]
+    # OpenAI sends "usage": null on every chunk only when usage was asked for; Fireworks always does.
+    openai_usage = usage_style == "openai" and bool((body.get("stream_options") or {}).get("include_usage"))
+    chunks = []
+    for i, payload in enumerate(payloads):
+        last = i == len(payloads) - 1
+        chunk = {**base, "choices": [{**payload, "finish_reason": "stop" if last else None}]}
+        if usage_style == "fireworks":
+            chunk["usage"] = answer["usage"] if last else None
+        elif openai_usage:
+            chunk["usage"] = None
+        chunks.append(chunk)
+    if openai_usage:
+        chunks.append({**base, "choices": [], "usage": answer["usage"]})
+    finish = len(payloads) - 1
+    return chunks[:finish], chunks[finish:]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes] | None:
+    """Read one request as (method, path, headers, body), or None on a clean EOF between requests."""
+    try:
+        raw_head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise
+        return None
+    request_line, *header_lines = raw_head.decode("latin-1").split("\r\n")
+    method, target, _version = request_line.split(" ", 2)
+    headers = {}
+    for line in filter(None, header_lines):
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return method, target.partition("?")[0], headers, body
+
+
+def _parse_body(path: str, raw: bytes) -> dict | None:
+    """The JSON request body if it is well-formed for the endpoint, else None."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return None
+    if path == "/v1/completions":
+        return body if isinstance(body.get("prompt"), str) else None
+    return body if isinstance(body.get("messages"), list) else None
+
+
+def _head(status: int, content_type: str, headers: dict[str, str], close: bool) -> bytes:
+    lines = [f"HTTP/1.1 {status} {http.client.responses.get(status, 'Unknown')}", f"Content-Type: {content_type}",
+             *(f"{name}: {value}" for name, value in headers.items()),
+             f"Connection: {'close' if close else 'keep-alive'}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def _send(writer, status: int, payload: dict | bytes, *, headers: dict[str, str] | None = None,
+               close: bool = False, truncate: bool = False) -> None:
+    """Send a JSON response; with truncate, announce the full length but write only the first half."""
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    writer.write(_head(status, "application/json", {**(headers or {}), "Content-Length": str(len(data))}, close))
+    writer.write(data[: len(data) // 2] if truncate else data)
+    await writer.drain()
+
+
+async def _sleep_while_connected(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """Sleep; return False early if the client closes its end (e.g. after its own timeout)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(min(left, 0.05))
+        if reader.at_eof():
+            return False
+    return True
