@@ -1,0 +1,325 @@
+"""End to end through the real CLI, against the fault-injecting server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tests.conftest import REPO, TEST_KEY, cli_env, read_output, run_cli, write_jsonl, write_spec
+from tests.fakeserver import FakeServer, Faults, error_body, request_key
+
+FLAKY = dict(drop_rate=0.02, error_500_rate=0.03, first_attempt_status=503)
+
+
+def prompts(n: int, tag: str = "p") -> list[dict]:
+    return [{"id": f"{tag}{i}", "prompt": f"prompt {tag} number {i}: say something", "group": i % 7} for i in range(n)]
+
+
+def chat_rows(n: int) -> list[dict]:
+    return [
+        {"id": f"c{i}", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"question {i}"}],
+         "lang": "en" if i % 2 else "fr"}
+        for i in range(n)
+    ]
+
+
+def assert_exact_answers(rows: list[dict], server: FakeServer, keys: list[str]) -> None:
+    """Every row ok, in input order, with the text and usage of an answer the server sent."""
+    assert [r["row_index"] for r in rows] == list(range(len(keys)))
+    for row, key in zip(rows, keys):
+        assert row["status"] == "ok", row
+        sent = {a["id"]: a for a in server.answers[key]}
+        answer = sent[row["response_id"]]
+        choice = answer["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        assert row["output_text"] == text
+        assert row["finish_reason"] == choice["finish_reason"]
+        usage = answer["usage"]
+        assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (
+            usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"])
+        assert row["cached_tokens"] == usage["prompt_tokens_details"]["cached_tokens"]
+        assert row["error"] is None
+
+
+def test_flaky_server_every_prompt_answered_exactly(tmp_path: Path, server: FakeServer) -> None:
+    server.faults = Faults(seed=1, **FLAKY)
+    rows = prompts(2000)
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    spec = write_spec(tmp_path, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    assert "2,000 rows: 2,000 ok, 0 failed" in result.stdout
+    out = read_output(tmp_path / "out/result.parquet")
+    assert_exact_answers(out, server, [r["prompt"] for r in rows])
+    assert [r["id"] for r in out] == [r["id"] for r in rows]
+    assert [r["group"] for r in out] == [r["group"] for r in rows]  # passthrough column
+    assert all(r["attempts"] >= 2 for r in out)  # every first attempt was a 503
+    outcomes = {r.outcome for r in server.requests}
+    assert {"drop", "500", "first_attempt", "ok"} <= outcomes
+
+
+def test_chat_rows_from_parquet(tmp_path: Path, server: FakeServer) -> None:
+    server.faults = Faults(seed=2, **FLAKY)
+    rows = chat_rows(1000)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "input.parquet")  # messages: list<struct>
+    spec = write_spec(tmp_path, input="input.parquet", api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert_exact_answers(out, server, [request_key(r) for r in rows])
+    assert [r["lang"] for r in out] == [r["lang"] for r in rows]
+    sent = next(r for r in server.requests if r.outcome == "ok")
+    assert sent.path == "/v1/chat/completions"
+    assert sent.body["messages"][0] == {"role": "system", "content": "be brief"}  # no null struct fields
+
+
+def test_batch_api_lines_row_max_tokens_wins(tmp_path: Path, server: FakeServer) -> None:
+    server.faults = Faults(seed=3, **FLAKY)
+    lines = [
+        {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "test-model", "messages": [{"role": "user", "content": f"batch {i}"}], "max_tokens": 5 + i % 3}}
+        for i in range(1000)
+    ]
+    write_jsonl(tmp_path / "input.jsonl", lines)
+    spec = write_spec(tmp_path, params={"max_tokens": 100, "temperature": 0}, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    keys = [request_key(line["body"]) for line in lines]
+    assert_exact_answers(out, server, keys)
+    assert [r["id"] for r in out] == [line["custom_id"] for line in lines]
+    for line, key in zip(lines, keys):
+        assert {a["max_tokens_seen"] for a in server.answers[key]} == {line["body"]["max_tokens"]}
+    assert all(r.body["temperature"] == 0 for r in server.requests)  # params still fill the rest
+
+
+def test_streaming_joins_deltas_and_takes_usage_from_the_last_chunk(tmp_path: Path, server: FakeServer) -> None:
+    server.faults = Faults(seed=4, truncated_stream_rate=0.03, truncated_body_rate=0.02, **FLAKY)
+    rows = chat_rows(1000)
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    spec = write_spec(tmp_path, params={"stream": True}, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert_exact_answers(out, server, [request_key(r) for r in rows])
+    assert all(r.body["stream"] is True and r.body["stream_options"] == {"include_usage": True} for r in server.requests)
+    assert {"truncated_stream", "truncated_body"} <= {r.outcome for r in server.requests}
+
+
+def test_openai_style_stream_usage_in_extra_chunk(tmp_path: Path, server: FakeServer) -> None:
+    server.faults = Faults(usage_style="openai")
+    rows = prompts(50)
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    spec = write_spec(tmp_path, params={"stream": True}, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    assert_exact_answers(read_output(tmp_path / "out/result.parquet"), server, [r["prompt"] for r in rows])
+
+
+def test_kill_9_three_times_then_resume_loses_and_repeats_nothing(tmp_path: Path, server: FakeServer) -> None:
+    server.faults = Faults(seed=5, latency_s=0.02, latency_jitter_s=0.01, drop_rate=0.01, error_503_rate=0.02)
+    rows = prompts(4000)
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    spec = write_spec(tmp_path, concurrency=32, api={"base_url": server.base_url})
+    command = [sys.executable, "-m", "batchrun", "run", str(spec), "--no-progress"]
+    rng = random.Random(5)
+
+    for kill in range(3):
+        proc = subprocess.Popen(command, env=cli_env(OPENAI_API_KEY=TEST_KEY), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server.wait_for_requests(len(server.requests) + rng.randint(200, 700), timeout=60)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert len(out) == 4000
+    assert_exact_answers(out, server, [r["prompt"] for r in rows])
+    paid_twice = sum(len(a) - 1 for a in server.answers.values())
+    # Each kill may lose the answers in flight plus about a second of answers.
+    assert paid_twice < 3 * 1500, paid_twice
+    print(f"answers paid twice after 3 kills: {paid_twice}")
+
+
+def test_rejected_rows_fail_with_the_api_message_and_are_not_retried(tmp_path: Path, server: FakeServer) -> None:
+    def reject(body: dict):
+        if "BAD" in body.get("prompt", ""):
+            return 400, error_body("prompt contains a forbidden word", "invalid_request_error", "bad_prompt")
+        return None
+
+    server.faults = Faults(status_for=reject)
+    rows = [{"prompt": f"row {i} BAD" if i % 10 == 3 else f"row {i}"} for i in range(100)]
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    spec = write_spec(tmp_path, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 1, result.stderr
+    assert "100 rows: 90 ok, 10 failed" in result.stdout
+    out = read_output(tmp_path / "out/result.parquet")
+    failed = [r for r in out if r["status"] == "failed"]
+    assert [r["row_index"] for r in failed] == [i for i in range(100) if i % 10 == 3]
+    assert all(r["error"] == "HTTP 400: prompt contains a forbidden word" and r["attempts"] == 1 for r in failed)
+    assert all(server.count(r["prompt"]) == 1 for r in rows)
+    assert [r["id"] for r in out] == [str(i) for i in range(100)]  # no id column: the position
+
+    ok_keys = [r["prompt"] for r in rows if "BAD" not in r["prompt"]]
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 1
+    assert all(server.count(k) == 1 for k in ok_keys)  # no ok row requested again
+    assert len(read_output(tmp_path / "out/result.parquet")) == 100
+
+
+def test_bad_input_key_or_spec_exit_2_without_a_request(tmp_path: Path, server: FakeServer) -> None:
+    lines = [json.dumps({"prompt": f"p{i}"}) for i in range(10)]
+    lines[4] = '{"prompt": "p4",'
+    write_jsonl(tmp_path / "input.jsonl", lines)
+    spec = write_spec(tmp_path, api={"base_url": server.base_url})
+    result = run_cli("run", str(spec))
+    assert result.code == 2
+    assert "input.jsonl: line 5: not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "fine"}])
+    result = run_cli("run", str(spec), env=cli_env())
+    assert result.code == 2
+    assert "OPENAI_API_KEY is not set; export it or set api.api_key_env" in result.stderr
+
+    spec = write_spec(tmp_path, concurency=4, api={"base_url": server.base_url})
+    result = run_cli("run", str(spec))
+    assert result.code == 2
+    assert "concurency: unknown key; did you mean concurrency?" in result.stderr
+
+    assert server.requests == []
+    assert not (tmp_path / "out" / "result.batchrun.sqlite").exists()
+
+
+def test_wrong_key_aborts_within_a_handful_of_requests_and_never_leaks(tmp_path: Path, server: FakeServer) -> None:
+    server.faults = Faults(require_key="the-right-key")
+    write_jsonl(tmp_path / "input.jsonl", prompts(3000))
+    spec = write_spec(tmp_path, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec))
+
+    assert result.code == 3
+    assert "HTTP 401" in result.stderr and "check the API key" in result.stderr
+    assert 1 <= len(server.requests) <= 5
+    assert TEST_KEY not in result.stdout + result.stderr
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert TEST_KEY.encode() not in path.read_bytes(), path
+
+
+def test_concurrency_bounds_requests_in_flight(tmp_path: Path, server: FakeServer) -> None:
+    server.faults = Faults(latency_s=0.1)
+    write_jsonl(tmp_path / "input.jsonl", prompts(200))
+    spec = write_spec(tmp_path, concurrency=16, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    assert server.max_in_flight == 16
+
+
+def test_changed_params_or_input_refuse_to_resume_until_restart(tmp_path: Path, server: FakeServer) -> None:
+    write_jsonl(tmp_path / "input.jsonl", prompts(20))
+    spec = write_spec(tmp_path, params={"max_tokens": 64}, api={"base_url": server.base_url})
+    assert run_cli("run", str(spec), "--no-progress").code == 0
+
+    spec = write_spec(tmp_path, params={"max_tokens": 128}, api={"base_url": server.base_url})
+    result = run_cli("run", str(spec), "--no-progress")
+    assert result.code == 2
+    assert "params.max_tokens was 64, now 128" in result.stderr
+    assert "--restart" in result.stderr
+
+    spec = write_spec(tmp_path, params={"max_tokens": 64}, api={"base_url": server.base_url})
+    write_jsonl(tmp_path / "input.jsonl", prompts(21))
+    result = run_cli("run", str(spec), "--no-progress")
+    assert result.code == 2
+    assert "the input file's content changed" in result.stderr
+    assert len(server.requests) == 20
+
+    result = run_cli("run", str(spec), "--no-progress", "--restart")
+    assert result.code == 0, result.stderr
+    assert len(read_output(tmp_path / "out/result.parquet")) == 21
+
+
+def test_limit_then_full_run_and_status(tmp_path: Path, server: FakeServer) -> None:
+    rows = prompts(30)
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    spec = write_spec(tmp_path, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--limit", "10", "--no-progress")
+    assert result.code == 0, result.stderr
+    assert [r["id"] for r in read_output(tmp_path / "out/result.parquet")] == [f"p{i}" for i in range(10)]
+
+    status = run_cli("status", str(spec))
+    assert status.code == 0
+    assert "ok         10" in status.stdout and "remaining  20" in status.stdout
+    assert len(server.requests) == 10  # status sends nothing
+
+    assert run_cli("run", str(spec), "--no-progress").code == 0
+    assert len(server.requests) == 30
+    assert_exact_answers(read_output(tmp_path / "out/result.parquet"), server, [r["prompt"] for r in rows])
+
+
+def test_sigterm_saves_answers_and_exits_3_then_resumes(tmp_path: Path, server: FakeServer) -> None:
+    server.faults = Faults(latency_s=0.3)
+    rows = prompts(400)
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    spec = write_spec(tmp_path, concurrency=64, api={"base_url": server.base_url})
+    proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--no-progress"],
+                            env=cli_env(OPENAI_API_KEY=TEST_KEY), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    server.wait_for_requests(100, timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    sent_at = time.monotonic()
+    _, stderr = proc.communicate(timeout=30)
+
+    assert proc.returncode == 3, stderr
+    assert time.monotonic() - sent_at < 5
+    assert "interrupted by SIGTERM" in stderr
+    answered = {k for k, a in server.answers.items() if a}
+
+    assert run_cli("run", str(spec), "--no-progress").code == 0
+    assert all(server.count(k) == 1 for k in answered)  # no answer received before the signal is bought again
+    assert_exact_answers(read_output(tmp_path / "out/result.parquet"), server, [r["prompt"] for r in rows])
+
+
+def test_a_second_runner_of_the_same_job_is_refused(tmp_path: Path, server: FakeServer) -> None:
+    server.faults = Faults(latency_s=0.05)
+    write_jsonl(tmp_path / "input.jsonl", prompts(300))
+    spec = write_spec(tmp_path, concurrency=8, api={"base_url": server.base_url})
+    first = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--no-progress"],
+                             env=cli_env(OPENAI_API_KEY=TEST_KEY), cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    server.wait_for_requests(10, timeout=30)
+
+    second = run_cli("run", str(spec), "--no-progress")
+
+    assert second.code == 2
+    assert f"this job is already running (pid {first.pid}" in second.stderr
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 0, stderr
+    assert len(server.requests) == 300
