@@ -118,7 +118,11 @@ class Client:
         return error
 
     def _redact(self, text: str) -> str:
-        """Servers sometimes echo the key they rejected; it must never reach a file."""
-        if self._api_key and self._api_key in text:
+        """Servers sometimes echo the key they rejected; it must never reach a file.
+
+        (A "key" shorter than 8 characters is no real key, and replacing it would
+        garble the message.)
+        """
+        if self._api_key and len(self._api_key) >= 8 and self._api_key in text:
             text = text.replace(self._api_key, "[redacted]")
         return text

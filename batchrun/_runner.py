@@ -248,22 +248,26 @@ class _Pool:
         async with rows, results:
             if not first:
                 await self.answered_once.wait()
-            async for row in rows:
-                if self.stopping:
-                    return
-                try:
-                    result = await self.client.call(row)
-                except JobFatalAPIError as exc:
-                    self._abort(exc)
-                    return
-                self.answered_once.set()
-                # An answer received is paid for: hand it to the writer even if the
-                # pool is being cancelled (the writer outlives the workers).
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await results.send(result)
-                    except anyio.BrokenResourceError:
+            try:
+                async for row in rows:
+                    if self.stopping:
                         return
+                    try:
+                        result = await self.client.call(row)
+                    except JobFatalAPIError as exc:
+                        self._abort(exc)
+                        return
+                    self.answered_once.set()
+                    # An answer received is paid for: hand it to the writer even if the
+                    # pool is being cancelled (the writer outlives the workers).
+                    with anyio.CancelScope(shield=True):
+                        try:
+                            await results.send(result)
+                        except anyio.BrokenResourceError:
+                            return
+            finally:
+                if first:  # with nothing left to do, the others must not wait for it
+                    self.answered_once.set()
 
     def _abort(self, exc: JobAborted) -> None:
         if self.aborted is None:

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import anyio
+import httpx
+import pytest
+
+from batchrun import JobFatalAPIError, parse_spec
+from batchrun._client import Client
+from batchrun._inputs import Row
+from batchrun._protocol import Result
+
+KEY = "sk-unit-secret"
+ANSWER = {"id": "r", "model": "m", "choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}],
+          "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+def call(responses: list[Callable[[httpx.Request], httpx.Response] | httpx.Response], **spec: object):
+    """Run one chat row through a Client over MockTransport; return (result, requests seen, sleeps)."""
+    seen: list[httpx.Request] = []
+    sleeps: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        answer = responses.pop(0)
+        return answer(request) if callable(answer) else answer
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    raw = {"input": "i.jsonl", "output": "o.parquet", "model": "m", "api": {"base_url": "http://127.0.0.1:9/v1"},
+           "retry": {"backoff_initial_s": 0.1}, **spec}
+    client = Client(parse_spec(raw, environ={}), api_key=KEY, transport=httpx.MockTransport(handler), sleep=sleep)
+    row = Row(0, "r0", "chat", {"messages": [{"role": "user", "content": "q"}]}, "line 1")
+
+    async def main() -> Result:
+        async with client:
+            return await client.call(row)
+
+    return anyio.run(main), seen, sleeps
+
+
+def test_a_request_carries_key_model_params_and_messages() -> None:
+    result, seen, _ = call([httpx.Response(200, json=ANSWER)], params={"max_tokens": 9})
+    [request] = seen
+    assert request.url == "http://127.0.0.1:9/v1/chat/completions"
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+    assert json.loads(request.content) == {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "q"}]}
+    assert (result.status, result.output_text, result.total_tokens, result.attempts) == ("ok", "hi", 2, 1)
+
+
+def test_retries_honour_retry_after_and_count_attempts() -> None:
+    responses = [
+        httpx.Response(429, headers={"retry-after": "2"}, json={"error": {"message": "slow down"}}),
+        httpx.Response(503, text="overloaded"),
+        httpx.Response(200, content=b'{"choices": [tru'),  # a body cut short
+        httpx.Response(200, json=ANSWER),
+    ]
+    result, seen, sleeps = call(responses)
+    assert len(seen) == 4
+    assert sleeps[0] == 2.0 and 0.05 <= sleeps[1] <= 0.2 and 0.1 <= sleeps[2] <= 0.4
+    assert (result.status, result.attempts) == ("ok", 4)
+
+
+def test_connection_errors_and_timeouts_are_retried() -> None:
+    def drop(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("peer closed connection", request=request)
+
+    def hang(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    result, seen, _ = call([drop, hang, httpx.Response(200, json=ANSWER)])
+    assert (result.status, result.attempts, len(seen)) == ("ok", 3, 3)
+
+
+def test_exhausted_retries_give_a_failed_row_with_the_last_error() -> None:
+    result, seen, _ = call([httpx.Response(500, json={"error": {"message": "boom"}})] * 3, retry={"max_attempts": 3})
+    assert (result.status, result.attempts, result.error, len(seen)) == ("failed", 3, "HTTP 500: boom", 3)
+    assert result.output_text is None
+
+
+def test_a_400_fails_the_row_at_once() -> None:
+    result, seen, sleeps = call([httpx.Response(400, json={"error": {"message": "bad max_tokens"}})])
+    assert (result.status, result.error, result.attempts, len(seen), sleeps) == (
+        "failed", "HTTP 400: bad max_tokens", 1, 1, [])
+
+
+def test_a_401_stops_the_job_and_the_echoed_key_is_redacted() -> None:
+    with pytest.raises(JobFatalAPIError) as info:
+        call([httpx.Response(401, json={"error": {"message": f"Incorrect API key provided: {KEY}"}})])
+    assert KEY not in str(info.value)
+    assert "Incorrect API key provided: [redacted]" in str(info.value)
+    assert info.value.status == 401

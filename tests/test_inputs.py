@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchrun import InputError
+from batchrun._inputs import InputReader
+from tests.conftest import write_jsonl
+
+
+def test_three_shapes_become_rows(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": "a", "prompt": "hi", "max_tokens": 3, "tag": "x"},
+        {"messages": [{"role": "user", "content": "yo", "name": "u1"}], "temperature": 0.5},
+        {"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": "p", "max_tokens": 9}},
+    ])
+    rows = list(InputReader(path).rows())
+
+    assert [(r.index, r.id, r.endpoint) for r in rows] == [(0, "a", "completions"), (1, "1", "chat"), (2, "c", "completions")]
+    assert rows[0].body == {"prompt": "hi", "max_tokens": 3}  # tag is passthrough, not sent
+    assert rows[1].body == {"messages": [{"role": "user", "content": "yo", "name": "u1"}], "temperature": 0.5}
+    assert rows[2].body == {"prompt": "p", "max_tokens": 9}
+
+
+def test_messages_pass_through_untouched(tmp_path: Path) -> None:
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "what is this"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+        {"role": "assistant", "content": None, "reasoning_content": "hmm",
+         "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "t1", "content": "42"},
+    ]
+    path = write_jsonl(tmp_path / "in.jsonl", [{"messages": messages}])
+    [row] = InputReader(path).rows()
+    assert row.body["messages"] == messages
+
+
+def test_prompt_rows_go_to_chat_when_the_spec_says_so(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    [row] = InputReader(path, endpoint="chat").rows()
+    assert (row.endpoint, row.body) == ("chat", {"messages": [{"role": "user", "content": "hi"}]})
+
+    path = write_jsonl(tmp_path / "in2.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
+    with pytest.raises(InputError, match="endpoint: completions, but this row has messages"):
+        list(InputReader(path, endpoint="completions").rows())
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"prompt": "x",', "in.jsonl: line 3: not valid JSON"),
+        ('["prompt"]', "in.jsonl: line 3: expected a JSON object, got list"),
+        ('{"text": "x", "label": 1}', "line 3: a row needs prompt, messages or body (an OpenAI batch line); its keys: label, text"),
+        ('{"custom_id": "z", "url": "/v1/embeddings", "body": {"input": "x"}}', "url '/v1/embeddings' is not supported"),
+        ('{"id": [1], "prompt": "x"}', "line 3: id must be a string or an integer"),
+        ('{"messages": []}', "line 3: messages must be a non-empty list"),
+        ('{"prompt": "x", "status": "new"}', "column 'status' clashes with the output column"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", ['{"prompt": "a"}', "", line])
+    with pytest.raises(InputError) as info:
+        InputReader(path).validate()
+    assert message in str(info.value)
+
+
+def test_duplicate_ids_are_named_with_both_places(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "x", "prompt": "a"}, {"id": "y", "prompt": "b"},
+                                               {"custom_id": "x", "body": {"prompt": "c"}}])
+    with pytest.raises(InputError, match="duplicate row ids: 'x' at line 1 and line 3"):
+        InputReader(path).validate()
+
+
+def test_a_row_without_a_model_is_an_error_when_the_spec_names_none(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a", "model": "m"}, {"prompt": "b"}])
+    with pytest.raises(InputError, match="line 2: the row names no model"):
+        InputReader(path, require_model=True).validate()
+
+
+def test_validate_counts_rows_and_infers_passthrough_types(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl.gz", [
+        {"prompt": "a", "k": 1, "score": 1, "tags": ["x"], "note": None},
+        {"prompt": "b", "k": 2, "score": 2.5, "tags": "y"},
+    ])
+    reader = InputReader(path)
+    count, types = reader.validate()
+    assert count == 2
+    assert types == {"k": "int", "score": "float", "tags": "json", "note": "null"}
+    [table] = reader.passthrough_batches(types)
+    assert table.to_pylist() == [
+        {"k": 1, "score": 1.0, "tags": '["x"]', "note": None},
+        {"k": 2, "score": 2.5, "tags": "y", "note": None},
+    ]
+
+
+def test_parquet_messages_as_structs_or_json_text(tmp_path: Path) -> None:
+    structs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u", "name": "bob"}]
+    table = pa.Table.from_pylist([
+        {"id": 7, "messages": structs, "meta": {"k": 1}},
+        {"id": 8, "messages": structs, "meta": {"k": 2}},
+    ])
+    pq.write_table(table, tmp_path / "a.parquet")
+    pq.write_table(pa.Table.from_pylist([{"messages": json.dumps(structs)}]), tmp_path / "b.parquet")
+
+    reader = InputReader(tmp_path / "a.parquet")
+    rows = list(reader.rows())
+    assert [r.id for r in rows] == ["7", "8"]
+    # absent struct fields come back as nulls and must not be sent
+    assert rows[0].body["messages"] == [{"role": "system", "content": "s"}, {"role": "user", "content": "u", "name": "bob"}]
+    _, types = reader.validate()
+    [extra] = reader.passthrough_batches(types)
+    assert extra.schema.field("meta").type == pa.struct([("k", pa.int64())])  # Parquet types are kept
+
+    [row] = InputReader(tmp_path / "b.parquet").rows()
+    assert row.body["messages"] == structs
+
+
+def test_unreadable_inputs_are_input_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="input file not found"):
+        InputReader(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match="cannot read as Parquet"):
+        InputReader(tmp_path / "bad.parquet").validate()
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(InputError, match="bad.jsonl.gz: cannot read"):
+        InputReader(tmp_path / "bad.jsonl.gz").validate()
+
+
+def test_fingerprint_follows_content(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
+    before = InputReader(path).fingerprint()
+    write_jsonl(path, [{"prompt": "b"}])
+    assert InputReader(path).fingerprint() != before

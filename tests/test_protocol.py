@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from batchrun import RetryableAPIError
+from batchrun._protocol import StreamAssembler, build_body, parse_answer
+
+
+def test_row_fields_override_params_which_override_the_model() -> None:
+    body = build_body({"prompt": "p", "max_tokens": 5, "model": "row-model"}, "spec-model",
+                      {"max_tokens": 100, "temperature": 0.2})
+    assert body == {"model": "row-model", "max_tokens": 5, "temperature": 0.2, "prompt": "p"}
+
+
+def test_streams_ask_for_usage_unless_the_user_said_otherwise() -> None:
+    assert build_body({"prompt": "p"}, "m", {"stream": True})["stream_options"] == {"include_usage": True}
+    mine = {"include_usage": False}
+    assert build_body({"prompt": "p"}, "m", {"stream": True, "stream_options": mine})["stream_options"] == mine
+    assert "stream_options" not in build_body({"prompt": "p"}, "m", {})
+
+
+def test_parse_chat_answer_with_reasoning_tools_and_usage_details() -> None:
+    data = {
+        "id": "r1", "model": "m",
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": None, "reasoning_content": "think",
+            "tool_calls": [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14,
+                  "prompt_tokens_details": {"cached_tokens": 8}, "completion_tokens_details": {"reasoning_tokens": 3}},
+    }
+    result = parse_answer("chat", data)
+    assert (result.output_text, result.reasoning_content, result.finish_reason) == (None, "think", "tool_calls")
+    assert json.loads(result.tool_calls) == data["choices"][0]["message"]["tool_calls"]
+    assert (result.prompt_tokens, result.completion_tokens, result.total_tokens) == (10, 4, 14)
+    assert (result.cached_tokens, result.reasoning_tokens) == (8, 3)
+    assert (result.response_id, result.model) == ("r1", "m")
+
+
+def test_parse_completion_answer() -> None:
+    result = parse_answer("completions", {"id": "c", "choices": [{"text": "hello", "finish_reason": "length"}],
+                                          "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+    assert (result.output_text, result.finish_reason, result.total_tokens) == ("hello", "length", 3)
+
+
+@pytest.mark.parametrize("data", [{}, {"choices": []}, {"choices": ["x"]}, [1], "text"])
+def test_answers_without_choices_are_retryable(data: object) -> None:
+    with pytest.raises(RetryableAPIError):
+        parse_answer("chat", data)
+
+
+def sse(*chunks: object) -> list[str]:
+    lines = []
+    for chunk in chunks:
+        lines += [f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}", ""]
+    return lines
+
+
+def feed(endpoint: str, lines: list[str]) -> StreamAssembler:
+    assembler = StreamAssembler(endpoint)
+    for line in lines:
+        assembler.feed_line(line)
+    return assembler
+
+
+def test_fireworks_stream_usage_in_the_finish_chunk() -> None:
+    lines = sse(
+        {"id": "s", "model": "m", "choices": [{"index": 0, "text": "def ", "finish_reason": None}], "usage": None},
+        {"id": "s", "model": "m", "choices": [{"index": 0, "text": "f()", "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": 7, "total_tokens": 24, "completion_tokens": 17}},
+        "[DONE]",
+    )
+    result = feed("completions", [": keep-alive", *lines]).result()
+    assert (result.output_text, result.finish_reason, result.total_tokens, result.response_id) == ("def f()", "stop", 24, "s")
+
+
+def test_openai_stream_usage_in_an_extra_chunk_and_tool_call_pieces() -> None:
+    lines = sse(
+        {"id": "s", "choices": [{"index": 0, "delta": {"role": "assistant", "reasoning_content": "hm"}}]},
+        {"id": "s", "choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "call1", "type": "function", "function": {"name": "add", "arguments": '{"a": '}}]}}]},
+        {"id": "s", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]},
+                                 "finish_reason": "tool_calls"}]},
+        {"id": "s", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}},
+        "[DONE]",
+    )
+    result = feed("chat", lines).result()
+    assert result.reasoning_content == "hm" and result.output_text is None
+    assert json.loads(result.tool_calls) == [
+        {"id": "call1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}]
+    assert (result.finish_reason, result.total_tokens) == ("tool_calls", 5)
+
+
+def test_a_stream_cut_short_is_retryable() -> None:
+    lines = sse({"choices": [{"index": 0, "delta": {"content": "hal"}, "finish_reason": None}]})
+    with pytest.raises(RetryableAPIError, match="ended before the answer was complete"):
+        feed("chat", lines).result()
+    with pytest.raises(RetryableAPIError, match="not JSON"):
+        feed("chat", ['data: {"choices": [{"delta": {"cont'])

@@ -1,0 +1,98 @@
+"""The library entry point, in-process, over httpx.MockTransport and mock://."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from batchrun import ConfigError, JobFatalAPIError, LogProgress, Summary, run_job
+from batchrun._state import state_path
+from tests.conftest import read_output, write_jsonl, write_spec
+
+
+def answer(request: httpx.Request) -> httpx.Response:
+    body = json.loads(request.content)
+    return httpx.Response(200, json={
+        "id": "r-" + body["prompt"], "model": body["model"],
+        "choices": [{"index": 0, "text": body["prompt"].upper(), "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5},
+    })
+
+
+def test_run_job_returns_the_summary(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(5)])
+    spec = write_spec(tmp_path, api={"base_url": "http://127.0.0.1:9/v1"})
+
+    summary = run_job(spec, transport=httpx.MockTransport(answer), environ={"OPENAI_API_KEY": "k"})
+
+    assert isinstance(summary, Summary)
+    assert (summary.rows, summary.ok, summary.failed, summary.remaining, summary.exit_code) == (5, 5, 0, 0, 0)
+    assert (summary.total_tokens, summary.requests, summary.output_written) == (25, 5, True)
+    assert [r["output_text"] for r in read_output(summary.output)] == ["P0", "P1", "P2", "P3", "P4"]
+
+    again = run_job(spec, transport=httpx.MockTransport(answer), environ={"OPENAI_API_KEY": "k"})
+    assert (again.requests, again.ok) == (0, 5)
+
+
+def test_the_embedded_mock_endpoint_needs_no_key(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"messages": [{"role": "user", "content": "hello there"}]},
+                                           {"prompt": "one two three", "max_tokens": 2}])
+    spec = write_spec(tmp_path, params={"stream": True}, api={"base_url": "mock://"})
+
+    summary = run_job(spec, environ={})
+
+    assert summary.exit_code == 0
+    rows = read_output(summary.output)
+    assert rows[0]["output_text"] == "(mock answer) You asked: hello there"
+    assert rows[1]["output_text"] == "(mock answer)"
+    assert rows[1]["completion_tokens"] == 2 and rows[1]["total_tokens"] == 5
+
+
+def test_a_job_fatal_error_raises_with_the_summary_and_sends_one_request(tmp_path: Path) -> None:
+    seen = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(403, json={"error": {"message": "model not allowed"}})
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(100)])
+    spec = write_spec(tmp_path, concurrency=50, api={"base_url": "http://127.0.0.1:9/v1"})
+
+    with pytest.raises(JobFatalAPIError) as info:
+        run_job(spec, transport=httpx.MockTransport(refuse), environ={"OPENAI_API_KEY": "k"})
+
+    assert len(seen) == 1  # the first request goes alone
+    summary = info.value.summary
+    assert (summary.ok, summary.remaining, summary.exit_code, summary.output_written) == (0, 100, 3, False)
+    assert not (tmp_path / "out" / "result.parquet").exists()
+
+
+def test_missing_key_is_named_before_any_state_exists(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
+    spec = write_spec(tmp_path, api={"base_url": "http://127.0.0.1:9/v1", "api_key_env": "FIREWORKS_API_KEY"})
+    with pytest.raises(ConfigError, match="FIREWORKS_API_KEY is not set"):
+        run_job(spec, environ={})
+    assert not state_path(tmp_path / "out" / "result.parquet").exists()
+
+
+def test_an_unwritable_output_folder_is_a_config_error(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    spec = write_spec(tmp_path, output="blocker/out.parquet", api={"base_url": "mock://"})
+    with pytest.raises(ConfigError, match="cannot create the output folder"):
+        run_job(spec)
+
+
+def test_log_progress_prints_a_line_every_few_seconds() -> None:
+    now = [0.0]
+    stream = io.StringIO()
+    progress = LogProgress(stream, every_s=5, clock=lambda: now[0])
+    progress.start(total=100, settled=10)
+    progress.advance(20, 0, 500)
+    now[0] = 6.0
+    progress.advance(9, 1, 100)
+    assert stream.getvalue() == "batchrun: 40/100 rows (40.0%), 5.0 rows/s, 600 tokens, 1 failed\n"
