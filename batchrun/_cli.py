@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
 
-from ._exceptions import JobAborted, UsageError
+from ._exceptions import Interrupted, JobAborted, UsageError
 from ._progress import make_progress
 from ._runner import run_job
 from ._spec import load_spec
@@ -61,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("job", metavar="JOB", help="the job spec (YAML)")
 
     args = parser.parse_args(argv)
+    # Outside the worker pool (which handles signals itself), SIGTERM and Ctrl-C stop
+    # the run the same way: an exception that leaves the saved state as it was.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         return _run(args) if args.command == "run" else _status(args)
     except UsageError as exc:
@@ -77,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         print("batchrun: internal error; the saved progress is intact, rerun to resume", file=sys.stderr)
         return INTERNAL_ERROR
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
 
 
 def _positive(text: str) -> int:

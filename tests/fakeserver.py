@@ -222,15 +222,17 @@ class FakeServer:
                 await _send(writer, 200, b'{"id": "broken", "choices": [', close=close)
                 return not close
             answer = self._build_answer(body, key)
-            if body.get("stream") is True:
-                await _send_stream(writer, body, answer, outcome, faults.usage_style, close)
-                sent_completely = outcome not in ("truncated_body", "truncated_stream")
-            else:
-                sent_completely = outcome != "truncated_body"
-                await _send(writer, 200, answer, close=close, truncate=not sent_completely)
+            stream = body.get("stream") is True
+            sent_completely = outcome not in ("truncated_body", "truncated_stream")
             if sent_completely:
+                # Recorded before writing, so a client that has read the whole answer
+                # always finds it here: the answer is paid for once the server sends it.
                 with self._cond:
                     self.answers.setdefault(key, []).append(answer)
+            if stream:
+                await _send_stream(writer, body, answer, outcome, faults.usage_style, close)
+            else:
+                await _send(writer, 200, answer, close=close, truncate=not sent_completely)
             return sent_completely and not close
         finally:
             with self._cond:
