@@ -7,7 +7,7 @@
     │   ├── ConfigError            the environment: missing API key, unwritable output
     │   └── StateMismatchError     the saved state belongs to another input or request shape
     ├── JobAborted                 exit 3: the job stopped before every row was settled
-    │   ├── JobFatalAPIError       401/403, insufficient quota: no later request can succeed
+    │   ├── JobFatalAPIError       401/403, insufficient quota, every row failing alike
     │   └── Interrupted            a signal asked the job to stop
     └── APIError                   one request failed; the runner turns it into row data
         ├── RetryableAPIError      429, 5xx, timeouts, dropped connections, broken bodies
@@ -69,7 +69,7 @@ class JobAborted(BatchrunError):
 class JobFatalAPIError(JobAborted):
     """The API refused in a way no retry or later row can fix (bad key, no quota)."""
 
-    def __init__(self, message: str, *, status: int) -> None:
+    def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
 

@@ -19,7 +19,7 @@ import tenacity
 from ._exceptions import APIError, JobFatalAPIError, RetryableAPIError, RowFatalAPIError
 from ._spec import RetrySpec
 
-__all__ = ["backoff", "classify", "error_message", "retry_after", "retrying"]
+__all__ = ["FailureStreak", "backoff", "classify", "error_message", "retry_after", "retrying"]
 
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 JOB_FATAL_STATUS = frozenset({401, 403})
@@ -135,3 +135,24 @@ def retrying(
         sleep=sleep,
         reraise=True,
     )
+
+
+class FailureStreak:
+    """Spots a job whose every row fails the same way: a misspelt model, a bad param.
+
+    Such errors are per-row (404, 400) so no single one stops the job, but a million
+    identical failures in a row is a misconfiguration, not data. `observe` returns
+    True once `limit` settled rows in a row failed with the very same error.
+    """
+
+    def __init__(self, limit: int = 50) -> None:
+        self.limit = limit
+        self.error: str | None = None
+        self.count = 0
+
+    def observe(self, status: str, error: str | None) -> bool:
+        if status == "ok" or error != self.error:
+            self.error, self.count = (None, 0) if status == "ok" else (error, 1)
+            return False
+        self.count += 1
+        return self.count >= self.limit

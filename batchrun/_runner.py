@@ -27,6 +27,7 @@ from ._exceptions import BatchrunError, ConfigError, Interrupted, JobAborted, Jo
 from ._inputs import InputReader, Row
 from ._mock import MOCK_SCHEME, mock_transport
 from ._output import ROW_GROUP_ROWS, write_output
+from ._policy import FailureStreak
 from ._progress import NullProgress, Progress
 from ._protocol import Result
 from ._spec import JobSpec, load_spec
@@ -203,6 +204,7 @@ class _Pool:
         self.aborted: JobAborted | None = None
         self.stopping = False
         self.buffer: list[Result] = []
+        self.streak = FailureStreak()
 
     async def run(self, handle_signals: bool) -> None:
         rows_send, rows_receive = anyio.create_memory_object_stream[Row](self.spec.concurrency)
@@ -258,6 +260,11 @@ class _Pool:
                         self._abort(exc)
                         return
                     self.answered_once.set()
+                    if self.streak.observe(result.status, result.error):
+                        self._abort(JobFatalAPIError(
+                            f"{self.streak.count} rows in a row failed with the same error: {result.error}; "
+                            "stopping so the rest are not spent the same way. Fix the spec and rerun"
+                        ))
                     # An answer received is paid for: hand it to the writer even if the
                     # pool is being cancelled (the writer outlives the workers).
                     with anyio.CancelScope(shield=True):

@@ -7,7 +7,7 @@ import anyio
 import pytest
 
 from batchrun import JobFatalAPIError, RetryableAPIError, RowFatalAPIError
-from batchrun._policy import backoff, classify, error_message, retry_after, retrying
+from batchrun._policy import FailureStreak, backoff, classify, error_message, retry_after, retrying
 from batchrun._spec import RetrySpec
 
 NOW = 1_700_000_000.0
@@ -106,3 +106,12 @@ def test_row_fatal_errors_are_not_retried() -> None:
     fatal = RowFatalAPIError("HTTP 400: bad")
     calls, waits, error = run_with_retries([fatal], RetrySpec())
     assert (calls, waits, error) == (1, [], fatal)
+
+
+def test_a_streak_of_identical_failures_is_spotted_and_any_success_resets_it() -> None:
+    streak = FailureStreak(limit=3)
+    assert [streak.observe("failed", "HTTP 404: no such model") for _ in range(2)] == [False, False]
+    assert streak.observe("ok", None) is False
+    assert [streak.observe("failed", "HTTP 404: no such model") for _ in range(2)] == [False, False]
+    assert streak.observe("failed", "HTTP 400: other") is False  # a different error starts over
+    assert [streak.observe("failed", "HTTP 400: other") for _ in range(2)] == [False, True]

@@ -96,3 +96,19 @@ def test_log_progress_prints_a_line_every_few_seconds() -> None:
     now[0] = 6.0
     progress.advance(9, 1, 100)
     assert stream.getvalue() == "batchrun: 40/100 rows (40.0%), 5.0 rows/s, 600 tokens, 1 failed\n"
+
+
+def test_every_row_failing_alike_stops_the_job(tmp_path: Path) -> None:
+    seen = []
+
+    def no_such_model(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(404, json={"error": {"message": "Model not found: test-modle"}})
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(1000)])
+    spec = write_spec(tmp_path, concurrency=8, api={"base_url": "http://127.0.0.1:9/v1"})
+
+    with pytest.raises(JobFatalAPIError, match="50 rows in a row failed with the same error: HTTP 404: Model not found"):
+        run_job(spec, transport=httpx.MockTransport(no_such_model), environ={"OPENAI_API_KEY": "k"})
+
+    assert 50 <= len(seen) <= 50 + 8
