@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import httpx
 
-from ._exceptions import APIError, RetryableAPIError
+from ._exceptions import APIError, JobFatalAPIError, RetryableAPIError
 from ._protocol import Result, StreamAssembler, build_body, endpoint_path, parse_answer
 from ._inputs import Row
 from ._policy import classify, retrying
@@ -81,29 +81,47 @@ class Client:
                     finally:
                         latency = time.monotonic() - started
         except APIError as exc:  # JobFatalAPIError is no APIError: it propagates
-            return Result(row.index, row.id, "failed", attempts=attempts, latency_s=latency, error=self._redact(str(exc)))
+            return Result(
+                row.index, row.id, "failed", attempts=attempts, latency_s=latency,
+                error=self._redact(str(exc)), transient=isinstance(exc, RetryableAPIError),
+            )
         result.row_index, result.id = row.index, row.id
         result.attempts, result.latency_s = attempts, latency
         return result
 
     async def _send(self, path: str, payload: bytes, endpoint: str, stream: bool) -> Result:
+        """One attempt. `timeout_s` bounds the whole answer, not each read: a server
+        dripping keep-alive comments must not hold a worker forever."""
         assert self._http is not None
         self.requests_sent += 1
+        timeout = self.spec.api.timeout_s
         try:
-            if stream:
-                async with self._http.stream("POST", path, content=payload, headers=_JSON) as response:
-                    if not response.is_success:
-                        await response.aread()
-                        raise self._refusal(response)
-                    assembler = StreamAssembler(endpoint)
-                    async for line in response.aiter_lines():
-                        assembler.feed_line(line)
-                    return assembler.result()
-            response = await self._http.post(path, content=payload, headers=_JSON)
-        except httpx.TimeoutException as exc:
-            raise RetryableAPIError(f"no answer within {self.spec.api.timeout_s:g} s ({type(exc).__name__})") from exc
+            with anyio.fail_after(timeout):
+                if stream:
+                    return await self._send_stream(path, payload, endpoint)
+                response = await self._http.post(path, content=payload, headers=_JSON)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            raise RetryableAPIError(f"no complete answer within {timeout:g} s") from exc
+        except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
+            # Our request itself cannot be sent; every other row would fail alike.
+            # The message may quote a header, so it is not repeated.
+            raise JobFatalAPIError(f"the request cannot be sent ({type(exc).__name__}); check api.base_url") from exc
         except httpx.TransportError as exc:
             raise RetryableAPIError(f"connection failed: {type(exc).__name__}: {exc}") from exc
+        return self._answer(response, endpoint)
+
+    async def _send_stream(self, path: str, payload: bytes, endpoint: str) -> Result:
+        assert self._http is not None
+        async with self._http.stream("POST", path, content=payload, headers=_JSON) as response:
+            if not response.is_success or not response.headers.get("content-type", "").startswith("text/event-stream"):
+                await response.aread()  # an error, or a server that ignored `stream`
+                return self._answer(response, endpoint)
+            assembler = StreamAssembler(endpoint)
+            async for line in response.aiter_lines():
+                assembler.feed_line(line)
+            return assembler.result()
+
+    def _answer(self, response: httpx.Response, endpoint: str) -> Result:
         if not response.is_success:
             raise self._refusal(response)
         try:

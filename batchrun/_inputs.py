@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import json
 import sqlite3
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,17 +138,27 @@ class InputReader:
                     yield row
 
     def passthrough_batches(self, types: dict[str, str]) -> Iterator[pa.Table]:
-        """The passthrough columns, a table per batch, in the types `validate` chose."""
-        schema = pa.schema([(name, _ARROW_TYPES[kind]) for name, kind in types.items()])
+        """The passthrough columns, a table per `batch_rows` rows, in the types `validate` chose.
+
+        Only those columns are kept: prompts and messages are parsed and dropped line by
+        line, so memory follows the passthrough data, not the request data.
+        """
+        names = list(types)
         if self.is_parquet:
-            for batch in self._parquet_batches(list(types)):
-                yield pa.Table.from_batches([batch]).select(list(types))
+            for batch in self._parquet_batches(names):
+                yield pa.Table.from_batches([batch]).select(names)
             return
-        for rows, extras in self._batches(collect_extras=True):
-            columns = {
-                name: [_coerce(v, types[name]) for v in extras.get(name, [None] * len(rows))]
-                for name in types
-            }
+        schema = pa.schema([(name, _ARROW_TYPES[types[name]]) for name in names])
+        columns: dict[str, list[Any]] = {name: [] for name in names}
+        count = 0
+        for _, record in self._jsonl_records():
+            for name in names:
+                columns[name].append(_coerce(record.get(name), types[name]))
+            count += 1
+            if count == self.batch_rows:
+                yield pa.Table.from_pydict(columns, schema=schema)
+                columns, count = {name: [] for name in names}, 0
+        if count:
             yield pa.Table.from_pydict(columns, schema=schema)
 
     # -- parsing -------------------------------------------------------------------------
@@ -194,7 +205,7 @@ class InputReader:
                     if not isinstance(record, dict):
                         raise InputError(f"{self.path}: {where}: expected a JSON object, got {type(record).__name__}")
                     yield where, record
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise InputError(f"{self.path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
 
     def _parquet_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
@@ -219,6 +230,10 @@ class InputReader:
         if not isinstance(row_id, (str, int)) or isinstance(row_id, bool):
             raise fail(f"id must be a string or an integer, got {row_id!r}")
 
+        if self.is_parquet:
+            # A Parquet struct gives every record every field; absent ones read as null
+            # and must not be sent (a null would override the spec's params).
+            record = _drop_nulls(record)
         if record.get("body") is not None:
             body = _json_value(record["body"], fail, "body")
             if not isinstance(body, dict):
@@ -242,7 +257,7 @@ class InputReader:
             messages = _json_value(body["messages"], fail, "messages")
             if not isinstance(messages, list) or not messages:
                 raise fail("messages must be a non-empty list")
-            body["messages"] = [_drop_nulls(m) if self.is_parquet else m for m in messages]
+            body["messages"] = _drop_nulls(messages) if self.is_parquet else messages
         if self.require_model and not body.get("model"):
             raise fail("the row names no model and the spec sets none; add model: to the spec")
         wanted = self.endpoint or endpoint
@@ -271,11 +286,13 @@ def _json_value(value: Any, fail: Any, name: str) -> Any:
     return value
 
 
-def _drop_nulls(message: Any) -> Any:
-    """A Parquet list of structs gives every message every field; absent ones are null."""
-    if isinstance(message, dict):
-        return {k: v for k, v in message.items() if v is not None}
-    return message
+def _drop_nulls(value: Any) -> Any:
+    """Remove null fields from dicts, at any depth."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
 
 
 # Passthrough column types for JSONL: the narrowest Arrow type every value fits.

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._exceptions import RetryableAPIError
+from ._exceptions import RetryableAPIError, RowFatalAPIError
 
 __all__ = ["Result", "StreamAssembler", "build_body", "endpoint_path", "parse_answer"]
 
@@ -54,20 +54,30 @@ class Result:
     attempts: int = 0
     latency_s: float | None = None
     error: str | None = None
+    # Not stored: the row failed only for reasons a later attempt may not meet
+    # (timeouts, 5xx, dropped connections), after every retry was spent.
+    transient: bool = False
 
 
-RESULT_FIELDS = tuple(Result.__dataclass_fields__)
+RESULT_FIELDS = tuple(name for name in Result.__dataclass_fields__ if name != "transient")
 
 
 def parse_answer(endpoint: str, data: Any) -> Result:
-    """Turn a non-streaming response body into a Result (row_index and id left blank)."""
-    if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
-        raise RetryableAPIError("the response has no choices", status=200)
-    choice = data["choices"][0]
-    if not isinstance(choice, dict):
-        raise RetryableAPIError("the response's choice is not an object", status=200)
+    """Turn a non-streaming response body into a Result (row_index and id left blank).
+
+    A body that is JSON but no answer (no choices; an error object sent with 200)
+    fails the row: asking again would likely be paid for again and fail the same way.
+    """
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        error = data.get("error") if isinstance(data, dict) else None
+        detail = error.get("message") if isinstance(error, dict) else None
+        snippet = detail or json.dumps(data, ensure_ascii=False)[:300]
+        raise RowFatalAPIError(f"HTTP 200 without an answer: {snippet}", status=200)
+    choice = choices[0]
     if endpoint == "chat":
-        message = choice.get("message") or {}
+        message = choice.get("message")
+        message = message if isinstance(message, dict) else {}
         text, reasoning, tool_calls = (
             message.get("content"),
             message.get("reasoning_content"),
@@ -79,15 +89,30 @@ def parse_answer(endpoint: str, data: Any) -> Result:
         row_index=-1,
         id="",
         status="ok",
-        output_text=text,
-        reasoning_content=reasoning,
+        output_text=_text(text),
+        reasoning_content=_text(reasoning),
         tool_calls=json.dumps(tool_calls, ensure_ascii=False) if tool_calls else None,
-        finish_reason=choice.get("finish_reason"),
-        model=data.get("model"),
-        response_id=data.get("id"),
+        finish_reason=_text(choice.get("finish_reason")),
+        model=_text(data.get("model")),
+        response_id=_text(data.get("id")),
     )
     _set_usage(result, data.get("usage"))
     return result
+
+
+def _text(value: Any) -> str | None:
+    """Whatever the server sent, as text: content parts joined, anything else as JSON.
+
+    Results are stored in typed columns, so a server's unusual shape must never reach
+    the store as a list or a number.
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in value):
+        return "".join(p["text"] for p in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _set_usage(result: Result, usage: Any) -> None:
@@ -115,8 +140,9 @@ class StreamAssembler:
 
     Feed it every line of the event stream. Usage is taken from whichever chunk
     carries it: Fireworks puts it in the chunk with `finish_reason`, OpenAI in an
-    extra final chunk whose `choices` is empty. A stream that ends before `[DONE]`
-    was cut short (its usage may be missing) and is retryable.
+    extra final chunk whose `choices` is empty. A stream that ends with neither a
+    `finish_reason` nor `[DONE]` was cut short and is retryable; some servers omit
+    `[DONE]`, so a finish_reason is enough.
     """
 
     def __init__(self, endpoint: str) -> None:
@@ -146,8 +172,8 @@ class StreamAssembler:
         if isinstance(chunk.get("error"), dict):
             message = chunk["error"].get("message") or "unknown error"
             raise RetryableAPIError(f"the stream reported an error: {message}", status=200)
-        self.model = chunk.get("model") or self.model
-        self.response_id = chunk.get("id") or self.response_id
+        self.model = _text(chunk.get("model")) or self.model
+        self.response_id = _text(chunk.get("id")) or self.response_id
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():
@@ -157,31 +183,35 @@ class StreamAssembler:
 
     def _feed_choice(self, choice: dict[str, Any]) -> None:
         if self.endpoint == "chat":
-            delta = choice.get("delta") or {}
+            delta = choice.get("delta")
+            delta = delta if isinstance(delta, dict) else {}
             if delta.get("content"):
-                self.text.append(delta["content"])
+                self.text.append(_text(delta["content"]))
             if delta.get("reasoning_content"):
-                self.reasoning.append(delta["reasoning_content"])
+                self.reasoning.append(_text(delta["reasoning_content"]))
             for call in delta.get("tool_calls") or ():
-                self._feed_tool_call(call)
+                if isinstance(call, dict):
+                    self._feed_tool_call(call)
         elif choice.get("text"):
-            self.text.append(choice["text"])
+            self.text.append(_text(choice["text"]))
         if choice.get("finish_reason"):
-            self.finish_reason = choice["finish_reason"]
+            self.finish_reason = _text(choice["finish_reason"])
 
     def _feed_tool_call(self, delta: dict[str, Any]) -> None:
         """Tool calls arrive in pieces keyed by index; arguments are concatenated."""
-        call = self.tool_calls.setdefault(delta.get("index", 0), {"function": {"arguments": ""}})
+        index = delta.get("index", 0)
+        call = self.tool_calls.setdefault(index if isinstance(index, int) else 0, {"function": {"arguments": ""}})
         for key in ("id", "type"):
             if delta.get(key):
                 call[key] = delta[key]
-        function = delta.get("function") or {}
+        function = delta.get("function")
+        function = function if isinstance(function, dict) else {}
         if function.get("name"):
             call["function"]["name"] = function["name"]
-        call["function"]["arguments"] += function.get("arguments") or ""
+        call["function"]["arguments"] += _text(function.get("arguments")) or ""
 
     def result(self) -> Result:
-        if not self.done:
+        if not self.done and self.finish_reason is None:
             raise RetryableAPIError("the event stream ended before the answer was complete", status=200)
         calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
         result = Result(

@@ -110,10 +110,16 @@ def run_job(
         progress.start(total, settled["ok"] + settled["failed"])
         client = Client(spec, api_key=api_key, transport=transport)
         pool = _Pool(spec, client, store, progress, done, total)
+        # anyio leaves the default handlers behind; the caller's must be back for the
+        # output writing that follows.
+        saved_handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             anyio.run(pool.run, handle_signals)
         finally:
             progress.close()
+            if handle_signals:
+                for signum, handler in saved_handlers.items():
+                    signal.signal(signum, handler)
         counts = store.counts(below=total)
         written = False
         if pool.aborted is None and counts["ok"] + counts["failed"] == total:
@@ -144,9 +150,12 @@ def _api_key(spec: JobSpec, env: Mapping[str, str]) -> str | None:
     if spec.api.base_url.startswith(MOCK_SCHEME):
         return None
     name = spec.api.api_key_env
-    key = env.get(name)
+    key = env.get(name, "").strip()  # a key read from a file often ends in a newline
     if not key:
         raise ConfigError(f"{name} is not set; export it or set api.api_key_env in {spec.name}")
+    if not all("!" <= c <= "~" for c in key):
+        # Never echo it: the point is that the key reaches no output.
+        raise ConfigError(f"{name} holds characters an API key cannot have (a space, a quote, a line break?)")
     return key
 
 
@@ -176,11 +185,13 @@ def _open_state(spec: JobSpec, *, limit: int | None, restart: bool) -> tuple[Sta
         digest = reader.fingerprint()
         saved = store.meta()
         if saved.get("input_digest") == digest:
-            rows, passthrough = saved["rows"], saved["passthrough"]
+            rows, passthrough = saved["rows"], dict(saved["passthrough"])
         else:
             rows, passthrough = reader.validate()
         store.claim(
-            {"input_digest": digest, "rows": rows, "passthrough": passthrough, "request": spec.request_config()},
+            # passthrough as pairs: their order is the output's column order
+            {"input_digest": digest, "rows": rows, "passthrough": list(map(list, passthrough.items())),
+             "request": spec.request_config()},
             spec_name=spec.name,
         )
     except BatchrunError:
@@ -257,14 +268,9 @@ class _Pool:
                     try:
                         result = await self.client.call(row)
                     except JobFatalAPIError as exc:
-                        self._abort(exc)
+                        self._stop(exc)
                         return
-                    self.answered_once.set()
-                    if self.streak.observe(result.status, result.error):
-                        self._abort(JobFatalAPIError(
-                            f"{self.streak.count} rows in a row failed with the same error: {result.error}; "
-                            "stopping so the rest are not spent the same way. Fix the spec and rerun"
-                        ))
+                    self._judge(result)
                     # An answer received is paid for: hand it to the writer even if the
                     # pool is being cancelled (the writer outlives the workers).
                     with anyio.CancelScope(shield=True):
@@ -276,11 +282,30 @@ class _Pool:
                 if first:  # with nothing left to do, the others must not wait for it
                     self.answered_once.set()
 
-    def _abort(self, exc: JobAborted) -> None:
+    def _judge(self, result: Result) -> None:
+        """Open the pool after the first answer; stop when answers show a broken job."""
+        if not self.answered_once.is_set():
+            if result.transient:
+                self._stop(JobFatalAPIError(
+                    f"the first row got no answer in {result.attempts} attempts ({result.error}); "
+                    "check api.base_url and that the API is up, then rerun"
+                ))
+                return
+            self.answered_once.set()
+        if self.streak.observe(result.status, result.error):
+            self._stop(JobFatalAPIError(
+                f"{self.streak.count} rows in a row failed with the same error: {result.error}; "
+                "stopping so the rest are not spent the same way. Fix the spec and rerun"
+            ))
+
+    def _stop(self, reason: JobAborted) -> None:
+        """Start no new row; requests in flight get GRACE_S to bring their answers home."""
         if self.aborted is None:
-            self.aborted = exc
+            self.aborted = reason
         self.stopping = True
-        self.workers.cancel_scope.cancel()
+        self.answered_once.set()  # waiting workers wake up, see `stopping` and leave
+        scope = self.workers.cancel_scope
+        scope.deadline = min(scope.deadline, anyio.current_time() + GRACE_S)
 
     # -- the writer: the only owner of the state -----------------------------------------
 
@@ -315,11 +340,7 @@ class _Pool:
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                name = signal.Signals(signum).name
-                if self.aborted is None:
-                    self.aborted = Interrupted(f"interrupted by {name}")
-                    self.stopping = True
-                    self.answered_once.set()  # wake waiting workers so they see `stopping`
-                    self.workers.cancel_scope.deadline = anyio.current_time() + GRACE_S
-                else:
+                if self.stopping:  # a second signal: stop now; the writer still saves
                     self.workers.cancel_scope.cancel()
+                else:
+                    self._stop(Interrupted(f"interrupted by {signal.Signals(signum).name}"))

@@ -57,8 +57,13 @@ class JobSpec:
         return str(self.source) if self.source else "job spec"
 
     def request_config(self) -> dict[str, Any]:
-        """The parts of the spec that shape request bodies; a resume must match them."""
-        return {"model": self.model, "endpoint": self.endpoint, "params": dict(self.params)}
+        """What shapes the answers: a resume must match it, or two jobs would mix."""
+        return {
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "params": dict(self.params),
+            "base_url": self.api.base_url,  # answers from two servers must not mix
+        }
 
 
 def load_spec(path: str | os.PathLike[str]) -> JobSpec:

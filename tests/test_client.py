@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 
 import anyio
@@ -93,3 +94,36 @@ def test_a_401_stops_the_job_and_the_echoed_key_is_redacted() -> None:
     assert KEY not in str(info.value)
     assert "Incorrect API key provided: [redacted]" in str(info.value)
     assert info.value.status == 401
+
+
+def test_a_server_that_ignores_stream_is_read_as_plain_json() -> None:
+    result, seen, _ = call([httpx.Response(200, json=ANSWER)], params={"stream": True})
+    assert (result.status, result.output_text, result.attempts) == ("ok", "hi", 1)
+
+
+def test_timeout_bounds_the_whole_answer_not_each_read() -> None:
+    class Drip(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            for _ in range(100_000):  # keep-alive comments for ~1000 s, each within any read timeout
+                yield b": ping\n\n"
+                await anyio.sleep(0.01)
+
+    def dripping(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Drip())
+
+    sse_answer = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+    fine = httpx.Response(200, headers={"content-type": "text/event-stream"}, content=sse_answer)
+    started = time.monotonic()
+    result, seen, _ = call([dripping, fine], params={"stream": True},
+                           api={"base_url": "http://127.0.0.1:9/v1", "timeout_s": 0.2})
+    assert (result.status, result.output_text, result.attempts) == ("ok", "hi", 2)
+    assert time.monotonic() - started < 30  # the drip alone would last ~1000 s
+
+
+def test_a_request_that_cannot_be_sent_stops_the_job_without_quoting_it() -> None:
+    def bad_header(request: httpx.Request) -> httpx.Response:
+        raise httpx.LocalProtocolError(f"Illegal header value b'Bearer {KEY}\\n'")
+
+    with pytest.raises(JobFatalAPIError) as info:
+        call([bad_header])
+    assert KEY not in str(info.value) and "LocalProtocolError" in str(info.value)

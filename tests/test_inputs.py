@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -128,6 +129,10 @@ def test_unreadable_inputs_are_input_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
     with pytest.raises(InputError, match="bad.jsonl.gz: cannot read"):
         InputReader(tmp_path / "bad.jsonl.gz").validate()
+    good = gzip.compress(b'{"prompt": "x"}\n' * 1000)
+    (tmp_path / "corrupt.jsonl.gz").write_bytes(good[:20] + bytes(50) + good[70:])
+    with pytest.raises(InputError, match="corrupt.jsonl.gz: cannot read"):
+        InputReader(tmp_path / "corrupt.jsonl.gz").validate()
 
 
 def test_fingerprint_follows_content(tmp_path: Path) -> None:
@@ -135,3 +140,11 @@ def test_fingerprint_follows_content(tmp_path: Path) -> None:
     before = InputReader(path).fingerprint()
     write_jsonl(path, [{"prompt": "b"}])
     assert InputReader(path).fingerprint() != before
+
+
+def test_parquet_struct_fields_absent_in_a_row_are_not_sent(tmp_path: Path) -> None:
+    bodies = [{"prompt": "a", "temperature": 0.1}, {"prompt": "b", "max_tokens": 3}]
+    pq.write_table(pa.Table.from_pylist([{"custom_id": f"r{i}", "body": b} for i, b in enumerate(bodies)]),
+                   tmp_path / "in.parquet")
+    rows = list(InputReader(tmp_path / "in.parquet").rows())
+    assert [r.body for r in rows] == bodies  # no "temperature": None to override the spec

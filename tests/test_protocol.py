@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from batchrun import RetryableAPIError
+from batchrun import RetryableAPIError, RowFatalAPIError
 from batchrun._protocol import StreamAssembler, build_body, parse_answer
 
 
@@ -45,9 +45,21 @@ def test_parse_completion_answer() -> None:
 
 
 @pytest.mark.parametrize("data", [{}, {"choices": []}, {"choices": ["x"]}, [1], "text"])
-def test_answers_without_choices_are_retryable(data: object) -> None:
-    with pytest.raises(RetryableAPIError):
+def test_json_that_is_no_answer_fails_the_row_rather_than_paying_again(data: object) -> None:
+    with pytest.raises(RowFatalAPIError, match="HTTP 200 without an answer"):
         parse_answer("chat", data)
+
+
+def test_an_error_object_sent_with_200_keeps_its_message() -> None:
+    with pytest.raises(RowFatalAPIError, match="HTTP 200 without an answer: model overloaded"):
+        parse_answer("chat", {"error": {"message": "model overloaded"}})
+
+
+def test_unusual_field_types_become_text() -> None:
+    data = {"id": 12345, "model": ["m"], "choices": [{"finish_reason": "stop", "message": {
+        "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}}]}
+    result = parse_answer("chat", data)
+    assert (result.output_text, result.response_id, result.model) == ("Hello there", "12345", '["m"]')
 
 
 def sse(*chunks: object) -> list[str]:
@@ -98,3 +110,10 @@ def test_a_stream_cut_short_is_retryable() -> None:
         feed("chat", lines).result()
     with pytest.raises(RetryableAPIError, match="not JSON"):
         feed("chat", ['data: {"choices": [{"delta": {"cont'])
+
+
+def test_a_stream_without_done_is_complete_once_it_has_a_finish_reason() -> None:
+    lines = sse({"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}],
+                 "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    result = feed("chat", lines).result()
+    assert (result.output_text, result.total_tokens) == ("ok", 2)

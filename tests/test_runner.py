@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 from pathlib import Path
 
+import anyio
 import httpx
+import pyarrow.parquet as pq
 import pytest
 
-from batchrun import ConfigError, JobFatalAPIError, LogProgress, Summary, run_job
+from batchrun import ConfigError, JobFatalAPIError, LogProgress, StateMismatchError, Summary, run_job
 from batchrun._state import state_path
 from tests.conftest import read_output, write_jsonl, write_spec
 
@@ -112,3 +115,79 @@ def test_every_row_failing_alike_stops_the_job(tmp_path: Path) -> None:
         run_job(spec, transport=httpx.MockTransport(no_such_model), environ={"OPENAI_API_KEY": "k"})
 
     assert 50 <= len(seen) <= 50 + 8
+
+
+def test_answers_in_flight_when_the_job_stops_are_saved(tmp_path: Path) -> None:
+    seen = []
+
+    async def slow_then_forbidden(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if json.loads(request.content)["prompt"] == "p20":
+            return httpx.Response(403, json={"error": {"message": "model not allowed"}})
+        await anyio.sleep(0.05)
+        return answer(request)
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(200)])
+    spec = write_spec(tmp_path, concurrency=8, api={"base_url": "http://127.0.0.1:9/v1"})
+
+    with pytest.raises(JobFatalAPIError) as info:
+        run_job(spec, transport=httpx.MockTransport(slow_then_forbidden), environ={"OPENAI_API_KEY": "k"})
+
+    assert info.value.summary.ok == len(seen) - 1  # every 200 received was kept
+
+
+def test_a_first_row_without_any_answer_stops_the_job_after_its_retries(tmp_path: Path) -> None:
+    seen = []
+
+    def down(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        raise httpx.ConnectError("connection refused", request=request)
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(40)])
+    spec = write_spec(tmp_path, api={"base_url": "http://127.0.0.1:9/v1"})
+
+    with pytest.raises(JobFatalAPIError, match="the first row got no answer in 6 attempts .*check api.base_url"):
+        run_job(spec, transport=httpx.MockTransport(down), environ={"OPENAI_API_KEY": "k"})
+    assert len(seen) == 6
+
+
+def test_a_key_read_from_a_file_is_stripped_and_a_mangled_one_refused(tmp_path: Path) -> None:
+    keys = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers["authorization"])
+        return answer(request)
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
+    spec = write_spec(tmp_path, api={"base_url": "http://127.0.0.1:9/v1"})
+    run_job(spec, transport=httpx.MockTransport(record), environ={"OPENAI_API_KEY": "fw_abcdefgh\n"})
+    assert keys == ["Bearer fw_abcdefgh"]
+
+    with pytest.raises(ConfigError) as info:
+        run_job(spec, restart=True, environ={"OPENAI_API_KEY": '"fw_abc defgh"'})
+    assert "OPENAI_API_KEY holds characters an API key cannot have" in str(info.value)
+    assert "abc" not in str(info.value)
+
+
+def test_passthrough_columns_keep_input_order_after_a_resume(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}", "zeta": i, "alpha": "a"} for i in range(4)])
+    spec = write_spec(tmp_path, api={"base_url": "mock://"})
+    run_job(spec, limit=2)
+    summary = run_job(spec)
+    assert pq.read_schema(summary.output).names[-2:] == ["zeta", "alpha"]
+    assert [r["zeta"] for r in read_output(summary.output)] == [0, 1, 2, 3]
+
+
+def test_answers_from_another_server_are_never_mixed_in(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(4)])
+    run_job(write_spec(tmp_path, api={"base_url": "mock://"}), limit=2)
+    spec = write_spec(tmp_path, api={"base_url": "http://127.0.0.1:9/v1"})
+    with pytest.raises(StateMismatchError, match='base_url was "mock://", now "http://127.0.0.1:9/v1"'):
+        run_job(spec, transport=httpx.MockTransport(answer), environ={"OPENAI_API_KEY": "k"})
+
+
+def test_signal_handlers_are_given_back_after_the_pool(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    run_job(write_spec(tmp_path, api={"base_url": "mock://"}), handle_signals=True)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

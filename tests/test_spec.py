@@ -82,4 +82,5 @@ def test_spec_file_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_request_config_is_what_shapes_requests() -> None:
     spec = parse_spec({**MINIMAL, "model": "m", "params": {"max_tokens": 5}, "concurrency": 3}, environ={})
-    assert spec.request_config() == {"model": "m", "endpoint": None, "params": {"max_tokens": 5}}
+    assert spec.request_config() == {"model": "m", "endpoint": None, "params": {"max_tokens": 5},
+                                     "base_url": DEFAULT_BASE_URL}
