@@ -19,6 +19,7 @@ from ._exceptions import APIError, JobFatalAPIError, RetryableAPIError
 from ._protocol import Result, StreamAssembler, build_body, endpoint_path, parse_answer
 from ._inputs import Row
 from ._policy import classify, retrying
+from ._rate import RateLimiter, estimate_tokens
 from ._spec import JobSpec
 
 __all__ = ["Client"]
@@ -42,6 +43,10 @@ class Client:
         self._transport = transport
         self._sleep = sleep
         self._http: httpx.AsyncClient | None = None
+        self.limiter = RateLimiter(
+            requests_per_minute=spec.rate_limit.requests_per_minute,
+            tokens_per_minute=spec.rate_limit.tokens_per_minute,
+        )
         self.requests_sent = 0
 
     async def __aenter__(self) -> Client:
@@ -69,6 +74,7 @@ class Client:
         path = endpoint_path(row.endpoint)
         payload = json.dumps(body, ensure_ascii=False).encode()  # once, for every attempt
         stream = bool(body.get("stream"))
+        tokens = estimate_tokens(body)
         attempts = 0
         latency = 0.0
         try:
@@ -77,7 +83,7 @@ class Client:
                     attempts += 1
                     started = time.monotonic()
                     try:
-                        result = await self._send(path, payload, row.endpoint, stream)
+                        result = await self._send(path, payload, row.endpoint, stream, tokens)
                     finally:
                         latency = time.monotonic() - started
         except APIError as exc:  # JobFatalAPIError is no APIError: it propagates
@@ -87,12 +93,17 @@ class Client:
             )
         result.row_index, result.id = row.index, row.id
         result.attempts, result.latency_s = attempts, latency
+        if result.total_tokens is not None:
+            self.limiter.correct_tokens(result.total_tokens - tokens)
         return result
 
-    async def _send(self, path: str, payload: bytes, endpoint: str, stream: bool) -> Result:
-        """One attempt. `timeout_s` bounds the whole answer, not each read: a server
-        dripping keep-alive comments must not hold a worker forever."""
+    async def _send(self, path: str, payload: bytes, endpoint: str, stream: bool, tokens: int) -> Result:
+        """One attempt, paced by the rate policy. `timeout_s` bounds the whole answer,
+        not each read: a server dripping keep-alive comments must not hold a worker."""
         assert self._http is not None
+        wait = self.limiter.reserve(tokens, anyio.current_time())
+        if wait > 0:
+            await self._sleep(wait)
         self.requests_sent += 1
         timeout = self.spec.api.timeout_s
         try:
@@ -116,12 +127,14 @@ class Client:
             if not response.is_success or not response.headers.get("content-type", "").startswith("text/event-stream"):
                 await response.aread()  # an error, or a server that ignored `stream`
                 return self._answer(response, endpoint)
+            self.limiter.observe(response.status_code, response.headers, anyio.current_time())
             assembler = StreamAssembler(endpoint)
             async for line in response.aiter_lines():
                 assembler.feed_line(line)
             return assembler.result()
 
     def _answer(self, response: httpx.Response, endpoint: str) -> Result:
+        self.limiter.observe(response.status_code, response.headers, anyio.current_time())
         if not response.is_success:
             raise self._refusal(response)
         try:

@@ -24,6 +24,7 @@ __all__ = ["FailureStreak", "backoff", "classify", "error_message", "retry_after
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 JOB_FATAL_STATUS = frozenset({401, 403})
 RETRY_AFTER_MAX_S = 120.0  # a longer requested wait is capped, not ignored
+RATE_LIMITED_MAX = 50  # 429s one row may meet before it fails
 
 
 def classify(status: int, headers: Mapping[str, str], body: bytes, *, now: float) -> APIError:
@@ -121,6 +122,28 @@ class _wait(tenacity.wait.wait_base):
         return backoff(retry_state.attempt_number, self.spec, self.rand)
 
 
+class _stop(tenacity.stop.stop_base):
+    """Stop after `max_attempts` failures, not counting rate limiting.
+
+    A 429 says "not now", not "not this": the rate policy slows the whole job down,
+    and the row waits its turn. Only a generous cap keeps a server that never
+    admits anything from holding a row forever.
+    """
+
+    def __init__(self, spec: RetrySpec) -> None:
+        self.max_attempts = spec.max_attempts
+        self.failures = 0
+        self.rate_limited = 0
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if getattr(exc, "status", None) == 429:
+            self.rate_limited += 1
+        else:
+            self.failures += 1
+        return self.failures >= self.max_attempts or self.rate_limited >= RATE_LIMITED_MAX
+
+
 def retrying(
     spec: RetrySpec,
     *,
@@ -129,7 +152,7 @@ def retrying(
 ) -> tenacity.AsyncRetrying:
     """A fresh tenacity controller for one row: retries RetryableAPIError only."""
     return tenacity.AsyncRetrying(
-        stop=tenacity.stop_after_attempt(spec.max_attempts),
+        stop=_stop(spec),
         wait=_wait(spec, rand),
         retry=tenacity.retry_if_exception_type(RetryableAPIError),
         sleep=sleep,

@@ -20,7 +20,7 @@ import yaml
 
 from ._exceptions import SpecError
 
-__all__ = ["ApiSpec", "JobSpec", "RetrySpec", "load_spec", "parse_spec"]
+__all__ = ["ApiSpec", "JobSpec", "RateLimitSpec", "RetrySpec", "load_spec", "parse_spec"]
 
 DEFAULT_BASE_URL = "https://api.fireworks.ai/inference/v1"
 ENDPOINTS = ("chat", "completions")
@@ -31,6 +31,12 @@ class RetrySpec:
     max_attempts: int = 6
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class RateLimitSpec:
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class JobSpec:
     params: Mapping[str, Any] = field(default_factory=dict)
     concurrency: int = 32
     retry: RetrySpec = field(default_factory=RetrySpec)
+    rate_limit: RateLimitSpec = field(default_factory=RateLimitSpec)
     api: ApiSpec = field(default_factory=ApiSpec)
     source: Path | None = None  # the spec file, for messages
 
@@ -196,6 +203,13 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         backoff_max_s=_number(retry_raw, "backoff_max_s", "retry", d.backoff_max_s, kind=float, minimum=0),
     )
 
+    rate_raw = _mapping(top.get("rate_limit"), "rate_limit")
+    _check_keys(rate_raw, _fields(RateLimitSpec), "rate_limit")
+    rate_limit = RateLimitSpec(
+        requests_per_minute=_number(rate_raw, "requests_per_minute", "rate_limit", None, kind=float, minimum=1),
+        tokens_per_minute=_number(rate_raw, "tokens_per_minute", "rate_limit", None, kind=float, minimum=1),
+    )
+
     api_raw = _mapping(top.get("api"), "api")
     _check_keys(api_raw, _fields(ApiSpec), "api")
     default_base = env.get("OPENAI_API_BASE") or DEFAULT_BASE_URL
@@ -213,6 +227,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         params=dict(params),
         concurrency=_number(top, "concurrency", "", JobSpec.concurrency, kind=int, minimum=1),
         retry=retry,
+        rate_limit=rate_limit,
         api=api,
         source=source,
     )

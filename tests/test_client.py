@@ -52,17 +52,25 @@ def test_a_request_carries_key_model_params_and_messages() -> None:
     assert (result.status, result.output_text, result.total_tokens, result.attempts) == ("ok", "hi", 2, 1)
 
 
-def test_retries_honour_retry_after_and_count_attempts() -> None:
+def test_retries_back_off_and_count_attempts() -> None:
     responses = [
-        httpx.Response(429, headers={"retry-after": "2"}, json={"error": {"message": "slow down"}}),
+        httpx.Response(500, json={"error": {"message": "oops"}}),
         httpx.Response(503, text="overloaded"),
         httpx.Response(200, content=b'{"choices": [tru'),  # a body cut short
         httpx.Response(200, json=ANSWER),
     ]
     result, seen, sleeps = call(responses)
     assert len(seen) == 4
-    assert sleeps[0] == 2.0 and 0.05 <= sleeps[1] <= 0.2 and 0.1 <= sleeps[2] <= 0.4
+    assert 0.05 <= sleeps[0] <= 0.1 and 0.1 <= sleeps[1] <= 0.2 and 0.2 <= sleeps[2] <= 0.4
     assert (result.status, result.attempts) == ("ok", 4)
+
+
+def test_a_429_waits_its_retry_after_and_is_not_a_spent_attempt() -> None:
+    responses = [httpx.Response(429, headers={"retry-after": "2"}, json={"error": {"message": "slow down"}}),
+                 httpx.Response(200, json=ANSWER)]
+    result, seen, sleeps = call(responses, retry={"max_attempts": 1})
+    assert (result.status, result.attempts, len(seen)) == ("ok", 2, 2)  # a 429 is not a spent attempt
+    assert sleeps == [2.0]
 
 
 def test_connection_errors_and_timeouts_are_retried() -> None:

@@ -1,0 +1,164 @@
+"""Rate policy: when may the next request go? Pure decisions over a clock the caller passes.
+
+Two mechanisms share one schedule:
+
+- **Pacing** to the limits in the spec (`rate_limit.requests_per_minute`,
+  `tokens_per_minute`): each request books the next free slot on a virtual schedule
+  (GCRA), so requests leave evenly spaced, never in a burst followed by a stall.
+  Tokens are booked by estimate and the booking is corrected by the real usage.
+- **Adapting** to the server, with or without a stated limit: a 429 (or a 503 that
+  says it is a rate limit) lowers the request rate to what the server was admitting
+  just then, at most once a second; a quiet spell raises it again by a small step
+  (additive increase, multiplicative decrease). `x-ratelimit-limit-requests` caps the
+  rate at the server's stated limit; `x-ratelimit-remaining-requests` with
+  `x-ratelimit-reset-requests` keeps the rate within what is left of the window.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Mapping
+
+__all__ = ["RateLimiter", "estimate_tokens", "parse_duration"]
+
+DECREASE_FACTOR = 0.9  # of the rate the server admitted when it pushed back
+MIN_RATE = 0.2  # requests/s: never stall completely
+QUIET_S = 2.0  # how long without push-back before raising the rate a step
+STEP = 0.05  # raise by 5 % (at least STEP_MIN requests/s) per quiet spell
+STEP_MIN = 0.5
+WINDOW_S = 5.0  # sent and admitted rates are measured over this much recent time
+HEADROOM = 0.95  # of a limit the server states
+
+
+class RateLimiter:
+    """Books send times; `rate` is requests/s, None while nothing limits it."""
+
+    def __init__(self, *, requests_per_minute: float | None = None, tokens_per_minute: float | None = None) -> None:
+        self.ceiling = requests_per_minute / 60 if requests_per_minute else None
+        self.rate = self.ceiling
+        self.tokens_per_s = tokens_per_minute / 60 if tokens_per_minute else None
+        self._next_request = 0.0
+        self._next_tokens = 0.0
+        self._sent: deque[float] = deque()  # times of recent requests
+        self._admitted: deque[float] = deque()  # times of recent successful answers
+        self._started: float | None = None
+        self._last_change = float("-inf")
+        self.pushbacks = 0
+
+    # -- pacing ------------------------------------------------------------------------------
+
+    def reserve(self, tokens: int, now: float) -> float:
+        """Book a send slot for a request of about `tokens` tokens; return the wait."""
+        if self._started is None:
+            self._started = now
+        start = now
+        if self.rate is not None:
+            start = max(start, self._next_request)
+            self._next_request = start + 1 / self.rate
+        if self.tokens_per_s is not None:
+            start = max(start, self._next_tokens)
+            self._next_tokens = start + tokens / self.tokens_per_s
+        _record(self._sent, start, now)
+        return start - now
+
+    def correct_tokens(self, difference: int) -> None:
+        """The answer used `difference` more (or fewer) tokens than booked."""
+        if self.tokens_per_s is not None:
+            self._next_tokens += difference / self.tokens_per_s
+
+    # -- adapting --------------------------------------------------------------------------
+
+    def observe(self, status: int, headers: Mapping[str, str], now: float) -> None:
+        """Learn from one HTTP answer."""
+        if 200 <= status < 300:
+            _record(self._admitted, now, now)
+        pushed_back = status == 429 or (
+            status == 503 and ("retry-after" in headers or "retry-after-ms" in headers)
+        ) or headers.get("x-ratelimit-over-limit", "").lower() == "yes"
+        if pushed_back:
+            self._decrease(now)
+        else:
+            self._follow_headers(headers)
+            if self.rate is not None and now - self._last_change >= QUIET_S:
+                self._set(self.rate + max(STEP_MIN, self.rate * STEP), now)
+
+    def _decrease(self, now: float) -> None:
+        """Down to what the server admitted lately; with no success to go by, half the send rate."""
+        self.pushbacks += 1
+        if now - self._last_change < 1.0:
+            return  # answers to requests sent before the last decrease say nothing new
+        span = max(1.0, min(WINDOW_S, now - (self._started if self._started is not None else now)))
+        _record(self._admitted, None, now)
+        admitted = len(self._admitted) / span
+        target = admitted if admitted > 0 else len(self._sent) / span / 2
+        current = self.rate if self.rate is not None else float("inf")
+        self._set(min(current, target) * DECREASE_FACTOR, now)
+
+    def _follow_headers(self, headers: Mapping[str, str]) -> None:
+        limit = _number(headers.get("x-ratelimit-limit-requests"))
+        if limit:
+            stated = limit / 60 * HEADROOM  # OpenAI and Fireworks state requests per minute
+            if self.ceiling is None or stated < self.ceiling:
+                self.ceiling = stated
+                if self.rate is None or self.rate > stated:
+                    self.rate = stated
+        remaining = _number(headers.get("x-ratelimit-remaining-requests"))
+        reset = parse_duration(headers.get("x-ratelimit-reset-requests"))
+        if remaining is not None and reset and self.rate is not None:
+            self.rate = min(self.rate, max(MIN_RATE, remaining / reset))
+
+    def _set(self, rate: float, now: float) -> None:
+        if self.ceiling is not None:
+            rate = min(rate, self.ceiling)
+        self.rate = max(MIN_RATE, rate)
+        self._last_change = now
+
+
+def _record(times: deque[float], at: float | None, now: float) -> None:
+    """Append `at` (if any) and forget what is older than the window."""
+    if at is not None:
+        times.append(at)
+    while times and times[0] < now - WINDOW_S:
+        times.popleft()
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str | None) -> float | None:
+    """`6m0s`, `1.5s`, `250ms` or plain seconds, as OpenAI's reset headers write them."""
+    if not text:
+        return None
+    plain = _number(text)
+    if plain is not None:
+        return plain
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        return None
+    return sum(float(n) * _UNIT_S[u] for n, u in parts)
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def estimate_tokens(body: Mapping[str, object]) -> int:
+    """A request's tokens before it is sent: prompt characters / 4, plus max_tokens × n."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        chars = len(prompt)
+    else:
+        chars = 0
+        for message in body.get("messages") or ():
+            content = message.get("content") if isinstance(message, dict) else None
+            chars += len(content) if isinstance(content, str) else len(str(content or ""))
+    completion = body.get("max_tokens") or body.get("max_completion_tokens") or 256
+    n = body.get("n") or 1
+    completion = completion if isinstance(completion, int) else 256
+    n = n if isinstance(n, int) else 1
+    return chars // 4 + 1 + completion * n
