@@ -18,7 +18,7 @@ from ._progress import BarProgress, LogProgress, NullProgress, Progress
 from ._runner import Summary, run_job
 from ._spec import ApiSpec, JobSpec, RetrySpec, load_spec, parse_spec
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "APIError",

@@ -14,9 +14,10 @@ from typing import Any
 
 import httpx
 
-__all__ = ["MOCK_SCHEME", "mock_transport"]
+__all__ = ["MOCK_BASE_URL", "MOCK_SCHEME", "mock_transport"]
 
 MOCK_SCHEME = "mock://"
+MOCK_BASE_URL = "http://mock.batchrun.invalid/v1"  # never resolved: the transport answers in-process
 
 
 def mock_transport() -> httpx.MockTransport:

@@ -25,7 +25,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from ._client import Client
 from ._exceptions import BatchrunError, ConfigError, Interrupted, JobAborted, JobFatalAPIError
 from ._inputs import InputReader, Row
-from ._mock import MOCK_SCHEME, mock_transport
+from ._mock import MOCK_BASE_URL, MOCK_SCHEME, mock_transport
 from ._output import ROW_GROUP_ROWS, write_output
 from ._policy import FailureStreak
 from ._progress import NullProgress, Progress
@@ -99,8 +99,9 @@ def run_job(
     env = os.environ if environ is None else environ
     progress = progress or NullProgress()
     api_key = _api_key(spec, env)
+    base_url = None
     if spec.api.base_url.startswith(MOCK_SCHEME):
-        transport = transport or mock_transport()
+        transport, base_url = transport or mock_transport(), MOCK_BASE_URL
     _check_output(spec.output)
 
     store, total, passthrough = _open_state(spec, limit=limit, restart=restart)
@@ -108,7 +109,7 @@ def run_job(
         done = store.ok_rows(total)
         settled = store.counts(below=total)
         progress.start(total, settled["ok"] + settled["failed"])
-        client = Client(spec, api_key=api_key, transport=transport)
+        client = Client(spec, api_key=api_key, transport=transport, base_url=base_url)
         pool = _Pool(spec, client, store, progress, done, total)
         # anyio leaves the default handlers behind; the caller's must be back for the
         # output writing that follows.

@@ -1,0 +1,413 @@
+"""Benchmark harness: batchrun against the fake server, side by side with a baseline.
+
+    python tests/bench/run.py [--scenario NAME ...] [--rows N] [--keep]
+
+Scenarios (default: zero latency memory; the minute-long ones only when named):
+  zero       20,000 rows, concurrency 256, zero latency: batchrun vs AsyncOpenAI baseline
+  latency    16,000 rows, concurrency 400, 200 +- 50 ms: % of the Little's-law bound
+  ratelimit  3,000 rows, spec rate_limit 1200 rpm, unlimited server: what the server sees
+  adapt      3,000 rows, server limited to 1200 rpm, no rate_limit in the spec: 429s
+  memory     peak RSS of batchrun at 20,000 vs 200,000 rows
+
+Every client runs in its own subprocess against a fresh server process, so its CPU and
+peak RSS are its own (os.wait4). The machine is shared and noisy: compare the ratios of
+one run, not absolute numbers across runs. Only 127.0.0.1 is ever contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+PY = sys.executable
+KEY_ENV = "BENCH_API_KEY"
+CLIENT_TIMEOUT_S = 20 * 60  # a hung client is killed, and its row says so
+
+SCENARIOS = ("zero", "latency", "ratelimit", "adapt", "memory")
+DEFAULT_SCENARIOS = ("zero", "latency", "memory")
+
+
+def child_env() -> dict[str, str]:
+    """The clients' environment: a dummy key, and no proxy (httpx honours *_PROXY
+    variables, which would send the benchmark's traffic off this machine)."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env[KEY_ENV] = "bench-dummy-key"
+    env.pop("OPENAI_API_BASE", None)
+    return env
+
+
+def make_input(path: Path, rows: int) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(rows):
+            f.write(json.dumps({"id": f"r{i}", "prompt": f"Write one short sentence about item number {i}."}) + "\n")
+    return path
+
+
+# --- the fake server -------------------------------------------------------------
+
+
+class Server:
+    """tests/bench/server.py in its own process; `stats` is filled in by stop()."""
+
+    def __init__(self, workdir: Path, label: str, *, latency_ms: float = 0, jitter_ms: float = 0,
+                 rpm_limit: int = 0) -> None:
+        self.stats_path = workdir / f"server-{label.replace(' ', '_')}.json"
+        self.cmd = [PY, str(HERE / "server.py"), "--port", "0", "--latency-ms", f"{latency_ms:g}",
+                    "--jitter-ms", f"{jitter_ms:g}", "--stats", str(self.stats_path)]
+        if rpm_limit:
+            self.cmd += ["--rpm-limit", str(rpm_limit)]
+        self.proc: subprocess.Popen[str] | None = None
+        self.base_url = ""
+        self.stats: dict = {}
+
+    def __enter__(self) -> Server:
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, text=True, env=child_env())
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line.startswith("READY "):
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r}")
+        self.base_url = f"http://127.0.0.1:{int(line.split()[1])}/v1"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)  # it writes its stats, then exits
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.stats = json.loads(self.stats_path.read_text()) if self.stats_path.exists() else {}
+
+
+# --- one client run ---------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    label: str
+    rows: int
+    cmd: list[str]
+    server_cmd: list[str] = field(default_factory=list)
+    rc: int | None = None
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    maxrss_mb: float = 0.0
+    server: dict = field(default_factory=dict)
+    log: str = ""
+    output: Path | None = None
+
+    @property
+    def rps(self) -> float:
+        return self.rows / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def span_rps(self) -> float:
+        """Rows per second between the server's first request and last answer: the
+        client's Python start-up, input reading and output writing left out."""
+        span = self.server.get("span_s") or 0.0
+        return self.rows / span if span else 0.0
+
+    @property
+    def requests(self) -> int:
+        return self.server.get("requests", self.rows)
+
+    @property
+    def cpu_per_1k(self) -> float:
+        return self.cpu_s / self.requests * 1000 if self.requests else 0.0
+
+    @property
+    def server_cpu_pct(self) -> float:
+        """The server's CPU over its busy span: near 100 % means the server, not the
+        client, was the bottleneck."""
+        span = self.server.get("span_s") or 0.0
+        return 100 * self.server.get("cpu_s", 0.0) / span if span else 0.0
+
+    def last_log_line(self) -> str:
+        lines = [line for line in self.log.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+
+def run_client(label: str, rows: int, cmd: list[str], workdir: Path, server: Server) -> Run:
+    """Run `cmd` to completion against `server`, measuring it alone: os.wait4 returns
+    this child's own rusage (user+sys of all its threads, and its peak RSS), which
+    getrusage(RUSAGE_CHILDREN) deltas would mix with any other child reaped meanwhile."""
+    run = Run(label, rows, cmd, server_cmd=server.cmd)
+    log_path = workdir / f"{label.replace(' ', '_')}.log"
+    with open(log_path, "wb") as log:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=workdir)
+        watchdog = threading.Timer(CLIENT_TIMEOUT_S, proc.kill)
+        watchdog.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            watchdog.cancel()
+        run.wall_s = time.perf_counter() - started
+    proc.returncode = run.rc = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
+    run.cpu_s = usage.ru_utime + usage.ru_stime
+    run.maxrss_mb = usage.ru_maxrss / 1024  # kilobytes on Linux
+    run.log = log_path.read_text(errors="replace")
+    return run
+
+
+def batchrun(label: str, workdir: Path, input_path: Path, rows: int, concurrency: int, *,
+             server: Server, extra: dict | None = None) -> Run:
+    """The real CLI on a fresh job (its own folder: nothing to resume), checkpointing and
+    writing Parquet as in production."""
+    jobdir = workdir / label.replace(" ", "_")
+    jobdir.mkdir()
+    spec = {
+        "input": str(input_path),
+        "output": str(jobdir / "out.parquet"),
+        "model": "bench",
+        "endpoint": "completions",
+        "params": {"max_tokens": 16},
+        "concurrency": concurrency,
+        "api": {"base_url": server.base_url, "api_key_env": KEY_ENV},
+        **(extra or {}),
+    }
+    job = jobdir / "job.yaml"
+    job.write_text(json.dumps(spec, indent=2))  # JSON is valid YAML, and a valid spec
+    run = run_client(label, rows, [PY, "-m", "batchrun", "run", str(job), "--no-progress"], workdir, server)
+    run.output = jobdir / "out.parquet"
+    return run
+
+
+def baseline(label: str, workdir: Path, input_path: Path, rows: int, concurrency: int, *, server: Server) -> Run:
+    cmd = [PY, str(HERE / "baseline_openai.py"), str(input_path), server.base_url, str(concurrency)]
+    return run_client(label, rows, cmd, workdir, server)
+
+
+def measured(workdir: Path, client, label: str, input_path: Path, rows: int, concurrency: int,
+             server_opts: dict | None = None, **kw) -> Run:
+    """One client against its own fresh server; the server's stats end up in the Run."""
+    with Server(workdir, label, **(server_opts or {})) as server:
+        run = client(label, workdir, input_path, rows, concurrency, server=server, **kw)
+    run.server = server.stats
+    return run
+
+
+# --- reporting ----------------------------------------------------------------------
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def commands(runs: list[Run]) -> str:
+    out = []
+    for run in runs:
+        out.append(f"  {run.label}: {shlex.join(run.cmd)}")
+        out.append(f"    server: {shlex.join(run.server_cmd)}")
+    return "commands:\n" + "\n".join(out)
+
+
+def failure_note(run: Run) -> str:
+    return "" if run.rc == 0 else f"\n{run.label} exited {run.rc}: {run.last_log_line()}"
+
+
+def report(title: str, body: str, runs: list[Run]) -> None:
+    print(f"\n### {title}\n\n{body}\n" + "".join(failure_note(r) for r in runs) + "\n")
+    print(commands(runs), flush=True)
+
+
+THROUGHPUT_HEADERS = ["client", "rows", "exit", "wall s", "req/s (wall)", "req/s (server span)",
+                      "CPU s / 1k req", "peak RSS MB", "server CPU %"]
+
+
+def throughput_row(run: Run) -> list[object]:
+    return [run.label, run.rows, run.rc, run.wall_s, run.rps, run.span_rps, run.cpu_per_1k, run.maxrss_mb,
+            f"{run.server_cpu_pct:.0f}"]
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "n/a"
+
+
+# --- scenarios ----------------------------------------------------------------------
+
+
+def scenario_zero(workdir: Path, rows: int | None) -> None:
+    rows = rows or 20_000
+    data = make_input(workdir / "zero.jsonl", rows)
+    b = measured(workdir, batchrun, "batchrun", data, rows, 256)
+    o = measured(workdir, baseline, "openai baseline", data, rows, 256)
+    body = table(THROUGHPUT_HEADERS + ["batchrun/baseline req/s"], [
+        throughput_row(b) + [f"{ratio(b.rps, o.rps)} (wall), {ratio(b.span_rps, o.span_rps)} (span)"],
+        throughput_row(o) + [""],
+    ])
+    report(f"zero: {rows:,} rows, concurrency 256, zero latency", body, [b, o])
+
+
+def scenario_latency(workdir: Path, rows: int | None) -> None:
+    rows = rows or 16_000
+    concurrency, latency_s = 400, 0.2
+    bound = concurrency / latency_s  # Little's law: in flight / mean latency
+    data = make_input(workdir / "latency.jsonl", rows)
+    opts = {"latency_ms": 200, "jitter_ms": 50}
+    b = measured(workdir, batchrun, "batchrun", data, rows, concurrency, opts)
+    o = measured(workdir, baseline, "openai baseline", data, rows, concurrency, opts)
+    body = table(THROUGHPUT_HEADERS + ["% of bound (wall)", "% of bound (span)"], [
+        throughput_row(r) + [f"{100 * r.rps / bound:.0f}", f"{100 * r.span_rps / bound:.0f}"] for r in (b, o)
+    ])
+    body += f"\n\nLittle's-law bound: {concurrency} / {latency_s} s = {bound:,.0f} req/s; " \
+            f"batchrun/baseline req/s: {ratio(b.rps, o.rps)} (wall), {ratio(b.span_rps, o.span_rps)} (span)"
+    report(f"latency: {rows:,} rows, concurrency {concurrency}, 200 ± 50 ms", body, [b, o])
+
+
+def rejected_rate_limit(run: Run) -> str | None:
+    """batchrun versions without the `rate_limit` key refuse the spec (exit 2)."""
+    if run.rc == 2 and "rate_limit" in run.log:
+        return f"batchrun rejects the `rate_limit` key (exit 2): {run.last_log_line()}"
+    return None
+
+
+def scenario_ratelimit(workdir: Path, rows: int | None) -> None:
+    rows = rows or 3_000
+    rpm = 1200
+    data = make_input(workdir / "ratelimit.jsonl", rows)
+    b = measured(workdir, batchrun, "batchrun", data, rows, 64, extra={"rate_limit": {"requests_per_minute": rpm}})
+    title = f"ratelimit: {rows:,} rows, rate_limit {rpm} rpm in the spec, concurrency 64, unlimited server"
+    rejected = rejected_rate_limit(b)
+    if rejected:
+        report(title, rejected, [b])
+        return
+    per_s = b.server.get("received_per_s", [])
+    complete = len(per_s) - 1  # the last second is cut short by the end of the run
+    minutes = [sum(per_s[m * 60:(m + 1) * 60]) for m in range(complete // 60)]
+    # 10 s windows in steady state: the first 10 s (a start-up burst is allowed) and the
+    # incomplete tail are left out.
+    windows = [sum(per_s[s:s + 10]) for s in range(10, complete - 9, 10)]
+    body = table(
+        ["rows", "exit", "wall s", "server requests", "requests per full minute", "per 10 s: min", "per 10 s: max",
+         "first 10 s"],
+        [[rows, b.rc, b.wall_s, b.requests, ", ".join(map(str, minutes)) or "(none)",
+          min(windows) if windows else "n/a", max(windows) if windows else "n/a", sum(per_s[:10])]],
+    )
+    body += f"\n\ntarget: {rpm} per minute = {rpm // 6} per 10 s"
+    report(title, body, [b])
+
+
+def ok_rows(run: Run) -> int | str:
+    if run.output is None or not run.output.exists():
+        return "no output"
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    status = pq.read_table(run.output, columns=["status"]).column("status")
+    return pc.sum(pc.equal(status, "ok")).as_py() or 0
+
+
+def scenario_adapt(workdir: Path, rows: int | None) -> None:
+    rows = rows or 3_000
+    rpm = 1200
+    data = make_input(workdir / "adapt.jsonl", rows)
+    b = measured(workdir, batchrun, "batchrun", data, rows, 64, {"rpm_limit": rpm})
+    throttled = b.server.get("throttled_429", 0)
+    ok_per_s = b.server.get("ok_per_s", [])
+    body = table(
+        ["rows", "exit", "rows ok", "wall s", "requests", "429s", "429s / row", "200s per minute (span)"],
+        [[rows, b.rc, ok_rows(b), b.wall_s, b.requests, throttled, f"{throttled / rows:.2f}",
+          f"{60 * sum(ok_per_s) / b.server['span_s']:.0f}" if b.server.get("span_s") else "n/a"]],
+    )
+    body += f"\n\nserver: token bucket, {rpm} requests/min, burst 3 s ({rpm // 20} requests)"
+    report(f"adapt: {rows:,} rows, server limited to {rpm} rpm, no rate_limit in the spec, concurrency 64",
+           body, [b])
+
+
+def scenario_memory(workdir: Path, rows: int | None) -> None:
+    small = rows or 20_000
+    large = small * 10
+    runs = []
+    for n in (small, large):
+        data = make_input(workdir / f"memory-{n}.jsonl", n)
+        runs.append(measured(workdir, batchrun, f"batchrun {n}", data, n, 256))
+    s, big = runs
+    body = table(["client", "rows", "exit", "wall s", "req/s (wall)", "peak RSS MB"],
+                 [[r.label, r.rows, r.rc, r.wall_s, r.rps, r.maxrss_mb] for r in runs])
+    body += f"\n\npeak RSS ratio {large:,} / {small:,} rows: {ratio(big.maxrss_mb, s.maxrss_mb)} " \
+            f"(rows ratio {large // small})"
+    report(f"memory: batchrun at {small:,} vs {large:,} rows, concurrency 256, zero latency", body, runs)
+
+
+def source_fingerprint() -> str:
+    """A hash of batchrun's source: others may edit it while a benchmark runs, and a
+    scenario that straddles an edit measured two different programs."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "batchrun").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def git_describe() -> str:
+    """Commit and uncommitted files, read-only."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "batchrun"], cwd=REPO, capture_output=True,
+                               text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    changed = [line[3:] for line in dirty if line.strip()]
+    return head + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
+RUNNERS = {"zero": scenario_zero, "latency": scenario_latency, "ratelimit": scenario_ratelimit,
+           "adapt": scenario_adapt, "memory": scenario_memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", action="append", choices=SCENARIOS,
+                        help="repeatable; default: " + " ".join(DEFAULT_SCENARIOS))
+    parser.add_argument("--rows", type=int, help="override each scenario's row count (memory: N vs 10 N)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (inputs, outputs, logs)")
+    args = parser.parse_args()
+
+    print(f"command: {shlex.join([os.path.relpath(PY, REPO) if PY.startswith(str(REPO)) else PY] + sys.argv)}")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    print(f"batchrun: {git_describe()}; source fingerprint {source_fingerprint()}")
+    workroot = Path(tempfile.mkdtemp(prefix="batchrun-bench-"))
+    try:
+        for name in args.scenario or DEFAULT_SCENARIOS:
+            workdir = workroot / name
+            workdir.mkdir()
+            before = source_fingerprint()
+            RUNNERS[name](workdir, args.rows)
+            after = source_fingerprint()
+            if after != before:
+                print(f"\nWARNING: batchrun's source changed during `{name}` ({before} -> {after}): rerun it")
+    finally:
+        if args.keep:
+            print(f"\nkept: {workroot}")
+        else:
+            import shutil
+
+            shutil.rmtree(workroot, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
