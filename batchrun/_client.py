@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,19 @@ from ._spec import JobSpec
 from ._transport import AiohttpTransport
 
 __all__ = ["Client"]
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One row's request, encoded once and sent as often as it takes."""
+
+    url: httpx.URL
+    payload: bytes
+    endpoint: str
+    stream: bool
+    tokens: int
+    count: int = 0
+    latency: float = 0.0
 
 class Client:
     """Sends rows' requests; use as `async with Client(...) as client`.
@@ -46,16 +60,17 @@ class Client:
         self.spec = spec
         self._api_key = api_key
         self._transport = transport or AiohttpTransport(max_connections=spec.concurrency)
-        base = (base_url or spec.api.base_url).rstrip("/")
-        self._urls = {endpoint: httpx.URL(base + endpoint_path(endpoint)) for endpoint in ("chat", "completions")}
-        headers = {
-            "content-type": "application/json",
-            "accept": "application/json, text/event-stream",
-            "user-agent": f"batchrun/{__version__}",
-        }
+        base = httpx.URL((base_url or spec.api.base_url).rstrip("/"))
+        self._urls = {endpoint: httpx.URL(str(base) + endpoint_path(endpoint)) for endpoint in ("chat", "completions")}
+        headers = [
+            ("host", base.netloc.decode("ascii")),
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+            ("user-agent", f"batchrun/{__version__}"),
+        ]
         if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        self._headers = httpx.Headers(headers)
+            headers.append(("authorization", f"Bearer {api_key}"))
+        self._headers = headers
         self._sleep = sleep
         self.limiter = RateLimiter(
             requests_per_minute=spec.rate_limit.requests_per_minute,
@@ -75,51 +90,62 @@ class Client:
         Raises JobFatalAPIError when the API refuses the job as a whole.
         """
         body = build_body(row.body, self.spec.model, self.spec.params)
-        url = self._urls[row.endpoint]
-        payload = json.dumps(body, ensure_ascii=False).encode()  # once, for every attempt
-        stream = bool(body.get("stream"))
-        tokens = estimate_tokens(body)
-        attempts = 0
-        latency = 0.0
+        attempt = _Attempt(
+            url=self._urls[row.endpoint],
+            payload=json.dumps(body, ensure_ascii=False).encode(),  # once, for every attempt
+            endpoint=row.endpoint,
+            stream=bool(body.get("stream")),
+            tokens=estimate_tokens(body),
+        )
         try:
-            async for attempt in retrying(self.spec.retry, sleep=self._sleep):
-                with attempt:
-                    attempts += 1
-                    started = time.monotonic()
-                    try:
-                        result = await self._send(url, payload, row.endpoint, stream, tokens)
-                    finally:
-                        latency = time.monotonic() - started
+            try:
+                result = await self._send(attempt)
+            except RetryableAPIError as failure:
+                # Most rows need one request; only those that fail pay for tenacity.
+                # Its first attempt replays the failure just seen, so tenacity counts
+                # it and waits as it would have; later ones send again.
+                replay: RetryableAPIError | None = failure
+                async for retry in retrying(self.spec.retry, sleep=self._sleep):
+                    with retry:
+                        if replay is not None:
+                            error, replay = replay, None
+                            raise error
+                        result = await self._send(attempt)
         except APIError as exc:  # JobFatalAPIError is no APIError: it propagates
             return Result(
-                row.index, row.id, "failed", attempts=attempts, latency_s=latency,
+                row.index, row.id, "failed", attempts=attempt.count, latency_s=attempt.latency,
                 error=self._redact(str(exc)), transient=isinstance(exc, RetryableAPIError),
             )
         result.row_index, result.id = row.index, row.id
-        result.attempts, result.latency_s = attempts, latency
+        result.attempts, result.latency_s = attempt.count, attempt.latency
         if result.total_tokens is not None:
-            self.limiter.correct_tokens(result.total_tokens - tokens)
+            self.limiter.correct_tokens(result.total_tokens - attempt.tokens)
         return result
 
-    async def _send(self, url: httpx.URL, payload: bytes, endpoint: str, stream: bool, tokens: int) -> Result:
+    async def _send(self, attempt: _Attempt) -> Result:
         """One attempt, paced by the rate policy. `timeout_s` bounds the whole answer,
         not each read: a server dripping keep-alive comments must not hold a worker."""
-        wait = self.limiter.reserve(tokens, anyio.current_time())
+        wait = self.limiter.reserve(attempt.tokens, time.monotonic())
         if wait > 0:
             await self._sleep(wait)
         self.requests_sent += 1
+        attempt.count += 1
+        started = time.monotonic()
         timeout = self.spec.api.timeout_s
-        request = httpx.Request("POST", url, headers=self._headers, content=payload)
+        headers = [*self._headers, ("content-length", str(len(attempt.payload)))]
+        request = httpx.Request("POST", attempt.url, headers=headers, stream=httpx.ByteStream(attempt.payload))
         try:
-            with anyio.fail_after(timeout):
+            with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
                 response = await self._transport.handle_async_request(request)
                 try:
-                    if stream and response.is_success and _is_event_stream(response):
-                        return await self._read_stream(response, endpoint)
+                    if attempt.stream and response.is_success and _is_event_stream(response):
+                        return await self._read_stream(response, attempt.endpoint)
                     await response.aread()  # an error, a plain answer, or a server that ignored `stream`
                 finally:
                     await response.aclose()
-        except (TimeoutError, httpx.TimeoutException) as exc:
+            if scope.cancelled_caught:
+                raise RetryableAPIError(f"no complete answer within {timeout:g} s")
+        except httpx.TimeoutException as exc:
             raise RetryableAPIError(f"no complete answer within {timeout:g} s") from exc
         except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
             # Our request itself cannot be sent; every other row would fail alike.
@@ -127,17 +153,19 @@ class Client:
             raise JobFatalAPIError(f"the request cannot be sent ({type(exc).__name__}); check api.base_url") from exc
         except httpx.TransportError as exc:
             raise RetryableAPIError(f"connection failed: {type(exc).__name__}: {exc}") from exc
-        return self._answer(response, endpoint)
+        finally:
+            attempt.latency = time.monotonic() - started
+        return self._answer(response, attempt.endpoint)
 
     async def _read_stream(self, response: httpx.Response, endpoint: str) -> Result:
-        self.limiter.observe(response.status_code, response.headers, anyio.current_time())
+        self.limiter.observe(response.status_code, response.headers, time.monotonic())
         assembler = StreamAssembler(endpoint)
         async for line in response.aiter_lines():
             assembler.feed_line(line)
         return assembler.result()
 
     def _answer(self, response: httpx.Response, endpoint: str) -> Result:
-        self.limiter.observe(response.status_code, response.headers, anyio.current_time())
+        self.limiter.observe(response.status_code, response.headers, time.monotonic())
         if not response.is_success:
             raise self._refusal(response)
         try:

@@ -10,7 +10,6 @@ aiohttp's errors onto httpx's, so the client maps errors in one place as before.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import aiohttp
 import httpx
@@ -39,47 +38,31 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send the request and read the whole answer before returning it.
+
+        Reading here rather than lazily costs nothing a batch job needs (answers
+        are small, and the caller bounds each attempt as a whole) and saves httpx's
+        per-chunk stream machinery on every request.
+        """
         session = self._session or self._open()
-        headers = [(k, v) for k, v in request.headers.multi_items() if k != "host"]
         try:
-            response = await session.request(
+            async with session.request(
                 request.method,
                 str(request.url),
-                data=request.content,
-                headers=headers,
+                data=request.read(),
+                headers=request.headers.multi_items(),
                 allow_redirects=False,
-                compress=None,
-            )
+            ) as response:
+                body = await response.read()
+                status, headers = response.status, response.raw_headers
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _httpx_error(exc, request) from exc
-        return httpx.Response(
-            status_code=response.status,
-            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
-            stream=_Body(response, request),
-            request=request,
-        )
+        return httpx.Response(status, headers=headers, stream=httpx.ByteStream(body), request=request)
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-class _Body(httpx.AsyncByteStream):
-    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
-        self._response = response
-        self._request = request
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            self._response.close()  # a broken body's connection must not be reused
-            raise _httpx_error(exc, self._request) from exc
-
-    async def aclose(self) -> None:
-        self._response.release()
 
 
 def _httpx_error(exc: Exception, request: httpx.Request) -> httpx.TransportError:
