@@ -110,12 +110,11 @@ class InputReader:
                 for name, values in extras.items():
                     seen = kinds.setdefault(name, set())
                     seen.update(_kind(v) for v in values)
-                for row in rows:
-                    try:
-                        ids.execute("INSERT INTO ids VALUES (?, ?)", (row.id, row.where))
-                    except sqlite3.IntegrityError:
-                        (first,) = ids.execute("SELECT place FROM ids WHERE id = ?", (row.id,)).fetchone()
-                        duplicates.append(f"{row.id!r} at {first} and {row.where}")
+                try:
+                    with ids:  # a batch at once; only a batch with a duplicate is redone row by row
+                        ids.executemany("INSERT INTO ids VALUES (?, ?)", [(row.id, row.where) for row in rows])
+                except sqlite3.IntegrityError:
+                    duplicates += _duplicates(ids, rows)
                 if len(duplicates) >= 5:
                     break
         finally:
@@ -266,6 +265,19 @@ class InputReader:
                 raise fail("the spec sets endpoint: completions, but this row has messages")
             body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
         return Row(index, str(row_id), wanted, body, where)
+
+
+def _duplicates(ids: sqlite3.Connection, rows: list[Row]) -> list[str]:
+    """Insert one by one, naming each id already there (earlier, or in this batch)."""
+    found = []
+    for row in rows:
+        try:
+            with ids:
+                ids.execute("INSERT INTO ids VALUES (?, ?)", (row.id, row.where))
+        except sqlite3.IntegrityError:
+            (first,) = ids.execute("SELECT place FROM ids WHERE id = ?", (row.id,)).fetchone()
+            found.append(f"{row.id!r} at {first} and {row.where}")
+    return found
 
 
 def _shape(body: dict[str, Any]) -> str | None:

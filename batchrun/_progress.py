@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = ["BarProgress", "LogProgress", "NullProgress", "Progress", "make_progress"]
 
@@ -40,6 +41,8 @@ class BarProgress(Progress):
         self.failed = 0
 
     def start(self, total: int, settled: int) -> None:
+        from tqdm import tqdm  # imported here: only a terminal needs it, and it is slow to load
+
         self.bar = tqdm(total=total, initial=settled, unit="row", file=self.stream, dynamic_ncols=True,
                         smoothing=0.1)
 
