@@ -12,6 +12,7 @@ from ._exceptions import (
     RowFatalAPIError,
     SpecError,
     StateMismatchError,
+    StorageError,
     UsageError,
 )
 from ._progress import BarProgress, LogProgress, NullProgress, Progress
@@ -39,6 +40,7 @@ __all__ = [
     "RowFatalAPIError",
     "SpecError",
     "StateMismatchError",
+    "StorageError",
     "Summary",
     "UsageError",
     "load_spec",

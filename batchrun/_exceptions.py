@@ -8,6 +8,7 @@
     │   └── StateMismatchError     the saved state belongs to another input or request shape
     ├── JobAborted                 exit 3: the job stopped before every row was settled
     │   ├── JobFatalAPIError       401/403, insufficient quota, every row failing alike
+    │   ├── StorageError           the state or output cannot be written (disk full, folder gone)
     │   └── Interrupted            a signal asked the job to stop
     └── APIError                   one request failed; the runner turns it into row data
         ├── RetryableAPIError      429, 5xx, timeouts, dropped connections, broken bodies
@@ -30,6 +31,7 @@ __all__ = [
     "RowFatalAPIError",
     "SpecError",
     "StateMismatchError",
+    "StorageError",
     "UsageError",
 ]
 
@@ -72,6 +74,10 @@ class JobFatalAPIError(JobAborted):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class StorageError(JobAborted):
+    """The state or the output could not be written; what was saved before is intact."""
 
 
 class Interrupted(JobAborted):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._exceptions import ConfigError
+from ._exceptions import StorageError
 from ._inputs import InputReader
 from ._protocol import RESULT_FIELDS
 from ._state import StateStore
@@ -75,7 +75,10 @@ def write_output(
         _fsync(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise ConfigError(f"{path}: cannot write the output: {exc.strerror or exc}") from exc
+        raise StorageError(
+            f"{path}: cannot write the output: {exc.strerror or exc}; every answer is saved, "
+            "so a rerun writes it without sending a request"
+        ) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

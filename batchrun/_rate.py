@@ -6,10 +6,12 @@ Two mechanisms share one schedule:
   `tokens_per_minute`): each request books the next free slot on a virtual schedule
   (GCRA), so requests leave evenly spaced, never in a burst followed by a stall.
   Tokens are booked by estimate and the booking is corrected by the real usage.
-- **Adapting** to the server, with or without a stated limit: a 429 (or a 503 that
-  says it is a rate limit) lowers the request rate to what the server was admitting
-  just then, at most once a second; a quiet spell raises it again by a small step
-  (additive increase, multiplicative decrease). `x-ratelimit-limit-requests` caps the
+- **Adapting** to the server, with or without a stated limit: when 429s (or 503s
+  that say they are a rate limit) become a real share of the answers, the request
+  rate drops to what the server was admitting just then, at most once a second; a
+  quiet spell raises it again by a small step (additive increase, multiplicative
+  decrease). A stray 429 now and then (servers shed load) does not count: cutting
+  the rate for each would starve the job. `x-ratelimit-limit-requests` caps the
   rate at the server's stated limit; `x-ratelimit-remaining-requests` with
   `x-ratelimit-reset-requests` keeps the rate within what is left of the window.
 """
@@ -28,6 +30,8 @@ QUIET_S = 2.0  # how long without push-back before raising the rate a step
 STEP = 0.05  # raise by 5 % (at least STEP_MIN requests/s) per quiet spell
 STEP_MIN = 0.5
 WINDOW_S = 5.0  # sent and admitted rates are measured over this much recent time
+PUSHBACK_SHARE = 0.05  # of recent answers: below it, 429s are noise, not a limit
+PUSHBACK_MIN = 3  # ... and at least this many in the window
 HEADROOM = 0.95  # of a limit the server states
 
 
@@ -42,6 +46,7 @@ class RateLimiter:
         self._next_tokens = 0.0
         self._sent: deque[float] = deque()  # times of recent requests
         self._admitted: deque[float] = deque()  # times of recent successful answers
+        self._pushed: deque[float] = deque()  # times of recent push-backs
         self._started: float | None = None
         self._last_change = float("-inf")
         self.pushbacks = 0
@@ -77,7 +82,12 @@ class RateLimiter:
             status == 503 and ("retry-after" in headers or "retry-after-ms" in headers)
         ) or headers.get("x-ratelimit-over-limit", "").lower() == "yes"
         if pushed_back:
-            self._decrease(now)
+            self.pushbacks += 1
+            _record(self._pushed, now, now)
+            _record(self._admitted, None, now)
+            pushed, admitted = len(self._pushed), len(self._admitted)
+            if pushed >= PUSHBACK_MIN and pushed >= PUSHBACK_SHARE * (pushed + admitted):
+                self._decrease(now)
         else:
             self._follow_headers(headers)
             if self.rate is not None and now - self._last_change >= QUIET_S:
@@ -85,11 +95,9 @@ class RateLimiter:
 
     def _decrease(self, now: float) -> None:
         """Down to what the server admitted lately; with no success to go by, half the send rate."""
-        self.pushbacks += 1
         if now - self._last_change < 1.0:
             return  # answers to requests sent before the last decrease say nothing new
         span = max(1.0, min(WINDOW_S, now - (self._started if self._started is not None else now)))
-        _record(self._admitted, None, now)
         admitted = len(self._admitted) / span
         target = admitted if admitted > 0 else len(self._sent) / span / 2
         current = self.rate if self.rate is not None else float("inf")

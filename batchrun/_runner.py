@@ -23,7 +23,7 @@ import httpx
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from ._client import Client
-from ._exceptions import BatchrunError, ConfigError, Interrupted, JobAborted, JobFatalAPIError
+from ._exceptions import BatchrunError, ConfigError, Interrupted, JobAborted, JobFatalAPIError, StorageError
 from ._inputs import InputReader, Row
 from ._mock import MOCK_BASE_URL, MOCK_SCHEME, mock_transport
 from ._output import ROW_GROUP_ROWS, write_output
@@ -35,8 +35,6 @@ from ._state import StateStore, state_path
 
 __all__ = ["Summary", "run_job"]
 
-FLUSH_EVERY_S = 1.0  # a kill -9 loses at most this much of the answers received
-FLUSH_EVERY_ROWS = 2000
 GRACE_S = 10.0  # after SIGTERM/SIGINT, how long requests in flight may finish
 
 
@@ -215,7 +213,7 @@ class _Pool:
         self.total = total
         self.aborted: JobAborted | None = None
         self.stopping = False
-        self.buffer: list[Result] = []
+        self.storage_failed = False
         self.streak = FailureStreak()
 
     async def run(self, handle_signals: bool) -> None:
@@ -225,7 +223,6 @@ class _Pool:
         self._writer_done = anyio.Event()
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._write, results_receive)
-            outer.start_soon(self._tick)
             if handle_signals:
                 outer.start_soon(self._watch_signals)
             async with self.client, anyio.create_task_group() as self.workers:
@@ -237,7 +234,7 @@ class _Pool:
                 rows_receive.close()
                 results_send.close()
             # Workers are done and have closed their result streams; the writer ends
-            # after its last flush. Stop the ticker and the signal watcher.
+            # after its last commit. Then stop the signal watcher.
             await self._writer_done.wait()
             outer.cancel_scope.cancel()
 
@@ -311,30 +308,39 @@ class _Pool:
     # -- the writer: the only owner of the state -----------------------------------------
 
     async def _write(self, results: ObjectReceiveStream[Result]) -> None:
+        """Commit answers as they arrive, a group at a time (group commit).
+
+        While one group is made durable in a thread (SQLite's fsync), the next
+        gathers in the stream, so a kill -9 loses only the answers of that moment,
+        and the event loop never waits on the disk.
+        """
         try:
             async with results:
                 async for result in results:
-                    self.buffer.append(result)
-                    if len(self.buffer) >= FLUSH_EVERY_ROWS:
-                        self._flush()
+                    group = [result]
+                    while True:
+                        try:
+                            group.append(results.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    await self._commit(group)
         finally:
-            self._flush()
             self._writer_done.set()
 
-    async def _tick(self) -> None:
-        """Flush at least every FLUSH_EVERY_S, even when answers trickle in."""
-        while True:
-            await anyio.sleep(FLUSH_EVERY_S)
-            self._flush()
-
-    def _flush(self) -> None:
-        batch, self.buffer = self.buffer, []
-        if not batch:
+    async def _commit(self, group: list[Result]) -> None:
+        if self.storage_failed:
+            return  # nothing more can be saved; the job is stopping
+        try:
+            # Shielded: an answer received is paid for, even during a hard stop.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.store.save, group)
+        except StorageError as exc:
+            self.storage_failed = True
+            self._stop(exc)
             return
-        self.store.save(batch)
-        failed = sum(r.status != "ok" for r in batch)
-        tokens = sum(r.total_tokens or 0 for r in batch)
-        self.progress.advance(len(batch) - failed, failed, tokens)
+        failed = sum(r.status != "ok" for r in group)
+        tokens = sum(r.total_tokens or 0 for r in group)
+        self.progress.advance(len(group) - failed, failed, tokens)
 
     # -- signals -----------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ._exceptions import ConfigError, StateMismatchError
+from ._exceptions import ConfigError, StateMismatchError, StorageError
 from ._protocol import RESULT_FIELDS, Result
 
 __all__ = ["StateStore", "lock_holder", "state_path"]
@@ -50,6 +50,7 @@ class StateStore:
         self.path = path
         self._db = db
         self._lock_fd = lock_fd
+        self._inode = os.stat(path).st_ino
 
     @classmethod
     def open(cls, path: Path, *, lock: bool = True, restart: bool = False) -> StateStore:
@@ -112,11 +113,26 @@ class StateStore:
     # -- results ---------------------------------------------------------------------------
 
     def save(self, results: Iterable[Result]) -> None:
-        """Store results in one atomic, durable transaction."""
+        """Store results in one atomic, durable transaction.
+
+        Raises StorageError when that is impossible: a full disk, or a state file
+        removed or replaced under the running job (SQLite would go on writing to
+        the unlinked file, and every answer from then on would be lost).
+        """
         rows = [tuple(getattr(r, f) for f in RESULT_FIELDS) for r in results]
-        if rows:
+        if not rows:
+            return
+        try:
+            if os.stat(self.path).st_ino != self._inode:
+                raise FileNotFoundError(f"{self.path} was replaced")
             with self._transaction():
                 self._db.executemany(_UPSERT, rows)
+        except (OSError, sqlite3.Error) as exc:
+            reason = "it was removed or replaced" if isinstance(exc, OSError) else str(exc)
+            raise StorageError(
+                f"cannot save answers to {self.path}: {reason}; what was saved before is intact. "
+                "Fix the cause (free disk space, restore the folder) and rerun to resume"
+            ) from exc
 
     def ok_rows(self, size: int) -> bytearray:
         """A byte per row index, 1 where the row is settled ok: small even for millions."""

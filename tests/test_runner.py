@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import sqlite3
 from pathlib import Path
 
 import anyio
@@ -12,7 +13,8 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun import ConfigError, JobFatalAPIError, LogProgress, StateMismatchError, Summary, run_job
+from batchrun import ConfigError, JobFatalAPIError, LogProgress, StateMismatchError, StorageError, Summary, run_job
+from batchrun._state import StateStore
 from batchrun._state import state_path
 from tests.conftest import read_output, write_jsonl, write_spec
 
@@ -191,3 +193,46 @@ def test_signal_handlers_are_given_back_after_the_pool(tmp_path: Path) -> None:
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     run_job(write_spec(tmp_path, api={"base_url": "mock://"}), handle_signals=True)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+class _FullDisk:
+    """A SQLite connection whose writes fail once `after` groups were saved."""
+
+    def __init__(self, db, after: int) -> None:
+        self.db, self.after = db, after
+
+    def executemany(self, *args):
+        if self.after == 0:
+            raise sqlite3.OperationalError("database or disk is full")
+        self.after -= 1
+        return self.db.executemany(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def test_a_full_disk_stops_the_job_and_a_rerun_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(300)])
+    spec = write_spec(tmp_path, concurrency=4, api={"base_url": "http://127.0.0.1:9/v1"})
+    real_open = StateStore.open
+
+    def failing_open(*args, **kwargs):
+        store = real_open(*args, **kwargs)
+        store._db = _FullDisk(store._db, after=3)
+        return store
+
+    monkeypatch.setattr(StateStore, "open", failing_open)
+    with pytest.raises(StorageError, match="database or disk is full.*rerun to resume") as info:
+        run_job(spec, transport=httpx.MockTransport(answer), environ={"OPENAI_API_KEY": "k"})
+    saved = info.value.summary.ok
+    assert 0 < saved < 300 and info.value.summary.exit_code == 3
+
+    monkeypatch.setattr(StateStore, "open", real_open)
+    seen = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answer(request)
+
+    summary = run_job(spec, transport=httpx.MockTransport(record), environ={"OPENAI_API_KEY": "k"})
+    assert summary.ok == 300 and len(seen) == 300 - saved

@@ -1,0 +1,87 @@
+"""Every fault at once, at scale, with the runner killed again and again."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO, TEST_KEY, cli_env, read_output, run_cli, write_jsonl, write_spec
+from tests.fakeserver import FakeServer, Faults, request_key
+from tests.test_e2e import assert_exact_answers
+
+EVERY_FAULT = dict(
+    rate_429=0.02, retry_after="0", error_500_rate=0.02, error_503_rate=0.02, drop_rate=0.02,
+    hang_rate=0.01, hang_s=5.0, invalid_json_rate=0.02, truncated_body_rate=0.02, truncated_stream_rate=0.03,
+    latency_s=0.01, latency_jitter_s=0.005,
+)
+
+
+def test_every_fault_and_six_kills_lose_nothing_and_repay_only_what_was_in_flight(
+    tmp_path: Path, server: FakeServer
+) -> None:
+    server.faults = Faults(seed=11, **EVERY_FAULT)
+    rows = [
+        {"id": f"c{i}", "messages": [{"role": "user", "content": f"fault question {i}"}], "stream": i % 2 == 0}
+        for i in range(5000)
+    ]
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    spec = write_spec(tmp_path, concurrency=32, retry={"max_attempts": 10, "backoff_initial_s": 0.01,
+                      "backoff_max_s": 0.05}, api={"base_url": server.base_url, "timeout_s": 3})
+    command = [sys.executable, "-m", "batchrun", "run", str(spec), "--no-progress"]
+    rng = random.Random(11)
+    in_flight_at_kills = []
+    logs = []
+
+    for _ in range(6):
+        proc = subprocess.Popen(command, env=cli_env(OPENAI_API_KEY=TEST_KEY), cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        server.wait_for_requests(len(server.requests) + rng.randint(200, 800), timeout=120)
+        in_flight_at_kills.append(server.in_flight)
+        proc.send_signal(signal.SIGKILL)
+        logs += proc.communicate(timeout=10)
+        assert proc.returncode == -signal.SIGKILL
+
+    result = run_cli("run", str(spec), "--no-progress", timeout=300)
+
+    assert result.code == 0, result.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert len(out) == 5000
+    assert_exact_answers(out, server, [request_key(r) for r in rows])
+    outcomes = {r.outcome for r in server.requests}
+    assert set(EVERY_FAULT_OUTCOMES) <= outcomes, outcomes
+    paid_twice = sum(len(answers) - 1 for answers in server.answers.values())
+    # Answers received but not yet committed at a kill are a group commit's worth at most.
+    assert paid_twice <= sum(in_flight_at_kills) + 6 * 16, (paid_twice, in_flight_at_kills)
+    print(f"in flight at the kills: {in_flight_at_kills}; answers paid twice: {paid_twice}")
+
+    for text in [result.stdout, result.stderr, *logs]:
+        assert TEST_KEY not in text
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert TEST_KEY.encode() not in path.read_bytes(), path
+
+
+EVERY_FAULT_OUTCOMES = ("429", "500", "503", "drop", "hang", "invalid_json", "truncated_body", "truncated_stream", "ok")
+
+
+def test_a_state_file_removed_under_a_running_job_stops_it_with_a_clear_message(
+    tmp_path: Path, server: FakeServer
+) -> None:
+    server.faults = Faults(latency_s=0.05)
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(2000)])
+    spec = write_spec(tmp_path, concurrency=8, api={"base_url": server.base_url})
+    proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--no-progress"],
+                            env=cli_env(OPENAI_API_KEY=TEST_KEY), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    server.wait_for_requests(50, timeout=30)
+    for path in (tmp_path / "out").glob("result.batchrun.sqlite*"):
+        path.unlink()
+    _, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 3, stderr
+    assert "result.batchrun.sqlite: it was removed or replaced" in stderr
+    assert "Traceback" not in stderr
+    assert len(server.requests) < 2000
