@@ -7,6 +7,7 @@ Scenarios (default: zero latency memory; the minute-long ones only when named):
   latency    16,000 rows, concurrency 400, 200 +- 50 ms: % of the Little's-law bound
   ratelimit  3,000 rows, spec rate_limit 1200 rpm, unlimited server: what the server sees
   adapt      3,000 rows, server limited to 1200 rpm, no rate_limit in the spec: 429s
+  adapt-blind  the same, the server sending no x-ratelimit-* headers (429s teach the limit)
   memory     peak RSS of batchrun at 20,000 vs 200,000 rows
 
 Every client runs in its own subprocess against a fresh server process, so its CPU and
@@ -36,7 +37,7 @@ PY = sys.executable
 KEY_ENV = "BENCH_API_KEY"
 CLIENT_TIMEOUT_S = 20 * 60  # a hung client is killed, and its row says so
 
-SCENARIOS = ("zero", "latency", "ratelimit", "adapt", "memory")
+SCENARIOS = ("zero", "latency", "ratelimit", "adapt", "adapt-blind", "memory")
 DEFAULT_SCENARIOS = ("zero", "latency", "memory")
 
 
@@ -64,12 +65,14 @@ class Server:
     """tests/bench/server.py in its own process; `stats` is filled in by stop()."""
 
     def __init__(self, workdir: Path, label: str, *, latency_ms: float = 0, jitter_ms: float = 0,
-                 rpm_limit: int = 0) -> None:
+                 rpm_limit: int = 0, silent: bool = False) -> None:
         self.stats_path = workdir / f"server-{label.replace(' ', '_')}.json"
         self.cmd = [PY, str(HERE / "server.py"), "--port", "0", "--latency-ms", f"{latency_ms:g}",
                     "--jitter-ms", f"{jitter_ms:g}", "--stats", str(self.stats_path)]
         if rpm_limit:
             self.cmd += ["--rpm-limit", str(rpm_limit)]
+        if silent:
+            self.cmd.append("--no-ratelimit-headers")
         self.proc: subprocess.Popen[str] | None = None
         self.base_url = ""
         self.stats: dict = {}
@@ -320,11 +323,11 @@ def ok_rows(run: Run) -> int | str:
     return pc.sum(pc.equal(status, "ok")).as_py() or 0
 
 
-def scenario_adapt(workdir: Path, rows: int | None) -> None:
+def scenario_adapt(workdir: Path, rows: int | None, *, silent: bool = False) -> None:
     rows = rows or 3_000
     rpm = 1200
     data = make_input(workdir / "adapt.jsonl", rows)
-    b = measured(workdir, batchrun, "batchrun", data, rows, 64, {"rpm_limit": rpm})
+    b = measured(workdir, batchrun, "batchrun", data, rows, 64, {"rpm_limit": rpm, "silent": silent})
     throttled = b.server.get("throttled_429", 0)
     ok_per_s = b.server.get("ok_per_s", [])
     body = table(
@@ -332,9 +335,15 @@ def scenario_adapt(workdir: Path, rows: int | None) -> None:
         [[rows, b.rc, ok_rows(b), b.wall_s, b.requests, throttled, f"{throttled / rows:.2f}",
           f"{60 * sum(ok_per_s) / b.server['span_s']:.0f}" if b.server.get("span_s") else "n/a"]],
     )
-    body += f"\n\nserver: token bucket, {rpm} requests/min, burst 3 s ({rpm // 20} requests)"
-    report(f"adapt: {rows:,} rows, server limited to {rpm} rpm, no rate_limit in the spec, concurrency 64",
+    headers = "429 + retry-after only, no x-ratelimit-* headers" if silent else "x-ratelimit-* headers on every answer"
+    body += f"\n\nserver: token bucket, {rpm} requests/min, burst 3 s ({rpm // 20} requests); {headers}"
+    name = "adapt-blind" if silent else "adapt"
+    report(f"{name}: {rows:,} rows, server limited to {rpm} rpm, no rate_limit in the spec, concurrency 64",
            body, [b])
+
+
+def scenario_adapt_blind(workdir: Path, rows: int | None) -> None:
+    scenario_adapt(workdir, rows, silent=True)
 
 
 def scenario_memory(workdir: Path, rows: int | None) -> None:
@@ -375,7 +384,7 @@ def git_describe() -> str:
 
 
 RUNNERS = {"zero": scenario_zero, "latency": scenario_latency, "ratelimit": scenario_ratelimit,
-           "adapt": scenario_adapt, "memory": scenario_memory}
+           "adapt": scenario_adapt, "adapt-blind": scenario_adapt_blind, "memory": scenario_memory}
 
 
 def main() -> None:

@@ -101,8 +101,9 @@ class TokenBucket:
     never lets a client spend a whole minute's budget in its first second.
     """
 
-    def __init__(self, rpm: int, burst_s: float = 3.0) -> None:
+    def __init__(self, rpm: int, burst_s: float = 3.0, silent: bool = False) -> None:
         self.limit = rpm
+        self.silent = silent  # no x-ratelimit-* headers: the client must infer the limit from 429s
         self.rate = rpm / 60.0
         self.capacity = max(1.0, self.rate * burst_s)
         self.tokens = self.capacity
@@ -118,8 +119,10 @@ class TokenBucket:
         # Seconds until the bucket is full again (OpenAI's meaning of reset-requests) and
         # until the next token (what a throttled client must wait).
         reset = (self.capacity - self.tokens) / self.rate
-        head = b"x-ratelimit-limit-requests: %d\r\nx-ratelimit-remaining-requests: %d\r\n" \
-               b"x-ratelimit-reset-requests: %.3fs\r\n" % (self.limit, int(self.tokens), reset)
+        head = b"" if self.silent else (
+            b"x-ratelimit-limit-requests: %d\r\nx-ratelimit-remaining-requests: %d\r\n"
+            b"x-ratelimit-reset-requests: %.3fs\r\n" % (self.limit, int(self.tokens), reset)
+        )
         if not allowed:
             wait = (1.0 - self.tokens) / self.rate
             head += b"retry-after: %d\r\n" % max(1, math.ceil(wait))
@@ -244,7 +247,7 @@ class Connection(asyncio.Protocol):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    bucket = TokenBucket(args.rpm_limit) if args.rpm_limit else None
+    bucket = TokenBucket(args.rpm_limit, silent=args.no_ratelimit_headers) if args.rpm_limit else None
     server = Server(args.latency_ms / 1000, args.jitter_ms / 1000, bucket)
     # A large backlog: hundreds of clients connect in the same millisecond, and the
     # default (100) would drop SYNs and add 1 s retransmit stalls to the measurement.
@@ -267,6 +270,8 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--jitter-ms", type=float, default=0.0, help="uniform +- on the latency")
     parser.add_argument("--rpm-limit", type=int, default=0, help="requests per minute; 0: no limit")
+    parser.add_argument("--no-ratelimit-headers", action="store_true",
+                        help="with --rpm-limit: answer 429 + retry-after but send no x-ratelimit-* headers")
     parser.add_argument("--stats", required=True, help="JSON stats written here at exit")
     args = parser.parse_args()
     asyncio.run(serve(args))
