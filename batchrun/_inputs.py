@@ -241,7 +241,10 @@ class InputReader:
             if method != "POST":
                 raise fail(f"method {method!r} is not supported; batch lines must POST")
             url = record.get("url")
-            endpoint = _URL_ENDPOINTS.get(url) if url else _shape(body)
+            if not url:
+                endpoint = _shape(body)
+            else:
+                endpoint = _URL_ENDPOINTS.get(url) if isinstance(url, str) else None
             if endpoint is None:
                 raise fail(f"url {url!r} is not supported; use /v1/chat/completions or /v1/completions")
             body = dict(body)

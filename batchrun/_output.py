@@ -1,14 +1,14 @@
 """The output writer: one Parquet file, in input order, written atomically.
 
 The file is assembled from the checkpoint store and the input's passthrough
-columns in row groups, so memory stays flat however long the job. It is written
-under a temporary name in the same folder, fsynced, then renamed over the target:
-a reader sees the old file or the whole new one, never half of one.
+columns in row groups, so memory stays flat however long the job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +19,7 @@ from ._inputs import InputReader
 from ._protocol import RESULT_FIELDS
 from ._state import StateStore
 
-__all__ = ["RESULT_SCHEMA", "write_output"]
+__all__ = ["OutputWriter", "RESULT_SCHEMA"]
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -47,41 +47,84 @@ assert tuple(RESULT_SCHEMA.names) == RESULT_FIELDS
 ROW_GROUP_ROWS = 8192
 
 
-def write_output(
-    path: Path, store: StateStore, reader: InputReader, *, rows: int, passthrough: dict[str, str]
-) -> None:
-    """Write rows [0, rows) of the job to `path`; every one must be settled in `store`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        batches = reader.passthrough_batches(passthrough) if passthrough else None
-        writer: pq.ParquetWriter | None = None
-        start = 0
-        while start < rows or writer is None:
-            extra = next(batches, None) if batches is not None else None
-            stop = min(rows, start + (extra.num_rows if extra is not None else ROW_GROUP_ROWS))
-            if extra is not None and extra.num_rows > stop - start:
-                extra = extra.slice(0, stop - start)
-            table = _result_table(store, start, stop)
-            if extra is not None:
+class OutputWriter:
+    """Writes the output as rows settle, in input order, and publishes it atomically.
+
+    Row groups are appended to a temporary file in the output's folder while the
+    job runs, so finishing a long job costs the last few rows, not a rewrite of
+    millions. `finish` fsyncs it and renames it over the target: a reader sees the
+    old file or the whole new one, never half of one.
+    """
+
+    def __init__(self, path: Path, store: StateStore, reader: InputReader, *, rows: int,
+                 passthrough: dict[str, str]) -> None:
+        self.path = path
+        self.store = store
+        self.rows = rows
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # Left by runs killed while writing; the job's lock, held now, says they are dead.
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        self._extras = reader.passthrough_batches(passthrough) if passthrough else None
+        self._pending: pa.Table | None = None  # passthrough rows read, not yet written
+        self._writer: pq.ParquetWriter | None = None
+        self.written = 0  # rows [0, written) are in the file
+
+    def write(self, stop: int) -> None:
+        """Append rows [written, stop) as one row group; each must be settled."""
+        if stop <= self.written:
+            return
+        with self._storage_errors():
+            table = _result_table(self.store, self.written, stop)
+            if self._extras is not None:
+                extra = self._take(stop - self.written)
                 for name, column in zip(extra.column_names, extra.columns):
                     table = table.append_column(name, column)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-            writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
-            start = stop
-        writer.close()
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StorageError(
-            f"{path}: cannot write the output: {exc.strerror or exc}; every answer is saved, "
-            "so a rerun writes it without sending a request"
-        ) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self.tmp, table.schema, compression="zstd")
+            self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+            self.written = stop
+
+    def finish(self) -> None:
+        """Write what is left and put the file in place."""
+        self.write(self.rows)
+        with self._storage_errors():
+            if self._writer is None:  # no rows at all: still a valid, empty file
+                self._writer = pq.ParquetWriter(self.tmp, RESULT_SCHEMA, compression="zstd")
+            self._writer.close()
+            _fsync(self.tmp)
+            os.replace(self.tmp, self.path)
+            _fsync(self.path.parent)
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self.tmp.unlink(missing_ok=True)
+
+    def _take(self, n: int) -> pa.Table:
+        """The next n passthrough rows, across the reader's batches."""
+        assert self._extras is not None
+        parts = []
+        while n > 0:
+            if self._pending is None or self._pending.num_rows == 0:
+                self._pending = next(self._extras)
+            part = self._pending.slice(0, n)
+            self._pending = self._pending.slice(part.num_rows)
+            parts.append(part)
+            n -= part.num_rows
+        return pa.concat_tables(parts)
+
+    @contextlib.contextmanager
+    def _storage_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            self.discard()
+            raise StorageError(
+                f"{self.path}: cannot write the output: {exc.strerror or exc}; every answer is saved, "
+                "so a rerun writes it without sending a request"
+            ) from exc
 
 
 def _result_table(store: StateStore, start: int, stop: int) -> pa.Table:

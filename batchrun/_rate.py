@@ -9,7 +9,7 @@ Two mechanisms share one schedule:
 - **Adapting** to the server, with or without a stated limit: when 429s (or 503s
   that say they are a rate limit) become a real share of the answers, the request
   rate drops to what the server was admitting just then, at most once a second; a
-  quiet spell raises it again by a small step (additive increase, multiplicative
+  quiet second raises it again by a small step (additive increase, multiplicative
   decrease). A stray 429 now and then (servers shed load) does not count: cutting
   the rate for each would starve the job. `x-ratelimit-limit-requests` caps the
   rate at the server's stated limit; `x-ratelimit-remaining-requests` with
@@ -26,12 +26,13 @@ __all__ = ["RateLimiter", "estimate_tokens", "parse_duration"]
 
 DECREASE_FACTOR = 0.9  # of the rate the server admitted when it pushed back
 MIN_RATE = 0.2  # requests/s: never stall completely
-QUIET_S = 2.0  # how long without push-back before raising the rate a step
+QUIET_S = 1.0  # how long without push-back before raising the rate a step
 STEP = 0.05  # raise by 5 % (at least STEP_MIN requests/s) per quiet spell
 STEP_MIN = 0.5
 WINDOW_S = 5.0  # sent and admitted rates are measured over this much recent time
 PUSHBACK_SHARE = 0.05  # of recent answers: below it, 429s are noise, not a limit
-PUSHBACK_MIN = 3  # ... and at least this many in the window
+PUSHBACK_MIN = 5  # ... and at least this many in the window
+SAMPLE_MIN = 50  # answers in the window before a share means anything
 HEADROOM = 0.95  # of a limit the server states
 
 
@@ -47,7 +48,6 @@ class RateLimiter:
         self._sent: deque[float] = deque()  # times of recent requests
         self._admitted: deque[float] = deque()  # times of recent successful answers
         self._pushed: deque[float] = deque()  # times of recent push-backs
-        self._started: float | None = None
         self._last_change = float("-inf")
         self.pushbacks = 0
 
@@ -55,8 +55,6 @@ class RateLimiter:
 
     def reserve(self, tokens: int, now: float) -> float:
         """Book a send slot for a request of about `tokens` tokens; return the wait."""
-        if self._started is None:
-            self._started = now
         start = now
         if self.rate is not None:
             start = max(start, self._next_request)
@@ -86,7 +84,8 @@ class RateLimiter:
             _record(self._pushed, now, now)
             _record(self._admitted, None, now)
             pushed, admitted = len(self._pushed), len(self._admitted)
-            if pushed >= PUSHBACK_MIN and pushed >= PUSHBACK_SHARE * (pushed + admitted):
+            sample = pushed + admitted
+            if sample >= SAMPLE_MIN and pushed >= PUSHBACK_MIN and pushed >= PUSHBACK_SHARE * sample:
                 self._decrease(now)
         else:
             self._follow_headers(headers)
@@ -97,9 +96,8 @@ class RateLimiter:
         """Down to what the server admitted lately; with no success to go by, half the send rate."""
         if now - self._last_change < 1.0:
             return  # answers to requests sent before the last decrease say nothing new
-        span = max(1.0, min(WINDOW_S, now - (self._started if self._started is not None else now)))
-        admitted = len(self._admitted) / span
-        target = admitted if admitted > 0 else len(self._sent) / span / 2
+        admitted = _rate_of(self._admitted, now)
+        target = admitted if admitted else (_rate_of(self._sent, now) or 2 * MIN_RATE) / 2
         current = self.rate if self.rate is not None else float("inf")
         self._set(min(current, target) * DECREASE_FACTOR, now)
 
@@ -121,6 +119,12 @@ class RateLimiter:
             rate = min(rate, self.ceiling)
         self.rate = max(MIN_RATE, rate)
         self._last_change = now
+
+
+def _rate_of(times: deque[float], now: float) -> float | None:
+    """Events per second over the part of the window they cover; None for too few."""
+    span = now - times[0] if times else 0.0
+    return (len(times) - 1) / span if len(times) >= 2 and span >= 0.05 else None
 
 
 def _record(times: deque[float], at: float | None, now: float) -> None:

@@ -26,7 +26,7 @@ from ._client import Client
 from ._exceptions import BatchrunError, ConfigError, Interrupted, JobAborted, JobFatalAPIError, StorageError
 from ._inputs import InputReader, Row
 from ._mock import MOCK_BASE_URL, MOCK_SCHEME, mock_transport
-from ._output import ROW_GROUP_ROWS, write_output
+from ._output import ROW_GROUP_ROWS, OutputWriter
 from ._policy import FailureStreak
 from ._progress import NullProgress, Progress
 from ._protocol import Result
@@ -108,7 +108,9 @@ def run_job(
         settled = store.counts(below=total)
         progress.start(total, settled["ok"] + settled["failed"])
         client = Client(spec, api_key=api_key, transport=transport, base_url=base_url)
-        pool = _Pool(spec, client, store, progress, done, total)
+        output_reader = InputReader(spec.input, endpoint=spec.endpoint, batch_rows=ROW_GROUP_ROWS)
+        output = OutputWriter(spec.output, store, output_reader, rows=total, passthrough=passthrough)
+        pool = _Pool(spec, client, store, output, progress, done, total)
         # anyio leaves the default handlers behind; the caller's must be back for the
         # output writing that follows.
         saved_handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -120,11 +122,11 @@ def run_job(
                 for signum, handler in saved_handlers.items():
                     signal.signal(signum, handler)
         counts = store.counts(below=total)
-        written = False
-        if pool.aborted is None and counts["ok"] + counts["failed"] == total:
-            output_reader = InputReader(spec.input, endpoint=spec.endpoint, batch_rows=ROW_GROUP_ROWS)
-            write_output(spec.output, store, output_reader, rows=total, passthrough=passthrough)
-            written = True
+        written = pool.aborted is None and counts["ok"] + counts["failed"] == total
+        if written:
+            output.finish()
+        else:
+            output.discard()
     finally:
         store.close()
 
@@ -178,8 +180,8 @@ def _open_state(spec: JobSpec, *, limit: int | None, restart: bool) -> tuple[Sta
     """
     reader = InputReader(spec.input, endpoint=spec.endpoint, require_model=spec.model is None)
     path = state_path(spec.output)
-    fresh = restart or not path.exists()
-    store = StateStore.open(path, restart=restart)
+    fresh = not path.exists()
+    store = StateStore.open(path)
     try:
         digest = reader.fingerprint()
         saved = store.meta()
@@ -187,6 +189,8 @@ def _open_state(spec: JobSpec, *, limit: int | None, restart: bool) -> tuple[Sta
             rows, passthrough = saved["rows"], dict(saved["passthrough"])
         else:
             rows, passthrough = reader.validate()
+        if restart:  # only now: a bad input must not cost the progress it was meant to discard
+            store.reset()
         store.claim(
             # passthrough as pairs: their order is the output's column order
             {"input_digest": digest, "rows": rows, "passthrough": list(map(list, passthrough.items())),
@@ -203,14 +207,28 @@ class _Pool:
     """The worker pool of one run: feed, workers and the writer in one task group."""
 
     def __init__(
-        self, spec: JobSpec, client: Client, store: StateStore, progress: Progress, done: bytearray, total: int
+        self,
+        spec: JobSpec,
+        client: Client,
+        store: StateStore,
+        output: OutputWriter,
+        progress: Progress,
+        done: bytearray,
+        total: int,
     ) -> None:
         self.spec = spec
         self.client = client
         self.store = store
+        self.output = output
         self.progress = progress
         self.done = done
         self.total = total
+        # Rows settled so far (ok before this run, or saved in it) and the length of
+        # their unbroken run from row 0: the output can be written up to there.
+        self.settled = bytearray(done)
+        self.prefix = 0
+        self.fed_all = False
+        self.tail_written = False
         self.aborted: JobAborted | None = None
         self.stopping = False
         self.storage_failed = False
@@ -247,6 +265,8 @@ class _Pool:
                         break
                     if not self.done[row.index]:
                         await rows.send(row)
+                else:
+                    self.fed_all = True
             except anyio.BrokenResourceError:
                 pass  # every worker has stopped
 
@@ -341,6 +361,27 @@ class _Pool:
         failed = sum(r.status != "ok" for r in group)
         tokens = sum(r.total_tokens or 0 for r in group)
         self.progress.advance(len(group) - failed, failed, tokens)
+        await self._write_output(group)
+
+    async def _write_output(self, group: list[Result]) -> None:
+        """Append to the output a row group's worth of settled rows, in a thread.
+
+        Once every row has been sent, what is settled goes out at once (a shorter
+        group), so that the end of the job waits only for the last few rows.
+        """
+        for result in group:
+            self.settled[result.row_index] = 1
+        while self.prefix < self.total and self.settled[self.prefix]:
+            self.prefix += 1
+        ready = self.prefix - self.output.written
+        if ready >= ROW_GROUP_ROWS or (self.fed_all and ready > 0 and not self.tail_written):
+            self.tail_written = self.fed_all
+            try:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self.output.write, self.prefix)
+            except StorageError as exc:
+                self.storage_failed = True
+                self._stop(exc)
 
     # -- signals -----------------------------------------------------------------------
 

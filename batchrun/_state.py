@@ -53,16 +53,14 @@ class StateStore:
         self._inode = os.stat(path).st_ino
 
     @classmethod
-    def open(cls, path: Path, *, lock: bool = True, restart: bool = False) -> StateStore:
-        """Open or create the state; `lock` keeps other runners out, `restart` empties it.
+    def open(cls, path: Path, *, lock: bool = True) -> StateStore:
+        """Open or create the state; `lock` keeps other runners out.
 
         Without `lock` (for `batchrun status`) the state must exist already.
         """
         if not lock and not path.exists():
             raise FileNotFoundError(path)
         lock_fd = _acquire_lock(path) if lock else None
-        if restart:
-            _remove(path)
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -88,6 +86,12 @@ class StateStore:
             self._lock_fd = None
 
     # -- what the state belongs to -------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every result and what the state was for (`--restart`), in one transaction."""
+        with self._transaction():
+            self._db.execute("DELETE FROM results")
+            self._db.execute("DELETE FROM meta")
 
     def meta(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}

@@ -323,3 +323,29 @@ def test_a_second_runner_of_the_same_job_is_refused(tmp_path: Path, server: Fake
     _, stderr = first.communicate(timeout=60)
     assert first.returncode == 0, stderr
     assert len(server.requests) == 300
+
+
+def test_a_second_signal_stops_at_once_and_the_state_stays_whole(tmp_path: Path, server: FakeServer) -> None:
+    server.faults = Faults(latency_s=2.0)  # answers slower than the test waits
+    rows = prompts(300)
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    spec = write_spec(tmp_path, concurrency=32, api={"base_url": server.base_url})
+    proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--no-progress"],
+                            env=cli_env(OPENAI_API_KEY=TEST_KEY), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    server.wait_for_requests(1, timeout=30)
+    time.sleep(2.5)  # the first answer is in; 32 requests are now in flight for 2 s
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    sent_at = time.monotonic()
+    _, stderr = proc.communicate(timeout=30)
+
+    assert proc.returncode == 3, stderr
+    assert time.monotonic() - sent_at < 1.5  # not the 10 s grace
+    assert "Traceback" not in stderr
+
+    server.faults = Faults()
+    result = run_cli("run", str(spec), "--no-progress")
+    assert result.code == 0, result.stderr
+    assert_exact_answers(read_output(tmp_path / "out/result.parquet"), server, [r["prompt"] for r in rows])

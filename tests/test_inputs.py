@@ -148,3 +148,9 @@ def test_parquet_struct_fields_absent_in_a_row_are_not_sent(tmp_path: Path) -> N
                    tmp_path / "in.parquet")
     rows = list(InputReader(tmp_path / "in.parquet").rows())
     assert [r.body for r in rows] == bodies  # no "temperature": None to override the spec
+
+
+def test_a_batch_line_whose_url_is_not_a_string_is_an_input_error(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "a", "url": [None], "body": {"prompt": "x"}}])
+    with pytest.raises(InputError, match=r"line 1: url \[None\] is not supported"):
+        InputReader(path).validate()

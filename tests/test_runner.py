@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import signal
 import sqlite3
 from pathlib import Path
@@ -13,9 +14,8 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun import ConfigError, JobFatalAPIError, LogProgress, StateMismatchError, StorageError, Summary, run_job
-from batchrun._state import StateStore
-from batchrun._state import state_path
+from batchrun import ConfigError, InputError, JobFatalAPIError, LogProgress, StateMismatchError, StorageError, Summary, run_job
+from batchrun._state import StateStore, state_path
 from tests.conftest import read_output, write_jsonl, write_spec
 
 
@@ -236,3 +236,57 @@ def test_a_full_disk_stops_the_job_and_a_rerun_resumes(tmp_path: Path, monkeypat
 
     summary = run_job(spec, transport=httpx.MockTransport(record), environ={"OPENAI_API_KEY": "k"})
     assert summary.ok == 300 and len(seen) == 300 - saved
+
+
+def test_the_key_reaches_no_log_even_at_debug_level(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    key = "sk-live-abcdefghijklmnop"
+
+    def echo_key(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"error": {"message": f"bad key {request.headers['authorization']}"}})
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
+    spec = write_spec(tmp_path, api={"base_url": "http://127.0.0.1:9/v1"})
+    with caplog.at_level(logging.DEBUG), pytest.raises(JobFatalAPIError) as info:
+        run_job(spec, transport=httpx.MockTransport(echo_key), environ={"OPENAI_API_KEY": key})
+    assert "bad key Bearer [redacted]" in str(info.value)
+    assert key not in caplog.text and key not in str(info.value) and key not in info.value.summary.line()
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
+
+
+def test_restart_with_a_bad_input_keeps_the_progress_it_would_discard(tmp_path: Path) -> None:
+    good = [{"prompt": f"p{i}"} for i in range(4)]
+    write_jsonl(tmp_path / "input.jsonl", good)
+    spec = write_spec(tmp_path, api={"base_url": "mock://"})
+    run_job(spec, limit=2)
+    write_jsonl(tmp_path / "input.jsonl", ['{"prompt": "p0"}', "{broken"])
+
+    with pytest.raises(InputError, match="line 2"):
+        run_job(spec, restart=True)
+
+    write_jsonl(tmp_path / "input.jsonl", good)
+    summary = run_job(spec)
+    assert (summary.ok, summary.requests) == (4, 2)  # the first two were kept
+
+
+def test_the_output_is_written_as_rows_settle_and_published_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("batchrun._runner.ROW_GROUP_ROWS", 10)
+    monkeypatch.setattr("batchrun._output.ROW_GROUP_ROWS", 10)
+    rows = [{"prompt": f"p{i}", "tag": f"t{i}", "n_words": i} for i in range(95)]
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    (tmp_path / "out").mkdir()
+    stale = tmp_path / "out" / ".result.parquet.99999.tmp"
+    stale.write_bytes(b"left by a run killed while writing")
+    spec = write_spec(tmp_path, concurrency=3, api={"base_url": "http://127.0.0.1:9/v1"})
+
+    summary = run_job(spec, transport=httpx.MockTransport(answer), environ={"OPENAI_API_KEY": "k"})
+
+    out = read_output(summary.output)
+    assert [(r["row_index"], r["output_text"], r["tag"], r["n_words"]) for r in out] == [
+        (i, f"P{i}", f"t{i}", i) for i in range(95)
+    ]
+    assert pq.ParquetFile(summary.output).num_row_groups > 2  # appended during the run
+    assert not stale.exists() and list((tmp_path / "out").glob(".*.tmp")) == []

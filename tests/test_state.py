@@ -51,7 +51,8 @@ def test_restart_empties_the_state(tmp_path: Path) -> None:
     store.claim(META, spec_name="job.yaml")
     store.save([Result(0, "a", "ok")])
     store.close()
-    store = StateStore.open(tmp_path / "s.sqlite", restart=True)
+    store = StateStore.open(tmp_path / "s.sqlite")
+    store.reset()
     assert store.meta() == {} and store.counts()["ok"] == 0
     store.close()
 
