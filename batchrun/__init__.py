@@ -22,6 +22,7 @@ from ._spec import ApiSpec, JobSpec, RetrySpec, load_spec, parse_spec
 from ._version import __version__
 
 __all__ = [
+    "__version__",
     "APIError",
     "ApiSpec",
     "BarProgress",

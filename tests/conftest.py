@@ -75,6 +75,18 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def start_cli(*args: str) -> subprocess.Popen[str]:
+    """`batchrun ...` started in the background with the test key, output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "batchrun", *args],
+        env=cli_env(OPENAI_API_KEY=TEST_KEY),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> CLIResult:
     """`batchrun ...` in a subprocess, as a user (or cron) runs it."""
     proc = subprocess.run(

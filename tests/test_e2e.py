@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.conftest import REPO, TEST_KEY, cli_env, read_output, run_cli, write_jsonl, write_spec
+from tests.conftest import TEST_KEY, cli_env, read_output, run_cli, start_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults, error_body, request_key
 
 FLAKY = dict(drop_rate=0.02, error_500_rate=0.03, first_attempt_status=503)
@@ -139,15 +137,14 @@ def test_kill_9_three_times_then_resume_loses_and_repeats_nothing(tmp_path: Path
     rows = prompts(4000)
     write_jsonl(tmp_path / "input.jsonl", rows)
     spec = write_spec(tmp_path, concurrency=32, api={"base_url": server.base_url})
-    command = [sys.executable, "-m", "batchrun", "run", str(spec), "--no-progress"]
     rng = random.Random(5)
 
-    for kill in range(3):
-        proc = subprocess.Popen(command, env=cli_env(OPENAI_API_KEY=TEST_KEY), cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(3):
+        proc = start_cli("run", str(spec), "--no-progress")
         server.wait_for_requests(len(server.requests) + rng.randint(200, 700), timeout=60)
         proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=10) == -signal.SIGKILL
+        proc.communicate(timeout=10)
+        assert proc.returncode == -signal.SIGKILL
 
     result = run_cli("run", str(spec), "--no-progress")
 
@@ -289,9 +286,7 @@ def test_sigterm_saves_answers_and_exits_3_then_resumes(tmp_path: Path, server: 
     rows = prompts(400)
     write_jsonl(tmp_path / "input.jsonl", rows)
     spec = write_spec(tmp_path, concurrency=64, api={"base_url": server.base_url})
-    proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--no-progress"],
-                            env=cli_env(OPENAI_API_KEY=TEST_KEY), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_cli("run", str(spec), "--no-progress")
     server.wait_for_requests(100, timeout=30)
     proc.send_signal(signal.SIGTERM)
     sent_at = time.monotonic()
@@ -311,9 +306,7 @@ def test_a_second_runner_of_the_same_job_is_refused(tmp_path: Path, server: Fake
     server.faults = Faults(latency_s=0.05)
     write_jsonl(tmp_path / "input.jsonl", prompts(300))
     spec = write_spec(tmp_path, concurrency=8, api={"base_url": server.base_url})
-    first = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--no-progress"],
-                             env=cli_env(OPENAI_API_KEY=TEST_KEY), cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = start_cli("run", str(spec), "--no-progress")
     server.wait_for_requests(10, timeout=30)
 
     second = run_cli("run", str(spec), "--no-progress")
@@ -330,9 +323,7 @@ def test_a_second_signal_stops_at_once_and_the_state_stays_whole(tmp_path: Path,
     rows = prompts(300)
     write_jsonl(tmp_path / "input.jsonl", rows)
     spec = write_spec(tmp_path, concurrency=32, api={"base_url": server.base_url})
-    proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--no-progress"],
-                            env=cli_env(OPENAI_API_KEY=TEST_KEY), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_cli("run", str(spec), "--no-progress")
     server.wait_for_requests(1, timeout=30)
     time.sleep(2.5)  # the first answer is in; 32 requests are now in flight for 2 s
     proc.send_signal(signal.SIGTERM)

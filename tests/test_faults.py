@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import REPO, TEST_KEY, cli_env, read_output, run_cli, write_jsonl, write_spec
+from tests.conftest import TEST_KEY, read_output, run_cli, start_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults, request_key
 from tests.test_e2e import assert_exact_answers
 
@@ -30,14 +28,12 @@ def test_every_fault_and_six_kills_lose_nothing_and_repay_only_what_was_in_fligh
     write_jsonl(tmp_path / "input.jsonl", rows)
     spec = write_spec(tmp_path, concurrency=32, retry={"max_attempts": 10, "backoff_initial_s": 0.01,
                       "backoff_max_s": 0.05}, api={"base_url": server.base_url, "timeout_s": 3})
-    command = [sys.executable, "-m", "batchrun", "run", str(spec), "--no-progress"]
     rng = random.Random(11)
     in_flight_at_kills = []
     logs = []
 
     for _ in range(6):
-        proc = subprocess.Popen(command, env=cli_env(OPENAI_API_KEY=TEST_KEY), cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = start_cli("run", str(spec), "--no-progress")
         server.wait_for_requests(len(server.requests) + rng.randint(200, 800), timeout=120)
         in_flight_at_kills.append(server.in_flight)
         proc.send_signal(signal.SIGKILL)
@@ -73,9 +69,7 @@ def test_a_state_file_removed_under_a_running_job_stops_it_with_a_clear_message(
     server.faults = Faults(latency_s=0.05)
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(2000)])
     spec = write_spec(tmp_path, concurrency=8, api={"base_url": server.base_url})
-    proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--no-progress"],
-                            env=cli_env(OPENAI_API_KEY=TEST_KEY), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_cli("run", str(spec), "--no-progress")
     server.wait_for_requests(50, timeout=30)
     for path in (tmp_path / "out").glob("result.batchrun.sqlite*"):
         path.unlink()
