@@ -9,8 +9,8 @@ Two mechanisms share one schedule:
 - **Adapting** to the server, with or without a stated limit: when 429s (or 503s
   that say they are a rate limit) become a real share of the answers, the request
   rate drops to what the server was admitting just then, at most once a second; a
-  quiet second raises it again by a small step (additive increase, multiplicative
-  decrease). A stray 429 now and then (servers shed load) does not count: cutting
+  second without any push-back raises it again by a small step (additive increase,
+  multiplicative decrease). A stray 429 now and then (servers shed load) does not count: cutting
   the rate for each would starve the job. `x-ratelimit-limit-requests` caps the
   rate at the server's stated limit; `x-ratelimit-remaining-requests` with
   `x-ratelimit-reset-requests` keeps the rate within what is left of the window.
@@ -30,8 +30,8 @@ QUIET_S = 1.0  # how long without push-back before raising the rate a step
 STEP = 0.05  # raise by 5 % (at least STEP_MIN requests/s) per quiet spell
 STEP_MIN = 0.5
 WINDOW_S = 5.0  # sent and admitted rates are measured over this much recent time
-PUSHBACK_SHARE = 0.05  # of recent answers: below it, 429s are noise, not a limit
-PUSHBACK_MIN = 5  # ... and at least this many in the window
+PUSHBACK_SHARE = 0.1  # of recent answers: below it, 429s are noise, not a limit
+PUSHBACK_MIN = 10  # ... and at least this many in the window
 SAMPLE_MIN = 50  # answers in the window before a share means anything
 HEADROOM = 0.95  # of a limit the server states
 
@@ -89,7 +89,8 @@ class RateLimiter:
                 self._decrease(now)
         else:
             self._follow_headers(headers)
-            if self.rate is not None and now - self._last_change >= QUIET_S:
+            quiet_since = max(self._last_change, self._pushed[-1] if self._pushed else float("-inf"))
+            if self.rate is not None and now - quiet_since >= QUIET_S:
                 self._set(self.rate + max(STEP_MIN, self.rate * STEP), now)
 
     def _decrease(self, now: float) -> None:
@@ -97,7 +98,7 @@ class RateLimiter:
         if now - self._last_change < 1.0:
             return  # answers to requests sent before the last decrease say nothing new
         admitted = _rate_of(self._admitted, now)
-        target = admitted if admitted else (_rate_of(self._sent, now) or 2 * MIN_RATE) / 2
+        target = admitted if admitted else _rate_of(self._sent, now) / 2
         current = self.rate if self.rate is not None else float("inf")
         self._set(min(current, target) * DECREASE_FACTOR, now)
 
@@ -121,10 +122,13 @@ class RateLimiter:
         self._last_change = now
 
 
-def _rate_of(times: deque[float], now: float) -> float | None:
-    """Events per second over the part of the window they cover; None for too few."""
-    span = now - times[0] if times else 0.0
-    return (len(times) - 1) / span if len(times) >= 2 and span >= 0.05 else None
+def _rate_of(times: deque[float], now: float) -> float:
+    """Events per second in the window, over at least a second.
+
+    A rate limiter's burst allowance makes a fraction of a second look fast; a
+    second is the shortest span that says what the server admits.
+    """
+    return len(times) / max(1.0, now - times[0]) if times else 0.0
 
 
 def _record(times: deque[float], at: float | None, now: float) -> None:
