@@ -263,12 +263,13 @@ class _Pool:
             reader = InputReader(self.spec.input, endpoint=self.spec.endpoint)
             try:
                 for row in reader.rows():
-                    if row.index >= self.total or self.stopping:
+                    if row.index >= self.total:
                         break
+                    if self.stopping:
+                        return
                     if not self.done[row.index]:
                         await rows.send(row)
-                else:
-                    self.fed_all = True
+                self.fed_all = True
             except anyio.BrokenResourceError:
                 pass  # every worker has stopped
 
