@@ -95,7 +95,8 @@ class Client:
             payload=json.dumps(body, ensure_ascii=False).encode(),  # once, for every attempt
             endpoint=row.endpoint,
             stream=bool(body.get("stream")),
-            tokens=estimate_tokens(body),
+            # Only a tokens-per-minute limit needs the estimate.
+            tokens=estimate_tokens(body) if self.limiter.tokens_per_s else 0,
         )
         try:
             try:
@@ -118,7 +119,7 @@ class Client:
             )
         result.row_index, result.id = row.index, row.id
         result.attempts, result.latency_s = attempt.count, attempt.latency
-        if result.total_tokens is not None:
+        if attempt.tokens and result.total_tokens is not None:
             self.limiter.correct_tokens(result.total_tokens - attempt.tokens)
         return result
 
@@ -137,6 +138,7 @@ class Client:
         try:
             with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
                 response = await self._transport.handle_async_request(request)
+                self.limiter.observe(response.status_code, response.headers, time.monotonic())
                 try:
                     if attempt.stream and response.is_success and _is_event_stream(response):
                         return await self._read_stream(response, attempt.endpoint)
@@ -158,14 +160,12 @@ class Client:
         return self._answer(response, attempt.endpoint)
 
     async def _read_stream(self, response: httpx.Response, endpoint: str) -> Result:
-        self.limiter.observe(response.status_code, response.headers, time.monotonic())
         assembler = StreamAssembler(endpoint)
         async for line in response.aiter_lines():
             assembler.feed_line(line)
         return assembler.result()
 
     def _answer(self, response: httpx.Response, endpoint: str) -> Result:
-        self.limiter.observe(response.status_code, response.headers, time.monotonic())
         if not response.is_success:
             raise self._refusal(response)
         try:
