@@ -1,8 +1,9 @@
 """The runner: spec -> validated input -> worker pool -> checkpoint -> Parquet output.
 
     feed ──rows──▶ workers (≤ concurrency in flight) ──results──▶ writer ──▶ SQLite state
-                                                                   └─▶ progress
-    afterwards: state + input passthrough ──▶ output .parquet (atomic)
+                                                                   ├─▶ progress
+                                      state + input passthrough ──▶ output row groups
+    at the end: the output's last rows, then fsync and rename (atomic)
 
 Every request-free check comes first (spec, key, input, state), so a mistake costs
 no request. The first request goes alone: until one row has been answered, a
@@ -11,6 +12,7 @@ wrong key or a dead endpoint costs one request, not `concurrency` of them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -36,8 +38,9 @@ from ._state import StateStore, state_path
 __all__ = ["Summary", "run_job"]
 
 GRACE_S = 10.0  # after SIGTERM/SIGINT, how long requests in flight may finish
-GROUP_S = 0.01  # answers gathered into one commit: a kill -9 loses at most this long's worth
-GROUP_MAX = 1000
+GROUP_MAX = 1000  # answers in one commit at most
+
+Saving = tuple[Result, anyio.Event]  # an answer for the writer, and what it sets once the answer is saved
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,7 @@ class _Pool:
         # their unbroken run from row 0: the output can be written up to there.
         self.settled = bytearray(done)
         self.prefix = 0
+        self.published = 0  # rows [0, published) are written or being written to the output
         self.fed_all = False
         self.tail_written = False
         self.aborted: JobAborted | None = None
@@ -238,24 +242,26 @@ class _Pool:
 
     async def run(self, handle_signals: bool) -> None:
         rows_send, rows_receive = anyio.create_memory_object_stream[Row](self.spec.concurrency)
-        results_send, results_receive = anyio.create_memory_object_stream[Result](self.spec.concurrency)
+        results_send, results_receive = anyio.create_memory_object_stream[Saving](self.spec.concurrency)
+        # At most one output write waits while another runs: each writes all that is ready.
+        due_send, due_receive = anyio.create_memory_object_stream[int](1)
         self.answered_once = anyio.Event()
-        self._writer_done = anyio.Event()
         async with anyio.create_task_group() as outer:
-            outer.start_soon(self._write, results_receive)
             if handle_signals:
                 outer.start_soon(self._watch_signals)
-            async with self.client, anyio.create_task_group() as self.workers:
-                self.workers.start_soon(self._feed, rows_send)
-                for n in range(self.spec.concurrency):
-                    self.workers.start_soon(
-                        self._work, n == 0, rows_receive.clone(), results_send.clone()
-                    )
-                rows_receive.close()
-                results_send.close()
-            # Workers are done and have closed their result streams; the writer ends
-            # after its last commit. Then stop the signal watcher.
-            await self._writer_done.wait()
+            async with anyio.create_task_group() as saving:
+                saving.start_soon(self._write, results_receive, due_send)
+                saving.start_soon(self._publish, due_receive)
+                async with self.client, anyio.create_task_group() as self.workers:
+                    self.workers.start_soon(self._feed, rows_send)
+                    for n in range(self.spec.concurrency):
+                        self.workers.start_soon(
+                            self._work, n == 0, rows_receive.clone(), results_send.clone()
+                        )
+                    rows_receive.close()
+                    results_send.close()
+            # The workers closed their result streams, the writer made its last commit
+            # and the output its last write: stop the signal watcher.
             outer.cancel_scope.cancel()
 
     async def _feed(self, rows: ObjectSendStream[Row]) -> None:
@@ -277,7 +283,7 @@ class _Pool:
         self,
         first: bool,
         rows: ObjectReceiveStream[Row],
-        results: ObjectSendStream[Result],
+        results: ObjectSendStream[Saving],
     ) -> None:
         async with rows, results:
             if not first:
@@ -292,13 +298,17 @@ class _Pool:
                         self._stop(exc)
                         return
                     self._judge(result)
-                    # An answer received is paid for: hand it to the writer even if the
-                    # pool is being cancelled (the writer outlives the workers).
-                    with anyio.CancelScope(shield=True):
-                        try:
-                            await results.send(result)
-                        except anyio.BrokenResourceError:
-                            return
+                    # An answer received is paid for: hand it to the writer at once, even
+                    # if the pool is being cancelled (the writer outlives the workers).
+                    # The stream holds one answer per worker, so there is always room.
+                    saved = anyio.Event()
+                    try:
+                        results.send_nowait((result, saved))
+                    except anyio.BrokenResourceError:
+                        return
+                    # The next row waits until this answer is on disk: a kill then costs
+                    # at most the rows the workers hold, never answers queued behind them.
+                    await saved.wait()
             finally:
                 if first:  # with nothing left to do, the others must not wait for it
                     self.answered_once.set()
@@ -330,28 +340,31 @@ class _Pool:
 
     # -- the writer: the only owner of the state -----------------------------------------
 
-    async def _write(self, results: ObjectReceiveStream[Result]) -> None:
+    async def _write(self, results: ObjectReceiveStream[Saving], due: ObjectSendStream[int]) -> None:
         """Commit answers as they arrive, a group at a time (group commit).
 
-        A group is what arrives within GROUP_S of its first answer: a kill -9
-        loses at most that much, and the job pays for a few dozen commits a
-        second rather than one per answer.
+        Each commit takes every answer that arrived while the previous one was
+        being written, without waiting for more: an answer is durable one commit
+        (well under a millisecond to a few) after it arrives, and under load the
+        groups grow rather than the commits multiply. Its worker waits for that
+        before taking another row, so a kill -9 costs at most the rows the workers
+        hold: `concurrency` answers.
         """
-        try:
-            async with results:
-                async for result in results:
-                    group = [result]
-                    with anyio.move_on_after(GROUP_S):
-                        try:
-                            while len(group) < GROUP_MAX:
-                                group.append(await results.receive())
-                        except anyio.EndOfStream:
-                            pass
-                    await self._commit(group)
-        finally:
-            self._writer_done.set()
+        async with results, due:
+            async for first in results:
+                group = [first]
+                while len(group) < GROUP_MAX:
+                    try:
+                        group.append(results.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                try:
+                    await self._commit([r for r, _ in group], due)
+                finally:
+                    for _, saved in group:  # saved, or never to be: the workers go on either way
+                        saved.set()
 
-    async def _commit(self, group: list[Result]) -> None:
+    async def _commit(self, group: list[Result], due: ObjectSendStream[int]) -> None:
         if self.storage_failed:
             return  # nothing more can be saved; the job is stopping
         try:
@@ -359,33 +372,41 @@ class _Pool:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.store.save, group)
         except StorageError as exc:
-            self.storage_failed = True
-            self._stop(exc)
+            self._storage_failed(exc)
             return
         failed = sum(r.status != "ok" for r in group)
         tokens = sum(r.total_tokens or 0 for r in group)
         self.progress.advance(len(group) - failed, failed, tokens)
-        await self._write_output(group)
-
-    async def _write_output(self, group: list[Result]) -> None:
-        """Append to the output a row group's worth of settled rows, in a thread.
-
-        Once every row has been sent, what is settled goes out at once (a shorter
-        group), so that the end of the job waits only for the last few rows.
-        """
         for result in group:
             self.settled[result.row_index] = 1
         while self.prefix < self.total and self.settled[self.prefix]:
             self.prefix += 1
-        ready = self.prefix - self.output.written
+        # A row group's worth of settled rows goes to the output; once every row has
+        # been sent, what is settled goes at once (a shorter group), so that the end
+        # of the job waits only for the last few rows.
+        ready = self.prefix - self.published
         if ready >= ROW_GROUP_ROWS or (self.fed_all and ready > 0 and not self.tail_written):
             self.tail_written = self.fed_all
-            try:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self.output.write, self.prefix)
-            except StorageError as exc:
-                self.storage_failed = True
-                self._stop(exc)
+            with contextlib.suppress(anyio.WouldBlock):  # one is pending: it will take these too
+                due.send_nowait(self.prefix)
+
+    async def _publish(self, due: ObjectReceiveStream[int]) -> None:
+        """Append settled rows to the output in a thread, off the commit path."""
+        async with due:
+            async for _ in due:
+                stop = self.prefix
+                if self.storage_failed or stop <= self.published:
+                    continue
+                self.published = stop
+                try:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(self.output.write, stop)
+                except StorageError as exc:
+                    self._storage_failed(exc)
+
+    def _storage_failed(self, exc: StorageError) -> None:
+        self.storage_failed = True
+        self._stop(exc)
 
     # -- signals -----------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ a kill -9 loses only what was not yet committed, never a committed row, never
 half a row.
 
 Only the runner's writer task writes here; nobody else holds a write connection.
+The output writer reads committed rows through a second connection, so reading a
+row group never holds up a commit.
 A lock file beside it (flock, released by the kernel when the process dies) keeps
 a second runner of the same job out.
 """
@@ -46,9 +48,10 @@ def state_path(output: Path) -> Path:
 class StateStore:
     """Open with `StateStore.open(path)`; `close()` when done."""
 
-    def __init__(self, path: Path, db: sqlite3.Connection, lock_fd: int | None) -> None:
+    def __init__(self, path: Path, db: sqlite3.Connection, read_db: sqlite3.Connection, lock_fd: int | None) -> None:
         self.path = path
         self._db = db
+        self._read_db = read_db
         self._lock_fd = lock_fd
         self._inode = os.stat(path).st_ino
 
@@ -70,14 +73,16 @@ class StateStore:
                 "row_index INTEGER PRIMARY KEY" if f == "row_index" else f for f in RESULT_FIELDS
             )
             db.execute(f"CREATE TABLE IF NOT EXISTS results ({columns})")
+            read_db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise ConfigError(f"{path}: cannot open the job's state: {exc}") from exc
-        return cls(path, db, lock_fd)
+        return cls(path, db, read_db, lock_fd)
 
     def close(self, *, remove: bool = False) -> None:
         """Close; `remove` deletes the state too (while still holding the lock)."""
+        self._read_db.close()
         self._db.close()
         if remove:
             _remove(self.path)
@@ -147,8 +152,13 @@ class StateStore:
         return done
 
     def results(self, start: int, stop: int) -> list[tuple[Any, ...]]:
-        """Stored result tuples (in RESULT_FIELDS order) for row_index in [start, stop)."""
-        return self._db.execute(
+        """Committed result tuples (in RESULT_FIELDS order) for row_index in [start, stop).
+
+        Safe to call from another thread while `save` runs: it reads through its
+        own connection, which sees whole commits only (WAL readers never block the
+        writer).
+        """
+        return self._read_db.execute(
             f"SELECT {_COLUMNS} FROM results WHERE row_index >= ? AND row_index < ? ORDER BY row_index",
             (start, stop),
         ).fetchall()
