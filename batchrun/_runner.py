@@ -16,7 +16,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +38,6 @@ from ._state import StateStore, state_path
 __all__ = ["Summary", "run_job"]
 
 GRACE_S = 10.0  # after SIGTERM/SIGINT, how long requests in flight may finish
-GROUP_MAX = 1000  # answers in one commit at most
-
-Saving = tuple[Result, anyio.Event]  # an answer for the writer, and what it sets once the answer is saved
 
 
 @dataclass(frozen=True)
@@ -241,55 +238,50 @@ class _Pool:
         self.streak = FailureStreak()
 
     async def run(self, handle_signals: bool) -> None:
-        rows_send, rows_receive = anyio.create_memory_object_stream[Row](self.spec.concurrency)
-        results_send, results_receive = anyio.create_memory_object_stream[Saving](self.spec.concurrency)
+        # Each worker hands over one answer and waits for it to be saved: room for all.
+        results_send, results_receive = anyio.create_memory_object_stream[Result](self.spec.concurrency)
         # At most one output write waits while another runs: each writes all that is ready.
         due_send, due_receive = anyio.create_memory_object_stream[int](1)
         self.answered_once = anyio.Event()
-        async with anyio.create_task_group() as outer:
-            if handle_signals:
-                outer.start_soon(self._watch_signals)
-            async with anyio.create_task_group() as saving:
-                saving.start_soon(self._write, results_receive, due_send)
-                saving.start_soon(self._publish, due_receive)
-                async with self.client, anyio.create_task_group() as self.workers:
-                    self.workers.start_soon(self._feed, rows_send)
-                    for n in range(self.spec.concurrency):
-                        self.workers.start_soon(
-                            self._work, n == 0, rows_receive.clone(), results_send.clone()
-                        )
-                    rows_receive.close()
-                    results_send.close()
-            # The workers closed their result streams, the writer made its last commit
-            # and the output its last write: stop the signal watcher.
-            outer.cancel_scope.cancel()
+        self.saved = anyio.Event()  # set once the answers handed over so far are on disk
+        rows = self._rows()
+        try:
+            async with anyio.create_task_group() as outer:
+                if handle_signals:
+                    outer.start_soon(self._watch_signals)
+                async with anyio.create_task_group() as saving:
+                    saving.start_soon(self._write, results_receive, due_send)
+                    saving.start_soon(self._publish, due_receive)
+                    async with self.client, anyio.create_task_group() as self.workers:
+                        for n in range(self.spec.concurrency):
+                            self.workers.start_soon(self._work, n == 0, rows, results_send.clone())
+                        results_send.close()
+                # The workers closed their result streams, the writer made its last
+                # commit and the output its last write: stop the signal watcher.
+                outer.cancel_scope.cancel()
+        finally:
+            rows.close()  # and with it the input file
 
-    async def _feed(self, rows: ObjectSendStream[Row]) -> None:
-        async with rows:
-            reader = InputReader(self.spec.input, endpoint=self.spec.endpoint)
-            try:
-                for row in reader.rows():
-                    if row.index >= self.total:
-                        break
-                    if self.stopping:
-                        return
-                    if not self.done[row.index]:
-                        await rows.send(row)
-                self.fed_all = True
-            except anyio.BrokenResourceError:
-                pass  # every worker has stopped
+    def _rows(self) -> Generator[Row, None, None]:
+        """The rows still to do, in input order.
 
-    async def _work(
-        self,
-        first: bool,
-        rows: ObjectReceiveStream[Row],
-        results: ObjectSendStream[Saving],
-    ) -> None:
-        async with rows, results:
+        The workers share this one iterator: it never awaits, so no two of them are
+        ever inside it at once, and a row goes to exactly one worker.
+        """
+        reader = InputReader(self.spec.input, endpoint=self.spec.endpoint)
+        for row in reader.rows():
+            if row.index >= self.total:
+                break
+            if not self.done[row.index]:
+                yield row
+        self.fed_all = True
+
+    async def _work(self, first: bool, rows: Iterator[Row], results: ObjectSendStream[Result]) -> None:
+        async with results:
             if not first:
                 await self.answered_once.wait()
             try:
-                async for row in rows:
+                for row in rows:
                     if self.stopping:
                         return
                     try:
@@ -300,15 +292,13 @@ class _Pool:
                     self._judge(result)
                     # An answer received is paid for: hand it to the writer at once, even
                     # if the pool is being cancelled (the writer outlives the workers).
-                    # The stream holds one answer per worker, so there is always room.
-                    saved = anyio.Event()
                     try:
-                        results.send_nowait((result, saved))
+                        results.send_nowait(result)
                     except anyio.BrokenResourceError:
                         return
                     # The next row waits until this answer is on disk: a kill then costs
                     # at most the rows the workers hold, never answers queued behind them.
-                    await saved.wait()
+                    await self.saved.wait()
             finally:
                 if first:  # with nothing left to do, the others must not wait for it
                     self.answered_once.set()
@@ -340,7 +330,7 @@ class _Pool:
 
     # -- the writer: the only owner of the state -----------------------------------------
 
-    async def _write(self, results: ObjectReceiveStream[Saving], due: ObjectSendStream[int]) -> None:
+    async def _write(self, results: ObjectReceiveStream[Result], due: ObjectSendStream[int]) -> None:
         """Commit answers as they arrive, a group at a time (group commit).
 
         Each commit takes every answer that arrived while the previous one was
@@ -353,16 +343,18 @@ class _Pool:
         async with results, due:
             async for first in results:
                 group = [first]
-                while len(group) < GROUP_MAX:
+                while True:
                     try:
                         group.append(results.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
+                # Taken with the group, with no await between: answers handed over
+                # from here on wait for the next commit.
+                saved, self.saved = self.saved, anyio.Event()
                 try:
-                    await self._commit([r for r, _ in group], due)
+                    await self._commit(group, due)
                 finally:
-                    for _, saved in group:  # saved, or never to be: the workers go on either way
-                        saved.set()
+                    saved.set()  # saved, or never to be: the workers go on either way
 
     async def _commit(self, group: list[Result], due: ObjectSendStream[int]) -> None:
         if self.storage_failed:

@@ -222,7 +222,6 @@ def test_a_full_disk_stops_the_job_and_a_rerun_resumes(tmp_path: Path, monkeypat
         return store
 
     monkeypatch.setattr(StateStore, "open", failing_open)
-    monkeypatch.setattr("batchrun._runner.GROUP_MAX", 20)  # many commits, whatever the speed
     with pytest.raises(StorageError, match="database or disk is full.*rerun to resume") as info:
         run_job(spec, transport=httpx.MockTransport(answer), environ={"OPENAI_API_KEY": "k"})
     saved = info.value.summary.ok
