@@ -1,6 +1,6 @@
 """The runner: spec -> validated input -> worker pool -> checkpoint -> Parquet output.
 
-    feed ──rows──▶ workers (≤ concurrency in flight) ──results──▶ writer ──▶ SQLite state
+    input rows ──▶ workers (≤ concurrency in flight) ──answers──▶ writer ──▶ SQLite state
                                                                    ├─▶ progress
                                       state + input passthrough ──▶ output row groups
     at the end: the output's last rows, then fsync and rename (atomic)
@@ -206,7 +206,7 @@ def _open_state(spec: JobSpec, *, limit: int | None, restart: bool) -> tuple[Sta
 
 
 class _Pool:
-    """The worker pool of one run: feed, workers and the writer in one task group."""
+    """The worker pool of one run: workers, the writer and the output's row groups."""
 
     def __init__(
         self,
