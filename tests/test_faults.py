@@ -62,6 +62,7 @@ def test_every_fault_and_six_kills_lose_nothing_and_repay_only_what_was_in_fligh
     paid_twice = {key: len(answers) - 1 for key, answers in server.answers.items() if len(answers) > 1}
     assert set(paid_twice) <= set().union(*in_progress)
     assert sum(paid_twice.values()) <= sum(map(len, in_progress))
+    # The yardstick: the server's own count of requests in flight at the kills.
     assert sum(paid_twice.values()) <= sum(server_in_flight)
     print(f"at the kills: {server_in_flight} requests in flight on the server, "
           f"{list(map(len, in_progress))} rows sent and not saved; answers paid twice: {sum(paid_twice.values())}")
