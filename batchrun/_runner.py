@@ -241,7 +241,7 @@ class _Pool:
         # Each worker hands over one answer and waits for it to be saved: room for all.
         results_send, results_receive = anyio.create_memory_object_stream[Result](self.spec.concurrency)
         # At most one output write waits while another runs: each writes all that is ready.
-        due_send, due_receive = anyio.create_memory_object_stream[int](1)
+        due_send, due_receive = anyio.create_memory_object_stream[None](1)
         self.answered_once = anyio.Event()
         self.saved = anyio.Event()  # set once the answers handed over so far are on disk
         rows = self._rows()
@@ -330,7 +330,7 @@ class _Pool:
 
     # -- the writer: the only owner of the state -----------------------------------------
 
-    async def _write(self, results: ObjectReceiveStream[Result], due: ObjectSendStream[int]) -> None:
+    async def _write(self, results: ObjectReceiveStream[Result], due: ObjectSendStream[None]) -> None:
         """Commit answers as they arrive, a group at a time (group commit).
 
         Each commit takes every answer that arrived while the previous one was
@@ -356,7 +356,7 @@ class _Pool:
                 finally:
                     saved.set()  # saved, or never to be: the workers go on either way
 
-    async def _commit(self, group: list[Result], due: ObjectSendStream[int]) -> None:
+    async def _commit(self, group: list[Result], due: ObjectSendStream[None]) -> None:
         if self.storage_failed:
             return  # nothing more can be saved; the job is stopping
         try:
@@ -380,16 +380,15 @@ class _Pool:
         if ready >= ROW_GROUP_ROWS or (self.fed_all and ready > 0 and not self.tail_written):
             self.tail_written = self.fed_all
             with contextlib.suppress(anyio.WouldBlock):  # one is pending: it will take these too
-                due.send_nowait(self.prefix)
+                due.send_nowait(None)
 
-    async def _publish(self, due: ObjectReceiveStream[int]) -> None:
+    async def _publish(self, due: ObjectReceiveStream[None]) -> None:
         """Append settled rows to the output in a thread, off the commit path."""
         async with due:
             async for _ in due:
-                stop = self.prefix
-                if self.storage_failed or stop <= self.published:
+                if self.storage_failed:
                     continue
-                self.published = stop
+                stop = self.published = self.prefix
                 try:
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(self.output.write, stop)
