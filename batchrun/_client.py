@@ -59,7 +59,12 @@ class Client:
     ) -> None:
         self.spec = spec
         self._api_key = api_key
-        self._transport = transport or AiohttpTransport(max_connections=spec.concurrency)
+        # batchrun's own transport bounds each exchange itself, for less than a
+        # CancelScope costs; any other gets one around each attempt.
+        self._transport = transport or AiohttpTransport(
+            max_connections=spec.concurrency, timeout_s=spec.api.timeout_s
+        )
+        self._transport_bounds_time = transport is None
         base = httpx.URL((base_url or spec.api.base_url).rstrip("/"))
         self._urls = {endpoint: httpx.URL(str(base) + endpoint_path(endpoint)) for endpoint in ("chat", "completions")}
         headers = [
@@ -136,17 +141,11 @@ class Client:
         headers = [*self._headers, ("content-length", str(len(attempt.payload)))]
         request = httpx.Request("POST", attempt.url, headers=headers, stream=httpx.ByteStream(attempt.payload))
         try:
-            with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
-                response = await self._transport.handle_async_request(request)
-                self.limiter.observe(response.status_code, response.headers, time.monotonic())
-                try:
-                    if attempt.stream and response.is_success and _is_event_stream(response):
-                        return await self._read_stream(response, attempt.endpoint)
-                    await response.aread()  # an error, a plain answer, or a server that ignored `stream`
-                finally:
-                    await response.aclose()
-            if scope.cancelled_caught:
-                raise RetryableAPIError(f"no complete answer within {timeout:g} s")
+            if self._transport_bounds_time:
+                return await self._exchange(request, attempt)
+            with anyio.CancelScope(deadline=anyio.current_time() + timeout):
+                return await self._exchange(request, attempt)
+            raise RetryableAPIError(f"no complete answer within {timeout:g} s")  # the scope ran out
         except httpx.TimeoutException as exc:
             raise RetryableAPIError(f"no complete answer within {timeout:g} s") from exc
         except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
@@ -157,6 +156,16 @@ class Client:
             raise RetryableAPIError(f"connection failed: {type(exc).__name__}: {exc}") from exc
         finally:
             attempt.latency = time.monotonic() - started
+
+    async def _exchange(self, request: httpx.Request, attempt: _Attempt) -> Result:
+        response = await self._transport.handle_async_request(request)
+        self.limiter.observe(response.status_code, response.headers, time.monotonic())
+        try:
+            if attempt.stream and response.is_success and _is_event_stream(response):
+                return await self._read_stream(response, attempt.endpoint)
+            await response.aread()  # an error, a plain answer, or a server that ignored `stream`
+        finally:
+            await response.aclose()
         return self._answer(response, attempt.endpoint)
 
     async def _read_stream(self, response: httpx.Response, endpoint: str) -> Result:

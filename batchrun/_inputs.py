@@ -22,12 +22,12 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any
 
 from ._exceptions import InputError
+
+if TYPE_CHECKING:
+    import pyarrow as pa  # imported where used: a JSONL job needs it only for its output
 
 __all__ = ["InputReader", "Row", "OUTPUT_COLUMNS"]
 
@@ -142,12 +142,14 @@ class InputReader:
         Only those columns are kept: prompts and messages are parsed and dropped line by
         line, so memory follows the passthrough data, not the request data.
         """
+        import pyarrow as pa
+
         names = list(types)
         if self.is_parquet:
             for batch in self._parquet_batches(names):
                 yield pa.Table.from_batches([batch]).select(names)
             return
-        schema = pa.schema([(name, _ARROW_TYPES[types[name]]) for name in names])
+        schema = pa.schema([(name, _arrow_type(types[name])) for name in names])
         columns: dict[str, list[Any]] = {name: [] for name in names}
         count = 0
         for _, record in self._jsonl_records():
@@ -208,6 +210,9 @@ class InputReader:
             raise InputError(f"{self.path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
 
     def _parquet_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         try:
             f = pq.ParquetFile(self.path)
             yield from f.iter_batches(batch_size=self.batch_rows, columns=columns)
@@ -310,15 +315,11 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
-# Passthrough column types for JSONL: the narrowest Arrow type every value fits.
-_ARROW_TYPES = {
-    "null": pa.string(),
-    "bool": pa.bool_(),
-    "int": pa.int64(),
-    "float": pa.float64(),
-    "string": pa.string(),
-    "json": pa.string(),
-}
+def _arrow_type(kind: str) -> pa.DataType:
+    """The Arrow type of a JSONL passthrough column of this kind (see `_arrow_kind`)."""
+    import pyarrow as pa
+
+    return {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64()}.get(kind) or pa.string()
 
 
 def _kind(value: Any) -> str:

@@ -7,44 +7,64 @@ columns in row groups, so memory stays flat however long the job.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from ._exceptions import StorageError
 from ._inputs import InputReader
 from ._protocol import RESULT_FIELDS
 from ._state import StateStore
 
-__all__ = ["OutputWriter", "RESULT_SCHEMA"]
+if TYPE_CHECKING:
+    # Imported where used: loading pyarrow takes longer than everything else before
+    # the first request, and the first row group is written long after it.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-RESULT_SCHEMA = pa.schema(
-    [
-        ("row_index", pa.int64()),
-        ("id", pa.string()),
-        ("status", pa.string()),
-        ("output_text", pa.string()),
-        ("reasoning_content", pa.string()),
-        ("tool_calls", pa.string()),
-        ("finish_reason", pa.string()),
-        ("model", pa.string()),
-        ("response_id", pa.string()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("total_tokens", pa.int64()),
-        ("cached_tokens", pa.int64()),
-        ("reasoning_tokens", pa.int64()),
-        ("attempts", pa.int32()),
-        ("latency_s", pa.float64()),
-        ("error", pa.string()),
-    ]
-)
-assert tuple(RESULT_SCHEMA.names) == RESULT_FIELDS
+__all__ = ["OutputWriter", "load_arrow", "result_schema"]
 
 ROW_GROUP_ROWS = 8192
+
+
+def load_arrow() -> None:
+    """Import pyarrow ahead of the first row group, at a moment when the loop is idle."""
+    import pyarrow.parquet  # noqa: F401
+
+    result_schema()
+
+
+@functools.cache
+def result_schema() -> pa.Schema:
+    """The answer's columns, in RESULT_FIELDS order; the passthrough columns follow."""
+    import pyarrow as pa
+
+    string, int64 = pa.string(), pa.int64()
+    schema = pa.schema(
+        [
+            ("row_index", int64),
+            ("id", string),
+            ("status", string),
+            ("output_text", string),
+            ("reasoning_content", string),
+            ("tool_calls", string),
+            ("finish_reason", string),
+            ("model", string),
+            ("response_id", string),
+            ("prompt_tokens", int64),
+            ("completion_tokens", int64),
+            ("total_tokens", int64),
+            ("cached_tokens", int64),
+            ("reasoning_tokens", int64),
+            ("attempts", pa.int32()),
+            ("latency_s", pa.float64()),
+            ("error", string),
+        ]
+    )
+    assert tuple(schema.names) == RESULT_FIELDS
+    return schema
 
 
 class OutputWriter:
@@ -81,7 +101,7 @@ class OutputWriter:
                 for name, column in zip(extra.column_names, extra.columns):
                     table = table.append_column(name, column)
             if self._writer is None:
-                self._writer = pq.ParquetWriter(self.tmp, table.schema, compression="zstd")
+                self._writer = _parquet_writer(self.tmp, table.schema)
             self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
             self.written = stop
 
@@ -90,7 +110,7 @@ class OutputWriter:
         self.write(self.rows)
         with self._storage_errors():
             if self._writer is None:  # no rows at all: still a valid, empty file
-                self._writer = pq.ParquetWriter(self.tmp, RESULT_SCHEMA, compression="zstd")
+                self._writer = _parquet_writer(self.tmp, result_schema())
             self._writer.close()
             _fsync(self.tmp)
             os.replace(self.tmp, self.path)
@@ -104,6 +124,8 @@ class OutputWriter:
 
     def _take(self, n: int) -> pa.Table:
         """The next n passthrough rows, across the reader's batches."""
+        import pyarrow as pa
+
         assert self._extras is not None
         parts = []
         while n > 0:
@@ -128,13 +150,20 @@ class OutputWriter:
 
 
 def _result_table(store: StateStore, start: int, stop: int) -> pa.Table:
+    import pyarrow as pa
+
     stored = store.results(start, stop)
     if len(stored) != stop - start:
         raise RuntimeError(f"rows {start}..{stop - 1}: {stop - start - len(stored)} are not settled")
     columns = list(zip(*stored)) if stored else [()] * len(RESULT_FIELDS)
-    return pa.Table.from_arrays(
-        [pa.array(col, type=field.type) for col, field in zip(columns, RESULT_SCHEMA)], schema=RESULT_SCHEMA
-    )
+    schema = result_schema()
+    return pa.Table.from_arrays([pa.array(col, type=field.type) for col, field in zip(columns, schema)], schema=schema)
+
+
+def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetWriter(path, schema, compression="zstd")
 
 
 def _fsync(path: Path) -> None:

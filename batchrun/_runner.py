@@ -28,7 +28,7 @@ from ._client import Client
 from ._exceptions import BatchrunError, ConfigError, Interrupted, JobAborted, JobFatalAPIError, StorageError
 from ._inputs import InputReader, Row
 from ._mock import MOCK_BASE_URL, MOCK_SCHEME, mock_transport
-from ._output import ROW_GROUP_ROWS, OutputWriter
+from ._output import ROW_GROUP_ROWS, OutputWriter, load_arrow
 from ._policy import FailureStreak
 from ._progress import NullProgress, Progress
 from ._protocol import Result
@@ -252,6 +252,8 @@ class _Pool:
                 async with anyio.create_task_group() as saving:
                     saving.start_soon(self._write, results_receive, due_send)
                     saving.start_soon(self._publish, due_receive)
+                    # While the first row is out alone and the loop has nothing else to do.
+                    saving.start_soon(anyio.to_thread.run_sync, load_arrow)
                     async with self.client, anyio.create_task_group() as self.workers:
                         for n in range(self.spec.concurrency):
                             self.workers.start_soon(self._work, n == 0, rows, results_send.clone())

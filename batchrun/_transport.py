@@ -18,10 +18,15 @@ __all__ = ["AiohttpTransport"]
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
-    """One aiohttp session with at most `max_connections` connections."""
+    """One aiohttp session with at most `max_connections` connections.
 
-    def __init__(self, *, max_connections: int) -> None:
+    `timeout_s` bounds each exchange as a whole (waiting for a connection, sending,
+    and reading the entire body), not each read; running out raises httpx.ReadTimeout.
+    """
+
+    def __init__(self, *, max_connections: int, timeout_s: float | None = None) -> None:
         self._max_connections = max_connections
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
@@ -31,8 +36,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             connector=connector,
             # httpx decodes content-encoding itself; decoding twice would corrupt bodies.
             auto_decompress=False,
-            # The caller bounds each attempt as a whole; no second, different clock here.
-            timeout=aiohttp.ClientTimeout(total=None),
+            timeout=self._timeout,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
         return self._session
