@@ -4,7 +4,8 @@
 
 Scenarios (default: zero latency memory; the minute-long ones only when named):
   zero       20,000 rows, concurrency 256, zero latency: batchrun vs AsyncOpenAI baseline
-  latency    16,000 rows, concurrency 400, 200 +- 50 ms: % of the Little's-law bound
+  latency    16,000 rows, concurrency 400, 200 +- 50 ms: % of the Little's-law bound, beside
+             a bare aiohttp loop (the floor of client cost) and the baseline
   ratelimit  3,000 rows, spec rate_limit 1200 rpm, unlimited server: what the server sees
   adapt      3,000 rows, server limited to 1200 rpm, no rate_limit in the spec: 429s
   adapt-blind  the same, the server sending no x-ratelimit-* headers (429s teach the limit)
@@ -196,6 +197,11 @@ def baseline(label: str, workdir: Path, input_path: Path, rows: int, concurrency
     return run_client(label, rows, cmd, workdir, server)
 
 
+def floor(label: str, workdir: Path, input_path: Path, rows: int, concurrency: int, *, server: Server) -> Run:
+    cmd = [PY, str(HERE / "bare_aiohttp.py"), str(input_path), server.base_url, str(concurrency)]
+    return run_client(label, rows, cmd, workdir, server)
+
+
 def measured(workdir: Path, client, label: str, input_path: Path, rows: int, concurrency: int,
              server_opts: dict | None = None, **kw) -> Run:
     """One client against its own fresh server; the server's stats end up in the Run."""
@@ -271,13 +277,15 @@ def scenario_latency(workdir: Path, rows: int | None) -> None:
     data = make_input(workdir / "latency.jsonl", rows)
     opts = {"latency_ms": 200, "jitter_ms": 50}
     b = measured(workdir, batchrun, "batchrun", data, rows, concurrency, opts)
+    f = measured(workdir, floor, "bare aiohttp", data, rows, concurrency, opts)
     o = measured(workdir, baseline, "openai baseline", data, rows, concurrency, opts)
     body = table(THROUGHPUT_HEADERS + ["% of bound (wall)", "% of bound (span)"], [
-        throughput_row(r) + [f"{100 * r.rps / bound:.0f}", f"{100 * r.span_rps / bound:.0f}"] for r in (b, o)
+        throughput_row(r) + [f"{100 * r.rps / bound:.1f}", f"{100 * r.span_rps / bound:.1f}"] for r in (b, f, o)
     ])
     body += f"\n\nLittle's-law bound: {concurrency} / {latency_s} s = {bound:,.0f} req/s; " \
-            f"batchrun/baseline req/s: {ratio(b.rps, o.rps)} (wall), {ratio(b.span_rps, o.span_rps)} (span)"
-    report(f"latency: {rows:,} rows, concurrency {concurrency}, 200 ± 50 ms", body, [b, o])
+            f"batchrun/baseline req/s: {ratio(b.rps, o.rps)} (wall), {ratio(b.span_rps, o.span_rps)} (span); " \
+            f"batchrun/bare aiohttp: {ratio(b.rps, f.rps)} (wall), {ratio(b.span_rps, f.span_rps)} (span)"
+    report(f"latency: {rows:,} rows, concurrency {concurrency}, 200 ± 50 ms", body, [b, f, o])
 
 
 def rejected_rate_limit(run: Run) -> str | None:
