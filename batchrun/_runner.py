@@ -252,12 +252,13 @@ class _Pool:
                 async with anyio.create_task_group() as saving:
                     saving.start_soon(self._write, results_receive, due_send)
                     saving.start_soon(self._publish, due_receive)
-                    # While the first row is out alone and the loop has nothing else to do.
-                    saving.start_soon(anyio.to_thread.run_sync, load_arrow)
                     async with self.client, anyio.create_task_group() as self.workers:
                         for n in range(self.spec.concurrency):
                             self.workers.start_soon(self._work, n == 0, rows, results_send.clone())
                         results_send.close()
+                        # Started after the workers, this runs once the first row's request
+                        # is on its way: the loop then idles until its answer.
+                        saving.start_soon(anyio.to_thread.run_sync, load_arrow)
                 # The workers closed their result streams, the writer made its last
                 # commit and the output its last write: stop the signal watcher.
                 outer.cancel_scope.cancel()
@@ -270,7 +271,8 @@ class _Pool:
         The workers share this one iterator: it never awaits, so no two of them are
         ever inside it at once, and a row goes to exactly one worker.
         """
-        reader = InputReader(self.spec.input, endpoint=self.spec.endpoint)
+        # Small batches: the first request waits for its batch to be parsed.
+        reader = InputReader(self.spec.input, endpoint=self.spec.endpoint, batch_rows=64)
         for row in reader.rows():
             if row.index >= self.total:
                 break
