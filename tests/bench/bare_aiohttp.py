@@ -9,13 +9,13 @@ interpreter, its imports and the requests. Prints one summary line.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import sys
 import time
 
 import aiohttp
+
+import clientkit
 
 
 async def run(path: str, base_url: str, concurrency: int, model: str) -> int:
@@ -41,20 +41,8 @@ async def run(path: str, base_url: str, concurrency: int, model: str) -> int:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     elapsed = time.monotonic() - started
     tokens = sum(t for _, t in answers.values())
-    print(f"bare aiohttp: {len(rows)} rows: {len(answers)} ok, {len(failed)} failed; {tokens} tokens; {elapsed:.1f} s"
-          + (f"; first error: {failed[0]}" if failed else ""))
-    return 1 if failed else 0
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="bare aiohttp loop: the floor of client cost")
-    parser.add_argument("input", help="JSONL rows {'id': ..., 'prompt': ...}")
-    parser.add_argument("base_url", help="e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("concurrency", type=int)
-    parser.add_argument("--model", default="bench")
-    args = parser.parse_args()
-    sys.exit(asyncio.run(run(args.input, args.base_url, args.concurrency, args.model)))
+    return clientkit.report("bare aiohttp", len(rows), len(answers), failed, tokens, elapsed)
 
 
 if __name__ == "__main__":
-    main()
+    clientkit.main(run, "bare aiohttp loop: the floor of client cost")

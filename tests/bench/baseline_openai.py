@@ -9,13 +9,13 @@ checkpoint, no output file: batchrun does strictly more work). Prints one summar
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import sys
 import time
 
 from openai import AsyncOpenAI
+
+import clientkit
 
 
 async def run(path: str, base_url: str, concurrency: int, model: str) -> int:
@@ -37,20 +37,8 @@ async def run(path: str, base_url: str, concurrency: int, model: str) -> int:
     await client.close()
     failed = [o for o in outcomes if isinstance(o, BaseException)]
     tokens = sum(p + c for _, p, c in results.values())
-    print(f"baseline: {len(rows)} rows: {len(results)} ok, {len(failed)} failed; {tokens} tokens; {elapsed:.1f} s"
-          + (f"; first error: {failed[0]!r}" if failed else ""))
-    return 1 if failed else 0
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="AsyncOpenAI + asyncio.Semaphore baseline")
-    parser.add_argument("input", help="JSONL rows {'id': ..., 'prompt': ...}")
-    parser.add_argument("base_url", help="e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("concurrency", type=int)
-    parser.add_argument("--model", default="bench")
-    args = parser.parse_args()
-    sys.exit(asyncio.run(run(args.input, args.base_url, args.concurrency, args.model)))
+    return clientkit.report("baseline", len(rows), len(results), failed, tokens, elapsed)
 
 
 if __name__ == "__main__":
-    main()
+    clientkit.main(run, "AsyncOpenAI + asyncio.Semaphore baseline")
