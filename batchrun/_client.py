@@ -23,7 +23,7 @@ from ._inputs import Row
 from ._policy import classify, retrying
 from ._rate import RateLimiter, estimate_tokens
 from ._spec import JobSpec
-from ._transport import AiohttpTransport
+from ._transport import AiohttpTransport, BoundedTransport
 
 __all__ = ["Client"]
 
@@ -59,12 +59,12 @@ class Client:
     ) -> None:
         self.spec = spec
         self._api_key = api_key
-        # batchrun's own transport bounds each exchange itself, for less than a
-        # CancelScope costs; any other gets one around each attempt.
-        self._transport = transport or AiohttpTransport(
-            max_connections=spec.concurrency, timeout_s=spec.api.timeout_s
+        # Every answer arrives read in full, within timeout_s: the bound is the
+        # transport's, so the client adds no clock of its own to each request.
+        self._transport = (
+            BoundedTransport(transport, timeout_s=spec.api.timeout_s) if transport
+            else AiohttpTransport(max_connections=spec.concurrency, timeout_s=spec.api.timeout_s)
         )
-        self._transport_bounds_time = transport is None
         base = httpx.URL((base_url or spec.api.base_url).rstrip("/"))
         self._urls = {endpoint: httpx.URL(str(base) + endpoint_path(endpoint)) for endpoint in ("chat", "completions")}
         headers = [
@@ -137,17 +137,12 @@ class Client:
         self.requests_sent += 1
         attempt.count += 1
         started = time.monotonic()
-        timeout = self.spec.api.timeout_s
         headers = [*self._headers, ("content-length", str(len(attempt.payload)))]
         request = httpx.Request("POST", attempt.url, headers=headers, stream=httpx.ByteStream(attempt.payload))
         try:
-            if self._transport_bounds_time:
-                return await self._exchange(request, attempt)
-            with anyio.CancelScope(deadline=anyio.current_time() + timeout):
-                return await self._exchange(request, attempt)
-            raise RetryableAPIError(f"no complete answer within {timeout:g} s")  # the scope ran out
+            response = await self._transport.handle_async_request(request)
         except httpx.TimeoutException as exc:
-            raise RetryableAPIError(f"no complete answer within {timeout:g} s") from exc
+            raise RetryableAPIError(f"no complete answer within {self.spec.api.timeout_s:g} s") from exc
         except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
             # Our request itself cannot be sent; every other row would fail alike.
             # The message may quote a header, so it is not repeated.
@@ -156,23 +151,13 @@ class Client:
             raise RetryableAPIError(f"connection failed: {type(exc).__name__}: {exc}") from exc
         finally:
             attempt.latency = time.monotonic() - started
-
-    async def _exchange(self, request: httpx.Request, attempt: _Attempt) -> Result:
-        response = await self._transport.handle_async_request(request)
         self.limiter.observe(response.status_code, response.headers, time.monotonic())
-        try:
-            if attempt.stream and response.is_success and _is_event_stream(response):
-                return await self._read_stream(response, attempt.endpoint)
-            await response.aread()  # an error, a plain answer, or a server that ignored `stream`
-        finally:
-            await response.aclose()
+        if attempt.stream and response.is_success and _is_event_stream(response):
+            assembler = StreamAssembler(attempt.endpoint)
+            for line in response.iter_lines():  # the body is in memory: see the transports
+                assembler.feed_line(line)
+            return assembler.result()
         return self._answer(response, attempt.endpoint)
-
-    async def _read_stream(self, response: httpx.Response, endpoint: str) -> Result:
-        assembler = StreamAssembler(endpoint)
-        async for line in response.aiter_lines():
-            assembler.feed_line(line)
-        return assembler.result()
 
     def _answer(self, response: httpx.Response, endpoint: str) -> Result:
         if not response.is_success:

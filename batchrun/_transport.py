@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import anyio
 import httpx
 
-__all__ = ["AiohttpTransport"]
+__all__ = ["AiohttpTransport", "BoundedTransport"]
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -69,6 +70,30 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class BoundedTransport(httpx.AsyncBaseTransport):
+    """Any other transport (MockTransport, mock://) held to AiohttpTransport's contract:
+    each answer read in full within `timeout_s`, or httpx.ReadTimeout."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, *, timeout_s: float) -> None:
+        self._transport = transport
+        self._timeout_s = timeout_s
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            with anyio.fail_after(self._timeout_s):
+                response = await self._transport.handle_async_request(request)
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout(f"no complete answer within {self._timeout_s:g} s", request=request) from exc
+        return response
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
 
 
 def _httpx_error(exc: Exception, request: httpx.Request) -> httpx.TransportError:
