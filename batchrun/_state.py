@@ -64,10 +64,9 @@ class StateStore:
         if not lock and not path.exists():
             raise FileNotFoundError(path)
         lock_fd = _acquire_lock(path) if lock else None
-        opened: list[sqlite3.Connection] = []
+        db: sqlite3.Connection | None = None
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            opened.append(db)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
@@ -77,8 +76,8 @@ class StateStore:
             db.execute(f"CREATE TABLE IF NOT EXISTS results ({columns})")
             read_db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
-            for connection in opened:
-                connection.close()
+            if db is not None:  # the reading connection is the last step: never half open
+                db.close()
             if lock_fd is not None:
                 os.close(lock_fd)
             raise ConfigError(f"{path}: cannot open the job's state: {exc}") from exc
