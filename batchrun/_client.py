@@ -18,12 +18,15 @@ import httpx
 
 from ._version import __version__
 from ._exceptions import APIError, JobFatalAPIError, RetryableAPIError
-from ._protocol import Result, StreamAssembler, build_body, endpoint_path, parse_answer
+from ._protocol import Result, StreamAssembler, build_body, endpoint_path, parse_answer, storable_text
 from ._inputs import Row
 from ._policy import classify, retrying
 from ._rate import RateLimiter, estimate_tokens
+from ._secrets import Redactor
 from ._spec import JobSpec
-from ._transport import AiohttpTransport, BoundedTransport
+from ._transport import AiohttpTransport, AnswerTooLarge, BoundedTransport
+
+ERROR_CHARS = 500  # of an error message, kept in the state and the output
 
 __all__ = ["Client"]
 
@@ -58,12 +61,13 @@ class Client:
         sleep: Callable[[float], Any] = anyio.sleep,
     ) -> None:
         self.spec = spec
-        self._api_key = api_key
-        # Every answer arrives read in full, within timeout_s: the bound is the
-        # transport's, so the client adds no clock of its own to each request.
+        self._redact = Redactor(api_key)
+        # Every answer arrives read in full, within timeout_s and max_answer_mb: the
+        # bounds are the transport's, so the client adds no clock of its own to each request.
+        bounds = {"timeout_s": spec.api.timeout_s, "max_answer_bytes": spec.api.max_answer_bytes}
         self._transport = (
-            BoundedTransport(transport, timeout_s=spec.api.timeout_s) if transport
-            else AiohttpTransport(max_connections=spec.concurrency, timeout_s=spec.api.timeout_s)
+            BoundedTransport(transport, **bounds) if transport
+            else AiohttpTransport(max_connections=spec.concurrency, **bounds)
         )
         base = httpx.URL((base_url or spec.api.base_url).rstrip("/"))
         self._urls = {endpoint: httpx.URL(str(base) + endpoint_path(endpoint)) for endpoint in ("chat", "completions")}
@@ -117,11 +121,14 @@ class Client:
                             error, replay = replay, None
                             raise error
                         result = await self._send(attempt)
-        except APIError as exc:  # JobFatalAPIError is no APIError: it propagates
+        except APIError as exc:
             return Result(
                 row.index, row.id, "failed", attempts=attempt.count, latency_s=attempt.latency,
-                error=self._redact(str(exc)), transient=isinstance(exc, RetryableAPIError),
+                error=self._error_text(str(exc)), transient=isinstance(exc, RetryableAPIError),
             )
+        except JobFatalAPIError as exc:  # no APIError: it stops the job, its words redacted
+            exc.args = (self._error_text(str(exc)),)
+            raise
         result.row_index, result.id = row.index, row.id
         result.attempts, result.latency_s = attempt.count, attempt.latency
         if attempt.tokens and result.total_tokens is not None:
@@ -143,6 +150,8 @@ class Client:
             response = await self._transport.handle_async_request(request)
         except httpx.TimeoutException as exc:
             raise RetryableAPIError(f"no complete answer within {self.spec.api.timeout_s:g} s") from exc
+        except (AnswerTooLarge, httpx.DecodingError) as exc:
+            raise RetryableAPIError(str(exc)) from exc
         except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
             # Our request itself cannot be sent; every other row would fail alike.
             # The message may quote a header, so it is not repeated.
@@ -152,36 +161,26 @@ class Client:
         finally:
             attempt.latency = time.monotonic() - started
         self.limiter.observe(response.status_code, response.headers, time.monotonic())
-        if attempt.stream and response.is_success and _is_event_stream(response):
-            assembler = StreamAssembler(attempt.endpoint)
-            for line in response.iter_lines():  # the body is in memory: see the transports
-                assembler.feed_line(line)
-            return assembler.result()
-        return self._answer(response, attempt.endpoint)
-
-    def _answer(self, response: httpx.Response, endpoint: str) -> Result:
         if not response.is_success:
-            raise self._refusal(response)
+            raise classify(response.status_code, response.headers, response.content, now=time.time())
         try:
-            data = json.loads(response.content)
-        except ValueError:
-            raise RetryableAPIError("the response body is not valid JSON", status=response.status_code) from None
-        return parse_answer(endpoint, data)
+            if attempt.stream and _is_event_stream(response):
+                assembler = StreamAssembler(attempt.endpoint)
+                for line in response.iter_lines():  # the body is in memory: see the transports
+                    assembler.feed_line(line)
+                return assembler.result()
+            try:
+                data = json.loads(response.content)
+            except ValueError:
+                raise RetryableAPIError("the response body is not valid JSON", status=response.status_code) from None
+            return parse_answer(attempt.endpoint, data)
+        except RecursionError:
+            raise RetryableAPIError("the answer is nested too deeply to read", status=response.status_code) from None
 
-    def _refusal(self, response: httpx.Response) -> APIError:
-        error = classify(response.status_code, response.headers, response.content, now=time.time())
-        error.args = (self._redact(str(error)),)
-        return error
-
-    def _redact(self, text: str) -> str:
-        """Servers sometimes echo the key they rejected; it must never reach a file.
-
-        (A "key" shorter than 8 characters is no real key, and replacing it would
-        garble the message.)
-        """
-        if self._api_key and len(self._api_key) >= 8 and self._api_key in text:
-            text = text.replace(self._api_key, "[redacted]")
-        return text
+    def _error_text(self, text: str) -> str:
+        """An error as it may be stored: servers echo the key they rejected, and it must
+        never reach a file, not even in part; so the key goes before the text is cut."""
+        return storable_text(self._redact(text)[:ERROR_CHARS])
 
 
 def _is_event_stream(response: httpx.Response) -> bool:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
+import re
 import sqlite3
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,6 +79,8 @@ class InputReader:
         self.require_model = require_model
         self.batch_rows = batch_rows
         self.is_parquet = path.suffix == ".parquet"
+        # validate() checks every row can be carried; later passes over the same bytes need not
+        self._checking = False
         if not path.is_file():
             raise InputError(f"{path}: input file not found")
 
@@ -104,6 +108,7 @@ class InputReader:
         kinds: dict[str, set[str]] = {}
         count = 0
         duplicates: list[str] = []
+        self._checking = True
         try:
             for rows, extras in self._batches(collect_extras=True):
                 count += len(rows)
@@ -118,6 +123,7 @@ class InputReader:
                 if len(duplicates) >= 5:
                     break
         finally:
+            self._checking = False
             ids.close()
         if duplicates:
             raise InputError(
@@ -152,7 +158,7 @@ class InputReader:
         schema = pa.schema([(name, _arrow_type(types[name])) for name in names])
         columns: dict[str, list[Any]] = {name: [] for name in names}
         count = 0
-        for _, record in self._jsonl_records():
+        for _, record, _ in self._jsonl_records():
             for name in names:
                 columns[name].append(_coerce(record.get(name), types[name]))
             count += 1
@@ -168,8 +174,8 @@ class InputReader:
         source = self._parquet_records() if self.is_parquet else self._jsonl_records()
         rows: list[Row] = []
         extras: dict[str, list[Any]] = {}
-        for index, (where, record) in enumerate(source):
-            rows.append(self._row(index, where, record))
+        for index, (where, record, suspect) in enumerate(source):
+            rows.append(self._row(index, where, record, check=self._checking and suspect))
             if collect_extras:
                 for key, value in record.items():
                     if key not in REQUEST_FIELDS and key not in BATCH_FIELDS and key not in ID_FIELDS:
@@ -191,7 +197,8 @@ class InputReader:
         if rows:
             yield rows, extras
 
-    def _jsonl_records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _jsonl_records(self) -> Iterator[tuple[str, dict[str, Any], bool]]:
+        """(where, record, suspect): only a suspect record can hold what JSON cannot carry."""
         opener = gzip.open if self.path.name.endswith(".gz") else open
         try:
             with opener(self.path, "rb") as f:
@@ -201,11 +208,19 @@ class InputReader:
                     where = f"line {number}"
                     try:
                         record = json.loads(line)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    except RecursionError:
+                        raise InputError(f"{self.path}: {where}: nested too deeply to read; "
+                                         "no request needs that") from None
+                    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
                         raise InputError(f"{self.path}: {where}: not valid JSON ({exc})") from None
                     if not isinstance(record, dict):
                         raise InputError(f"{self.path}: {where}: expected a JSON object, got {type(record).__name__}")
-                    yield where, record
+                    # Only these bytes can make a parsed line that no request or output can
+                    # carry; looking for them costs far less than walking every record.
+                    suspect = bool(_SUSPECT.search(line)) or line.count(b"[") + line.count(b"{") > MAX_DEPTH
+                    if self._checking and suspect:
+                        _check_record(record, lambda m: InputError(f"{self.path}: {where}: {m}"))
+                    yield where, record, suspect
         except (OSError, EOFError, zlib.error) as exc:
             raise InputError(f"{self.path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
 
@@ -219,14 +234,30 @@ class InputReader:
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"{self.path}: cannot read as Parquet: {exc}") from exc
 
-    def _parquet_records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _parquet_records(self) -> Iterator[tuple[str, dict[str, Any], bool]]:
         index = 0
         for batch in self._parquet_batches(None):
-            for record in batch.to_pylist():
-                yield f"row {index}", record
+            try:
+                records = batch.to_pylist()
+            except UnicodeDecodeError:
+                records = None
+            for n in range(batch.num_rows):
+                where = f"row {index}"
+                if records is None:  # find the row whose text is not UTF-8
+                    try:
+                        [record] = batch.slice(n, 1).to_pylist()
+                    except UnicodeDecodeError as exc:
+                        raise InputError(f"{self.path}: {where}: a string column holds bytes that are not "
+                                         f"UTF-8 ({exc.reason})") from None
+                else:
+                    record = records[n]
+                if self._checking:
+                    _check_record(record, lambda m: InputError(f"{self.path}: {where}: {m}"))
+                yield where, record, True  # any Arrow type may stand where JSON is needed
                 index += 1
 
-    def _row(self, index: int, where: str, record: dict[str, Any]) -> Row:
+    def _row(self, index: int, where: str, record: dict[str, Any], *, check: bool = False) -> Row:
+        """The row's request; `check` looks for what the API cannot be sent (NaN, binary values)."""
         def fail(message: str) -> InputError:
             return InputError(f"{self.path}: {where}: {message}")
 
@@ -262,9 +293,17 @@ class InputReader:
 
         if "messages" in body:
             messages = _json_value(body["messages"], fail, "messages")
-            if not isinstance(messages, list) or not messages:
-                raise fail("messages must be a non-empty list")
-            body["messages"] = _drop_nulls(messages) if self.is_parquet else messages
+            if self.is_parquet:
+                messages = _drop_nulls(messages)
+            if self._checking:
+                _check_messages(messages, fail)
+            body["messages"] = messages
+        if "prompt" in body and not isinstance(body["prompt"], str):
+            got = type(body["prompt"]).__name__
+            hint = " (a Parquet binary column? cast it to string)" if got == "bytes" else ""
+            raise fail(f"prompt must be a string, got {got}{hint}")
+        if check:
+            _check_body(body, fail)
         if self.require_model and not body.get("model"):
             raise fail("the row names no model and the spec sets none; add model: to the spec")
         wanted = self.endpoint or endpoint
@@ -273,6 +312,85 @@ class InputReader:
                 raise fail("the spec sets endpoint: completions, but this row has messages")
             body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
         return Row(index, str(row_id), wanted, body, where)
+
+
+MAX_DEPTH = 100  # levels of nesting in a line; far past any real request, far below Python's limit
+_SUSPECT = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity")  # surrogate escapes, non-JSON numbers
+
+
+def _check_record(record: dict[str, Any], fail: Callable[[str], InputError]) -> None:
+    """Every value of a row must be storable text: no lone surrogates, no absurd nesting."""
+    if _depth(record) > MAX_DEPTH:
+        raise fail(f"nested more than {MAX_DEPTH} levels deep; no request needs that")
+    found = _find(record, lambda v: isinstance(v, str) and not _is_unicode(v))
+    if found is not None:
+        raise fail(f"{found[0] or 'a key'} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which "
+                   "is not text and cannot be sent or stored; fix the text")
+
+
+def _check_body(body: dict[str, Any], fail: Callable[[str], InputError]) -> None:
+    """The request as it will be sent: JSON, with no NaN or Infinity and no binary values."""
+    try:
+        json.dumps(body, allow_nan=False)
+    except ValueError:
+        path, value = _find(body, lambda v: isinstance(v, float) and not math.isfinite(v)) or ("", None)
+        raise fail(f"{path}: {value!r} is not a number JSON can carry; use null or a number") from None
+    except TypeError:
+        path, value = _find(body, lambda v: not isinstance(v, (str, int, float, bool, list, dict, type(None)))) \
+            or ("", None)
+        raise fail(f"{path}: a {type(value).__name__} value cannot be sent as JSON; store it as a string") from None
+
+
+def _check_messages(messages: Any, fail: Callable[[str], InputError]) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise fail("messages must be a non-empty list of {role, content} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise fail(f"messages[{i}] must be an object with role and content, got {type(message).__name__}")
+        if not isinstance(message.get("role"), str) or not message["role"]:
+            raise fail(f"messages[{i}] has no role (a string such as user, system or assistant)")
+        content = message.get("content")
+        if content is None:
+            if not (message.get("tool_calls") or message.get("function_call")):
+                raise fail(f"messages[{i}] has no content")
+        elif isinstance(content, list):
+            if not all(isinstance(part, dict) for part in content):
+                raise fail(f"messages[{i}].content must be text or a list of part objects")
+        elif not isinstance(content, str):
+            raise fail(f"messages[{i}].content must be text or a list of part objects, got {type(content).__name__}")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value` nests, without recursion (a record may nest beyond the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _find(value: Any, bad: Callable[[Any], bool], path: str = "") -> tuple[str, Any] | None:
+    """(path, value) of the first value or key that is `bad` (`messages[0].content`), else None."""
+    if isinstance(value, (dict, list)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(value, dict) and bad(key):
+                return path, key
+            found = _find(item, bad, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+        return None
+    return (path, value) if bad(value) else None
 
 
 def _duplicates(ids: sqlite3.Connection, rows: list[Row]) -> list[str]:
@@ -328,7 +446,10 @@ def _kind(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
     if isinstance(value, int):
-        return "int" if -(2**63) <= value < 2**63 else "json"
+        if -(2**53) <= value <= 2**53:
+            return "int"
+        # exact in int64, not in a float: such a column can never become float64
+        return "bigint" if -(2**63) <= value < 2**63 else "json"
     if isinstance(value, float):
         return "float"
     if isinstance(value, str):
@@ -337,7 +458,10 @@ def _kind(value: Any) -> str:
 
 
 def _arrow_kind(kinds: set[str]) -> str:
+    """One column type for every value seen; values keep their exact worth in it."""
     kinds = kinds - {"null"}
+    if "bigint" in kinds:
+        kinds = (kinds - {"bigint"}) | {"int"} if "float" not in kinds else kinds | {"json"}
     if not kinds:
         return "null"
     if len(kinds) == 1:

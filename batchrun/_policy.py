@@ -29,6 +29,15 @@ RATE_LIMITED_MAX = 50  # 429s one row may meet before it fails
 
 def classify(status: int, headers: Mapping[str, str], body: bytes, *, now: float) -> APIError:
     """The error an unsuccessful HTTP answer stands for; `now` is Unix time, for dates."""
+    if 300 <= status < 400:
+        # Not followed: the body and the key would go wherever the server says.
+        where = headers.get("location")
+        return JobFatalAPIError(
+            f"HTTP {status}: the API redirects to {where!r}; batchrun does not follow redirects, "
+            "so set api.base_url to the address that answers" if where else
+            f"HTTP {status}: the API answered with a redirect that names no Location; check api.base_url",
+            status=status,
+        )
     message = f"HTTP {status}: {error_message(body)}"
     if status in JOB_FATAL_STATUS:
         hint = "check the API key" if status == 401 else "check the key's permissions for this model"
@@ -40,11 +49,15 @@ def classify(status: int, headers: Mapping[str, str], body: bytes, *, now: float
     return RowFatalAPIError(message, status=status)
 
 
-def error_message(body: bytes, limit: int = 500) -> str:
-    """The API's own words: `error.message` when the body is OpenAI-shaped, else its text."""
+def error_message(body: bytes, limit: int = 4000) -> str:
+    """The API's own words: `error.message` when the body is OpenAI-shaped, else its text.
+
+    Cut at `limit` characters only to bound the work: the client redacts the key from
+    the message before it cuts it to what is stored.
+    """
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         data = None
     if isinstance(data, dict):
         error = data.get("error", data)
@@ -59,7 +72,7 @@ def error_message(body: bytes, limit: int = 500) -> str:
 def _error_code(body: bytes) -> str | None:
     try:
         error = json.loads(body).get("error")
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, RecursionError, AttributeError):
         return None
     if isinstance(error, dict):
         return error.get("code") or error.get("type")

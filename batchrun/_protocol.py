@@ -13,7 +13,7 @@ from typing import Any
 
 from ._exceptions import RetryableAPIError, RowFatalAPIError
 
-__all__ = ["Result", "StreamAssembler", "build_body", "endpoint_path", "parse_answer"]
+__all__ = ["Result", "StreamAssembler", "build_body", "endpoint_path", "parse_answer", "storable_text"]
 
 _PATHS = {"chat": "/chat/completions", "completions": "/completions"}
 
@@ -60,6 +60,29 @@ class Result:
 
 
 RESULT_FIELDS = tuple(name for name in Result.__dataclass_fields__ if name != "transient")
+_TEXT_FIELDS = tuple(name for name in RESULT_FIELDS if Result.__dataclass_fields__[name].type == "str | None")
+INT64_MAX = 2**63 - 1
+
+
+def storable_text(text: str) -> str:
+    """`text` as valid Unicode: a surrogate pair split in two (across stream chunks)
+    is joined, and a lone surrogate (`"\\ud800"` is valid JSON) becomes U+FFFD.
+
+    Python strings may hold lone surrogates; UTF-8, SQLite and Parquet cannot.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
+def _storable(result: Result) -> Result:
+    for name in _TEXT_FIELDS:
+        value = getattr(result, name)
+        if value is not None:
+            setattr(result, name, storable_text(value))
+    return result
 
 
 def parse_answer(endpoint: str, data: Any) -> Result:
@@ -72,7 +95,7 @@ def parse_answer(endpoint: str, data: Any) -> Result:
     if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
         error = data.get("error") if isinstance(data, dict) else None
         detail = error.get("message") if isinstance(error, dict) else None
-        snippet = detail or json.dumps(data, ensure_ascii=False)[:300]
+        snippet = (_text(detail) or json.dumps(data, ensure_ascii=False))[:4000]  # the client cuts it, redacted
         raise RowFatalAPIError(f"HTTP 200 without an answer: {snippet}", status=200)
     choice = choices[0]
     if endpoint == "chat":
@@ -97,7 +120,7 @@ def parse_answer(endpoint: str, data: Any) -> Result:
         response_id=_text(data.get("id")),
     )
     _set_usage(result, data.get("usage"))
-    return result
+    return _storable(result)
 
 
 def _text(value: Any) -> str | None:
@@ -122,7 +145,7 @@ def _set_usage(result: Result, usage: Any) -> None:
     result.completion_tokens = _int(usage.get("completion_tokens"))
     result.total_tokens = _int(usage.get("total_tokens"))
     if result.total_tokens is None and result.prompt_tokens is not None and result.completion_tokens is not None:
-        result.total_tokens = result.prompt_tokens + result.completion_tokens
+        result.total_tokens = _int(result.prompt_tokens + result.completion_tokens)
     details = usage.get("prompt_tokens_details")
     if isinstance(details, dict):
         result.cached_tokens = _int(details.get("cached_tokens"))
@@ -132,17 +155,27 @@ def _set_usage(result: Result, usage: Any) -> None:
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A token count as the API reported it; None for what no count can be (negative,
+    fractional, beyond int64: the store and the output hold int64)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64_MAX:
+        return value
+    return None
 
 
 class StreamAssembler:
-    """Joins server-sent event chunks into one Result.
+    """Joins a server-sent event stream into one Result.
 
-    Feed it every line of the event stream. Usage is taken from whichever chunk
-    carries it: Fireworks puts it in the chunk with `finish_reason`, OpenAI in an
-    extra final chunk whose `choices` is empty. A stream that ends with neither a
-    `finish_reason` nor `[DONE]` was cut short and is retryable; some servers omit
-    `[DONE]`, so a finish_reason is enough.
+    Feed it every line of the stream, then ask for `result()`. Lines are read as the
+    event-stream standard says: `data:` lines accumulate and a blank line dispatches
+    them as one event, joined by newlines (so one JSON object may span several
+    lines, and two copies of a chunk in one event are no chunk at all); `event:`
+    names the event; comments (`: keep-alive`), `id:` and `retry:` carry no answer.
+    An event left open when the stream ends is dropped, as the standard says.
+
+    Usage is taken from whichever chunk carries it: Fireworks puts it in the chunk
+    with `finish_reason`, OpenAI in an extra final chunk whose `choices` is empty.
+    A stream that ends with neither a `finish_reason` nor `[DONE]` was cut short
+    and is retryable; some servers omit `[DONE]`, so a finish_reason is enough.
     """
 
     def __init__(self, endpoint: str) -> None:
@@ -155,28 +188,55 @@ class StreamAssembler:
         self.model: str | None = None
         self.response_id: str | None = None
         self.done = False
+        self._data: list[str] = []  # the open event's data lines
+        self._event = ""  # and its name
+        self._first_line = True
 
     def feed_line(self, line: str) -> None:
-        if not line.startswith("data:"):
-            return  # blank separators, comments (": keep-alive"), event:/id: fields
-        payload = line[5:].strip()
-        if payload == "[DONE]":
+        if self._first_line:
+            self._first_line = False
+            line = line.removeprefix("\ufeff")
+        if not line:
+            self._dispatch()
+            return
+        field, colon, value = line.partition(":")
+        if not field and colon:
+            return  # a comment
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "data":
+            self._data.append(value)
+        elif field == "event":
+            self._event = value
+        # `id:`, `retry:` and unknown fields say nothing about the answer
+
+    def _dispatch(self) -> None:
+        data, event = self._data, self._event or "message"
+        self._data, self._event = [], ""
+        if data:
+            self._feed_event(event, "\n".join(data))
+
+    def _feed_event(self, event: str, payload: str) -> None:
+        if payload.strip() == "[DONE]":
             self.done = True
             return
         try:
             chunk = json.loads(payload)
-        except json.JSONDecodeError:
-            raise RetryableAPIError("the event stream has a chunk that is not JSON", status=200) from None
+        except (ValueError, RecursionError):
+            raise RetryableAPIError("the event stream has an event whose data is not one JSON object",
+                                    status=200) from None
+        if event == "error" or isinstance(chunk, dict) and isinstance(chunk.get("error"), dict):
+            error = chunk.get("error", chunk) if isinstance(chunk, dict) else chunk
+            message = _text(error.get("message") if isinstance(error, dict) else error) or "unknown error"
+            raise RetryableAPIError(f"the stream reported an error: {message}", status=200)
         if not isinstance(chunk, dict):
             raise RetryableAPIError("the event stream has a chunk that is not an object", status=200)
-        if isinstance(chunk.get("error"), dict):
-            message = chunk["error"].get("message") or "unknown error"
-            raise RetryableAPIError(f"the stream reported an error: {message}", status=200)
         self.model = _text(chunk.get("model")) or self.model
         self.response_id = _text(chunk.get("id")) or self.response_id
         if chunk.get("usage"):
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             self._feed_choice(choice)
@@ -189,7 +249,8 @@ class StreamAssembler:
                 self.text.append(_text(delta["content"]))
             if delta.get("reasoning_content"):
                 self.reasoning.append(_text(delta["reasoning_content"]))
-            for call in delta.get("tool_calls") or ():
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
                 if isinstance(call, dict):
                     self._feed_tool_call(call)
         elif choice.get("text"):
@@ -226,4 +287,6 @@ class StreamAssembler:
             response_id=self.response_id,
         )
         _set_usage(result, self.usage)
-        return result
+        # Pieces are joined before they are made storable: a surrogate pair split
+        # across two chunks becomes its one character again.
+        return _storable(result)

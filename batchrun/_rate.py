@@ -68,6 +68,9 @@ class RateLimiter:
     def correct_tokens(self, difference: int) -> None:
         """The answer used `difference` more (or fewer) tokens than booked."""
         if self.tokens_per_s is not None:
+            # A server's odd usage (2**62 tokens) must not stall the job for years:
+            # no answer counts for more than a minute of the budget.
+            difference = min(difference, int(self.tokens_per_s * 60))
             self._next_tokens += difference / self.tokens_per_s
 
     # -- adapting --------------------------------------------------------------------------
@@ -157,10 +160,12 @@ def parse_duration(text: str | None) -> float | None:
 
 
 def _number(text: str | None) -> float | None:
+    """A header's number: finite and not negative, or None (`nan` would stall the pacing)."""
     try:
-        return float(text) if text is not None else None
+        value = float(text) if text is not None else None
     except ValueError:
         return None
+    return value if value is not None and 0 <= value < float("inf") else None
 
 
 def estimate_tokens(body: Mapping[str, object]) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -44,6 +45,11 @@ class ApiSpec:
     base_url: str = DEFAULT_BASE_URL
     api_key_env: str = "OPENAI_API_KEY"
     timeout_s: float = 300.0
+    max_answer_mb: float = 32.0  # one answer, decoded; past it the attempt fails
+
+    @property
+    def max_answer_bytes(self) -> int:
+        return int(self.max_answer_mb * 2**20)
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,7 @@ def _number(raw: Mapping[str, Any], key: str, path: str, default: Any, *, kind: 
         return default
     value = raw[key]
     ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-    if not ok or value < minimum:
+    if not ok or not minimum <= value < float("inf"):
         what = "a whole number" if kind is int else "a number"
         raise SpecError(f"{_join(path, key)}: expected {what} >= {minimum}, got {value!r}")
     return kind(value)
@@ -167,6 +173,14 @@ def _string(raw: Mapping[str, Any], key: str, path: str, default: str | None) ->
     if value is not None and (not isinstance(value, str) or not value):
         raise SpecError(f"{_join(path, key)}: expected a non-empty string, got {value!r}")
     return value
+
+
+def _check_json(value: Any, path: str) -> None:
+    """Params go into every request body as JSON: YAML's dates, `.nan` or `.inf` cannot."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{path}: cannot be sent as JSON ({exc}); quote dates, and use no .nan or .inf") from None
 
 
 def _base_url(url: str) -> str:
@@ -193,6 +207,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
     if endpoint is not None and endpoint not in ENDPOINTS:
         raise SpecError(f"endpoint: expected one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
     params = _mapping(top.get("params"), "params")
+    _check_json(params, "params")
 
     retry_raw = _mapping(top.get("retry"), "retry")
     _check_keys(retry_raw, _fields(RetrySpec), "retry")
@@ -217,6 +232,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         base_url=_base_url(_string(api_raw, "base_url", "api", default_base)),
         api_key_env=_string(api_raw, "api_key_env", "api", ApiSpec.api_key_env),
         timeout_s=_number(api_raw, "timeout_s", "api", ApiSpec.timeout_s, kind=float, minimum=0.001),
+        max_answer_mb=_number(api_raw, "max_answer_mb", "api", ApiSpec.max_answer_mb, kind=float, minimum=0.001),
     )
 
     return JobSpec(

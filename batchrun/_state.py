@@ -169,14 +169,15 @@ class StateStore:
     def counts(self, below: int | None = None) -> dict[str, int]:
         """ok, failed, and token sums over rows with row_index < below (all by default)."""
         limit = below if below is not None else 2**62
+        # TOTAL, not SUM: a server's absurd usage must not overflow the count (SUM raises).
         ok, failed, prompt, completion, total = self._db.execute(
             "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'failed'), 0), "
-            "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
-            "COALESCE(SUM(total_tokens), 0) FROM results WHERE row_index < ?",
+            "TOTAL(prompt_tokens), TOTAL(completion_tokens), TOTAL(total_tokens) "
+            "FROM results WHERE row_index < ?",
             (limit,),
         ).fetchone()
-        return {"ok": ok, "failed": failed, "prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": total}
+        return {"ok": ok, "failed": failed, "prompt_tokens": int(prompt), "completion_tokens": int(completion),
+                "total_tokens": int(total)}
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

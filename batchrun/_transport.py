@@ -1,21 +1,108 @@
-"""An httpx transport over aiohttp's connection pool.
+"""An httpx transport over aiohttp's connection pool, and the bounds every answer keeps.
 
 httpx stays the client API (requests, responses, MockTransport in tests), but its
 default pool slows as concurrency grows: measured on these 2-core machines at 256
 requests in flight it managed about a seventh of what aiohttp's pool does (see
 tests/bench). This transport hands each request to one aiohttp session and maps
 aiohttp's errors onto httpx's, so the client maps errors in one place as before.
+
+Whatever the server sends, an answer is read within `timeout_s` and holds at most
+`max_answer_bytes` once decoded (a gzip bomb is stopped as it inflates, an endless
+stream at the limit), or the attempt fails with AnswerTooLarge. Past
+`SMALL_ANSWER_BYTES`, an answer also needs one of a few large-answer slots, so the
+memory all answers in flight hold stays bounded at any concurrency: a reader waiting
+for a slot reads nothing, and TCP holds the server back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import zlib
+from collections.abc import Iterable
 
 import aiohttp
 import anyio
 import httpx
 
-__all__ = ["AiohttpTransport", "BoundedTransport"]
+__all__ = ["AiohttpTransport", "AnswerTooLarge", "BoundedTransport", "DEFAULT_MAX_ANSWER_BYTES"]
+
+DEFAULT_MAX_ANSWER_BYTES = 32 * 2**20
+SMALL_ANSWER_BYTES = 256 * 2**10  # any answer may grow this far without a slot
+LARGE_ANSWERS_BYTES = 128 * 2**20  # what the large-answer slots hold together, at most
+INFLATE_STEP = 2**20
+
+
+class AnswerTooLarge(httpx.TransportError):
+    """The answer grew past the limit; the rest of it was not read."""
+
+
+class _Body:
+    """One answer's body as it arrives: decoded, counted, and refused past `limit` bytes.
+
+    batchrun asks for no compression, but a server may send it anyway; gzip and
+    deflate are inflated here, a chunk at a time, never past the limit.
+    """
+
+    def __init__(self, encoding: str | None, limit: int, request: httpx.Request) -> None:
+        self.limit = limit
+        self.request = request
+        self.encoded = (encoding or "identity").strip().lower() not in ("", "identity")
+        self._inflate = _decompressor(encoding, request) if self.encoded else None
+        self._parts: list[bytes] = []
+        self.received = 0  # bytes off the wire
+        self.size = 0  # bytes decoded
+
+    def feed(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self._inflate is None:
+            self._add(chunk)
+            return
+        if self.received > self.limit:
+            raise self._too_large()
+        while chunk:  # a step at a time: a kilobyte of gzip may hold a gigabyte of zeros
+            try:
+                self._add(self._inflate.decompress(chunk, INFLATE_STEP))
+            except zlib.error as exc:
+                raise httpx.DecodingError(f"the compressed answer cannot be inflated: {exc}",
+                                          request=self.request) from None
+            chunk = self._inflate.unconsumed_tail
+
+    def _add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise self._too_large()
+        self._parts.append(data)
+
+    def content(self) -> bytes:
+        return b"".join(self._parts)
+
+    def _too_large(self) -> AnswerTooLarge:
+        self._parts.clear()
+        return AnswerTooLarge(f"answer too large: more than {self.limit:,} bytes (api.max_answer_mb)",
+                              request=self.request)
+
+
+def _decompressor(encoding: str | None, request: httpx.Request) -> zlib._Decompress:
+    name = (encoding or "").strip().lower()
+    if name in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if name == "deflate":
+        return zlib.decompressobj(32 + zlib.MAX_WBITS)  # zlib-wrapped, as the standard says
+    raise httpx.DecodingError(f"the answer is encoded as {encoding!r}, which batchrun never asked for",
+                              request=request)
+
+
+def _response(status: int, headers: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]],
+              body: _Body, request: httpx.Request) -> httpx.Response:
+    """The decoded answer: its length and encoding headers describe what is no longer there."""
+    kept = [(k, v) for k, v in headers
+            if (k.lower() if isinstance(k, str) else k.lower().decode("latin-1")) not in _DECODED]
+    response = httpx.Response(status, headers=kept, stream=httpx.ByteStream(body.content()), request=request)
+    response.read()  # in memory already: the plain read costs half of `aread`'s async iteration
+    return response
+
+
+_DECODED = frozenset({"content-encoding", "content-length"})
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -25,9 +112,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     and reading the entire body), not each read; running out raises httpx.ReadTimeout.
     """
 
-    def __init__(self, *, max_connections: int, timeout_s: float | None = None) -> None:
+    def __init__(self, *, max_connections: int, timeout_s: float | None = None,
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
         self._max_connections = max_connections
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._max_answer_bytes = max_answer_bytes
+        self._large_slots: asyncio.Semaphore | None = None
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
@@ -40,6 +130,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             timeout=self._timeout,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
+        self._large_slots = asyncio.Semaphore(max(1, LARGE_ANSWERS_BYTES // self._max_answer_bytes))
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -58,13 +149,30 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 headers=request.headers.multi_items(),
                 allow_redirects=False,
             ) as response:
-                body = await response.read()
+                body = _Body(response.headers.get("content-encoding"), self._max_answer_bytes, request)
+                await self._read(response, body)
                 status, headers = response.status, response.raw_headers
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _httpx_error(exc, request) from exc
-        response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body), request=request)
-        response.read()  # in memory already: the plain read costs half of `aread`'s async iteration
-        return response
+        return _response(status, headers, body, request)
+
+    async def _read(self, response: aiohttp.ClientResponse, body: _Body) -> None:
+        """Read the body into `body`, taking a large-answer slot before it grows past
+        SMALL_ANSWER_BYTES (or at once, if the server compressed it)."""
+        assert self._large_slots is not None
+        slot = False
+        try:
+            while True:
+                if not slot and (body.encoded or body.received >= SMALL_ANSWER_BYTES):
+                    await self._large_slots.acquire()
+                    slot = True
+                chunk = await response.content.readany()
+                if not chunk:
+                    return
+                body.feed(chunk)
+        finally:
+            if slot:
+                self._large_slots.release()
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -76,21 +184,29 @@ class BoundedTransport(httpx.AsyncBaseTransport):
     """Any other transport (MockTransport, mock://) held to AiohttpTransport's contract:
     each answer read in full within `timeout_s`, or httpx.ReadTimeout."""
 
-    def __init__(self, transport: httpx.AsyncBaseTransport, *, timeout_s: float) -> None:
+    def __init__(self, transport: httpx.AsyncBaseTransport, *, timeout_s: float,
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
         self._transport = transport
         self._timeout_s = timeout_s
+        self._max_answer_bytes = max_answer_bytes
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
             with anyio.fail_after(self._timeout_s):
                 response = await self._transport.handle_async_request(request)
                 try:
-                    await response.aread()
+                    if response.is_stream_consumed:  # MockTransport reads (and decodes) answers itself
+                        body = _Body(None, self._max_answer_bytes, request)
+                        body.feed(response.content)
+                    else:
+                        body = _Body(response.headers.get("content-encoding"), self._max_answer_bytes, request)
+                        async for chunk in response.aiter_raw():
+                            body.feed(chunk)
                 finally:
                     await response.aclose()
         except TimeoutError as exc:
             raise httpx.ReadTimeout(f"no complete answer within {self._timeout_s:g} s", request=request) from exc
-        return response
+        return _response(response.status_code, response.headers.multi_items(), body, request)
 
     async def aclose(self) -> None:
         await self._transport.aclose()

@@ -17,7 +17,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 _ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
@@ -55,6 +55,10 @@ class Faults:
     require_key: str | None = None  # else 401 unless "Authorization: Bearer <require_key>"
     status_for: Callable[[dict], tuple[int, dict] | None] | None = None  # body -> (status, error body) to force
     usage_style: str = "fireworks"  # "fireworks": usage in the finish chunk; "openai": extra chunk if asked for
+    # body -> the raw HTTP response, head included, as chunks written one by one (it may
+    # never end), or None to answer as usual; the connection is closed after it.
+    # Checked after require_key.
+    raw_answer: Callable[[dict], Iterable[bytes] | None] | None = None
 
     def __post_init__(self) -> None:
         if self.usage_style not in ("fireworks", "openai"):
@@ -212,6 +216,11 @@ class FakeServer:
                 delay += faults.hang_s
             if not await _sleep_while_connected(reader, delay):
                 return False
+            if outcome == "raw":
+                for chunk in error:
+                    writer.write(chunk)
+                    await writer.drain()
+                return False
             if error is not None:
                 retry = {"Retry-After": faults.retry_after} if status == 429 else {}
                 await _send(writer, status, error, headers=retry, close=close)
@@ -252,6 +261,8 @@ class FakeServer:
             self._use_faults(faults)
         if faults.require_key is not None and headers.get("authorization") != f"Bearer {faults.require_key}":
             return "401", 401, error_body("Invalid API key", "invalid_request_error", "invalid_api_key")
+        if faults.raw_answer is not None and (chunks := faults.raw_answer(body)) is not None:
+            return "raw", None, chunks  # the chunks stand where an error body would
         if faults.status_for is not None and (forced := faults.status_for(body)) is not None:
             return "status_for", *forced
         first = key not in self._seen_keys

@@ -135,3 +135,41 @@ def test_a_request_that_cannot_be_sent_stops_the_job_without_quoting_it() -> Non
     with pytest.raises(JobFatalAPIError) as info:
         call([bad_header])
     assert KEY not in str(info.value) and "LocalProtocolError" in str(info.value)
+
+
+def key_pieces(text: str, n: int = 8) -> list[str]:
+    """Every n characters of KEY in a row found in `text`, read with and without its spacing."""
+    squeezed = "".join(text.split())
+    return [KEY[i:i + n] for i in range(len(KEY) - n + 1) if KEY[i:i + n] in text or KEY[i:i + n] in squeezed]
+
+
+@pytest.mark.parametrize("answer", [
+    # 10 characters of the key before the cut at 500, 4 after it
+    httpx.Response(400, json={"error": {"message": "x" * 475 + f" key {KEY} rejected"}}),
+    httpx.Response(400, json={"error": {"message": f"your key was {' '.join(KEY)}"}}),
+    httpx.Response(400, json={"error": {"message": f"key {KEY[:7]}\n{KEY[7:]} and again {KEY[3:12]}"}}),
+    httpx.Response(500, text=f"<html>Internal error for Bearer {KEY}</html>"),
+], ids=["across-the-cut", "spaced-out", "split", "plain-text-500"])
+def test_no_piece_of_the_key_reaches_a_stored_error(answer: httpx.Response) -> None:
+    result, _, _ = call([answer], retry={"max_attempts": 1})
+    assert result.status == "failed" and result.error.startswith(f"HTTP {answer.status_code}: ")
+    assert key_pieces(result.error) == []
+    assert "[redact" in result.error
+    assert len(result.error) <= 500
+
+
+def test_a_redirect_stops_the_job_naming_where_it_points() -> None:
+    moved = httpx.Response(308, headers={"location": "https://api.example.test/inference/v1/chat/completions"})
+    with pytest.raises(JobFatalAPIError, match="redirects to 'https://api.example.test/inference/v1/chat/"
+                                               "completions'.*set api.base_url") as info:
+        call([moved])
+    assert info.value.status == 308
+
+
+def test_an_answer_nested_beyond_reason_is_a_failed_attempt_not_a_crash() -> None:
+    deep = httpx.Response(200, content=b'{"choices": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                          headers={"content-type": "application/json"})
+    result, seen, _ = call([deep, httpx.Response(200, json=ANSWER)])
+    assert (result.status, result.output_text, len(seen)) == ("ok", "hi", 2)
+    result, _, _ = call([deep], retry={"max_attempts": 1})
+    assert (result.status, result.error) == ("failed", "the answer is nested too deeply to read")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -58,8 +59,21 @@ def test_prompt_rows_go_to_chat_when_the_spec_says_so(tmp_path: Path) -> None:
         ('{"text": "x", "label": 1}', "line 3: a row needs prompt, messages or body (an OpenAI batch line); its keys: label, text"),
         ('{"custom_id": "z", "url": "/v1/embeddings", "body": {"input": "x"}}', "url '/v1/embeddings' is not supported"),
         ('{"id": [1], "prompt": "x"}', "line 3: id must be a string or an integer"),
-        ('{"messages": []}', "line 3: messages must be a non-empty list"),
+        ('{"messages": []}', "line 3: messages must be a non-empty list of {role, content} objects"),
         ('{"prompt": "x", "status": "new"}', "column 'status' clashes with the output column"),
+        ('{"prompt": "a\\ud800"}', "line 3: prompt holds a lone surrogate"),
+        ('{"id": "\\udfff", "prompt": "x"}', "line 3: id holds a lone surrogate"),
+        ('{"prompt": "x", "meta": {"tags": ["\\uD83D"]}}', "line 3: meta.tags[0] holds a lone surrogate"),
+        ('{"prompt": "x", "k": ' + "[" * 100_000 + "]" * 100_000 + "}", "line 3: nested too deeply to read"),
+        ('{"prompt": "x", "k": ' + "[" * 200 + "]" * 200 + "}", "line 3: nested more than 100 levels deep"),
+        ('{"messages": [{"role": "user", "content": "x"}, "hi"]}', "line 3: messages[1] must be an object"),
+        ('{"messages": [{"content": "x"}]}', "line 3: messages[0] has no role"),
+        ('{"messages": [{"role": "user"}]}', "line 3: messages[0] has no content"),
+        ('{"messages": [{"role": "user", "content": 7}]}', "line 3: messages[0].content must be text"),
+        ('{"prompt": ["a", "b"]}', "line 3: prompt must be a string, got list"),
+        ('{"custom_id": "c", "body": {"prompt": 5}}', "line 3: prompt must be a string, got int"),
+        ('{"prompt": "x", "temperature": NaN}', "line 3: temperature: nan is not a number JSON can carry"),
+        ('{"prompt": "x", "logit_bias": {"7": -Infinity}}', "line 3: logit_bias.7: -inf is not a number"),
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path: Path, line: str, message: str) -> None:
@@ -153,4 +167,44 @@ def test_parquet_struct_fields_absent_in_a_row_are_not_sent(tmp_path: Path) -> N
 def test_a_batch_line_whose_url_is_not_a_string_is_an_input_error(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "a", "url": [None], "body": {"prompt": "x"}}])
     with pytest.raises(InputError, match=r"line 1: url \[None\] is not supported"):
+        InputReader(path).validate()
+
+
+def test_valid_surrogate_pairs_nan_in_passthrough_and_tool_call_turns_are_fine(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        '{"prompt": "smile \\ud83d\\ude00", "score": NaN}',
+        {"messages": [{"role": "user", "content": "add"}, {"role": "assistant", "tool_calls": [{"id": "c"}]},
+                      {"role": "tool", "tool_call_id": "c", "content": "3"}], "score": 1.5},
+    ])
+    reader = InputReader(path)
+    assert reader.validate() == (2, {"score": "float"})
+    assert [row.body.get("prompt") for row in reader.rows()] == ["smile \U0001F600", None]
+
+
+def test_integers_in_passthrough_keep_their_exact_value(tmp_path: Path) -> None:
+    big = 4611686018427387905  # 2**62 + 1: a float64 would round it
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a", "v": big, "w": big}, {"prompt": "b", "v": 1, "w": 0.5}])
+    reader = InputReader(path)
+    _, types = reader.validate()
+    assert types == {"v": "int", "w": "json"}
+    [table] = reader.passthrough_batches(types)
+    assert table.to_pylist() == [{"v": big, "w": str(big)}, {"v": 1, "w": "0.5"}]
+
+
+@pytest.mark.parametrize(("column", "message"), [
+    (pa.array([b"hello", b"bytes"], pa.binary()), "row 0: prompt must be a string, got bytes (a Parquet binary"),
+    (pa.Array.from_buffers(pa.string(), 2, pa.array([b"ok", b"\xff!"], pa.binary()).buffers()),
+     "row 1: a string column holds bytes that are not UTF-8"),
+])
+def test_parquet_values_no_request_can_carry_are_named(tmp_path: Path, column: pa.Array, message: str) -> None:
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": column}), path)
+    with pytest.raises(InputError, match=re.escape(message)):
+        InputReader(path).validate()
+
+
+def test_parquet_request_fields_must_be_json(tmp_path: Path) -> None:
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"], "temperature": [0.5, float("nan")]}), path)
+    with pytest.raises(InputError, match="row 1: temperature: nan is not a number JSON can carry"):
         InputReader(path).validate()

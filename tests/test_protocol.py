@@ -108,8 +108,8 @@ def test_a_stream_cut_short_is_retryable() -> None:
     lines = sse({"choices": [{"index": 0, "delta": {"content": "hal"}, "finish_reason": None}]})
     with pytest.raises(RetryableAPIError, match="ended before the answer was complete"):
         feed("chat", lines).result()
-    with pytest.raises(RetryableAPIError, match="not JSON"):
-        feed("chat", ['data: {"choices": [{"delta": {"cont'])
+    with pytest.raises(RetryableAPIError, match="not one JSON object"):
+        feed("chat", ['data: {"choices": [{"delta": {"cont', ''])
 
 
 def test_a_stream_without_done_is_complete_once_it_has_a_finish_reason() -> None:
@@ -117,3 +117,60 @@ def test_a_stream_without_done_is_complete_once_it_has_a_finish_reason() -> None
                  "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
     result = feed("chat", lines).result()
     assert (result.output_text, result.total_tokens) == ("ok", 2)
+
+
+def test_answers_with_lone_surrogates_are_stored_with_replacement_characters() -> None:
+    data = json.loads('{"id": "r\\ud800", "choices": [{"message": {"content": "a\\ud800b", "tool_calls": '
+                      '[{"function": {"arguments": "\\udfff"}}]}, "finish_reason": "stop"}]}')
+    result = parse_answer("chat", data)
+    assert (result.output_text, result.response_id) == ("a\ufffdb", "r\ufffd")
+    assert json.loads(result.tool_calls) == [{"function": {"arguments": "\ufffd"}}]
+    for value in (result.output_text, result.tool_calls, result.response_id):
+        value.encode("utf-8")  # what SQLite and Parquet need
+
+
+def test_a_surrogate_pair_split_across_stream_chunks_is_joined() -> None:
+    # An emoji sent as two escapes in two chunks: each chunk alone holds half a character.
+    lines = ['data: {"choices": [{"index": 0, "delta": {"content": "smile \\ud83d"}}]}', "",
+             'data: {"choices": [{"index": 0, "delta": {"content": "\\ude00!"}, "finish_reason": "stop"}]}', ""]
+    assert feed("chat", lines).result().output_text == "smile \U0001F600!"
+    lonely = ['data: {"choices": [{"index": 0, "text": "\\ud83d", "finish_reason": "stop"}]}', ""]
+    assert feed("completions", lonely).result().output_text == "\ufffd"
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 2**63, "completion_tokens": 1, "total_tokens": 10**30},
+    {"prompt_tokens": -1, "completion_tokens": 1.5, "total_tokens": "7"},
+])
+def test_usage_that_no_count_can_be_is_left_empty(usage: dict) -> None:
+    data = {"choices": [{"text": "x", "finish_reason": "stop"}], "usage": usage}
+    result = parse_answer("completions", data)
+    assert (result.prompt_tokens, result.total_tokens, result.output_text) == (None, None, "x")
+    assert result.completion_tokens in (1, None)
+    total = parse_answer("completions", {**data, "usage": {"prompt_tokens": 2**62, "completion_tokens": 2**62}})
+    assert total.total_tokens is None  # their sum is beyond int64
+
+
+def test_one_event_may_span_several_data_lines() -> None:
+    lines = ["event: message", 'data: {"choices": [{"index": 0,', 'data: "delta": {"content": "hi"},',
+             'data:"finish_reason": "stop"}]}', "id: 7", "retry: 1000", ": a comment", ""]
+    result = feed("chat", lines).result()
+    assert (result.output_text, result.finish_reason) == ("hi", "stop")
+
+
+def test_two_copies_of_a_chunk_in_one_event_are_no_answer() -> None:
+    chunk = json.dumps({"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]})
+    with pytest.raises(RetryableAPIError, match="not one JSON object"):
+        feed("chat", [f"data: {chunk}", f"data: {chunk}", ""])
+
+
+def test_an_error_event_fails_the_attempt_with_its_message() -> None:
+    lines = ["event: error", 'data: {"message": "overloaded, try later"}', ""]
+    with pytest.raises(RetryableAPIError, match="overloaded, try later"):
+        feed("chat", lines)
+
+
+def test_an_event_the_stream_never_closed_is_dropped() -> None:
+    lines = ['data: {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}']
+    with pytest.raises(RetryableAPIError, match="ended before the answer was complete"):
+        feed("chat", lines).result()

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import socket
 import threading
 import time
+import tracemalloc
+import zlib
+from collections.abc import Callable, Iterator
 
 import anyio
 import httpx
 import pytest
 
-from batchrun._transport import AiohttpTransport
+from batchrun._transport import AiohttpTransport, AnswerTooLarge
 from tests.fakeserver import FakeServer, Faults
 
 
 def exchange(url: str, body: bytes = b'{"model": "m", "prompt": "hi"}', timeout_s: float | None = None,
-             **headers: str) -> httpx.Response:
+             max_answer_bytes: int = 32 << 20, **headers: str) -> httpx.Response:
     async def main() -> httpx.Response:
-        transport = AiohttpTransport(max_connections=4, timeout_s=timeout_s)
+        transport = AiohttpTransport(max_connections=4, timeout_s=timeout_s, max_answer_bytes=max_answer_bytes)
         try:
             request = httpx.Request("POST", url, content=body, headers={"content-type": "application/json", **headers})
             response = await transport.handle_async_request(request)
@@ -97,3 +102,91 @@ def test_timeout_bounds_the_whole_exchange_not_each_read() -> None:
         server.join()
         listener.close()
     assert 0.3 <= elapsed < 3
+
+
+def gzip_bomb(inflated: int) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    return b"".join(packer.compress(zeros) for _ in range(inflated >> 20)) + packer.flush()
+
+
+def raw(head: str, *chunks: bytes) -> Callable[[dict], Iterator[bytes]]:
+    def answer(body: dict) -> Iterator[bytes]:
+        yield head.encode()
+        yield from chunks
+    return answer
+
+
+def endless(head: str, chunk: bytes) -> Callable[[dict], Iterator[bytes]]:
+    def answer(body: dict) -> Iterator[bytes]:
+        yield head.encode()
+        while True:
+            yield chunk
+    return answer
+
+
+BOMB = gzip_bomb(256 << 20)
+MB = bytes(1 << 20)
+
+
+@pytest.mark.parametrize("answer", [
+    raw(f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+        f"content-length: {len(BOMB)}\r\n\r\n", BOMB),
+    endless("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5368709120\r\n\r\n", MB),
+    endless("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"100000\r\n" + b"data: {}\n\n".ljust(1 << 20, b"x") + b"\r\n"),
+], ids=["gzip-bomb", "5-GB-body", "endless-stream"])
+def test_an_answer_past_the_limit_fails_without_growing_memory(server: FakeServer, answer: Callable) -> None:
+    server.faults = Faults(raw_answer=answer)
+    limit = 4 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(AnswerTooLarge, match="answer too large: more than 4,194,304 bytes"):
+            exchange(f"{server.base_url}/completions", max_answer_bytes=limit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * limit, f"{peak:,} bytes held for an answer refused at {limit:,}"
+
+
+def test_compressed_answers_are_inflated_and_the_headers_say_so(server: FakeServer) -> None:
+    text = json.dumps({"choices": [{"text": "é" * 1000, "finish_reason": "stop"}]}).encode()
+    packed = gzip.compress(text)
+    server.faults = Faults(raw_answer=raw(
+        f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+        f"content-length: {len(packed)}\r\n\r\n", packed))
+    response = exchange(f"{server.base_url}/completions")
+    assert response.content == text
+    assert "content-encoding" not in response.headers
+    server.faults = Faults(raw_answer=raw(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: br\r\ncontent-length: 2\r\n\r\n",
+        b"{}"))
+    with pytest.raises(httpx.DecodingError, match="'br', which batchrun never asked for"):
+        exchange(f"{server.base_url}/completions")
+
+
+def test_large_answers_take_turns_and_all_arrive(server: FakeServer) -> None:
+    """Past SMALL_ANSWER_BYTES an answer needs a slot; more large answers than slots still
+    all complete, a few at a time."""
+    big = json.dumps({"choices": [{"text": "x" * (3 << 20), "finish_reason": "stop"}]}).encode()
+    server.faults = Faults(raw_answer=raw(
+        f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(big)}\r\n\r\n", big))
+
+    async def main() -> list[int]:
+        # A 40 MB limit leaves 3 slots for 8 answers of 3 MB.
+        transport = AiohttpTransport(max_connections=8, max_answer_bytes=40 << 20)
+        sizes: list[int] = []
+
+        async def one() -> None:
+            request = httpx.Request("POST", f"{server.base_url}/completions", content=b'{"model": "m", "prompt": "p"}')
+            sizes.append(len((await transport.handle_async_request(request)).content))
+
+        try:
+            async with anyio.create_task_group() as tasks:
+                for _ in range(8):
+                    tasks.start_soon(one)
+        finally:
+            await transport.aclose()
+        return sizes
+
+    assert anyio.run(main) == [len(big)] * 8

@@ -1,0 +1,167 @@
+"""End to end against servers that misbehave on purpose and files damaged on purpose.
+
+Each test is one promise a hostile user once broke: whatever a server answers, whatever
+is done to the files, a job stores what it can, refuses what it cannot, names the
+cause, and never crashes (exit 4) or writes the key anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tests.conftest import REPO, TEST_KEY, cli_env, read_output, run_cli, write_jsonl, write_spec
+from tests.fakeserver import FakeServer, Faults
+
+
+def http_answer(body: bytes, *, content_type: str = "application/json", **headers: str) -> list[bytes]:
+    head = [f"HTTP/1.1 200 OK", f"content-type: {content_type}", f"content-length: {len(body)}",
+            *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items()), "connection: close"]
+    return ["\r\n".join(head).encode() + b"\r\n\r\n", body]
+
+
+def for_prompts(answers: dict[str, Callable[[], Iterator[bytes] | list[bytes]]]) -> Callable[[dict], object]:
+    """A raw_answer fault: the prompts named get their raw answer, the others the usual one."""
+    return lambda body: answers[body["prompt"]]() if body.get("prompt") in answers else None
+
+
+def peak_rss_mb(*args: str) -> tuple[int, float, str]:
+    """Run the CLI in a child of a fresh interpreter: (exit code, the CLI's peak RSS in MB, stderr)."""
+    script = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+              "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); "
+              "sys.stderr.write(p.stderr)")
+    proc = subprocess.run([sys.executable, "-c", script, sys.executable, "-m", "batchrun", *args],
+                          capture_output=True, text=True, cwd=REPO, env=cli_env(OPENAI_API_KEY=TEST_KEY), timeout=300)
+    code, peak = proc.stdout.split()
+    return int(code), float(peak), proc.stderr
+
+
+def test_an_answer_holding_a_lone_surrogate_is_stored_and_the_job_finishes(tmp_path: Path,
+                                                                             server: FakeServer) -> None:
+    odd = b'{"id": "odd", "model": "m", "choices": [{"index": 0, "text": "half \\ud800 a pair", ' \
+          b'"finish_reason": "stop"}], "usage": {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}}'
+    server.faults = Faults(raw_answer=for_prompts({"p1234": lambda: http_answer(odd)}))
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(3000)])
+    spec = write_spec(tmp_path, concurrency=64, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["status"] for r in out] == ["ok"] * 3000
+    assert (out[1234]["output_text"], out[1234]["total_tokens"]) == ("half \ufffd a pair", 6)
+    assert len(server.requests) == 3000  # nothing paid twice
+
+
+def test_a_stream_splitting_an_emoji_and_usage_beyond_int64_are_stored(tmp_path: Path, server: FakeServer) -> None:
+    events = [
+        {"id": "s", "choices": [{"index": 0, "text": "smile \ud83d", "finish_reason": None}]},
+        {"id": "s", "choices": [{"index": 0, "text": "\ude00", "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": 2**64, "completion_tokens": 3, "total_tokens": 2**64 + 3}},
+    ]
+    # json.dumps writes each half of the pair as its own \\u escape, as such a server does
+    stream = "".join(f"data: {json.dumps(e)}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
+    server.faults = Faults(raw_answer=for_prompts({"p1": lambda: http_answer(stream, content_type="text/event-stream")}))
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}", "stream": True} for i in range(4)])
+    spec = write_spec(tmp_path, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    row = read_output(tmp_path / "out/result.parquet")[1]
+    assert (row["status"], row["output_text"]) == ("ok", "smile \U0001F600")
+    assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (None, 3, None)
+
+
+def test_events_are_read_as_the_standard_says(tmp_path: Path, server: FakeServer) -> None:
+    chunk = {"id": "s", "choices": [{"index": 0, "text": "two lines", "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
+    text = json.dumps(chunk, indent=1)  # one object over several lines
+    split = "".join(f"data: {line}\n" for line in text.splitlines()) + "\n"
+    doubled = f"data: {json.dumps(chunk)}\ndata: {json.dumps(chunk)}\n\n"
+    sse = lambda events: lambda: http_answer(events.encode() + b"data: [DONE]\n\n", content_type="text/event-stream")
+    server.faults = Faults(raw_answer=for_prompts({"p1": sse(": hi\nretry: 10\n" + split), "p2": sse(doubled)}))
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}", "stream": True} for i in range(3)])
+    spec = write_spec(tmp_path, retry={"max_attempts": 2, "backoff_initial_s": 0.01}, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 1, result.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert (out[1]["status"], out[1]["output_text"], out[1]["total_tokens"]) == ("ok", "two lines", 3)
+    assert (out[2]["status"], out[2]["output_text"], out[2]["attempts"]) == ("failed", None, 2)
+    assert "not one JSON object" in out[2]["error"]
+
+
+BOMB = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+BOMB = b"".join(BOMB.compress(bytes(1 << 20)) for _ in range(1024)) + BOMB.flush()  # 1 GB of zeros
+
+
+def endless(head: bytes, chunk: bytes) -> Iterator[bytes]:
+    yield head
+    while True:
+        yield chunk
+
+
+HUGE = {
+    "gzip-bomb": lambda: http_answer(BOMB, content_encoding="gzip"),
+    "5-GB-body": lambda: endless(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                 b"content-length: 5368709120\r\n\r\n", b"[" * (1 << 20)),
+    "endless-stream": lambda: endless(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                      b"transfer-encoding: chunked\r\n\r\n",
+                                      b"100000\r\n" + b": keep-alive\n".ljust(1 << 20, b" ") + b"\r\n"),
+}
+
+
+def test_huge_answers_fail_their_attempts_within_the_usual_memory(tmp_path: Path, server: FakeServer) -> None:
+    """Every third row meets one of the three; 16 requests in flight."""
+    kinds = list(HUGE)
+    server.faults = Faults(raw_answer=for_prompts({f"p{i}": HUGE[kinds[i // 3 % 3]] for i in range(1, 60, 3)}))
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}", "stream": i % 2 == 0} for i in range(60)])
+    spec = write_spec(tmp_path, concurrency=16, retry={"max_attempts": 2, "backoff_initial_s": 0.01},
+                      api={"base_url": server.base_url})
+
+    code, peak_mb, stderr = peak_rss_mb("run", str(spec), "--no-progress")
+
+    assert code == 1, stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    failed = [r for r in out if r["status"] == "failed"]
+    assert [r["row_index"] for r in failed] == list(range(1, 60, 3))
+    assert {r["error"] for r in failed} == {"answer too large: more than 33,554,432 bytes (api.max_answer_mb)"}
+    assert peak_mb < 400, f"peak RSS {peak_mb:.0f} MB"
+    print(f"peak RSS with 20 rows of huge answers: {peak_mb:.0f} MB")
+
+
+def test_no_piece_of_the_key_reaches_any_file_or_output(tmp_path: Path, server: FakeServer) -> None:
+    def refusal(status: int, text: str, content_type: str = "application/json") -> Callable[[], list[bytes]]:
+        body = text.encode()
+        head = f"HTTP/1.1 {status} Oops\r\ncontent-type: {content_type}\r\ncontent-length: {len(body)}\r\n\r\n"
+        return lambda: [head.encode(), body]
+
+    message = lambda text: json.dumps({"error": {"message": text}})
+    server.faults = Faults(raw_answer=for_prompts({
+        "p1": refusal(400, message("x" * 480 + f" you sent {TEST_KEY}, which is wrong")),
+        "p2": refusal(400, message(f"key: {' '.join(TEST_KEY)}")),
+        "p3": refusal(400, message(f"key: {TEST_KEY[:11]}\n{TEST_KEY[11:]}")),
+        "p4": refusal(500, f"upstream said: Authorization: Bearer {TEST_KEY}", "text/plain"),
+    }))
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(6)])
+    spec = write_spec(tmp_path, retry={"max_attempts": 2, "backoff_initial_s": 0.01}, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 1, result.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["status"] for r in out] == ["ok", "failed", "failed", "failed", "failed", "ok"]
+    assert out[4]["error"].startswith("HTTP 500: upstream said: Authorization: Bearer [redacted]")
+    pieces = {TEST_KEY[i:i + 8] for i in range(len(TEST_KEY) - 7)}
+    texts = [result.stdout, result.stderr] + [p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*")
+                                              if p.is_file()]
+    for text in texts:
+        squeezed = "".join(text.split())
+        assert not [p for p in pieces if p in text or p in squeezed]
