@@ -174,8 +174,9 @@ class StreamAssembler:
 
     Usage is taken from whichever chunk carries it: Fireworks puts it in the chunk
     with `finish_reason`, OpenAI in an extra final chunk whose `choices` is empty.
-    A stream that ends with neither a `finish_reason` nor `[DONE]` was cut short
-    and is retryable; some servers omit `[DONE]`, so a finish_reason is enough.
+    A stream without a `finish_reason` was cut short and is retryable, `[DONE]` or
+    not: llama.cpp's server ends a stream it interrupts with `[DONE]` and no
+    finish_reason. Some servers omit `[DONE]`, so a finish_reason is enough.
     """
 
     def __init__(self, endpoint: str) -> None:
@@ -272,8 +273,9 @@ class StreamAssembler:
         call["function"]["arguments"] += _text(function.get("arguments")) or ""
 
     def result(self) -> Result:
-        if not self.done and self.finish_reason is None:
-            raise RetryableAPIError("the event stream ended before the answer was complete", status=200)
+        if self.finish_reason is None:
+            ended = "with [DONE] but no finish_reason" if self.done else "before the answer was complete"
+            raise RetryableAPIError(f"the event stream ended {ended}", status=200)
         calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
         result = Result(
             row_index=-1,

@@ -174,3 +174,10 @@ def test_an_event_the_stream_never_closed_is_dropped() -> None:
     lines = ['data: {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}']
     with pytest.raises(RetryableAPIError, match="ended before the answer was complete"):
         feed("chat", lines).result()
+
+
+def test_done_without_a_finish_reason_is_a_stream_cut_short() -> None:
+    # llama.cpp's server ends a stream it interrupts this way
+    lines = sse({"choices": [{"index": 0, "delta": {"content": "hal"}, "finish_reason": None}]}, "[DONE]")
+    with pytest.raises(RetryableAPIError, match=r"ended with \[DONE\] but no finish_reason"):
+        feed("chat", lines).result()
