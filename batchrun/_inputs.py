@@ -14,8 +14,8 @@ reader is a small object that can start over rather than a one-shot iterator.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
-import hashlib
 import json
 import math
 import re
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import InputError
+from ._exceptions import InputError, StorageError
+from ._source import InputChangedError, PinnedFile
 
 if TYPE_CHECKING:
     import pyarrow as pa  # imported where used: a JSONL job needs it only for its output
@@ -69,7 +70,11 @@ class Row:
 
 
 class InputReader:
-    """Streams rows from one input file, from the start each time it is asked."""
+    """Streams rows from one input file, from the start each time it is asked.
+
+    Every pass reads the version of the file that was there when the reader was
+    made (see `_source`); `close()` lets it go.
+    """
 
     def __init__(
         self, path: Path, *, endpoint: str | None = None, require_model: bool = False, batch_rows: int = 1024
@@ -83,19 +88,30 @@ class InputReader:
         self._checking = False
         if not path.is_file():
             raise InputError(f"{path}: input file not found")
+        try:
+            self._file = PinnedFile(path)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> InputReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # -- whole-file checks -------------------------------------------------------------
 
     def fingerprint(self) -> str:
         """A digest of the file's bytes: a resume must see the very same input."""
-        digest = hashlib.blake2b(digest_size=16)
-        try:
-            with self.path.open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-        except OSError as exc:
-            raise InputError(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
-        return digest.hexdigest()
+        with self._before_the_run():
+            return self._file.fingerprint()
+
+    def check_unchanged(self) -> None:
+        """Raise InputChangedError if the file was changed in place since it was opened."""
+        self._file.check()
 
     def validate(self) -> tuple[int, dict[str, str]]:
         """Parse every row once before any request; return (row count, passthrough types).
@@ -103,8 +119,26 @@ class InputReader:
         Ids are checked for duplicates in a temporary on-disk SQLite table so that
         memory does not grow with the input.
         """
-        ids = sqlite3.connect("")  # "" is a private temporary database on disk
-        ids.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, place TEXT)")
+        with self._before_the_run():
+            return self._validate()
+
+    @contextlib.contextmanager
+    def _before_the_run(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
+        except InputChangedError:
+            raise InputError(f"{self.path}: the file changed while batchrun checked it; "
+                             "rerun once it is written in full") from None
+
+    def _validate(self) -> tuple[int, dict[str, str]]:
+        try:
+            ids = sqlite3.connect("")  # "" is a private temporary database on disk
+            ids.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, place TEXT)")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot check the input's ids for duplicates in a temporary file: {exc}; "
+                               "free space in the temporary folder (or point TMPDIR elsewhere) and rerun") from exc
         kinds: dict[str, set[str]] = {}
         count = 0
         duplicates: list[str] = []
@@ -120,6 +154,10 @@ class InputReader:
                         ids.executemany("INSERT INTO ids VALUES (?, ?)", [(row.id, row.where) for row in rows])
                 except sqlite3.IntegrityError:
                     duplicates += _duplicates(ids, rows)
+                except sqlite3.Error as exc:
+                    raise StorageError(f"cannot check the input's ids for duplicates in a temporary file: {exc}; "
+                                       "free space in the temporary folder (or point TMPDIR elsewhere) and rerun"
+                                       ) from exc
                 if len(duplicates) >= 5:
                     break
         finally:
@@ -134,15 +172,15 @@ class InputReader:
 
     # -- streaming ------------------------------------------------------------------------
 
-    def rows(self, start: int = 0) -> Iterator[Row]:
-        for rows, _ in self._batches(collect_extras=False):
+    def rows(self, start: int = 0, *, batch_rows: int | None = None) -> Iterator[Row]:
+        for rows, _ in self._batches(collect_extras=False, batch_rows=batch_rows):
             if rows and rows[-1].index < start:
                 continue
             for row in rows:
                 if row.index >= start:
                     yield row
 
-    def passthrough_batches(self, types: dict[str, str]) -> Iterator[pa.Table]:
+    def passthrough_batches(self, types: dict[str, str], *, batch_rows: int | None = None) -> Iterator[pa.Table]:
         """The passthrough columns, a table per `batch_rows` rows, in the types `validate` chose.
 
         Only those columns are kept: prompts and messages are parsed and dropped line by
@@ -151,8 +189,9 @@ class InputReader:
         import pyarrow as pa
 
         names = list(types)
+        batch_rows = batch_rows or self.batch_rows
         if self.is_parquet:
-            for batch in self._parquet_batches(names):
+            for batch in self._parquet_batches(names, batch_rows):
                 yield pa.Table.from_batches([batch]).select(names)
             return
         schema = pa.schema([(name, _arrow_type(types[name])) for name in names])
@@ -162,7 +201,7 @@ class InputReader:
             for name in names:
                 columns[name].append(_coerce(record.get(name), types[name]))
             count += 1
-            if count == self.batch_rows:
+            if count == batch_rows:
                 yield pa.Table.from_pydict(columns, schema=schema)
                 columns, count = {name: [] for name in names}, 0
         if count:
@@ -170,8 +209,10 @@ class InputReader:
 
     # -- parsing -------------------------------------------------------------------------
 
-    def _batches(self, *, collect_extras: bool) -> Iterator[tuple[list[Row], dict[str, list[Any]]]]:
-        source = self._parquet_records() if self.is_parquet else self._jsonl_records()
+    def _batches(self, *, collect_extras: bool,
+                 batch_rows: int | None = None) -> Iterator[tuple[list[Row], dict[str, list[Any]]]]:
+        batch_rows = batch_rows or self.batch_rows
+        source = self._parquet_records(batch_rows) if self.is_parquet else self._jsonl_records()
         rows: list[Row] = []
         extras: dict[str, list[Any]] = {}
         for index, (where, record, suspect) in enumerate(source):
@@ -191,7 +232,7 @@ class InputReader:
                 for column in extras.values():
                     if len(column) < len(rows):
                         column.append(None)
-            if len(rows) >= self.batch_rows:
+            if len(rows) >= batch_rows:
                 yield rows, extras
                 rows, extras = [], {}
         if rows:
@@ -199,9 +240,9 @@ class InputReader:
 
     def _jsonl_records(self) -> Iterator[tuple[str, dict[str, Any], bool]]:
         """(where, record, suspect): only a suspect record can hold what JSON cannot carry."""
-        opener = gzip.open if self.path.name.endswith(".gz") else open
         try:
-            with opener(self.path, "rb") as f:
+            with self._file.open() as raw, (gzip.GzipFile(fileobj=raw, mode="rb")
+                                            if self.path.name.endswith(".gz") else raw) as f:
                 for number, line in enumerate(f, start=1):
                     if not line.strip():
                         continue
@@ -224,19 +265,20 @@ class InputReader:
         except (OSError, EOFError, zlib.error) as exc:
             raise InputError(f"{self.path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
 
-    def _parquet_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    def _parquet_batches(self, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
-            f = pq.ParquetFile(self.path)
-            yield from f.iter_batches(batch_size=self.batch_rows, columns=columns)
+            with self._file.open() as raw:
+                f = pq.ParquetFile(raw)
+                yield from f.iter_batches(batch_size=batch_rows, columns=columns)
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"{self.path}: cannot read as Parquet: {exc}") from exc
 
-    def _parquet_records(self) -> Iterator[tuple[str, dict[str, Any], bool]]:
+    def _parquet_records(self, batch_rows: int) -> Iterator[tuple[str, dict[str, Any], bool]]:
         index = 0
-        for batch in self._parquet_batches(None):
+        for batch in self._parquet_batches(None, batch_rows):
             try:
                 records = batch.to_pylist()
             except UnicodeDecodeError:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ._exceptions import StorageError
 from ._inputs import InputReader
 from ._protocol import RESULT_FIELDS
+from ._source import InputChangedError
 from ._state import StateStore
 
 if TYPE_CHECKING:
@@ -85,7 +86,8 @@ class OutputWriter:
         # Left by runs killed while writing; the job's lock, held now, says they are dead.
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
-        self._extras = reader.passthrough_batches(passthrough) if passthrough else None
+        self._extras = reader.passthrough_batches(passthrough, batch_rows=ROW_GROUP_ROWS) if passthrough else None
+        self.reader_path = reader.path
         self._pending: pa.Table | None = None  # passthrough rows read, not yet written
         self._writer: pq.ParquetWriter | None = None
         self.written = 0  # rows [0, written) are in the file
@@ -130,7 +132,10 @@ class OutputWriter:
         parts = []
         while n > 0:
             if self._pending is None or self._pending.num_rows == 0:
-                self._pending = next(self._extras)
+                self._pending = next(self._extras, None)
+                if self._pending is None:
+                    raise InputChangedError(f"{self.reader_path}: the input file has fewer rows than when the "
+                                            "job began; it was changed while the job ran")
             part = self._pending.slice(0, n)
             self._pending = self._pending.slice(part.num_rows)
             parts.append(part)

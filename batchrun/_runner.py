@@ -25,8 +25,11 @@ import httpx
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from ._client import Client
-from ._exceptions import BatchrunError, ConfigError, Interrupted, JobAborted, JobFatalAPIError, StorageError
+from ._exceptions import (
+    BatchrunError, ConfigError, InputError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
+)
 from ._inputs import InputReader, Row
+from ._source import InputChangedError
 from ._mock import MOCK_BASE_URL, MOCK_SCHEME, mock_transport
 from ._output import ROW_GROUP_ROWS, OutputWriter, load_arrow
 from ._policy import FailureStreak
@@ -104,15 +107,21 @@ def run_job(
         transport, base_url = transport or mock_transport(), MOCK_BASE_URL
     _check_output(spec.output)
 
-    store, total, passthrough = _open_state(spec, limit=limit, restart=restart)
+    # One reader for the whole run: every pass sees the version of the input that
+    # was fingerprinted, even if the file is replaced meanwhile.
+    reader = InputReader(spec.input, endpoint=spec.endpoint, require_model=spec.model is None)
+    try:
+        store, total, passthrough = _open_state(spec, reader, limit=limit, restart=restart)
+    except BaseException:
+        reader.close()
+        raise
     try:
         done = store.ok_rows(total)
         settled = store.counts(below=total)
         progress.start(total, settled["ok"] + settled["failed"])
         client = Client(spec, api_key=api_key, transport=transport, base_url=base_url)
-        output_reader = InputReader(spec.input, endpoint=spec.endpoint, batch_rows=ROW_GROUP_ROWS)
-        output = OutputWriter(spec.output, store, output_reader, rows=total, passthrough=passthrough)
-        pool = _Pool(spec, client, store, output, progress, done, total)
+        output = OutputWriter(spec.output, store, reader, rows=total, passthrough=passthrough)
+        pool = _Pool(spec, client, store, output, reader, progress, done, total)
         # anyio leaves the default handlers behind; the caller's must be back for the
         # output writing that follows.
         saved_handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -126,11 +135,16 @@ def run_job(
         counts = store.counts(below=total)
         written = pool.aborted is None and counts["ok"] + counts["failed"] == total
         if written:
-            output.finish()
-        else:
+            try:
+                reader.check_unchanged()  # the passthrough just copied is the fingerprinted one
+                output.finish()
+            except JobAborted as exc:  # StorageError, InputChangedError: every answer is saved
+                pool.aborted, written = exc, False
+        if not written:
             output.discard()
     finally:
         store.close()
+        reader.close()
 
     summary = Summary(
         job=spec.name,
@@ -174,13 +188,13 @@ def _check_output(output: Path) -> None:
         raise ConfigError(f"{output}: the folder {folder} is not writable")
 
 
-def _open_state(spec: JobSpec, *, limit: int | None, restart: bool) -> tuple[StateStore, int, dict[str, str]]:
+def _open_state(spec: JobSpec, reader: InputReader, *, limit: int | None,
+                restart: bool) -> tuple[StateStore, int, dict[str, str]]:
     """Open (or make) the job's state and check it belongs to this input and spec.
 
     The input is validated in full the first time; a resume whose input digest
     matches the saved one trusts the saved row count and column types.
     """
-    reader = InputReader(spec.input, endpoint=spec.endpoint, require_model=spec.model is None)
     path = state_path(spec.output)
     fresh = not path.exists()
     store = StateStore.open(path)
@@ -214,6 +228,7 @@ class _Pool:
         client: Client,
         store: StateStore,
         output: OutputWriter,
+        reader: InputReader,
         progress: Progress,
         done: bytearray,
         total: int,
@@ -222,6 +237,7 @@ class _Pool:
         self.client = client
         self.store = store
         self.output = output
+        self.reader = reader
         self.progress = progress
         self.done = done
         self.total = total
@@ -234,7 +250,8 @@ class _Pool:
         self.tail_written = False
         self.aborted: JobAborted | None = None
         self.stopping = False
-        self.storage_failed = False
+        self.state_failed = False  # nothing more can be saved
+        self.output_failed = False  # answers are still saved; the output waits for a rerun
         self.streak = FailureStreak()
 
     async def run(self, handle_signals: bool) -> None:
@@ -272,12 +289,16 @@ class _Pool:
         ever inside it at once, and a row goes to exactly one worker.
         """
         # Small batches: the first request waits for its batch to be parsed.
-        reader = InputReader(self.spec.input, endpoint=self.spec.endpoint, batch_rows=64)
-        for row in reader.rows():
-            if row.index >= self.total:
-                break
-            if not self.done[row.index]:
-                yield row
+        try:
+            for row in self.reader.rows(batch_rows=64):
+                if row.index >= self.total:
+                    break
+                if not self.done[row.index]:
+                    yield row
+        except InputError as exc:  # it passed validation: it must have changed since
+            raise InputChangedError(f"{exc}; the input file was changed while the job ran. Rows already "
+                                    "answered are saved; restore the file and rerun, or rerun with --restart"
+                                    ) from None
         self.fed_all = True
 
     async def _work(self, first: bool, rows: Iterator[Row], results: ObjectSendStream[Result]) -> None:
@@ -285,8 +306,13 @@ class _Pool:
             if not first:
                 await self.answered_once.wait()
             try:
-                for row in rows:
-                    if self.stopping:
+                while not self.stopping:
+                    try:
+                        row = next(rows)
+                    except StopIteration:
+                        return
+                    except InputChangedError as exc:
+                        self._stop(exc)
                         return
                     try:
                         result = await self.client.call(row)
@@ -361,14 +387,15 @@ class _Pool:
                     saved.set()  # saved, or never to be: the workers go on either way
 
     async def _commit(self, group: list[Result], due: ObjectSendStream[None]) -> None:
-        if self.storage_failed:
+        if self.state_failed:
             return  # nothing more can be saved; the job is stopping
         try:
             # Shielded: an answer received is paid for, even during a hard stop.
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.store.save, group)
         except StorageError as exc:
-            self._storage_failed(exc)
+            self.state_failed = True
+            self._stop(exc)
             return
         failed = sum(r.status != "ok" for r in group)
         tokens = sum(r.total_tokens or 0 for r in group)
@@ -390,18 +417,15 @@ class _Pool:
         """Append settled rows to the output in a thread, off the commit path."""
         async with due:
             async for _ in due:
-                if self.storage_failed:
+                if self.output_failed:
                     continue
                 stop = self.published = self.prefix
                 try:
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(self.output.write, stop)
-                except StorageError as exc:
-                    self._storage_failed(exc)
-
-    def _storage_failed(self, exc: StorageError) -> None:
-        self.storage_failed = True
-        self._stop(exc)
+                except (StorageError, InputChangedError) as exc:
+                    self.output_failed = True
+                    self._stop(exc)
 
     # -- signals -----------------------------------------------------------------------
 

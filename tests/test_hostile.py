@@ -8,13 +8,14 @@ cause, and never crashes (exit 4) or writes the key anywhere.
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.conftest import REPO, TEST_KEY, cli_env, read_output, run_cli, write_jsonl, write_spec
+from tests.conftest import REPO, TEST_KEY, cli_env, read_output, run_cli, start_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
 
 
@@ -165,3 +166,60 @@ def test_no_piece_of_the_key_reaches_any_file_or_output(tmp_path: Path, server: 
     for text in texts:
         squeezed = "".join(text.split())
         assert not [p for p in pieces if p in text or p in squeezed]
+
+
+def versioned(version: str, n: int) -> list[dict]:
+    return [{"id": f"r{i}", "prompt": f"{version} prompt {i}", "tag": f"{version}-{i}"} for i in range(n)]
+
+
+def assert_paired(rows: list[dict]) -> None:
+    """Each answer quotes the start of its prompt: it must be the prompt of the row's own columns."""
+    for row in rows:
+        version, index = row["tag"].split("-")
+        assert f"'{version} prompt {index}" in row["output_text"], row
+
+
+def test_an_input_replaced_during_the_run_is_read_as_it_was(tmp_path: Path, server: FakeServer) -> None:
+    server.faults = Faults(latency_s=0.02)
+    write_jsonl(tmp_path / "input.jsonl", versioned("v1", 6000))
+    spec = write_spec(tmp_path, concurrency=32, api={"base_url": server.base_url})
+    proc = start_cli("run", str(spec), "--no-progress")
+    server.wait_for_requests(1500, timeout=60)
+    write_jsonl(tmp_path / "input.new", versioned("v2", 6000))
+    (tmp_path / "input.new").replace(tmp_path / "input.jsonl")  # as editors and atomic writers do
+    _, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 0, stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert len(out) == 6000 and {r["tag"][:2] for r in out} == {"v1"}
+    assert_paired(out)
+    assert {r.body["prompt"][:2] for r in server.requests} == {"v1"}
+
+
+def test_an_input_rewritten_in_place_stops_the_job_and_no_answer_is_mispaired(tmp_path: Path,
+                                                                               server: FakeServer) -> None:
+    server.faults = Faults(latency_s=0.02)
+    write_jsonl(tmp_path / "input.jsonl", versioned("v1", 6000))
+    spec = write_spec(tmp_path, concurrency=32, api={"base_url": server.base_url})
+    proc = start_cli("run", str(spec), "--no-progress")
+    server.wait_for_requests(1500, timeout=60)
+    write_jsonl(tmp_path / "input.jsonl", versioned("v2", 6000))  # same inode, same size
+    _, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 3, stderr
+    assert "input.jsonl: the input file was changed while the job read it" in stderr
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "out/result.parquet").exists()
+    db = sqlite3.connect(tmp_path / "out/result.batchrun.sqlite")
+    saved = db.execute("SELECT row_index, output_text FROM results WHERE status = 'ok'").fetchall()
+    db.close()
+    assert saved
+    assert_paired([{"tag": f"v1-{i}", "output_text": text} for i, text in saved])
+
+    result = run_cli("run", str(spec), "--no-progress")
+    assert result.code == 2 and "the input file's content changed" in result.stderr
+    result = run_cli("run", str(spec), "--no-progress", "--restart")
+    assert result.code == 0, result.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert {r["tag"][:2] for r in out} == {"v2"}
+    assert_paired(out)
