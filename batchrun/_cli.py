@@ -16,7 +16,8 @@ from ._exceptions import Interrupted, JobAborted, UsageError
 from ._progress import make_progress
 from ._runner import run_job
 from ._spec import load_spec
-from ._state import StateStore, lock_holder, state_path
+from ._lock import lock_holder
+from ._state import StateStore, state_path
 
 __all__ = ["main"]
 

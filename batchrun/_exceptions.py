@@ -6,9 +6,11 @@
     │   ├── InputError             the input file: unreadable, malformed line, duplicate ids
     │   ├── ConfigError            the environment: missing API key, unwritable output
     │   └── StateMismatchError     the saved state belongs to another input or request shape
+    │       └── StateDamagedError  the state file is not a whole batchrun state (--restart)
     ├── JobAborted                 exit 3: the job stopped before every row was settled
     │   ├── JobFatalAPIError       401/403, insufficient quota, every row failing alike
     │   ├── StorageError           the state or output cannot be written (disk full, folder gone)
+    │   ├── InputChangedError      the input file was changed in place while the job read it
     │   └── Interrupted            a signal asked the job to stop
     └── APIError                   one request failed; the runner turns it into row data
         ├── RetryableAPIError      429, 5xx, timeouts, dropped connections, broken bodies
@@ -24,12 +26,14 @@ __all__ = [
     "BatchrunError",
     "ConfigError",
     "InputError",
+    "InputChangedError",
     "Interrupted",
     "JobAborted",
     "JobFatalAPIError",
     "RetryableAPIError",
     "RowFatalAPIError",
     "SpecError",
+    "StateDamagedError",
     "StateMismatchError",
     "StorageError",
     "UsageError",
@@ -62,6 +66,11 @@ class StateMismatchError(UsageError):
     """The saved progress was written for another input or request configuration."""
 
 
+class StateDamagedError(StateMismatchError):
+    """The state file is not a whole batchrun state (empty, garbage, edited); only --restart
+    moves past it."""
+
+
 class JobAborted(BatchrunError):
     """The job stopped early; its state is saved and a rerun resumes it (exit code 3)."""
 
@@ -78,6 +87,11 @@ class JobFatalAPIError(JobAborted):
 
 class StorageError(JobAborted):
     """The state or the output could not be written; what was saved before is intact."""
+
+
+class InputChangedError(JobAborted):
+    """The input file was changed in place while the job read it; what was read before is
+    consistent, and the job stopped before reading more."""
 
 
 class Interrupted(JobAborted):

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import InputError, StorageError
-from ._source import InputChangedError, PinnedFile
+from ._exceptions import InputChangedError, InputError, StorageError
+from ._source import PinnedFile
 
 if TYPE_CHECKING:
     import pyarrow as pa  # imported where used: a JSONL job needs it only for its output

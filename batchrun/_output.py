@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import os
+import re
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._exceptions import StorageError
+from ._exceptions import InputChangedError, StorageError
 from ._inputs import InputReader
 from ._protocol import RESULT_FIELDS
-from ._source import InputChangedError
 from ._state import StateStore
 
 if TYPE_CHECKING:
@@ -83,9 +85,12 @@ class OutputWriter:
         self.store = store
         self.rows = rows
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        # Left by runs killed while writing; the job's lock, held now, says they are dead.
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+        # Left by runs of this job killed while writing; the job's lock, held now, says
+        # they are dead. Only this job's names: `.x.parquet.parquet.7.tmp` is another job's.
+        own = re.compile(rf"\.{re.escape(path.name)}\.\d+\.tmp")
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            if own.fullmatch(stale.name):
+                stale.unlink(missing_ok=True)
         self._extras = reader.passthrough_batches(passthrough, batch_rows=ROW_GROUP_ROWS) if passthrough else None
         self.reader_path = reader.path
         self._pending: pa.Table | None = None  # passthrough rows read, not yet written
@@ -119,10 +124,13 @@ class OutputWriter:
             _fsync(self.path.parent)
 
     def discard(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self.tmp.unlink(missing_ok=True)
+        """Drop the unfinished file; what cannot be removed now, the next run sweeps."""
+        with contextlib.suppress(OSError):
+            if self._writer is not None:
+                self._writer, writer = None, self._writer
+                writer.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
 
     def _take(self, n: int) -> pa.Table:
         """The next n passthrough rows, across the reader's batches."""
@@ -146,11 +154,11 @@ class OutputWriter:
     def _storage_errors(self) -> Iterator[None]:
         try:
             yield
-        except OSError as exc:
+        except (OSError, sqlite3.Error) as exc:  # ArrowIOError is an OSError
             self.discard()
             raise StorageError(
-                f"{self.path}: cannot write the output: {exc.strerror or exc}; every answer is saved, "
-                "so a rerun writes it without sending a request"
+                f"{self.path}: cannot write the output: {getattr(exc, 'strerror', None) or exc}; every answer "
+                "is saved, so a rerun writes it without sending a request"
             ) from exc
 
 
@@ -168,6 +176,12 @@ def _result_table(store: StateStore, start: int, stop: int) -> pa.Table:
 def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     import pyarrow.parquet as pq
 
+    # Made first, readable by its owner only whatever the umask: it holds the answers.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
     return pq.ParquetWriter(path, schema, compression="zstd")
 
 

@@ -26,10 +26,10 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from ._client import Client
 from ._exceptions import (
-    BatchrunError, ConfigError, InputError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
+    BatchrunError, ConfigError, InputChangedError, InputError, Interrupted, JobAborted, JobFatalAPIError,
+    StorageError,
 )
 from ._inputs import InputReader, Row
-from ._source import InputChangedError
 from ._mock import MOCK_BASE_URL, MOCK_SCHEME, mock_transport
 from ._output import ROW_GROUP_ROWS, OutputWriter, load_arrow
 from ._policy import FailureStreak
@@ -41,6 +41,7 @@ from ._state import StateStore, state_path
 __all__ = ["Summary", "run_job"]
 
 GRACE_S = 10.0  # after SIGTERM/SIGINT, how long requests in flight may finish
+MIN_FREE_BYTES = 16 * 2**20  # in the output's folder, before any request
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ def run_job(
     if spec.api.base_url.startswith(MOCK_SCHEME):
         transport, base_url = transport or mock_transport(), MOCK_BASE_URL
     _check_output(spec.output)
+    _check_free_space(spec.output.parent)
 
     # One reader for the whole run: every pass sees the version of the input that
     # was fingerprinted, even if the file is replaced meanwhile.
@@ -179,13 +181,27 @@ def _api_key(spec: JobSpec, env: Mapping[str, str]) -> str | None:
 def _check_output(output: Path) -> None:
     folder = output.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # if batchrun makes it, it is private
     except OSError as exc:
         raise ConfigError(f"{output}: cannot create the output folder {folder}: {exc.strerror}") from exc
     if output.is_dir():
         raise ConfigError(f"{output}: is a folder; name a .parquet file")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{output}: the folder {folder} is not writable")
+
+
+def _check_free_space(folder: Path) -> None:
+    """A rerun on a disk still full would pay for answers it cannot save: refuse first."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return  # no answer from the file system: the first save will say what is wrong
+    free = stat.f_bavail * stat.f_frsize
+    if free < MIN_FREE_BYTES:
+        raise StorageError(
+            f"{folder}: only {free / 2**20:.1f} MB free; batchrun needs at least {MIN_FREE_BYTES >> 20} MB "
+            "there to save answers and write the output. Free space and rerun; no request was sent"
+        )
 
 
 def _open_state(spec: JobSpec, reader: InputReader, *, limit: int | None,
@@ -196,16 +212,21 @@ def _open_state(spec: JobSpec, reader: InputReader, *, limit: int | None,
     matches the saved one trusts the saved row count and column types.
     """
     path = state_path(spec.output)
+    # --restart discards only once the new input passed: a bad input must not cost
+    # the progress it was meant to replace.
+    checked = (reader.fingerprint(), *reader.validate()) if restart else None
     fresh = not path.exists()
-    store = StateStore.open(path)
+    store = StateStore.open(path, discard_damaged=restart)
     try:
-        digest = reader.fingerprint()
+        digest = checked[0] if checked else reader.fingerprint()
         saved = store.meta()
-        if saved.get("input_digest") == digest:
+        if checked:
+            rows, passthrough = checked[1], checked[2]
+        elif saved.get("input_digest") == digest:
             rows, passthrough = saved["rows"], dict(saved["passthrough"])
         else:
             rows, passthrough = reader.validate()
-        if restart:  # only now: a bad input must not cost the progress it was meant to discard
+        if restart:
             store.reset()
         store.claim(
             # passthrough as pairs: their order is the output's column order

@@ -20,13 +20,9 @@ import io
 import os
 from pathlib import Path
 
-from ._exceptions import JobAborted
+from ._exceptions import InputChangedError
 
-__all__ = ["InputChangedError", "PinnedFile"]
-
-
-class InputChangedError(JobAborted):
-    """The input file was changed in place while the job read it."""
+__all__ = ["PinnedFile"]
 
 
 class PinnedFile:

@@ -9,14 +9,19 @@ half a row.
 
 Only the runner's writer task writes here; nobody else holds a write connection.
 The output writer reads committed rows through a second connection, so reading a
-row group never holds up a commit.
-A lock file beside it (flock, released by the kernel when the process dies) keeps
-a second runner of the same job out.
+row group never holds up a commit. The job's lock (`_lock`) keeps a second runner
+out.
+
+A state is made whole or not at all (built under a temporary name, then renamed),
+so a state file that is empty, unreadable, someone else's, or whose metadata does
+not parse is damage, never a fresh start: opening it raises StateDamagedError
+(exit 2), and `--restart` is the way to discard it. The files hold answers, so
+they are readable by their owner only.
 """
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import json
 import os
 import sqlite3
@@ -24,12 +29,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ._exceptions import ConfigError, StateMismatchError, StorageError
+from ._exceptions import ConfigError, StateDamagedError, StateMismatchError, StorageError
+from ._lock import JobLock
 from ._protocol import RESULT_FIELDS, Result
 
-__all__ = ["StateStore", "lock_holder", "state_path"]
+__all__ = ["StateStore", "state_path"]
 
 SCHEMA_VERSION = "1"
+PRIVATE = 0o600
+_COMPANIONS = ("-wal", "-shm", "-journal")
 
 _COLUMNS = ", ".join(RESULT_FIELDS)
 _UPSERT = (
@@ -38,6 +46,11 @@ _UPSERT = (
     + ", ".join(f"{f} = excluded.{f}" for f in RESULT_FIELDS if f not in ("row_index", "attempts"))
     # attempts add up over runs: a row that failed before and succeeds now cost both
     + ", attempts = results.attempts + excluded.attempts"
+)
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE results ({})".format(
+        ", ".join("row_index INTEGER PRIMARY KEY" if f == "row_index" else f for f in RESULT_FIELDS)),
 )
 
 
@@ -48,50 +61,69 @@ def state_path(output: Path) -> Path:
 class StateStore:
     """Open with `StateStore.open(path)`; `close()` when done."""
 
-    def __init__(self, path: Path, db: sqlite3.Connection, read_db: sqlite3.Connection, lock_fd: int | None) -> None:
+    def __init__(self, path: Path, db: sqlite3.Connection, read_db: sqlite3.Connection,
+                 lock: JobLock | None) -> None:
         self.path = path
         self._db = db
         self._read_db = read_db
-        self._lock_fd = lock_fd
+        self._lock = lock
         self._inode = os.stat(path).st_ino
+        self._wal_inode: int | None = None  # known after the first commit made the -wal
 
     @classmethod
-    def open(cls, path: Path, *, lock: bool = True) -> StateStore:
+    def open(cls, path: Path, *, lock: bool = True, discard_damaged: bool = False) -> StateStore:
         """Open or create the state; `lock` keeps other runners out.
 
         Without `lock` (for `batchrun status`) the state must exist already.
+        Raises StateDamagedError for a state that is not whole, unless
+        `discard_damaged` (`--restart`): then a new one takes its place.
         """
         if not lock and not path.exists():
             raise FileNotFoundError(path)
-        lock_fd = _acquire_lock(path) if lock else None
+        job_lock = JobLock.acquire(path) if lock else None
         db: sqlite3.Connection | None = None
         try:
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            columns = ", ".join(
-                "row_index INTEGER PRIMARY KEY" if f == "row_index" else f for f in RESULT_FIELDS
-            )
-            db.execute(f"CREATE TABLE IF NOT EXISTS results ({columns})")
+            while True:
+                if not path.exists():
+                    _create(path)
+                try:
+                    db = _connect_whole(path)
+                    break
+                except StateDamagedError:
+                    if not discard_damaged:
+                        raise
+                    discard_damaged = False  # once: a new state that is damaged is another matter
+                    cls.discard(path)
+            for suffix in ("", *_COMPANIONS):
+                _make_private(path.with_name(path.name + suffix))
             read_db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             if db is not None:  # the reading connection is the last step: never half open
                 db.close()
-            if lock_fd is not None:
-                os.close(lock_fd)
-            raise ConfigError(f"{path}: cannot open the job's state: {exc}") from exc
-        return cls(path, db, read_db, lock_fd)
+            if job_lock is not None:
+                job_lock.release()
+            if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise ConfigError(f"{path}: cannot open the job's state: {exc.strerror}") from exc
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise _storage_error(exc, f"{path}: cannot open the job's state") from exc
+            raise
+        return cls(path, db, read_db, job_lock)
+
+    @staticmethod
+    def discard(path: Path) -> None:
+        """Remove a state and its companion files (`--restart` of a damaged state; hold the lock)."""
+        for suffix in ("", *_COMPANIONS):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
 
     def close(self, *, remove: bool = False) -> None:
         """Close; `remove` deletes the state too (while still holding the lock)."""
         self._read_db.close()
         self._db.close()
         if remove:
-            _remove(self.path)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            self.discard(self.path)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- what the state belongs to -------------------------------------------------------
 
@@ -127,24 +159,52 @@ class StateStore:
     def save(self, results: Iterable[Result]) -> None:
         """Store results in one atomic, durable transaction.
 
-        Raises StorageError when that is impossible: a full disk, or a state file
-        removed or replaced under the running job (SQLite would go on writing to
-        the unlinked file, and every answer from then on would be lost).
+        Raises StorageError when that is impossible: a full disk, or the state's
+        files removed or replaced under the running job (SQLite would go on
+        writing to the unlinked files, and a crash would lose every answer since).
         """
         rows = [tuple(getattr(r, f) for f in RESULT_FIELDS) for r in results]
         if not rows:
             return
+        self._check_files()
         try:
-            if os.stat(self.path).st_ino != self._inode:
-                raise FileNotFoundError(f"{self.path} was replaced")
             with self._transaction():
                 self._db.executemany(_UPSERT, rows)
         except (OSError, sqlite3.Error) as exc:
-            reason = "it was removed or replaced" if isinstance(exc, OSError) else str(exc)
-            raise StorageError(
-                f"cannot save answers to {self.path}: {reason}; what was saved before is intact. "
-                "Fix the cause (free disk space, restore the folder) and rerun to resume"
-            ) from exc
+            raise _storage_error(exc, f"cannot save answers to {self.path}",
+                                 "what was saved before is intact. Fix the cause (free disk space, restore the "
+                                 "folder) and rerun to resume") from exc
+        if self._wal_inode is None:
+            self._wal_inode = _inode(self.path.with_name(self.path.name + "-wal"))
+
+    def _check_files(self) -> None:
+        """The state, its -wal and the lock must be the files this job opened."""
+        if _inode(self.path) != self._inode:
+            raise StorageError(f"{self.path}: the job's state file was removed or replaced while the job ran; "
+                               f"{self._restore()}")
+        wal = self.path.with_name(self.path.name + "-wal")
+        if self._wal_inode is not None and _inode(wal) != self._wal_inode:
+            try:  # SQLite still holds the removed -wal open: copy what it holds into the state
+                self._db.execute("PRAGMA wal_checkpoint(FULL)")
+                kept = "every answer saved so far was copied from it into the state"
+            except sqlite3.Error as exc:
+                kept = f"the answers it held could not be copied into the state ({exc})"
+            raise StorageError(f"{wal}: the state's write-ahead log was removed while the job ran; {kept}. "
+                               "Stopping; rerun to resume")
+        if self._lock is not None:
+            self._lock.check()
+
+    def _restore(self) -> str:
+        """Write what this job still holds open back to the state's path, if it is free."""
+        if self.path.exists() or not self.path.parent.is_dir():
+            return "its progress is not in the file there now, so a rerun would start over; stopping"
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE)
+            os.close(fd)
+            self._db.execute("VACUUM INTO ?", (str(self.path),))
+        except (OSError, sqlite3.Error) as exc:
+            return f"restoring it failed ({exc}), so the progress it held is lost; stopping"
+        return "batchrun wrote every answer saved so far back to it; stopping. Rerun to resume"
 
     def ok_rows(self, size: int) -> bytearray:
         """A byte per row index, 1 where the row is settled ok: small even for millions."""
@@ -194,45 +254,121 @@ class _Transaction:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
-def _remove(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        path.with_name(path.name + suffix).unlink(missing_ok=True)
-
-
-def lock_holder(path: Path) -> str | None:
-    """The pid of the runner holding the job's lock, or None when nobody runs it."""
-    lock_path = path.with_name(path.name + ".lock")
+def _create(path: Path) -> None:
+    """A new, empty state, made under another name and renamed: whole or absent."""
+    building = path.with_name(path.name + ".new")
+    StateStore.discard(building)
     try:
-        fd = os.open(lock_path, os.O_RDONLY)
+        fd = os.open(building, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE)
+        os.fchmod(fd, PRIVATE)  # whatever the umask
+        os.close(fd)
+        db = sqlite3.connect(building, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            with _Transaction(db):
+                for statement in _SCHEMA:
+                    db.execute(statement)
+        finally:
+            db.close()
+        _fsync(building)
+        os.replace(building, path)
+        _fsync(path.parent)
+    except BaseException:
+        StateStore.discard(building)
+        raise
+
+
+def _connect_whole(path: Path) -> sqlite3.Connection:
+    """The write connection to a state that `_inspect` found whole."""
+    if path.stat().st_size == 0:
+        raise _damaged(path, "it is empty (0 bytes): it was truncated, or something other than batchrun made it")
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        _inspect(db, path)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        if isinstance(exc, sqlite3.OperationalError):
+            raise
+        raise _damaged(path, f"SQLite cannot read it ({exc})") from exc
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _inspect(db: sqlite3.Connection, path: Path) -> None:
+    """Raise StateDamagedError unless `db` is a whole batchrun state."""
+    tables = {name: [c[1] for c in db.execute(f"PRAGMA table_info({name})")]
+              for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables.get("meta") != ["key", "value"] or tables.get("results") != list(RESULT_FIELDS):
+        raise _damaged(path, f"it is a SQLite database, but not a batchrun state (tables: "
+                             f"{', '.join(sorted(tables)) or 'none'})")
+    problems = [row[0] for row in db.execute("PRAGMA quick_check(5)") if row[0] != "ok"]
+    if problems:
+        raise _damaged(path, f"SQLite finds it damaged ({'; '.join(problems)})")
+    raw = dict(db.execute("SELECT key, value FROM meta"))
+    if not raw:
+        if db.execute("SELECT 1 FROM results LIMIT 1").fetchone():
+            raise _damaged(path, "it holds answers but no record of the job they belong to")
+        return  # made, then stopped before the input was checked: nothing was sent
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except ValueError:
+        raise _damaged(path, "its metadata was edited: a value is not JSON") from None
+    wrong = [key for key, ok in (
+        ("version", meta.get("version") == SCHEMA_VERSION),
+        ("input_digest", isinstance(meta.get("input_digest"), str)),
+        ("rows", type(meta.get("rows")) is int and meta["rows"] >= 0),
+        ("passthrough", isinstance(meta.get("passthrough"), list)
+         and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                 for p in meta["passthrough"])),
+        ("request", isinstance(meta.get("request"), dict)),
+    ) if not ok]
+    if wrong:
+        raise _damaged(path, f"its metadata was edited or damaged ({', '.join(wrong)})")
+
+
+def _damaged(path: Path, what: str) -> StateDamagedError:
+    return StateDamagedError(
+        f"{path} is not a usable batchrun state: {what}. batchrun will not guess what was done; "
+        "rerun with --restart to discard it and start over (or put back a copy of the state)"
+    )
+
+
+def _storage_error(exc: BaseException, what: str, then: str = "") -> StorageError:
+    reason = "the disk is full" if _disk_full(exc) else (getattr(exc, "strerror", None) or str(exc))
+    return StorageError(f"{what}: {reason}; {then or 'free space or fix the folder, then rerun'}")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.Error) and "full" in str(exc)
+
+
+def _make_private(path: Path) -> None:
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, PRIVATE)
+    except FileNotFoundError:
+        pass
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
     except FileNotFoundError:
         return None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.fsync(fd)
     finally:
         os.close(fd)
-    return None
-
-
-def _acquire_lock(path: Path) -> int:
-    lock_path = path.with_name(path.name + ".lock")
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise ConfigError(f"{lock_path}: cannot create the job's lock file: {exc.strerror}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise ConfigError(
-            f"this job is already running (pid {holder}, lock {lock_path}); "
-            "wait for it to finish, or stop it first"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
 
 
 def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

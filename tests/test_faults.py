@@ -99,6 +99,16 @@ def test_a_state_file_removed_under_a_running_job_stops_it_with_a_clear_message(
     _, stderr = proc.communicate(timeout=60)
 
     assert proc.returncode == 3, stderr
-    assert "result.batchrun.sqlite: it was removed or replaced" in stderr
+    assert "result.batchrun.sqlite: the job's state file was removed or replaced while the job ran; " \
+           "batchrun wrote every answer saved so far back to it" in stderr
     assert "Traceback" not in stderr
     assert len(server.requests) < 2000
+    (state,) = (tmp_path / "out").glob("result.batchrun.sqlite")
+    assert state.stat().st_mode & 0o777 == 0o600
+
+    result = run_cli("run", str(spec), "--no-progress")
+    assert result.code == 0, result.stderr
+    assert len(read_output(tmp_path / "out/result.parquet")) == 2000
+    # Only the answers that arrived while the state was gone are paid twice.
+    paid_twice = sum(len(answers) - 1 for answers in server.answers.values())
+    assert paid_twice <= 8, paid_twice

@@ -15,6 +15,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, TEST_KEY, cli_env, read_output, run_cli, start_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
 
@@ -223,3 +225,143 @@ def test_an_input_rewritten_in_place_stops_the_job_and_no_answer_is_mispaired(tm
     out = read_output(tmp_path / "out/result.parquet")
     assert {r["tag"][:2] for r in out} == {"v2"}
     assert_paired(out)
+
+
+def damage_overwrite_middle(state: Path) -> None:
+    data = bytearray(state.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 8192] = bytes(range(256)) * 32
+    state.write_bytes(bytes(data))
+
+
+def damage_other_program(state: Path) -> None:
+    state.unlink()
+    db = sqlite3.connect(state)
+    db.execute("CREATE TABLE notes (text TEXT)")
+    db.commit()
+    db.close()
+
+
+def damage_edited_meta(state: Path) -> None:
+    db = sqlite3.connect(state)
+    db.execute("UPDATE meta SET value = '\"many\"' WHERE key = 'rows'")
+    db.commit()
+    db.close()
+
+
+DAMAGE = {
+    "cut-to-0-bytes": (lambda state: state.write_bytes(b""), "it is empty (0 bytes)"),
+    "garbage": (lambda state: state.write_bytes(b"\x00garbage" * 4096), "SQLite cannot read it"),
+    "overwritten-in-the-middle": (damage_overwrite_middle, "SQLite"),  # finds it damaged, or cannot read it
+    "another-program": (damage_other_program, "it is a SQLite database, but not a batchrun state (tables: notes)"),
+    "edited-meta": (damage_edited_meta, "its metadata was edited or damaged (rows)"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_a_damaged_state_is_named_before_any_request_and_restart_recovers(tmp_path: Path, server: FakeServer,
+                                                                         damage: str) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i} " + "words " * 40} for i in range(600)])
+    spec = write_spec(tmp_path, api={"base_url": server.base_url})
+    assert run_cli("run", str(spec), "--no-progress", "--limit", "500").code == 0
+    state = tmp_path / "out/result.batchrun.sqlite"
+    do, message = DAMAGE[damage]
+    do(state)
+    server.reset_stats()
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 2, result.stderr
+    assert f"{state} is not a usable batchrun state: {message}" in result.stderr
+    assert "rerun with --restart to discard it and start over" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert server.requests == []
+    assert run_cli("status", str(spec)).code == 2  # status says the same, and sends nothing
+    result = run_cli("run", str(spec), "--no-progress", "--restart")
+    assert result.code == 0, result.stderr
+    assert len(server.requests) == 600 and len(read_output(tmp_path / "out/result.parquet")) == 600
+
+
+@pytest.mark.parametrize(("suffix", "message"), [
+    ("-wal", "result.batchrun.sqlite-wal: the state's write-ahead log was removed while the job ran; "
+             "every answer saved so far was copied from it into the state"),
+    (".lock", "result.batchrun.sqlite.lock: the job's lock file was removed or replaced while the job ran"),
+])
+def test_a_state_companion_removed_under_a_running_job_is_noticed(tmp_path: Path, server: FakeServer,
+                                                                  suffix: str, message: str) -> None:
+    server.faults = Faults(latency_s=0.02)
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(3000)])
+    spec = write_spec(tmp_path, concurrency=16, api={"base_url": server.base_url})
+    proc = start_cli("run", str(spec), "--no-progress")
+    server.wait_for_requests(400, timeout=60)
+    (tmp_path / f"out/result.batchrun.sqlite{suffix}").unlink()
+    _, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 3, stderr
+    assert message in stderr and "Traceback" not in stderr
+    result = run_cli("run", str(spec), "--no-progress")
+    assert result.code == 0, result.stderr
+    assert len(read_output(tmp_path / "out/result.parquet")) == 3000
+    paid_twice = sum(len(answers) - 1 for answers in server.answers.values())
+    assert paid_twice <= 16, paid_twice  # the rows the workers held when it was noticed
+
+
+def test_files_that_hold_answers_are_private_whatever_the_umask(tmp_path: Path, server: FakeServer) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(5)])
+    spec = write_spec(tmp_path, output="made/by/batchrun/result.parquet", api={"base_url": server.base_url})
+    proc = subprocess.run(["sh", "-c", f'umask 000 && exec "{sys.executable}" -m batchrun run "{spec}" --no-progress'],
+                          capture_output=True, text=True, cwd=REPO, env=cli_env(OPENAI_API_KEY=TEST_KEY), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "made/by/batchrun"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes == {"result.parquet": 0o600, "result.batchrun.sqlite": 0o600, "result.batchrun.sqlite.lock": 0o600}
+    assert folder.stat().st_mode & 0o777 == 0o700  # the -wal and -shm: tests/test_state.py
+
+
+def test_another_jobs_temporary_output_is_left_alone(tmp_path: Path, server: FakeServer) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(5)])
+    spec = write_spec(tmp_path, output="out/x.parquet", api={"base_url": server.base_url})
+    theirs = tmp_path / "out/.x.parquet.parquet.4242.tmp"  # the job writing x.parquet.parquet, running
+    mine = tmp_path / "out/.x.parquet.4243.tmp"  # this job's, from a run killed while writing
+    theirs.parent.mkdir()
+    theirs.write_bytes(b"theirs")
+    mine.write_bytes(b"mine")
+
+    assert run_cli("run", str(spec), "--no-progress").code == 0
+    assert theirs.read_bytes() == b"theirs" and not mine.exists()
+
+
+def on_a_small_disk(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+    """Run `script` (sh) with tmp_path/out on a fresh 20 MB file system of its own, in a mount
+    namespace: as root, or as any user where user namespaces are allowed."""
+    mount = f'mount -t tmpfs -o size=20m tmpfs "{tmp_path}/out" && '
+    return subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", mount + script],
+                          capture_output=True, text=True, cwd=REPO, env=cli_env(OPENAI_API_KEY=TEST_KEY),
+                          timeout=120)
+
+
+FILL = 'head -c 30m /dev/zero > "{out}/filler" 2>/dev/null; '
+RUN = '"{python}" -m batchrun run "{spec}" --no-progress {flags}; echo "exit $?" >&2; '
+
+
+def test_a_full_disk_at_the_start_or_on_a_rerun_is_exit_3_before_any_request(tmp_path: Path,
+                                                                             server: FakeServer) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(50)])
+    spec = write_spec(tmp_path, api={"base_url": server.base_url})
+    (tmp_path / "out").mkdir()
+    fill, run = FILL.format(out=tmp_path / "out"), RUN.format(python=sys.executable, spec=spec, flags="")
+
+    proc = on_a_small_disk(tmp_path, fill + run)
+
+    assert "exit 3" in proc.stderr, proc.stderr
+    assert "the disk is full" in proc.stderr or "MB free" in proc.stderr
+    assert "Traceback" not in proc.stderr and server.requests == []
+
+    limited = RUN.format(python=sys.executable, spec=spec, flags="--limit 20")
+    proc = on_a_small_disk(tmp_path, limited + fill + run)
+
+    first, rerun = proc.stderr.split("exit 0")
+    assert "20 rows: 20 ok" in proc.stdout
+    assert "exit 3" in rerun and "MB free; batchrun needs at least 16 MB there" in rerun, proc.stderr
+    assert "no request was sent" in rerun and "Traceback" not in rerun
+    assert len(server.requests) == 20

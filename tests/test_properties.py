@@ -1,4 +1,5 @@
-"""Property-based tests: any bytes give rows or a clear error, never a crash or a silent skip."""
+"""Property-based tests: any bytes, in a file or from a server, give rows or a clear error,
+never a crash or a silent skip."""
 
 from __future__ import annotations
 
@@ -7,12 +8,18 @@ import json
 import tempfile
 from pathlib import Path
 
+import anyio
+import httpx
+import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchrun import APIError, InputError
-from batchrun._inputs import InputReader
-from batchrun._protocol import StreamAssembler
+from batchrun import APIError, InputError, parse_spec
+from batchrun._client import Client
+from batchrun._inputs import InputReader, Row
+from batchrun._output import result_schema
+from batchrun._protocol import Result, StreamAssembler
+from batchrun._state import StateStore
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -99,3 +106,62 @@ def test_any_event_stream_gives_a_result_or_an_api_error(chunks: list[str], endp
     assert result.output_text is None or isinstance(result.output_text, str)
     assert result.finish_reason is None or isinstance(result.finish_reason, str)
     assert all(v is None or isinstance(v, int) for v in (result.prompt_tokens, result.total_tokens))
+
+
+# -- answers: whatever the server sends, a stored row or a clear failure ---------------------
+
+text_with_surrogates = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF,
+                                                      categories=None, exclude_categories=()), max_size=12)
+wild_json = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats() | text_with_surrogates,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(text_with_surrogates, children, max_size=3),
+    max_leaves=10,
+)
+answer_like = st.fixed_dictionaries({
+    "id": wild_json,
+    "choices": st.lists(st.fixed_dictionaries({
+        "index": st.integers(0, 1) | wild_json,
+        "message": st.fixed_dictionaries({"content": wild_json, "tool_calls": wild_json}),
+        "delta": st.fixed_dictionaries({"content": wild_json}),
+        "text": wild_json,
+        "finish_reason": st.sampled_from(["stop", "length"]) | wild_json,
+    }), max_size=2) | wild_json,
+    "usage": st.fixed_dictionaries({"prompt_tokens": wild_json, "completion_tokens": wild_json,
+                                    "total_tokens": wild_json}) | wild_json,
+})
+bodies = st.one_of(
+    st.binary(max_size=400),
+    answer_like.map(lambda a: json.dumps(a).encode()),  # escapes: lone surrogates survive as \\udXXX
+    st.lists(answer_like.map(json.dumps) | st.text(max_size=40), max_size=4).map(
+        lambda events: "".join(f"data: {e}\n\n" for e in events).encode() + b"data: [DONE]\n\n"),
+)
+
+
+@SETTINGS
+@given(bodies, st.sampled_from(["application/json", "text/event-stream"]), st.sampled_from(["chat", "completions"]),
+       st.booleans())
+def test_any_answer_gives_a_stored_row_or_a_clear_failure(body: bytes, content_type: str, endpoint: str,
+                                                          stream: bool) -> None:
+    spec = parse_spec({"input": "i.jsonl", "output": "o.parquet", "model": "m", "params": {"stream": stream},
+                       "retry": {"max_attempts": 1}, "api": {"base_url": "http://127.0.0.1:9/v1"}}, environ={})
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body,
+                                                                   headers={"content-type": content_type}))
+    client = Client(spec, api_key="sk-property-key", transport=transport)
+    body_fields = {"messages": [{"role": "user", "content": "q"}]} if endpoint == "chat" else {"prompt": "q"}
+
+    async def main() -> Result:
+        async with client:
+            return await client.call(Row(0, "r", endpoint, body_fields, "line 1"))
+
+    result = anyio.run(main)
+    assert result.status in ("ok", "failed")
+    assert (result.error is None) == (result.status == "ok")
+    with tempfile.TemporaryDirectory() as folder:
+        store = StateStore.open(Path(folder) / "s.sqlite")
+        try:
+            store.save([result])  # SQLite takes it...
+            [row] = store.results(0, 1)
+        finally:
+            store.close()
+    pa.Table.from_arrays([pa.array([value], type=field.type) for value, field in zip(row, result_schema())],
+                         schema=result_schema())  # ...and so does the Parquet output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import signal
 import sqlite3
 from pathlib import Path
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun import ConfigError, InputError, JobFatalAPIError, LogProgress, StateMismatchError, StorageError, Summary, run_job
+from batchrun._output import OutputWriter
 from batchrun._state import StateStore, state_path
 from tests.conftest import read_output, write_jsonl, write_spec
 
@@ -222,7 +224,7 @@ def test_a_full_disk_stops_the_job_and_a_rerun_resumes(tmp_path: Path, monkeypat
         return store
 
     monkeypatch.setattr(StateStore, "open", failing_open)
-    with pytest.raises(StorageError, match="database or disk is full.*rerun to resume") as info:
+    with pytest.raises(StorageError, match="the disk is full.*rerun to resume") as info:
         run_job(spec, transport=httpx.MockTransport(answer), environ={"OPENAI_API_KEY": "k"})
     saved = info.value.summary.ok
     assert 0 < saved < 300 and info.value.summary.exit_code == 3
@@ -290,3 +292,49 @@ def test_the_output_is_written_as_rows_settle_and_published_whole(
     ]
     assert pq.ParquetFile(summary.output).num_row_groups > 2  # appended during the run
     assert not stale.exists() and list((tmp_path / "out").glob(".*.tmp")) == []
+
+
+def test_an_output_folder_that_refuses_the_final_rename_is_exit_3_and_a_rerun_writes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(30)])
+    spec = write_spec(tmp_path, api={"base_url": "http://127.0.0.1:9/v1"})
+    real_replace = os.replace
+
+    def read_only(source: object, target: object) -> None:  # the output's folder, made read-only
+        if str(target).endswith("result.parquet"):
+            raise PermissionError(13, "Permission denied", str(target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", read_only)
+    with pytest.raises(StorageError, match="result.parquet: cannot write the output: Permission denied; every "
+                                           "answer is saved") as info:
+        run_job(spec, transport=httpx.MockTransport(answer), environ={"OPENAI_API_KEY": "k"})
+    assert (info.value.summary.ok, info.value.summary.exit_code, info.value.summary.output_written) == (30, 3, False)
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".tmp"] == []
+
+    monkeypatch.setattr(os, "replace", real_replace)
+    summary = run_job(spec, transport=httpx.MockTransport(answer), environ={"OPENAI_API_KEY": "k"})
+    assert (summary.requests, summary.ok, summary.output_written) == (0, 30, True)
+
+
+def test_answers_arriving_after_an_output_failure_are_still_saved(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        await anyio.sleep(0.02)
+        return answer(request)
+
+    def full(self: OutputWriter, stop: int) -> None:
+        raise StorageError("out of space for the output (injected)")
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(20_000)])
+    spec = write_spec(tmp_path, concurrency=64, api={"base_url": "http://127.0.0.1:9/v1"})
+    monkeypatch.setattr(OutputWriter, "write", full)  # the first row group (8,192 rows) fails
+
+    with pytest.raises(StorageError, match="injected") as info:
+        run_job(spec, transport=httpx.MockTransport(slow), environ={"OPENAI_API_KEY": "k"})
+
+    assert 8192 <= info.value.summary.ok == len(seen) < 20_000  # every answer received was saved

@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 from pathlib import Path
 
 import pytest
 
-from batchrun import ConfigError, StateMismatchError
+from batchrun import ConfigError, StateDamagedError, StateMismatchError, StorageError
 from batchrun._protocol import Result
-from batchrun._state import StateStore, lock_holder
+from batchrun._lock import lock_holder
+from batchrun._state import StateStore
 
-META = {"input_digest": "abc", "rows": 3, "passthrough": {}, "request": {"model": "m", "params": {"max_tokens": 5}}}
+META = {"input_digest": "abc", "rows": 3, "passthrough": [], "request": {"model": "m", "params": {"max_tokens": 5}}}
 
 
 def test_results_upsert_by_row_and_attempts_add_up(tmp_path: Path) -> None:
@@ -66,3 +70,57 @@ def test_one_runner_per_state_and_the_lock_dies_with_its_holder(tmp_path: Path) 
     first.close()
     assert lock_holder(path) is None
     StateStore.open(path).close()
+
+
+def test_the_state_and_its_companions_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        store = StateStore.open(tmp_path / "s.sqlite")
+        store.claim(META, spec_name="job.yaml")
+        store.save([Result(0, "a", "ok")])
+        names = ["s.sqlite", "s.sqlite-wal", "s.sqlite-shm", "s.sqlite.lock"]
+        assert {n: (tmp_path / n).stat().st_mode & 0o777 for n in names} == dict.fromkeys(names, 0o600)
+        store.close()
+    finally:
+        os.umask(old)
+
+
+def test_the_lock_message_names_the_pid_even_while_the_holder_is_writing_it(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    holder = os.open(tmp_path / "s.sqlite.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # locked, its pid not written yet
+    writer = threading.Timer(0.2, lambda: os.pwrite(holder, b"4242", 0))
+    writer.start()
+    try:
+        with pytest.raises(ConfigError, match=r"this job is already running \(pid 4242, lock "):
+            StateStore.open(path)
+        assert lock_holder(path) == "4242"
+    finally:
+        writer.join()
+        os.close(holder)
+
+
+def test_a_lock_file_removed_under_its_holder_is_noticed_at_the_next_save(tmp_path: Path) -> None:
+    store = StateStore.open(tmp_path / "s.sqlite")
+    store.claim(META, spec_name="job.yaml")
+    (tmp_path / "s.sqlite.lock").unlink()
+    second = StateStore.open(tmp_path / "s.sqlite")  # a newcomer can now take a lock of its own...
+    with pytest.raises(StorageError, match="lock file was removed or replaced while the job ran"):
+        store.save([Result(0, "a", "ok")])  # ...so the first one stops before writing again
+    store.close()
+    second.close()
+
+
+def test_a_state_made_but_never_claimed_is_fresh_and_one_with_answers_but_no_job_is_damaged(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    StateStore.open(path).close()  # killed while the input was being checked: nothing sent
+    store = StateStore.open(path)
+    assert store.meta() == {}
+    store.save([Result(0, "a", "ok")])
+    store.close()
+    with pytest.raises(StateDamagedError, match="holds answers but no record of the job they belong to"):
+        StateStore.open(path)
+    StateStore.open(path, discard_damaged=True).close()
+    store = StateStore.open(path)
+    assert store.counts()["ok"] == 0
+    store.close()
