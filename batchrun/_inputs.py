@@ -258,8 +258,9 @@ class InputReader:
                         raise InputError(f"{self.path}: {where}: expected a JSON object, got {type(record).__name__}")
                     # Only these bytes can make a parsed line that no request or output can
                     # carry; looking for them costs far less than walking every record.
-                    suspect = bool(_SUSPECT.search(line)) or line.count(b"[") + line.count(b"{") > MAX_DEPTH
-                    if self._checking and suspect:
+                    suspect = self._checking and (
+                        bool(_SUSPECT.search(line)) or line.count(b"[") + line.count(b"{") > MAX_DEPTH)
+                    if suspect:
                         _check_record(record, lambda m: InputError(f"{self.path}: {where}: {m}"))
                     yield where, record, suspect
         except (OSError, EOFError, zlib.error) as exc:
@@ -293,9 +294,9 @@ class InputReader:
                                          f"UTF-8 ({exc.reason})") from None
                 else:
                     record = records[n]
-                if self._checking:
-                    _check_record(record, lambda m: InputError(f"{self.path}: {where}: {m}"))
-                yield where, record, True  # any Arrow type may stand where JSON is needed
+                # Arrow text is UTF-8 and its nesting is the schema's; but any Arrow type
+                # (binary, dates, decimals) may stand where the request needs JSON.
+                yield where, record, True
                 index += 1
 
     def _row(self, index: int, where: str, record: dict[str, Any], *, check: bool = False) -> Row:
@@ -357,7 +358,10 @@ class InputReader:
 
 
 MAX_DEPTH = 100  # levels of nesting in a line; far past any real request, far below Python's limit
-_SUSPECT = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity")  # surrogate escapes, non-JSON numbers
+# Escapes of a high surrogate not followed by a low one, or of a low one not after a
+# high one (a pair such as \ud83d\ude00 is one character), and non-JSON numbers.
+_SUSPECT = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+                      rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F]|NaN|Infinity")
 
 
 def _check_record(record: dict[str, Any], fail: Callable[[str], InputError]) -> None:
@@ -384,6 +388,11 @@ def _check_body(body: dict[str, Any], fail: Callable[[str], InputError]) -> None
 
 
 def _check_messages(messages: Any, fail: Callable[[str], InputError]) -> None:
+    if type(messages) is list and messages and all(
+        type(m) is dict and type(m.get("role")) is str and type(m.get("content")) is str and m["role"]
+        for m in messages
+    ):
+        return  # the usual shape, seen at a glance; anything else is looked at closely
     if not isinstance(messages, list) or not messages:
         raise fail("messages must be a non-empty list of {role, content} objects")
     for i, message in enumerate(messages):

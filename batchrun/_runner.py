@@ -196,6 +196,8 @@ def _check_free_space(folder: Path) -> None:
         stat = os.statvfs(folder)
     except OSError:
         return  # no answer from the file system: the first save will say what is wrong
+    if stat.f_blocks == 0:
+        return  # a file system that reports no sizes (some FUSE mounts): nothing to go by
     free = stat.f_bavail * stat.f_frsize
     if free < MIN_FREE_BYTES:
         raise StorageError(
