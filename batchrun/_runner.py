@@ -78,7 +78,8 @@ class Summary:
             head += f", {self.remaining:,} remaining"
         tokens = f"{self.total_tokens:,} tokens ({self.prompt_tokens:,} prompt, {self.completion_tokens:,} completion)"
         tail = f"output: {self.output}" if self.output_written else f"progress saved in {self.state}"
-        return f"{head}; {tokens}; {self.requests:,} requests in {self.elapsed_s:.1f} s; {tail}"
+        sent = f"{self.requests:,} request{'' if self.requests == 1 else 's'}"
+        return f"{head}; {tokens}; {sent} in {self.elapsed_s:.1f} s; {tail}"
 
 
 def run_job(

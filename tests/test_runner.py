@@ -75,6 +75,7 @@ def test_a_job_fatal_error_raises_with_the_summary_and_sends_one_request(tmp_pat
     assert len(seen) == 1  # the first request goes alone
     summary = info.value.summary
     assert (summary.ok, summary.remaining, summary.exit_code, summary.output_written) == (0, 100, 3, False)
+    assert "; 1 request in " in summary.line()
     assert not (tmp_path / "out" / "result.parquet").exists()
 
 
