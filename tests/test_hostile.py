@@ -365,3 +365,24 @@ def test_a_full_disk_at_the_start_or_on_a_rerun_is_exit_3_before_any_request(tmp
     assert "exit 3" in rerun and "MB free; batchrun needs at least 16 MB there" in rerun, proc.stderr
     assert "no request was sent" in rerun and "Traceback" not in rerun
     assert len(server.requests) == 20
+
+
+@pytest.mark.parametrize("line", [
+    '{"prompt": "half of a pair: \\ud83d"}',
+    '{"id": "\\udc00", "prompt": "fine"}',
+    '{"prompt": "fine", "note": "\\ud800"}',
+    '{"prompt": "fine", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}",
+], ids=["prompt", "id", "passthrough", "100,000-deep"])
+def test_a_row_no_request_can_carry_is_exit_2_naming_its_line_before_any_request(
+    tmp_path: Path, server: FakeServer, line: str
+) -> None:
+    lines = [json.dumps({"prompt": f"p{i}", "note": "n"}) for i in range(7)] + [line, '{"prompt": "p9"}']
+    write_jsonl(tmp_path / "input.jsonl", lines)
+    spec = write_spec(tmp_path, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 2, result.stderr
+    assert "input.jsonl: line 8: " in result.stderr and "Traceback" not in result.stderr
+    assert server.requests == []
+    assert not (tmp_path / "out/result.batchrun.sqlite").exists()
