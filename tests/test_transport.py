@@ -15,6 +15,7 @@ import anyio
 import httpx
 import pytest
 
+from batchrun import _transport
 from batchrun._transport import AiohttpTransport, AnswerTooLarge
 from tests.fakeserver import FakeServer, Faults
 
@@ -165,16 +166,23 @@ def test_compressed_answers_are_inflated_and_the_headers_say_so(server: FakeServ
         exchange(f"{server.base_url}/completions")
 
 
-def test_large_answers_take_turns_and_all_arrive(server: FakeServer) -> None:
-    """Past SMALL_ANSWER_BYTES an answer needs a slot; more large answers than slots still
-    all complete, a few at a time."""
+def test_answers_over_the_shared_budget_take_turns_and_all_arrive(server: FakeServer,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     big = json.dumps({"choices": [{"text": "x" * (3 << 20), "finish_reason": "stop"}]}).encode()
     server.faults = Faults(raw_answer=raw(
         f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(big)}\r\n\r\n", big))
+    monkeypatch.setattr(_transport, "ANSWERS_BUDGET_BYTES", 2 << 20)  # less than one answer
+    held: list[int] = []
+    real_hold = _transport._Memory.hold
+
+    async def hold(self: _transport._Memory, reader: int, total: int) -> None:
+        await real_hold(self, reader, total)
+        held.append(self.held)
+
+    monkeypatch.setattr(_transport._Memory, "hold", hold)
 
     async def main() -> list[int]:
-        # A 40 MB limit leaves 3 slots for 8 answers of 3 MB.
-        transport = AiohttpTransport(max_connections=8, max_answer_bytes=40 << 20)
+        transport = AiohttpTransport(max_connections=8)
         sizes: list[int] = []
 
         async def one() -> None:
@@ -190,3 +198,25 @@ def test_large_answers_take_turns_and_all_arrive(server: FakeServer) -> None:
         return sizes
 
     assert anyio.run(main) == [len(big)] * 8
+    assert max(held) <= (2 << 20) + len(big)  # the budget, and the one answer that holds the most
+
+
+def test_the_reader_holding_the_most_never_waits_for_the_budget() -> None:
+    async def main() -> list[str]:
+        memory, order = _transport._Memory(budget=8), []
+        await memory.hold(1, 5)
+        await memory.hold(2, 3)
+
+        async def second_grows() -> None:
+            await memory.hold(2, 5)  # over budget, and not the largest: waits
+            order.append("2 grew")
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(second_grows)
+            await anyio.sleep(0.01)
+            await memory.hold(1, 7)  # over budget too, but the largest: goes on
+            order.append("1 grew")
+            memory.release(1)
+        return order
+
+    assert anyio.run(main) == ["1 grew", "2 grew"]
