@@ -129,7 +129,9 @@ def test_invalid_json(server):
 
 
 def test_max_in_flight_with_slow_requests(server):
-    server.faults = Faults(latency_s=0.3)
+    # Long enough that all five overlap even when starting five clients is slow on a
+    # loaded machine (at 0.3 s, the first was once answered before the fifth arrived).
+    server.faults = Faults(latency_s=2.0)
     threads = [threading.Thread(target=httpx.post, args=(f"{server.base_url}/completions",),
                                 kwargs={"json": {"model": "m", "prompt": str(i)}}) for i in range(5)]
     for t in threads:
