@@ -70,8 +70,12 @@ class JobLock:
                 "runner could start beside this one; stopping. Every answer received is saved: rerun to resume"
             )
 
-    def release(self) -> None:
+    def release(self, *, remove: bool = False) -> None:
+        """Let go; `remove` deletes the lock file first (a newcomer that opened it
+        meanwhile sees it is gone once it has the lock, and makes a new one)."""
         if self._fd >= 0:
+            if remove and _same_file(self._fd, self.path):
+                self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = -1
 

@@ -122,7 +122,7 @@ class StateStore:
         if remove:
             self.discard(self.path)
         if self._lock is not None:
-            self._lock.release()
+            self._lock.release(remove=remove)
             self._lock = None
 
     # -- what the state belongs to -------------------------------------------------------

@@ -385,4 +385,4 @@ def test_a_row_no_request_can_carry_is_exit_2_naming_its_line_before_any_request
     assert result.code == 2, result.stderr
     assert "input.jsonl: line 8: " in result.stderr and "Traceback" not in result.stderr
     assert server.requests == []
-    assert not (tmp_path / "out/result.batchrun.sqlite").exists()
+    assert list((tmp_path / "out").iterdir()) == []  # no state, no lock: nothing was begun
