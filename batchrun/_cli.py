@@ -77,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = getattr(exc, "summary", None)
         if summary is not None:
             print(f"batchrun: {summary.line()}", file=sys.stderr)
-        print("batchrun: rerun the same command to resume", file=sys.stderr)
+        if exc.rerun_resumes:
+            print("batchrun: rerun the same command to resume", file=sys.stderr)
         return exc.exit_code
     except Exception:  # a bug, not a user error: show it all
         traceback.print_exc()

@@ -75,6 +75,7 @@ class JobAborted(BatchrunError):
     """The job stopped early; its state is saved and a rerun resumes it (exit code 3)."""
 
     exit_code = 3
+    rerun_resumes = True  # False where the message says what must change first
 
 
 class JobFatalAPIError(JobAborted):
@@ -92,6 +93,8 @@ class StorageError(JobAborted):
 class InputChangedError(JobAborted):
     """The input file was changed in place while the job read it; what was read before is
     consistent, and the job stopped before reading more."""
+
+    rerun_resumes = False  # only with the original content back
 
 
 class Interrupted(JobAborted):

@@ -210,6 +210,7 @@ def test_an_input_rewritten_in_place_stops_the_job_and_no_answer_is_mispaired(tm
 
     assert proc.returncode == 3, stderr
     assert "input.jsonl: the input file was changed while the job read it" in stderr
+    assert "rerun the same command to resume" not in stderr  # not as it stands: it says what to do
     assert "Traceback" not in stderr
     assert not (tmp_path / "out/result.parquet").exists()
     db = sqlite3.connect(tmp_path / "out/result.batchrun.sqlite")
