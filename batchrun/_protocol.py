@@ -60,7 +60,8 @@ class Result:
 
 
 RESULT_FIELDS = tuple(name for name in Result.__dataclass_fields__ if name != "transient")
-_TEXT_FIELDS = tuple(name for name in RESULT_FIELDS if Result.__dataclass_fields__[name].type == "str | None")
+# Every text a server (or its error) fills in; `id` comes from the validated input.
+_TEXT_FIELDS = ("output_text", "reasoning_content", "tool_calls", "finish_reason", "model", "response_id", "error")
 INT64_MAX = 2**63 - 1
 
 
