@@ -84,6 +84,10 @@ class InputReader:
         self.require_model = require_model
         self.batch_rows = batch_rows
         self.is_parquet = path.suffix == ".parquet"
+        self.is_csv = path.suffix == ".csv"
+        # Parquet and CSV are read through Arrow: typed columns, record batches, nulls for
+        # absent values; JSONL line by line.
+        self.is_arrow = self.is_parquet or self.is_csv
         # validate() checks every row can be carried; later passes over the same bytes need not
         self._checking = False
         if not path.is_file():
@@ -190,8 +194,8 @@ class InputReader:
 
         names = list(types)
         batch_rows = batch_rows or self.batch_rows
-        if self.is_parquet:
-            for batch in self._parquet_batches(names, batch_rows):
+        if self.is_arrow:
+            for batch in self._arrow_batches(names, batch_rows):
                 yield pa.Table.from_batches([batch]).select(names)
             return
         schema = pa.schema([(name, _arrow_type(types[name])) for name in names])
@@ -212,7 +216,7 @@ class InputReader:
     def _batches(self, *, collect_extras: bool,
                  batch_rows: int | None = None) -> Iterator[tuple[list[Row], dict[str, list[Any]]]]:
         batch_rows = batch_rows or self.batch_rows
-        source = self._parquet_records(batch_rows) if self.is_parquet else self._jsonl_records()
+        source = self._arrow_records(batch_rows) if self.is_arrow else self._jsonl_records()
         rows: list[Row] = []
         extras: dict[str, list[Any]] = {}
         for index, (where, record, suspect) in enumerate(source):
@@ -266,20 +270,19 @@ class InputReader:
         except (OSError, EOFError, zlib.error) as exc:
             raise InputError(f"{self.path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
 
-    def _parquet_batches(self, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    def _arrow_batches(self, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         try:
             with self._file.open() as raw:
-                f = pq.ParquetFile(raw)
-                yield from f.iter_batches(batch_size=batch_rows, columns=columns)
+                yield from (_csv_batches if self.is_csv else _parquet_batches)(raw, columns, batch_rows)
         except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"{self.path}: cannot read as Parquet: {exc}") from exc
+            kind = "CSV with a header row" if self.is_csv else "Parquet"
+            raise InputError(f"{self.path}: cannot read as {kind}: {exc}") from exc
 
-    def _parquet_records(self, batch_rows: int) -> Iterator[tuple[str, dict[str, Any], bool]]:
+    def _arrow_records(self, batch_rows: int) -> Iterator[tuple[str, dict[str, Any], bool]]:
         index = 0
-        for batch in self._parquet_batches(None, batch_rows):
+        for batch in self._arrow_batches(None, batch_rows):
             try:
                 records = batch.to_pylist()
             except UnicodeDecodeError:
@@ -308,9 +311,10 @@ class InputReader:
         if not isinstance(row_id, (str, int)) or isinstance(row_id, bool):
             raise fail(f"id must be a string or an integer, got {row_id!r}")
 
-        if self.is_parquet:
-            # A Parquet struct gives every record every field; absent ones read as null
-            # and must not be sent (a null would override the spec's params).
+        if self.is_arrow:
+            # An Arrow table gives every record every field (a Parquet struct, a CSV
+            # column); absent ones read as null and must not be sent (a null would
+            # override the spec's params).
             record = _drop_nulls(record)
         if record.get("body") is not None:
             body = _json_value(record["body"], fail, "body")
@@ -336,7 +340,7 @@ class InputReader:
 
         if "messages" in body:
             messages = _json_value(body["messages"], fail, "messages")
-            if self.is_parquet:
+            if self.is_arrow:
                 messages = _drop_nulls(messages)
             if self._checking:
                 _check_messages(messages, fail)
@@ -362,6 +366,21 @@ MAX_DEPTH = 100  # levels of nesting in a line; far past any real request, far b
 # high one (a pair such as \ud83d\ude00 is one character), and non-JSON numbers.
 _SUSPECT = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
                       rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F]|NaN|Infinity")
+
+
+def _parquet_batches(raw: Any, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    import pyarrow.parquet as pq
+
+    yield from pq.ParquetFile(raw).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def _csv_batches(raw: Any, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """A CSV file with a header row, streamed in blocks. Column types are inferred from
+    the first block and hold for the rest (a later value that does not fit is an error)."""
+    import pyarrow.csv as csv
+
+    convert = csv.ConvertOptions(include_columns=columns) if columns is not None else None
+    yield from csv.open_csv(raw, read_options=csv.ReadOptions(block_size=1 << 20), convert_options=convert)
 
 
 def _check_record(record: dict[str, Any], fail: Callable[[str], InputError]) -> None:

@@ -197,8 +197,8 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
             raise SpecError(f"{key}: required; name the {key} file")
 
     input_path = Path(os.path.abspath(base_dir / str(top["input"])))
-    if not str(input_path).endswith((".jsonl", ".jsonl.gz", ".parquet")):
-        raise SpecError(f"input: {top['input']!r} must end in .jsonl, .jsonl.gz or .parquet")
+    if not str(input_path).endswith((".jsonl", ".jsonl.gz", ".parquet", ".csv")):
+        raise SpecError(f"input: {top['input']!r} must end in .jsonl, .jsonl.gz, .parquet or .csv")
     output_path = Path(os.path.abspath(base_dir / str(top["output"])))
     if output_path.suffix != ".parquet":
         raise SpecError(f"output: {top['output']!r} must end in .parquet")

@@ -340,3 +340,16 @@ def test_a_second_signal_stops_at_once_and_the_state_stays_whole(tmp_path: Path,
     result = run_cli("run", str(spec), "--no-progress")
     assert result.code == 0, result.stderr
     assert_exact_answers(read_output(tmp_path / "out/result.parquet"), server, [r["prompt"] for r in rows])
+
+
+def test_a_csv_input_is_answered_with_its_columns_passed_through(tmp_path: Path, server: FakeServer) -> None:
+    lines = ["id,prompt,topic"] + [f'r{i},"prompt, number {i}",topic-{i % 3}' for i in range(200)]
+    (tmp_path / "input.csv").write_text("\n".join(lines) + "\n")
+    spec = write_spec(tmp_path, input="input.csv", concurrency=16, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [(r["id"], r["topic"]) for r in out] == [(f"r{i}", f"topic-{i % 3}") for i in range(200)]
+    assert_exact_answers(out, server, [f"prompt, number {i}" for i in range(200)])

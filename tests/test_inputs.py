@@ -208,3 +208,37 @@ def test_parquet_request_fields_must_be_json(tmp_path: Path) -> None:
     pq.write_table(pa.table({"prompt": ["a", "b"], "temperature": [0.5, float("nan")]}), path)
     with pytest.raises(InputError, match="row 1: temperature: nan is not a number JSON can carry"):
         InputReader(path).validate()
+
+
+def test_csv_with_a_header_row_gives_rows_and_typed_passthrough(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text('id,prompt,max_tokens,score,note\n'
+                    'q1,"hello, world",5,1.5,first\n'
+                    'q2,"two\nlines",,2,\n'
+                    'q3,"[""messages"" text is JSON]",7,,third\n')
+    reader = InputReader(path)
+    count, types = reader.validate()
+    assert count == 3
+    assert [(row.id, row.endpoint, row.body) for row in reader.rows()] == [
+        ("q1", "completions", {"prompt": "hello, world", "max_tokens": 5}),
+        ("q2", "completions", {"prompt": "two\nlines"}),  # an empty cell is not sent
+        ("q3", "completions", {"prompt": '["messages" text is JSON]', "max_tokens": 7}),
+    ]
+    [table] = reader.passthrough_batches(types)
+    assert table.to_pylist() == [{"score": 1.5, "note": "first"}, {"score": 2.0, "note": ""},
+                                 {"score": None, "note": "third"}]
+    assert table.schema.field("score").type == pa.float64()
+
+
+def test_csv_messages_are_json_text_and_bad_rows_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text('messages,lang\n"[{""role"": ""user"", ""content"": ""hi""}]",en\n"[{""content"": ""x""}]",fr\n')
+    with pytest.raises(InputError, match="in.csv: row 1: messages\\[0\\] has no role"):
+        InputReader(path).validate()
+    path.write_text('messages,lang\n"[{""role"": ""user"", ""content"": ""hi""}]",en\n')
+    reader = InputReader(path)
+    assert reader.validate() == (1, {"lang": "string"})
+    assert [row.body for row in reader.rows()] == [{"messages": [{"role": "user", "content": "hi"}]}]
+    path.write_text("id,prompt\na,x\nb,y,extra\n")
+    with pytest.raises(InputError, match="in.csv: cannot read as CSV with a header row: .*Expected 2 columns"):
+        InputReader(path).validate()

@@ -50,7 +50,7 @@ def read(data: bytes, name: str = "in.jsonl") -> tuple[int, dict[str, str]]:
 
 
 @SETTINGS
-@given(st.binary(max_size=300), st.sampled_from(["in.jsonl", "in.jsonl.gz", "in.parquet"]))
+@given(st.binary(max_size=300), st.sampled_from(["in.jsonl", "in.jsonl.gz", "in.parquet", "in.csv"]))
 def test_any_bytes_give_rows_or_an_input_error(data: bytes, name: str) -> None:
     try:
         read(data, name)

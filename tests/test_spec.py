@@ -41,7 +41,7 @@ def test_json_text_is_a_valid_spec(tmp_path: Path) -> None:
         ({**MINIMAL, "concurrency": 0}, "concurrency: expected a whole number >= 1, got 0"),
         ({**MINIMAL, "concurrency": True}, "concurrency: expected a whole number >= 1, got True"),
         ({**MINIMAL, "endpoint": "embeddings"}, "endpoint: expected one of chat, completions"),
-        ({**MINIMAL, "input": "in.csv"}, "must end in .jsonl, .jsonl.gz or .parquet"),
+        ({**MINIMAL, "input": "in.tsv"}, "must end in .jsonl, .jsonl.gz, .parquet or .csv"),
         ({**MINIMAL, "output": "out.csv"}, "output: 'out.csv' must end in .parquet"),
         ({**MINIMAL, "api": {"base_url": "ftp://x"}}, "api.base_url: expected an http(s):// URL or mock://"),
         ({**MINIMAL, "params": [1]}, "params: expected a mapping, got list"),
