@@ -17,16 +17,15 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import math
-import re
 import sqlite3
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._exceptions import InputChangedError, InputError, StorageError
+from ._checks import MAX_DEPTH, SUSPECT, check_body, check_messages, check_record
 from ._source import PinnedFile
 
 if TYPE_CHECKING:
@@ -263,10 +262,10 @@ class InputReader:
                     # Only these bytes can make a parsed line that no request or output can
                     # carry; looking for them costs far less than walking every record.
                     suspect = self._checking and (
-                        (b"\\u" in line or b"NaN" in line or b"Infinity" in line) and bool(_SUSPECT.search(line))
+                        (b"\\u" in line or b"NaN" in line or b"Infinity" in line) and bool(SUSPECT.search(line))
                         or line.count(b"[") + line.count(b"{") > MAX_DEPTH)
                     if suspect:
-                        _check_record(record, lambda m: InputError(f"{self.path}: {where}: {m}"))
+                        check_record(record, lambda m: InputError(f"{self.path}: {where}: {m}"))
                     yield where, record, suspect
         except (OSError, EOFError, zlib.error) as exc:
             raise InputError(f"{self.path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
@@ -344,14 +343,14 @@ class InputReader:
             if self.is_arrow:
                 messages = _drop_nulls(messages)
             if self._checking:
-                _check_messages(messages, fail)
+                check_messages(messages, fail)
             body["messages"] = messages
         if "prompt" in body and not isinstance(body["prompt"], str):
             got = type(body["prompt"]).__name__
             hint = " (a Parquet binary column? cast it to string)" if got == "bytes" else ""
             raise fail(f"prompt must be a string, got {got}{hint}")
         if check:
-            _check_body(body, fail)
+            check_body(body, fail)
         if self.require_model and not body.get("model"):
             raise fail("the row names no model and the spec sets none; add model: to the spec")
         wanted = self.endpoint or endpoint
@@ -360,15 +359,6 @@ class InputReader:
                 raise fail("the spec sets endpoint: completions, but this row has messages")
             body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
         return Row(index, str(row_id), wanted, body, where)
-
-
-MAX_DEPTH = 100  # levels of nesting in a line; far past any real request, far below Python's limit
-# Escapes of a high surrogate not followed by a low one, or of a low one not after a
-# high one (a pair such as \ud83d\ude00 is one character), and non-JSON numbers.
-# (Each branch starts with a literal, so the search skips ahead as fast as a find.)
-_SUSPECT = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
-                      rb"|\\u[dD][c-fC-F][0-9a-fA-F]{2}(?<!\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-                      rb"|NaN|Infinity")
 
 
 def _parquet_batches(raw: Any, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
@@ -384,86 +374,6 @@ def _csv_batches(raw: Any, columns: list[str] | None, batch_rows: int) -> Iterat
 
     convert = csv.ConvertOptions(include_columns=columns) if columns is not None else None
     yield from csv.open_csv(raw, read_options=csv.ReadOptions(block_size=1 << 20), convert_options=convert)
-
-
-def _check_record(record: dict[str, Any], fail: Callable[[str], InputError]) -> None:
-    """Every value of a row must be storable text: no lone surrogates, no absurd nesting."""
-    if _depth(record) > MAX_DEPTH:
-        raise fail(f"nested more than {MAX_DEPTH} levels deep; no request needs that")
-    found = _find(record, lambda v: isinstance(v, str) and not _is_unicode(v))
-    if found is not None:
-        raise fail(f"{found[0] or 'a key'} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which "
-                   "is not text and cannot be sent or stored; fix the text")
-
-
-def _check_body(body: dict[str, Any], fail: Callable[[str], InputError]) -> None:
-    """The request as it will be sent: JSON, with no NaN or Infinity and no binary values."""
-    try:
-        json.dumps(body, allow_nan=False)
-    except ValueError:
-        path, value = _find(body, lambda v: isinstance(v, float) and not math.isfinite(v)) or ("", None)
-        raise fail(f"{path}: {value!r} is not a number JSON can carry; use null or a number") from None
-    except TypeError:
-        path, value = _find(body, lambda v: not isinstance(v, (str, int, float, bool, list, dict, type(None)))) \
-            or ("", None)
-        raise fail(f"{path}: a {type(value).__name__} value cannot be sent as JSON; store it as a string") from None
-
-
-def _check_messages(messages: Any, fail: Callable[[str], InputError]) -> None:
-    if type(messages) is list and messages and all(
-        type(m) is dict and type(m.get("role")) is str and type(m.get("content")) is str and m["role"]
-        for m in messages
-    ):
-        return  # the usual shape, seen at a glance; anything else is looked at closely
-    if not isinstance(messages, list) or not messages:
-        raise fail("messages must be a non-empty list of {role, content} objects")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise fail(f"messages[{i}] must be an object with role and content, got {type(message).__name__}")
-        if not isinstance(message.get("role"), str) or not message["role"]:
-            raise fail(f"messages[{i}] has no role (a string such as user, system or assistant)")
-        content = message.get("content")
-        if content is None:
-            if not (message.get("tool_calls") or message.get("function_call")):
-                raise fail(f"messages[{i}] has no content")
-        elif isinstance(content, list):
-            if not all(isinstance(part, dict) for part in content):
-                raise fail(f"messages[{i}].content must be text or a list of part objects")
-        elif not isinstance(content, str):
-            raise fail(f"messages[{i}].content must be text or a list of part objects, got {type(content).__name__}")
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _depth(value: Any) -> int:
-    """How deeply `value` nests, without recursion (a record may nest beyond the stack)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, level)
-            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return deepest
-
-
-def _find(value: Any, bad: Callable[[Any], bool], path: str = "") -> tuple[str, Any] | None:
-    """(path, value) of the first value or key that is `bad` (`messages[0].content`), else None."""
-    if isinstance(value, (dict, list)):
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            if isinstance(value, dict) and bad(key):
-                return path, key
-            found = _find(item, bad, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
-            if found is not None:
-                return found
-        return None
-    return (path, value) if bad(value) else None
 
 
 def _duplicates(ids: sqlite3.Connection, rows: list[Row]) -> list[str]:

@@ -22,7 +22,7 @@ from tests.fakeserver import FakeServer, Faults
 
 
 def http_answer(body: bytes, *, content_type: str = "application/json", **headers: str) -> list[bytes]:
-    head = [f"HTTP/1.1 200 OK", f"content-type: {content_type}", f"content-length: {len(body)}",
+    head = ["HTTP/1.1 200 OK", f"content-type: {content_type}", f"content-length: {len(body)}",
             *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items()), "connection: close"]
     return ["\r\n".join(head).encode() + b"\r\n\r\n", body]
 
