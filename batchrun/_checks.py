@@ -40,9 +40,13 @@ def check_record(record: dict[str, Any], fail: Callable[[str], InputError]) -> N
 
 
 def check_body(body: dict[str, Any], fail: Callable[[str], InputError]) -> None:
-    """The request as it will be sent: JSON, with no NaN or Infinity and no binary values."""
+    """The request as it will be sent: UTF-8 JSON, with no NaN or Infinity, no binary values
+    and no lone surrogates (the client encodes it just so)."""
     try:
-        json.dumps(body, allow_nan=False)
+        json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        check_record(body, fail)  # names the field
+        raise fail("holds a lone surrogate, which cannot be sent as UTF-8") from None
     except ValueError:
         path, value = _find(body, lambda v: isinstance(v, float) and not math.isfinite(v)) or ("", None)
         raise fail(f"{path}: {value!r} is not a number JSON can carry; use null or a number") from None

@@ -99,9 +99,15 @@ class Client:
         Raises JobFatalAPIError when the API refuses the job as a whole.
         """
         body = build_body(row.body, self.spec.model, self.spec.params)
+        try:
+            payload = json.dumps(body, ensure_ascii=False, allow_nan=False).encode()  # once, for every attempt
+        except (ValueError, TypeError, RecursionError) as exc:
+            # Validation refuses such rows before any request; should one slip through,
+            # it fails alone rather than stopping the job.
+            return Result(row.index, row.id, "failed", error=f"the request cannot be sent as JSON: {exc}")
         attempt = _Attempt(
             url=self._urls[row.endpoint],
-            payload=json.dumps(body, ensure_ascii=False).encode(),  # once, for every attempt
+            payload=payload,
             endpoint=row.endpoint,
             stream=bool(body.get("stream")),
             # Only a tokens-per-minute limit needs the estimate.

@@ -19,7 +19,7 @@ import gzip
 import json
 import sqlite3
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -317,7 +317,7 @@ class InputReader:
             # override the spec's params).
             record = _drop_nulls(record)
         if record.get("body") is not None:
-            body = _json_value(record["body"], fail, "body")
+            body = _json_value(record["body"], fail, "body", check=self._checking)
             if not isinstance(body, dict):
                 raise fail("body must be a JSON object")
             method = record.get("method") or "POST"
@@ -339,7 +339,7 @@ class InputReader:
                 raise fail(f"a row needs prompt, messages or body (an OpenAI batch line); its keys: {keys}")
 
         if "messages" in body:
-            messages = _json_value(body["messages"], fail, "messages")
+            messages = _json_value(body["messages"], fail, "messages", check=self._checking)
             if self.is_arrow:
                 messages = _drop_nulls(messages)
             if self._checking:
@@ -397,14 +397,27 @@ def _shape(body: dict[str, Any]) -> str | None:
     return None
 
 
-def _json_value(value: Any, fail: Any, name: str) -> Any:
-    """Parquet may hold nested data as a JSON string; accept both."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise fail(f"{name} is a string but not valid JSON ({exc})") from None
-    return value
+def _json_value(value: Any, fail: Callable[[str], InputError], name: str, *, check: bool) -> Any:
+    """Parquet and CSV may hold nested data as a JSON string; accept both.
+
+    Text decoded here never met the checks on the line it came in, so `check`
+    (validation) holds it to them: what it decodes to must be carriable too.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        decoded = json.loads(value, parse_constant=_no_constant)
+    except RecursionError:
+        raise fail(f"{name} is JSON text nested too deeply to read; no request needs that") from None
+    except ValueError as exc:  # not JSON, NaN or Infinity, an integer past Python's digit limit
+        raise fail(f"{name} is a string but not valid JSON ({exc})") from None
+    if check:
+        check_record({name: decoded}, fail)
+    return decoded
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON can carry")
 
 
 def _drop_nulls(value: Any) -> Any:

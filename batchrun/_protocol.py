@@ -71,6 +71,8 @@ def storable_text(text: str) -> str:
 
     Python strings may hold lone surrogates; UTF-8, SQLite and Parquet cannot.
     """
+    if text.isascii():  # a flag on the string: no scan
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -127,10 +127,12 @@ def _decompressor(encoding: str | None, request: httpx.Request) -> zlib._Decompr
 
 def _response(status: int, headers: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]],
               body: _Body, request: httpx.Request) -> httpx.Response:
-    """The decoded answer: its length and encoding headers describe what is no longer there."""
-    kept = [(k, v) for k, v in headers
-            if (k.lower() if isinstance(k, str) else k.lower().decode("latin-1")) not in _DECODED]
-    response = httpx.Response(status, headers=kept, stream=httpx.ByteStream(body.content()), request=request)
+    """The answer as read; once inflated, its length and encoding headers describe what is
+    no longer there, and go."""
+    if body.encoded:
+        headers = [(k, v) for k, v in headers
+                   if (k.lower() if isinstance(k, str) else k.lower().decode("latin-1")) not in _DECODED]
+    response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body.content()), request=request)
     response.read()  # in memory already: the plain read costs half of `aread`'s async iteration
     return response
 
@@ -230,6 +232,7 @@ class BoundedTransport(httpx.AsyncBaseTransport):
                     if response.is_stream_consumed:  # MockTransport reads (and decodes) answers itself
                         body = _Body(None, self._max_answer_bytes, request)
                         body.feed(response.content)
+                        body.encoded = "content-encoding" in response.headers  # decoded by httpx
                     else:
                         body = _Body(response.headers.get("content-encoding"), self._max_answer_bytes, request)
                         async for chunk in response.aiter_raw():

@@ -173,3 +173,20 @@ def test_an_answer_nested_beyond_reason_is_a_failed_attempt_not_a_crash() -> Non
     assert (result.status, result.output_text, len(seen)) == ("ok", "hi", 2)
     result, _, _ = call([deep], retry={"max_attempts": 1})
     assert (result.status, result.error) == ("failed", "the answer is nested too deeply to read")
+
+
+def test_a_row_that_cannot_be_encoded_fails_alone_without_a_request() -> None:
+    seen: list[httpx.Request] = []
+    spec = parse_spec({"input": "i.jsonl", "output": "o.parquet", "model": "m",
+                       "api": {"base_url": "http://127.0.0.1:9/v1"}}, environ={})
+    client = Client(spec, api_key=KEY, transport=httpx.MockTransport(lambda r: seen.append(r) or
+                                                                       httpx.Response(200, json=ANSWER)))
+    row = Row(0, "r0", "chat", {"messages": [{"role": "user", "content": "half \ud800"}]}, "line 1")
+
+    async def main() -> Result:
+        async with client:
+            return await client.call(row)
+
+    result = anyio.run(main)
+    assert (result.status, seen) == ("failed", [])
+    assert result.error.startswith("the request cannot be sent as JSON: ")

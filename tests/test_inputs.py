@@ -74,6 +74,14 @@ def test_prompt_rows_go_to_chat_when_the_spec_says_so(tmp_path: Path) -> None:
         ('{"custom_id": "c", "body": {"prompt": 5}}', "line 3: prompt must be a string, got int"),
         ('{"prompt": "x", "temperature": NaN}', "line 3: temperature: nan is not a number JSON can carry"),
         ('{"prompt": "x", "logit_bias": {"7": -Infinity}}', "line 3: logit_bias.7: -inf is not a number"),
+        # JSON text inside a field: what it decodes to is held to the same checks
+        ('{"messages": "[{\\"role\\": \\"user\\", \\"content\\": \\"\\\\ud800\\"}]"}',
+         "line 3: messages[0].content holds a lone surrogate"),
+        ('{"messages": "[{\\"role\\": \\"user\\", \\"content\\": NaN}]"}',
+         "line 3: messages is a string but not valid JSON (NaN is not a number JSON can carry)"),
+        ('{"messages": "' + "[" * 100_000 + '"}', "line 3: messages is JSON text nested too deeply to read"),
+        ('{"body": "{\\"prompt\\": \\"x\\", \\"seed\\": 1' + "0" * 5000 + '}"}',
+         "line 3: body is a string but not valid JSON (Exceeds the limit"),
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path: Path, line: str, message: str) -> None:
@@ -241,4 +249,11 @@ def test_csv_messages_are_json_text_and_bad_rows_are_named(tmp_path: Path) -> No
     assert [row.body for row in reader.rows()] == [{"messages": [{"role": "user", "content": "hi"}]}]
     path.write_text("id,prompt\na,x\nb,y,extra\n")
     with pytest.raises(InputError, match="in.csv: cannot read as CSV with a header row: .*Expected 2 columns"):
+        InputReader(path).validate()
+
+
+def test_csv_json_text_is_held_to_the_row_checks(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text('messages\n"[{""role"": ""user"", ""content"": ""half a pair \\ud83d""}]"\n')
+    with pytest.raises(InputError, match=r"in.csv: row 0: messages\[0\].content holds a lone surrogate"):
         InputReader(path).validate()
