@@ -175,13 +175,27 @@ class InputReader:
 
     # -- streaming ------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _during_the_run(self) -> Iterator[None]:
+        """A pass over fingerprinted bytes, which were validated (now, or by the run that
+        saved the same fingerprint): a line that no longer reads means the file changed."""
+        try:
+            yield
+        except InputError as exc:
+            if self._file.digest is None:
+                raise
+            raise InputChangedError(f"{exc}; the input file was changed while the job ran. Rows already "
+                                    "answered are saved; restore the file and rerun, or rerun with --restart"
+                                    ) from None
+
     def rows(self, start: int = 0, *, batch_rows: int | None = None) -> Iterator[Row]:
-        for rows, _ in self._batches(collect_extras=False, batch_rows=batch_rows):
-            if rows and rows[-1].index < start:
-                continue
-            for row in rows:
-                if row.index >= start:
-                    yield row
+        with self._during_the_run():
+            for rows, _ in self._batches(collect_extras=False, batch_rows=batch_rows):
+                if rows and rows[-1].index < start:
+                    continue
+                for row in rows:
+                    if row.index >= start:
+                        yield row
 
     def passthrough_batches(self, types: dict[str, str], *, batch_rows: int | None = None) -> Iterator[pa.Table]:
         """The passthrough columns, a table per `batch_rows` rows, in the types `validate` chose.
@@ -189,10 +203,13 @@ class InputReader:
         Only those columns are kept: prompts and messages are parsed and dropped line by
         line, so memory follows the passthrough data, not the request data.
         """
+        with self._during_the_run():
+            yield from self._passthrough_batches(types, batch_rows or self.batch_rows)
+
+    def _passthrough_batches(self, types: dict[str, str], batch_rows: int) -> Iterator[pa.Table]:
         import pyarrow as pa
 
         names = list(types)
-        batch_rows = batch_rows or self.batch_rows
         if self.is_arrow:
             for batch in self._arrow_batches(names, batch_rows):
                 yield pa.Table.from_batches([batch]).select(names)

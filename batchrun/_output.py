@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._exceptions import InputChangedError, InputError, StorageError
+from ._exceptions import InputChangedError, StorageError
 from ._inputs import InputReader
 from ._protocol import RESULT_FIELDS
 from ._state import StateStore
@@ -140,10 +140,7 @@ class OutputWriter:
         parts = []
         while n > 0:
             if self._pending is None or self._pending.num_rows == 0:
-                try:
-                    self._pending = next(self._extras, None)
-                except InputError as exc:  # it passed validation: it must have changed since
-                    raise InputChangedError(f"{exc}; the input file was changed while the job ran") from None
+                self._pending = next(self._extras, None)
                 if self._pending is None:
                     raise InputChangedError(f"{self.reader_path}: the input file has fewer rows than when the "
                                             "job began; it was changed while the job ran")

@@ -26,8 +26,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from ._client import Client
 from ._exceptions import (
-    BatchrunError, ConfigError, InputChangedError, InputError, Interrupted, JobAborted, JobFatalAPIError,
-    StorageError,
+    BatchrunError, ConfigError, InputChangedError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
 )
 from ._inputs import InputReader, Row
 from ._mock import MOCK_BASE_URL, MOCK_SCHEME, mock_transport
@@ -215,22 +214,21 @@ def _open_state(spec: JobSpec, reader: InputReader, *, limit: int | None,
     matches the saved one trusts the saved row count and column types.
     """
     path = state_path(spec.output)
-    # --restart discards only once the new input passed: a bad input must not cost
-    # the progress it was meant to replace.
-    checked = (reader.fingerprint(), *reader.validate()) if restart else None
+    if restart:  # checked before anything is discarded: a bad input must not cost the progress
+        digest = reader.fingerprint()
+        rows, passthrough = reader.validate()
     fresh = not path.exists()
     store = StateStore.open(path, discard_damaged=restart)
     try:
-        digest = checked[0] if checked else reader.fingerprint()
-        saved = store.meta()
-        if checked:
-            rows, passthrough = checked[1], checked[2]
-        elif saved.get("input_digest") == digest:
-            rows, passthrough = saved["rows"], dict(saved["passthrough"])
-        else:
-            rows, passthrough = reader.validate()
         if restart:
             store.reset()
+        else:
+            digest = reader.fingerprint()
+            saved = store.meta()
+            if saved.get("input_digest") == digest:
+                rows, passthrough = saved["rows"], dict(saved["passthrough"])
+            else:
+                rows, passthrough = reader.validate()
         store.claim(
             # passthrough as pairs: their order is the output's column order
             {"input_digest": digest, "rows": rows, "passthrough": list(map(list, passthrough.items())),
@@ -313,16 +311,11 @@ class _Pool:
         ever inside it at once, and a row goes to exactly one worker.
         """
         # Small batches: the first request waits for its batch to be parsed.
-        try:
-            for row in self.reader.rows(batch_rows=64):
-                if row.index >= self.total:
-                    break
-                if not self.done[row.index]:
-                    yield row
-        except InputError as exc:  # it passed validation: it must have changed since
-            raise InputChangedError(f"{exc}; the input file was changed while the job ran. Rows already "
-                                    "answered are saved; restore the file and rerun, or rerun with --restart"
-                                    ) from None
+        for row in self.reader.rows(batch_rows=64):
+            if row.index >= self.total:
+                break
+            if not self.done[row.index]:
+                yield row
         self.fed_all = True
 
     async def _work(self, first: bool, rows: Iterator[Row], results: ObjectSendStream[Result]) -> None:

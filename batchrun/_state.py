@@ -83,17 +83,16 @@ class StateStore:
         job_lock = JobLock.acquire(path) if lock else None
         db: sqlite3.Connection | None = None
         try:
-            while True:
-                if not path.exists():
-                    _create(path)
-                try:
-                    db = _connect_whole(path)
-                    break
-                except StateDamagedError:
-                    if not discard_damaged:
-                        raise
-                    discard_damaged = False  # once: a new state that is damaged is another matter
-                    cls.discard(path)
+            if not path.exists():
+                _create(path)
+            try:
+                db = _connect_whole(path)
+            except StateDamagedError:
+                if not discard_damaged:
+                    raise
+                cls.discard(path)
+                _create(path)
+                db = _connect_whole(path)
             for suffix in ("", *_COMPANIONS):
                 _make_private(path.with_name(path.name + suffix))
             read_db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
