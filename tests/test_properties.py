@@ -14,7 +14,7 @@ import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchrun import APIError, InputError, parse_spec
+from batchrun import APIError, InputError, JobFatalAPIError, parse_spec
 from batchrun._client import Client
 from batchrun._inputs import InputReader, Row
 from batchrun._output import result_schema
@@ -165,3 +165,34 @@ def test_any_answer_gives_a_stored_row_or_a_clear_failure(body: bytes, content_t
             store.close()
     pa.Table.from_arrays([pa.array([value], type=field.type) for value, field in zip(row, result_schema())],
                          schema=result_schema())  # ...and so does the Parquet output
+
+
+@SETTINGS
+@given(st.sampled_from([301, 400, 404, 408, 422, 429, 500, 503, 599]), bodies,
+       st.dictionaries(st.sampled_from(["retry-after", "retry-after-ms", "x-ratelimit-limit-requests",
+                                        "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+                                        "x-ratelimit-over-limit", "location"]),
+                       st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30)))
+def test_any_refusal_gives_a_failed_row_or_stops_the_job_with_a_message(status: int, body: bytes,
+                                                                        headers: dict[str, str]) -> None:
+    spec = parse_spec({"input": "i.jsonl", "output": "o.parquet", "model": "m", "retry": {"max_attempts": 2},
+                       "rate_limit": {"tokens_per_minute": 1000},
+                       "api": {"base_url": "http://127.0.0.1:9/v1"}}, environ={})
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body, headers=headers))
+
+    async def no_wait(seconds: float) -> None:
+        assert 0 <= seconds < float("inf")
+
+    client = Client(spec, api_key="sk-property-key", transport=transport, sleep=no_wait)
+
+    async def main() -> Result:
+        async with client:
+            return await client.call(Row(0, "r", "completions", {"prompt": "q"}, "line 1"))
+
+    try:
+        result = anyio.run(main)
+    except JobFatalAPIError as exc:  # a redirect: the job stops, saying where it points
+        assert status == 301 and str(exc).startswith("HTTP 301: ")
+        return
+    assert result.status == "failed" and result.error.startswith(f"HTTP {status}: ")
+    result.error.encode("utf-8")
