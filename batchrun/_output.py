@@ -92,7 +92,7 @@ class OutputWriter:
             if own.fullmatch(stale.name):
                 stale.unlink(missing_ok=True)
         self._extras = reader.passthrough_batches(passthrough, batch_rows=ROW_GROUP_ROWS) if passthrough else None
-        self.reader_path = reader.path
+        self.reader_name = reader.name
         self._pending: pa.Table | None = None  # passthrough rows read, not yet written
         self._writer: pq.ParquetWriter | None = None
         self.written = 0  # rows [0, written) are in the file
@@ -142,7 +142,7 @@ class OutputWriter:
             if self._pending is None or self._pending.num_rows == 0:
                 self._pending = next(self._extras, None)
                 if self._pending is None:
-                    raise InputChangedError(f"{self.reader_path}: the input file has fewer rows than when the "
+                    raise InputChangedError(f"{self.reader_name}: the input has fewer rows than when the "
                                             "job began; it was changed while the job ran")
             part = self._pending.slice(0, n)
             self._pending = self._pending.slice(part.num_rows)

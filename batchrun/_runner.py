@@ -28,6 +28,7 @@ from ._client import Client
 from ._exceptions import (
     BatchrunError, ConfigError, InputChangedError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
 )
+from ._files import expand_inputs
 from ._inputs import InputReader, Row
 from ._mock import MOCK_BASE_URL, MOCK_SCHEME, mock_transport
 from ._output import ROW_GROUP_ROWS, OutputWriter, load_arrow
@@ -36,6 +37,7 @@ from ._progress import NullProgress, Progress
 from ._protocol import Result
 from ._spec import JobSpec, load_spec
 from ._state import StateStore, state_path
+from ._template import Template
 
 __all__ = ["Summary", "run_job"]
 
@@ -111,7 +113,9 @@ def run_job(
 
     # One reader for the whole run: every pass sees the version of the input that
     # was fingerprinted, even if the file is replaced meanwhile.
-    reader = InputReader(spec.input, endpoint=spec.endpoint, require_model=spec.model is None)
+    template = Template(spec.template) if spec.template is not None else None
+    reader = InputReader(expand_inputs(spec.input), endpoint=spec.endpoint, require_model=spec.model is None,
+                         template=template)
     try:
         store, total, passthrough = _open_state(spec, reader, limit=limit, restart=restart)
     except BaseException:

@@ -30,6 +30,7 @@ class PinnedFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._fd = -1  # until opened: a failed open leaves nothing to close
         self._fd = os.open(path, os.O_RDONLY)
         stat = os.fstat(self._fd)
         self._version = (stat.st_size, stat.st_mtime_ns)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import json
 import os
 import re
@@ -20,11 +21,14 @@ from typing import Any
 import yaml
 
 from ._exceptions import SpecError
+from ._files import INPUT_SUFFIXES
+from ._template import TEMPLATE_FIELDS, Template
 
 __all__ = ["ApiSpec", "JobSpec", "RateLimitSpec", "RetrySpec", "load_spec", "parse_spec"]
 
 DEFAULT_BASE_URL = "https://api.fireworks.ai/inference/v1"
 ENDPOINTS = ("chat", "completions")
+INPUT_ENDPOINTS = ("embeddings", "responses")  # the endpoints rows give `input` to
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class ApiSpec:
 
 @dataclass(frozen=True)
 class JobSpec:
-    input: Path
+    input: tuple[Path, ...]  # files or globs, absolute; see `_files.expand_inputs`
     output: Path
     model: str | None = None
     endpoint: str | None = None
@@ -63,6 +67,7 @@ class JobSpec:
     retry: RetrySpec = field(default_factory=RetrySpec)
     rate_limit: RateLimitSpec = field(default_factory=RateLimitSpec)
     api: ApiSpec = field(default_factory=ApiSpec)
+    template: Mapping[str, Any] | None = None  # see `_template`
     source: Path | None = None  # the spec file, for messages
 
     @property
@@ -71,12 +76,16 @@ class JobSpec:
 
     def request_config(self) -> dict[str, Any]:
         """What shapes the answers: a resume must match it, or two jobs would mix."""
-        return {
+        config = {
             "model": self.model,
             "endpoint": self.endpoint,
             "params": dict(self.params),
             "base_url": self.api.base_url,  # answers from two servers must not mix
         }
+        # Options added later join only when set, so that states saved before them resume.
+        if self.template is not None:
+            config["template"] = dict(self.template)
+        return config
 
 
 def load_spec(path: str | os.PathLike[str]) -> JobSpec:
@@ -176,11 +185,56 @@ def _string(raw: Mapping[str, Any], key: str, path: str, default: str | None) ->
 
 
 def _check_json(value: Any, path: str) -> None:
-    """Params go into every request body as JSON: YAML's dates, `.nan` or `.inf` cannot."""
+    """Params go into every request body as JSON: YAML's dates, `.nan` or `.inf` cannot,
+    nor a lone surrogate (`"\\ud800"` in a double-quoted YAML string)."""
     try:
-        json.dumps(value, allow_nan=False)
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise SpecError(f"{path}: holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is "
+                        "not text; fix the text") from None
     except (TypeError, ValueError) as exc:
         raise SpecError(f"{path}: cannot be sent as JSON ({exc}); quote dates, and use no .nan or .inf") from None
+
+
+def _input(raw: Any, base_dir: Path) -> tuple[Path, ...]:
+    """A file, a glob, or a list of them; globs are expanded when the job runs."""
+    items = raw if isinstance(raw, list) else [raw]
+    if not items or not all(isinstance(item, str) and item for item in items):
+        raise SpecError(f"input: expected a file, a glob or a list of them, got {raw!r}")
+    paths = []
+    for item in items:
+        if not glob.has_magic(item) and not item.endswith(INPUT_SUFFIXES):
+            raise SpecError(f"input: {item!r} must end in {', '.join(INPUT_SUFFIXES[:-1])} or {INPUT_SUFFIXES[-1]}")
+        paths.append(Path(os.path.abspath(base_dir / item)))
+    return tuple(paths)
+
+
+def _template(raw: Any, endpoint: str | None) -> Mapping[str, Any] | None:
+    if raw is None:
+        return None
+    template = _mapping(raw, "template")
+    _check_keys(template, TEMPLATE_FIELDS, "template")
+    given = [key for key in ("messages", "prompt", "input") if key in template]
+    if len(given) != 1:
+        raise SpecError("template: give exactly one of messages (chat), prompt (completions) or input "
+                        f"(embeddings, responses){'; it has ' + ' and '.join(given) if given else ''}")
+    [kind] = given
+    _check_json(template, "template")
+    messages = template.get("messages")
+    if kind == "messages" and (not isinstance(messages, list) or not messages or not all(
+            isinstance(m, Mapping) and isinstance(m.get("role"), str) and "content" in m for m in messages)):
+        raise SpecError("template.messages: expected a list of {role, content} messages")
+    for key in ("prompt", "instructions"):
+        if key in template and not isinstance(template[key], str):
+            raise SpecError(f"template.{key}: expected a string")
+    wanted = {"messages": ("chat",), "prompt": ("completions", "chat"), "input": INPUT_ENDPOINTS}[kind]
+    if endpoint is not None and endpoint not in wanted or kind == "input" and endpoint is None:
+        raise SpecError(f"template.{kind} is for endpoint: {' or '.join(wanted)}"
+                        f"{'' if endpoint is None else f', but the spec sets endpoint: {endpoint}'}")
+    if "instructions" in template and endpoint != "responses":
+        raise SpecError("template.instructions is for endpoint: responses")
+    Template(template)  # a syntax error stops the job here, naming the string
+    return dict(template)
 
 
 def _base_url(url: str) -> str:
@@ -196,9 +250,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         if not top.get(key):
             raise SpecError(f"{key}: required; name the {key} file")
 
-    input_path = Path(os.path.abspath(base_dir / str(top["input"])))
-    if not str(input_path).endswith((".jsonl", ".jsonl.gz", ".parquet", ".csv")):
-        raise SpecError(f"input: {top['input']!r} must end in .jsonl, .jsonl.gz, .parquet or .csv")
+    input_paths = _input(top["input"], base_dir)
     output_path = Path(os.path.abspath(base_dir / str(top["output"])))
     if output_path.suffix != ".parquet":
         raise SpecError(f"output: {top['output']!r} must end in .parquet")
@@ -236,7 +288,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
     )
 
     return JobSpec(
-        input=input_path,
+        input=input_paths,
         output=output_path,
         model=_string(top, "model", "", None),
         endpoint=endpoint,
@@ -245,5 +297,6 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         retry=retry,
         rate_limit=rate_limit,
         api=api,
+        template=_template(top.get("template"), endpoint),
         source=source,
     )

@@ -257,3 +257,89 @@ def test_csv_json_text_is_held_to_the_row_checks(tmp_path: Path) -> None:
     path.write_text('messages\n"[{""role"": ""user"", ""content"": ""half a pair \\ud83d""}]"\n')
     with pytest.raises(InputError, match=r"in.csv: row 0: messages\[0\].content holds a lone surrogate"):
         InputReader(path).validate()
+
+
+def test_a_glob_reads_its_files_in_sorted_order_as_one_table(tmp_path: Path) -> None:
+    from batchrun._files import expand_inputs
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"prompt": ["c", "d"], "k": pa.array([3, 4], pa.int32())}), tmp_path / "data" / "p-2.parquet")
+    pq.write_table(pa.table({"prompt": ["a", "b"], "k": pa.array([1, 2], pa.int64()),
+                             "only_here": ["x", "y"]}), tmp_path / "data" / "p-1.parquet")
+    write_jsonl(tmp_path / "data" / "p-3.jsonl", [{"prompt": "e", "k": 5}])
+    (tmp_path / "data" / "notes.txt").write_text("not an input")
+
+    paths = expand_inputs([tmp_path / "data" / "p-*"])
+    assert [p.name for p in paths] == ["p-1.parquet", "p-2.parquet", "p-3.jsonl"]
+    reader = InputReader(paths)
+    count, types = reader.validate()
+    rows = list(reader.rows())
+    assert count == 5
+    assert [(r.index, r.body["prompt"], r.where) for r in rows] == [
+        (0, "a", "p-1.parquet row 0"), (1, "b", "p-1.parquet row 1"), (2, "c", "p-2.parquet row 0"),
+        (3, "d", "p-2.parquet row 1"), (4, "e", "p-3.jsonl line 1")]
+    table = pa.concat_tables(reader.passthrough_batches(types))
+    assert table.schema.field("k").type == pa.int64()  # int32 and int64 widen to one column
+    assert table.to_pylist() == [{"k": 1, "only_here": "x"}, {"k": 2, "only_here": "y"}, {"k": 3, "only_here": None},
+                                 {"k": 4, "only_here": None}, {"k": 5, "only_here": None}]
+    with pytest.raises(InputError, match=r"p-\*.csv: no input file matches"):
+        expand_inputs([tmp_path / "data" / "p-*.csv"])
+    with pytest.raises(InputError, match="notes.txt: matched by input"):
+        expand_inputs([tmp_path / "data" / "*"])
+
+
+def test_ids_and_errors_name_the_file_they_are_in(tmp_path: Path) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": "x", "prompt": "1"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "2"}, {"id": "x", "prompt": "3"}])
+    with pytest.raises(InputError, match="duplicate row ids: 'x' at a.jsonl line 1 and b.jsonl line 2"):
+        InputReader([a, b]).validate()
+    write_jsonl(b, [{"prompt": "2"}, {"prompt": 3}])
+    with pytest.raises(InputError, match=r"b.jsonl: line 2: prompt must be a string"):
+        InputReader([a, b]).validate()
+
+
+def test_the_fingerprint_covers_every_file_and_their_order(tmp_path: Path) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "1"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "2"}])
+    both = InputReader([a, b]).fingerprint()
+    assert InputReader([a]).fingerprint() == InputReader(a).fingerprint() != both  # one file: as before
+    assert InputReader([b, a]).fingerprint() != both
+    write_jsonl(b, [{"prompt": "3"}])
+    assert InputReader([a, b]).fingerprint() != both
+
+
+def test_files_whose_columns_cannot_be_one_table_are_named(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"prompt": ["a"], "k": [1]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"prompt": ["b"], "k": [[1, 2]]}), tmp_path / "b.parquet")
+    with pytest.raises(InputError, match=r"column 'k' is int64 in .*a.parquet but list<element: int64> in .*b.parquet"):
+        InputReader([tmp_path / "a.parquet", tmp_path / "b.parquet"]).validate()
+
+
+def test_a_template_renders_each_row_and_every_column_passes_through(tmp_path: Path) -> None:
+    from batchrun._template import Template
+
+    pq.write_table(pa.table({"id": ["q1", "q2"], "question": ["why?", "how?"], "context": ["c1", None],
+                             "max_tokens": [1, 2]}), tmp_path / "in.parquet")
+    template = Template({"messages": [{"role": "user", "content": "{{ context }} / {{ question }}"}]})
+    reader = InputReader(tmp_path / "in.parquet", template=template)
+    with pytest.raises(InputError, match=r"in.parquet: row 1: template.messages\[0\].content uses column 'context'"):
+        reader.validate()
+    pq.write_table(pa.table({"id": ["q1", "q2"], "question": ["why?", "how?"], "context": ["c1", "c2"],
+                             "max_tokens": [1, 2]}), tmp_path / "in.parquet")
+    reader = InputReader(tmp_path / "in.parquet", template=template)
+    count, types = reader.validate()
+    assert list(types) == ["question", "context", "max_tokens"]  # not request fields: the template's values
+    assert [(r.id, r.endpoint, r.body) for r in reader.rows()] == [
+        ("q1", "chat", {"messages": [{"role": "user", "content": "c1 / why?"}]}),
+        ("q2", "chat", {"messages": [{"role": "user", "content": "c2 / how?"}]}),
+    ]
+
+
+def test_a_given_id_that_is_another_rows_position_is_a_duplicate(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}, {"id": 1, "prompt": "c"},
+                                               {"id": "03", "prompt": "d"}, {"id": 3, "prompt": "e"}])
+    with pytest.raises(InputError, match=r"'1' at line 3 and at position 1, a row without an id") as info:
+        InputReader(path).validate()
+    assert "'03'" not in str(info.value)  # "03" is no position; row 4's own id 3 is its position
+    write_jsonl(path, [{"prompt": "a"}, {"id": 7, "prompt": "b"}, {"id": "x", "prompt": "c"}])
+    assert InputReader(path).validate()[0] == 3

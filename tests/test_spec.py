@@ -17,7 +17,7 @@ def test_defaults_and_paths_relative_to_the_spec_folder(tmp_path: Path) -> None:
 
     spec = load_spec(path)
 
-    assert spec.input == tmp_path / "data" / "in.jsonl"
+    assert spec.input == (tmp_path / "data" / "in.jsonl",)
     assert spec.output == tmp_path / "jobs" / "out" / "x.parquet"
     assert (spec.concurrency, spec.retry.max_attempts) == (32, 6)
     assert spec.api.base_url == DEFAULT_BASE_URL

@@ -1,0 +1,216 @@
+"""The input's files: which ones a spec names, and reading records from each.
+
+`input:` may name one file, a glob or a list of either; `expand_inputs` turns that into
+the files themselves, in sorted order, and `InputFile` reads one of them, whatever its
+format: JSONL (gzipped or not) line by line, Parquet and CSV through Arrow as typed
+record batches. Each file is pinned (`_source`) for the whole job.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._checks import MAX_DEPTH, SUSPECT, check_record
+from ._exceptions import InputError
+from ._source import PinnedFile
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+__all__ = ["INPUT_SUFFIXES", "InputFile", "check_all_unchanged", "combined_fingerprint", "expand_inputs"]
+
+INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".csv")
+Record = tuple[str, dict[str, Any], bool]  # (where, record, suspect)
+
+
+def expand_inputs(patterns: Sequence[Path]) -> list[Path]:
+    """Every file the patterns name, once each, sorted by path: the order rows are read in.
+
+    A pattern without glob characters must be a file; a glob must match at least one.
+    """
+    found: set[Path] = set()
+    for pattern in patterns:
+        text = str(pattern)
+        if glob.has_magic(text):
+            matches = [Path(p) for p in glob.glob(text, recursive=True) if os.path.isfile(p)]
+            if not matches:
+                raise InputError(f"{text}: no input file matches this pattern")
+        else:
+            if not pattern.is_file():
+                raise InputError(f"{pattern}: input file not found")
+            matches = [pattern]
+        for path in matches:
+            if not path.name.endswith(INPUT_SUFFIXES):
+                raise InputError(f"{path}: matched by input {text!r}, but only {', '.join(INPUT_SUFFIXES)} files "
+                                 "can be read; narrow the pattern")
+        found.update(matches)
+    return sorted(found, key=str)
+
+
+class InputFile:
+    """One input file, held open for the job; each `records()` call is a fresh pass."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.is_parquet = path.suffix == ".parquet"
+        self.is_csv = path.suffix == ".csv"
+        # Parquet and CSV are read through Arrow: typed columns, record batches, nulls
+        # for absent values; JSONL line by line.
+        self.is_arrow = self.is_parquet or self.is_csv
+        self._schema: pa.Schema | None = None
+        try:
+            self._pinned = PinnedFile(path)
+        except FileNotFoundError:
+            raise InputError(f"{path}: input file not found") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        self._pinned.close()
+
+    def error(self, where: str, message: str) -> InputError:
+        return InputError(f"{self.path}: {where}: {message}")
+
+    @property
+    def digest(self) -> str | None:
+        return self._pinned.digest
+
+    def fingerprint(self) -> str:
+        return self._pinned.fingerprint()
+
+    def check_unchanged(self) -> None:
+        self._pinned.check()
+
+    def records(self, *, checking: bool, batch_rows: int) -> Iterator[Record]:
+        return self._arrow_records(batch_rows) if self.is_arrow else self._jsonl_records(checking)
+
+    def _jsonl_records(self, checking: bool) -> Iterator[Record]:
+        """Only a suspect record can hold what JSON cannot carry; `checking` looks for them."""
+        try:
+            with self._pinned.open() as raw, (gzip.GzipFile(fileobj=raw, mode="rb")
+                                              if self.path.name.endswith(".gz") else raw) as f:
+                for number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    where = f"line {number}"
+                    try:
+                        record = json.loads(line)
+                    except RecursionError:
+                        raise self.error(where, "nested too deeply to read; no request needs that") from None
+                    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
+                        raise self.error(where, f"not valid JSON ({exc})") from None
+                    if not isinstance(record, dict):
+                        raise self.error(where, f"expected a JSON object, got {type(record).__name__}")
+                    # Only these bytes can make a parsed line that no request or output can
+                    # carry; looking for them costs far less than walking every record.
+                    suspect = checking and (
+                        (b"\\u" in line or b"NaN" in line or b"Infinity" in line) and bool(SUSPECT.search(line))
+                        or line.count(b"[") + line.count(b"{") > MAX_DEPTH)
+                    if suspect:
+                        check_record(record, lambda m: self.error(where, m))
+                    yield where, record, suspect
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InputError(f"{self.path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
+
+    def arrow_batches(self, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        import pyarrow as pa
+
+        try:
+            with self._pinned.open() as raw:
+                yield from (_csv_batches if self.is_csv else _parquet_batches)(raw, columns, batch_rows)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{self.path}: cannot read as {self._kind()}: {exc}") from exc
+
+    def arrow_schema(self) -> pa.Schema:
+        """The file's column types (a CSV's as inferred from its first block)."""
+        if self._schema is None:
+            self._schema = self._read_schema()
+        return self._schema
+
+    def _read_schema(self) -> pa.Schema:
+        import pyarrow as pa
+        import pyarrow.csv as csv
+        import pyarrow.parquet as pq
+
+        try:
+            with self._pinned.open() as raw:
+                if self.is_csv:
+                    schema = csv.open_csv(raw, read_options=_csv_read_options()).schema
+                else:
+                    schema = pq.ParquetFile(raw).schema_arrow
+            schema.names  # noqa: B018 (decodes every name)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{self.path}: cannot read as {self._kind()}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{self.path}: a column name is not UTF-8 ({exc.reason})") from None
+        return schema
+
+    def _kind(self) -> str:
+        return "CSV with a header row" if self.is_csv else "Parquet"
+
+    def _arrow_records(self, batch_rows: int) -> Iterator[Record]:
+        index = 0
+        for batch in self.arrow_batches(None, batch_rows):
+            try:
+                records = batch.to_pylist()
+            except UnicodeDecodeError:
+                records = None
+            for n in range(batch.num_rows):
+                where = f"row {index}"
+                if records is None:  # find the row whose text is not UTF-8
+                    try:
+                        [record] = batch.slice(n, 1).to_pylist()
+                    except UnicodeDecodeError as exc:
+                        raise self.error(where, "a string column holds bytes that are not "
+                                                f"UTF-8 ({exc.reason})") from None
+                else:
+                    record = records[n]
+                # Arrow text is UTF-8 and its nesting is the schema's; but any Arrow type
+                # (binary, dates, decimals) may stand where the request needs JSON.
+                yield where, record, True
+                index += 1
+
+
+def combined_fingerprint(files: Sequence[InputFile]) -> str:
+    """One file's digest as it is (states saved before inputs could be many still
+    resume); several files' digests hashed in order, so that order counts too."""
+    digests = [f.fingerprint() for f in files]
+    if len(digests) == 1:
+        return digests[0]
+    import hashlib
+
+    return "files:" + hashlib.blake2b("\n".join(digests).encode(), digest_size=16).hexdigest()
+
+
+def check_all_unchanged(files: Sequence[InputFile]) -> None:
+    for f in files:
+        f.check_unchanged()
+
+
+def _parquet_batches(raw: Any, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    import pyarrow.parquet as pq
+
+    yield from pq.ParquetFile(raw).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def _csv_read_options() -> Any:
+    import pyarrow.csv as csv
+
+    return csv.ReadOptions(block_size=1 << 20)  # types are inferred from the first block
+
+
+def _csv_batches(raw: Any, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """A CSV file with a header row, streamed in blocks. Column types are inferred from
+    the first block and hold for the rest (a later value that does not fit is an error)."""
+    import pyarrow.csv as csv
+
+    convert = csv.ConvertOptions(include_columns=columns) if columns is not None else None
+    yield from csv.open_csv(raw, read_options=_csv_read_options(), convert_options=convert)
+
