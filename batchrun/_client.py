@@ -18,7 +18,8 @@ import httpx
 
 from ._version import __version__
 from ._exceptions import APIError, JobFatalAPIError, RetryableAPIError
-from ._protocol import Result, StreamAssembler, build_body, endpoint_path, parse_answer, storable_text
+from ._protocol import Result, StreamAssembler, storable_text
+from .endpoints import ENDPOINTS, get_endpoint
 from ._inputs import Row
 from ._policy import classify, retrying
 from ._rate import RateLimiter, estimate_tokens
@@ -70,7 +71,7 @@ class Client:
             else AiohttpTransport(max_connections=spec.concurrency, **bounds)
         )
         base = httpx.URL((base_url or spec.api.base_url).rstrip("/"))
-        self._urls = {endpoint: httpx.URL(str(base) + endpoint_path(endpoint)) for endpoint in ("chat", "completions")}
+        self._urls = {name: httpx.URL(str(base) + endpoint.path) for name, endpoint in ENDPOINTS.items()}
         headers = [
             ("host", base.netloc.decode("ascii")),
             ("content-type", "application/json"),
@@ -98,7 +99,7 @@ class Client:
 
         Raises JobFatalAPIError when the API refuses the job as a whole.
         """
-        body = build_body(row.body, self.spec.model, self.spec.params)
+        body = get_endpoint(row.endpoint).build_body(row.body, self.spec.model, self.spec.params)
         try:
             payload = json.dumps(body, ensure_ascii=False, allow_nan=False).encode()  # once, for every attempt
         except (ValueError, TypeError, RecursionError) as exc:
@@ -137,6 +138,8 @@ class Client:
             raise
         result.row_index, result.id = row.index, row.id
         result.attempts, result.latency_s = attempt.count, attempt.latency
+        if self.spec.keep_request:
+            result.extra = {**(result.extra or {}), "request": payload.decode()}
         if attempt.tokens and result.total_tokens is not None:
             self.limiter.correct_tokens(result.total_tokens - attempt.tokens)
         return result
@@ -179,7 +182,7 @@ class Client:
                 data = json.loads(response.content)
             except ValueError:
                 raise RetryableAPIError("the response body is not valid JSON", status=response.status_code) from None
-            return parse_answer(attempt.endpoint, data)
+            return get_endpoint(attempt.endpoint).parse(data)
         except RecursionError:
             raise RetryableAPIError("the answer is nested too deeply to read", status=response.status_code) from None
 

@@ -27,6 +27,7 @@ from ._exceptions import InputChangedError, InputError, StorageError
 from ._checks import check_body, check_messages, check_record
 from ._files import InputFile, check_all_unchanged, combined_fingerprint
 from ._template import Template, TemplateRowError
+from .endpoints import ENDPOINTS
 
 if TYPE_CHECKING:
     import pyarrow as pa  # imported where used: a JSONL job needs it only for its output
@@ -41,6 +42,13 @@ REQUEST_FIELDS = frozenset(
     stream stream_options user reasoning_effort context_length_exceeded_behavior
     prompt_cache_key prediction modalities""".split()
 )
+# ... and those of the endpoints that take `input` (responses, embeddings), only there:
+# a chat job's `input` column passes through as it always did.
+INPUT_REQUEST_FIELDS = REQUEST_FIELDS | frozenset(
+    """input instructions max_output_tokens text store reasoning truncation include metadata
+    previous_response_id dimensions encoding_format""".split()
+)
+INPUT_ENDPOINTS = ("responses", "embeddings")
 BATCH_FIELDS = frozenset({"custom_id", "method", "url", "body"})
 ID_FIELDS = ("id", "custom_id")
 
@@ -56,6 +64,10 @@ _URL_ENDPOINTS = {
     "/chat/completions": "chat",
     "/v1/completions": "completions",
     "/completions": "completions",
+    "/v1/responses": "responses",
+    "/responses": "responses",
+    "/v1/embeddings": "embeddings",
+    "/embeddings": "embeddings",
 }
 
 
@@ -77,12 +89,15 @@ class InputReader:
 
     def __init__(
         self, paths: Path | Sequence[Path], *, endpoint: str | None = None, require_model: bool = False,
-        template: Template | None = None, batch_rows: int = 1024,
+        template: Template | None = None, reserved: Sequence[str] = (), batch_rows: int = 1024,
     ) -> None:
         paths = [paths] if isinstance(paths, Path) else list(paths)
         self.endpoint = endpoint
         self.require_model = require_model
         self.template = template
+        self.request_fields = INPUT_REQUEST_FIELDS if endpoint in INPUT_ENDPOINTS else REQUEST_FIELDS
+        # The output's columns (the job's optional ones too): an input column must not take a name
+        self.reserved = frozenset(OUTPUT_COLUMNS).union(reserved)
         self.batch_rows = batch_rows
         self.files: list[InputFile] = []
         try:
@@ -151,12 +166,12 @@ class InputReader:
             raise StorageError(f"cannot check the input's ids for duplicates in a temporary file: {exc}; "
                                "free space in the temporary folder (or point TMPDIR elsewhere) and rerun") from exc
         kinds: dict[str, set[str]] = {}
-        passes = _passes_through if self.template is None else _is_not_an_id
+        passes = self._passes
         for f in self.files:
             if f.is_arrow:
                 for field in f.arrow_schema():
                     if passes(field.name):
-                        if field.name in OUTPUT_COLUMNS:
+                        if field.name in self.reserved:
                             raise f.error("row 0", f"column {field.name!r} clashes with the output column of "
                                                    "that name; rename it in the input")
                         kinds.setdefault(field.name, set()).add(_schema_kind(field.type))
@@ -300,8 +315,7 @@ class InputReader:
         batch_rows = batch_rows or self.batch_rows
         rows: list[Row] = []
         extras: dict[str, list[Any]] = {}
-        # With a template, columns are its values, not request fields: all pass through.
-        passes = _passes_through if self.template is None else _is_not_an_id
+        passes = self._passes
         index = 0
         for f in self.files:
             # A Parquet or CSV file's columns are typed by its schema: `_validate` reads that.
@@ -314,7 +328,7 @@ class InputReader:
                         if passes(key):
                             column = extras.get(key)
                             if column is None:
-                                if key in OUTPUT_COLUMNS:
+                                if key in self.reserved:
                                     raise f.error(where, f"column {key!r} clashes with the output column of that "
                                                          "name; rename it in the input")
                                 column = extras[key] = [None] * (len(rows) - 1)
@@ -327,6 +341,13 @@ class InputReader:
                     rows, extras = [], {}
         if rows:
             yield rows, extras
+
+    def _passes(self, key: str) -> bool:
+        """Whether a column passes through to the output. With a template, columns are
+        its values, not request fields: all but the id pass through."""
+        if key in ID_FIELDS:
+            return False
+        return self.template is not None or key not in self.request_fields and key not in BATCH_FIELDS
 
     def _row(self, f: InputFile, index: int, where: str, record: dict[str, Any], *, check: bool = False) -> Row:
         """The row's request; `check` looks for what the API cannot be sent (NaN, binary values)."""
@@ -366,14 +387,16 @@ class InputReader:
             else:
                 endpoint = _URL_ENDPOINTS.get(url) if isinstance(url, str) else None
             if endpoint is None:
-                raise fail(f"url {url!r} is not supported; use /v1/chat/completions or /v1/completions")
+                raise fail(f"url {url!r} is not supported; use /v1/chat/completions, /v1/completions, "
+                           "/v1/responses or /v1/embeddings")
             body = dict(body)
         else:
-            body = {k: v for k, v in record.items() if k in REQUEST_FIELDS and v is not None}
+            body = {k: v for k, v in record.items() if k in self.request_fields and v is not None}
             endpoint = _shape(body)
             if endpoint is None:
                 keys = ", ".join(sorted(record)) or "none"
-                raise fail(f"a row needs prompt, messages or body (an OpenAI batch line); its keys: {keys}")
+                needs = "input" if self.endpoint in INPUT_ENDPOINTS else "prompt, messages or body (an OpenAI batch line)"
+                raise fail(f"a row needs {needs}; its keys: {keys}")
 
         if "messages" in body:
             messages = _json_value(body["messages"], fail, "messages", check=self._checking)
@@ -382,6 +405,9 @@ class InputReader:
             if self._checking:
                 check_messages(messages, fail)
             body["messages"] = messages
+        if "input" in body:
+            body["input"] = _json_value(body["input"], fail, "input", check=self._checking) \
+                if isinstance(body["input"], str) and body["input"].startswith("[") and f.is_arrow else body["input"]
         if "prompt" in body and not isinstance(body["prompt"], str):
             got = type(body["prompt"]).__name__
             hint = " (a Parquet binary column? cast it to string)" if got == "bytes" else ""
@@ -395,10 +421,26 @@ class InputReader:
         if self.require_model and not body.get("model"):
             raise fail("the row names no model and the spec sets none; add model: to the spec")
         wanted = self.endpoint or endpoint
-        if wanted != endpoint:
+        if endpoint == "input":  # a row with input, which the spec's endpoint takes
+            if wanted not in INPUT_ENDPOINTS:
+                raise fail("this row has input: set endpoint: responses or embeddings in the spec" if wanted == "input"
+                           else f"this row has input, which is for endpoint: responses or embeddings; "
+                                f"the spec sets endpoint: {wanted}")
+        elif wanted in INPUT_ENDPOINTS:
+            if endpoint in INPUT_ENDPOINTS and endpoint != wanted:
+                raise fail(f"the spec sets endpoint: {wanted}, but this row is a batch line for {endpoint}")
+            if "input" not in body:  # a prompt is the input; so are messages, for the Responses API (as items)
+                if wanted == "embeddings" and "messages" in body:
+                    raise fail("the spec sets endpoint: embeddings, but this row has messages; give input or prompt")
+                body["input"] = body.pop("prompt") if "prompt" in body else body.pop("messages")
+        elif wanted != endpoint:
+            if endpoint in INPUT_ENDPOINTS:
+                raise fail(f"this row is a batch line for {endpoint}; the spec sets endpoint: {wanted}")
             if wanted == "completions":
                 raise fail("the spec sets endpoint: completions, but this row has messages")
             body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
+        if wanted not in ENDPOINTS:
+            raise fail(f"endpoint {wanted} is not supported; batchrun sends to {', '.join(ENDPOINTS)}")
         return Row(index, str(row_id), wanted, body, place)
 
 
@@ -415,12 +457,6 @@ def _fewer_collections() -> Iterator[None]:
         gc.set_threshold(*saved)
 
 
-def _passes_through(key: str) -> bool:
-    return key not in REQUEST_FIELDS and key not in BATCH_FIELDS and key not in ID_FIELDS
-
-
-def _is_not_an_id(key: str) -> bool:
-    return key not in ID_FIELDS
 
 
 def _duplicates(ids: sqlite3.Connection, rows: list[Row]) -> list[str]:
@@ -441,6 +477,8 @@ def _shape(body: dict[str, Any]) -> str | None:
         return "chat"
     if body.get("prompt") is not None:
         return "completions"
+    if body.get("input") is not None:
+        return "input"  # responses or embeddings: the spec says which
     return None
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import json
 import os
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._columns import ExtraColumn
 from ._exceptions import InputChangedError, StorageError
 from ._inputs import InputReader
 from ._protocol import RESULT_FIELDS
@@ -41,7 +43,8 @@ def load_arrow() -> None:
 
 @functools.cache
 def result_schema() -> pa.Schema:
-    """The answer's columns, in RESULT_FIELDS order; the passthrough columns follow."""
+    """The answer's columns, in RESULT_FIELDS order (less `extra`, which becomes the
+    columns a job asks for: see `_columns`); the passthrough columns follow."""
     import pyarrow as pa
 
     string, int64 = pa.string(), pa.int64()
@@ -66,7 +69,7 @@ def result_schema() -> pa.Schema:
             ("error", string),
         ]
     )
-    assert tuple(schema.names) == RESULT_FIELDS
+    assert tuple(schema.names) == RESULT_FIELDS[:-1] and RESULT_FIELDS[-1] == "extra"
     return schema
 
 
@@ -80,8 +83,9 @@ class OutputWriter:
     """
 
     def __init__(self, path: Path, store: StateStore, reader: InputReader, *, rows: int,
-                 passthrough: dict[str, str]) -> None:
+                 passthrough: dict[str, str], extras: Sequence[ExtraColumn] = ()) -> None:
         self.path = path
+        self.extras = tuple(extras)
         self.store = store
         self.rows = rows
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -102,7 +106,7 @@ class OutputWriter:
         if stop <= self.written:
             return
         with self._storage_errors():
-            table = _result_table(self.store, self.written, stop)
+            table = _result_table(self.store, self.written, stop, self.extras)
             if self._extras is not None:
                 extra = self._take(stop - self.written)
                 for name, column in zip(extra.column_names, extra.columns):
@@ -117,7 +121,7 @@ class OutputWriter:
         self.write(self.rows)
         with self._storage_errors():
             if self._writer is None:  # no rows at all: still a valid, empty file
-                self._writer = _parquet_writer(self.tmp, result_schema())
+                self._writer = _parquet_writer(self.tmp, _result_table(self.store, 0, 0, self.extras).schema)
             self._writer.close()
             _fsync(self.tmp)
             os.replace(self.tmp, self.path)
@@ -162,7 +166,7 @@ class OutputWriter:
             ) from exc
 
 
-def _result_table(store: StateStore, start: int, stop: int) -> pa.Table:
+def _result_table(store: StateStore, start: int, stop: int, extras: Sequence[ExtraColumn] = ()) -> pa.Table:
     import pyarrow as pa
 
     stored = store.results(start, stop)
@@ -170,7 +174,14 @@ def _result_table(store: StateStore, start: int, stop: int) -> pa.Table:
         raise RuntimeError(f"rows {start}..{stop - 1}: {stop - start - len(stored)} are not settled")
     columns = list(zip(*stored)) if stored else [()] * len(RESULT_FIELDS)
     schema = result_schema()
-    return pa.Table.from_arrays([pa.array(col, type=field.type) for col, field in zip(columns, schema)], schema=schema)
+    table = pa.Table.from_arrays([pa.array(col, type=field.type) for col, field in zip(columns, schema)],
+                                 schema=schema)
+    if extras:
+        rows = table.to_pylist() if any(extra.needs_row for extra in extras) else [None] * len(stored)
+        found = [json.loads(text) if text else {} for text in columns[-1]]
+        for extra in extras:
+            table = table.append_column(extra.name, extra.array(found, rows))
+    return table
 
 
 def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:

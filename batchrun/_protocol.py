@@ -11,26 +11,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._exceptions import RetryableAPIError, RowFatalAPIError
+from ._exceptions import RetryableAPIError
 
-__all__ = ["Result", "StreamAssembler", "build_body", "endpoint_path", "parse_answer", "storable_text"]
-
-_PATHS = {"chat": "/chat/completions", "completions": "/completions"}
+__all__ = ["Result", "StreamAssembler", "build_body", "endpoint_path", "parse_answer", "set_usage", "storable",
+           "storable_text", "text_of"]
 
 
 def endpoint_path(endpoint: str) -> str:
-    return _PATHS[endpoint]
+    from .endpoints import get_endpoint
+
+    return get_endpoint(endpoint).path
 
 
-def build_body(row_body: Mapping[str, Any], model: str | None, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Spec params, then the row's own fields on top; streams ask for usage too."""
-    body: dict[str, Any] = {"model": model} if model else {}
-    body.update(params)
-    body.update(row_body)
-    if body.get("stream"):
-        # Fireworks puts usage in the last chunk anyway; OpenAI only when asked.
-        body.setdefault("stream_options", {"include_usage": True})
-    return body
+def build_body(row_body: Mapping[str, Any], model: str | None, params: Mapping[str, Any],
+               endpoint: str = "chat") -> dict[str, Any]:
+    from .endpoints import get_endpoint
+
+    return get_endpoint(endpoint).build_body(row_body, model, params)
+
+
+def parse_answer(endpoint: str, data: Any) -> Result:
+    """A non-streaming response body as a Result (row_index and id left blank)."""
+    from .endpoints import get_endpoint
+
+    return get_endpoint(endpoint).parse(data)
 
 
 @dataclass(slots=True)
@@ -54,6 +58,9 @@ class Result:
     attempts: int = 0
     latency_s: float | None = None
     error: str | None = None
+    # What only some jobs ask for, stored as JSON text: "choices", "logprobs" (see
+    # `endpoints.choices`), "parsed", "request".
+    extra: dict[str, Any] | None = None
     # Not stored: the row failed only for reasons a later attempt may not meet
     # (timeouts, 5xx, dropped connections), after every retry was spent.
     transient: bool = False
@@ -80,53 +87,28 @@ def storable_text(text: str) -> str:
     return text
 
 
-def _storable(result: Result) -> Result:
+def storable(result: Result) -> Result:
+    """`result` with every text the server filled in made storable (see `storable_text`)."""
     for name in _TEXT_FIELDS:
         value = getattr(result, name)
         if value is not None:
             setattr(result, name, storable_text(value))
+    if result.extra is not None:
+        result.extra = _storable_value(result.extra)
     return result
 
 
-def parse_answer(endpoint: str, data: Any) -> Result:
-    """Turn a non-streaming response body into a Result (row_index and id left blank).
-
-    A body that is JSON but no answer (no choices; an error object sent with 200)
-    fails the row: asking again would likely be paid for again and fail the same way.
-    """
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
-        error = data.get("error") if isinstance(data, dict) else None
-        detail = error.get("message") if isinstance(error, dict) else None
-        snippet = (_text(detail) or json.dumps(data, ensure_ascii=False))[:4000]  # the client cuts it, redacted
-        raise RowFatalAPIError(f"HTTP 200 without an answer: {snippet}", status=200)
-    choice = choices[0]
-    if endpoint == "chat":
-        message = choice.get("message")
-        message = message if isinstance(message, dict) else {}
-        text, reasoning, tool_calls = (
-            message.get("content"),
-            message.get("reasoning_content"),
-            message.get("tool_calls"),
-        )
-    else:
-        text, reasoning, tool_calls = choice.get("text"), None, None
-    result = Result(
-        row_index=-1,
-        id="",
-        status="ok",
-        output_text=_text(text),
-        reasoning_content=_text(reasoning),
-        tool_calls=json.dumps(tool_calls, ensure_ascii=False) if tool_calls else None,
-        finish_reason=_text(choice.get("finish_reason")),
-        model=_text(data.get("model")),
-        response_id=_text(data.get("id")),
-    )
-    _set_usage(result, data.get("usage"))
-    return _storable(result)
+def _storable_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, list):
+        return [_storable_value(v) for v in value]
+    if isinstance(value, dict):
+        return {storable_text(k) if isinstance(k, str) else k: _storable_value(v) for k, v in value.items()}
+    return value
 
 
-def _text(value: Any) -> str | None:
+def text_of(value: Any) -> str | None:
     """Whatever the server sent, as text: content parts joined, anything else as JSON.
 
     Results are stored in typed columns, so a server's unusual shape must never reach
@@ -141,7 +123,7 @@ def _text(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _set_usage(result: Result, usage: Any) -> None:
+def set_usage(result: Result, usage: Any) -> None:
     if not isinstance(usage, dict):
         return
     result.prompt_tokens = _int(usage.get("prompt_tokens"))
@@ -166,7 +148,7 @@ def _int(value: Any) -> int | None:
 
 
 class StreamAssembler:
-    """Joins a server-sent event stream into one Result.
+    """Reads a server-sent event stream and hands its events to the endpoint's reader.
 
     Feed it every line of the stream, then ask for `result()`. Lines are read as the
     event-stream standard says: `data:` lines accumulate and a blank line dispatches
@@ -175,22 +157,15 @@ class StreamAssembler:
     names the event; comments (`: keep-alive`), `id:` and `retry:` carry no answer.
     An event left open when the stream ends is dropped, as the standard says.
 
-    Usage is taken from whichever chunk carries it: Fireworks puts it in the chunk
-    with `finish_reason`, OpenAI in an extra final chunk whose `choices` is empty.
-    A stream without a `finish_reason` was cut short and is retryable, `[DONE]` or
-    not: llama.cpp's server ends a stream it interrupts with `[DONE]` and no
-    finish_reason. Some servers omit `[DONE]`, so a finish_reason is enough.
+    An answer is complete when the endpoint's reader says so, `[DONE]` or not:
+    llama.cpp's server ends a stream it interrupts with `[DONE]` and no
+    finish_reason, and some servers omit `[DONE]`.
     """
 
     def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self.text: list[str] = []
-        self.reasoning: list[str] = []
-        self.tool_calls: dict[int, dict[str, Any]] = {}
-        self.finish_reason: str | None = None
-        self.usage: Any = None
-        self.model: str | None = None
-        self.response_id: str | None = None
+        from .endpoints import get_endpoint
+
+        self.reader = get_endpoint(endpoint).stream()
         self.done = False
         self._data: list[str] = []  # the open event's data lines
         self._event = ""  # and its name
@@ -231,67 +206,11 @@ class StreamAssembler:
                                     status=200) from None
         if event == "error" or isinstance(chunk, dict) and isinstance(chunk.get("error"), dict):
             error = chunk.get("error", chunk) if isinstance(chunk, dict) else chunk
-            message = _text(error.get("message") if isinstance(error, dict) else error) or "unknown error"
+            message = text_of(error.get("message") if isinstance(error, dict) else error) or "unknown error"
             raise RetryableAPIError(f"the stream reported an error: {message}", status=200)
         if not isinstance(chunk, dict):
             raise RetryableAPIError("the event stream has a chunk that is not an object", status=200)
-        self.model = _text(chunk.get("model")) or self.model
-        self.response_id = _text(chunk.get("id")) or self.response_id
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        choices = chunk.get("choices")
-        for choice in choices if isinstance(choices, list) else ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            self._feed_choice(choice)
-
-    def _feed_choice(self, choice: dict[str, Any]) -> None:
-        if self.endpoint == "chat":
-            delta = choice.get("delta")
-            delta = delta if isinstance(delta, dict) else {}
-            if delta.get("content"):
-                self.text.append(_text(delta["content"]))
-            if delta.get("reasoning_content"):
-                self.reasoning.append(_text(delta["reasoning_content"]))
-            calls = delta.get("tool_calls")
-            for call in calls if isinstance(calls, list) else ():
-                if isinstance(call, dict):
-                    self._feed_tool_call(call)
-        elif choice.get("text"):
-            self.text.append(_text(choice["text"]))
-        if choice.get("finish_reason"):
-            self.finish_reason = _text(choice["finish_reason"])
-
-    def _feed_tool_call(self, delta: dict[str, Any]) -> None:
-        """Tool calls arrive in pieces keyed by index; arguments are concatenated."""
-        index = delta.get("index", 0)
-        call = self.tool_calls.setdefault(index if isinstance(index, int) else 0, {"function": {"arguments": ""}})
-        for key in ("id", "type"):
-            if delta.get(key):
-                call[key] = delta[key]
-        function = delta.get("function")
-        function = function if isinstance(function, dict) else {}
-        if function.get("name"):
-            call["function"]["name"] = function["name"]
-        call["function"]["arguments"] += _text(function.get("arguments")) or ""
+        self.reader.feed(event, chunk)
 
     def result(self) -> Result:
-        if self.finish_reason is None:
-            ended = "with [DONE] but no finish_reason" if self.done else "before the answer was complete"
-            raise RetryableAPIError(f"the event stream ended {ended}", status=200)
-        calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
-        result = Result(
-            row_index=-1,
-            id="",
-            status="ok",
-            output_text="".join(self.text) if self.text or not calls else None,
-            reasoning_content="".join(self.reasoning) or None,
-            tool_calls=json.dumps(calls, ensure_ascii=False) if calls else None,
-            finish_reason=self.finish_reason,
-            model=self.model,
-            response_id=self.response_id,
-        )
-        _set_usage(result, self.usage)
-        # Pieces are joined before they are made storable: a surrogate pair split
-        # across two chunks becomes its one character again.
-        return _storable(result)
+        return self.reader.result(self.done)

@@ -170,15 +170,16 @@ def _number(text: str | None) -> float | None:
 
 def estimate_tokens(body: Mapping[str, object]) -> int:
     """A request's tokens before it is sent: prompt characters / 4, plus max_tokens × n."""
-    prompt = body.get("prompt")
+    prompt = body.get("prompt", body.get("input"))
     if isinstance(prompt, str):
         chars = len(prompt)
     else:
-        chars = 0
-        for message in body.get("messages") or ():
-            content = message.get("content") if isinstance(message, dict) else None
+        chars = len(body["instructions"]) if isinstance(body.get("instructions"), str) else 0
+        messages = body.get("messages") or (prompt if isinstance(prompt, list) else ())
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else message
             chars += len(content) if isinstance(content, str) else len(str(content or ""))
-    completion = body.get("max_tokens") or body.get("max_completion_tokens") or 256
+    completion = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens") or 256
     n = body.get("n") or 1
     completion = completion if isinstance(completion, int) else 256
     n = n if isinstance(n, int) else 1

@@ -25,6 +25,7 @@ import httpx
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from ._client import Client
+from ._columns import extra_columns
 from ._exceptions import (
     BatchrunError, ConfigError, InputChangedError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
 )
@@ -115,7 +116,7 @@ def run_job(
     # was fingerprinted, even if the file is replaced meanwhile.
     template = Template(spec.template) if spec.template is not None else None
     reader = InputReader(expand_inputs(spec.input), endpoint=spec.endpoint, require_model=spec.model is None,
-                         template=template)
+                         template=template, reserved=[column.name for column in extra_columns(spec)])
     try:
         store, total, passthrough = _open_state(spec, reader, limit=limit, restart=restart)
     except BaseException:
@@ -126,7 +127,8 @@ def run_job(
         settled = store.counts(below=total)
         progress.start(total, settled["ok"] + settled["failed"])
         client = Client(spec, api_key=api_key, transport=transport, base_url=base_url)
-        output = OutputWriter(spec.output, store, reader, rows=total, passthrough=passthrough)
+        output = OutputWriter(spec.output, store, reader, rows=total, passthrough=passthrough,
+                              extras=extra_columns(spec))
         pool = _Pool(spec, client, store, output, reader, progress, done, total)
         # anyio leaves the default handlers behind; the caller's must be back for the
         # output writing that follows.

@@ -27,7 +27,7 @@ from ._template import TEMPLATE_FIELDS, Template
 __all__ = ["ApiSpec", "JobSpec", "RateLimitSpec", "RetrySpec", "load_spec", "parse_spec"]
 
 DEFAULT_BASE_URL = "https://api.fireworks.ai/inference/v1"
-ENDPOINTS = ("chat", "completions")
+ENDPOINTS = ("chat", "completions", "responses")
 INPUT_ENDPOINTS = ("embeddings", "responses")  # the endpoints rows give `input` to
 
 
@@ -68,6 +68,7 @@ class JobSpec:
     rate_limit: RateLimitSpec = field(default_factory=RateLimitSpec)
     api: ApiSpec = field(default_factory=ApiSpec)
     template: Mapping[str, Any] | None = None  # see `_template`
+    keep_request: bool = False  # the body as sent, in a `request` column
     source: Path | None = None  # the spec file, for messages
 
     @property
@@ -175,6 +176,13 @@ def _number(raw: Mapping[str, Any], key: str, path: str, default: Any, *, kind: 
         what = "a whole number" if kind is int else "a number"
         raise SpecError(f"{_join(path, key)}: expected {what} >= {minimum}, got {value!r}")
     return kind(value)
+
+
+def _flag(raw: Mapping[str, Any], key: str, path: str, default: bool = False) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise SpecError(f"{_join(path, key)}: expected true or false, got {value!r}")
+    return value
 
 
 def _string(raw: Mapping[str, Any], key: str, path: str, default: str | None) -> str | None:
@@ -298,5 +306,6 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         rate_limit=rate_limit,
         api=api,
         template=_template(top.get("template"), endpoint),
+        keep_request=_flag(top, "keep_request", ""),
         source=source,
     )

@@ -54,6 +54,19 @@ _SCHEMA = (
 )
 
 
+# Columns added since states were first written: a state without them gets them when
+# a runner opens it (SQLite adds a column without rewriting the table).
+_ADDED = ("extra",)
+
+
+def _stored(result: Result) -> tuple[Any, ...]:
+    row = tuple(getattr(result, f) for f in RESULT_FIELDS)
+    if result.extra is None:
+        return row
+    # allow_nan: a logprob may be -inf; batchrun reads it back, and Parquet holds it
+    return (*row[:-1], json.dumps(result.extra, ensure_ascii=False))
+
+
 def state_path(output: Path) -> Path:
     return output.with_name(output.stem + ".batchrun.sqlite")
 
@@ -162,7 +175,7 @@ class StateStore:
         files removed or replaced under the running job (SQLite would go on
         writing to the unlinked files, and a crash would lose every answer since).
         """
-        rows = [tuple(getattr(r, f) for f in RESULT_FIELDS) for r in results]
+        rows = [_stored(r) for r in results]
         if not rows:
             return
         self._check_files()
@@ -301,6 +314,12 @@ def _inspect(db: sqlite3.Connection, path: Path) -> None:
     """Raise StateDamagedError unless `db` is a whole batchrun state."""
     tables = {name: [c[1] for c in db.execute(f"PRAGMA table_info({name})")]
               for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    older = [f for f in RESULT_FIELDS if f not in _ADDED]
+    if tables.get("meta") == ["key", "value"] and tables.get("results") == older:
+        with _Transaction(db):
+            for name in _ADDED:
+                db.execute(f"ALTER TABLE results ADD COLUMN {name}")
+        tables["results"] = list(RESULT_FIELDS)
     if tables.get("meta") != ["key", "value"] or tables.get("results") != list(RESULT_FIELDS):
         raise _damaged(path, f"it is a SQLite database, but not a batchrun state (tables: "
                              f"{', '.join(sorted(tables)) or 'none'})")

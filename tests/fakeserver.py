@@ -1,6 +1,7 @@
 """Fault-injecting fake OpenAI-compatible HTTP/1.1 server for tests.
 
-Serves POST /v1/completions and /v1/chat/completions on 127.0.0.1 only, from a
+Serves POST /v1/completions, /v1/chat/completions and /v1/responses on 127.0.0.1 only
+(with `n`, log-probabilities in both shapes and Responses streaming events), from a
 daemon thread running its own asyncio loop, so both sync and async tests can use
 it.  Requests are recorded, and every 200 body sent completely is kept in
 `answers`, so tests can check what a client wrote against what was served.
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 
 # Outcome -> Faults attribute holding its rate, in the order their slices of [0, 1) are laid out.
 _DRAWN_FAULTS = {"drop": "drop_rate", "500": "error_500_rate", "503": "error_503_rate", "429": "rate_429",
@@ -78,6 +79,8 @@ def request_key(body: dict) -> str:
     """Identity of a row's request: the prompt itself, or the chat messages as canonical JSON."""
     if "messages" in body:
         return json.dumps(body["messages"], sort_keys=True, ensure_ascii=False)
+    if "input" in body:
+        return json.dumps([body.get("instructions"), body["input"]], sort_keys=True, ensure_ascii=False)
     return body["prompt"]
 
 
@@ -289,16 +292,30 @@ class FakeServer:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": n % 3}}
         common = {"created": int(time.time()), "model": body["model"]}
+        if "input" in body:
+            return _response_answer(body, n, text, prompt_tokens)
+        count = body["n"] if type(body.get("n")) is int and 1 <= body["n"] <= 16 else 1
+        texts = [text] + [f"answer-{n}.{i} to {key[:20]!r}" for i in range(1, count)]
+        usage["completion_tokens"] = sum(len(t.split()) for t in texts)
+        usage["total_tokens"] = prompt_tokens + usage["completion_tokens"]
         if "messages" not in body:
-            choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
-            answer = {"id": f"cmpl-{n}", "object": "text_completion", **common, "choices": [choice], "usage": usage}
+            top = body.get("logprobs")
+            choices = [{"index": i, "text": t, "finish_reason": "stop",
+                        "logprobs": _legacy_logprobs(t, top) if type(top) is int else None}
+                       for i, t in enumerate(texts)]
+            answer = {"id": f"cmpl-{n}", "object": "text_completion", **common, "choices": choices, "usage": usage}
         else:
-            message = {"role": "assistant", "content": text}
-            if "reason" in body["model"]:
-                message["reasoning_content"] = f"thinking-{n}"
-                usage["completion_tokens_details"] = {"reasoning_tokens": 2}
-            answer = {"id": f"chatcmpl-{n}", "object": "chat.completion", **common,
-                      "choices": [{"index": 0, "message": message, "finish_reason": "stop"}], "usage": usage}
+            choices = []
+            for i, t in enumerate(texts):
+                message = {"role": "assistant", "content": t}
+                if "reason" in body["model"]:
+                    message["reasoning_content"] = f"thinking-{n}" + (f".{i}" if i else "")
+                    usage["completion_tokens_details"] = {"reasoning_tokens": 2}
+                choice = {"index": i, "message": message, "finish_reason": "stop"}
+                if body.get("logprobs") is True:
+                    choice["logprobs"] = {"content": _chat_logprobs(t, body.get("top_logprobs") or 0)}
+                choices.append(choice)
+            answer = {"id": f"chatcmpl-{n}", "object": "chat.completion", **common, "choices": choices, "usage": usage}
         if type(body.get("max_tokens")) is int:
             answer["max_tokens_seen"] = body["max_tokens"]
         return answer
@@ -307,9 +324,15 @@ class FakeServer:
 async def _send_stream(writer, body: dict, answer: dict, outcome: str, usage_style: str, close: bool) -> None:
     """SSE events over chunked transfer encoding; the truncating faults cut them short."""
     leading, final = _stream_chunks(answer, body, usage_style)
-    events = [f"data: {json.dumps(chunk)}\n\n" for chunk in leading]
+    def event(chunk: dict) -> str:  # Responses events are named; chat and completions chunks are not
+        name = f"event: {chunk['type']}\n" if "type" in chunk else ""
+        return f"{name}data: {json.dumps(chunk)}\n\n"
+
+    events = [event(chunk) for chunk in leading]
     if outcome not in ("truncated_body", "truncated_stream"):
-        events += [f"data: {json.dumps(chunk)}\n\n" for chunk in final] + ["data: [DONE]\n\n"]
+        events += [event(chunk) for chunk in final]
+        if answer["object"] != "response":  # the Responses API sends no [DONE]
+            events.append("data: [DONE]\n\n")
     close = close or outcome in ("truncated_body", "truncated_stream")
     writer.write(_head(200, "text/event-stream", {"Transfer-Encoding": "chunked"}, close))
     for event in events:
@@ -320,21 +343,46 @@ async def _send_stream(writer, body: dict, answer: dict, outcome: str, usage_sty
     await writer.drain()
 
 
-def _stream_chunks(answer: dict, body: dict, usage_style: str) -> tuple[list[dict], list[dict]]:
-    """SSE chunks equivalent to `answer`, split into (before the finish chunk, the finish chunk and after)."""
-    choice = answer["choices"][0]
-    chat = answer["object"] == "chat.completion"
+def _thirds(items: list) -> list[list]:
+    cuts = [0, len(items) // 3, 2 * len(items) // 3, len(items)]
+    return [items[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def _choice_payloads(choice: dict, chat: bool) -> list[dict]:
+    """One choice's stream payloads; its log-probabilities are spread over them."""
     text = choice["message"]["content"] if chat else choice["text"]
-    cuts = [0, len(text) // 3, 2 * len(text) // 3, len(text)]
-    pieces = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+    pieces = ["".join(p) for p in _thirds(list(text))]
+    logprobs = choice.get("logprobs")
     if chat:
         deltas = [{"content": piece} for piece in pieces]
         if "reasoning_content" in choice["message"]:
             deltas.insert(0, {"reasoning_content": choice["message"]["reasoning_content"]})
         deltas[0] = {"role": "assistant", **deltas[0]}
-        payloads = [{"index": 0, "delta": delta} for delta in deltas]
+        payloads = [{"index": choice["index"], "delta": delta} for delta in deltas]
+        if logprobs:
+            for payload, part in zip(payloads[-3:], _thirds(logprobs["content"])):
+                payload["logprobs"] = {"content": part}
     else:
-        payloads = [{"index": 0, "text": piece, "logprobs": None} for piece in pieces]
+        payloads = [{"index": choice["index"], "text": piece, "logprobs": None} for piece in pieces]
+        if logprobs:
+            for payload, a, b, c in zip(payloads, *(_thirds(logprobs[k]) for k in
+                                                    ("tokens", "token_logprobs", "top_logprobs"))):
+                payload["logprobs"] = {"tokens": a, "token_logprobs": b, "top_logprobs": c}
+    return payloads
+
+
+def _stream_chunks(answer: dict, body: dict, usage_style: str) -> tuple[list[dict], list[dict]]:
+    """SSE chunks equivalent to `answer`, split into (before the finish chunk, the finish chunk and after)."""
+    if answer["object"] == "response":
+        return _response_events(answer)
+    chat = answer["object"] == "chat.completion"
+    # Choices after the first are sent whole before choice 0's last chunk (servers interleave them)
+    others = [_choice_payloads(c, chat) for c in answer["choices"][1:]]
+    for payloads in others:
+        payloads[-1]["finish_reason"] = "stop"
+    later = [p for payloads in others for p in payloads]
+    first = _choice_payloads(answer["choices"][0], chat)
+    payloads = first[:-1] + later + first[-1:]
     base = {"id": answer["id"], "object": "chat.completion.chunk" if chat else "text_completion",
             "created": answer["created"], "model": answer["model"]}
     if "max_tokens_seen" in answer:
@@ -344,7 +392,7 @@ def _stream_chunks(answer: dict, body: dict, usage_style: str) -> tuple[list[dic
     chunks = []
     for i, payload in enumerate(payloads):
         last = i == len(payloads) - 1
-        chunk = {**base, "choices": [{**payload, "finish_reason": "stop" if last else None}]}
+        chunk = {**base, "choices": [{"finish_reason": "stop" if last else None, **payload}]}
         if usage_style == "fireworks":
             chunk["usage"] = answer["usage"] if last else None
         elif openai_usage:
@@ -354,6 +402,58 @@ def _stream_chunks(answer: dict, body: dict, usage_style: str) -> tuple[list[dic
         chunks.append({**base, "choices": [], "usage": answer["usage"]})
     finish = len(payloads) - 1
     return chunks[:finish], chunks[finish:]
+
+
+def _chat_logprobs(text: str, top: int) -> list[dict]:
+    tokens = text.split(" ")
+    tokens = [t + " " for t in tokens[:-1]] + tokens[-1:]
+    return [{"token": t, "logprob": -0.1 * (k + 1), "bytes": list(t.encode()),
+             "top_logprobs": [{"token": t if j == 0 else f"alt{j}", "logprob": -0.1 * (k + 1) - j, "bytes": None}
+                              for j in range(top)]} for k, t in enumerate(tokens)]
+
+
+def _legacy_logprobs(text: str, top: int) -> dict:
+    entries = _chat_logprobs(text, max(top, 0))
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
+            "text_offset": list(range(len(entries)))}
+
+
+def _response_answer(body: dict, n: int, text: str, prompt_tokens: int) -> dict:
+    """A Responses API answer: cut to max_output_tokens words (status incomplete) when asked."""
+    words = text.split(" ")
+    limit = body.get("max_output_tokens")
+    incomplete = type(limit) is int and limit < len(words)
+    if incomplete:
+        words = words[:limit]
+    output = []
+    reasoning = 0
+    if "reason" in body["model"]:
+        reasoning = 2
+        output.append({"type": "reasoning", "id": f"rs-{n}", "summary": [{"type": "summary_text",
+                                                                          "text": f"thinking-{n}"}]})
+    output.append({"type": "message", "id": f"msg-{n}", "role": "assistant", "status": "completed",
+                   "content": [{"type": "output_text", "text": " ".join(words), "annotations": []}]})
+    completion = len(words) + reasoning
+    return {"id": f"resp-{n}", "object": "response", "created_at": int(time.time()), "model": body["model"],
+            "status": "incomplete" if incomplete else "completed",
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "output": output, "store": body.get("store", True),
+            "usage": {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": n % 3},
+                      "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
+                      "total_tokens": prompt_tokens + completion}}
+
+
+def _response_events(answer: dict) -> tuple[list[dict], list[dict]]:
+    """Responses streaming: created, text deltas, then the terminal event with the whole response."""
+    text = answer["output"][-1]["content"][0]["text"]
+    created = {**answer, "status": "in_progress", "output": [], "usage": None}
+    leading = [{"type": "response.created", "response": created}]
+    leading += [{"type": "response.output_text.delta", "item_id": answer["output"][-1]["id"], "output_index": 0,
+                 "content_index": 0, "delta": "".join(piece)} for piece in _thirds(list(text))]
+    final = {"type": "response.completed" if answer["status"] == "completed" else "response.incomplete",
+             "response": answer}
+    return leading, [final]
 
 
 async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes] | None:
@@ -384,6 +484,8 @@ def _parse_body(path: str, raw: bytes) -> dict | None:
         return None
     if path == "/v1/completions":
         return body if isinstance(body.get("prompt"), str) else None
+    if path == "/v1/responses":
+        return body if isinstance(body.get("input"), (str, list)) else None
     return body if isinstance(body.get("messages"), list) else None
 
 

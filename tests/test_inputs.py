@@ -57,7 +57,7 @@ def test_prompt_rows_go_to_chat_when_the_spec_says_so(tmp_path: Path) -> None:
         ('{"prompt": "x",', "in.jsonl: line 3: not valid JSON"),
         ('["prompt"]', "in.jsonl: line 3: expected a JSON object, got list"),
         ('{"text": "x", "label": 1}', "line 3: a row needs prompt, messages or body (an OpenAI batch line); its keys: label, text"),
-        ('{"custom_id": "z", "url": "/v1/embeddings", "body": {"input": "x"}}', "url '/v1/embeddings' is not supported"),
+        ('{"custom_id": "z", "url": "/v1/images/generations", "body": {"prompt": "x"}}', "url '/v1/images/generations' is not supported"),
         ('{"id": [1], "prompt": "x"}', "line 3: id must be a string or an integer"),
         ('{"messages": []}', "line 3: messages must be a non-empty list of {role, content} objects"),
         ('{"prompt": "x", "status": "new"}', "column 'status' clashes with the output column"),

@@ -22,7 +22,7 @@ def test_results_upsert_by_row_and_attempts_add_up(tmp_path: Path) -> None:
     store.save([Result(0, "a", "ok", output_text="hi", total_tokens=3, attempts=2)])
 
     rows = store.results(0, 3)
-    assert [(r[0], r[2], r[3], r[-3], r[-1]) for r in rows] == [(0, "ok", "hi", 8, None), (1, "ok", None, 1, None)]
+    assert [(r[0], r[2], r[3], r[-4], r[-2]) for r in rows] == [(0, "ok", "hi", 8, None), (1, "ok", None, 1, None)]
     assert store.counts() == {"ok": 2, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 3}
     assert list(store.ok_rows(3)) == [1, 1, 0]
     store.close()

@@ -1,0 +1,202 @@
+"""Answers made of `choices`, as chat and completions give them: every choice, and
+log-probabilities in one shape whichever endpoint sent them.
+
+Choice 0 fills the Result's own columns (`output_text`, ...). When the answer has more
+than one choice (`n`), every choice goes to `extra["choices"]`; when choice 0 has
+log-probabilities, they go to `extra["logprobs"]`, one entry per token:
+
+    {"token": "Hello", "logprob": -0.1, "top_logprobs": [{"token": "Hello", "logprob": -0.1}, ...]}
+
+Chat sends that shape (`logprobs.content`, less `bytes`); completions sends parallel
+lists (`tokens`, `token_logprobs`, `top_logprobs` as {token: logprob} maps), turned into it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .._exceptions import RetryableAPIError, RowFatalAPIError
+from .._protocol import Result, set_usage, storable, text_of
+from .base import StreamReader
+
+__all__ = ["ChoicesStream", "logprob_entries", "parse_choices"]
+
+
+def parse_choices(data: Any, *, chat: bool) -> Result:
+    """A body that is JSON but no answer (no choices; an error object sent with 200)
+    fails the row: asking again would likely be paid for again and fail the same way."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        error = data.get("error") if isinstance(data, dict) else None
+        detail = error.get("message") if isinstance(error, dict) else None
+        snippet = (text_of(detail) or json.dumps(data, ensure_ascii=False))[:4000]  # the client cuts it, redacted
+        raise RowFatalAPIError(f"HTTP 200 without an answer: {snippet}", status=200)
+    read = []
+    for position, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            continue
+        if chat:
+            message = choice.get("message")
+            message = message if isinstance(message, dict) else {}
+            text, reasoning, calls = message.get("content"), message.get("reasoning_content"), message.get("tool_calls")
+        else:
+            text, reasoning, calls = choice.get("text"), None, None
+        index = choice.get("index")
+        read.append(_choice(index if _is_index(index) else position, text_of(text), text_of(reasoning),
+                            json.dumps(calls, ensure_ascii=False) if calls else None,
+                            text_of(choice.get("finish_reason")), logprob_entries(choice.get("logprobs"))))
+    result = _result(read, text_of(data.get("model")), text_of(data.get("id")))
+    set_usage(result, data.get("usage"))
+    return storable(result)
+
+
+def _is_index(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 2**31
+
+
+def _choice(index: int, text: str | None, reasoning: str | None, tool_calls: str | None,
+            finish_reason: str | None, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "finish_reason": finish_reason, "reasoning_content": reasoning,
+            "tool_calls": tool_calls, "logprobs": logprobs}
+
+
+def _result(choices: list[dict[str, Any]], model: str | None, response_id: str | None) -> Result:
+    choices.sort(key=lambda c: c["index"])
+    first = choices[0]
+    extra: dict[str, Any] = {}
+    if len(choices) > 1:
+        extra["choices"] = choices
+    if first["logprobs"] is not None:
+        extra["logprobs"] = first["logprobs"]
+    return Result(
+        row_index=-1, id="", status="ok", output_text=first["text"], reasoning_content=first["reasoning_content"],
+        tool_calls=first["tool_calls"], finish_reason=first["finish_reason"], model=model,
+        response_id=response_id, extra=extra or None,
+    )
+
+
+def logprob_entries(raw: Any) -> list[dict[str, Any]] | None:
+    """Log-probabilities in either shape as [{token, logprob, top_logprobs: [{token, logprob}]}]."""
+    if not isinstance(raw, dict):
+        return None
+    content = raw.get("content")
+    if isinstance(content, list):  # chat, and servers that answer completions the same way
+        return [{"token": text_of(e.get("token")), "logprob": _number(e.get("logprob")),
+                 "top_logprobs": _alternatives(e.get("top_logprobs"))}
+                for e in content if isinstance(e, dict)]
+    tokens = raw.get("tokens")
+    if isinstance(tokens, list):
+        values = raw.get("token_logprobs")
+        values = values if isinstance(values, list) else []
+        tops = raw.get("top_logprobs")
+        tops = tops if isinstance(tops, list) else []
+        return [{"token": text_of(token), "logprob": _number(values[i] if i < len(values) else None),
+                 "top_logprobs": _alternatives(tops[i] if i < len(tops) else None)}
+                for i, token in enumerate(tokens)]
+    return None
+
+
+def _alternatives(raw: Any) -> list[dict[str, Any]]:
+    if isinstance(raw, dict):  # completions: {token: logprob}
+        return [{"token": str(token), "logprob": _number(value)} for token, value in raw.items()]
+    if isinstance(raw, list):  # chat: [{token, logprob, bytes}]
+        return [{"token": text_of(a.get("token")), "logprob": _number(a.get("logprob"))}
+                for a in raw if isinstance(a, dict)]
+    return []
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+class _Choice:
+    """One choice of a stream, as its pieces arrive."""
+
+    __slots__ = ("finish_reason", "logprobs", "reasoning", "text", "tool_calls")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.logprobs: list[dict[str, Any]] | None = None
+
+    def tool_call(self, delta: dict[str, Any]) -> None:
+        """Tool calls arrive in pieces keyed by index; arguments are concatenated."""
+        index = delta.get("index", 0)
+        call = self.tool_calls.setdefault(index if isinstance(index, int) else 0, {"function": {"arguments": ""}})
+        for key in ("id", "type"):
+            if delta.get(key):
+                call[key] = delta[key]
+        function = delta.get("function")
+        function = function if isinstance(function, dict) else {}
+        if function.get("name"):
+            call["function"]["name"] = function["name"]
+        call["function"]["arguments"] += text_of(function.get("arguments")) or ""
+
+
+class ChoicesStream(StreamReader):
+    """Chunks of `choices` by index, each choice's pieces joined.
+
+    Usage is taken from whichever chunk carries it: Fireworks puts it in the chunk
+    with `finish_reason`, OpenAI in an extra final chunk whose `choices` is empty.
+    A choice without a `finish_reason` was cut short: the whole answer is retryable.
+    """
+
+    def __init__(self, *, chat: bool) -> None:
+        self.chat = chat
+        self.choices: dict[int, _Choice] = {}
+        self.usage: Any = None
+        self.model: str | None = None
+        self.response_id: str | None = None
+
+    def feed(self, event: str, chunk: dict[str, Any]) -> None:
+        self.model = text_of(chunk.get("model")) or self.model
+        self.response_id = text_of(chunk.get("id")) or self.response_id
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            if not _is_index(index):
+                continue
+            self._feed_choice(self.choices.setdefault(index, _Choice()), choice)
+
+    def _feed_choice(self, into: _Choice, choice: dict[str, Any]) -> None:
+        if self.chat:
+            delta = choice.get("delta")
+            delta = delta if isinstance(delta, dict) else {}
+            if delta.get("content"):
+                into.text.append(text_of(delta["content"]) or "")
+            if delta.get("reasoning_content"):
+                into.reasoning.append(text_of(delta["reasoning_content"]) or "")
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                if isinstance(call, dict):
+                    into.tool_call(call)
+        elif choice.get("text"):
+            into.text.append(text_of(choice["text"]) or "")
+        entries = logprob_entries(choice.get("logprobs"))
+        if entries is not None:
+            into.logprobs = (into.logprobs or []) + entries
+        if choice.get("finish_reason"):
+            into.finish_reason = text_of(choice["finish_reason"])
+
+    def result(self, done: bool) -> Result:
+        if not self.choices or any(c.finish_reason is None for c in self.choices.values()):
+            ended = "with [DONE] but no finish_reason" if done else "before the answer was complete"
+            raise RetryableAPIError(f"the event stream ended {ended}", status=200)
+        read = []
+        for index, c in self.choices.items():
+            calls = [c.tool_calls[i] for i in sorted(c.tool_calls)]
+            read.append(_choice(index, "".join(c.text) if c.text or not calls else None, "".join(c.reasoning) or None,
+                                json.dumps(calls, ensure_ascii=False) if calls else None, c.finish_reason,
+                                c.logprobs))
+        result = _result(read, self.model, self.response_id)
+        set_usage(result, self.usage)
+        # Pieces are joined before they are made storable: a surrogate pair split
+        # across two chunks becomes its one character again.
+        return storable(result)
