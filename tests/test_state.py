@@ -124,3 +124,27 @@ def test_a_state_made_but_never_claimed_is_fresh_and_one_with_answers_but_no_job
     store = StateStore.open(path)
     assert store.counts()["ok"] == 0
     store.close()
+
+
+def test_a_state_from_before_the_extra_column_gets_it_and_resumes(tmp_path: Path) -> None:
+    import sqlite3
+
+    from batchrun._protocol import RESULT_FIELDS
+
+    path = tmp_path / "s.sqlite"
+    store = StateStore.open(path)
+    store.claim(META, spec_name="job.yaml")
+    store.save([Result(0, "a", "ok", output_text="kept", attempts=1)])
+    store.close()
+    db = sqlite3.connect(path)  # as batchrun wrote it before `extra` existed
+    db.execute("ALTER TABLE results DROP COLUMN extra")
+    db.commit()
+    db.close()
+
+    store = StateStore.open(path)
+    store.claim(META, spec_name="job.yaml")
+    store.save([Result(1, "b", "ok", output_text="new", attempts=1, extra={"request": "{}"})])
+    rows = store.results(0, 2)
+    assert [(r[0], r[3], r[-1]) for r in rows] == [(0, "kept", None), (1, "new", '{"request": "{}"}')]
+    assert len(rows[0]) == len(RESULT_FIELDS)
+    store.close()
