@@ -25,6 +25,7 @@ from ._policy import classify, retrying
 from ._rate import RateLimiter, estimate_tokens
 from ._secrets import Redactor
 from ._spec import JobSpec
+from ._structured import Structure
 from ._transport import AiohttpTransport, AnswerTooLarge, BoundedTransport
 
 ERROR_CHARS = 500  # of an error message, kept in the state and the output
@@ -87,6 +88,8 @@ class Client:
             tokens_per_minute=spec.rate_limit.tokens_per_minute,
         )
         self.requests_sent = 0
+        schema = spec.answer_schema()
+        self._structure = Structure(schema) if schema is not None else None
 
     async def __aenter__(self) -> Client:
         return self
@@ -114,6 +117,37 @@ class Client:
             # Only a tokens-per-minute limit needs the estimate.
             tokens=estimate_tokens(body) if self.limiter.tokens_per_s else 0,
         )
+        result = await self._settle(row, attempt)
+        if self._structure is not None and result.status == "ok":
+            result = await self._validated(row, attempt, result)
+        if self.spec.keep_request:
+            result.extra = {**(result.extra or {}), "request": payload.decode()}
+        return result
+
+    async def _validated(self, row: Row, attempt: _Attempt, result: Result) -> Result:
+        """Ask again while the answer is not JSON valid against the schema, at most
+        `retry.max_reasks` times. Every answer was paid for: the usage columns add them up."""
+        assert self._structure is not None
+        paid = [result]
+        while True:
+            parsed, problem = self._structure.problem(result.output_text)
+            if problem is None:
+                result.extra = {**(result.extra or {}), "parsed": parsed}
+                break
+            if len(paid) > self.spec.retry.max_reasks:
+                result = Result(row.index, row.id, "failed", attempts=attempt.count, latency_s=attempt.latency,
+                                error=self._error_text(problem), model=result.model, response_id=result.response_id,
+                                finish_reason=result.finish_reason, output_text=result.output_text)
+                break
+            result = await self._settle(row, attempt)
+            if result.status != "ok":
+                break
+            paid.append(result)
+        _add_usage(result, paid)
+        return result
+
+    async def _settle(self, row: Row, attempt: _Attempt) -> Result:
+        """One answer, retried as the policy says; a row failure is a failed Result."""
         try:
             try:
                 result = await self._send(attempt)
@@ -138,8 +172,6 @@ class Client:
             raise
         result.row_index, result.id = row.index, row.id
         result.attempts, result.latency_s = attempt.count, attempt.latency
-        if self.spec.keep_request:
-            result.extra = {**(result.extra or {}), "request": payload.decode()}
         if attempt.tokens and result.total_tokens is not None:
             self.limiter.correct_tokens(result.total_tokens - attempt.tokens)
         return result
@@ -190,6 +222,18 @@ class Client:
         """An error as it may be stored: servers echo the key they rejected, and it must
         never reach a file, not even in part; so the key goes before the text is cut."""
         return storable_text(self._redact(text)[:ERROR_CHARS])
+
+
+_USAGE = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
+
+
+def _add_usage(result: Result, paid: list[Result]) -> None:
+    """`result`'s usage becomes the sum over every answer paid for (where any reported it)."""
+    if len(paid) < 2 and paid[-1] is result:
+        return
+    for name in _USAGE:
+        values = [getattr(r, name) for r in paid if getattr(r, name) is not None]
+        setattr(result, name, sum(values) if values else None)
 
 
 def _is_event_stream(response: httpx.Response) -> bool:

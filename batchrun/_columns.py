@@ -5,6 +5,7 @@
     logprobs   when log-probabilities are asked for: choice 0's tokens,
                [{token, logprob, top_logprobs: [{token, logprob}]}], for chat and completions alike
     request    with `keep_request: true`: the request body as sent, JSON text
+    parsed     with a schema: the answer's JSON, typed from the schema (see `_structured`)
 
 A job's columns follow from its spec, so that every row group has the same schema;
 a row without the value (failed, or answered before the option was set) holds null.
@@ -13,6 +14,7 @@ a row without the value (failed, or answered before the option was set) holds nu
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,11 +33,21 @@ class ExtraColumn:
     type: Callable[[], pa.DataType]
     value: Callable[[dict[str, Any], dict[str, Any] | None], Any]  # (extra, the row's other columns)
     needs_row: bool = False
+    # A value's own conversion, for a column a value may not fit (then tried one by one)
+    fit: Callable[[Any, pa.DataType], Any] | None = None
 
     def array(self, extras: list[dict[str, Any]], rows: list[dict[str, Any] | None]) -> pa.Array:
         import pyarrow as pa
 
-        return pa.array([self.value(e, r) for e, r in zip(extras, rows)], type=self.type())
+        values = [self.value(e, r) for e, r in zip(extras, rows)]
+        typed = self.type()
+        try:
+            return pa.array(values, type=typed)
+        except (pa.ArrowException, OverflowError, TypeError, ValueError):
+            if self.fit is None:
+                raise
+            fit = self.fit
+            return pa.array([fit(v, typed) for v in values], type=typed)
 
 
 @functools.cache
@@ -93,4 +105,38 @@ def extra_columns(spec: JobSpec) -> list[ExtraColumn]:
         columns.append(ExtraColumn("logprobs", logprobs_type, lambda extra, row: extra.get("logprobs")))
     if spec.keep_request:
         columns.append(ExtraColumn("request", _string, lambda extra, row: extra.get("request")))
+    schema = spec.answer_schema()
+    if schema is not None:
+        columns.append(_parsed_column(schema))
     return columns
+
+
+def _parsed_column(schema: Any) -> ExtraColumn:
+    from ._structured import Structure
+
+    typed = Structure(schema).arrow_type()
+    if typed is None:
+        return ExtraColumn("parsed", _string, lambda extra, row: _json_text(extra.get("parsed", _ABSENT)))
+    return ExtraColumn("parsed", lambda: typed, lambda extra, row: extra.get("parsed"), fit=_fitting)
+
+
+_ABSENT = object()
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is _ABSENT else json.dumps(value, ensure_ascii=False)
+
+
+def _fitting(value: Any, typed: pa.DataType) -> Any:
+    """The value, if Arrow can hold it in the column's type: an integer past int64, valid
+    JSON and valid against the schema, cannot; that row's `parsed` is null (its answer is
+    in output_text)."""
+    import pyarrow as pa
+
+    if value is None:
+        return None
+    try:
+        pa.array([value], type=typed)
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):
+        return None
+    return value

@@ -36,6 +36,7 @@ class RetrySpec:
     max_attempts: int = 6
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    max_reasks: int = 2  # of an answer that is not valid JSON or breaks the schema
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class JobSpec:
     api: ApiSpec = field(default_factory=ApiSpec)
     template: Mapping[str, Any] | None = None  # see `_template`
     keep_request: bool = False  # the body as sent, in a `request` column
+    schema: Mapping[str, Any] | None = None  # answers are JSON valid against it: see `_structured`
     source: Path | None = None  # the spec file, for messages
 
     @property
@@ -86,7 +88,15 @@ class JobSpec:
         # Options added later join only when set, so that states saved before them resume.
         if self.template is not None:
             config["template"] = dict(self.template)
+        if self.schema is not None:
+            config["schema"] = dict(self.schema)
         return config
+
+    def answer_schema(self) -> Mapping[str, Any] | None:
+        """The schema answers are held to: `schema:`, else a json_schema response_format."""
+        from ._structured import schema_of
+
+        return schema_of(self.schema, self.params)
 
 
 def load_spec(path: str | os.PathLike[str]) -> JobSpec:
@@ -217,6 +227,29 @@ def _input(raw: Any, base_dir: Path) -> tuple[Path, ...]:
     return tuple(paths)
 
 
+def _schema(raw: Any, params: dict[str, Any], endpoint: str | None) -> Mapping[str, Any] | None:
+    """`schema:` is checked, and sent as the structured-output format unless params give one
+    (chat: response_format; responses: text.format; completions: validated only)."""
+    from ._structured import Structure, schema_of
+
+    if raw is None:
+        found = schema_of(None, params)
+        if found is not None:
+            Structure(found, "params.response_format.json_schema.schema")
+        return None
+    schema = dict(_mapping(raw, "schema"))
+    _check_json(schema, "schema")
+    Structure(schema, "schema")
+    named = {"name": "answer", "schema": schema, "strict": True}
+    if endpoint == "responses":
+        text = params.setdefault("text", {})
+        if isinstance(text, dict):
+            text.setdefault("format", {"type": "json_schema", **named})
+    elif endpoint != "completions":
+        params.setdefault("response_format", {"type": "json_schema", "json_schema": named})
+    return schema
+
+
 def _template(raw: Any, endpoint: str | None) -> Mapping[str, Any] | None:
     if raw is None:
         return None
@@ -266,8 +299,9 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
     endpoint = _string(top, "endpoint", "", None)
     if endpoint is not None and endpoint not in ENDPOINTS:
         raise SpecError(f"endpoint: expected one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
-    params = _mapping(top.get("params"), "params")
+    params = dict(_mapping(top.get("params"), "params"))
     _check_json(params, "params")
+    schema = _schema(top.get("schema"), params, endpoint)
 
     retry_raw = _mapping(top.get("retry"), "retry")
     _check_keys(retry_raw, _fields(RetrySpec), "retry")
@@ -276,6 +310,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         max_attempts=_number(retry_raw, "max_attempts", "retry", d.max_attempts, kind=int, minimum=1),
         backoff_initial_s=_number(retry_raw, "backoff_initial_s", "retry", d.backoff_initial_s, kind=float, minimum=0),
         backoff_max_s=_number(retry_raw, "backoff_max_s", "retry", d.backoff_max_s, kind=float, minimum=0),
+        max_reasks=_number(retry_raw, "max_reasks", "retry", d.max_reasks, kind=int, minimum=0),
     )
 
     rate_raw = _mapping(top.get("rate_limit"), "rate_limit")
@@ -307,5 +342,6 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         api=api,
         template=_template(top.get("template"), endpoint),
         keep_request=_flag(top, "keep_request", ""),
+        schema=schema,
         source=source,
     )

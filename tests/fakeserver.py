@@ -60,6 +60,11 @@ class Faults:
     # never end), or None to answer as usual; the connection is closed after it.
     # Checked after require_key.
     raw_answer: Callable[[dict], Iterable[bytes] | None] | None = None
+    # With a json_schema response_format the answer is an object made from the schema; the
+    # first answer for a key is invalid (not JSON, or a required field missing) at this rate,
+    # or every answer when invalid_answer_always.
+    invalid_answer_rate: float = 0.0
+    invalid_answer_always: bool = False
 
     def __post_init__(self) -> None:
         if self.usage_style not in ("fireworks", "openai"):
@@ -256,6 +261,8 @@ class FakeServer:
         self._rng = random.Random(faults.seed)
         self._jitter = random.Random(f"jitter-{faults.seed}")  # separate, so jitter never shifts the draws
         self._seen_keys: set[str] = set()
+        self._answered_keys: set[str] = set()
+        self._invalid_rng = random.Random(f"invalid-{faults.seed}")
 
     def _decide(self, faults: Faults, headers: dict[str, str], body: dict,
                 key: str) -> tuple[str, int | None, dict | None]:
@@ -292,6 +299,13 @@ class FakeServer:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": n % 3}}
         common = {"created": int(time.time()), "model": body["model"]}
+        schema = _answer_schema(body)
+        if schema is not None:
+            faults = self.faults
+            first = key not in self._answered_keys
+            self._answered_keys.add(key)
+            invalid = faults.invalid_answer_always or first and self._invalid_rng.random() < faults.invalid_answer_rate
+            text = _schema_answer(schema, n, invalid)
         if "input" in body:
             return _response_answer(body, n, text, prompt_tokens)
         count = body["n"] if type(body.get("n")) is int and 1 <= body["n"] <= 16 else 1
@@ -402,6 +416,32 @@ def _stream_chunks(answer: dict, body: dict, usage_style: str) -> tuple[list[dic
         chunks.append({**base, "choices": [], "usage": answer["usage"]})
     finish = len(payloads) - 1
     return chunks[:finish], chunks[finish:]
+
+
+def _answer_schema(body: dict) -> dict | None:
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        return response_format["json_schema"]["schema"]
+    return None
+
+
+def _schema_answer(schema: dict, n: int, invalid: bool) -> str:
+    """An object valid against `schema` (strings, integers, booleans, arrays, objects), or,
+    when `invalid`, text that is not JSON (odd n) or misses its first required field."""
+    def value(sub: dict) -> object:
+        kind = sub.get("type")
+        if kind == "object":
+            return {name: value(prop) for name, prop in sub.get("properties", {}).items()}
+        if kind == "array":
+            return [value(sub.get("items", {})) for _ in range(n % 3 + 1)]
+        return {"string": f"s-{n}", "integer": n, "number": n / 4, "boolean": n % 2 == 0}.get(kind, None)
+
+    answer = value(schema)
+    if invalid:
+        if n % 2:
+            return json.dumps(answer)[:-3]
+        answer.pop(schema.get("required", [next(iter(answer))])[0], None)
+    return json.dumps(answer)
 
 
 def _chat_logprobs(text: str, top: int) -> list[dict]:
