@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Sequence
 
 from ._exceptions import Interrupted, JobAborted, UsageError
+from ._export import export_job
 from ._progress import make_progress
 from ._runner import run_job
 from ._spec import load_spec
@@ -31,6 +32,14 @@ examples:
 
 exit codes: 0 all rows ok, 1 some rows failed, 2 spec/input/config error
 (no request sent), 3 aborted (auth, quota, signal): rerun to resume."""
+
+EXPORT_EXAMPLE = """\
+examples:
+  batchrun export jobs/example.yaml --format sft train.jsonl
+  batchrun export jobs/example.yaml --format sft train.jsonl --all-choices --weight score
+  batchrun export jobs/example.yaml --format openai-batch results.jsonl   (+ results.errors.jsonl)
+
+Reads the finished output (and the input, for the requests); sends no request."""
 
 STATUS_EXAMPLE = """\
 example:
@@ -62,13 +71,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     status.add_argument("job", metavar="JOB", help="the job spec (YAML)")
 
+    export = commands.add_parser(
+        "export", help="write a finished job's answers as a fine-tuning set or OpenAI Batch API files",
+        epilog=EXPORT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("job", metavar="JOB", help="the job spec (YAML)")
+    export.add_argument("out", metavar="OUT", help="the .jsonl file to write")
+    export.add_argument("--format", required=True, choices=("sft", "openai-batch"),
+                        help="sft: {messages} samples; openai-batch: the Batch API's output (and error) file")
+    export.add_argument("--include-truncated", action="store_true", help="sft: answers cut by max_tokens too")
+    export.add_argument("--all-choices", action="store_true", help="sft: a sample per choice of n")
+    export.add_argument("--weight", metavar="COLUMN", help="sft: a per-sample weight from this output column")
+
     args = parser.parse_args(argv)
     # Outside the worker pool (which handles signals itself), SIGTERM and Ctrl-C stop
     # the run the same way: an exception that leaves the saved state as it was.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
-        return _run(args) if args.command == "run" else _status(args)
+        return {"run": _run, "status": _status, "export": _export}[args.command](args)
     except UsageError as exc:
         print(f"batchrun: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -107,6 +128,13 @@ def _run(args: argparse.Namespace) -> int:
     )
     print(f"batchrun: {summary.line()}")
     return summary.exit_code
+
+
+def _export(args: argparse.Namespace) -> int:
+    summary = export_job(args.job, args.format, args.out, include_truncated=args.include_truncated,
+                         all_choices=args.all_choices, weight=args.weight)
+    print(f"batchrun: {summary.line()}")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

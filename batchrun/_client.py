@@ -20,6 +20,7 @@ from ._version import __version__
 from ._exceptions import APIError, JobFatalAPIError, RetryableAPIError
 from ._protocol import Result, StreamAssembler, storable_text
 from .endpoints import ENDPOINTS, get_endpoint
+from .endpoints.embeddings import share
 from ._inputs import Row
 from ._policy import classify, retrying
 from ._rate import RateLimiter, estimate_tokens
@@ -123,6 +124,51 @@ class Client:
         if self.spec.keep_request:
             result.extra = {**(result.extra or {}), "request": payload.decode()}
         return result
+
+    async def call_group(self, rows: list[Row]) -> list[Result]:
+        """Answer rows that go several to a request (embeddings): rows whose other request
+        fields agree share one. A request refused (4xx) for its content is split in
+        halves until the row it is about fails alone, with the API's message."""
+        groups: dict[str, list[Row]] = {}
+        for row in rows:
+            rest = {k: v for k, v in row.body.items() if k != "input"}
+            groups.setdefault(json.dumps(rest, sort_keys=True), []).append(row)
+        results: list[Result] = []
+        for group in groups.values():
+            results += await self._group(group, 0)
+        return results
+
+    async def _group(self, rows: list[Row], before: int) -> list[Result]:
+        """`before`: requests these rows were already part of (the halves of a refused one)."""
+        endpoint = get_endpoint(rows[0].endpoint)
+        rest = {k: v for k, v in rows[0].body.items() if k != "input"}
+        body = endpoint.build_group_body([row.body["input"] for row in rows], rest, self.spec.model,
+                                         self.spec.params)
+        try:
+            payload = json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
+        except (ValueError, TypeError, RecursionError) as exc:
+            return [Result(r.index, r.id, "failed", error=f"the request cannot be sent as JSON: {exc}") for r in rows]
+        weights = [len(str(row.body["input"])) for row in rows]
+        attempt = _Attempt(url=self._urls[endpoint.name], payload=payload, endpoint=endpoint.name, stream=False,
+                           tokens=sum(weights) // 4 + len(rows) if self.limiter.tokens_per_s else 0)
+        answer = await self._settle(rows[0], attempt)
+        attempts = before + attempt.count
+        if answer.status != "ok":
+            if not answer.transient and len(rows) > 1:  # refused for what it holds: find the row
+                half = len(rows) // 2
+                return await self._group(rows[:half], attempts) + await self._group(rows[half:], attempts)
+            return [Result(r.index, r.id, "failed", attempts=attempts, latency_s=answer.latency_s,
+                           error=answer.error, transient=answer.transient) for r in rows]
+        vectors = answer.vectors or []
+        if len(vectors) != len(rows):
+            error = f"the answer has {len(vectors)} embeddings for {len(rows)} inputs"
+            return [Result(r.index, r.id, "failed", attempts=attempts, latency_s=answer.latency_s,
+                           error=error) for r in rows]
+        usage = {name: share(getattr(answer, name), weights) for name in _USAGE}
+        return [Result(r.index, r.id, "ok", model=answer.model, response_id=answer.response_id,
+                       attempts=attempts, latency_s=answer.latency_s, embedding=vector,
+                       **{name: usage[name][i] for name in _USAGE})
+                for i, (r, vector) in enumerate(zip(rows, vectors))]
 
     async def _validated(self, row: Row, attempt: _Attempt, result: Result) -> Result:
         """Ask again while the answer is not JSON valid against the schema, at most

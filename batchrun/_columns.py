@@ -6,6 +6,7 @@
                [{token, logprob, top_logprobs: [{token, logprob}]}], for chat and completions alike
     request    with `keep_request: true`: the request body as sent, JSON text
     parsed     with a schema: the answer's JSON, typed from the schema (see `_structured`)
+    embedding  with `endpoint: embeddings`: the vector, list<float32>, from its stored bytes
 
 A job's columns follow from its spec, so that every row group has the same schema;
 a row without the value (failed, or answered before the option was set) holds null.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,9 +37,12 @@ class ExtraColumn:
     # A value's own conversion, for a column a value may not fit (then tried one by one)
     fit: Callable[[Any, pa.DataType], Any] | None = None
 
-    def array(self, extras: list[dict[str, Any]], rows: list[dict[str, Any] | None]) -> pa.Array:
+    def array(self, extras: list[dict[str, Any]], rows: list[dict[str, Any] | None],
+              blobs: Sequence[bytes | None]) -> pa.Array:
         import pyarrow as pa
 
+        if self.name == "embedding":
+            return _float32_lists(blobs)
         values = [self.value(e, r) for e, r in zip(extras, rows)]
         typed = self.type()
         try:
@@ -96,9 +100,31 @@ def wants_logprobs(params: dict[str, Any]) -> bool:
     return value is not None and value is not False
 
 
+@functools.cache
+def _float32_list() -> pa.DataType:
+    import pyarrow as pa
+
+    return pa.list_(pa.float32())
+
+
+def _float32_lists(blobs: Sequence[bytes | None]) -> pa.Array:
+    """Stored float32 vectors as a list<float32> column, straight from their bytes."""
+    import pyarrow as pa
+
+    offsets = [0]
+    for blob in blobs:
+        offsets.append(offsets[-1] + (len(blob) // 4 if blob is not None else 0))
+    values = pa.Array.from_buffers(pa.float32(), offsets[-1],
+                                   [None, pa.py_buffer(b"".join(b for b in blobs if b is not None))])
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values,
+                                    mask=pa.array([b is None for b in blobs], pa.bool_()))
+
+
 def extra_columns(spec: JobSpec) -> list[ExtraColumn]:
     params = dict(spec.params)
     columns = []
+    if spec.endpoint == "embeddings":
+        columns.append(ExtraColumn("embedding", _float32_list, lambda extra, row: None))
     if wants_choices(params):
         columns.append(ExtraColumn("choices", choices_type, _choices, needs_row=True))
     if wants_logprobs(params):

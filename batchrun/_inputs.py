@@ -441,6 +441,10 @@ class InputReader:
             body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
         if wanted not in ENDPOINTS:
             raise fail(f"endpoint {wanted} is not supported; batchrun sends to {', '.join(ENDPOINTS)}")
+        if wanted == "embeddings" and not isinstance(body["input"], str):
+            raise fail(f"input must be a string to embed, got {type(body['input']).__name__}")
+        if wanted == "embeddings" and not self.endpoint:
+            raise fail("embeddings go several rows to a request: set endpoint: embeddings in the spec")
         return Row(index, str(row_id), wanted, body, place)
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from ._columns import ExtraColumn
 from ._exceptions import InputChangedError, StorageError
 from ._inputs import InputReader
-from ._protocol import RESULT_FIELDS
+from ._protocol import RESULT_FIELDS, STORED_ONLY
 from ._state import StateStore
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def result_schema() -> pa.Schema:
             ("error", string),
         ]
     )
-    assert tuple(schema.names) == RESULT_FIELDS[:-1] and RESULT_FIELDS[-1] == "extra"
+    assert tuple(schema.names) == RESULT_FIELDS[:-len(STORED_ONLY)] and RESULT_FIELDS[-len(STORED_ONLY):] == STORED_ONLY
     return schema
 
 
@@ -178,10 +178,13 @@ def _result_table(store: StateStore, start: int, stop: int, extras: Sequence[Ext
                                  schema=schema)
     if extras:
         rows = table.to_pylist() if any(extra.needs_row for extra in extras) else [None] * len(stored)
-        found = [json.loads(text) if text else {} for text in columns[-1]]
+        found = [json.loads(text) if text else {} for text in columns[_EXTRA]]
         for extra in extras:
-            table = table.append_column(extra.name, extra.array(found, rows))
+            table = table.append_column(extra.name, extra.array(found, rows, columns[_EMBEDDING]))
     return table
+
+
+_EXTRA, _EMBEDDING = RESULT_FIELDS.index("extra"), RESULT_FIELDS.index("embedding")
 
 
 def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:

@@ -13,6 +13,7 @@ wrong key or a dead endpoint costs one request, not `concurrency` of them.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import time
@@ -39,6 +40,7 @@ from ._protocol import Result
 from ._spec import JobSpec, load_spec
 from ._state import StateStore, state_path
 from ._template import Template
+from .endpoints import get_endpoint
 
 __all__ = ["Summary", "run_job"]
 
@@ -281,10 +283,12 @@ class _Pool:
         self.state_failed = False  # nothing more can be saved
         self.output_failed = False  # answers are still saved; the output waits for a rerun
         self.streak = FailureStreak()
+        # Rows a worker takes at once: embeddings go several to a request
+        self.group = spec.inputs_per_request if spec.endpoint is not None and get_endpoint(spec.endpoint).grouped else 1
 
     async def run(self, handle_signals: bool) -> None:
-        # Each worker hands over one answer and waits for it to be saved: room for all.
-        results_send, results_receive = anyio.create_memory_object_stream[Result](self.spec.concurrency)
+        # Each worker hands over its answers and waits for them to be saved: room for all.
+        results_send, results_receive = anyio.create_memory_object_stream[Result](self.spec.concurrency * self.group)
         # At most one output write waits while another runs: each writes all that is ready.
         due_send, due_receive = anyio.create_memory_object_stream[None](1)
         self.answered_once = anyio.Event()
@@ -331,22 +335,26 @@ class _Pool:
             try:
                 while not self.stopping:
                     try:
-                        row = next(rows)
+                        taken = [next(rows)] if self.group == 1 else list(itertools.islice(rows, self.group))
                     except StopIteration:
                         return
                     except InputChangedError as exc:
                         self._stop(exc)
                         return
+                    if not taken:
+                        return
                     try:
-                        result = await self.client.call(row)
+                        answers = [await self.client.call(taken[0])] if self.group == 1 else \
+                            await self.client.call_group(taken)
                     except JobFatalAPIError as exc:
                         self._stop(exc)
                         return
-                    self._judge(result)
                     # An answer received is paid for: hand it to the writer at once, even
                     # if the pool is being cancelled (the writer outlives the workers).
                     try:
-                        results.send_nowait(result)
+                        for result in answers:
+                            self._judge(result)
+                            results.send_nowait(result)
                     except anyio.BrokenResourceError:
                         return
                     # The next row waits until this answer is on disk: a kill then costs

@@ -27,7 +27,7 @@ from ._template import TEMPLATE_FIELDS, Template
 __all__ = ["ApiSpec", "JobSpec", "RateLimitSpec", "RetrySpec", "load_spec", "parse_spec"]
 
 DEFAULT_BASE_URL = "https://api.fireworks.ai/inference/v1"
-ENDPOINTS = ("chat", "completions", "responses")
+ENDPOINTS = ("chat", "completions", "responses", "embeddings")
 INPUT_ENDPOINTS = ("embeddings", "responses")  # the endpoints rows give `input` to
 
 
@@ -65,6 +65,7 @@ class JobSpec:
     endpoint: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     concurrency: int = 32
+    inputs_per_request: int = 64  # embeddings: rows sent in one request
     retry: RetrySpec = field(default_factory=RetrySpec)
     rate_limit: RateLimitSpec = field(default_factory=RateLimitSpec)
     api: ApiSpec = field(default_factory=ApiSpec)
@@ -337,6 +338,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         endpoint=endpoint,
         params=dict(params),
         concurrency=_number(top, "concurrency", "", JobSpec.concurrency, kind=int, minimum=1),
+        inputs_per_request=_number(top, "inputs_per_request", "", JobSpec.inputs_per_request, kind=int, minimum=1),
         retry=retry,
         rate_limit=rate_limit,
         api=api,

@@ -56,7 +56,10 @@ _SCHEMA = (
 
 # Columns added since states were first written: a state without them gets them when
 # a runner opens it (SQLite adds a column without rewriting the table).
-_ADDED = ("extra",)
+_ADDED = ("extra", "embedding")
+
+
+_EXTRA = RESULT_FIELDS.index("extra")
 
 
 def _stored(result: Result) -> tuple[Any, ...]:
@@ -64,7 +67,7 @@ def _stored(result: Result) -> tuple[Any, ...]:
     if result.extra is None:
         return row
     # allow_nan: a logprob may be -inf; batchrun reads it back, and Parquet holds it
-    return (*row[:-1], json.dumps(result.extra, ensure_ascii=False))
+    return (*row[:_EXTRA], json.dumps(result.extra, ensure_ascii=False), *row[_EXTRA + 1:])
 
 
 def state_path(output: Path) -> Path:
@@ -314,10 +317,12 @@ def _inspect(db: sqlite3.Connection, path: Path) -> None:
     """Raise StateDamagedError unless `db` is a whole batchrun state."""
     tables = {name: [c[1] for c in db.execute(f"PRAGMA table_info({name})")]
               for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    older = [f for f in RESULT_FIELDS if f not in _ADDED]
-    if tables.get("meta") == ["key", "value"] and tables.get("results") == older:
+    found = tables.get("results") or []
+    missing = [f for f in RESULT_FIELDS if f not in found]
+    if tables.get("meta") == ["key", "value"] and missing and found == [f for f in RESULT_FIELDS if f not in missing] \
+            and set(missing) <= set(_ADDED):
         with _Transaction(db):
-            for name in _ADDED:
+            for name in missing:
                 db.execute(f"ALTER TABLE results ADD COLUMN {name}")
         tables["results"] = list(RESULT_FIELDS)
     if tables.get("meta") != ["key", "value"] or tables.get("results") != list(RESULT_FIELDS):

@@ -1,7 +1,8 @@
 """Fault-injecting fake OpenAI-compatible HTTP/1.1 server for tests.
 
-Serves POST /v1/completions, /v1/chat/completions and /v1/responses on 127.0.0.1 only
-(with `n`, log-probabilities in both shapes and Responses streaming events), from a
+Serves POST /v1/completions, /v1/chat/completions, /v1/responses and /v1/embeddings on
+127.0.0.1 only (with `n`, log-probabilities in both shapes, Responses streaming events
+and base64 embeddings), from a
 daemon thread running its own asyncio loop, so both sync and async tests can use
 it.  Requests are recorded, and every 200 body sent completely is kept in
 `answers`, so tests can check what a client wrote against what was served.
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings")
 
 # Outcome -> Faults attribute holding its rate, in the order their slices of [0, 1) are laid out.
 _DRAWN_FAULTS = {"drop": "drop_rate", "500": "error_500_rate", "503": "error_503_rate", "429": "rate_429",
@@ -108,6 +109,7 @@ class FakeServer:
         self.max_in_flight = 0
         self._cond = threading.Condition()  # guards the recorded state above, shared with test threads
         self._n = 0  # normal answers built so far, over the server's life
+        self._path = ""  # of the request being answered
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -238,6 +240,7 @@ class FakeServer:
             if outcome == "invalid_json":
                 await _send(writer, 200, b'{"id": "broken", "choices": [', close=close)
                 return not close
+            self._path = path
             answer = self._build_answer(body, key)
             stream = body.get("stream") is True
             sent_completely = outcome not in ("truncated_body", "truncated_stream")
@@ -299,6 +302,8 @@ class FakeServer:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": n % 3}}
         common = {"created": int(time.time()), "model": body["model"]}
+        if self._path == "/v1/embeddings":
+            return _embeddings_answer(body, n)
         schema = _answer_schema(body)
         if schema is not None:
             faults = self.faults
@@ -418,6 +423,33 @@ def _stream_chunks(answer: dict, body: dict, usage_style: str) -> tuple[list[dic
     return chunks[:finish], chunks[finish:]
 
 
+def fake_vector(text: str, dims: int = 8) -> list[float]:
+    """The fake server's embedding of `text`: float32 values, the same in every answer."""
+    import hashlib
+    import struct
+
+    digest = hashlib.sha256(text.encode()).digest() * (dims // 32 + 1)
+    raw = [(digest[j] - 128) / 37.0 for j in range(dims)]
+    return list(struct.unpack(f"<{dims}f", struct.pack(f"<{dims}f", *raw)))
+
+
+def _embeddings_answer(body: dict, n: int) -> dict:
+    import base64
+    import struct
+
+    inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+    dims = body["dimensions"] if type(body.get("dimensions")) is int else 8
+    data = []
+    for i, text in enumerate(inputs):
+        vector = fake_vector(text, dims)
+        if body.get("encoding_format") == "base64":
+            vector = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": vector})
+    tokens = sum(len(text) // 4 + 1 for text in inputs)
+    return {"object": "list", "id": f"emb-{n}", "model": body["model"], "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
 def _answer_schema(body: dict) -> dict | None:
     response_format = body.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
@@ -526,6 +558,10 @@ def _parse_body(path: str, raw: bytes) -> dict | None:
         return body if isinstance(body.get("prompt"), str) else None
     if path == "/v1/responses":
         return body if isinstance(body.get("input"), (str, list)) else None
+    if path == "/v1/embeddings":
+        inputs = body.get("input")
+        ok = isinstance(inputs, str) or isinstance(inputs, list) and all(isinstance(i, str) for i in inputs)
+        return body if ok else None
     return body if isinstance(body.get("messages"), list) else None
 
 

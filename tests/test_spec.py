@@ -40,7 +40,7 @@ def test_json_text_is_a_valid_spec(tmp_path: Path) -> None:
         ({"output": "o.parquet"}, "input: required"),
         ({**MINIMAL, "concurrency": 0}, "concurrency: expected a whole number >= 1, got 0"),
         ({**MINIMAL, "concurrency": True}, "concurrency: expected a whole number >= 1, got True"),
-        ({**MINIMAL, "endpoint": "embeddings"}, "endpoint: expected one of chat, completions"),
+        ({**MINIMAL, "endpoint": "images"}, "endpoint: expected one of chat, completions, responses, embeddings"),
         ({**MINIMAL, "input": "in.tsv"}, "must end in .jsonl, .jsonl.gz, .parquet or .csv"),
         ({**MINIMAL, "output": "out.csv"}, "output: 'out.csv' must end in .parquet"),
         ({**MINIMAL, "api": {"base_url": "ftp://x"}}, "api.base_url: expected an http(s):// URL or mock://"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from batchrun import ConfigError, StateDamagedError, StateMismatchError, StorageError
-from batchrun._protocol import Result
+from batchrun._protocol import RESULT_FIELDS, Result
 from batchrun._lock import lock_holder
 from batchrun._state import StateStore
 
@@ -22,7 +22,9 @@ def test_results_upsert_by_row_and_attempts_add_up(tmp_path: Path) -> None:
     store.save([Result(0, "a", "ok", output_text="hi", total_tokens=3, attempts=2)])
 
     rows = store.results(0, 3)
-    assert [(r[0], r[2], r[3], r[-4], r[-2]) for r in rows] == [(0, "ok", "hi", 8, None), (1, "ok", None, 1, None)]
+    attempts, error = RESULT_FIELDS.index("attempts"), RESULT_FIELDS.index("error")
+    assert [(r[0], r[2], r[3], r[attempts], r[error]) for r in rows] == [(0, "ok", "hi", 8, None),
+                                                                          (1, "ok", None, 1, None)]
     assert store.counts() == {"ok": 2, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 3}
     assert list(store.ok_rows(3)) == [1, 1, 0]
     store.close()
@@ -129,14 +131,13 @@ def test_a_state_made_but_never_claimed_is_fresh_and_one_with_answers_but_no_job
 def test_a_state_from_before_the_extra_column_gets_it_and_resumes(tmp_path: Path) -> None:
     import sqlite3
 
-    from batchrun._protocol import RESULT_FIELDS
-
     path = tmp_path / "s.sqlite"
     store = StateStore.open(path)
     store.claim(META, spec_name="job.yaml")
     store.save([Result(0, "a", "ok", output_text="kept", attempts=1)])
     store.close()
     db = sqlite3.connect(path)  # as batchrun wrote it before `extra` existed
+    db.execute("ALTER TABLE results DROP COLUMN embedding")
     db.execute("ALTER TABLE results DROP COLUMN extra")
     db.commit()
     db.close()
@@ -145,6 +146,7 @@ def test_a_state_from_before_the_extra_column_gets_it_and_resumes(tmp_path: Path
     store.claim(META, spec_name="job.yaml")
     store.save([Result(1, "b", "ok", output_text="new", attempts=1, extra={"request": "{}"})])
     rows = store.results(0, 2)
-    assert [(r[0], r[3], r[-1]) for r in rows] == [(0, "kept", None), (1, "new", '{"request": "{}"}')]
+    extra = RESULT_FIELDS.index("extra")
+    assert [(r[0], r[3], r[extra]) for r in rows] == [(0, "kept", None), (1, "new", '{"request": "{}"}')]
     assert len(rows[0]) == len(RESULT_FIELDS)
     store.close()

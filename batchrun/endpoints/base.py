@@ -25,6 +25,7 @@ class StreamReader:
 class Endpoint:
     name: str
     path: str  # after the base URL
+    grouped = False  # True: several rows go in one request (see `embeddings`)
 
     def build_body(self, row_body: Mapping[str, Any], model: str | None,
                    params: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,80 @@
+"""Embeddings: several rows a request, base64 float32 vectors, a refused row split out."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchrun.endpoints.embeddings import share
+from tests.conftest import read_output, run_cli, write_jsonl, write_spec
+from tests.fakeserver import FakeServer, Faults, error_body, fake_vector
+
+
+@pytest.mark.parametrize(("total", "weights"), [(100, [1, 1, 1]), (7, [10, 0, 3]), (0, [5, 5]), (3, [0, 0]),
+                                                (1_000_003, [17, 4, 99, 1])])
+def test_usage_is_shared_out_in_whole_tokens_that_add_up(total: int, weights: list[int]) -> None:
+    parts = share(total, weights)
+    assert sum(parts) == total and all(p >= 0 for p in parts)
+    assert share(None, weights) == [None] * len(weights)
+
+
+def float32(values: list[float]) -> list[float]:
+    return list(struct.unpack(f"<{len(values)}f", struct.pack(f"<{len(values)}f", *values)))
+
+
+def test_embedding_rows_go_64_a_request_and_a_refused_row_fails_alone(tmp_path: Path, server: FakeServer) -> None:
+    bad = "row 1234 BAD"
+
+    def refuse(body: dict) -> tuple[int, dict] | None:
+        if bad in body["input"]:
+            return 400, error_body(f"input {body['input'].index(bad)} is not valid text", "invalid_request_error",
+                                   "invalid_input")
+        return None
+
+    server.faults = Faults(seed=9, status_for=refuse, error_500_rate=0.03)
+    texts = [bad if i == 1234 else f"document {i} " * (i % 7 + 1) for i in range(3000)]
+    write_jsonl(tmp_path / "input.jsonl", [{"id": f"d{i}", "input": t, "lang": "en"} for i, t in enumerate(texts)])
+    spec = write_spec(tmp_path, endpoint="embeddings", concurrency=8, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 1, result.stderr
+    assert "3,000 rows: 2,999 ok, 1 failed" in result.stdout
+    schema = pq.read_schema(tmp_path / "out/result.parquet")
+    assert schema.field("embedding").type == pa.list_(pa.float32())
+    rows = read_output(tmp_path / "out/result.parquet")
+    for row, text in zip(rows, texts):
+        if row["row_index"] == 1234:
+            assert row["status"] == "failed" and row["embedding"] is None
+            assert row["error"].startswith("HTTP 400: input 0 is not valid text")
+        else:
+            assert row["status"] == "ok", row
+            assert row["embedding"] == fake_vector(text)  # exact float32
+            assert row["lang"] == "en"
+    answered = [r for r in server.requests if r.outcome == "ok"]
+    assert len(server.requests) <= 3000 / 16
+    assert all(r.body["encoding_format"] == "base64" for r in server.requests)
+    billed = sum(a["usage"]["prompt_tokens"] for answers in server.answers.values() for a in answers)
+    assert sum(r["prompt_tokens"] or 0 for r in rows) == billed
+    assert sum(r["total_tokens"] or 0 for r in rows) == billed
+    assert len(answered) == sum(len(a) for a in server.answers.values())
+
+
+def test_float_answers_and_templates_work_too(tmp_path: Path, server: FakeServer) -> None:
+    pq.write_table(pa.table({"title": [f"t{i}" for i in range(100)], "body": [f"b{i}" for i in range(100)]}),
+                   tmp_path / "docs.parquet")
+    spec = write_spec(tmp_path, input="docs.parquet", endpoint="embeddings", inputs_per_request=10,
+                      template={"input": "{{ title }}: {{ body }}"},
+                      params={"encoding_format": "float", "dimensions": 16}, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert [r["embedding"] for r in rows] == [fake_vector(f"t{i}: b{i}", 16) for i in range(100)]
+    assert [r["title"] for r in rows] == [f"t{i}" for i in range(100)]
+    assert len(server.requests) == 10
