@@ -78,3 +78,39 @@ def test_float_answers_and_templates_work_too(tmp_path: Path, server: FakeServer
     assert [r["embedding"] for r in rows] == [fake_vector(f"t{i}: b{i}", 16) for i in range(100)]
     assert [r["title"] for r in rows] == [f"t{i}" for i in range(100)]
     assert len(server.requests) == 10
+
+
+def test_kill_9_during_embeddings_loses_and_repeats_no_row(tmp_path: Path, server: FakeServer) -> None:
+    import json
+    import random
+    import signal
+
+    from tests.conftest import start_cli
+
+    server.faults = Faults(seed=6, latency_s=0.02, error_503_rate=0.03)
+    texts = [f"passage {i}" for i in range(6000)]
+    write_jsonl(tmp_path / "input.jsonl", [{"input": t} for t in texts])
+    spec = write_spec(tmp_path, endpoint="embeddings", inputs_per_request=16, concurrency=8,
+                      api={"base_url": server.base_url})
+    rng = random.Random(6)
+    for _ in range(2):
+        proc = start_cli("run", str(spec), "--no-progress")
+        server.wait_for_requests(len(server.requests) + rng.randint(40, 120), timeout=60)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+        assert proc.returncode == -signal.SIGKILL
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert [r["row_index"] for r in rows] == list(range(6000))
+    answered_in: dict[str, set[str]] = {}
+    for key, answers in server.answers.items():
+        for text in json.loads(key)[1]:
+            answered_in.setdefault(text, set()).update(a["id"] for a in answers)
+    for row, text in zip(rows, texts):
+        assert row["embedding"] == fake_vector(text)
+        assert row["response_id"] in answered_in[text]  # an answer the server sent for this very row
+    paid_twice = sum(len(ids) - 1 for ids in answered_in.values())
+    assert paid_twice <= 2 * 8 * 16, paid_twice  # a kill loses at most the groups in flight

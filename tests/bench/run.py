@@ -10,6 +10,13 @@ Scenarios (default: zero latency memory; the minute-long ones only when named):
   adapt      3,000 rows, server limited to 1200 rpm, no rate_limit in the spec: 429s
   adapt-blind  the same, the server sending no x-ratelimit-* headers (429s teach the limit)
   memory     peak RSS of batchrun at 20,000 vs 200,000 rows
+  embeddings 20,000 rows, 64 a request, concurrency 16, dimension 256: batchrun vs the
+             openai SDK's embeddings.create with the same batch size
+  template   20,000 chat rows at zero latency: rendered by a template from Parquet columns
+             vs the same messages pre-rendered in JSONL
+  validate   1,000,000 templated Parquet rows: validation alone (in process), and
+             `batchrun run --limit 1` from start to exit
+  embed-memory  peak RSS of batchrun embedding 20,000 vs 200,000 rows of dimension 1,024
 
 Every client runs in its own subprocess against a fresh server process, so its CPU and
 peak RSS are its own (os.wait4). The machine is shared and noisy: compare the ratios of
@@ -38,7 +45,8 @@ PY = sys.executable
 KEY_ENV = "BENCH_API_KEY"
 CLIENT_TIMEOUT_S = 20 * 60  # a hung client is killed, and its row says so
 
-SCENARIOS = ("zero", "latency", "ratelimit", "adapt", "adapt-blind", "memory")
+SCENARIOS = ("zero", "latency", "ratelimit", "adapt", "adapt-blind", "memory", "embeddings", "template",
+             "validate", "embed-memory")
 DEFAULT_SCENARIOS = ("zero", "latency", "memory")
 
 
@@ -66,10 +74,10 @@ class Server:
     """tests/bench/server.py in its own process; `stats` is filled in by stop()."""
 
     def __init__(self, workdir: Path, label: str, *, latency_ms: float = 0, jitter_ms: float = 0,
-                 rpm_limit: int = 0, silent: bool = False) -> None:
+                 rpm_limit: int = 0, silent: bool = False, embed_dims: int = 256) -> None:
         self.stats_path = workdir / f"server-{label.replace(' ', '_')}.json"
         self.cmd = [PY, str(HERE / "server.py"), "--port", "0", "--latency-ms", f"{latency_ms:g}",
-                    "--jitter-ms", f"{jitter_ms:g}", "--stats", str(self.stats_path)]
+                    "--jitter-ms", f"{jitter_ms:g}", "--stats", str(self.stats_path), "--embed-dims", str(embed_dims)]
         if rpm_limit:
             self.cmd += ["--rpm-limit", str(rpm_limit)]
         if silent:
@@ -369,11 +377,128 @@ def scenario_memory(workdir: Path, rows: int | None) -> None:
     report(f"memory: batchrun at {small:,} vs {large:,} rows, concurrency 256, zero latency", body, runs)
 
 
+def make_docs(path: Path, rows: int) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(rows):
+            f.write(json.dumps({"id": f"d{i}", "input": f"Document {i}: a short passage to embed, about item {i}."})
+                    + "\n")
+    return path
+
+
+def embeddings_baseline(label: str, workdir: Path, input_path: Path, rows: int, concurrency: int, *,
+                        server: Server) -> Run:
+    cmd = [PY, str(HERE / "baseline_openai_embeddings.py"), str(input_path), server.base_url, str(concurrency),
+           "--batch", "64"]
+    return run_client(label, rows, cmd, workdir, server)
+
+
+EMBED = {"endpoint": "embeddings", "params": {}, "inputs_per_request": 64}
+
+
+def scenario_embeddings(workdir: Path, rows: int | None) -> None:
+    rows = rows or 20_000
+    data = make_docs(workdir / "docs.jsonl", rows)
+    b = measured(workdir, batchrun, "batchrun", data, rows, 16, extra=EMBED)
+    o = measured(workdir, embeddings_baseline, "openai embeddings.create", data, rows, 16)
+    headers = ["client", "rows", "exit", "wall s", "rows/s (wall)", "rows/s (server span)", "CPU s", "peak RSS MB"]
+    body = table(headers + ["batchrun/baseline rows/s"], [
+        [b.label, b.rows, b.rc, b.wall_s, b.rps, b.span_rps, b.cpu_s, b.maxrss_mb,
+         f"{ratio(b.rps, o.rps)} (wall), {ratio(b.span_rps, o.span_rps)} (span)"],
+        [o.label, o.rows, o.rc, o.wall_s, o.rps, o.span_rps, o.cpu_s, o.maxrss_mb, ""],
+    ])
+    report(f"embeddings: {rows:,} rows, 64 a request, concurrency 16, dimension 256, zero latency", body, [b, o])
+
+
+QA_TEMPLATE = {"messages": [{"role": "system", "content": "Answer from the context."},
+                            {"role": "user", "content": "Context: {{ context }}\nQuestion: {{ question }}"}]}
+
+
+def make_qa(workdir: Path, rows: int) -> tuple[Path, Path]:
+    """The same requests twice: Parquet columns for the template, and JSONL pre-rendered."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    questions = [f"What is item {i} for?" for i in range(rows)]
+    contexts = [f"Item {i} is a part of the benchmark's data set, number {i}." for i in range(rows)]
+    parquet = workdir / f"qa-{rows}.parquet"
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(rows)], "question": questions, "context": contexts}),
+                   parquet)
+    jsonl = workdir / f"qa-{rows}.jsonl"
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for i, (q, c) in enumerate(zip(questions, contexts)):
+            messages = [{"role": "system", "content": "Answer from the context."},
+                        {"role": "user", "content": f"Context: {c}\nQuestion: {q}"}]
+            f.write(json.dumps({"id": f"q{i}", "messages": messages}) + "\n")
+    return parquet, jsonl
+
+
+def scenario_template(workdir: Path, rows: int | None) -> None:
+    rows = rows or 20_000
+    parquet, jsonl = make_qa(workdir, rows)
+    chat = {"endpoint": "chat"}
+    t = measured(workdir, batchrun, "batchrun templated", parquet, rows, 256, extra={**chat, "template": QA_TEMPLATE})
+    p = measured(workdir, batchrun, "batchrun pre-rendered", jsonl, rows, 256, extra=chat)
+    body = table(THROUGHPUT_HEADERS + ["templated/pre-rendered req/s"], [
+        throughput_row(t) + [f"{ratio(t.rps, p.rps)} (wall), {ratio(t.span_rps, p.span_rps)} (span)"],
+        throughput_row(p) + [""],
+    ])
+    report(f"template: {rows:,} chat rows, concurrency 256, zero latency", body, [t, p])
+
+
+VALIDATE = """\
+import sys, time
+from pathlib import Path
+from batchrun._inputs import InputReader
+from batchrun._spec import load_spec
+from batchrun._template import Template
+spec = load_spec(sys.argv[1])
+reader = InputReader(list(spec.input), endpoint=spec.endpoint, template=Template(spec.template))
+started = time.perf_counter()
+reader.fingerprint()
+count, _ = reader.validate()
+print(f"validated {count} rows in {time.perf_counter() - started:.2f} s")
+"""
+
+
+def scenario_validate(workdir: Path, rows: int | None) -> None:
+    rows = rows or 1_000_000
+    parquet, _ = make_qa(workdir, rows)
+    job = workdir / "job.yaml"
+    with Server(workdir, "validate") as server:
+        job.write_text(json.dumps({
+            "input": str(parquet), "output": str(workdir / "out.parquet"), "model": "bench", "endpoint": "chat",
+            "template": QA_TEMPLATE, "api": {"base_url": server.base_url, "api_key_env": KEY_ENV}}))
+        alone = run_client("validate only", rows, [PY, "-c", VALIDATE, str(job)], workdir, server)
+        limited = run_client("batchrun run --limit 1", rows,
+                             [PY, "-m", "batchrun", "run", str(job), "--no-progress", "--limit", "1"], workdir, server)
+    body = table(["what", "rows", "exit", "wall s", "peak RSS MB", "said"], [
+        [alone.label, rows, alone.rc, alone.wall_s, alone.maxrss_mb, alone.last_log_line()],
+        [limited.label, rows, limited.rc, limited.wall_s, limited.maxrss_mb, limited.last_log_line()[:80]],
+    ])
+    report(f"validate: {rows:,} templated Parquet rows before the first request", body, [alone, limited])
+
+
+def scenario_embed_memory(workdir: Path, rows: int | None) -> None:
+    small = rows or 20_000
+    large = small * 10
+    runs = []
+    for n in (small, large):
+        data = make_docs(workdir / f"docs-{n}.jsonl", n)
+        runs.append(measured(workdir, batchrun, f"batchrun {n}", data, n, 16, extra=EMBED,
+                             server_opts={"embed_dims": 1024}))
+    s, big = runs
+    body = table(["client", "rows", "exit", "wall s", "rows/s (wall)", "peak RSS MB"],
+                 [[r.label, r.rows, r.rc, r.wall_s, r.rps, r.maxrss_mb] for r in runs])
+    body += f"\n\npeak RSS ratio {large:,} / {small:,} rows: {ratio(big.maxrss_mb, s.maxrss_mb)} " \
+            f"(rows ratio {large // small})"
+    report(f"embed-memory: batchrun embedding {small:,} vs {large:,} rows of dimension 1,024", body, runs)
+
+
 def source_fingerprint() -> str:
     """A hash of batchrun's source: others may edit it while a benchmark runs, and a
     scenario that straddles an edit measured two different programs."""
     digest = hashlib.sha256()
-    for path in sorted((REPO / "batchrun").glob("*.py")):
+    for path in sorted((REPO / "batchrun").rglob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -392,7 +517,9 @@ def git_describe() -> str:
 
 
 RUNNERS = {"zero": scenario_zero, "latency": scenario_latency, "ratelimit": scenario_ratelimit,
-           "adapt": scenario_adapt, "adapt-blind": scenario_adapt_blind, "memory": scenario_memory}
+           "adapt": scenario_adapt, "adapt-blind": scenario_adapt_blind, "memory": scenario_memory,
+           "embeddings": scenario_embeddings, "template": scenario_template, "validate": scenario_validate,
+           "embed-memory": scenario_embed_memory}
 
 
 def main() -> None:

@@ -4,7 +4,8 @@
 
 Prints `READY <port>` once listening on 127.0.0.1. Answers `POST .../completions` and
 `.../chat/completions` with a valid completion / chat.completion (usage included, the
-text numbered per request), anything else with 404. On SIGTERM or SIGINT it writes JSON
+text numbered per request), `.../embeddings` with a vector per input (base64 or floats,
+as asked; its body is parsed to count the inputs), anything else with 404. On SIGTERM or SIGINT it writes JSON
 stats to FILE and exits.
 
 Unlike tests/fakeserver.py (fault injection, full parsing, a task per request) this one
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import json
 import math
 import random
 import resource
 import signal
+import struct
 import sys
 import time
 
@@ -139,6 +142,26 @@ class Server:
         self.bucket = bucket
         self.stats = Stats()
         self.counter = 0
+        self.set_dims(256)
+
+    def set_dims(self, dims: int) -> None:
+        values = [math.sin(i) for i in range(dims)]
+        self.vector_b64 = b'"%s"' % base64.b64encode(struct.pack(f"<{dims}f", *values))
+        self.vector_floats = json.dumps(list(struct.unpack(f"<{dims}f", struct.pack(f"<{dims}f", *values)))).encode()
+
+    def embeddings(self, body: bytes) -> bytes:
+        """One vector of --embed-dims float32 per input (base64 unless the request asks for
+        floats): the request is parsed, as it must be to count its inputs."""
+        request = json.loads(body)
+        inputs = request["input"] if isinstance(request["input"], list) else [request["input"]]
+        b64 = request.get("encoding_format", "float") == "base64"
+        vector = self.vector_b64 if b64 else self.vector_floats
+        self.counter += 1
+        tokens = sum(len(text) for text in inputs) // 4 + len(inputs)
+        items = b",".join(b'{"object":"embedding","index":%d,"embedding":%s}' % (i, vector)
+                          for i in range(len(inputs)))
+        return (b'{"object":"list","data":[%s],"model":"bench","usage":{"prompt_tokens":%d,"total_tokens":%d}}'
+                % (items, tokens, tokens))
 
     def delay(self) -> float:
         if not self.jitter_s:
@@ -185,17 +208,23 @@ class Connection(asyncio.Protocol):
             total = end + 4 + length
             if len(buf) < total:
                 return  # the body is still coming
+            body = bytes(buf[end + 4:total]) if b"/embeddings " in head[:200] else b""
             del buf[:total]
             if b"\r\nconnection: close" in head:
                 self.closing = True
-            self.handle(head, length)
+            self.handle(head, length, body)
 
-    def handle(self, head: bytes, body_len: int) -> None:
+    def handle(self, head: bytes, body_len: int, body: bytes = b"") -> None:
         server = self.server
         now = time.monotonic()
         server.stats.on_request(now)
         line = head[: head.find(b"\r\n")]
         close = _CLOSE if self.closing else b""
+        if line.startswith(b"post ") and b"/embeddings " in line:
+            answer = server.embeddings(body)
+            self.queue(server.delay(), _HEAD_200 + b"content-length: %d\r\n%s\r\n" % (len(answer), close) + answer,
+                       True)
+            return
         if not line.startswith(b"post ") or b"completions " not in line:
             self.queue(0.0, _HEAD_404 + b"content-length: %d\r\n%s\r\n" % (len(_BODY_404), close) + _BODY_404, False)
             return
@@ -249,6 +278,7 @@ class Connection(asyncio.Protocol):
 async def serve(args: argparse.Namespace) -> None:
     bucket = TokenBucket(args.rpm_limit, silent=args.no_ratelimit_headers) if args.rpm_limit else None
     server = Server(args.latency_ms / 1000, args.jitter_ms / 1000, bucket)
+    server.set_dims(args.embed_dims)
     # A large backlog: hundreds of clients connect in the same millisecond, and the
     # default (100) would drop SYNs and add 1 s retransmit stalls to the measurement.
     listener = await server.loop.create_server(
@@ -273,6 +303,7 @@ def main() -> None:
     parser.add_argument("--no-ratelimit-headers", action="store_true",
                         help="with --rpm-limit: answer 429 + retry-after but send no x-ratelimit-* headers")
     parser.add_argument("--stats", required=True, help="JSON stats written here at exit")
+    parser.add_argument("--embed-dims", type=int, default=256, help="dimension of the embeddings answered")
     args = parser.parse_args()
     asyncio.run(serve(args))
     sys.exit(0)
