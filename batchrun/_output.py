@@ -196,7 +196,12 @@ def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
         os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
-    return pq.ParquetWriter(path, schema, compression="zstd")
+    # Dictionary encoding helps text that repeats (status, model, finish_reason); on vectors
+    # of floats it never does, and it costs more than the rest of writing them. Nor does
+    # compression do much for them: zstd saves 7 % of a float32 embedding for half the time.
+    dictionary = [name for name in schema.names if name not in ("embedding", "logprobs")]
+    compression = {name: "none" if name == "embedding" else "zstd" for name in schema.names}
+    return pq.ParquetWriter(path, schema, compression=compression, use_dictionary=dictionary)
 
 
 def _fsync(path: Path) -> None:
