@@ -8,6 +8,7 @@ Result) or a JobFatalAPIError (raised: the job must stop).
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -154,7 +155,7 @@ class Client:
         answer = await self._settle(rows[0], attempt)
         attempts = before + attempt.count
         if answer.status != "ok":
-            if not answer.transient and len(rows) > 1:  # refused for what it holds: find the row
+            if len(rows) > 1 and _REFUSED.match(answer.error or ""):  # refused for what it holds: find the row
                 half = len(rows) // 2
                 return await self._group(rows[:half], attempts) + await self._group(rows[half:], attempts)
             return [Result(r.index, r.id, "failed", attempts=attempts, latency_s=answer.latency_s,
@@ -181,6 +182,8 @@ class Client:
                 result.extra = {**(result.extra or {}), "parsed": parsed}
                 break
             if len(paid) > self.spec.retry.max_reasks:
+                if result.finish_reason == "length":
+                    problem += "; the answer was cut at max_tokens: allow more tokens"
                 result = Result(row.index, row.id, "failed", attempts=attempt.count, latency_s=attempt.latency,
                                 error=self._error_text(problem), model=result.model, response_id=result.response_id,
                                 finish_reason=result.finish_reason, output_text=result.output_text)
@@ -270,6 +273,7 @@ class Client:
         return storable_text(self._redact(text)[:ERROR_CHARS])
 
 
+_REFUSED = re.compile(r"HTTP 4\d\d: ")  # a request refused for what it holds, not an answer we cannot read
 _USAGE = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 
 

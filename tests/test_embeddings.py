@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -114,3 +115,53 @@ def test_kill_9_during_embeddings_loses_and_repeats_no_row(tmp_path: Path, serve
         assert row["response_id"] in answered_in[text]  # an answer the server sent for this very row
     paid_twice = sum(len(ids) - 1 for ids in answered_in.values())
     assert paid_twice <= 2 * 8 * 16, paid_twice  # a kill loses at most the groups in flight
+
+
+def group(answer, rows: int = 8, **spec: object):
+    """Run `rows` embedding rows through Client.call_group over MockTransport."""
+    import anyio
+    import httpx
+
+    from batchrun import parse_spec
+    from batchrun._client import Client
+    from batchrun._inputs import Row
+
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return answer(seen[-1])
+
+    async def noop(seconds: float) -> None:
+        pass
+
+    raw = {"input": "i.jsonl", "output": "o.parquet", "model": "m", "endpoint": "embeddings",
+           "api": {"base_url": "http://127.0.0.1:9/v1"}, "retry": {"max_attempts": 2}, **spec}
+    client = Client(parse_spec(raw, environ={}), api_key="k", transport=httpx.MockTransport(handler), sleep=noop)
+    batch = [Row(i, f"r{i}", "embeddings", {"input": f"text {i}"}, f"line {i + 1}") for i in range(rows)]
+
+    async def main() -> list:
+        async with client:
+            return await client.call_group(batch)
+
+    return anyio.run(main), seen
+
+
+def test_a_server_error_fails_the_group_without_splitting_it() -> None:
+    import httpx
+
+    results, seen = group(lambda body: httpx.Response(503, json={"error": {"message": "busy"}}))
+    assert len(seen) == 2  # two attempts of the one request of 8 rows, never halves
+    assert all(r.status == "failed" and r.transient and r.error.startswith("HTTP 503") for r in results)
+    results, seen = group(lambda body: httpx.Response(200, json={"object": "list"}))
+    assert len(seen) == 1 and all("HTTP 200 without embeddings" in r.error for r in results)
+
+
+def test_one_vector_per_token_stops_the_job_with_what_to_do() -> None:
+    import httpx
+
+    from batchrun import JobFatalAPIError
+
+    per_token = {"data": [{"index": 0, "embedding": [[0.1, 0.2], [0.3, 0.4]]}], "usage": {"prompt_tokens": 2}}
+    with pytest.raises(JobFatalAPIError, match="one vector per token, not one per input"):
+        group(lambda body: httpx.Response(200, json=per_token), rows=1)

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._exceptions import RetryableAPIError, RowFatalAPIError
+from .._exceptions import JobFatalAPIError, RetryableAPIError, RowFatalAPIError
 from .._protocol import Result, set_usage, text_of
 from .base import Endpoint, StreamReader
 
@@ -82,6 +82,10 @@ def _float32(value: Any) -> bytes:
         if len(raw) % 4:
             raise RetryableAPIError("the answer has a base64 embedding that is not float32s", status=200)
         return raw if sys.byteorder == "little" else _swapped(raw)
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        # llama.cpp's server answers so for a model without pooling: every row would
+        raise JobFatalAPIError("the server answered one vector per token, not one per input: the model does not "
+                               "pool its embeddings. Use an embedding model (llama.cpp: one with a pooling type)")
     if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         packed = array.array("f", value)
         if sys.byteorder != "little":
