@@ -1,14 +1,18 @@
-"""Reading input rows: JSONL, gzipped JSONL or Parquet, always streamed.
+"""Reading input rows from the input's files (see `_files`), always streamed.
 
 A row becomes a `Row`: its position, its id, the endpoint it goes to and the request
 fields it carries itself. Everything else in the row is a passthrough column, copied
-to the output beside the answer. Three shapes are understood:
+to the output beside the answer. These shapes are understood:
 
     {"prompt": "..."}                                   -> /completions
     {"messages": [...]}                                 -> /chat/completions
+    {"input": ..., "instructions": "..."}               -> /responses or /embeddings (the spec says)
     {"custom_id": "...", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
 
-The file is read more than once (to validate, to run, to write the output), so the
+With a template (`_template`) every row is rendered from its columns instead, and all
+of them pass through.
+
+The input is read more than once (to validate, to run, to write the output), so the
 reader is a small object that can start over rather than a one-shot iterator.
 """
 
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ._exceptions import InputChangedError, InputError, StorageError
 from ._checks import check_body, check_messages, check_record
 from ._files import InputFile, check_all_unchanged, combined_fingerprint
+from ._passthrough import coerce, column_kind, conform, jsonl_schema, schema_kind, unify, value_kind
 from ._template import Template, TemplateRowError
 from .endpoints import ENDPOINTS
 
@@ -75,7 +80,7 @@ _URL_ENDPOINTS = {
 class Row:
     index: int
     id: str
-    endpoint: str  # "chat" or "completions"
+    endpoint: str  # a name in `endpoints.ENDPOINTS`
     body: dict[str, Any]  # the row's own request fields; the spec's params fill the rest
     where: str  # "line 12" or "row 11", for messages
 
@@ -174,7 +179,7 @@ class InputReader:
                         if field.name in self.reserved:
                             raise f.error("row 0", f"column {field.name!r} clashes with the output column of "
                                                    "that name; rename it in the input")
-                        kinds.setdefault(field.name, set()).add(_schema_kind(field.type))
+                        kinds.setdefault(field.name, set()).add(schema_kind(field.type))
         count = 0
         duplicates: list[str] = []
         # Most inputs have no ids: a row's id is then its position, unique by itself, and
@@ -186,7 +191,7 @@ class InputReader:
                 count += len(rows)
                 for name, values in extras.items():
                     seen = kinds.setdefault(name, set())
-                    seen.update(_kind(v) for v in values)
+                    seen.update(value_kind(v) for v in values)
                 taken.extend(bytes(len(rows)))
                 given = []
                 for row in rows:
@@ -219,7 +224,7 @@ class InputReader:
                 f"{self.name}: duplicate row ids: {'; '.join(duplicates[:5])}; "
                 "every id and custom_id must be unique"
             )
-        return count, {name: _arrow_kind(k) for name, k in kinds.items()}
+        return count, {name: column_kind(k) for name, k in kinds.items()}
 
     # -- streaming ------------------------------------------------------------------------
 
@@ -264,49 +269,38 @@ class InputReader:
             if f.is_arrow:
                 present = [name for name in names if name in f.arrow_schema().names]
                 for batch in f.arrow_batches(present, batch_rows):
-                    yield _conform(pa.Table.from_batches([batch]), schema)
+                    yield conform(pa.Table.from_batches([batch]), schema)
                 continue
-            own = _jsonl_schema(types)
+            own = jsonl_schema(types)
             columns: dict[str, list[Any]] = {name: [] for name in names}
             count = 0
             for _, record, _ in f.records(checking=False, batch_rows=batch_rows):
                 for name in names:
-                    columns[name].append(_coerce(record.get(name), types[name]))
+                    columns[name].append(coerce(record.get(name), types[name]))
                 count += 1
                 if count == batch_rows:
-                    yield _conform(pa.Table.from_pydict(columns, schema=own), schema)
+                    yield conform(pa.Table.from_pydict(columns, schema=own), schema)
                     columns, count = {name: [] for name in names}, 0
             if count:
-                yield _conform(pa.Table.from_pydict(columns, schema=own), schema)
+                yield conform(pa.Table.from_pydict(columns, schema=own), schema)
 
     def _passthrough_schema(self, types: dict[str, str]) -> pa.Schema:
         """One schema for the passthrough columns of every file: a Parquet or CSV file's own
-        types, JSONL's inferred ones, widened where files differ (int32 and int64, a column
-        one file lacks). Types that cannot share a column are an error naming the files."""
+        types, JSONL's inferred ones (see `_passthrough.unify`)."""
         import pyarrow as pa
 
         names = list(types)
-        schemas: list[tuple[InputFile, pa.Schema]] = []
+        schemas = []
         for f in self.files:
             if f.is_arrow:
                 own = f.arrow_schema()
-                schemas.append((f, pa.schema([own.field(name) for name in names if name in own.names])))
+                schemas.append((str(f.path), pa.schema([own.field(name) for name in names if name in own.names])))
             else:
-                schemas.append((f, _jsonl_schema(types)))
-        if len(schemas) == 1:
-            return schemas[0][1]
+                schemas.append((str(f.path), jsonl_schema(types)))
         try:
-            unified = pa.unify_schemas([s for _, s in schemas], promote_options="permissive")
-        except (pa.ArrowException, TypeError):
-            for name in names:
-                found = [(f, s.field(name).type) for f, s in schemas if name in s.names]
-                other = next(((f, t) for f, t in found if t != found[0][1]), None)
-                if other is not None:
-                    raise InputError(f"column {name!r} is {found[0][1]} in {found[0][0].path} but {other[1]} in "
-                                     f"{other[0].path}; the files cannot be read as one table: make the column "
-                                     "one type in every file") from None
-            raise
-        return pa.schema([unified.field(name) for name in names])
+            return unify(schemas, names)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
 
     # -- parsing -------------------------------------------------------------------------
 
@@ -515,83 +509,4 @@ def _drop_nulls(value: Any) -> Any:
         return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
         return [_drop_nulls(v) for v in value]
-    return value
-
-
-def _jsonl_schema(types: dict[str, str]) -> pa.Schema:
-    import pyarrow as pa
-
-    return pa.schema([(name, _arrow_type(kind)) for name, kind in types.items()])
-
-
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`table` in `schema`: its columns in that order and type, absent ones null."""
-    import pyarrow as pa
-
-    if table.schema.equals(schema):
-        return table
-    columns = [table.column(field.name).cast(field.type) if field.name in table.column_names
-               else pa.nulls(table.num_rows, field.type) for field in schema]
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def _arrow_type(kind: str) -> pa.DataType:
-    """The Arrow type of a JSONL passthrough column of this kind (see `_arrow_kind`)."""
-    import pyarrow as pa
-
-    return {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64()}.get(kind) or pa.string()
-
-
-def _schema_kind(type_: pa.DataType) -> str:
-    import pyarrow.types as t
-
-    if t.is_boolean(type_):
-        return "bool"
-    if t.is_integer(type_):
-        return "int"
-    if t.is_floating(type_):
-        return "float"
-    if t.is_string(type_) or t.is_large_string(type_):
-        return "string"
-    return "null" if t.is_null(type_) else "json"
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        if -(2**53) <= value <= 2**53:
-            return "int"
-        # exact in int64, not in a float: such a column can never become float64
-        return "bigint" if -(2**63) <= value < 2**63 else "json"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "string"
-    return "json"
-
-
-def _arrow_kind(kinds: set[str]) -> str:
-    """One column type for every value seen; values keep their exact worth in it."""
-    kinds = kinds - {"null"}
-    if "bigint" in kinds:
-        kinds = (kinds - {"bigint"}) | {"int"} if "float" not in kinds else kinds | {"json"}
-    if not kinds:
-        return "null"
-    if len(kinds) == 1:
-        return next(iter(kinds))
-    if kinds == {"int", "float"}:
-        return "float"
-    return "json"
-
-
-def _coerce(value: Any, kind: str) -> Any:
-    if value is None:
-        return None
-    if kind == "json":
-        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    if kind == "float":
-        return float(value)
     return value

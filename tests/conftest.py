@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
@@ -85,6 +87,16 @@ def start_cli(*args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def kill_9_during_runs(spec: Path, server: FakeServer, times: int, rng: random.Random, low: int, high: int) -> None:
+    """Start the job `times` times and kill -9 each run once it has sent `low`..`high` more requests."""
+    for _ in range(times):
+        proc = start_cli("run", str(spec), "--no-progress")
+        server.wait_for_requests(len(server.requests) + rng.randint(low, high), timeout=60)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+        assert proc.returncode == -signal.SIGKILL
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> CLIResult:

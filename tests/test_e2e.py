@@ -11,7 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.conftest import TEST_KEY, cli_env, read_output, run_cli, start_cli, write_jsonl, write_spec
+from tests.conftest import (
+    TEST_KEY, cli_env, kill_9_during_runs, read_output, run_cli, start_cli, write_jsonl, write_spec,
+)
 from tests.fakeserver import FakeServer, Faults, error_body, request_key
 
 FLAKY = dict(drop_rate=0.02, error_500_rate=0.03, first_attempt_status=503)
@@ -139,12 +141,7 @@ def test_kill_9_three_times_then_resume_loses_and_repeats_nothing(tmp_path: Path
     spec = write_spec(tmp_path, concurrency=32, api={"base_url": server.base_url})
     rng = random.Random(5)
 
-    for _ in range(3):
-        proc = start_cli("run", str(spec), "--no-progress")
-        server.wait_for_requests(len(server.requests) + rng.randint(200, 700), timeout=60)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=10)
-        assert proc.returncode == -signal.SIGKILL
+    kill_9_during_runs(spec, server, 3, rng, 200, 700)
 
     result = run_cli("run", str(spec), "--no-progress")
 

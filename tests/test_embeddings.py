@@ -82,11 +82,9 @@ def test_float_answers_and_templates_work_too(tmp_path: Path, server: FakeServer
 
 
 def test_kill_9_during_embeddings_loses_and_repeats_no_row(tmp_path: Path, server: FakeServer) -> None:
-    import json
     import random
-    import signal
 
-    from tests.conftest import start_cli
+    from tests.conftest import kill_9_during_runs
 
     server.faults = Faults(seed=6, latency_s=0.02, error_503_rate=0.03)
     texts = [f"passage {i}" for i in range(6000)]
@@ -94,12 +92,7 @@ def test_kill_9_during_embeddings_loses_and_repeats_no_row(tmp_path: Path, serve
     spec = write_spec(tmp_path, endpoint="embeddings", inputs_per_request=16, concurrency=8,
                       api={"base_url": server.base_url})
     rng = random.Random(6)
-    for _ in range(2):
-        proc = start_cli("run", str(spec), "--no-progress")
-        server.wait_for_requests(len(server.requests) + rng.randint(40, 120), timeout=60)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=10)
-        assert proc.returncode == -signal.SIGKILL
+    kill_9_during_runs(spec, server, 2, rng, 40, 120)
 
     result = run_cli("run", str(spec), "--no-progress")
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from batchrun import RetryableAPIError, RowFatalAPIError
-from batchrun._protocol import StreamAssembler, build_body, parse_answer
+from batchrun._protocol import build_body, parse_answer
+from tests.test_protocol import feed, sse
 
 CHAT_LOGPROBS = {"content": [
     {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": [
@@ -42,22 +43,6 @@ def test_completions_logprobs_take_the_same_shape_as_chat() -> None:
 
 def test_one_choice_without_logprobs_needs_no_extra() -> None:
     assert parse_answer("chat", {"choices": [{"message": {"content": "a"}, "finish_reason": "stop"}]}).extra is None
-
-
-def sse(*chunks: object, named: bool = False) -> list[str]:
-    lines = []
-    for chunk in chunks:
-        if named:
-            lines.append(f"event: {chunk['type']}")
-        lines += [f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}", ""]
-    return lines
-
-
-def feed(endpoint: str, lines: list[str]) -> StreamAssembler:
-    assembler = StreamAssembler(endpoint)
-    for line in lines:
-        assembler.feed_line(line)
-    return assembler
 
 
 def test_a_stream_of_several_choices_joins_each_and_its_logprobs() -> None:

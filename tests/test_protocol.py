@@ -62,9 +62,13 @@ def test_unusual_field_types_become_text() -> None:
     assert (result.output_text, result.response_id, result.model) == ("Hello there", "12345", '["m"]')
 
 
-def sse(*chunks: object) -> list[str]:
+def sse(*chunks: object, named: bool = False) -> list[str]:
+    """Event-stream lines for these chunks (a string goes as it is: "[DONE]"); `named`:
+    each event named by its chunk's `type`, as the Responses API sends them."""
     lines = []
     for chunk in chunks:
+        if named:
+            lines.append(f"event: {chunk['type']}")  # type: ignore[index]
         lines += [f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}", ""]
     return lines
 

@@ -362,19 +362,24 @@ def scenario_adapt_blind(workdir: Path, rows: int | None) -> None:
     scenario_adapt(workdir, rows, silent=True)
 
 
-def scenario_memory(workdir: Path, rows: int | None) -> None:
-    small = rows or 20_000
+def memory_report(workdir: Path, small: int, make, title: str, concurrency: int, **kw) -> None:
+    """batchrun at `small` and 10 x `small` rows made by `make(path, n)`: peak RSS side by side."""
     large = small * 10
     runs = []
     for n in (small, large):
-        data = make_input(workdir / f"memory-{n}.jsonl", n)
-        runs.append(measured(workdir, batchrun, f"batchrun {n}", data, n, 256))
+        data = make(workdir / f"memory-{n}.jsonl", n)
+        runs.append(measured(workdir, batchrun, f"batchrun {n}", data, n, concurrency, **kw))
     s, big = runs
-    body = table(["client", "rows", "exit", "wall s", "req/s (wall)", "peak RSS MB"],
+    body = table(["client", "rows", "exit", "wall s", "rows/s (wall)", "peak RSS MB"],
                  [[r.label, r.rows, r.rc, r.wall_s, r.rps, r.maxrss_mb] for r in runs])
     body += f"\n\npeak RSS ratio {large:,} / {small:,} rows: {ratio(big.maxrss_mb, s.maxrss_mb)} " \
             f"(rows ratio {large // small})"
-    report(f"memory: batchrun at {small:,} vs {large:,} rows, concurrency 256, zero latency", body, runs)
+    report(title.format(small=small, large=large), body, runs)
+
+
+def scenario_memory(workdir: Path, rows: int | None) -> None:
+    memory_report(workdir, rows or 20_000, make_input,
+                  "memory: batchrun at {small:,} vs {large:,} rows, concurrency 256, zero latency", 256)
 
 
 def make_docs(path: Path, rows: int) -> Path:
@@ -490,19 +495,9 @@ def scenario_validate(workdir: Path, rows: int | None) -> None:
 
 
 def scenario_embed_memory(workdir: Path, rows: int | None) -> None:
-    small = rows or 20_000
-    large = small * 10
-    runs = []
-    for n in (small, large):
-        data = make_docs(workdir / f"docs-{n}.jsonl", n)
-        runs.append(measured(workdir, batchrun, f"batchrun {n}", data, n, 16, extra=EMBED,
-                             server_opts={"embed_dims": 1024}))
-    s, big = runs
-    body = table(["client", "rows", "exit", "wall s", "rows/s (wall)", "peak RSS MB"],
-                 [[r.label, r.rows, r.rc, r.wall_s, r.rps, r.maxrss_mb] for r in runs])
-    body += f"\n\npeak RSS ratio {large:,} / {small:,} rows: {ratio(big.maxrss_mb, s.maxrss_mb)} " \
-            f"(rows ratio {large // small})"
-    report(f"embed-memory: batchrun embedding {small:,} vs {large:,} rows of dimension 1,024", body, runs)
+    memory_report(workdir, rows or 20_000, make_docs,
+                  "embed-memory: batchrun embedding {small:,} vs {large:,} rows of dimension 1,024", 16,
+                  extra=EMBED, server_opts={"embed_dims": 1024})
 
 
 def source_fingerprint() -> str:
