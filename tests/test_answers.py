@@ -104,3 +104,33 @@ def test_the_request_as_sent_is_kept_when_asked(tmp_path: Path, server: FakeServ
     for row in read_output(tmp_path / "out/result.parquet"):
         assert json.loads(row["request"]) == received[f"p {row['row_index']}"]
         assert json.loads(row["request"])["max_tokens"] == row["row_index"] + 1
+
+
+def test_kill_9_with_choices_logprobs_and_a_schema_loses_and_repeats_no_row(
+        tmp_path: Path, server: FakeServer) -> None:
+    import random
+
+    from tests.conftest import kill_9_during_runs
+
+    schema = {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
+              "required": ["title", "year"]}
+    server.faults = Faults(seed=8, latency_s=0.01, invalid_answer_rate=0.2, error_503_rate=0.02)
+    write_jsonl(tmp_path / "input.jsonl", [{"id": f"q{i}", "prompt": f"book {i}"} for i in range(3000)])
+    spec = write_spec(tmp_path, endpoint="chat", concurrency=16, keep_request=True,
+                      params={"n": 2, "logprobs": True, "top_logprobs": 1, "response_format": {
+                          "type": "json_schema", "json_schema": {"name": "b", "schema": schema}}},
+                      api={"base_url": server.base_url})
+    kill_9_during_runs(spec, server, 2, random.Random(8), 100, 400)
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert [r["row_index"] for r in rows] == list(range(3000))
+    for row in rows:
+        key = request_key({"messages": [{"role": "user", "content": f"book {row['row_index']}"}]})
+        answer = served(server, key, row["response_id"])
+        assert row["parsed"] == json.loads(answer["choices"][0]["message"]["content"])
+        assert [c["text"] for c in row["choices"]] == [c["message"]["content"] for c in answer["choices"]]
+        assert row["logprobs"] == normal(answer["choices"][0]["logprobs"]["content"])
+        assert json.loads(row["request"])["messages"][0]["content"] == f"book {row['row_index']}"
