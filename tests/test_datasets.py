@@ -115,3 +115,24 @@ def test_a_glob_and_a_list_read_as_one_table_and_resume_across_files(tmp_path: P
     result = run_cli("run", str(spec), "--no-progress")
     assert result.code == 2
     assert "content changed" in result.stderr
+
+
+def test_the_template_example_job_runs_and_exports_with_the_mock_endpoint(tmp_path: Path) -> None:
+    import shutil
+
+    from tests.conftest import REPO
+
+    (tmp_path / "jobs").mkdir()
+    shutil.copytree(REPO / "examples" / "data", tmp_path / "examples" / "data")
+    shutil.copy(REPO / "jobs" / "template-example.yaml", tmp_path / "jobs")
+    spec = tmp_path / "jobs" / "template-example.yaml"
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    rows = read_output(tmp_path / "examples/out/questions.parquet")
+    assert len(rows) == 10 and rows[2]["gold"] == "Paris"
+    assert "Question: What is the capital of France?" in rows[2]["output_text"]  # the mock echoes the prompt
+    assert run_cli("export", str(spec), "--format", "sft", str(tmp_path / "train.jsonl")).code == 0
+    samples = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [m["role"] for m in samples[2]["messages"]] == ["system", "user", "assistant"]
