@@ -120,8 +120,14 @@ def _float32_lists(blobs: Sequence[bytes | None]) -> pa.Array:
                                     mask=pa.array([b is None for b in blobs], pa.bool_()))
 
 
-def extra_columns(spec: JobSpec) -> list[ExtraColumn]:
+def extra_columns(spec: JobSpec, asks: Sequence[str] = ()) -> list[ExtraColumn]:
+    """The job's optional columns: those its spec asks for, and `asks`, those its rows ask
+    for themselves (a batch line's `n` or `logprobs`: see `InputReader.asks`)."""
     params = dict(spec.params)
+    if "choices" in asks:
+        params["n"] = max(2, params.get("n") if type(params.get("n")) is int else 2)
+    if "logprobs" in asks and not wants_logprobs(params):
+        params["logprobs"] = True
     columns = []
     if spec.endpoint == "embeddings":
         columns.append(ExtraColumn("embedding", _float32_list, lambda extra, row: None))

@@ -116,6 +116,9 @@ class InputReader:
         # validate() checks every row can be carried; later passes over the same bytes need not
         self._checking = False
         self._fingerprinted = False
+        # Optional output columns the rows ask for themselves ("choices" for n > 1,
+        # "logprobs"), found by validate()
+        self.asks: list[str] = []
 
     def close(self) -> None:
         for f in self.files:
@@ -181,6 +184,7 @@ class InputReader:
                                                    "that name; rename it in the input")
                         kinds.setdefault(field.name, set()).add(schema_kind(field.type))
         count = 0
+        asks: set[str] = set()
         duplicates: list[str] = []
         # Most inputs have no ids: a row's id is then its position, unique by itself, and
         # only ids given in the input go to the table. taken[i]: row i's id is "i".
@@ -194,6 +198,10 @@ class InputReader:
                     seen.update(value_kind(v) for v in values)
                 taken.extend(bytes(len(rows)))
                 given = []
+                if self.template is None:
+                    for row in rows:
+                        if "n" in row.body or "logprobs" in row.body:
+                            asks.update(_asks(row.body))
                 for row in rows:
                     if row.id == str(row.index):
                         taken[row.index] = 1
@@ -224,6 +232,7 @@ class InputReader:
                 f"{self.name}: duplicate row ids: {'; '.join(duplicates[:5])}; "
                 "every id and custom_id must be unique"
             )
+        self.asks = sorted(asks)
         return count, {name: column_kind(k) for name, k in kinds.items()}
 
     # -- streaming ------------------------------------------------------------------------
@@ -440,6 +449,13 @@ class InputReader:
         if wanted == "embeddings" and not self.endpoint:
             raise fail("embeddings go several rows to a request: set endpoint: embeddings in the spec")
         return Row(index, str(row_id), wanted, body, place)
+
+
+def _asks(body: dict[str, Any]) -> set[str]:
+    from ._columns import wants_choices, wants_logprobs
+
+    return {name for name, wanted in (("choices", wants_choices(body)), ("logprobs", wants_logprobs(body)))
+            if wanted}
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from ._client import Client
 from ._columns import extra_columns
 from ._exceptions import (
-    BatchrunError, ConfigError, InputChangedError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
+    BatchrunError, ConfigError, InputChangedError, InputError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
 )
 from ._files import expand_inputs
 from ._inputs import InputReader, Row
@@ -120,7 +120,7 @@ def run_job(
     reader = InputReader(expand_inputs(spec.input), endpoint=spec.endpoint, require_model=spec.model is None,
                          template=template, reserved=[column.name for column in extra_columns(spec)])
     try:
-        store, total, passthrough = _open_state(spec, reader, limit=limit, restart=restart)
+        store, total, passthrough, asks = _open_state(spec, reader, limit=limit, restart=restart)
     except BaseException:
         reader.close()
         raise
@@ -130,7 +130,7 @@ def run_job(
         progress.start(total, settled["ok"] + settled["failed"])
         client = Client(spec, api_key=api_key, transport=transport, base_url=base_url)
         output = OutputWriter(spec.output, store, reader, rows=total, passthrough=passthrough,
-                              extras=extra_columns(spec))
+                              extras=extra_columns(spec, asks))
         pool = _Pool(spec, client, store, output, reader, progress, done, total)
         # anyio leaves the default handlers behind; the caller's must be back for the
         # output writing that follows.
@@ -215,16 +215,18 @@ def _check_free_space(folder: Path) -> None:
 
 
 def _open_state(spec: JobSpec, reader: InputReader, *, limit: int | None,
-                restart: bool) -> tuple[StateStore, int, dict[str, str]]:
+                restart: bool) -> tuple[StateStore, int, dict[str, str], list[str]]:
     """Open (or make) the job's state and check it belongs to this input and spec.
 
     The input is validated in full the first time; a resume whose input digest
-    matches the saved one trusts the saved row count and column types.
+    matches the saved one trusts the saved row count, column types and the optional
+    columns its rows ask for (`InputReader.asks`).
     """
     path = state_path(spec.output)
     if restart:  # checked before anything is discarded: a bad input must not cost the progress
         digest = reader.fingerprint()
         rows, passthrough = reader.validate()
+        asks = reader.asks
     fresh = not path.exists()
     store = StateStore.open(path, discard_damaged=restart)
     try:
@@ -234,19 +236,24 @@ def _open_state(spec: JobSpec, reader: InputReader, *, limit: int | None,
             digest = reader.fingerprint()
             saved = store.meta()
             if saved.get("input_digest") == digest:
-                rows, passthrough = saved["rows"], dict(saved["passthrough"])
+                rows, passthrough, asks = saved["rows"], dict(saved["passthrough"]), saved.get("asks", [])
             else:
                 rows, passthrough = reader.validate()
-        store.claim(
-            # passthrough as pairs: their order is the output's column order
-            {"input_digest": digest, "rows": rows, "passthrough": list(map(list, passthrough.items())),
-             "request": spec.request_config()},
-            spec_name=spec.name,
-        )
+                asks = reader.asks
+        clash = sorted(set(asks) & set(passthrough))
+        if clash:
+            raise InputError(f"{reader.name}: rows ask for {clash[0]}, an output column, and the input has a "
+                             f"column of that name; rename it in the input")
+        # passthrough as pairs: their order is the output's column order
+        meta = {"input_digest": digest, "rows": rows, "passthrough": list(map(list, passthrough.items())),
+                "request": spec.request_config()}
+        if asks:  # only when rows ask: states saved before this key still match
+            meta["asks"] = asks
+        store.claim(meta, spec_name=spec.name)
     except BatchrunError:
         store.close(remove=fresh)
         raise
-    return store, rows if limit is None else min(rows, limit), passthrough
+    return store, rows if limit is None else min(rows, limit), passthrough, asks
 
 
 class _Pool:

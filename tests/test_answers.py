@@ -134,3 +134,24 @@ def test_kill_9_with_choices_logprobs_and_a_schema_loses_and_repeats_no_row(
         assert [c["text"] for c in row["choices"]] == [c["message"]["content"] for c in answer["choices"]]
         assert row["logprobs"] == normal(answer["choices"][0]["logprobs"]["content"])
         assert json.loads(row["request"])["messages"][0]["content"] == f"book {row['row_index']}"
+
+
+def test_batch_lines_asking_for_choices_and_logprobs_get_the_columns(tmp_path: Path, server: FakeServer) -> None:
+    lines = [{"custom_id": f"t{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}],
+                       **({"n": 2, "logprobs": True, "top_logprobs": 1} if i % 2 else {})}} for i in range(10)]
+    write_jsonl(tmp_path / "input.jsonl", lines)
+    spec = write_spec(tmp_path, api={"base_url": server.base_url})  # no params: the lines ask
+
+    assert run_cli("run", str(spec), "--no-progress", "--limit", "4").code == 0
+    result = run_cli("run", str(spec), "--no-progress")  # resumed: the columns are remembered
+
+    assert result.code == 0, result.stderr
+    for row in read_output(tmp_path / "out/result.parquet"):
+        answer = served(server, request_key(lines[row["row_index"]]["body"]), row["response_id"])
+        assert [c["text"] for c in row["choices"]] == [c["message"]["content"] for c in answer["choices"]]
+        if row["row_index"] % 2:
+            assert len(row["choices"]) == 2
+            assert row["logprobs"] == normal(answer["choices"][0]["logprobs"]["content"])
+        else:
+            assert len(row["choices"]) == 1 and row["logprobs"] is None
