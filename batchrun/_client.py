@@ -11,14 +11,14 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
 import httpx
 
 from ._version import __version__
-from ._exceptions import APIError, JobFatalAPIError, RetryableAPIError
+from ._exceptions import APIError, BudgetReached, JobFatalAPIError, RetryableAPIError
 from ._protocol import Result, StreamAssembler, storable_text
 from .endpoints import ENDPOINTS, get_endpoint
 from .endpoints.embeddings import share
@@ -28,6 +28,7 @@ from ._rate import RateLimiter, estimate_tokens
 from ._secrets import Redactor
 from ._spec import JobSpec
 from ._structured import Structure
+from ._pricing import Budget, Price, cost
 from ._transport import AiohttpTransport, AnswerTooLarge, BoundedTransport
 
 ERROR_CHARS = 500  # of an error message, kept in the state and the output
@@ -90,6 +91,8 @@ class Client:
             tokens_per_minute=spec.rate_limit.tokens_per_minute,
         )
         self.requests_sent = 0
+        # The job's budget, with what earlier runs spent: the runner sets it (see `_pricing`)
+        self.budget: Budget | None = None
         schema = spec.answer_schema()
         self._structure = Structure(schema) if schema is not None else None
 
@@ -119,12 +122,44 @@ class Client:
             # Only a tokens-per-minute limit needs the estimate.
             tokens=estimate_tokens(body) if self.limiter.tokens_per_s else 0,
         )
+        price = self.spec.pricing.get(body.get("model")) if self.spec.pricing else None
+        # Re-asks may follow the first answer: all of them are held against the budget.
+        held = self._hold(price, body, len(payload), 1 + (self.spec.retry.max_reasks if self._structure else 0))
         result = await self._settle(row, attempt)
         if self._structure is not None and result.status == "ok":
             result = await self._validated(row, attempt, result)
         if self.spec.keep_request:
             result.extra = {**(result.extra or {}), "request": payload.decode()}
+        self._charge(result, price, held)
         return result
+
+    def _hold(self, price: Price | None, body: Mapping[str, Any], payload_bytes: int, times: int) -> tuple[float, int]:
+        """Reserve a request's worst case against the budget, or raise BudgetReached.
+
+        The worst case of the prompt is the request's size in bytes (no tokenizer makes
+        more tokens than bytes, and the JSON around the text covers a chat template's
+        own tokens); of the completion, max_tokens (or the spec's bound) times n.
+        """
+        if self.budget is None:
+            return 0.0, 0
+        completion = next((body[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")
+                           if type(body.get(k)) is int), self.spec.budget.assume_max_tokens or 0)
+        n = body["n"] if type(body.get("n")) is int and body["n"] > 0 else 1
+        tokens = (payload_bytes + completion * n) * times
+        usd = price.worst(payload_bytes, completion * n) * times if price is not None else 0.0
+        if not self.budget.reserve(usd, tokens):
+            raise BudgetReached(f"the budget is reached: {self.budget.describe()} spent, and the next request "
+                                f"could cost up to ${usd:,.4f} ({tokens:,} tokens) with those in flight. Every "
+                                f"answer is saved; raise the budget in {self.spec.name} and rerun to go on "
+                                "(the spend so far is remembered)")
+        return usd, tokens
+
+    def _charge(self, result: Result, price: Price | None, held: tuple[float, int]) -> None:
+        """The row's cost at its model's price; the budget lets go of its worst case."""
+        if price is not None:
+            result.cost_usd = cost(price, result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+        if self.budget is not None:
+            self.budget.settle(*held, result.cost_usd or 0.0, result.total_tokens or 0)
 
     async def call_group(self, rows: list[Row]) -> list[Result]:
         """Answer rows that go several to a request (embeddings): rows whose other request
@@ -152,7 +187,10 @@ class Client:
         weights = [len(str(row.body["input"])) for row in rows]
         attempt = _Attempt(url=self._urls[endpoint.name], payload=payload, endpoint=endpoint.name, stream=False,
                            tokens=sum(weights) // 4 + len(rows) if self.limiter.tokens_per_s else 0)
+        price = self.spec.pricing.get(body.get("model")) if self.spec.pricing else None
+        held = self._hold(price, {}, len(payload), 1)
         answer = await self._settle(rows[0], attempt)
+        self._charge(answer, price, held)
         attempts = before + attempt.count
         if answer.status != "ok":
             if len(rows) > 1 and _REFUSED.match(answer.error or ""):  # refused for what it holds: find the row
@@ -168,6 +206,7 @@ class Client:
         usage = {name: share(getattr(answer, name), weights) for name in _USAGE}
         return [Result(r.index, r.id, "ok", model=answer.model, response_id=answer.response_id,
                        attempts=attempts, latency_s=answer.latency_s, embedding=vector,
+                       cost_usd=cost(price, usage["prompt_tokens"][i], None, usage["cached_tokens"][i]),
                        **{name: usage[name][i] for name in _USAGE})
                 for i, (r, vector) in enumerate(zip(rows, vectors))]
 

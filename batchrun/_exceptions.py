@@ -11,6 +11,7 @@
     │   ├── JobFatalAPIError       401/403, insufficient quota, every row failing alike
     │   ├── StorageError           the state or output cannot be written (disk full, folder gone)
     │   ├── InputChangedError      the input file was changed in place while the job read it
+    │   ├── BudgetReached          the next request could take the job past its budget
     │   └── Interrupted            a signal asked the job to stop
     └── APIError                   one request failed; the runner turns it into row data
         ├── RetryableAPIError      429, 5xx, timeouts, dropped connections, broken bodies
@@ -24,6 +25,7 @@ from __future__ import annotations
 __all__ = [
     "APIError",
     "BatchrunError",
+    "BudgetReached",
     "ConfigError",
     "InputError",
     "InputChangedError",
@@ -76,6 +78,12 @@ class JobAborted(BatchrunError):
 
     exit_code = 3
     rerun_resumes = True  # False where the message says what must change first
+
+
+class BudgetReached(JobAborted):
+    """The job's budget does not allow the next request; raise it and rerun to go on."""
+
+    rerun_resumes = False  # only with a larger budget: the message says so
 
 
 class JobFatalAPIError(JobAborted):

@@ -22,7 +22,7 @@ import contextlib
 import gc
 import json
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,7 +61,7 @@ ID_FIELDS = ("id", "custom_id")
 OUTPUT_COLUMNS = (
     "row_index id status output_text reasoning_content tool_calls finish_reason model "
     "response_id prompt_tokens completion_tokens total_tokens cached_tokens "
-    "reasoning_tokens attempts latency_s error"
+    "reasoning_tokens cost_usd attempts latency_s error"
 ).split()
 
 _URL_ENDPOINTS = {
@@ -94,13 +94,15 @@ class InputReader:
 
     def __init__(
         self, paths: Path | Sequence[Path], *, endpoint: str | None = None, require_model: bool = False,
-        template: Template | None = None, reserved: Sequence[str] = (), batch_rows: int = 1024,
+        template: Template | None = None, reserved: Sequence[str] = (), priced: Collection[str] | None = None,
+        batch_rows: int = 1024,
     ) -> None:
         paths = [paths] if isinstance(paths, Path) else list(paths)
         self.endpoint = endpoint
         self.require_model = require_model
         self.template = template
         self.request_fields = INPUT_REQUEST_FIELDS if endpoint in INPUT_ENDPOINTS else REQUEST_FIELDS
+        self.priced = priced  # with a budget in USD: the models a row may name
         # The output's columns (the job's optional ones too): an input column must not take a name
         self.reserved = frozenset(OUTPUT_COLUMNS).union(reserved)
         self.batch_rows = batch_rows
@@ -423,6 +425,9 @@ class InputReader:
                  body: dict[str, Any], place: str) -> Row:
         if self.require_model and not body.get("model"):
             raise fail("the row names no model and the spec sets none; add model: to the spec")
+        if self.priced is not None and body.get("model") and body["model"] not in self.priced:
+            raise fail(f"the row's model {body['model']!r} has no price in pricing, and the spec sets "
+                       "budget.max_usd; add its prices")
         wanted = self.endpoint or endpoint
         if endpoint == "input":  # a row with input, which the spec's endpoint takes
             if wanted not in INPUT_ENDPOINTS:

@@ -64,6 +64,7 @@ def result_schema() -> pa.Schema:
             ("total_tokens", int64),
             ("cached_tokens", int64),
             ("reasoning_tokens", int64),
+            ("cost_usd", pa.float64()),
             ("attempts", pa.int32()),
             ("latency_s", pa.float64()),
             ("error", string),

@@ -23,7 +23,7 @@ class Progress:
     def start(self, total: int, settled: int) -> None:
         pass
 
-    def advance(self, ok: int, failed: int, tokens: int) -> None:
+    def advance(self, ok: int, failed: int, tokens: int, cost_usd: float = 0.0) -> None:
         pass
 
     def close(self) -> None:
@@ -39,6 +39,7 @@ class BarProgress(Progress):
         self.bar: tqdm | None = None
         self.tokens = 0
         self.failed = 0
+        self.cost = 0.0  # this run's
 
     def start(self, total: int, settled: int) -> None:
         from tqdm import tqdm  # imported here: only a terminal needs it, and it is slow to load
@@ -46,11 +47,13 @@ class BarProgress(Progress):
         self.bar = tqdm(total=total, initial=settled, unit="row", file=self.stream, dynamic_ncols=True,
                         smoothing=0.1)
 
-    def advance(self, ok: int, failed: int, tokens: int) -> None:
+    def advance(self, ok: int, failed: int, tokens: int, cost_usd: float = 0.0) -> None:
         assert self.bar is not None
         self.tokens += tokens
         self.failed += failed
-        self.bar.set_postfix_str(f"{self.tokens:,} tokens, {self.failed} failed", refresh=False)
+        self.cost += cost_usd
+        cost = f", ${self.cost:,.4f}" if self.cost else ""
+        self.bar.set_postfix_str(f"{self.tokens:,} tokens{cost}, {self.failed} failed", refresh=False)
         self.bar.update(ok + failed)
 
     def close(self) -> None:
@@ -66,12 +69,14 @@ class LogProgress(Progress):
         self.every_s = every_s
         self.clock = clock
         self.total = self.settled = self.failed = self.tokens = self.new = 0
+        self.cost = 0.0  # this run's
 
     def start(self, total: int, settled: int) -> None:
         self.total, self.settled = total, settled
         self.started = self.last = self.clock()
 
-    def advance(self, ok: int, failed: int, tokens: int) -> None:
+    def advance(self, ok: int, failed: int, tokens: int, cost_usd: float = 0.0) -> None:
+        self.cost += cost_usd
         self.settled += ok + failed
         self.new += ok + failed
         self.failed += failed
@@ -86,7 +91,7 @@ class LogProgress(Progress):
         percent = 100 * self.settled / self.total if self.total else 100.0
         print(
             f"batchrun: {self.settled:,}/{self.total:,} rows ({percent:.1f}%), {rate:.1f} rows/s, "
-            f"{self.tokens:,} tokens, {self.failed} failed",
+            f"{self.tokens:,} tokens{f', ${self.cost:,.4f} this run' if self.cost else ''}, {self.failed} failed",
             file=self.stream,
             flush=True,
         )

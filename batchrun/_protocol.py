@@ -55,6 +55,7 @@ class Result:
     total_tokens: int | None = None
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
+    cost_usd: float | None = None  # every answer paid for, at the spec's prices
     attempts: int = 0
     latency_s: float | None = None
     error: str | None = None

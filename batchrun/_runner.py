@@ -28,13 +28,14 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from ._client import Client
 from ._columns import extra_columns
 from ._exceptions import (
-    BatchrunError, ConfigError, InputChangedError, InputError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
+    BatchrunError, BudgetReached, ConfigError, InputChangedError, InputError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
 )
 from ._files import expand_inputs
 from ._inputs import InputReader, Row
 from ._mock import MOCK_BASE_URL, MOCK_SCHEME, mock_transport
 from ._output import ROW_GROUP_ROWS, OutputWriter, load_arrow
 from ._policy import FailureStreak
+from ._pricing import Budget
 from ._progress import NullProgress, Progress
 from ._protocol import Result
 from ._spec import JobSpec, load_spec
@@ -65,6 +66,7 @@ class Summary:
     elapsed_s: float
     output_written: bool
     aborted: str | None = None
+    cost_usd: float | None = None  # with pricing: every answer paid for, over all runs
 
     @property
     def remaining(self) -> int:
@@ -81,6 +83,8 @@ class Summary:
         if self.remaining:
             head += f", {self.remaining:,} remaining"
         tokens = f"{self.total_tokens:,} tokens ({self.prompt_tokens:,} prompt, {self.completion_tokens:,} completion)"
+        if self.cost_usd is not None:
+            tokens += f", ${self.cost_usd:,.4f}"
         tail = f"output: {self.output}" if self.output_written else f"progress saved in {self.state}"
         sent = f"{self.requests:,} request{'' if self.requests == 1 else 's'}"
         return f"{head}; {tokens}; {sent} in {self.elapsed_s:.1f} s; {tail}"
@@ -118,7 +122,8 @@ def run_job(
     # was fingerprinted, even if the file is replaced meanwhile.
     template = Template(spec.template) if spec.template is not None else None
     reader = InputReader(expand_inputs(spec.input), endpoint=spec.endpoint, require_model=spec.model is None,
-                         template=template, reserved=[column.name for column in extra_columns(spec)])
+                         template=template, reserved=[column.name for column in extra_columns(spec)],
+                         priced=spec.pricing if spec.budget.max_usd is not None else None)
     try:
         store, total, passthrough, asks = _open_state(spec, reader, limit=limit, restart=restart)
     except BaseException:
@@ -129,6 +134,10 @@ def run_job(
         settled = store.counts(below=total)
         progress.start(total, settled["ok"] + settled["failed"])
         client = Client(spec, api_key=api_key, transport=transport, base_url=base_url)
+        if spec.budget.is_set:  # what earlier runs spent counts against it
+            spent = store.counts()
+            client.budget = Budget(spec.budget.max_usd, spec.budget.max_tokens,
+                                   spent_usd=spent["cost_usd"] or 0.0, spent_tokens=spent["total_tokens"])
         output = OutputWriter(spec.output, store, reader, rows=total, passthrough=passthrough,
                               extras=extra_columns(spec, asks))
         pool = _Pool(spec, client, store, output, reader, progress, done, total)
@@ -353,7 +362,7 @@ class _Pool:
                     try:
                         answers = [await self.client.call(taken[0])] if self.group == 1 else \
                             await self.client.call_group(taken)
-                    except JobFatalAPIError as exc:
+                    except (JobFatalAPIError, BudgetReached) as exc:
                         self._stop(exc)
                         return
                     # An answer received is paid for: hand it to the writer at once, even
@@ -437,7 +446,7 @@ class _Pool:
             return
         failed = sum(r.status != "ok" for r in group)
         tokens = sum(r.total_tokens or 0 for r in group)
-        self.progress.advance(len(group) - failed, failed, tokens)
+        self.progress.advance(len(group) - failed, failed, tokens, sum(r.cost_usd or 0.0 for r in group))
         for result in group:
             self.settled[result.row_index] = 1
         while self.prefix < self.total and self.settled[self.prefix]:

@@ -22,9 +22,10 @@ import yaml
 
 from ._exceptions import SpecError
 from ._files import INPUT_SUFFIXES
+from ._pricing import Price
 from ._template import TEMPLATE_FIELDS, Template
 
-__all__ = ["ApiSpec", "JobSpec", "RateLimitSpec", "RetrySpec", "load_spec", "parse_spec"]
+__all__ = ["ApiSpec", "BudgetSpec", "JobSpec", "RateLimitSpec", "RetrySpec", "load_spec", "parse_spec"]
 
 DEFAULT_BASE_URL = "https://api.fireworks.ai/inference/v1"
 ENDPOINTS = ("chat", "completions", "responses", "embeddings")
@@ -43,6 +44,18 @@ class RetrySpec:
 class RateLimitSpec:
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    max_usd: float | None = None
+    max_tokens: int | None = None
+    # the worst case of completion tokens for a request that sets no max_tokens
+    assume_max_tokens: int | None = None
+
+    @property
+    def is_set(self) -> bool:
+        return self.max_usd is not None or self.max_tokens is not None
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,8 @@ class JobSpec:
     template: Mapping[str, Any] | None = None  # see `_template`
     keep_request: bool = False  # the body as sent, in a `request` column
     schema: Mapping[str, Any] | None = None  # answers are JSON valid against it: see `_structured`
+    pricing: Mapping[str, Price] = field(default_factory=dict)  # model -> USD per million tokens
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
     source: Path | None = None  # the spec file, for messages
 
     @property
@@ -251,6 +266,43 @@ def _schema(raw: Any, params: dict[str, Any], endpoint: str | None) -> Mapping[s
     return schema
 
 
+def _pricing(raw: Any, base_dir: Path) -> dict[str, Price]:
+    """`pricing:` as a mapping, or the name of a YAML file holding one (shared by many jobs)."""
+    where = "pricing"
+    if isinstance(raw, str):
+        path = base_dir / raw
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SpecError(f"pricing: cannot read {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise SpecError(f"pricing: {path} is not valid YAML: {exc}") from None
+        where = f"pricing ({path})"
+    prices = {}
+    for model, entry in _mapping(raw, where).items():
+        path = f"{where}.{model}"
+        entry = _mapping(entry, path)
+        _check_keys(entry, ("input", "cached_input", "output"), path)
+        if "input" not in entry:
+            raise SpecError(f"{path}.input: required; USD per million input tokens")
+        prices[str(model)] = Price(
+            input=_number(entry, "input", path, None, kind=float, minimum=0),
+            output=_number(entry, "output", path, 0.0, kind=float, minimum=0),
+            cached_input=_number(entry, "cached_input", path, None, kind=float, minimum=0),
+        )
+    return prices
+
+
+def _budget(raw: Any) -> BudgetSpec:
+    budget = _mapping(raw, "budget")
+    _check_keys(budget, _fields(BudgetSpec), "budget")
+    return BudgetSpec(
+        max_usd=_number(budget, "max_usd", "budget", None, kind=float, minimum=0),
+        max_tokens=_number(budget, "max_tokens", "budget", None, kind=int, minimum=0),
+        assume_max_tokens=_number(budget, "assume_max_tokens", "budget", None, kind=int, minimum=1),
+    )
+
+
 def _template(raw: Any, endpoint: str | None) -> Mapping[str, Any] | None:
     if raw is None:
         return None
@@ -331,6 +383,20 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         max_answer_mb=_number(api_raw, "max_answer_mb", "api", ApiSpec.max_answer_mb, kind=float, minimum=0.001),
     )
 
+    pricing = _pricing(top.get("pricing"), base_dir)
+    budget = _budget(top.get("budget"))
+    if budget.max_usd is not None:
+        model = _string(top, "model", "", None)
+        if model is not None and model not in pricing:
+            known = f" (priced: {', '.join(sorted(pricing))})" if pricing else ""
+            raise SpecError(f"budget.max_usd: model {model!r} has no price in pricing{known}; "
+                            "add its prices, USD per million tokens")
+    if budget.is_set and budget.assume_max_tokens is None and not any(
+            k in params for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")) \
+            and endpoint != "embeddings":
+        raise SpecError("budget: the worst case of a request needs its max_tokens: set params.max_tokens, "
+                        "or budget.assume_max_tokens for requests without one")
+
     return JobSpec(
         input=input_paths,
         output=output_path,
@@ -345,5 +411,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         template=_template(top.get("template"), endpoint),
         keep_request=_flag(top, "keep_request", ""),
         schema=schema,
+        pricing=pricing,
+        budget=budget,
         source=source,
     )

@@ -43,9 +43,11 @@ _COLUMNS = ", ".join(RESULT_FIELDS)
 _UPSERT = (
     f"INSERT INTO results ({_COLUMNS}) VALUES ({', '.join('?' * len(RESULT_FIELDS))}) "
     "ON CONFLICT(row_index) DO UPDATE SET "
-    + ", ".join(f"{f} = excluded.{f}" for f in RESULT_FIELDS if f not in ("row_index", "attempts"))
-    # attempts add up over runs: a row that failed before and succeeds now cost both
+    + ", ".join(f"{f} = excluded.{f}" for f in RESULT_FIELDS if f not in ("row_index", "attempts", "cost_usd"))
+    # attempts and cost add up over runs: a row that failed before and succeeds now cost both
     + ", attempts = results.attempts + excluded.attempts"
+    + ", cost_usd = CASE WHEN results.cost_usd IS NULL THEN excluded.cost_usd"
+      " WHEN excluded.cost_usd IS NULL THEN results.cost_usd ELSE results.cost_usd + excluded.cost_usd END"
 )
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -56,7 +58,7 @@ _SCHEMA = (
 
 # Columns added since states were first written: a state without them gets them when
 # a runner opens it (SQLite adds a column without rewriting the table).
-_ADDED = ("extra", "embedding")
+_ADDED = ("extra", "embedding", "cost_usd")
 
 
 _EXTRA = RESULT_FIELDS.index("extra")
@@ -245,14 +247,14 @@ class StateStore:
         """ok, failed, and token sums over rows with row_index < below (all by default)."""
         limit = below if below is not None else 2**62
         # TOTAL, not SUM: a server's absurd usage must not overflow the count (SUM raises).
-        ok, failed, prompt, completion, total = self._db.execute(
+        ok, failed, prompt, completion, total, cost = self._db.execute(
             "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'failed'), 0), "
-            "TOTAL(prompt_tokens), TOTAL(completion_tokens), TOTAL(total_tokens) "
+            "TOTAL(prompt_tokens), TOTAL(completion_tokens), TOTAL(total_tokens), SUM(cost_usd) "
             "FROM results WHERE row_index < ?",
             (limit,),
         ).fetchone()
         return {"ok": ok, "failed": failed, "prompt_tokens": int(prompt), "completion_tokens": int(completion),
-                "total_tokens": int(total)}
+                "total_tokens": int(total), "cost_usd": cost}
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
@@ -317,15 +319,17 @@ def _inspect(db: sqlite3.Connection, path: Path) -> None:
     """Raise StateDamagedError unless `db` is a whole batchrun state."""
     tables = {name: [c[1] for c in db.execute(f"PRAGMA table_info({name})")]
               for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    found = tables.get("results") or []
-    missing = [f for f in RESULT_FIELDS if f not in found]
-    if tables.get("meta") == ["key", "value"] and missing and found == [f for f in RESULT_FIELDS if f not in missing] \
-            and set(missing) <= set(_ADDED):
+    # Columns are read by name, so their order in the table does not matter: a column
+    # added to an older state (ALTER TABLE) comes last there.
+    found = set(tables.get("results") or ())
+    missing = set(RESULT_FIELDS) - found
+    if tables.get("meta") == ["key", "value"] and missing and found and missing <= set(_ADDED) \
+            and found <= set(RESULT_FIELDS):
         with _Transaction(db):
-            for name in missing:
+            for name in sorted(missing, key=RESULT_FIELDS.index):
                 db.execute(f"ALTER TABLE results ADD COLUMN {name}")
-        tables["results"] = list(RESULT_FIELDS)
-    if tables.get("meta") != ["key", "value"] or tables.get("results") != list(RESULT_FIELDS):
+        found = set(RESULT_FIELDS)
+    if tables.get("meta") != ["key", "value"] or found != set(RESULT_FIELDS):
         raise _damaged(path, f"it is a SQLite database, but not a batchrun state (tables: "
                              f"{', '.join(sorted(tables)) or 'none'})")
     problems = [row[0] for row in db.execute("PRAGMA quick_check(5)") if row[0] != "ok"]

@@ -1,0 +1,85 @@
+"""Prices, costs and the job's budget: pure values and arithmetic, no I/O, no clock.
+
+    pricing:                      # USD per million tokens, per model (or a YAML file of this)
+      accounts/fireworks/models/llama-v3p1-8b-instruct: {input: 0.20, cached_input: 0.10, output: 0.20}
+    budget: {max_usd: 25.00, max_tokens: 5000000}
+
+A row's cost is its usage at its model's prices: uncached prompt tokens at `input`,
+cached ones at `cached_input` (else `input`), completion tokens at `output`. The
+budget is kept as the runner goes: a request starts only if the spend so far, plus
+the worst case of every request in flight, plus its own worst case, stays within it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Budget", "Price", "cost"]
+
+PER_TOKEN = 1e-6  # prices are per million tokens
+
+
+@dataclass(frozen=True)
+class Price:
+    input: float
+    output: float = 0.0  # embeddings: input only
+    cached_input: float | None = None
+
+    def worst(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """The most a request of these sizes can cost: no prompt token cached."""
+        return (prompt_tokens * self.input + completion_tokens * self.output) * PER_TOKEN
+
+
+def cost(price: Price | None, prompt_tokens: int | None, completion_tokens: int | None,
+         cached_tokens: int | None) -> float | None:
+    """USD for one answer's usage; None without a price or without any usage."""
+    if price is None or prompt_tokens is None and completion_tokens is None:
+        return None
+    prompt = prompt_tokens or 0
+    cached = min(cached_tokens or 0, prompt)
+    cached_price = price.input if price.cached_input is None else price.cached_input
+    return ((prompt - cached) * price.input + cached * cached_price + (completion_tokens or 0) * price.output) \
+        * PER_TOKEN
+
+
+class Budget:
+    """The job's spend against its limits. `reserve` before a request, `settle` after.
+
+    `spent_*` starts from what earlier runs spent (the state remembers it). Requests in
+    flight are held at their worst case until their answer says what they cost, so
+    the spend can never pass a limit, whatever the answers in flight turn out to be.
+    """
+
+    def __init__(self, max_usd: float | None, max_tokens: int | None, *, spent_usd: float = 0.0,
+                 spent_tokens: int = 0) -> None:
+        self.max_usd = max_usd
+        self.max_tokens = max_tokens
+        self.spent_usd = spent_usd
+        self.spent_tokens = spent_tokens
+        self.held_usd = 0.0
+        self.held_tokens = 0
+
+    def reserve(self, worst_usd: float, worst_tokens: int) -> bool:
+        """Hold a request's worst case if the budget allows it; False if it would not."""
+        if self.max_usd is not None and self.spent_usd + self.held_usd + worst_usd > self.max_usd:
+            return False
+        if self.max_tokens is not None and self.spent_tokens + self.held_tokens + worst_tokens > self.max_tokens:
+            return False
+        self.held_usd += worst_usd
+        self.held_tokens += worst_tokens
+        return True
+
+    def settle(self, worst_usd: float, worst_tokens: int, spent_usd: float, spent_tokens: int) -> None:
+        """A reserved request ended: let go of its worst case, count what it cost."""
+        self.held_usd = max(0.0, self.held_usd - worst_usd)
+        self.held_tokens = max(0, self.held_tokens - worst_tokens)
+        self.spent_usd += spent_usd
+        self.spent_tokens += spent_tokens
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_usd is not None:
+            parts.append(f"${self.spent_usd:,.4f} of budget.max_usd ${self.max_usd:,.2f}")
+        if self.max_tokens is not None:
+            parts.append(f"{self.spent_tokens:,} of budget.max_tokens {self.max_tokens:,} tokens")
+        return " and ".join(parts)

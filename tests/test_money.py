@@ -1,0 +1,111 @@
+"""Money: prices, each row's cost, and a budget the job never goes past."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchrun import SpecError, parse_spec
+from batchrun._pricing import Budget, Price, cost
+from tests.conftest import read_output, run_cli, write_jsonl, write_spec
+from tests.fakeserver import FakeServer, Faults
+
+PRICES = {"test-model": {"input": 2.0, "cached_input": 1.0, "output": 8.0}}
+
+
+def test_cost_counts_cached_tokens_at_their_price() -> None:
+    price = Price(input=2.0, output=8.0, cached_input=1.0)
+    assert cost(price, 1000, 100, 400) == pytest.approx((600 * 2 + 400 * 1 + 100 * 8) / 1e6)
+    assert cost(Price(input=2.0), 1000, None, None) == pytest.approx(2000 / 1e6)  # embeddings
+    assert cost(None, 1000, 100, 0) is None and cost(price, None, None, None) is None
+
+
+def test_a_budget_holds_requests_in_flight_at_their_worst_case() -> None:
+    budget = Budget(1.0, None, spent_usd=0.5)
+    assert budget.reserve(0.3, 10) and not budget.reserve(0.3, 10)  # 0.5 + 0.3 + 0.3 > 1
+    budget.settle(0.3, 10, 0.1, 5)  # it cost less than its worst case
+    assert budget.reserve(0.3, 10) and budget.spent_usd == pytest.approx(0.6)
+    tokens = Budget(None, 100)
+    assert tokens.reserve(0.0, 60) and not tokens.reserve(0.0, 41)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"budget": {"max_usd": 1}, "model": "other"}, "model 'other' has no price in pricing (priced: test-model)"),
+    ({"budget": {"max_usd": 1}, "params": {}}, "set params.max_tokens, or budget.assume_max_tokens"),
+    ({"pricing": {"m": {"output": 1}}}, "pricing.m.input: required"),
+    ({"pricing": {"m": {"input": 1, "ouput": 1}}}, "pricing.m.ouput: unknown key; did you mean output?"),
+    ({"pricing": "missing.yaml"}, "pricing: cannot read"),
+    ({"budget": {"max_dollars": 1}}, "budget.max_dollars: unknown key"),
+])
+def test_money_mistakes_stop_at_the_spec(extra: dict, message: str) -> None:
+    raw = {"input": "a.jsonl", "output": "o.parquet", "model": "test-model", "pricing": PRICES,
+           "params": {"max_tokens": 16}, **extra}
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw, environ={})
+    assert message in str(info.value)
+
+
+def test_pricing_from_a_shared_file(tmp_path: Path) -> None:
+    (tmp_path / "prices.yaml").write_text("test-model: {input: 0.2, output: 0.4}\n")
+    spec = parse_spec({"input": "a.jsonl", "output": "o.parquet", "pricing": "prices.yaml"}, base_dir=tmp_path,
+                      environ={})
+    assert spec.pricing == {"test-model": Price(input=0.2, output=0.4)}
+
+
+def billed(server: FakeServer) -> float:
+    """What the server billed, at PRICES: every answer it sent in full."""
+    price = Price(**PRICES["test-model"])
+    return sum(cost(price, a["usage"]["prompt_tokens"], a["usage"]["completion_tokens"],
+                    a["usage"]["prompt_tokens_details"]["cached_tokens"])
+               for answers in server.answers.values() for a in answers)
+
+
+def test_each_rows_cost_is_its_tokens_at_the_prices(tmp_path: Path, server: FakeServer) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"prompt number {i}"} for i in range(200)])
+    spec = write_spec(tmp_path, pricing=PRICES, params={"max_tokens": 16}, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    for row in rows:
+        assert row["cost_usd"] == pytest.approx(((row["prompt_tokens"] - row["cached_tokens"]) * 2.0
+                                                + row["cached_tokens"] * 1.0 + row["completion_tokens"] * 8.0) / 1e6)
+    total = sum(r["cost_usd"] for r in rows)
+    assert total == pytest.approx(billed(server))
+    assert f"${total:,.4f}" in result.stdout
+
+
+def test_a_budget_stops_the_job_before_it_is_passed_and_a_larger_one_finishes_it(
+        tmp_path: Path, server: FakeServer) -> None:
+    server.faults = Faults(seed=2, error_503_rate=0.05, latency_s=0.005)
+    rows = [{"id": f"r{i}", "prompt": f"prompt number {i}: " + "word " * (i % 9)} for i in range(600)]
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    full = write_spec(tmp_path, name="full.yaml", output="full/result.parquet", pricing=PRICES,
+                      params={"max_tokens": 16}, api={"base_url": server.base_url})
+    assert run_cli("run", str(full), "--no-progress").code == 0
+    job_cost = billed(server)
+    server.reset_stats()
+
+    budget = job_cost / 3
+    spec = write_spec(tmp_path, pricing=PRICES, params={"max_tokens": 16}, concurrency=16,
+                      budget={"max_usd": budget}, api={"base_url": server.base_url})
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 3, result.stderr
+    assert "the budget is reached" in result.stderr and "raise the budget" in result.stderr
+    assert billed(server) <= budget
+    saved = billed(server)
+    assert saved > budget / 2  # it stopped near the budget, not at the first request
+
+    spec = write_spec(tmp_path, pricing=PRICES, params={"max_tokens": 16}, concurrency=16,
+                      budget={"max_usd": job_cost * 2}, api={"base_url": server.base_url})
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["id"] for r in out] == [r["id"] for r in rows]
+    assert all(len(answers) == 1 for answers in server.answers.values())  # every row paid for once
+    assert sum(r["cost_usd"] for r in out) == pytest.approx(billed(server))
+    assert billed(server) > saved
