@@ -3,6 +3,7 @@
 from ._exceptions import (
     APIError,
     BatchrunError,
+    BudgetReached,
     ConfigError,
     InputChangedError,
     InputError,
@@ -29,6 +30,7 @@ __all__ = [
     "ApiSpec",
     "BarProgress",
     "BatchrunError",
+    "BudgetReached",
     "ConfigError",
     "InputChangedError",
     "InputError",

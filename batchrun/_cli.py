@@ -29,6 +29,7 @@ examples:
   batchrun run jobs/example.yaml               run or resume the job
   batchrun run jobs/example.yaml --limit 20    try the first 20 rows only
   batchrun run jobs/example.yaml --restart     discard saved progress, start over
+  batchrun run jobs/example.yaml --retry-failed   also retry rows refused with a 4xx
 
 exit codes: 0 all rows ok, 1 some rows failed, 2 spec/input/config error
 (no request sent), 3 aborted (auth, quota, signal): rerun to resume."""
@@ -62,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--limit", type=_positive, metavar="N", help="settle only the first N input rows")
     run.add_argument("--restart", action="store_true", help="discard the saved progress and start over")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="also retry rows that failed for good (a 4xx, an invalid answer); "
+                          "rows that failed for transient reasons are always retried")
+    run.add_argument("--max-failed-share", type=_share, metavar="SHARE",
+                     help="exit 0 when at most this share of rows failed (0.01 is 1%%); overrides the spec")
 
     status = commands.add_parser(
         "status",
@@ -118,11 +124,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
     summary = run_job(
         args.job,
         limit=args.limit,
         restart=args.restart,
+        retry_failed=args.retry_failed,
+        max_failed_share=args.max_failed_share,
         progress=make_progress(not args.no_progress),
         handle_signals=True,
     )

@@ -63,15 +63,16 @@ class Result:
     # `endpoints.choices`), "parsed", "request".
     extra: dict[str, Any] | None = None
     embedding: bytes | None = None  # float32, little-endian
-    # Not stored: the row failed only for reasons a later attempt may not meet
-    # (timeouts, 5xx, dropped connections), after every retry was spent.
+    # The row failed only for reasons a later attempt may not meet (timeouts, 5xx,
+    # dropped connections) after every retry was spent: a rerun tries it again. A row
+    # failed for good (a 400, an answer invalid after its re-asks) waits for --retry-failed.
     transient: bool = False
     # Not stored: a grouped answer's vectors, one per row, until the client shares them out
     vectors: list[bytes] | None = None
 
 
-RESULT_FIELDS = tuple(name for name in Result.__dataclass_fields__ if name not in ("transient", "vectors"))
-STORED_ONLY = ("extra", "embedding")  # stored, but not output columns as they are
+RESULT_FIELDS = tuple(name for name in Result.__dataclass_fields__ if name != "vectors")
+STORED_ONLY = ("extra", "embedding", "transient")  # stored, but not output columns as they are
 # Every text a server (or its error) fills in; `id` comes from the validated input.
 _TEXT_FIELDS = ("output_text", "reasoning_content", "tool_calls", "finish_reason", "model", "response_id", "error")
 INT64_MAX = 2**63 - 1

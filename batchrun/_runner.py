@@ -67,19 +67,31 @@ class Summary:
     output_written: bool
     aborted: str | None = None
     cost_usd: float | None = None  # with pricing: every answer paid for, over all runs
+    failed_for_good: int = 0  # of `failed`: retried only with --retry-failed
+    max_failed_share: float | None = None  # failed rows up to this share of rows still exit 0
 
     @property
     def remaining(self) -> int:
         return self.rows - self.ok - self.failed
 
     @property
+    def tolerated(self) -> bool:
+        """The failed rows are within max_failed_share."""
+        return self.max_failed_share is not None and self.failed <= self.max_failed_share * self.rows
+
+    @property
     def exit_code(self) -> int:
         if self.aborted or self.remaining:
             return 3
-        return 1 if self.failed else 0
+        return 1 if self.failed and not self.tolerated else 0
 
     def line(self) -> str:
         head = f"{self.rows:,} rows: {self.ok:,} ok, {self.failed:,} failed"
+        if self.failed:
+            again = self.failed - self.failed_for_good
+            parts = ([f"{again:,} retried by a rerun"] if again else []) + (
+                [f"{self.failed_for_good:,} only with --retry-failed"] if self.failed_for_good else [])
+            head += f" ({', '.join(parts)}{'; within max_failed_share' if self.tolerated else ''})"
         if self.remaining:
             head += f", {self.remaining:,} remaining"
         tokens = f"{self.total_tokens:,} tokens ({self.prompt_tokens:,} prompt, {self.completion_tokens:,} completion)"
@@ -95,6 +107,8 @@ def run_job(
     *,
     limit: int | None = None,
     restart: bool = False,
+    retry_failed: bool = False,
+    max_failed_share: float | None = None,
     progress: Progress | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     environ: Mapping[str, str] | None = None,
@@ -106,6 +120,10 @@ def run_job(
     UsageError (exit 2) before any request for a bad spec, input, key or state, and
     JobAborted (exit 3, with `.summary`) when the job stopped early: its progress
     is saved and the same call resumes it.
+
+    A resumed job redoes rows that failed for transient reasons (retries spent on 5xx,
+    timeouts); rows failed for good (a 4xx, an invalid answer) only with `retry_failed`.
+    `max_failed_share` (else the spec's) lets that share of failed rows exit 0.
     """
     started = time.monotonic()
     spec = job if isinstance(job, JobSpec) else load_spec(job)
@@ -130,9 +148,8 @@ def run_job(
         reader.close()
         raise
     try:
-        done = store.ok_rows(total)
-        settled = store.counts(below=total)
-        progress.start(total, settled["ok"] + settled["failed"])
+        done = store.ok_rows(total, retry_failed=retry_failed)
+        progress.start(total, done.count(1))
         client = Client(spec, api_key=api_key, transport=transport, base_url=base_url)
         if spec.budget.is_set:  # what earlier runs spent counts against it
             spent = store.counts()
@@ -174,6 +191,7 @@ def run_job(
         elapsed_s=time.monotonic() - started,
         output_written=written,
         aborted=str(pool.aborted) if pool.aborted else None,
+        max_failed_share=spec.max_failed_share if max_failed_share is None else max_failed_share,
         **counts,
     )
     if pool.aborted is not None:

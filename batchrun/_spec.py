@@ -87,6 +87,7 @@ class JobSpec:
     schema: Mapping[str, Any] | None = None  # answers are JSON valid against it: see `_structured`
     pricing: Mapping[str, Price] = field(default_factory=dict)  # model -> USD per million tokens
     budget: BudgetSpec = field(default_factory=BudgetSpec)
+    max_failed_share: float | None = None  # failed rows up to this share of all rows: exit 0
     source: Path | None = None  # the spec file, for messages
 
     @property
@@ -266,6 +267,13 @@ def _schema(raw: Any, params: dict[str, Any], endpoint: str | None) -> Mapping[s
     return schema
 
 
+def _share(raw: Mapping[str, Any], key: str) -> float | None:
+    value = _number(raw, key, "", None, kind=float, minimum=0)
+    if value is not None and value > 1:
+        raise SpecError(f"{key}: expected a share between 0 and 1 (0.01 is 1 %), got {value!r}")
+    return value
+
+
 def _pricing(raw: Any, base_dir: Path) -> dict[str, Price]:
     """`pricing:` as a mapping, or the name of a YAML file holding one (shared by many jobs)."""
     where = "pricing"
@@ -413,5 +421,6 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         schema=schema,
         pricing=pricing,
         budget=budget,
+        max_failed_share=_share(top, "max_failed_share"),
         source=source,
     )

@@ -58,7 +58,7 @@ _SCHEMA = (
 
 # Columns added since states were first written: a state without them gets them when
 # a runner opens it (SQLite adds a column without rewriting the table).
-_ADDED = ("extra", "embedding", "cost_usd")
+_ADDED = ("extra", "embedding", "cost_usd", "transient")
 
 
 _EXTRA = RESULT_FIELDS.index("extra")
@@ -223,10 +223,13 @@ class StateStore:
             return f"restoring it failed ({exc}), so the progress it held is lost; stopping"
         return "batchrun wrote every answer saved so far back to it; stopping. Rerun to resume"
 
-    def ok_rows(self, size: int) -> bytearray:
-        """A byte per row index, 1 where the row is settled ok: small even for millions."""
+    def ok_rows(self, size: int, *, retry_failed: bool = False) -> bytearray:
+        """A byte per row index, 1 where the row is settled and stays so: ok, or failed for
+        good (unless `retry_failed`). Small even for millions. A row failed for reasons a
+        later attempt may not meet (or saved before batchrun told them apart) is redone."""
         done = bytearray(size)
-        for (index,) in self._db.execute("SELECT row_index FROM results WHERE status = 'ok'"):
+        kept = "status = 'ok'" if retry_failed else "status = 'ok' OR transient = 0"
+        for (index,) in self._db.execute(f"SELECT row_index FROM results WHERE {kept}"):
             if index < size:
                 done[index] = 1
         return done
@@ -247,14 +250,15 @@ class StateStore:
         """ok, failed, and token sums over rows with row_index < below (all by default)."""
         limit = below if below is not None else 2**62
         # TOTAL, not SUM: a server's absurd usage must not overflow the count (SUM raises).
-        ok, failed, prompt, completion, total, cost = self._db.execute(
+        ok, failed, for_good, prompt, completion, total, cost = self._db.execute(
             "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'failed'), 0), "
+            "COALESCE(SUM(status = 'failed' AND transient = 0), 0), "
             "TOTAL(prompt_tokens), TOTAL(completion_tokens), TOTAL(total_tokens), SUM(cost_usd) "
             "FROM results WHERE row_index < ?",
             (limit,),
         ).fetchone()
-        return {"ok": ok, "failed": failed, "prompt_tokens": int(prompt), "completion_tokens": int(completion),
-                "total_tokens": int(total), "cost_usd": cost}
+        return {"ok": ok, "failed": failed, "failed_for_good": for_good, "prompt_tokens": int(prompt),
+                "completion_tokens": int(completion), "total_tokens": int(total), "cost_usd": cost}
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

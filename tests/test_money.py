@@ -109,3 +109,43 @@ def test_a_budget_stops_the_job_before_it_is_passed_and_a_larger_one_finishes_it
     assert all(len(answers) == 1 for answers in server.answers.values())  # every row paid for once
     assert sum(r["cost_usd"] for r in out) == pytest.approx(billed(server))
     assert billed(server) > saved
+
+
+def test_rows_failed_for_good_wait_for_retry_failed_and_transient_ones_do_not(
+        tmp_path: Path, server: FakeServer) -> None:
+    from tests.fakeserver import error_body
+
+    def refuse(body: dict) -> tuple[int, dict] | None:
+        number = int(body["prompt"].split()[-1])
+        if number % 10 == 3:
+            return 400, error_body("not allowed", "invalid_request_error", "bad")
+        if number == 5 and server.faults.seed == 1:
+            return 503, error_body("busy", "server_error", "busy")
+        return None
+
+    server.faults = Faults(seed=1, status_for=refuse)
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"prompt {i}"} for i in range(100)])
+    spec = write_spec(tmp_path, retry={"max_attempts": 2, "backoff_initial_s": 0.01},
+                      api={"base_url": server.base_url})
+    first = run_cli("run", str(spec), "--no-progress")
+    assert first.code == 1
+    assert "11 failed (1 retried by a rerun, 10 only with --retry-failed)" in first.stdout
+
+    server.faults = Faults(seed=2, status_for=refuse)  # the 503 is gone; the 400s stay
+    server.reset_stats()
+    nightly = run_cli("run", str(spec), "--no-progress")
+    assert nightly.code == 1
+    assert [r.body["prompt"] for r in server.requests] == ["prompt 5"]  # only the transient one
+    assert "10 failed (10 only with --retry-failed)" in nightly.stdout
+
+    server.reset_stats()
+    again = run_cli("run", str(spec), "--no-progress")
+    assert again.code == 1 and server.requests == []  # nothing to send
+    assert run_cli("run", str(spec), "--no-progress", "--max-failed-share", "0.1").code == 0
+    assert run_cli("run", str(spec), "--no-progress", "--max-failed-share", "0.05").code == 1
+
+    retried = run_cli("run", str(spec), "--no-progress", "--retry-failed")
+    assert retried.code == 1
+    assert sorted(r.body["prompt"] for r in server.requests) == sorted(f"prompt {i}" for i in range(3, 100, 10))
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert [r["attempts"] for r in rows if r["status"] == "failed"] == [2] * 10  # one per run that sent it
