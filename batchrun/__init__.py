@@ -21,6 +21,7 @@ from ._exceptions import (
 from ._progress import BarProgress, LogProgress, NullProgress, Progress
 from ._runner import Summary, run_job
 from ._spec import ApiSpec, JobSpec, RetrySpec, load_spec, parse_spec
+from ._status import job_status
 
 from ._version import __version__
 
@@ -50,6 +51,7 @@ __all__ = [
     "StorageError",
     "Summary",
     "UsageError",
+    "job_status",
     "load_spec",
     "parse_spec",
     "run_job",

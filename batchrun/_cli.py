@@ -7,18 +7,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from ._exceptions import Interrupted, JobAborted, UsageError
 from ._export import export_job
 from ._progress import make_progress
 from ._runner import run_job
 from ._spec import load_spec
-from ._lock import lock_holder
-from ._state import StateStore, state_path
+from ._status import job_status
 
 __all__ = ["main"]
 
@@ -43,8 +44,9 @@ examples:
 Reads the finished output (and the input, for the requests); sends no request."""
 
 STATUS_EXAMPLE = """\
-example:
-  batchrun status jobs/example.yaml"""
+examples:
+  batchrun status jobs/example.yaml
+  batchrun status jobs/example.yaml --json | jq .remaining"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     status.add_argument("job", metavar="JOB", help="the job spec (YAML)")
+    status.add_argument("--json", action="store_true", help="one line of JSON (as the status file beside the output)")
 
     export = commands.add_parser(
         "export", help="write a finished job's answers as a fine-tuning set or OpenAI Batch API files",
@@ -153,27 +156,24 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    spec = load_spec(args.job)
-    path = state_path(spec.output)
-    try:
-        store = StateStore.open(path, lock=False)
-    except FileNotFoundError:
-        print(f"{spec.name}: not started (no state at {path})")
+    data = job_status(load_spec(args.job))
+    if args.json:
+        print(json.dumps(data))  # one line: a scheduler's XCom takes the last line of output
         return 0
-    try:
-        meta, counts = store.meta(), store.counts()
-    finally:
-        store.close()
-    rows = meta.get("rows", 0)
-    remaining = rows - counts["ok"] - counts["failed"]
-    holder = lock_holder(path)
-    state = f"running (pid {holder})" if holder else ("finished" if remaining == 0 else "stopped")
-    print(f"{spec.name}: {state}")
-    print(f"  rows       {rows:,}")
-    print(f"  ok         {counts['ok']:,}")
-    print(f"  failed     {counts['failed']:,}")
-    print(f"  remaining  {remaining:,}")
-    print(f"  tokens     {counts['total_tokens']:,} ({counts['prompt_tokens']:,} prompt, "
-          f"{counts['completion_tokens']:,} completion)")
-    print(f"  output     {spec.output}{'' if spec.output.exists() else ' (not written yet)'}")
+    print(f"{data['job']}: {data['state']}" + (f" (pid {data['pid']})" if data["state"] == "running" else "")
+          + (f": {data['reason']}" if data.get("reason") else ""))
+    if data["state"] == "not started":
+        return 0
+    print(f"  rows       {data['rows']:,}")
+    print(f"  ok         {data['ok']:,}")
+    print(f"  failed     {data['failed']:,}" + (f" ({data['failed_for_good']:,} only with --retry-failed)"
+                                                if data["failed_for_good"] else ""))
+    print(f"  remaining  {data['remaining']:,}")
+    print(f"  tokens     {data['total_tokens']:,} ({data['prompt_tokens']:,} prompt, "
+          f"{data['completion_tokens']:,} completion)")
+    if data.get("cost_usd") is not None:
+        print(f"  cost       ${data['cost_usd']:,.4f}")
+    if data.get("exit_code") is not None:
+        print(f"  exit code  {data['exit_code']} (the last run's)")
+    print(f"  output     {data['output']}{'' if Path(data['output']).exists() else ' (not written yet)'}")
     return 0

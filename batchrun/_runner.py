@@ -39,7 +39,8 @@ from ._pricing import Budget
 from ._progress import NullProgress, Progress
 from ._protocol import Result
 from ._spec import JobSpec, load_spec
-from ._state import StateStore, state_path
+from ._state import FAILED, FAILED_FOR_GOOD, OK, StateStore, done_rows, state_path
+from ._status import EVERY_S, StatusFile, status_path
 from ._template import Template
 from .endpoints import get_endpoint
 
@@ -142,14 +143,21 @@ def run_job(
     reader = InputReader(expand_inputs(spec.input), endpoint=spec.endpoint, require_model=spec.model is None,
                          template=template, reserved=[column.name for column in extra_columns(spec)],
                          priced=spec.pricing if spec.budget.max_usd is not None else None)
+    status = StatusFile(status_path(spec.output), job=spec.name, output=spec.output, rows=0)
     try:
         store, total, passthrough, asks = _open_state(spec, reader, limit=limit, restart=restart)
-    except BaseException:
+    except BaseException as exc:
         reader.close()
+        if getattr(exc, "held_lock", False):
+            # This run held the lock of a job that had begun: the status is its to write
+            # (never a running job's, nor one for a job that never began)
+            status.stopped(str(exc), exc.exit_code)  # type: ignore[attr-defined]
         raise
     try:
-        done = store.ok_rows(total, retry_failed=retry_failed)
+        states = store.row_states(total)
+        done = done_rows(states, retry_failed=retry_failed)
         progress.start(total, done.count(1))
+        status.fixed["rows"] = total
         client = Client(spec, api_key=api_key, transport=transport, base_url=base_url)
         if spec.budget.is_set:  # what earlier runs spent counts against it
             spent = store.counts()
@@ -158,6 +166,7 @@ def run_job(
         output = OutputWriter(spec.output, store, reader, rows=total, passthrough=passthrough,
                               extras=extra_columns(spec, asks))
         pool = _Pool(spec, client, store, output, reader, progress, done, total)
+        pool.status, pool.states, pool.totals = status, states, store.counts(below=total)
         # anyio leaves the default handlers behind; the caller's must be back for the
         # output writing that follows.
         saved_handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -194,6 +203,8 @@ def run_job(
         max_failed_share=spec.max_failed_share if max_failed_share is None else max_failed_share,
         **counts,
     )
+    status.write(counts, requests=client.requests_sent, state="finished" if written else "stopped",
+                 reason=summary.aborted, exit_code=summary.exit_code)
     if pool.aborted is not None:
         pool.aborted.summary = summary  # type: ignore[attr-defined]
         raise pool.aborted
@@ -277,8 +288,10 @@ def _open_state(spec: JobSpec, reader: InputReader, *, limit: int | None,
         if asks:  # only when rows ask: states saved before this key still match
             meta["asks"] = asks
         store.claim(meta, spec_name=spec.name)
-    except BatchrunError:
+    except BatchrunError as exc:
         store.close(remove=fresh)
+        # A job that never began leaves nothing behind; one that did gets its status updated
+        exc.held_lock = not fresh  # type: ignore[attr-defined]
         raise
     return store, rows if limit is None else min(rows, limit), passthrough, asks
 
@@ -332,6 +345,7 @@ class _Pool:
             async with anyio.create_task_group() as outer:
                 if handle_signals:
                     outer.start_soon(self._watch_signals)
+                outer.start_soon(self._report)
                 async with anyio.create_task_group() as saving:
                     saving.start_soon(self._write, results_receive, due_send)
                     saving.start_soon(self._publish, due_receive)
@@ -462,6 +476,7 @@ class _Pool:
             self.state_failed = True
             self._stop(exc)
             return
+        self._count(group)
         failed = sum(r.status != "ok" for r in group)
         tokens = sum(r.total_tokens or 0 for r in group)
         self.progress.advance(len(group) - failed, failed, tokens, sum(r.cost_usd or 0.0 for r in group))
@@ -491,6 +506,31 @@ class _Pool:
                 except (StorageError, InputChangedError) as exc:
                     self.output_failed = True
                     self._stop(exc)
+
+    # -- status ------------------------------------------------------------------------
+
+    async def _report(self) -> None:
+        """The status file: now, then every EVERY_S seconds until the run ends."""
+        while True:
+            self.status.write(self.counts(), requests=self.client.requests_sent)
+            await anyio.sleep(EVERY_S)
+
+    def counts(self) -> dict[str, object]:
+        """The state's counts as of the last commit, without asking the state."""
+        states = self.states
+        for_good = states.count(FAILED_FOR_GOOD)
+        return {**self.totals, "ok": states.count(OK), "failed": states.count(FAILED) + for_good,
+                "failed_for_good": for_good}
+
+    def _count(self, group: list[Result]) -> None:
+        totals = self.totals
+        for result in group:
+            self.states[result.row_index] = OK if result.status == "ok" else (
+                FAILED if result.transient else FAILED_FOR_GOOD)
+            for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                totals[name] += getattr(result, name) or 0
+            if result.cost_usd is not None:
+                totals["cost_usd"] = (totals["cost_usd"] or 0.0) + result.cost_usd
 
     # -- signals -----------------------------------------------------------------------
 

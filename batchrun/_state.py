@@ -72,6 +72,18 @@ def _stored(result: Result) -> tuple[Any, ...]:
     return (*row[:_EXTRA], json.dumps(result.extra, ensure_ascii=False), *row[_EXTRA + 1:])
 
 
+OK, FAILED, FAILED_FOR_GOOD = 1, 2, 3  # a row's state, as `row_states` gives it
+
+
+def done_rows(states: bytearray, *, retry_failed: bool = False) -> bytearray:
+    """1 for every row a run leaves alone (see `StateStore.ok_rows`)."""
+    table = bytearray(256)
+    table[OK] = 1
+    if not retry_failed:
+        table[FAILED_FOR_GOOD] = 1
+    return states.translate(table)
+
+
 def state_path(output: Path) -> Path:
     return output.with_name(output.stem + ".batchrun.sqlite")
 
@@ -223,16 +235,20 @@ class StateStore:
             return f"restoring it failed ({exc}), so the progress it held is lost; stopping"
         return "batchrun wrote every answer saved so far back to it; stopping. Rerun to resume"
 
+    def row_states(self, size: int) -> bytearray:
+        """A byte per row index (small even for millions): 0 not settled, then OK, FAILED
+        (for a reason a later attempt may not meet, or saved before batchrun told them
+        apart) or FAILED_FOR_GOOD (a 4xx, an answer invalid after its re-asks)."""
+        states = bytearray(size)
+        for index, status, transient in self._db.execute("SELECT row_index, status, transient FROM results"):
+            if index < size:
+                states[index] = OK if status == "ok" else FAILED_FOR_GOOD if transient == 0 else FAILED
+        return states
+
     def ok_rows(self, size: int, *, retry_failed: bool = False) -> bytearray:
         """A byte per row index, 1 where the row is settled and stays so: ok, or failed for
-        good (unless `retry_failed`). Small even for millions. A row failed for reasons a
-        later attempt may not meet (or saved before batchrun told them apart) is redone."""
-        done = bytearray(size)
-        kept = "status = 'ok'" if retry_failed else "status = 'ok' OR transient = 0"
-        for (index,) in self._db.execute(f"SELECT row_index FROM results WHERE {kept}"):
-            if index < size:
-                done[index] = 1
-        return done
+        good (unless `retry_failed`). A row failed for a transient reason is redone."""
+        return done_rows(self.row_states(size), retry_failed=retry_failed)
 
     def results(self, start: int, stop: int) -> list[tuple[Any, ...]]:
         """Committed result tuples (in RESULT_FIELDS order) for row_index in [start, stop).

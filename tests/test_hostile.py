@@ -315,7 +315,8 @@ def test_files_that_hold_answers_are_private_whatever_the_umask(tmp_path: Path, 
     assert proc.returncode == 0, proc.stderr
     folder = tmp_path / "made/by/batchrun"
     modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
-    assert modes == {"result.parquet": 0o600, "result.batchrun.sqlite": 0o600, "result.batchrun.sqlite.lock": 0o600}
+    assert modes == {"result.parquet": 0o600, "result.batchrun.sqlite": 0o600, "result.batchrun.sqlite.lock": 0o600,
+                     "result.status.json": 0o600}
     assert folder.stat().st_mode & 0o777 == 0o700  # the -wal and -shm: tests/test_state.py
 
 
