@@ -8,6 +8,7 @@ Result) or a JobFatalAPIError (raised: the job must stop).
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from ._protocol import Result, StreamAssembler, storable_text
 from .endpoints import ENDPOINTS, get_endpoint
 from .endpoints.embeddings import share
 from ._inputs import Row
+from ._network import proxy_for, ssl_context
 from ._policy import classify, retrying
 from ._rate import RateLimiter, estimate_tokens
 from ._secrets import Redactor
@@ -64,17 +66,22 @@ class Client:
         transport: httpx.AsyncBaseTransport | None = None,
         base_url: str | None = None,
         sleep: Callable[[float], Any] = anyio.sleep,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.spec = spec
         self._redact = Redactor(api_key)
         # Every answer arrives read in full, within timeout_s and max_answer_mb: the
         # bounds are the transport's, so the client adds no clock of its own to each request.
         bounds = {"timeout_s": spec.api.timeout_s, "max_answer_bytes": spec.api.max_answer_bytes}
-        self._transport = (
-            BoundedTransport(transport, **bounds) if transport
-            else AiohttpTransport(max_connections=spec.concurrency, **bounds)
-        )
-        base = httpx.URL((base_url or spec.api.base_url).rstrip("/"))
+        url = (base_url or spec.api.base_url).rstrip("/")
+        if transport:
+            self._transport: httpx.AsyncBaseTransport = BoundedTransport(transport, **bounds)
+        else:
+            env = os.environ if environ is None else environ
+            https = url.startswith("https://")
+            self._transport = AiohttpTransport(max_connections=spec.concurrency, proxy=proxy_for(url, env),
+                                               ssl_context=ssl_context(env) if https else False, **bounds)
+        base = httpx.URL(url)
         self._urls = {name: httpx.URL(str(base) + endpoint.path) for name, endpoint in ENDPOINTS.items()}
         headers = [
             ("host", base.netloc.decode("ascii")),

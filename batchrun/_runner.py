@@ -33,6 +33,7 @@ from ._exceptions import (
 from ._files import expand_inputs
 from ._inputs import InputReader, Row
 from ._mock import MOCK_BASE_URL, MOCK_SCHEME, mock_transport
+from ._network import check_key_route, proxy_for
 from ._output import ROW_GROUP_ROWS, OutputWriter, load_arrow
 from ._policy import FailureStreak
 from ._pricing import Budget
@@ -131,6 +132,9 @@ def run_job(
     env = os.environ if environ is None else environ
     progress = progress or NullProgress()
     api_key = _api_key(spec, env)
+    check_key_route(spec.api.base_url, has_key=api_key is not None, allowed=spec.api.allow_insecure_http,
+                    spec_name=spec.name)
+    proxy_for(spec.api.base_url, env)  # a proxy batchrun cannot use is said now, before any state
     base_url = None
     if spec.api.base_url.startswith(MOCK_SCHEME):
         transport, base_url = transport or mock_transport(), MOCK_BASE_URL
@@ -158,7 +162,7 @@ def run_job(
         done = done_rows(states, retry_failed=retry_failed)
         progress.start(total, done.count(1))
         status.fixed["rows"] = total
-        client = Client(spec, api_key=api_key, transport=transport, base_url=base_url)
+        client = Client(spec, api_key=api_key, transport=transport, base_url=base_url, environ=env)
         if spec.budget.is_set:  # what earlier runs spent counts against it
             spent = store.counts()
             client.budget = Budget(spec.budget.max_usd, spec.budget.max_tokens,

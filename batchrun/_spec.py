@@ -64,6 +64,7 @@ class ApiSpec:
     api_key_env: str = "OPENAI_API_KEY"
     timeout_s: float = 300.0
     max_answer_mb: float = 32.0  # one answer, decoded; past it the attempt fails
+    allow_insecure_http: bool = False  # a key over plain http:// to another machine
 
     @property
     def max_answer_bytes(self) -> int:
@@ -231,6 +232,16 @@ def _check_json(value: Any, path: str) -> None:
         raise SpecError(f"{path}: cannot be sent as JSON ({exc}); quote dates, and use no .nan or .inf") from None
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _not_a_url(value: str, key: str) -> None:
+    """`output: s3://b/x.parquet` would otherwise be a local folder named `s3:`."""
+    if _URL.match(value):
+        raise SpecError(f"{key}: {value!r} is a URL; batchrun reads and writes local files only (object storage "
+                        "is not supported yet): copy it to a local path")
+
+
 def _input(raw: Any, base_dir: Path) -> tuple[Path, ...]:
     """A file, a glob, or a list of them; globs are expanded when the job runs."""
     items = raw if isinstance(raw, list) else [raw]
@@ -238,6 +249,7 @@ def _input(raw: Any, base_dir: Path) -> tuple[Path, ...]:
         raise SpecError(f"input: expected a file, a glob or a list of them, got {raw!r}")
     paths = []
     for item in items:
+        _not_a_url(item, "input")
         if not glob.has_magic(item) and not item.endswith(INPUT_SUFFIXES):
             raise SpecError(f"input: {item!r} must end in {', '.join(INPUT_SUFFIXES[:-1])} or {INPUT_SUFFIXES[-1]}")
         paths.append(Path(os.path.abspath(base_dir / item)))
@@ -353,6 +365,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
             raise SpecError(f"{key}: required; name the {key} file")
 
     input_paths = _input(top["input"], base_dir)
+    _not_a_url(str(top["output"]), "output")
     output_path = Path(os.path.abspath(base_dir / str(top["output"])))
     if output_path.suffix != ".parquet":
         raise SpecError(f"output: {top['output']!r} must end in .parquet")
@@ -389,6 +402,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         api_key_env=_string(api_raw, "api_key_env", "api", ApiSpec.api_key_env),
         timeout_s=_number(api_raw, "timeout_s", "api", ApiSpec.timeout_s, kind=float, minimum=0.001),
         max_answer_mb=_number(api_raw, "max_answer_mb", "api", ApiSpec.max_answer_mb, kind=float, minimum=0.001),
+        allow_insecure_http=_flag(api_raw, "allow_insecure_http", "api"),
     )
 
     pricing = _pricing(top.get("pricing"), base_dir)

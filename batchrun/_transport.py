@@ -17,6 +17,7 @@ its server back.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import zlib
 from collections.abc import Iterable
 
@@ -148,7 +149,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     """
 
     def __init__(self, *, max_connections: int, timeout_s: float | None = None,
-                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES, proxy: str | None = None,
+                 ssl_context: ssl.SSLContext | bool | None = None) -> None:
+        self._proxy = proxy  # every request goes through it (see `_network.proxy_for`)
+        self._ssl = ssl_context  # None: aiohttp's default; False: plain http only, no CAs to load
         self._max_connections = max_connections
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._max_answer_bytes = max_answer_bytes
@@ -157,7 +161,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     def _open(self) -> aiohttp.ClientSession:
         # Made on first use: a session belongs to the running event loop.
-        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300,
+                                         ssl=True if self._ssl is None else self._ssl)
         self._session = aiohttp.ClientSession(
             connector=connector,
             # httpx decodes content-encoding itself; decoding twice would corrupt bodies.
@@ -187,6 +192,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 data=request.read(),
                 headers=request.headers.multi_items(),
                 allow_redirects=False,
+                proxy=self._proxy,
             ) as response:
                 body = _Body(response.headers.get("content-encoding"), self._max_answer_bytes, request)
                 await self._read(response, body)
