@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ._exceptions import Interrupted, JobAborted, UsageError
 from ._export import export_job
+from ._plan import plan_job
 from ._progress import make_progress
 from ._runner import run_job
 from ._spec import load_spec
@@ -34,6 +35,15 @@ examples:
 
 exit codes: 0 all rows ok, 1 some rows failed, 2 spec/input/config error
 (no request sent), 3 aborted (auth, quota, signal): rerun to resume."""
+
+PLAN_EXAMPLE = """\
+examples:
+  batchrun plan jobs/example.yaml
+  batchrun plan jobs/example.yaml --json | jq .cost_usd_max
+
+Validates the spec and every row, counts what a run (or a resumed run) would send: rows,
+requests, prompt tokens, worst-case and expected completion tokens, cost at the spec's
+prices and duration at its rate limits and concurrency. Sends no request."""
 
 EXPORT_EXAMPLE = """\
 examples:
@@ -80,6 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("job", metavar="JOB", help="the job spec (YAML)")
     status.add_argument("--json", action="store_true", help="one line of JSON (as the status file beside the output)")
 
+    plan = commands.add_parser(
+        "plan", help="what a run would send and could cost, sending nothing",
+        epilog=PLAN_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("job", metavar="JOB", help="the job spec (YAML)")
+    plan.add_argument("--json", action="store_true", help="one line of JSON")
+
     export = commands.add_parser(
         "export", help="write a finished job's answers as a fine-tuning set or OpenAI Batch API files",
         epilog=EXPORT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -98,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
-        return {"run": _run, "status": _status, "export": _export}[args.command](args)
+        return {"run": _run, "status": _status, "export": _export, "plan": _plan}[args.command](args)
     except UsageError as exc:
         print(f"batchrun: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -146,6 +163,12 @@ def _run(args: argparse.Namespace) -> int:
     )
     print(f"batchrun: {summary.line()}")
     return summary.exit_code
+
+
+def _plan(args: argparse.Namespace) -> int:
+    plan = plan_job(args.job)
+    print(json.dumps(plan.as_dict()) if args.json else plan.text())
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -89,6 +89,7 @@ class JobSpec:
     pricing: Mapping[str, Price] = field(default_factory=dict)  # model -> USD per million tokens
     budget: BudgetSpec = field(default_factory=BudgetSpec)
     max_failed_share: float | None = None  # failed rows up to this share of all rows: exit 0
+    tokenizer: Path | None = None  # a Hugging Face tokenizer.json, for `batchrun plan`
     source: Path | None = None  # the spec file, for messages
 
     @property
@@ -436,5 +437,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         pricing=pricing,
         budget=budget,
         max_failed_share=_share(top, "max_failed_share"),
+        tokenizer=Path(os.path.abspath(base_dir / tokenizer)) if (tokenizer := _string(top, "tokenizer", "", None))
+        else None,
         source=source,
     )

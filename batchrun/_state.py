@@ -276,6 +276,12 @@ class StateStore:
         return {"ok": ok, "failed": failed, "failed_for_good": for_good, "prompt_tokens": int(prompt),
                 "completion_tokens": int(completion), "total_tokens": int(total), "cost_usd": cost}
 
+    def means(self) -> tuple[float | None, float | None]:
+        """Mean completion tokens and mean latency of the rows answered ok so far."""
+        completion, latency = self._db.execute(
+            "SELECT AVG(completion_tokens), AVG(latency_s) FROM results WHERE status = 'ok'").fetchone()
+        return completion, latency
+
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 

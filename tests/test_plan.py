@@ -1,0 +1,85 @@
+"""`batchrun plan`: rows, tokens, cost and time before any request."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import read_output, run_cli, write_jsonl, write_spec
+from tests.fakeserver import FakeServer
+
+PRICES = {"test-model": {"input": 2.0, "cached_input": 1.0, "output": 8.0}}
+
+
+def plan(spec: Path) -> dict:
+    result = run_cli("plan", str(spec), "--json")
+    assert result.code == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    return json.loads(line)
+
+
+def test_a_plan_sends_nothing_and_bounds_what_the_run_then_costs(tmp_path: Path, server: FakeServer) -> None:
+    rows = [{"messages": [{"role": "system", "content": "be brief"},
+                          {"role": "user", "content": f"question {i}: " + "tell me more " * (i % 13)}]}
+            for i in range(5000)]
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    spec = write_spec(tmp_path, pricing=PRICES, params={"max_tokens": 16}, concurrency=64,
+                      rate_limit={"requests_per_minute": 60000}, api={"base_url": server.base_url})
+
+    before = plan(spec)
+
+    assert server.requests == []
+    assert not (tmp_path / "out" / "result.batchrun.sqlite").exists()
+    assert (before["rows"], before["rows_total"], before["requests"]) == (5000, 5000, 5000)
+    assert before["completion_tokens_max"] == 5000 * 16
+    assert before["duration_s"] >= 5.0  # 5,000 requests at 60,000 a minute
+    assert before["tokenizer"].startswith("heuristic")
+    assert run_cli("run", str(spec), "--no-progress").code == 0
+    out = read_output(tmp_path / "out/result.parquet")
+    billed_prompt = sum(r["prompt_tokens"] for r in out)
+    assert billed_prompt / 2 <= before["prompt_tokens"] <= billed_prompt * 2
+    assert before["cost_usd_max"] >= sum(r["cost_usd"] for r in out)
+    assert before["cost_usd_expected"] <= before["cost_usd_max"]
+
+    after = plan(spec)  # a finished job: nothing left to do
+    assert (after["rows"], after["requests"], after["prompt_tokens"]) == (0, 0, 0)
+
+
+def test_a_resumed_job_plans_what_remains_with_the_answers_it_has_seen(tmp_path: Path, server: FakeServer) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p {i}"} for i in range(100)])
+    spec = write_spec(tmp_path, pricing=PRICES, params={"max_tokens": 16}, api={"base_url": server.base_url})
+    assert run_cli("run", str(spec), "--no-progress", "--limit", "40").code == 0
+
+    left = plan(spec)
+
+    assert (left["rows"], left["rows_total"]) == (60, 100)
+    seen = read_output(tmp_path / "out/result.parquet")
+    mean = sum(r["completion_tokens"] for r in seen) / len(seen)
+    assert left["completion_tokens_expected"] == round(mean * 60)
+    assert left["completion_tokens_max"] == 60 * 16
+
+
+def test_a_tokenizer_json_counts_exactly(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "hello big world"}, {"prompt": "hello"}])
+    spec = write_spec(tmp_path, tokenizer="tokenizer.json", params={"max_tokens": 5}, endpoint="completions")
+
+    result = plan(spec)
+
+    assert result["prompt_tokens"] == (3 + 4) + (1 + 4)  # words, plus 4 a message
+    assert result["tokenizer"].startswith("tokenizer.json")
+    assert result["cost_usd_max"] is None  # no prices
+
+    text = run_cli("plan", str(spec))
+    assert "2 of 2 rows to do, in 2 requests" in text.stdout and "prompt tokens      12" in text.stdout
+
+
+def test_a_plan_of_a_bad_input_is_exit_2_like_a_run(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "a"}, "not json"])
+    spec = write_spec(tmp_path)
+    result = run_cli("plan", str(spec))
+    assert result.code == 2 and "line 2: not valid JSON" in result.stderr
