@@ -31,6 +31,7 @@ from ._secrets import Redactor
 from ._spec import JobSpec
 from ._structured import Structure
 from ._pricing import Budget, Price, cost
+from ._cache import ResponseCache, cacheable
 from ._transport import AiohttpTransport, AnswerTooLarge, BoundedTransport
 
 ERROR_CHARS = 500  # of an error message, kept in the state and the output
@@ -100,6 +101,8 @@ class Client:
         self.requests_sent = 0
         # The job's budget, with what earlier runs spent: the runner sets it (see `_pricing`)
         self.budget: Budget | None = None
+        self.cache: ResponseCache | None = None  # the runner's, when the spec names one
+        self.cache_hits = 0
         schema = spec.answer_schema()
         self._structure = Structure(schema) if schema is not None else None
 
@@ -130,6 +133,12 @@ class Client:
             tokens=estimate_tokens(body) if self.limiter.tokens_per_s else 0,
         )
         price = self.spec.pricing.get(body.get("model")) if self.spec.pricing else None
+        key = None
+        if self.cache is not None and cacheable(body, everything=self.cache.spec.everything):
+            key = self.cache.key(str(attempt.url), body)
+            hit = self.cache.get(key)
+            if hit is not None:
+                return self._from_cache(row, hit, price, payload)
         # Re-asks may follow the first answer: all of them are held against the budget.
         held = self._hold(price, body, len(payload), 1 + (self.spec.retry.max_reasks if self._structure else 0))
         result = await self._settle(row, attempt)
@@ -138,7 +147,20 @@ class Client:
         if self.spec.keep_request:
             result.extra = {**(result.extra or {}), "request": payload.decode()}
         self._charge(result, price, held)
+        if key is not None and result.status == "ok":
+            result.cache_key = key  # cached by the writer, once the state has it
         return result
+
+    def _from_cache(self, row: Row, hit: Result, price: Price | None, payload: bytes) -> Result:
+        """A row answered from the cache: no request, nothing paid, and what that saved."""
+        hit.row_index, hit.id = row.index, row.id
+        saved = cost(price, hit.prompt_tokens, hit.completion_tokens, hit.cached_tokens)
+        hit.cost_usd = 0.0 if price is not None else None
+        hit.extra = {**(hit.extra or {}), "cached": True, **({"saved_usd": saved} if saved is not None else {})}
+        if self.spec.keep_request:
+            hit.extra["request"] = payload.decode()
+        self.cache_hits += 1
+        return hit
 
     def _hold(self, price: Price | None, body: Mapping[str, Any], payload_bytes: int, times: int) -> tuple[float, int]:
         """Reserve a request's worst case against the budget, or raise BudgetReached.

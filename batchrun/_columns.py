@@ -7,6 +7,7 @@
     request    with `keep_request: true`: the request body as sent, JSON text
     parsed     with a schema: the answer's JSON, typed from the schema (see `_structured`)
     embedding  with `endpoint: embeddings`: the vector, list<float32>, from its stored bytes
+    cached     with `cache`: whether the answer came from the response cache (no request, nothing paid)
 
 A job's columns follow from its spec, so that every row group has the same schema;
 a row without the value (failed, or answered before the option was set) holds null.
@@ -140,7 +141,15 @@ def extra_columns(spec: JobSpec, asks: Sequence[str] = ()) -> list[ExtraColumn]:
     schema = spec.answer_schema()
     if schema is not None:
         columns.append(_parsed_column(schema))
+    if spec.cache is not None:
+        columns.append(ExtraColumn("cached", _bool, lambda extra, row: bool(extra.get("cached"))))
     return columns
+
+
+def _bool() -> pa.DataType:
+    import pyarrow as pa
+
+    return pa.bool_()
 
 
 def _parsed_column(schema: Any) -> ExtraColumn:

@@ -69,9 +69,11 @@ class Result:
     transient: bool = False
     # Not stored: a grouped answer's vectors, one per row, until the client shares them out
     vectors: list[bytes] | None = None
+    # Not stored: where the response cache keeps this answer, once it is saved (see `_cache`)
+    cache_key: str | None = None
 
 
-RESULT_FIELDS = tuple(name for name in Result.__dataclass_fields__ if name != "vectors")
+RESULT_FIELDS = tuple(name for name in Result.__dataclass_fields__ if name not in ("vectors", "cache_key"))
 STORED_ONLY = ("extra", "embedding", "transient")  # stored, but not output columns as they are
 # Every text a server (or its error) fills in; `id` comes from the validated input.
 _TEXT_FIELDS = ("output_text", "reasoning_content", "tool_calls", "finish_reason", "model", "response_id", "error")

@@ -25,6 +25,7 @@ import anyio
 import httpx
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from ._cache import ResponseCache
 from ._client import Client
 from ._columns import extra_columns
 from ._exceptions import (
@@ -71,6 +72,8 @@ class Summary:
     cost_usd: float | None = None  # with pricing: every answer paid for, over all runs
     failed_for_good: int = 0  # of `failed`: retried only with --retry-failed
     max_failed_share: float | None = None  # failed rows up to this share of rows still exit 0
+    cache_hits: int = 0  # rows answered from the response cache, over all runs
+    saved_usd: float | None = None  # what those answers would have cost
 
     @property
     def remaining(self) -> int:
@@ -99,6 +102,10 @@ class Summary:
         tokens = f"{self.total_tokens:,} tokens ({self.prompt_tokens:,} prompt, {self.completion_tokens:,} completion)"
         if self.cost_usd is not None:
             tokens += f", ${self.cost_usd:,.4f}"
+        if self.cache_hits:
+            tokens += f"; {self.cache_hits:,} from the cache"
+            if self.saved_usd is not None:
+                tokens += f" (${self.saved_usd:,.4f} saved)"
         tail = f"output: {self.output}" if self.output_written else f"progress saved in {self.state}"
         sent = f"{self.requests:,} request{'' if self.requests == 1 else 's'}"
         return f"{head}; {tokens}; {sent} in {self.elapsed_s:.1f} s; {tail}"
@@ -148,6 +155,7 @@ def run_job(
                          template=template, reserved=[column.name for column in extra_columns(spec)],
                          priced=spec.pricing if spec.budget.max_usd is not None else None)
     status = StatusFile(status_path(spec.output), job=spec.name, output=spec.output, rows=0)
+    cache: ResponseCache | None = None
     try:
         store, total, passthrough, asks = _open_state(spec, reader, limit=limit, restart=restart)
     except BaseException as exc:
@@ -163,6 +171,8 @@ def run_job(
         progress.start(total, done.count(1))
         status.fixed["rows"] = total
         client = Client(spec, api_key=api_key, transport=transport, base_url=base_url, environ=env)
+        if spec.cache is not None:
+            client.cache = cache = ResponseCache(spec.cache)
         if spec.budget.is_set:  # what earlier runs spent counts against it
             spent = store.counts()
             client.budget = Budget(spec.budget.max_usd, spec.budget.max_tokens,
@@ -194,6 +204,8 @@ def run_job(
     finally:
         store.close()
         reader.close()
+        if cache is not None:
+            cache.close()
 
     summary = Summary(
         job=spec.name,
@@ -469,13 +481,20 @@ class _Pool:
                 finally:
                     saved.set()  # saved, or never to be: the workers go on either way
 
+    def _save(self, group: list[Result]) -> None:
+        """In the writer's thread: the state first; then the cache may share the answers."""
+        self.store.save(group)
+        cache = self.client.cache
+        if cache is not None:
+            cache.put((r.cache_key, r) for r in group if r.cache_key is not None)
+
     async def _commit(self, group: list[Result], due: ObjectSendStream[None]) -> None:
         if self.state_failed:
             return  # nothing more can be saved; the job is stopping
         try:
             # Shielded: an answer received is paid for, even during a hard stop.
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.store.save, group)
+                await anyio.to_thread.run_sync(self._save, group)
         except StorageError as exc:
             self.state_failed = True
             self._stop(exc)

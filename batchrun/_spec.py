@@ -22,6 +22,7 @@ import yaml
 
 from ._exceptions import SpecError
 from ._files import INPUT_SUFFIXES
+from ._cache import CacheSpec
 from ._pricing import Price
 from ._template import TEMPLATE_FIELDS, Template
 
@@ -90,6 +91,7 @@ class JobSpec:
     budget: BudgetSpec = field(default_factory=BudgetSpec)
     max_failed_share: float | None = None  # failed rows up to this share of all rows: exit 0
     tokenizer: Path | None = None  # a Hugging Face tokenizer.json, for `batchrun plan`
+    cache: CacheSpec | None = None  # a response cache shared by jobs: see `_cache`
     source: Path | None = None  # the spec file, for messages
 
     @property
@@ -314,6 +316,21 @@ def _pricing(raw: Any, base_dir: Path) -> dict[str, Price]:
     return prices
 
 
+def _cache(raw: Any, base_dir: Path) -> CacheSpec | None:
+    """`cache: path`, or `cache: {path: ..., everything: true}`."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"path": raw}
+    cache = _mapping(raw, "cache")
+    _check_keys(cache, ("path", "everything"), "cache")
+    path = _string(cache, "path", "cache", None)
+    if path is None:
+        raise SpecError("cache.path: required; name the cache file (several jobs may share it)")
+    _not_a_url(path, "cache")
+    return CacheSpec(Path(os.path.abspath(base_dir / path)), everything=_flag(cache, "everything", "cache"))
+
+
 def _budget(raw: Any) -> BudgetSpec:
     budget = _mapping(raw, "budget")
     _check_keys(budget, _fields(BudgetSpec), "budget")
@@ -437,6 +454,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         pricing=pricing,
         budget=budget,
         max_failed_share=_share(top, "max_failed_share"),
+        cache=_cache(top.get("cache"), base_dir),
         tokenizer=Path(os.path.abspath(base_dir / tokenizer)) if (tokenizer := _string(top, "tokenizer", "", None))
         else None,
         source=source,
