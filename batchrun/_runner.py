@@ -16,12 +16,15 @@ import contextlib
 import itertools
 import os
 import signal
+import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import httpx
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
@@ -185,7 +188,10 @@ def run_job(
         # output writing that follows.
         saved_handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
-            anyio.run(pool.run, handle_signals)
+            if handle_signals:
+                anyio.run(pool.run, True)
+            else:
+                _run_beside(pool)
         finally:
             progress.close()
             if handle_signals:
@@ -225,6 +231,41 @@ def run_job(
         pool.aborted.summary = summary  # type: ignore[attr-defined]
         raise pool.aborted
     return summary
+
+
+def _run_beside(pool: _Pool) -> None:
+    """Run the pool's event loop in a thread of its own while the caller's thread waits.
+
+    A library caller may have an exception raised into its thread at any moment: a
+    scheduler's timeout (Airflow raises from a SIGALRM handler), a KeyboardInterrupt. In
+    the event loop's own thread that could leave answers received but not saved, and the
+    loop's worker threads behind. Here it only interrupts the wait: the pool stops as on
+    SIGTERM (no new rows, requests in flight get their grace, every answer is saved),
+    and then the exception goes on its way. A second one does not wait.
+    """
+    failure: list[BaseException] = []
+    # Waited for with an Event, not Thread.join: a join interrupted by an exception can
+    # return at once the next time (CPython 3.11 loses the thread's state lock).
+    finished = threading.Event()
+
+    def loop() -> None:
+        try:
+            anyio.run(pool.run, False)
+        except BaseException as exc:  # handed to the caller's thread
+            failure.append(exc)
+        finally:
+            finished.set()
+
+    threading.Thread(target=loop, name="batchrun", daemon=True).start()
+    try:
+        while not finished.wait(0.1):  # short waits: a signal handler in this thread runs between them
+            pass
+    except BaseException as exc:
+        pool.stop_from_outside(Interrupted(f"stopped by {type(exc).__name__} in the calling thread"))
+        finished.wait()
+        raise
+    if failure:
+        raise failure[0]
 
 
 def _api_key(spec: JobSpec, env: Mapping[str, str]) -> str | None:
@@ -346,10 +387,23 @@ class _Pool:
         self.state_failed = False  # nothing more can be saved
         self.output_failed = False  # answers are still saved; the output waits for a rerun
         self.streak = FailureStreak()
+        self.token: object | None = None  # the event loop's, for `stop_from_outside`
+        self.stop_request: JobAborted | None = None
         # Rows a worker takes at once: embeddings go several to a request
         self.group = spec.inputs_per_request if spec.endpoint is not None and get_endpoint(spec.endpoint).grouped else 1
 
+    def stop_from_outside(self, reason: JobAborted) -> None:
+        """`_stop`, from another thread (see `_run_beside`)."""
+        self.stop_request = reason  # seen by a loop that has not started yet
+        token = self.token
+        if token is not None:
+            with contextlib.suppress(anyio.RunFinishedError, RuntimeError):
+                anyio.from_thread.run_sync(self._stop, reason, token=token)
+
     async def run(self, handle_signals: bool) -> None:
+        self.token = anyio.lowlevel.current_token()
+        if self.stop_request is not None:
+            self.stopping, self.aborted = True, self.stop_request
         # Each worker hands over its answers and waits for them to be saved: room for all.
         results_send, results_receive = anyio.create_memory_object_stream[Result](self.spec.concurrency * self.group)
         # At most one output write waits while another runs: each writes all that is ready.
@@ -449,8 +503,11 @@ class _Pool:
         if self.aborted is None:
             self.aborted = reason
         self.stopping = True
+        workers = getattr(self, "workers", None)
+        if workers is None:  # asked from outside before the workers began: none will
+            return
         self.answered_once.set()  # waiting workers wake up, see `stopping` and leave
-        scope = self.workers.cancel_scope
+        scope = workers.cancel_scope
         scope.deadline = min(scope.deadline, anyio.current_time() + GRACE_S)
 
     # -- the writer: the only owner of the state -----------------------------------------

@@ -339,3 +339,48 @@ def test_answers_arriving_after_an_output_failure_are_still_saved(tmp_path: Path
         run_job(spec, transport=httpx.MockTransport(slow), environ={"OPENAI_API_KEY": "k"})
 
     assert 8192 <= info.value.summary.ok == len(seen) < 20_000  # every answer received was saved
+
+
+def test_an_exception_raised_into_the_caller_saves_every_answer_received_first(tmp_path: Path) -> None:
+    """As Airflow's execution_timeout does: a SIGALRM handler raises inside run_job."""
+    import signal
+
+    from batchrun import _client
+    from tests.fakeserver import FakeServer, Faults
+
+    class TaskTimeout(Exception):
+        pass
+
+    def timeout(signum: int, frame: object) -> None:
+        raise TaskTimeout("execution_timeout")
+
+    received: list[int] = []
+    call = _client.Client.call
+
+    async def counting(self, row):  # type: ignore[no-untyped-def]
+        result = await call(self, row)
+        received.append(result.row_index)
+        return result
+
+    with FakeServer(Faults(latency_s=0.05, latency_jitter_s=0.04)) as server, \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_client.Client, "call", counting)
+        write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(3000)])
+        spec = write_spec(tmp_path, concurrency=32, api={"base_url": server.base_url})
+        previous = signal.signal(signal.SIGALRM, timeout)
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        try:
+            with pytest.raises(TaskTimeout):
+                run_job(spec, environ={"OPENAI_API_KEY": "k"})
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+        store = StateStore.open(tmp_path / "out" / "result.batchrun.sqlite", lock=False)
+        saved = {row[0] for row in store.results(0, 3000)}
+        store.close()
+        assert 0 < len(received) < 3000
+        assert set(received) <= saved  # every answer received was saved before the exception left
+        summary = run_job(spec, environ={"OPENAI_API_KEY": "k"})  # and the job resumes
+        assert summary.ok == 3000
+    assert sum(len(a) for a in server.answers.values()) <= 3000 + 32
