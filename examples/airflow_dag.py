@@ -19,11 +19,15 @@ change of input (exit 2) rather than mixed with yesterday's answers.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 
-CLI_JOB = "/srv/batchrun/jobs/example.yaml"
-LIBRARY_JOB = "/srv/batchrun/jobs/fireworks-chat.yaml"
-BATCHRUN = "/srv/batchrun/.venv/bin/batchrun"
+# Where batchrun and the jobs live (CI points these at a checkout and its mock jobs)
+HOME = os.environ.get("BATCHRUN_HOME", "/srv/batchrun")
+CLI_JOB = os.environ.get("BATCHRUN_CLI_JOB", f"{HOME}/jobs/example.yaml")
+LIBRARY_JOB = os.environ.get("BATCHRUN_LIBRARY_JOB", f"{HOME}/jobs/fireworks-chat.yaml")
+BATCHRUN = os.environ.get("BATCHRUN_BIN", f"{HOME}/.venv/bin/batchrun")
+OUT = os.environ.get("BATCHRUN_OUT", f"{HOME}/out")
 
 
 def run_batch(job: str = LIBRARY_JOB, output: str | None = None) -> dict:
@@ -73,5 +77,5 @@ if DAG is not None:
             task_id="batchrun_python",
             python_callable=run_batch,
             # one output (and state) per day: a retry of the day resumes, the next day starts afresh
-            op_kwargs={"job": LIBRARY_JOB, "output": "/srv/batchrun/out/fireworks-{{ ds }}.parquet"},
+            op_kwargs={"job": LIBRARY_JOB, "output": f"{OUT}/library-{{{{ ds }}}}.parquet"},
         )
