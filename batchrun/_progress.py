@@ -20,8 +20,8 @@ __all__ = ["BarProgress", "LogProgress", "NullProgress", "Progress", "make_progr
 class Progress:
     """Told of every settled row by the writer; shows nothing."""
 
-    def start(self, total: int, settled: int) -> None:
-        pass
+    def start(self, total: int, settled: int, cost_usd: float = 0.0) -> None:
+        """`settled` rows and `cost_usd` spent before this run (with pricing)."""
 
     def advance(self, ok: int, failed: int, tokens: int, cost_usd: float = 0.0) -> None:
         pass
@@ -39,10 +39,12 @@ class BarProgress(Progress):
         self.bar: tqdm | None = None
         self.tokens = 0
         self.failed = 0
-        self.cost = 0.0  # this run's
+        self.cost = 0.0  # the job's, so far
 
-    def start(self, total: int, settled: int) -> None:
+    def start(self, total: int, settled: int, cost_usd: float = 0.0) -> None:
         from tqdm import tqdm  # imported here: only a terminal needs it, and it is slow to load
+
+        self.cost = cost_usd
 
         self.bar = tqdm(total=total, initial=settled, unit="row", file=self.stream, dynamic_ncols=True,
                         smoothing=0.1)
@@ -69,10 +71,10 @@ class LogProgress(Progress):
         self.every_s = every_s
         self.clock = clock
         self.total = self.settled = self.failed = self.tokens = self.new = 0
-        self.cost = 0.0  # this run's
+        self.cost = 0.0  # the job's, so far
 
-    def start(self, total: int, settled: int) -> None:
-        self.total, self.settled = total, settled
+    def start(self, total: int, settled: int, cost_usd: float = 0.0) -> None:
+        self.total, self.settled, self.cost = total, settled, cost_usd
         self.started = self.last = self.clock()
 
     def advance(self, ok: int, failed: int, tokens: int, cost_usd: float = 0.0) -> None:
@@ -91,7 +93,7 @@ class LogProgress(Progress):
         percent = 100 * self.settled / self.total if self.total else 100.0
         print(
             f"batchrun: {self.settled:,}/{self.total:,} rows ({percent:.1f}%), {rate:.1f} rows/s, "
-            f"{self.tokens:,} tokens{f', ${self.cost:,.4f} this run' if self.cost else ''}, {self.failed} failed",
+            f"{self.tokens:,} tokens{f', ${self.cost:,.4f}' if self.cost else ''}, {self.failed} failed",
             file=self.stream,
             flush=True,
         )

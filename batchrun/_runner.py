@@ -171,15 +171,16 @@ def run_job(
     try:
         states = store.row_states(total)
         done = done_rows(states, retry_failed=retry_failed)
-        progress.start(total, done.count(1))
+        spent = (store.counts()["cost_usd"] or 0.0) if spec.pricing else 0.0  # the progress shows the job's total
+        progress.start(total, done.count(1), spent)
         status.fixed["rows"] = total
         client = Client(spec, api_key=api_key, transport=transport, base_url=base_url, environ=env)
         if spec.cache is not None:
             client.cache = cache = ResponseCache(spec.cache)
         if spec.budget.is_set:  # what earlier runs spent counts against it
-            spent = store.counts()
+            before = store.counts()
             client.budget = Budget(spec.budget.max_usd, spec.budget.max_tokens,
-                                   spent_usd=spent["cost_usd"] or 0.0, spent_tokens=spent["total_tokens"])
+                                   spent_usd=before["cost_usd"] or 0.0, spent_tokens=before["total_tokens"])
         output = OutputWriter(spec.output, store, reader, rows=total, passthrough=passthrough,
                               extras=extra_columns(spec, asks))
         pool = _Pool(spec, client, store, output, reader, progress, done, total)

@@ -149,3 +149,16 @@ def test_rows_failed_for_good_wait_for_retry_failed_and_transient_ones_do_not(
     assert sorted(r.body["prompt"] for r in server.requests) == sorted(f"prompt {i}" for i in range(3, 100, 10))
     rows = read_output(tmp_path / "out/result.parquet")
     assert [r["attempts"] for r in rows if r["status"] == "failed"] == [2] * 10  # one per run that sent it
+
+
+def test_the_progress_line_shows_the_jobs_cost_so_far() -> None:
+    import io
+
+    from batchrun import LogProgress
+
+    ticks = iter([0.0, 10.0])
+    stream = io.StringIO()
+    progress = LogProgress(stream, every_s=5.0, clock=lambda: next(ticks))
+    progress.start(10, 2, 1.5)  # what earlier runs spent
+    progress.advance(1, 0, 5, 0.25)
+    assert "3/10 rows" in stream.getvalue() and "$1.7500" in stream.getvalue()
