@@ -32,6 +32,10 @@ def parse_choices(data: Any, *, chat: bool) -> Result:
         detail = error.get("message") if isinstance(error, dict) else None
         snippet = (text_of(detail) or json.dumps(data, ensure_ascii=False))[:4000]  # the client cuts it, redacted
         raise RowFatalAPIError(f"HTTP 200 without an answer: {snippet}", status=200)
+    if len(choices) == 1 and not choices[0].get("logprobs"):  # the common answer, read without the list
+        result = _one(choices[0], chat, data)
+        set_usage(result, data.get("usage"))
+        return storable(result)
     read = []
     for position, choice in enumerate(choices):
         if not isinstance(choice, dict):
@@ -49,6 +53,21 @@ def parse_choices(data: Any, *, chat: bool) -> Result:
     result = _result(read, text_of(data.get("model")), text_of(data.get("id")))
     set_usage(result, data.get("usage"))
     return storable(result)
+
+
+def _one(choice: dict[str, Any], chat: bool, data: dict[str, Any]) -> Result:
+    if chat:
+        message = choice.get("message")
+        message = message if isinstance(message, dict) else {}
+        text, reasoning, calls = message.get("content"), message.get("reasoning_content"), message.get("tool_calls")
+    else:
+        text, reasoning, calls = choice.get("text"), None, None
+    return Result(
+        row_index=-1, id="", status="ok", output_text=text_of(text), reasoning_content=text_of(reasoning),
+        tool_calls=json.dumps(calls, ensure_ascii=False) if calls else None,
+        finish_reason=text_of(choice.get("finish_reason")), model=text_of(data.get("model")),
+        response_id=text_of(data.get("id")),
+    )
 
 
 def _is_index(value: Any) -> bool:
