@@ -18,7 +18,7 @@ from typing import Any
 
 from ._exceptions import InputError
 
-__all__ = ["MAX_DEPTH", "SUSPECT", "check_body", "check_messages", "check_record"]
+__all__ = ["MAX_DEPTH", "SUSPECT", "check_body", "check_messages", "check_record", "depth"]
 
 MAX_DEPTH = 100  # levels of nesting in a line; far past any real request, far below Python's limit
 # Escapes of a high surrogate not followed by a low one, or of a low one not after a
@@ -31,7 +31,7 @@ SUSPECT = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
 
 def check_record(record: dict[str, Any], fail: Callable[[str], InputError]) -> None:
     """Every value of a row must be storable text: no lone surrogates, no absurd nesting."""
-    if _depth(record) > MAX_DEPTH:
+    if depth(record) > MAX_DEPTH:
         raise fail(f"nested more than {MAX_DEPTH} levels deep; no request needs that")
     found = _find(record, lambda v: isinstance(v, str) and not _is_unicode(v))
     if found is not None:
@@ -88,7 +88,7 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _depth(value: Any) -> int:
+def depth(value: Any) -> int:
     """How deeply `value` nests, without recursion (a record may nest beyond the stack)."""
     deepest, stack = 0, [(value, 1)]
     while stack:

@@ -30,7 +30,7 @@ from ._rate import RateLimiter, estimate_tokens
 from ._secrets import Redactor
 from ._spec import JobSpec
 from ._structured import Structure
-from ._pricing import Budget, Price, cost
+from ._pricing import Budget, Price, completion_bound, cost
 from ._cache import ResponseCache, cacheable
 from ._transport import AiohttpTransport, AnswerTooLarge, BoundedTransport
 
@@ -171,11 +171,9 @@ class Client:
         """
         if self.budget is None:
             return 0.0, 0
-        completion = next((body[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")
-                           if type(body.get(k)) is int), self.spec.budget.assume_max_tokens or 0)
-        n = body["n"] if type(body.get("n")) is int and body["n"] > 0 else 1
-        tokens = (payload_bytes + completion * n) * times
-        usd = price.worst(payload_bytes, completion * n) * times if price is not None else 0.0
+        completion = completion_bound(body, self.spec.budget.assume_max_tokens) or 0
+        tokens = (payload_bytes + completion) * times
+        usd = price.worst(payload_bytes, completion) * times if price is not None else 0.0
         if not self.budget.reserve(usd, tokens):
             raise BudgetReached(f"the budget is reached: {self.budget.describe()} spent, and the next request "
                                 f"could cost up to ${usd:,.4f} ({tokens:,} tokens) with those in flight. Every "

@@ -24,6 +24,7 @@ from typing import Any
 from ._exceptions import ConfigError
 from ._files import expand_inputs
 from ._inputs import InputReader, Row
+from ._pricing import completion_bound
 from ._spec import JobSpec, load_spec
 from ._state import StateStore, done_rows, state_path
 from ._template import Template
@@ -90,7 +91,7 @@ def plan_job(job: str | os.PathLike[str] | JobSpec) -> Plan:
             for row in batch:
                 body = get_endpoint(row.endpoint).build_body(row.body, spec.model, spec.params)
                 texts.append(_prompt_parts(body))
-                most = _completion_max(body, spec)
+                most = completion_bound(body, spec.budget.assume_max_tokens)
                 if most is None:
                     completion_known = False
                 else:
@@ -183,15 +184,6 @@ def _prompt_parts(body: dict[str, Any]) -> list[str]:
         elif isinstance(content, list):
             parts.append("".join(p.get("text", "") for p in content if isinstance(p, dict)))
     return parts
-
-
-def _completion_max(body: dict[str, Any], spec: JobSpec) -> int | None:
-    most = next((body[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")
-                 if type(body.get(k)) is int), spec.budget.assume_max_tokens)
-    if most is None:
-        return None
-    n = body["n"] if type(body.get("n")) is int and body["n"] > 0 else 1
-    return most * n
 
 
 def _counter(spec: JobSpec) -> tuple[Callable[[list[str]], int], str]:

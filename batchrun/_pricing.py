@@ -12,11 +12,23 @@ the worst case of every request in flight, plus its own worst case, stays within
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Budget", "Price", "cost"]
+__all__ = ["MAX_TOKENS_KEYS", "Budget", "Price", "completion_bound", "cost"]
 
 PER_TOKEN = 1e-6  # prices are per million tokens
+MAX_TOKENS_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")  # chat, completions, responses
+
+
+def completion_bound(body: Mapping[str, Any], default: int | None) -> int | None:
+    """The most completion tokens a request can be billed: its max_tokens (else `default`) times n."""
+    most = next((body[k] for k in MAX_TOKENS_KEYS if type(body.get(k)) is int), default)
+    if most is None:
+        return None
+    n = body["n"] if type(body.get("n")) is int and body["n"] > 0 else 1
+    return most * n
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 from ._exceptions import RetryableAPIError
 
 __all__ = ["Result", "StreamAssembler", "build_body", "endpoint_path", "parse_answer", "set_usage", "storable",
-           "storable_text", "text_of"]
+           "storable_text", "storable_value", "text_of"]
 
 
 def endpoint_path(endpoint: str) -> str:
@@ -102,17 +102,17 @@ def storable(result: Result) -> Result:
         if value is not None:
             setattr(result, name, storable_text(value))
     if result.extra is not None:
-        result.extra = _storable_value(result.extra)
+        result.extra = storable_value(result.extra)
     return result
 
 
-def _storable_value(value: Any) -> Any:
+def storable_value(value: Any) -> Any:
     if isinstance(value, str):
         return storable_text(value)
     if isinstance(value, list):
-        return [_storable_value(v) for v in value]
+        return [storable_value(v) for v in value]
     if isinstance(value, dict):
-        return {storable_text(k) if isinstance(k, str) else k: _storable_value(v) for k, v in value.items()}
+        return {storable_text(k) if isinstance(k, str) else k: storable_value(v) for k, v in value.items()}
     return value
 
 

@@ -23,7 +23,7 @@ import yaml
 from ._exceptions import SpecError
 from ._files import INPUT_SUFFIXES
 from ._cache import CacheSpec
-from ._pricing import Price
+from ._pricing import MAX_TOKENS_KEYS, Price
 from ._template import TEMPLATE_FIELDS, Template
 
 __all__ = ["ApiSpec", "BudgetSpec", "JobSpec", "RateLimitSpec", "RetrySpec", "load_spec", "parse_spec"]
@@ -432,7 +432,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
             raise SpecError(f"budget.max_usd: model {model!r} has no price in pricing{known}; "
                             "add its prices, USD per million tokens")
     if budget.is_set and budget.assume_max_tokens is None and not any(
-            k in params for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")) \
+            k in params for k in MAX_TOKENS_KEYS) \
             and endpoint != "embeddings":
         raise SpecError("budget: the worst case of a request needs its max_tokens: set params.max_tokens, "
                         "or budget.assume_max_tokens for requests without one")

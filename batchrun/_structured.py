@@ -18,7 +18,9 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._checks import MAX_DEPTH, depth
 from ._exceptions import SpecError
+from ._protocol import storable_value
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -60,7 +62,15 @@ class Structure:
             value = json.loads(text)
         except (ValueError, RecursionError) as exc:
             return None, f"the answer is not valid JSON ({exc})"
-        error = next(iter(self._validator.iter_errors(value)), None)
+        # Kept in the state and the output: nothing deeper than a row may be, no lone
+        # surrogate (a `"\\ud800"` escape in the answer's JSON decodes to one)
+        if depth(value) > MAX_DEPTH:
+            return None, f"the answer is JSON nested more than {MAX_DEPTH} levels deep"
+        value = storable_value(value)
+        try:
+            error = next(iter(self._validator.iter_errors(value)), None)
+        except RecursionError:  # JSON Python can parse may be too deep to walk again
+            return None, "the answer is nested too deeply to validate"
         if error is not None:
             where = "".join(f"[{p!r}]" for p in error.absolute_path) or "the answer"
             return None, f"the answer breaks the schema: {where}: {error.message}"[:1000]

@@ -104,3 +104,11 @@ def test_an_answer_invalid_every_time_fails_the_row_with_what_was_wrong(tmp_path
         or row["error"].startswith("the answer is not valid JSON")
     assert row["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in server.answers[
         request_key({"messages": [{"role": "user", "content": "p"}]})])
+
+
+def test_answers_no_output_can_hold_are_refused_or_made_storable() -> None:
+    structure = Structure({"type": "object"})
+    value, problem = structure.problem('{"a": "x\\ud800y"}')  # a lone surrogate escape in valid JSON
+    assert problem is None and value == {"a": "x\ufffdy"}
+    value, problem = structure.problem('{"a": ' + "[" * 500 + "]" * 500 + "}")
+    assert value is None and problem == "the answer is JSON nested more than 100 levels deep"

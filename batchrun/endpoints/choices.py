@@ -33,41 +33,33 @@ def parse_choices(data: Any, *, chat: bool) -> Result:
         snippet = (text_of(detail) or json.dumps(data, ensure_ascii=False))[:4000]  # the client cuts it, redacted
         raise RowFatalAPIError(f"HTTP 200 without an answer: {snippet}", status=200)
     if len(choices) == 1 and not choices[0].get("logprobs"):  # the common answer, read without the list
-        result = _one(choices[0], chat, data)
+        text, reasoning, calls = _parts(choices[0], chat)
+        result = Result(row_index=-1, id="", status="ok", output_text=text, reasoning_content=reasoning,
+                        tool_calls=calls, finish_reason=text_of(choices[0].get("finish_reason")),
+                        model=text_of(data.get("model")), response_id=text_of(data.get("id")))
         set_usage(result, data.get("usage"))
         return storable(result)
     read = []
     for position, choice in enumerate(choices):
         if not isinstance(choice, dict):
             continue
-        if chat:
-            message = choice.get("message")
-            message = message if isinstance(message, dict) else {}
-            text, reasoning, calls = message.get("content"), message.get("reasoning_content"), message.get("tool_calls")
-        else:
-            text, reasoning, calls = choice.get("text"), None, None
         index = choice.get("index")
-        read.append(_choice(index if _is_index(index) else position, text_of(text), text_of(reasoning),
-                            json.dumps(calls, ensure_ascii=False) if calls else None,
+        read.append(_choice(index if _is_index(index) else position, *_parts(choice, chat),
                             text_of(choice.get("finish_reason")), logprob_entries(choice.get("logprobs"))))
     result = _result(read, text_of(data.get("model")), text_of(data.get("id")))
     set_usage(result, data.get("usage"))
     return storable(result)
 
 
-def _one(choice: dict[str, Any], chat: bool, data: dict[str, Any]) -> Result:
+def _parts(choice: dict[str, Any], chat: bool) -> tuple[str | None, str | None, str | None]:
+    """(text, reasoning, tool calls as JSON text) of one whole choice."""
     if chat:
         message = choice.get("message")
         message = message if isinstance(message, dict) else {}
         text, reasoning, calls = message.get("content"), message.get("reasoning_content"), message.get("tool_calls")
     else:
         text, reasoning, calls = choice.get("text"), None, None
-    return Result(
-        row_index=-1, id="", status="ok", output_text=text_of(text), reasoning_content=text_of(reasoning),
-        tool_calls=json.dumps(calls, ensure_ascii=False) if calls else None,
-        finish_reason=text_of(choice.get("finish_reason")), model=text_of(data.get("model")),
-        response_id=text_of(data.get("id")),
-    )
+    return text_of(text), text_of(reasoning), json.dumps(calls, ensure_ascii=False) if calls else None
 
 
 def _is_index(value: Any) -> bool:
