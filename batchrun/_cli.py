@@ -19,6 +19,7 @@ from ._export import export_job
 from ._plan import plan_job
 from ._progress import make_progress
 from ._runner import run_job
+from ._shards import Shard, merge_job
 from ._spec import load_spec
 from ._status import job_status
 
@@ -53,6 +54,15 @@ examples:
 
 Reads the finished output (and the input, for the requests); sends no request."""
 
+MERGE_EXAMPLE = """\
+examples:
+  batchrun run jobs/example.yaml --shard 0/4 --no-merge   (and 1/4, 2/4, 3/4, anywhere)
+  batchrun merge jobs/example.yaml             one Parquet file, every row once, in input order
+  batchrun merge jobs/example.yaml --dataset   a folder of the parts, for very large jobs
+
+exit codes: 0 merged, every row ok; 1 merged, some rows failed; 2 shards that do not
+belong together (another N, spec or input); 3 a shard is missing, unfinished or running."""
+
 STATUS_EXAMPLE = """\
 examples:
   batchrun status jobs/example.yaml
@@ -80,6 +90,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "rows that failed for transient reasons are always retried")
     run.add_argument("--max-failed-share", type=_share, metavar="SHARE",
                      help="exit 0 when at most this share of rows failed (0.01 is 1%%); overrides the spec")
+    run.add_argument("--shard", type=_shard, metavar="I/N",
+                     help="run shard I (from 0) of N: a contiguous 1/N of the rows, with its own state and output "
+                          "part; the last shard to finish merges the parts into the output")
+    run.add_argument("--no-merge", action="store_true", help="with --shard: leave the merge to `batchrun merge`")
+    run.add_argument("--dataset", action="store_true",
+                     help="with --shard: merge into a Parquet dataset folder (the output's name without .parquet)")
+
+    merge = commands.add_parser(
+        "merge", help="make a sharded job's output from its shards' parts, sending no request",
+        epilog=MERGE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("job", metavar="JOB", help="the job spec (YAML)")
+    merge.add_argument("--dataset", action="store_true",
+                       help="a Parquet dataset folder of the parts (no copy) instead of one file")
 
     status = commands.add_parser(
         "status",
@@ -115,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
-        return {"run": _run, "status": _status, "export": _export, "plan": _plan}[args.command](args)
+        return {"run": _run, "status": _status, "export": _export, "plan": _plan, "merge": _merge}[args.command](args)
     except UsageError as exc:
         print(f"batchrun: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -144,6 +168,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _share(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
@@ -160,7 +191,15 @@ def _run(args: argparse.Namespace) -> int:
         max_failed_share=args.max_failed_share,
         progress=make_progress(not args.no_progress),
         handle_signals=True,
+        shard=args.shard,
+        merge=None if args.no_merge else "dataset" if args.dataset else "file",
     )
+    print(f"batchrun: {summary.line()}")
+    return summary.exit_code
+
+
+def _merge(args: argparse.Namespace) -> int:
+    summary = merge_job(load_spec(args.job), dataset=args.dataset)
     print(f"batchrun: {summary.line()}")
     return summary.exit_code
 
@@ -199,4 +238,9 @@ def _status(args: argparse.Namespace) -> int:
     if data.get("exit_code") is not None:
         print(f"  exit code  {data['exit_code']} (the last run's)")
     print(f"  output     {data['output']}{'' if Path(data['output']).exists() else ' (not written yet)'}")
+    for shard in data.get("shards", ()):
+        print(f"  shard {shard['shard']:>9}  {shard['state']:<11}  {shard.get('ok', 0):,} ok, "
+              f"{shard.get('failed', 0):,} failed, {shard.get('remaining', shard.get('rows', 0)):,} remaining"
+              + (f" (pid {shard['pid']})" if shard["state"] == "running" else "")
+              + (f": {shard['reason']}" if shard.get("reason") else ""))
     return 0

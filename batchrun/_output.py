@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-__all__ = ["OutputWriter", "load_arrow", "result_schema"]
+__all__ = ["OutputWriter", "fsync", "load_arrow", "parquet_writer", "result_schema"]
 
 ROW_GROUP_ROWS = 8192
 
@@ -84,7 +84,8 @@ class OutputWriter:
     """
 
     def __init__(self, path: Path, store: StateStore, reader: InputReader, *, rows: int,
-                 passthrough: dict[str, str], extras: Sequence[ExtraColumn] = ()) -> None:
+                 passthrough: dict[str, str], extras: Sequence[ExtraColumn] = (), start: int = 0) -> None:
+        """Rows [start, rows) go to the file: a shard's part begins at its first row."""
         self.path = path
         self.extras = tuple(extras)
         self.store = store
@@ -100,7 +101,8 @@ class OutputWriter:
         self.reader_name = reader.name
         self._pending: pa.Table | None = None  # passthrough rows read, not yet written
         self._writer: pq.ParquetWriter | None = None
-        self.written = 0  # rows [0, written) are in the file
+        self.written = start  # rows [start, written) are in the file
+        self._to_skip = start  # passthrough rows before the first: read over at the first write
 
     def write(self, stop: int) -> None:
         """Append rows [written, stop) as one row group; each must be settled."""
@@ -113,7 +115,7 @@ class OutputWriter:
                 for name, column in zip(extra.column_names, extra.columns):
                     table = table.append_column(name, column)
             if self._writer is None:
-                self._writer = _parquet_writer(self.tmp, table.schema)
+                self._writer = parquet_writer(self.tmp, table.schema)
             self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
             self.written = stop
 
@@ -122,11 +124,11 @@ class OutputWriter:
         self.write(self.rows)
         with self._storage_errors():
             if self._writer is None:  # no rows at all: still a valid, empty file
-                self._writer = _parquet_writer(self.tmp, _result_table(self.store, 0, 0, self.extras).schema)
+                self._writer = parquet_writer(self.tmp, _result_table(self.store, 0, 0, self.extras).schema)
             self._writer.close()
-            _fsync(self.tmp)
+            fsync(self.tmp)
             os.replace(self.tmp, self.path)
-            _fsync(self.path.parent)
+            fsync(self.path.parent)
 
     def discard(self) -> None:
         """Drop the unfinished file; what cannot be removed now, the next run sweeps."""
@@ -137,19 +139,33 @@ class OutputWriter:
         with contextlib.suppress(OSError):
             self.tmp.unlink(missing_ok=True)
 
+    def _skip(self, n: int) -> None:
+        """Pass over the first n passthrough rows (those of the shards before this one)."""
+        while n > 0:
+            batch = self._next_batch()
+            self._pending = batch.slice(n)
+            n -= min(n, batch.num_rows)
+
+    def _next_batch(self) -> pa.Table:
+        if self._pending is None or self._pending.num_rows == 0:
+            assert self._extras is not None
+            self._pending = next(self._extras, None)
+            if self._pending is None:
+                raise InputChangedError(f"{self.reader_name}: the input has fewer rows than when the "
+                                        "job began; it was changed while the job ran")
+        return self._pending
+
     def _take(self, n: int) -> pa.Table:
         """The next n passthrough rows, across the reader's batches."""
         import pyarrow as pa
 
         assert self._extras is not None
+        if self._to_skip:
+            self._skip(self._to_skip)
+            self._to_skip = 0
         parts = []
         while n > 0:
-            if self._pending is None or self._pending.num_rows == 0:
-                self._pending = next(self._extras, None)
-                if self._pending is None:
-                    raise InputChangedError(f"{self.reader_name}: the input has fewer rows than when the "
-                                            "job began; it was changed while the job ran")
-            part = self._pending.slice(0, n)
+            part = self._next_batch().slice(0, n)
             self._pending = self._pending.slice(part.num_rows)
             parts.append(part)
             n -= part.num_rows
@@ -188,7 +204,7 @@ def _result_table(store: StateStore, start: int, stop: int, extras: Sequence[Ext
 _EXTRA, _EMBEDDING = RESULT_FIELDS.index("extra"), RESULT_FIELDS.index("embedding")
 
 
-def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     import pyarrow.parquet as pq
 
     # Made first, readable by its owner only whatever the umask: it holds the answers.
@@ -205,7 +221,7 @@ def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     return pq.ParquetWriter(path, schema, compression=compression, use_dictionary=dictionary)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

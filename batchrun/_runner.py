@@ -43,6 +43,7 @@ from ._policy import FailureStreak
 from ._pricing import Budget
 from ._progress import NullProgress, Progress
 from ._protocol import Result
+from ._shards import MergeSummary, Shard, check_siblings, shard_output, try_merge
 from ._spec import JobSpec, load_spec
 from ._state import FAILED, FAILED_FOR_GOOD, OK, StateStore, done_rows, state_path
 from ._status import EVERY_S, StatusFile, status_path
@@ -77,6 +78,8 @@ class Summary:
     max_failed_share: float | None = None  # failed rows up to this share of rows still exit 0
     cache_hits: int = 0  # rows answered from the response cache, over all runs
     saved_usd: float | None = None  # what those answers would have cost
+    shard: str | None = None  # `I/N` for a shard's run
+    merged: str | None = None  # a shard's run: the merge it made, or why it made none
 
     @property
     def remaining(self) -> int:
@@ -111,7 +114,9 @@ class Summary:
                 tokens += f" (${self.saved_usd:,.4f} saved)"
         tail = f"output: {self.output}" if self.output_written else f"progress saved in {self.state}"
         sent = f"{self.requests:,} request{'' if self.requests == 1 else 's'}"
-        return f"{head}; {tokens}; {sent} in {self.elapsed_s:.1f} s; {tail}"
+        shard = f"shard {self.shard}: " if self.shard else ""
+        merged = f"; {self.merged}" if self.merged else ""
+        return f"{shard}{head}; {tokens}; {sent} in {self.elapsed_s:.1f} s; {tail}{merged}"
 
 
 def run_job(
@@ -125,6 +130,8 @@ def run_job(
     transport: httpx.AsyncBaseTransport | None = None,
     environ: Mapping[str, str] | None = None,
     handle_signals: bool = False,
+    shard: Shard | None = None,
+    merge: str | None = "file",
 ) -> Summary:
     """Run (or resume) a job to completion and write its output.
 
@@ -136,6 +143,11 @@ def run_job(
     A resumed job redoes rows that failed for transient reasons (retries spent on 5xx,
     timeouts); rows failed for good (a 4xx, an invalid answer) only with `retry_failed`.
     `max_failed_share` (else the spec's) lets that share of failed rows exit 0.
+
+    With `shard`, only that shard's rows are run, into its own state and output part
+    (see `_shards`). The shard that finishes last makes the job's output from the
+    parts: one file (`merge="file"`), a dataset folder (`"dataset"`), or none (None:
+    `merge_job` later).
     """
     started = time.monotonic()
     spec = job if isinstance(job, JobSpec) else load_spec(job)
@@ -148,8 +160,11 @@ def run_job(
     base_url = None
     if spec.api.base_url.startswith(MOCK_SCHEME):
         transport, base_url = transport or mock_transport(), MOCK_BASE_URL
-    _check_output(spec.output)
-    _check_free_space(spec.output.parent)
+    if shard is not None and limit is not None:
+        raise ConfigError("--limit and --shard do not go together: a shard's rows are a share of all the rows")
+    output_path = spec.output if shard is None else shard_output(spec.output, shard)
+    _check_output(output_path)
+    _check_free_space(output_path.parent)
 
     # One reader for the whole run: every pass sees the version of the input that
     # was fingerprinted, even if the file is replaced meanwhile.
@@ -157,10 +172,12 @@ def run_job(
     reader = InputReader(expand_inputs(spec.input), endpoint=spec.endpoint, require_model=spec.model is None,
                          template=template, reserved=[column.name for column in extra_columns(spec)],
                          priced=spec.pricing if spec.budget.max_usd is not None else None)
-    status = StatusFile(status_path(spec.output), job=spec.name, output=spec.output, rows=0)
+    status = StatusFile(status_path(output_path), job=spec.name, output=output_path, rows=0)
+    if shard is not None:
+        status.fixed["shard"] = str(shard)
     cache: ResponseCache | None = None
     try:
-        store, total, passthrough, asks = _open_state(spec, reader, limit=limit, restart=restart)
+        store, total, passthrough, asks = _open_state(spec, reader, limit=limit, restart=restart, shard=shard)
     except BaseException as exc:
         reader.close()
         if getattr(exc, "held_lock", False):
@@ -168,12 +185,15 @@ def run_job(
             # (never a running job's, nor one for a job that never began)
             status.stopped(str(exc), exc.exit_code)  # type: ignore[attr-defined]
         raise
+    # A shard runs rows [start, total): those before it count as done, and are not its to write
+    start, total = (0, total) if shard is None else shard.bounds(total)
     try:
         states = store.row_states(total)
         done = done_rows(states, retry_failed=retry_failed)
+        done[:start] = b"\x01" * start
         spent = (store.counts()["cost_usd"] or 0.0) if spec.pricing else 0.0  # the progress shows the job's total
-        progress.start(total, done.count(1), spent)
-        status.fixed["rows"] = total
+        progress.start(total - start, done.count(1) - start, spent)
+        status.fixed["rows"] = total - start
         client = Client(spec, api_key=api_key, transport=transport, base_url=base_url, environ=env)
         if spec.cache is not None:
             client.cache = cache = ResponseCache(spec.cache)
@@ -181,9 +201,9 @@ def run_job(
             before = store.counts()
             client.budget = Budget(spec.budget.max_usd, spec.budget.max_tokens,
                                    spent_usd=before["cost_usd"] or 0.0, spent_tokens=before["total_tokens"])
-        output = OutputWriter(spec.output, store, reader, rows=total, passthrough=passthrough,
-                              extras=extra_columns(spec, asks))
-        pool = _Pool(spec, client, store, output, reader, progress, done, total)
+        output = OutputWriter(output_path, store, reader, rows=total, passthrough=passthrough,
+                              extras=extra_columns(spec, asks), start=start)
+        pool = _Pool(spec, client, store, output, reader, progress, done, total, start)
         pool.status, pool.states, pool.totals = status, states, store.counts(below=total)
         # anyio leaves the default handlers behind; the caller's must be back for the
         # output writing that follows.
@@ -199,7 +219,7 @@ def run_job(
                 for signum, handler in saved_handlers.items():
                     signal.signal(signum, handler)
         counts = store.counts(below=total)
-        written = pool.aborted is None and counts["ok"] + counts["failed"] == total
+        written = pool.aborted is None and counts["ok"] + counts["failed"] == total - start
         if written:
             try:
                 reader.check_unchanged()  # the passthrough just copied is the fingerprinted one
@@ -214,16 +234,22 @@ def run_job(
         if cache is not None:
             cache.close()
 
+    merged = None
+    if shard is not None and written and merge is not None:  # the last shard to finish merges
+        outcome = try_merge(spec, dataset=merge == "dataset")
+        merged = outcome.line() if isinstance(outcome, MergeSummary) else f"not merged: {outcome}"
     summary = Summary(
         job=spec.name,
-        output=spec.output,
+        output=output_path,
         state=store.path,
-        rows=total,
+        rows=total - start,
         requests=client.requests_sent,
         elapsed_s=time.monotonic() - started,
         output_written=written,
         aborted=str(pool.aborted) if pool.aborted else None,
         max_failed_share=spec.max_failed_share if max_failed_share is None else max_failed_share,
+        shard=str(shard) if shard is not None else None,
+        merged=merged,
         **counts,
     )
     status.write(counts, requests=client.requests_sent, state="finished" if written else "stopped",
@@ -310,15 +336,15 @@ def _check_free_space(folder: Path) -> None:
         )
 
 
-def _open_state(spec: JobSpec, reader: InputReader, *, limit: int | None,
-                restart: bool) -> tuple[StateStore, int, dict[str, str], list[str]]:
+def _open_state(spec: JobSpec, reader: InputReader, *, limit: int | None, restart: bool,
+                shard: Shard | None = None) -> tuple[StateStore, int, dict[str, str], list[str]]:
     """Open (or make) the job's state and check it belongs to this input and spec.
 
     The input is validated in full the first time; a resume whose input digest
     matches the saved one trusts the saved row count, column types and the optional
     columns its rows ask for (`InputReader.asks`).
     """
-    path = state_path(spec.output)
+    path = state_path(spec.output if shard is None else shard_output(spec.output, shard))
     if restart:  # checked before anything is discarded: a bad input must not cost the progress
         digest = reader.fingerprint()
         rows, passthrough = reader.validate()
@@ -345,6 +371,9 @@ def _open_state(spec: JobSpec, reader: InputReader, *, limit: int | None,
                 "request": spec.request_config()}
         if asks:  # only when rows ask: states saved before this key still match
             meta["asks"] = asks
+        if shard is not None:
+            meta["shard"] = [shard.index, shard.count]
+            check_siblings(spec.output, shard, meta)
         store.claim(meta, spec_name=spec.name)
     except BatchrunError as exc:
         store.close(remove=fresh)
@@ -367,6 +396,7 @@ class _Pool:
         progress: Progress,
         done: bytearray,
         total: int,
+        start: int = 0,
     ) -> None:
         self.spec = spec
         self.client = client
@@ -379,8 +409,8 @@ class _Pool:
         # Rows settled so far (ok before this run, or saved in it) and the length of
         # their unbroken run from row 0: the output can be written up to there.
         self.settled = bytearray(done)
-        self.prefix = 0
-        self.published = 0  # rows [0, published) are written or being written to the output
+        self.prefix = start
+        self.published = start  # rows [start, published) are written or being written to the output
         self.fed_all = False
         self.tail_written = False
         self.aborted: JobAborted | None = None

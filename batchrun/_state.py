@@ -33,7 +33,7 @@ from ._exceptions import ConfigError, StateDamagedError, StateMismatchError, Sto
 from ._lock import JobLock
 from ._protocol import RESULT_FIELDS, Result
 
-__all__ = ["StateStore", "state_path"]
+__all__ = ["StateStore", "differences", "state_path"]
 
 SCHEMA_VERSION = "1"
 PRIVATE = 0o600
@@ -175,7 +175,7 @@ class StateStore:
                     [(k, json.dumps(v, sort_keys=True)) for k, v in {"version": SCHEMA_VERSION, **meta}.items()],
                 )
             return
-        changes = _differences(saved, {"version": SCHEMA_VERSION, **meta})
+        changes = differences(saved, {"version": SCHEMA_VERSION, **meta})
         if changes:
             raise StateMismatchError(
                 f"{self.path} holds the progress of a different job ({'; '.join(changes)}). "
@@ -426,7 +426,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+def differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """Human-readable differences: 'params.max_tokens was 64, now 128'."""
     out: list[str] = []
 

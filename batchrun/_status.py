@@ -84,13 +84,45 @@ class StatusFile:
 
 def job_status(spec: JobSpec) -> dict[str, Any]:
     """The job's status: the running job's own status file, else counted from its state
-    (with the last run's exit code and reason from its status file)."""
-    path = state_path(spec.output)
-    saved = read(status_path(spec.output)) or {}
+    (with the last run's exit code and reason from its status file).
+
+    A job run in shards has a `shards` list, each shard's status, and their sums; it is
+    finished once every shard is and the merged output exists.
+    """
+    from ._shards import dataset_folder, find_shards, shard_output
+
+    shards = find_shards(spec.output)
+    if not shards:
+        return _status_of(spec.name, spec.output)
+    parts = []
+    for shard in shards:
+        part = _status_of(spec.name, shard_output(spec.output, shard))
+        parts.append({"shard": str(shard), **{k: v for k, v in part.items() if k not in ("job", "version")}})
+    states = {part["state"] for part in parts}
+    count = next(iter(shards)).count
+    merged = spec.output.exists() or dataset_folder(spec.output).is_dir()
+    state = ("running" if "running" in states else
+             "finished" if states == {"finished"} and len(parts) == count and merged else "stopped")
+    total = {name: sum(part.get(name) or 0 for part in parts)
+             for name in ("rows", "ok", "failed", "failed_for_good", "remaining", "prompt_tokens",
+                          "completion_tokens", "total_tokens")}
+    costs = [part["cost_usd"] for part in parts if part.get("cost_usd") is not None]
+    missing = [str(i) for i in range(count) if all(s.index != i for s in shards)]
+    reason = (f"shard{'s' * (len(missing) > 1)} {', '.join(missing)} of {count} not started" if missing else
+              "every shard finished; not merged yet: batchrun merge" if states == {"finished"} and not merged
+              else None)
+    return {"job": spec.name, "output": str(spec.output), "state": state, "reason": reason,
+            "exit_code": None, "version": __version__, "shard_count": count, **total,
+            "cost_usd": sum(costs) if costs else None, "shards": parts}
+
+
+def _status_of(job: str, output: Path) -> dict[str, Any]:
+    path = state_path(output)
+    saved = read(status_path(output)) or {}
     holder = lock_holder(path)
     if holder and saved.get("state") == "running" and saved.get("pid") == holder:
         return saved
-    base = {"job": spec.name, "output": str(spec.output), "pid": holder, "version": __version__}
+    base = {"job": job, "output": str(output), "pid": holder, "version": __version__}
     try:
         store = StateStore.open(path, lock=False)
     except FileNotFoundError:
@@ -100,8 +132,13 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
     finally:
         store.close()
     rows = meta.get("rows", 0)
+    if meta.get("shard"):  # a shard's own rows
+        from ._shards import Shard
+
+        start, stop = Shard(*meta["shard"]).bounds(rows)
+        rows = stop - start
     remaining = max(0, rows - counts["ok"] - counts["failed"])
-    state = "running" if holder else ("finished" if remaining == 0 and spec.output.exists() else "stopped")
+    state = "running" if holder else ("finished" if remaining == 0 and output.exists() else "stopped")
     last_run = saved if saved.get("state") != "running" else {}
     return {**base, "state": state, "reason": last_run.get("reason"), "exit_code": last_run.get("exit_code"),
             "rows": rows, **counts, "remaining": remaining, "updated_at": saved.get("updated_at")}

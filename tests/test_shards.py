@@ -1,0 +1,133 @@
+"""Shards: N processes run one job together; `merge` (or the last shard) makes its output."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from batchrun._shards import Shard
+from tests.conftest import read_output, run_cli, start_cli, write_jsonl, write_spec
+from tests.fakeserver import FakeServer, Faults
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3, 7, 20_000, 20_003])
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 7])
+def test_shards_cover_every_row_once_in_order(rows: int, count: int) -> None:
+    covered = [i for index in range(count) for i in range(*Shard(index, count).bounds(rows))]
+    assert covered == list(range(rows))
+
+
+@pytest.mark.parametrize("text", ["4/4", "-1/4", "1/0", "1", "a/b", "1/4/2"])
+def test_a_shard_is_written_i_of_n(text: str) -> None:
+    with pytest.raises(ValueError):
+        Shard.parse(text)
+
+
+def _prompt_index(body: dict) -> int:
+    return int(body["prompt"].split()[1])
+
+
+def test_four_shards_at_once_with_faults_and_kills_merge_every_row_once_in_order(
+        tmp_path: Path, server: FakeServer) -> None:
+    rows = 20_000
+    server.faults = Faults(seed=11, error_503_rate=0.02, drop_rate=0.01, latency_s=0.002)
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"row {i}", "n_in": i} for i in range(rows)])
+    spec = write_spec(tmp_path, concurrency=16, api={"base_url": server.base_url})
+    victim = Shard(2, 4)
+    start, stop = victim.bounds(rows)
+
+    def sent_by_victim() -> int:
+        return sum(start <= _prompt_index(r.body) < stop for r in list(server.requests))
+
+    others = [start_cli("run", str(spec), "--shard", f"{i}/4", "--no-progress") for i in (0, 1, 3)]
+    for kill in range(2):  # shard 2 is killed with kill -9 twice, mid-run
+        proc = start_cli("run", str(spec), "--shard", str(victim), "--no-progress")
+        target = sent_by_victim() + 300 + 200 * kill
+        deadline = time.monotonic() + 60
+        while sent_by_victim() < target and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+        assert proc.returncode == -signal.SIGKILL
+    outs = [proc.communicate(timeout=120) for proc in others]
+    assert [proc.returncode for proc in others] == [0, 0, 0], outs
+    assert not (tmp_path / "out/result.parquet").exists()  # shard 2 has not finished
+
+    result = run_cli("run", str(spec), "--shard", str(victim), "--no-progress")  # last to finish: merges
+
+    assert result.code == 0, result.stderr
+    assert "merged 4 shards: 20,000 rows, 20,000 ok" in result.stdout
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["row_index"] for r in out] == list(range(rows))
+    assert [r["n_in"] for r in out] == list(range(rows))
+    for row in out:
+        assert row["status"] == "ok"
+        assert row["output_text"] in {a["choices"][0]["text"] for a in server.answers[f"row {row['row_index']}"]}
+    paid_twice = sum(len(answers) - 1 for answers in server.answers.values())
+    assert paid_twice <= 2 * 16, paid_twice  # a kill costs at most the victim's requests in flight
+    status = json.loads(run_cli("status", str(spec), "--json").stdout)
+    assert status["state"] == "finished" and status["ok"] == rows and status["shard_count"] == 4
+    assert [s["shard"] for s in status["shards"]] == ["0/4", "1/4", "2/4", "3/4"]
+
+
+@pytest.fixture
+def sharded(tmp_path: Path) -> Path:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"row {i}", "tag": i} for i in range(30)])
+    return write_spec(tmp_path, api={"base_url": "mock://"})
+
+
+def test_merge_waits_for_every_shard_and_names_the_missing(sharded: Path) -> None:
+    first = run_cli("run", str(sharded), "--shard", "0/3", "--no-progress")
+    assert first.code == 0, first.stderr
+    assert "not merged: shards 1, 2 of 3 not started" in first.stdout
+
+    merged = run_cli("merge", str(sharded))
+
+    assert merged.code == 3
+    assert "shards 1, 2 of 3 not started" in merged.stderr
+    assert not (sharded.parent / "out/result.parquet").exists()
+    status = json.loads(run_cli("status", str(sharded), "--json").stdout)
+    assert status["state"] == "stopped" and status["reason"] == "shards 1, 2 of 3 not started"
+    assert status["shards"][0]["state"] == "finished" and status["shards"][0]["rows"] == 10
+
+
+def test_merge_makes_one_file_or_a_dataset_folder_in_input_order(sharded: Path) -> None:
+    for i in (2, 0, 1):
+        assert run_cli("run", str(sharded), "--shard", f"{i}/3", "--no-merge", "--no-progress").code == 0
+    assert not (sharded.parent / "out/result.parquet").exists()
+
+    file = run_cli("merge", str(sharded))
+    folder = run_cli("merge", str(sharded), "--dataset")
+
+    assert file.code == 0 and folder.code == 0, (file.stderr, folder.stderr)
+    one = read_output(sharded.parent / "out/result.parquet")
+    assert [r["tag"] for r in one] == list(range(30)) and [r["row_index"] for r in one] == list(range(30))
+    parts = sorted(p.name for p in (sharded.parent / "out/result").iterdir())
+    assert parts == ["part-00000-of-00003.parquet", "part-00001-of-00003.parquet", "part-00002-of-00003.parquet"]
+    assert pq.read_table(sharded.parent / "out/result").to_pylist() == one
+
+
+def test_shards_of_another_n_or_a_changed_spec_never_mix(sharded: Path) -> None:
+    assert run_cli("run", str(sharded), "--shard", "0/3", "--no-progress").code == 0
+
+    other_n = run_cli("run", str(sharded), "--shard", "1/4", "--no-progress")
+    assert other_n.code == 2
+    assert "holds shards of 3 (not 4)" in other_n.stderr
+
+    text = sharded.read_text().replace("test-model", "other-model")
+    sharded.write_text(text)
+    changed = run_cli("run", str(sharded), "--shard", "1/3", "--no-progress")
+    assert changed.code == 2
+    assert 'request.model was "test-model", now "other-model"' in changed.stderr
+    merged = run_cli("merge", str(sharded))
+    assert merged.code == 2 and 'request.model was "test-model", now "other-model"' in merged.stderr
+
+
+def test_limit_and_shard_do_not_go_together(sharded: Path) -> None:
+    result = run_cli("run", str(sharded), "--shard", "0/3", "--limit", "5", "--no-progress")
+    assert result.code == 2 and "--limit and --shard" in result.stderr
