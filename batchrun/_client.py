@@ -26,7 +26,8 @@ from .endpoints.embeddings import share
 from ._inputs import Row
 from ._network import proxy_for, ssl_context
 from ._policy import classify, retrying
-from ._rate import RateLimiter, estimate_tokens
+from ._concurrency import ConcurrencyLimit
+from ._rate import RateLimiter, estimate_tokens, pushed_back
 from ._secrets import Redactor
 from ._spec import JobSpec
 from ._structured import Structure
@@ -98,6 +99,8 @@ class Client:
             requests_per_minute=spec.rate_limit.requests_per_minute,
             tokens_per_minute=spec.rate_limit.tokens_per_minute,
         )
+        # Requests in flight: at most `concurrency`, fewer while the server says it is full
+        self.in_flight = ConcurrencyLimit(spec.concurrency)
         self.requests_sent = 0
         # The job's budget, with what earlier runs spent: the runner sets it (see `_pricing`)
         self.budget: Budget | None = None
@@ -302,8 +305,12 @@ class Client:
         started = time.monotonic()
         headers = [*self._headers, ("content-length", str(len(attempt.payload)))]
         request = httpx.Request("POST", attempt.url, headers=headers, stream=httpx.ByteStream(attempt.payload))
+        sent = await self.in_flight.enter()
+        load = None  # what the answer says about the server's load
         try:
             response = await self._transport.handle_async_request(request)
+            load = "pushback" if pushed_back(response.status_code, response.headers) else (
+                "ok" if response.is_success else None)
         except httpx.TimeoutException as exc:
             raise RetryableAPIError(f"no complete answer within {self.spec.api.timeout_s:g} s") from exc
         except (AnswerTooLarge, httpx.DecodingError) as exc:
@@ -315,8 +322,10 @@ class Client:
         except httpx.TransportError as exc:
             raise RetryableAPIError(f"connection failed: {type(exc).__name__}: {exc}") from exc
         finally:
-            attempt.latency = time.monotonic() - started
-        self.limiter.observe(response.status_code, response.headers, time.monotonic())
+            now = time.monotonic()
+            attempt.latency = now - started
+            self.in_flight.leave(sent, load, now)
+        self.limiter.observe(response.status_code, response.headers, now)
         if not response.is_success:
             raise classify(response.status_code, response.headers, response.content, now=time.time())
         try:

@@ -22,7 +22,7 @@ import re
 from collections import deque
 from collections.abc import Mapping
 
-__all__ = ["RateLimiter", "estimate_tokens", "parse_duration"]
+__all__ = ["RateLimiter", "estimate_tokens", "parse_duration", "pushed_back"]
 
 DECREASE_FACTOR = 0.9  # of the rate the server admitted when it pushed back
 MIN_RATE = 0.2  # requests/s: never stall completely
@@ -79,10 +79,7 @@ class RateLimiter:
         """Learn from one HTTP answer."""
         if 200 <= status < 300:
             _record(self._admitted, now, now)
-        pushed_back = status == 429 or (
-            status == 503 and ("retry-after" in headers or "retry-after-ms" in headers)
-        ) or headers.get("x-ratelimit-over-limit", "").lower() == "yes"
-        if pushed_back:
+        if pushed_back(status, headers):
             self.pushbacks += 1
             _record(self._pushed, now, now)
             _record(self._admitted, None, now)
@@ -123,6 +120,13 @@ class RateLimiter:
             rate = min(rate, self.ceiling)
         self.rate = max(MIN_RATE, rate)
         self._last_change = now
+
+
+def pushed_back(status: int, headers: Mapping[str, str]) -> bool:
+    """The server says it is over a limit: a 429, a 503 naming a wait, or Fireworks'
+    `x-ratelimit-over-limit: yes` on an answer it still served."""
+    return status == 429 or (status == 503 and ("retry-after" in headers or "retry-after-ms" in headers)) or \
+        headers.get("x-ratelimit-over-limit", "").lower() == "yes"
 
 
 def _rate_of(times: deque[float], now: float) -> float:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._exceptions import ConfigError, JobAborted, StateMismatchError, StorageError, UsageError
 from ._lock import lock_holder
-from ._state import StateStore, differences, state_path
+from ._state import StateStore, differences
 
 if TYPE_CHECKING:
     from ._spec import JobSpec

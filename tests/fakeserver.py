@@ -66,6 +66,9 @@ class Faults:
     # or every answer when invalid_answer_always.
     invalid_answer_rate: float = 0.0
     invalid_answer_always: bool = False
+    # At most this many requests in flight: one more is answered 429 with Retry-After:
+    # retry_after at once (and not counted in flight), as LiteLLM's max_parallel_requests does.
+    max_in_flight: int | None = None
 
     def __post_init__(self) -> None:
         if self.usage_style not in ("fireworks", "openai"):
@@ -216,7 +219,16 @@ class FakeServer:
         # Decided before any await, so the random draws follow the arrival order.
         outcome, status, error = self._decide(faults, headers, body, key)
         with self._cond:
+            if faults.max_in_flight is not None and self.in_flight >= faults.max_in_flight and error is None:
+                outcome, status, error = "busy", 429, error_body(
+                    "too many requests in flight (injected)", "rate_limit_error", "rate_limit_exceeded")
             self.requests.append(Recorded(path, headers, body, key, outcome))
+            if outcome == "busy":
+                self._cond.notify_all()
+        if outcome == "busy":
+            await _send(writer, 429, error, headers={"Retry-After": faults.retry_after}, close=close)
+            return not close
+        with self._cond:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self._cond.notify_all()

@@ -45,7 +45,7 @@ PY = sys.executable
 KEY_ENV = "BENCH_API_KEY"
 CLIENT_TIMEOUT_S = 20 * 60  # a hung client is killed, and its row says so
 
-SCENARIOS = ("zero", "latency", "ratelimit", "adapt", "adapt-blind", "memory", "embeddings", "template",
+SCENARIOS = ("zero", "latency", "ratelimit", "adapt", "adapt-blind", "inflight", "memory", "embeddings", "template",
              "validate", "embed-memory")
 DEFAULT_SCENARIOS = ("zero", "latency", "memory")
 
@@ -74,7 +74,7 @@ class Server:
     """tests/bench/server.py in its own process; `stats` is filled in by stop()."""
 
     def __init__(self, workdir: Path, label: str, *, latency_ms: float = 0, jitter_ms: float = 0,
-                 rpm_limit: int = 0, silent: bool = False, embed_dims: int = 256) -> None:
+                 rpm_limit: int = 0, silent: bool = False, embed_dims: int = 256, max_in_flight: int = 0) -> None:
         self.stats_path = workdir / f"server-{label.replace(' ', '_')}.json"
         self.cmd = [PY, str(HERE / "server.py"), "--port", "0", "--latency-ms", f"{latency_ms:g}",
                     "--jitter-ms", f"{jitter_ms:g}", "--stats", str(self.stats_path), "--embed-dims", str(embed_dims)]
@@ -82,6 +82,8 @@ class Server:
             self.cmd += ["--rpm-limit", str(rpm_limit)]
         if silent:
             self.cmd.append("--no-ratelimit-headers")
+        if max_in_flight:
+            self.cmd += ["--max-in-flight", str(max_in_flight)]
         self.proc: subprocess.Popen[str] | None = None
         self.base_url = ""
         self.stats: dict = {}
@@ -362,6 +364,26 @@ def scenario_adapt_blind(workdir: Path, rows: int | None) -> None:
     scenario_adapt(workdir, rows, silent=True)
 
 
+def scenario_inflight(workdir: Path, rows: int | None) -> None:
+    """A server that holds 2 requests in flight and refuses a third with 429 and
+    retry-after: 60, answering in 50 ms: concurrency 32 with nothing stated against 2."""
+    rows = rows or 2_000
+    data = make_input(workdir / "inflight.jsonl", rows)
+    server = {"latency_ms": 50, "max_in_flight": 2}
+    two = measured(workdir, batchrun, "batchrun concurrency 2", data, rows, 2, server)
+    many = measured(workdir, batchrun, "batchrun concurrency 32", data, rows, 32, server)
+    bound = 1.5 * two.wall_s + 60
+    body = table(
+        ["client", "rows ok", "exit", "wall s", "429s", "429s / row"],
+        [[run.label, ok_rows(run), run.rc, run.wall_s, run.server.get("throttled_429", 0),
+          f"{run.server.get('throttled_429', 0) / rows:.3f}"] for run in (two, many)],
+    )
+    body += (f"\n\nconcurrency 32 took {many.wall_s:.1f} s against a bound of 1.5 × {two.wall_s:.1f} s + 60 s "
+             f"(one retry-after) = {bound:.1f} s: {many.wall_s / bound:.2f} of it")
+    report(f"inflight: {rows:,} rows, server holds 2 in flight (429, retry-after: 60), 50 ms answers", body,
+           [two, many])
+
+
 def memory_report(workdir: Path, small: int, make, title: str, concurrency: int, **kw) -> None:
     """batchrun at `small` and 10 x `small` rows made by `make(path, n)`: peak RSS side by side."""
     large = small * 10
@@ -528,7 +550,7 @@ def git_describe() -> str:
 RUNNERS = {"zero": scenario_zero, "latency": scenario_latency, "ratelimit": scenario_ratelimit,
            "adapt": scenario_adapt, "adapt-blind": scenario_adapt_blind, "memory": scenario_memory,
            "embeddings": scenario_embeddings, "template": scenario_template, "validate": scenario_validate,
-           "embed-memory": scenario_embed_memory}
+           "embed-memory": scenario_embed_memory, "inflight": scenario_inflight}
 
 
 def main() -> None:

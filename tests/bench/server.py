@@ -135,8 +135,12 @@ class TokenBucket:
 class Server:
     """Shared state of all connections."""
 
-    def __init__(self, latency_s: float, jitter_s: float, bucket: TokenBucket | None) -> None:
+    def __init__(self, latency_s: float, jitter_s: float, bucket: TokenBucket | None,
+                 max_in_flight: int = 0, retry_after: int = 60) -> None:
         self.loop = asyncio.get_running_loop()
+        self.max_in_flight = max_in_flight  # 0: no limit; else one more is refused at once (429)
+        self.retry_after = retry_after
+        self.in_flight = 0
         self.latency_s = latency_s
         self.jitter_s = jitter_s
         self.bucket = bucket
@@ -236,6 +240,13 @@ class Connection(asyncio.Protocol):
                 self.queue(0.0, _HEAD_429 + limit_head + b"content-length: %d\r\n%s\r\n" % (len(_BODY_429), close)
                            + _BODY_429, False)
                 return
+        if server.max_in_flight:
+            if server.in_flight >= server.max_in_flight:  # as LiteLLM's max_parallel_requests does
+                server.stats.throttled += 1
+                self.queue(0.0, _HEAD_429 + b"retry-after: %d\r\ncontent-length: %d\r\n%s\r\n"
+                           % (server.retry_after, len(_BODY_429), close) + _BODY_429, False)
+                return
+            server.in_flight += 1
         server.counter += 1
         n = server.counter
         prompt_tokens = 1 + body_len // 8  # a cheap stand-in: the body is not parsed
@@ -263,6 +274,8 @@ class Connection(asyncio.Protocol):
             self.send(response, ok)
 
     def send(self, response: bytes, ok: bool) -> None:
+        if ok and self.server.max_in_flight:
+            self.server.in_flight -= 1
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -277,7 +290,7 @@ class Connection(asyncio.Protocol):
 
 async def serve(args: argparse.Namespace) -> None:
     bucket = TokenBucket(args.rpm_limit, silent=args.no_ratelimit_headers) if args.rpm_limit else None
-    server = Server(args.latency_ms / 1000, args.jitter_ms / 1000, bucket)
+    server = Server(args.latency_ms / 1000, args.jitter_ms / 1000, bucket, args.max_in_flight, args.retry_after)
     server.set_dims(args.embed_dims)
     # A large backlog: hundreds of clients connect in the same millisecond, and the
     # default (100) would drop SYNs and add 1 s retransmit stalls to the measurement.
@@ -298,6 +311,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--max-in-flight", type=int, default=0, help="answer 429 beyond this many in flight")
+    parser.add_argument("--retry-after", type=int, default=60, help="with --max-in-flight: its 429s' retry-after")
     parser.add_argument("--jitter-ms", type=float, default=0.0, help="uniform +- on the latency")
     parser.add_argument("--rpm-limit", type=int, default=0, help="requests per minute; 0: no limit")
     parser.add_argument("--no-ratelimit-headers", action="store_true",

@@ -1,0 +1,129 @@
+"""The limit on requests in flight, found from the server's push-back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from batchrun._concurrency import PROBE_FIRST_S, ConcurrencyLimit
+
+from tests.conftest import read_output, run_cli, write_jsonl, write_spec
+from tests.fakeserver import FakeServer, Faults
+
+
+def fill(gate: ConcurrencyLimit, n: int) -> list[tuple[int, int]]:
+    """n requests ask to enter at once: those the limit lets through, without waiting."""
+    sent: list[tuple[int, int]] = []
+    for _ in range(n):
+        coroutine = gate.enter()
+        try:
+            coroutine.send(None)
+        except StopIteration as done:  # entered on the fast path
+            sent.append(done.value)
+        else:  # it would wait: withdraw
+            coroutine.close()
+    return sent
+
+
+@pytest.mark.anyio
+async def test_a_full_server_cuts_the_limit_to_what_it_admitted_once_per_change() -> None:
+    gate = ConcurrencyLimit(32)
+    sent = fill(gate, 31)
+    assert [k for k, _ in sent] == list(range(31))
+    for s in sent[2:]:  # the server holds 2: the rest are pushed back at once
+        gate.leave(s, "pushback", now=0.01)
+    assert gate.limit == 1 and gate.cuts == 1  # requests sent before the cut say nothing about it
+    gate.leave(sent[0], "ok", now=0.05)
+    gate.leave(sent[1], "ok", now=0.05)
+    assert gate.limit == 2  # one step a round trip, up to the level below the one that failed
+
+
+@pytest.mark.anyio
+async def test_the_failed_level_is_probed_after_doubling_clean_spells() -> None:
+    gate = ConcurrencyLimit(32)
+    gate.leave(fill(gate, 1)[0], "ok", now=0.0)
+    burst = fill(gate, 3)
+    gate.leave(burst[2], "pushback", now=0.0)  # k=2 pushed back: at most 2 in flight
+    for s in burst[:2]:
+        gate.leave(s, "ok", now=0.0)
+    assert gate.limit == 2
+    now, probes = 0.0, []
+    while now < 70:
+        now += 0.05
+        pair = fill(gate, 3)  # always wanting more than the limit
+        for s in pair:
+            gate.leave(s, "pushback" if s[0] >= 2 else "ok", now=now)
+            if s[0] >= 2:
+                probes.append(round(now, 2))
+    assert gate.limit == 2
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert len(probes) <= 7, probes  # 1, 2, 4, 8, 16, 32 s apart: a handful in 70 s, not one a second
+    assert all(later >= earlier * 1.9 for earlier, later in zip(gaps, gaps[1:])), gaps
+    assert gaps[0] >= PROBE_FIRST_S
+
+
+@pytest.mark.anyio
+async def test_a_pushback_at_a_level_that_went_through_lately_is_not_about_concurrency() -> None:
+    gate = ConcurrencyLimit(16)
+    sent = fill(gate, 8)
+    for s in sent[3:]:
+        gate.leave(s, "ok", now=0.1)
+    gate.leave(sent[2], "pushback", now=0.1)  # k=2: but k=7 went through just now...
+    assert gate.limit == 16  # ... so this is a rate limit or a stray, for the rate policy
+    gate.leave(sent[1], "pushback", now=0.1)
+    assert gate.limit == 16 and gate.cuts == 0
+
+
+@pytest.mark.anyio
+async def test_the_limit_grows_back_when_the_server_frees_up() -> None:
+    gate = ConcurrencyLimit(8)
+    sent = fill(gate, 5)
+    gate.leave(sent[4], "pushback", now=0.0)
+    assert gate.limit == 1
+    for s in sent[:4]:
+        gate.leave(s, "ok", now=0.0)
+    now = 0.0
+    while now < 60 and gate.limit < 8:
+        now += 0.05
+        for s in fill(gate, 8):
+            gate.leave(s, "ok", now=now)
+    assert gate.limit == 8, now
+
+
+@pytest.mark.anyio
+async def test_a_fixed_limit_never_moves() -> None:
+    gate = ConcurrencyLimit(4, fixed=True)
+    sent = fill(gate, 6)
+    assert len(sent) == 4  # the other two waited
+    for s in sent:
+        gate.leave(s, "pushback", now=0.0)
+    assert gate.limit == 4 and gate.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_gives_its_slot_on() -> None:
+    gate = ConcurrencyLimit(1)
+    first = await gate.enter()
+    with anyio.move_on_after(0.01):
+        await gate.enter()
+    gate.leave(first, "ok", now=0.0)
+    assert gate.in_flight == 0
+    assert await gate.enter() == (0, gate._generation)
+
+
+def test_a_server_that_holds_two_in_flight_gets_few_429s_and_every_row(tmp_path: Path, server: FakeServer) -> None:
+    rows = 400
+    server.faults = Faults(max_in_flight=2, retry_after="2", latency_s=0.02)
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"row {i}"} for i in range(rows)])
+    spec = write_spec(tmp_path, concurrency=32, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["status"] for r in out] == ["ok"] * rows
+    assert all(len(server.answers[f"row {i}"]) == 1 for i in range(rows))
+    busy = sum(r.outcome == "busy" for r in server.requests)
+    assert busy < rows / 10, busy  # the first burst, then a few probes: not a 429 per row
