@@ -42,6 +42,7 @@ from ._output import ROW_GROUP_ROWS, OutputWriter, load_arrow
 from ._policy import FailureStreak
 from ._pricing import Budget
 from ._progress import NullProgress, Progress
+from ._rate import RateLimiter
 from ._protocol import Result
 from ._shards import MergeSummary, Shard, check_siblings, shard_output, try_merge
 from ._spec import JobSpec, load_spec
@@ -132,6 +133,7 @@ def run_job(
     handle_signals: bool = False,
     shard: Shard | None = None,
     merge: str | None = "file",
+    rate_limiter: RateLimiter | None = None,
 ) -> Summary:
     """Run (or resume) a job to completion and write its output.
 
@@ -148,6 +150,9 @@ def run_job(
     (see `_shards`). The shard that finishes last makes the job's output from the
     parts: one file (`merge="file"`), a dataset folder (`"dataset"`), or none (None:
     `merge_job` later).
+
+    `rate_limiter` replaces the run's own rate policy: one that shares a job-wide quota
+    with other processes (see `_ray`) has the same methods as `RateLimiter`.
     """
     started = time.monotonic()
     spec = job if isinstance(job, JobSpec) else load_spec(job)
@@ -195,6 +200,8 @@ def run_job(
         progress.start(total - start, done.count(1) - start, spent)
         status.fixed["rows"] = total - start
         client = Client(spec, api_key=api_key, transport=transport, base_url=base_url, environ=env)
+        if rate_limiter is not None:
+            client.limiter = rate_limiter
         if spec.cache is not None:
             client.cache = cache = ResponseCache(spec.cache)
         if spec.budget.is_set:  # what earlier runs spent counts against it
