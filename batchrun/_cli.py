@@ -237,7 +237,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  cost       ${data['cost_usd']:,.4f}")
     if data.get("exit_code") is not None:
         print(f"  exit code  {data['exit_code']} (the last run's)")
-    print(f"  output     {data['output']}{'' if Path(data['output']).exists() else ' (not written yet)'}")
+    written = data["state"] == "finished" or Path(data["output"]).exists()
+    print(f"  output     {data['output']}{'' if written else ' (not written yet)'}")
     for shard in data.get("shards", ()):
         print(f"  shard {shard['shard']:>9}  {shard['state']:<11}  {shard.get('ok', 0):,} ok, "
               f"{shard.get('failed', 0):,} failed, {shard.get('remaining', shard.get('rows', 0)):,} remaining"

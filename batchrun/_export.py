@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ._exceptions import ConfigError, InputError, StorageError
-from ._files import expand_inputs
+from ._remote import job_inputs
 from ._inputs import InputReader, Row
 from ._spec import JobSpec, load_spec
 from ._template import Template
@@ -78,7 +78,7 @@ def _answered_rows(spec: JobSpec) -> Iterator[tuple[Row, dict[str, Any]]]:
     import pyarrow.parquet as pq
 
     template = Template(spec.template) if spec.template is not None else None
-    with InputReader(expand_inputs(spec.input), endpoint=spec.endpoint, template=template) as reader:
+    with InputReader(job_inputs(spec), endpoint=spec.endpoint, template=template) as reader:
         rows = reader.rows()
         try:
             output = pq.ParquetFile(spec.output)

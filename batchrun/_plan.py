@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ._exceptions import ConfigError
-from ._files import expand_inputs
+from ._remote import job_inputs
 from ._inputs import InputReader, Row
 from ._pricing import completion_bound
 from ._spec import JobSpec, load_spec
@@ -76,7 +76,7 @@ def plan_job(job: str | os.PathLike[str] | JobSpec) -> Plan:
     spec = job if isinstance(job, JobSpec) else load_spec(job)
     template = Template(spec.template) if spec.template is not None else None
     notes: list[str] = []
-    with InputReader(expand_inputs(spec.input), endpoint=spec.endpoint, require_model=spec.model is None,
+    with InputReader(job_inputs(spec), endpoint=spec.endpoint, require_model=spec.model is None,
                      template=template) as reader:
         digest = reader.fingerprint()
         total, _ = reader.validate()

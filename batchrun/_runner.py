@@ -34,7 +34,8 @@ from ._columns import extra_columns
 from ._exceptions import (
     BatchrunError, BudgetReached, ConfigError, InputChangedError, InputError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
 )
-from ._files import expand_inputs
+from ._lock import lock_holder
+from ._remote import Remote, job_inputs
 from ._inputs import InputReader, Row
 from ._mock import MOCK_BASE_URL, MOCK_SCHEME, mock_transport
 from ._network import check_key_route, proxy_for
@@ -62,7 +63,7 @@ class Summary:
     """What a run did; `exit_code` is the CLI's."""
 
     job: str
-    output: Path
+    output: Path | str  # a URL where the output is on object storage
     state: Path
     rows: int
     ok: int
@@ -170,11 +171,17 @@ def run_job(
     output_path = spec.output if shard is None else shard_output(spec.output, shard)
     _check_output(output_path)
     _check_free_space(output_path.parent)
+    # With the output on object storage: work in its local mirror, from the newest state
+    remote = Remote(spec.output_url, spec.output) if spec.output_url else None
+    if remote is not None:
+        if holder := lock_holder(state_path(output_path)):
+            raise ConfigError(f"this job is already running (pid {holder}, in {output_path.parent})")
+        remote.pull_state(state_path(output_path))
 
     # One reader for the whole run: every pass sees the version of the input that
     # was fingerprinted, even if the file is replaced meanwhile.
     template = Template(spec.template) if spec.template is not None else None
-    reader = InputReader(expand_inputs(spec.input), endpoint=spec.endpoint, require_model=spec.model is None,
+    reader = InputReader(job_inputs(spec), endpoint=spec.endpoint, require_model=spec.model is None,
                          template=template, reserved=[column.name for column in extra_columns(spec)],
                          priced=spec.pricing if spec.budget.max_usd is not None else None)
     status = StatusFile(status_path(output_path), job=spec.name, output=output_path, rows=0)
@@ -211,6 +218,7 @@ def run_job(
         output = OutputWriter(output_path, store, reader, rows=total, passthrough=passthrough,
                               extras=extra_columns(spec, asks), start=start)
         pool = _Pool(spec, client, store, output, reader, progress, done, total, start)
+        pool.remote = remote
         pool.status, pool.states, pool.totals = status, states, store.counts(below=total)
         # anyio leaves the default handlers behind; the caller's must be back for the
         # output writing that follows.
@@ -247,7 +255,7 @@ def run_job(
         merged = outcome.line() if isinstance(outcome, MergeSummary) else f"not merged: {outcome}"
     summary = Summary(
         job=spec.name,
-        output=output_path,
+        output=remote.url_of(output_path) if remote else output_path,
         state=store.path,
         rows=total - start,
         requests=client.requests_sent,
@@ -261,6 +269,11 @@ def run_job(
     )
     status.write(counts, requests=client.requests_sent, state="finished" if written else "stopped",
                  reason=summary.aborted, exit_code=summary.exit_code)
+    if remote is not None:  # every stop: the output first, then the state that says it is done
+        if written:
+            remote.push_file(output_path)
+        remote.push_state(store.path)
+        remote.push_file(status.path)
     if pool.aborted is not None:
         pool.aborted.summary = summary  # type: ignore[attr-defined]
         raise pool.aborted
@@ -426,6 +439,7 @@ class _Pool:
         self.output_failed = False  # answers are still saved; the output waits for a rerun
         self.streak = FailureStreak()
         self.token: object | None = None  # the event loop's, for `stop_from_outside`
+        self.remote: Remote | None = None  # the store the state is uploaded to
         self.stop_request: JobAborted | None = None
         # Rows a worker takes at once: embeddings go several to a request
         self.group = spec.inputs_per_request if spec.endpoint is not None and get_endpoint(spec.endpoint).grouped else 1
@@ -454,6 +468,8 @@ class _Pool:
                 if handle_signals:
                     outer.start_soon(self._watch_signals)
                 outer.start_soon(self._report)
+                if self.remote is not None:
+                    outer.start_soon(self._upload)
                 async with anyio.create_task_group() as saving:
                     saving.start_soon(self._write, results_receive, due_send)
                     saving.start_soon(self._publish, due_receive)
@@ -624,6 +640,21 @@ class _Pool:
                 except (StorageError, InputChangedError) as exc:
                     self.output_failed = True
                     self._stop(exc)
+
+    # -- object storage --------------------------------------------------------------
+
+    async def _upload(self) -> None:
+        """The state (and status) to the store every checkpoint.interval_s: a lost
+        machine costs at most the answers received since."""
+        assert self.remote is not None
+        while True:
+            await anyio.sleep(self.spec.checkpoint.interval_s)
+            try:
+                await anyio.to_thread.run_sync(self.remote.push_state, self.store.path)
+                await anyio.to_thread.run_sync(self.remote.push_file, self.status.path)
+            except StorageError as exc:
+                self._stop(exc)
+                return
 
     # -- status ------------------------------------------------------------------------
 

@@ -134,7 +134,7 @@ def check_siblings(output: Path, shard: Shard, meta: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class MergeSummary:
-    output: Path
+    output: Path | str  # a URL on object storage
     shards: int
     rows: int
     ok: int
@@ -158,8 +158,14 @@ def merge_job(spec: JobSpec, *, dataset: bool = False) -> MergeSummary:
     """
     import pyarrow.parquet as pq
 
-    shards = find_shards(spec.output)
     folder = shard_folder(spec.output)
+    remote = None
+    if spec.output_url:  # the shards ran on other machines: their states and parts are on the store
+        from ._remote import Remote
+
+        remote = Remote(spec.output_url, spec.output)
+        remote.pull_folder(folder)
+    shards = find_shards(spec.output)
     if not shards:
         raise ConfigError(f"{folder}: no shards of {spec.name} to merge; run it with --shard I/N first")
     counts = sorted({s.count for s in shards})
@@ -208,7 +214,11 @@ def merge_job(spec: JobSpec, *, dataset: bool = False) -> MergeSummary:
             _link_parts(parts, dataset_folder(spec.output))
         else:
             _concatenate(parts, spec.output)
-    return MergeSummary(dataset_folder(spec.output) if dataset else spec.output, count, rows, ok, failed)
+        if remote is not None:
+            for made in sorted(dataset_folder(spec.output).iterdir()) if dataset else [spec.output]:
+                remote.push_file(made)
+    where = dataset_folder(spec.output) if dataset else spec.output
+    return MergeSummary(remote.url_of(where) if remote else where, count, rows, ok, failed)
 
 
 def try_merge(spec: JobSpec, *, dataset: bool = False) -> MergeSummary | str:

@@ -24,6 +24,7 @@ from ._exceptions import SpecError
 from ._files import INPUT_SUFFIXES
 from ._cache import CacheSpec
 from ._pricing import MAX_TOKENS_KEYS, Price
+from ._remote import is_url, work_folder
 from ._template import TEMPLATE_FIELDS, Template
 
 __all__ = ["ApiSpec", "BudgetSpec", "JobSpec", "RateLimitSpec", "RetrySpec", "load_spec", "parse_spec"]
@@ -45,6 +46,11 @@ class RetrySpec:
 class RateLimitSpec:
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    interval_s: float = 10.0  # with the state on object storage: the longest between uploads
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,11 @@ class JobSpec:
     max_failed_share: float | None = None  # failed rows up to this share of all rows: exit 0
     tokenizer: Path | None = None  # a Hugging Face tokenizer.json, for `batchrun plan`
     cache: CacheSpec | None = None  # a response cache shared by jobs: see `_cache`
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    # On object storage (see `_remote`): the URLs; `input` is then empty and `output` the
+    # local working copy of the output.
+    input_urls: tuple[str, ...] = ()
+    output_url: str | None = None
     source: Path | None = None  # the spec file, for messages
 
     @property
@@ -235,28 +246,29 @@ def _check_json(value: Any, path: str) -> None:
         raise SpecError(f"{path}: cannot be sent as JSON ({exc}); quote dates, and use no .nan or .inf") from None
 
 
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-
-
 def _not_a_url(value: str, key: str) -> None:
-    """`output: s3://b/x.parquet` would otherwise be a local folder named `s3:`."""
-    if _URL.match(value):
-        raise SpecError(f"{key}: {value!r} is a URL; batchrun reads and writes local files only (object storage "
-                        "is not supported yet): copy it to a local path")
+    """`cache: s3://b/c.sqlite` would otherwise be a local folder named `s3:`."""
+    if is_url(value):
+        raise SpecError(f"{key}: {value!r} is a URL; the {key} must be a local file")
 
 
-def _input(raw: Any, base_dir: Path) -> tuple[Path, ...]:
-    """A file, a glob, or a list of them; globs are expanded when the job runs."""
+def _input(raw: Any, base_dir: Path) -> tuple[tuple[Path, ...], tuple[str, ...]]:
+    """A file, a glob, or a list of them (globs are expanded when the job runs): local
+    paths, or URLs on object storage (a glob in their last part), not both."""
     items = raw if isinstance(raw, list) else [raw]
     if not items or not all(isinstance(item, str) and item for item in items):
         raise SpecError(f"input: expected a file, a glob or a list of them, got {raw!r}")
-    paths = []
+    paths, urls = [], []
     for item in items:
-        _not_a_url(item, "input")
         if not glob.has_magic(item) and not item.endswith(INPUT_SUFFIXES):
             raise SpecError(f"input: {item!r} must end in {', '.join(INPUT_SUFFIXES[:-1])} or {INPUT_SUFFIXES[-1]}")
-        paths.append(Path(os.path.abspath(base_dir / item)))
-    return tuple(paths)
+        if is_url(item):
+            urls.append(item)
+        else:
+            paths.append(Path(os.path.abspath(base_dir / item)))
+    if paths and urls:
+        raise SpecError("input: local files and URLs do not mix in one job; copy them to one place")
+    return tuple(paths), tuple(urls)
 
 
 def _schema(raw: Any, params: dict[str, Any], endpoint: str | None) -> Mapping[str, Any] | None:
@@ -382,11 +394,16 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         if not top.get(key):
             raise SpecError(f"{key}: required; name the {key} file")
 
-    input_paths = _input(top["input"], base_dir)
-    _not_a_url(str(top["output"]), "output")
-    output_path = Path(os.path.abspath(base_dir / str(top["output"])))
+    input_paths, input_urls = _input(top["input"], base_dir)
+    output_url = str(top["output"]) if is_url(str(top["output"])) else None
+    output_path = work_folder(output_url, env) / output_url.rsplit("/", 1)[-1] if output_url else \
+        Path(os.path.abspath(base_dir / str(top["output"])))
     if output_path.suffix != ".parquet":
         raise SpecError(f"output: {top['output']!r} must end in .parquet")
+    checkpoint_raw = _mapping(top.get("checkpoint"), "checkpoint")
+    _check_keys(checkpoint_raw, _fields(CheckpointSpec), "checkpoint")
+    checkpoint = CheckpointSpec(interval_s=_number(checkpoint_raw, "interval_s", "checkpoint",
+                                                   CheckpointSpec.interval_s, kind=float, minimum=0.1))
 
     endpoint = _string(top, "endpoint", "", None)
     if endpoint is not None and endpoint not in ENDPOINTS:
@@ -455,6 +472,9 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         budget=budget,
         max_failed_share=_share(top, "max_failed_share"),
         cache=_cache(top.get("cache"), base_dir),
+        checkpoint=checkpoint,
+        input_urls=input_urls,
+        output_url=output_url,
         tokenizer=Path(os.path.abspath(base_dir / tokenizer)) if (tokenizer := _string(top, "tokenizer", "", None))
         else None,
         source=source,

@@ -91,6 +91,8 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
     """
     from ._shards import dataset_folder, find_shards, shard_output
 
+    if spec.output_url:  # on object storage: from the newest state there is
+        return _remote_status(spec)
     shards = find_shards(spec.output)
     if not shards:
         return _status_of(spec.name, spec.output)
@@ -116,7 +118,21 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
             "cost_usd": sum(costs) if costs else None, "shards": parts}
 
 
-def _status_of(job: str, output: Path) -> dict[str, Any]:
+def _remote_status(spec: JobSpec) -> dict[str, Any]:
+    import pyarrow.fs as pafs
+
+    from ._remote import Remote
+
+    remote = Remote(spec.output_url, spec.output)  # type: ignore[arg-type]
+    state = state_path(spec.output)
+    if not lock_holder(state):  # a job running here has the newest state already
+        remote.pull_state(state)
+    published = remote.fs.get_file_info(remote.path_of(spec.output)).type == pafs.FileType.File
+    return {**_status_of(spec.name, spec.output, published=published), "output": spec.output_url}
+
+
+def _status_of(job: str, output: Path, *, published: bool | None = None) -> dict[str, Any]:
+    """`published`: the output is in place (where it is not a local file)."""
     path = state_path(output)
     saved = read(status_path(output)) or {}
     holder = lock_holder(path)
@@ -138,7 +154,8 @@ def _status_of(job: str, output: Path) -> dict[str, Any]:
         start, stop = Shard(*meta["shard"]).bounds(rows)
         rows = stop - start
     remaining = max(0, rows - counts["ok"] - counts["failed"])
-    state = "running" if holder else ("finished" if remaining == 0 and output.exists() else "stopped")
+    done = output.exists() if published is None else published
+    state = "running" if holder else ("finished" if remaining == 0 and done else "stopped")
     last_run = saved if saved.get("state") != "running" else {}
     return {**base, "state": state, "reason": last_run.get("reason"), "exit_code": last_run.get("exit_code"),
             "rows": rows, **counts, "remaining": remaining, "updated_at": saved.get("updated_at")}

@@ -20,7 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings")
 
@@ -82,6 +82,7 @@ class Recorded:
     body: dict
     key: str
     outcome: str
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 def request_key(body: dict) -> str:

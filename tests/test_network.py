@@ -141,10 +141,19 @@ def test_a_key_for_a_remote_plain_http_url_exits_2_naming_https(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("key", ["input", "output"])
-def test_a_url_for_input_or_output_exits_2(tmp_path: Path, key: str) -> None:
+def test_a_store_no_library_opens_exits_2(tmp_path: Path, key: str) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
-    spec = write_spec(tmp_path, **{key: f"s3://bucket/x.{'parquet' if key == 'output' else 'jsonl'}"})
+    spec = write_spec(tmp_path, **{key: f"nosuch://bucket/x.{'parquet' if key == 'output' else 'jsonl'}"},
+                      api={"base_url": "mock://"})
+    result = run_cli("run", str(spec), "--no-progress", env=cli_env(BATCHRUN_WORK_DIR=str(tmp_path / "w")))
+    assert result.code == 2
+    assert "nosuch://bucket/x." in result.stderr and "nosuch://" in result.stderr.split(":", 3)[-1]
+    assert not (tmp_path / "nosuch:").exists()
+
+
+def test_a_url_for_the_response_cache_exits_2(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
+    spec = write_spec(tmp_path, cache="s3://bucket/cache.sqlite")
     result = run_cli("run", str(spec), "--no-progress")
     assert result.code == 2
-    assert f"{key}: 's3://bucket/" in result.stderr and "is a URL" in result.stderr
-    assert not (tmp_path / "s3:").exists()
+    assert "cache: 's3://bucket/cache.sqlite' is a URL" in result.stderr
