@@ -57,6 +57,10 @@ def export_job(job: str | os.PathLike[str] | JobSpec, fmt: str, out: str | os.Pa
         raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     spec = job if isinstance(job, JobSpec) else load_spec(job)
     out = Path(out)
+    if spec.output_url:  # from the store, unless the copy here is of the object it holds
+        from ._remote import Remote
+
+        Remote(spec.output_url, spec.output).pull(spec.output)
     if not spec.output.is_file():
         raise ConfigError(f"{spec.output}: no output yet; run the job to the end first "
                           f"(batchrun run {spec.name})")

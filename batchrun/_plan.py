@@ -140,6 +140,12 @@ def _done(spec: JobSpec, digest: str, total: int, notes: list[str]) -> tuple[byt
     """Rows a resumed run would leave alone, and the state's mean completion tokens and
     latency; nothing when there is no state (or it belongs to another input)."""
     path = state_path(spec.output)
+    if spec.output_url:  # the state on the store is the job's progress
+        from ._lock import lock_holder
+        from ._remote import Remote
+
+        if not lock_holder(path):
+            Remote(spec.output_url, spec.output).pull_state(path)
     try:
         store = StateStore.open(path, lock=False)
     except FileNotFoundError:

@@ -180,6 +180,16 @@ class Remote:
                 with _store_errors(f"{self.url_of(local)}: cannot download"):
                     _pull_file(self.fs, info.path, local)
 
+    def pull(self, local: Path) -> None:
+        """Bring one file of the store here, if it is there and differs from the copy here."""
+        import pyarrow.fs as pafs
+
+        remote = self.path_of(local)
+        with _store_errors(f"{self.url_of(local)}: cannot download"):
+            if self.fs.get_file_info(remote).type == pafs.FileType.File:
+                local.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _pull_file(self.fs, remote, local)
+
     def push_file(self, local: Path) -> None:
         if local.exists():
             with _store_errors(f"{self.url_of(local)}: cannot upload {local.name}"):

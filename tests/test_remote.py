@@ -163,3 +163,20 @@ def test_shards_on_two_machines_merge_through_the_store(tmp_path: Path, s3: dict
     assert folder.code == 0, folder.stderr
     parts = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector("shards/out/a")))
     assert parts == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+
+
+def test_plan_and_export_on_a_fresh_machine_read_the_store(tmp_path: Path, s3: dict[str, str]) -> None:
+    fs = _bucket(s3, "fresh")
+    _put_jsonl(fs, "fresh/in.jsonl", [{"prompt": f"row {i}"} for i in range(12)])
+    spec = write_spec(tmp_path, input="s3://fresh/in.jsonl", output="s3://fresh/out/a.parquet",
+                      api={"base_url": "mock://"})
+    assert run_cli("run", str(spec), "--limit", "5", "--no-progress", env=_env(s3, tmp_path / "one")).code == 0
+
+    plan = run_cli("plan", str(spec), "--json", env=_env(s3, tmp_path / "two"))
+    assert plan.code == 0, plan.stderr
+    assert json.loads(plan.stdout)["rows"] == 7  # the 5 answered on machine one are left out
+    assert run_cli("run", str(spec), "--no-progress", env=_env(s3, tmp_path / "one")).code == 0
+    exported = run_cli("export", str(spec), "--format", "sft", str(tmp_path / "sft.jsonl"),
+                       env=_env(s3, tmp_path / "three"))
+    assert exported.code == 0, exported.stderr
+    assert len((tmp_path / "sft.jsonl").read_text().splitlines()) == 12
