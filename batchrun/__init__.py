@@ -20,6 +20,7 @@ from ._exceptions import (
 )
 from ._progress import BarProgress, LogProgress, NullProgress, Progress
 from ._runner import Summary, run_job
+from ._shards import MergeSummary, Shard, merge_job
 from ._spec import ApiSpec, JobSpec, RetrySpec, load_spec, parse_spec
 from ._status import job_status
 
@@ -38,6 +39,9 @@ __all__ = [
     "Interrupted",
     "JobAborted",
     "JobFatalAPIError",
+    "MergeSummary",
+    "Shard",
+    "merge_job",
     "JobSpec",
     "LogProgress",
     "NullProgress",

@@ -11,6 +11,10 @@ JSON (`batchrun status --json`), which the BashOperator pushes to XCom.
 (the same JSON as the status file beside the output), which the PythonOperator pushes to
 XCom; a stopped run raises, so Airflow retries it.
 
+`batchrun_shard` runs one job as two mapped tasks (`expand`), each a shard of its rows
+with its own state; the one that finishes last merges their parts into the output. The
+same works with Kubernetes indexed jobs or any N processes: `batchrun run JOB --shard I/N`.
+
 For a `@daily` job whose input changes every day, give each run its own output (and so
 its own state), as `batchrun_python` does with `{{ ds }}`: a retry of the same day
 resumes, the next day starts afresh. Without that, the new day's input would be refused as a
@@ -30,8 +34,9 @@ BATCHRUN = os.environ.get("BATCHRUN_BIN", f"{HOME}/.venv/bin/batchrun")
 OUT = os.environ.get("BATCHRUN_OUT", f"{HOME}/out")
 
 
-def run_batch(job: str = LIBRARY_JOB, output: str | None = None) -> dict:
-    """The PythonOperator's callable: run (or resume) the job; its status goes to XCom."""
+def run_batch(job: str = LIBRARY_JOB, output: str | None = None, shard: str | None = None) -> dict:
+    """The PythonOperator's callable: run (or resume) the job, or its shard `I/N`; its
+    status (every shard's, for a sharded job) goes to XCom."""
     import batchrun
 
     spec = batchrun.load_spec(job)
@@ -41,10 +46,12 @@ def run_batch(job: str = LIBRARY_JOB, output: str | None = None) -> dict:
 
         spec = dataclasses.replace(spec, output=Path(output))
     try:
-        batchrun.run_job(spec)
+        batchrun.run_job(spec, shard=batchrun.Shard.parse(shard) if shard else None)
     except batchrun.JobAborted:
         raise  # every answer is saved; Airflow's retry resumes the job
     status = batchrun.job_status(spec)
+    if shard:  # this task's own shard decides its outcome
+        status = next(s for s in status["shards"] if s["shard"] == str(batchrun.Shard.parse(shard)))
     if status["exit_code"] not in (0, None):
         raise RuntimeError(f"{status['failed']} rows failed: see {status['output']}")
     return status
@@ -78,4 +85,8 @@ if DAG is not None:
             python_callable=run_batch,
             # one output (and state) per day: a retry of the day resumes, the next day starts afresh
             op_kwargs={"job": LIBRARY_JOB, "output": f"{OUT}/library-{{{{ ds }}}}.parquet"},
+        )
+        batchrun_shard = PythonOperator.partial(task_id="batchrun_shard", python_callable=run_batch).expand(
+            op_kwargs=[{"job": LIBRARY_JOB, "output": f"{OUT}/sharded-{{{{ ds }}}}.parquet", "shard": f"{i}/2"}
+                       for i in range(2)],
         )

@@ -84,3 +84,25 @@ def test_the_airflow_example_callable_returns_the_status_for_xcom(tmp_path: Path
     assert status["output"] == str(tmp_path / "daily" / "2026-11-29.parquet")
     assert len(read_output(tmp_path / "daily" / "2026-11-29.parquet")) == 30
     json.dumps(status)  # XCom stores JSON
+
+
+def test_the_airflow_example_runs_a_job_as_mapped_shards(tmp_path: Path, server: FakeServer, monkeypatch) -> None:
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    module_spec = importlib.util.spec_from_file_location("airflow_dag", REPO / "examples" / "airflow_dag.py")
+    example = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(example)
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(30)])
+    spec = write_spec(tmp_path, api={"base_url": server.base_url, "api_key_env": "EXAMPLE_KEY"})
+    monkeypatch.setenv("EXAMPLE_KEY", "k")
+    output = tmp_path / "daily" / "2026-11-29.parquet"
+
+    first = example.run_batch(str(spec), output=str(output), shard="1/2")
+    second = example.run_batch(str(spec), output=str(output), shard="0/2")
+
+    assert (first["shard"], first["state"], first["ok"]) == ("1/2", "finished", 15)
+    assert (second["shard"], second["state"], second["ok"]) == ("0/2", "finished", 15)
+    assert [r["row_index"] for r in read_output(output)] == list(range(30))  # the last shard merged
+    json.dumps([first, second])

@@ -20,7 +20,7 @@ export BATCHRUN_CLI_JOB=$REPO/jobs/example.yaml BATCHRUN_LIBRARY_JOB=$REPO/jobs/
 
 fail() { echo "airflow dags test: $1" >&2; tail -40 "$WORK/test.log" >&2; exit 1; }
 grep -q "DagRun Finished: dag_id=batchrun_example.*state=success" "$WORK/test.log" || fail "the DAG run did not succeed"
-[ "$(grep -c 'Pushing xcom' "$WORK/test.log")" -eq 2 ] || fail "expected both tasks to push their status to XCom"
+[ "$(grep -c 'Pushing xcom' "$WORK/test.log")" -eq 4 ] || fail "expected all four tasks to push their status to XCom"
 grep -q "Done. Returned value was: {.*'state': 'finished'.*'exit_code': 0.*'ok': 10" "$WORK/test.log" \
     || fail "the library task did not return a finished status with 10 ok rows"
 day=$(ls "$WORK/out" | sed -n 's/^library-\(.*\)\.parquet$/\1/p')
@@ -31,4 +31,10 @@ import pyarrow.parquet as pq
 rows = pq.read_table(sys.argv[1]).to_pylist()
 assert len(rows) == 10 and all(r["status"] == "ok" for r in rows), rows
 PY
-echo "airflow dags test: batchrun_example ran under Airflow 3.3.2; both tasks pushed their status to XCom"
+"$VENV/bin/python" - "$WORK/out/sharded-$day.parquet" <<'PY' || fail "the two mapped shards did not merge the job's output"
+import sys
+import pyarrow.parquet as pq
+rows = pq.read_table(sys.argv[1]).to_pylist()
+assert [r["row_index"] for r in rows] == list(range(10)) and all(r["status"] == "ok" for r in rows), rows
+PY
+echo "airflow dags test: batchrun_example ran under Airflow 3.3.2; all four tasks (two of them mapped shards) pushed their status to XCom"
