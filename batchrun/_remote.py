@@ -194,6 +194,7 @@ class Remote:
         if local.exists():
             with _store_errors(f"{self.url_of(local)}: cannot upload {local.name}"):
                 _copy_up(local, self.fs, self.path_of(local))
+                _write_stamp(local, _stamp(self.fs, self.path_of(local)))
 
 
 def job_inputs(spec: JobSpec) -> list[Path]:

@@ -249,6 +249,15 @@ def run_job(
         if cache is not None:
             cache.close()
 
+    if remote is not None:  # every stop: the output first, then the state that says it is done
+        try:
+            if written:
+                remote.push_file(output_path)
+            remote.push_state(store.path)
+        except StorageError as exc:  # every answer is saved here; a rerun on this machine uploads them
+            written = False
+            if pool.aborted is None:
+                pool.aborted = exc
     merged = None
     if shard is not None and written and merge is not None:  # the last shard to finish merges
         outcome = try_merge(spec, dataset=merge == "dataset")
@@ -269,11 +278,9 @@ def run_job(
     )
     status.write(counts, requests=client.requests_sent, state="finished" if written else "stopped",
                  reason=summary.aborted, exit_code=summary.exit_code)
-    if remote is not None:  # every stop: the output first, then the state that says it is done
-        if written:
-            remote.push_file(output_path)
-        remote.push_state(store.path)
-        remote.push_file(status.path)
+    if remote is not None:
+        with contextlib.suppress(StorageError):  # the state on the store holds the truth
+            remote.push_file(status.path)
     if pool.aborted is not None:
         pool.aborted.summary = summary  # type: ignore[attr-defined]
         raise pool.aborted

@@ -146,11 +146,13 @@ def test_urls_a_store_cannot_answer_are_said_before_any_request(tmp_path: Path, 
     assert "s3://present/missing-*.jsonl: no input file matches this pattern" in result.stderr
 
 
-def test_shards_on_two_machines_merge_through_the_store(tmp_path: Path, s3: dict[str, str]) -> None:
+def test_shards_on_two_machines_merge_through_the_store(tmp_path: Path, s3: dict[str, str],
+                                                       server: FakeServer) -> None:
+    server.faults = Faults(latency_s=0.02)  # long enough for uploads while the shards run
     fs = _bucket(s3, "shards")
     _put_jsonl(fs, "shards/in.jsonl", [{"prompt": f"row {i}", "i": i} for i in range(50)])
-    spec = write_spec(tmp_path, input="s3://shards/in.jsonl", output="s3://shards/out/a.parquet",
-                      api={"base_url": "mock://"})
+    spec = write_spec(tmp_path, input="s3://shards/in.jsonl", output="s3://shards/out/a.parquet", concurrency=2,
+                      checkpoint={"interval_s": 0.1}, api={"base_url": server.base_url})
 
     first = run_cli("run", str(spec), "--shard", "1/2", "--no-progress", env=_env(s3, tmp_path / "one"))
     second = run_cli("run", str(spec), "--shard", "0/2", "--no-progress", env=_env(s3, tmp_path / "two"))
