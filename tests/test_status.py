@@ -65,8 +65,8 @@ def test_a_stopped_run_says_why_in_its_status(tmp_path: Path, server: FakeServer
     assert (file["state"], file["exit_code"]) == ("stopped", 2) and "line 301: not valid JSON" in file["reason"]
 
 
-def test_the_airflow_example_callable_returns_the_status_for_xcom(tmp_path: Path, server: FakeServer,
-                                                                  monkeypatch) -> None:
+def _airflow_example():
+    """examples/airflow_dag.py as a module (its callables import without Airflow)."""
     import importlib.util
 
     from tests.conftest import REPO
@@ -74,6 +74,12 @@ def test_the_airflow_example_callable_returns_the_status_for_xcom(tmp_path: Path
     module_spec = importlib.util.spec_from_file_location("airflow_dag", REPO / "examples" / "airflow_dag.py")
     example = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(example)
+    return example
+
+
+def test_the_airflow_example_callable_returns_the_status_for_xcom(tmp_path: Path, server: FakeServer,
+                                                                  monkeypatch) -> None:
+    example = _airflow_example()
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(30)])
     spec = write_spec(tmp_path, api={"base_url": server.base_url, "api_key_env": "EXAMPLE_KEY"})
     monkeypatch.setenv("EXAMPLE_KEY", "k")
@@ -87,13 +93,7 @@ def test_the_airflow_example_callable_returns_the_status_for_xcom(tmp_path: Path
 
 
 def test_the_airflow_example_runs_a_job_as_mapped_shards(tmp_path: Path, server: FakeServer, monkeypatch) -> None:
-    import importlib.util
-
-    from tests.conftest import REPO
-
-    module_spec = importlib.util.spec_from_file_location("airflow_dag", REPO / "examples" / "airflow_dag.py")
-    example = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(example)
+    example = _airflow_example()
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(30)])
     spec = write_spec(tmp_path, api={"base_url": server.base_url, "api_key_env": "EXAMPLE_KEY"})
     monkeypatch.setenv("EXAMPLE_KEY", "k")
