@@ -26,7 +26,7 @@ from .endpoints.embeddings import share
 from ._inputs import Row
 from ._network import proxy_for, ssl_context
 from ._policy import classify, retrying
-from ._concurrency import ConcurrencyLimit
+from ._concurrency import STATED_HEADER, ConcurrencyLimit
 from ._rate import RateLimiter, estimate_tokens, pushed_back
 from ._secrets import Redactor
 from ._spec import JobSpec
@@ -51,6 +51,7 @@ class _Attempt:
     tokens: int
     count: int = 0
     latency: float = 0.0
+    pushed_back: bool = False  # a 429 (or a 503 naming a wait) answered it before
 
 class Client:
     """Sends rows' requests; use as `async with Client(...) as client`.
@@ -305,12 +306,16 @@ class Client:
         started = time.monotonic()
         headers = [*self._headers, ("content-length", str(len(attempt.payload)))]
         request = httpx.Request("POST", attempt.url, headers=headers, stream=httpx.ByteStream(attempt.payload))
-        sent = await self.in_flight.enter()
+        sent = await self.in_flight.enter(cautious=attempt.pushed_back)
         load = None  # what the answer says about the server's load
         try:
             response = await self._transport.handle_async_request(request)
-            load = "pushback" if pushed_back(response.status_code, response.headers) else (
-                "ok" if response.is_success else None)
+            if pushed_back(response.status_code, response.headers):
+                load, attempt.pushed_back = "pushback", True
+            elif response.is_success:
+                load = "ok"
+                if (stated := response.headers.get(STATED_HEADER)) is not None and stated.isdigit():
+                    self.in_flight.stated(int(stated))
         except httpx.TimeoutException as exc:
             raise RetryableAPIError(f"no complete answer within {self.spec.api.timeout_s:g} s") from exc
         except (AnswerTooLarge, httpx.DecodingError) as exc:

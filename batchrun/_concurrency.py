@@ -5,19 +5,26 @@ too many with a 429. `ConcurrencyLimit` gates every request (`enter` before it i
 sent, `leave` with its answer) and moves its limit, between 1 and the spec's
 `concurrency`, as the answers say:
 
-- **Decrease to what the server admitted.** Each request remembers how many others
-  were in flight when it left (`k`). A 429 (or a 503 that names a wait) for a request
-  sent with `k` others, when no request answered well lately went with as many, says
-  the server holds at most `k`: the limit drops to one more than the most that were
-  answered well beside each other lately. A 429 at a `k` that recently went through is
-  not about concurrency (a rate limit, a stray): the rate policy (`_rate`) has it.
+- **Decrease to what the server admitted.** A good answer shows the server held it
+  beside as many others as were in flight both when it left and when it came back
+  (the fewer: a neighbour refused in a few milliseconds never held a slot). A 429 (or a
+  503 that names a wait) for a request that left beside `k` others, when no good answer
+  lately went with as many, says the server holds at most `k`: the limit drops to one
+  more than the most answered well beside each other lately (at most `k`). A 429 at a
+  level that recently went through is not about concurrency (a rate limit, a stray):
+  the rate policy (`_rate`) has it.
 - **Increase while answers come back clean**, only while the limit is what holds
   requests back: one step per round trip up to just below the level that failed, then
   a probe of that level after a clean spell that doubles with each failed probe
   (1 s, 2 s, ... 64 s), so a server that holds 2 sees a few probes, not one per second.
   A probe that holds for its spell forgets the failure.
+- **A request that met a 429 never probes.** Rows coming back from a server's
+  `retry-after` (LiteLLM says 60 s for a slot that frees in milliseconds) go only below
+  the level that failed: a probe they drew would cost them another whole wait.
+- **A limit the server states is taken at its word**: LiteLLM's
+  `x-ratelimit-api_key-limit-max_parallel_requests` on every answer (see `stated`).
 
-Pure bookkeeping over a clock the caller passes, but `enter`, which waits (anyio).
+Bookkeeping over a clock the caller passes; only `enter` waits (anyio).
 """
 
 from __future__ import annotations
@@ -26,11 +33,12 @@ from collections import deque
 
 import anyio
 
-__all__ = ["ConcurrencyLimit"]
+__all__ = ["ConcurrencyLimit", "STATED_HEADER"]
 
 EPOCH_S = 5.0  # "lately": successes are remembered for one to two of these
 PROBE_FIRST_S = 1.0
 PROBE_MAX_S = 64.0
+STATED_HEADER = "x-ratelimit-api_key-limit-max_parallel_requests"  # LiteLLM's, per key
 
 
 class ConcurrencyLimit:
@@ -42,7 +50,7 @@ class ConcurrencyLimit:
         self.fixed = fixed
         self.in_flight = 0
         self.cuts = 0  # times the limit was lowered
-        self._waiters: deque[list] = deque()  # [event, k] of requests waiting for a slot
+        self._waiters: deque[list] = deque()  # [event, cautious, (k, generation)] waiting for a slot
         self._ok_k = [-1, -1]  # the most others in flight beside a good answer: this epoch, the last
         self._epoch = 0.0
         self._failed_at: int | None = None  # in-flight count that drew the last push-back
@@ -51,14 +59,16 @@ class ConcurrencyLimit:
         self._credit = 0.0  # fractional steps of the per-round-trip increase
         self._generation = 0  # counts the limit's changes
 
-    async def enter(self) -> tuple[int, int]:
+    async def enter(self, *, cautious: bool = False) -> tuple[int, int]:
         """Wait for a slot; return how many other requests are in flight (`k`) and the
-        limit's generation, both for `leave`."""
-        if self.in_flight < self.limit and not self._waiters:
+        limit's generation, both for `leave`. `cautious`: the request met a 429 before,
+        and goes only below the level that failed."""
+        if self.in_flight < self._ceiling(cautious) and not self._waiters:
             self.in_flight += 1
             return self.in_flight - 1, self._generation
-        waiter = [anyio.Event(), 0]
+        waiter = [anyio.Event(), cautious, (0, 0)]
         self._waiters.append(waiter)
+        self._wake()  # a slot may be free for it, though not for the waiter before it
         try:
             await waiter[0].wait()
         except BaseException:
@@ -67,7 +77,7 @@ class ConcurrencyLimit:
             else:
                 self._waiters.remove(waiter)
             raise
-        return waiter[1], self._generation
+        return waiter[2]
 
     def leave(self, sent: tuple[int, int], outcome: str | None, now: float) -> None:
         """A request `enter` let go is answered: `ok`, `pushback` (a 429, a 503 naming a
@@ -80,18 +90,31 @@ class ConcurrencyLimit:
             self._ok_k = [-1, self._ok_k[0]] if now - self._epoch < 2 * EPOCH_S else [-1, -1]
             self._epoch = now
         if outcome == "ok":
-            if k > self._ok_k[0]:
-                self._ok_k[0] = k
+            held = min(k, self.in_flight)  # beside it all along: those in flight at both ends, at most
+            if held > self._ok_k[0]:
+                self._ok_k[0] = held
             self._grow(k, now)
         elif outcome == "pushback" and generation == self._generation:
             # (a request sent under an earlier limit says nothing about this one)
             admitted = max(self._ok_k)
             if k >= admitted:  # no good answer lately went with as many in flight: the server is full
-                if self._failed_at is not None and self.limit >= self._failed_at:
+                if self._failed_at is not None and k + 1 >= self._failed_at:
                     self._probe_s = min(PROBE_MAX_S, self._probe_s * 2)  # a probe failed: wait longer next time
-                self._set(max(1, min(self.limit, admitted + 1)), now)
                 self._failed_at = k + 1
+                self._set(max(1, min(self.limit, admitted + 1, k)), now)
                 self.cuts += 1
+
+    def stated(self, limit: int) -> None:
+        """The server says how many it holds: never more, and no probing past it."""
+        if 0 < limit < self.maximum and not self.fixed:
+            self.maximum = limit
+            if self.limit > limit:
+                self._set(limit, self._changed)
+
+    def _ceiling(self, cautious: bool) -> int:
+        if cautious and self._failed_at is not None:
+            return min(self.limit, max(1, self._failed_at - 1))  # one at a time, at the least
+        return self.limit
 
     def _grow(self, k: int, now: float) -> None:
         if k + 1 < self.limit or self.limit >= self.maximum:
@@ -116,8 +139,14 @@ class ConcurrencyLimit:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self.in_flight < self.limit:
-            waiter = self._waiters.popleft()
-            waiter[1] = self.in_flight
-            self.in_flight += 1
-            waiter[0].set()
+        """Hand free slots to waiters, first come first served, each within its ceiling."""
+        if not self._waiters or self.in_flight >= self.limit:
+            return
+        for waiter in list(self._waiters):
+            if self.in_flight >= self.limit:
+                break
+            if self.in_flight < self._ceiling(waiter[1]):
+                self._waiters.remove(waiter)
+                waiter[2] = (self.in_flight, self._generation)  # as of the hand-over
+                self.in_flight += 1
+                waiter[0].set()

@@ -115,7 +115,7 @@ async def test_a_cancelled_waiter_gives_its_slot_on() -> None:
 
 def test_a_server_that_holds_two_in_flight_gets_few_429s_and_every_row(tmp_path: Path, server: FakeServer) -> None:
     rows = 400
-    server.faults = Faults(max_in_flight=2, retry_after="2", latency_s=0.02)
+    server.faults = Faults(max_in_flight=2, retry_after="3", latency_s=0.02)
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"row {i}"} for i in range(rows)])
     spec = write_spec(tmp_path, concurrency=32, api={"base_url": server.base_url})
 
@@ -127,3 +127,50 @@ def test_a_server_that_holds_two_in_flight_gets_few_429s_and_every_row(tmp_path:
     assert all(len(server.answers[f"row {i}"]) == 1 for i in range(rows))
     busy = sum(r.outcome == "busy" for r in server.requests)
     assert busy < rows / 10, busy  # the first burst, then a few probes: not a 429 per row
+    # A row back from its retry-after never probes: no row waits twice
+    assert max(r["attempts"] for r in out) == 2, sorted(r["attempts"] for r in out)[-5:]
+
+
+@pytest.mark.anyio
+async def test_a_neighbour_refused_at_once_does_not_count_as_held() -> None:
+    gate = ConcurrencyLimit(8)
+    a, b, c = fill(gate, 3)
+    gate.leave(c, "pushback", now=0.0)  # refused in milliseconds: it held no slot
+    assert gate.limit == 1
+    gate.leave(a, "ok", now=0.05)
+    gate.leave(b, "ok", now=0.05)  # left beside 1 other, came back beside none
+    assert max(gate._ok_k) == 0  # so it proves nothing beyond a request alone
+    assert gate.limit == 2
+
+
+@pytest.mark.anyio
+async def test_a_request_back_from_a_429_never_probes() -> None:
+    gate = ConcurrencyLimit(8)
+    a, b, c = fill(gate, 3)
+    gate.leave(c, "pushback", now=0.0)  # k=2 failed
+    gate.leave(a, "ok", now=0.0)
+    gate.leave(b, "ok", now=0.0)
+    gate.limit = 3  # as if a probe had raised it
+    first, second = fill(gate, 2)
+    assert await gate.enter() == (2, gate._generation)  # a fresh request may probe
+    third = fill(gate, 1)
+    assert third == []  # the limit is full
+    for s in (first, second):
+        gate.leave(s, "ok", now=0.1)
+    coroutine = gate.enter(cautious=True)
+    try:
+        coroutine.send(None)
+        entered = None
+    except StopIteration as done:
+        entered = done.value
+    assert entered == (1, gate._generation)  # below the level that failed: in
+    coroutine = gate.enter(cautious=True)
+    assert coroutine.send(None) is not None  # at it: waits, though the limit has room
+    coroutine.close()
+
+
+@pytest.mark.anyio
+async def test_a_limit_the_server_states_is_kept() -> None:
+    gate = ConcurrencyLimit(32)
+    gate.stated(2)
+    assert len(fill(gate, 5)) == 2 and gate.maximum == 2
