@@ -19,6 +19,7 @@ from ._exceptions import (
     UsageError,
 )
 from ._progress import BarProgress, LogProgress, NullProgress, Progress
+from ._ray import run_on_ray  # imports Ray only when called
 from ._runner import Summary, run_job
 from ._shards import MergeSummary, Shard, merge_job
 from ._spec import ApiSpec, JobSpec, RetrySpec, load_spec, parse_spec
@@ -58,5 +59,6 @@ __all__ = [
     "job_status",
     "load_spec",
     "parse_spec",
+    "run_on_ray",
     "run_job",
 ]

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._exceptions import Interrupted, JobAborted, UsageError
+from ._exceptions import ConfigError, Interrupted, JobAborted, UsageError
 from ._export import export_job
 from ._plan import plan_job
 from ._progress import make_progress
@@ -33,6 +33,8 @@ examples:
   batchrun run jobs/example.yaml --limit 20    try the first 20 rows only
   batchrun run jobs/example.yaml --restart     discard saved progress, start over
   batchrun run jobs/example.yaml --retry-failed   also retry rows refused with a 4xx
+  batchrun run jobs/example.yaml --ray         4 shards on a local Ray cluster, one rate limit
+  batchrun run jobs/example.yaml --ray auto --ray-workers 16   on the running Ray cluster
 
 exit codes: 0 all rows ok, 1 some rows failed, 2 spec/input/config error
 (no request sent), 3 aborted (auth, quota, signal): rerun to resume."""
@@ -93,9 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--shard", type=_shard, metavar="I/N",
                      help="run shard I (from 0) of N: a contiguous 1/N of the rows, with its own state and output "
                           "part; the last shard to finish merges the parts into the output")
-    run.add_argument("--no-merge", action="store_true", help="with --shard: leave the merge to `batchrun merge`")
-    run.add_argument("--dataset", action="store_true",
-                     help="with --shard: merge into a Parquet dataset folder (the output's name without .parquet)")
+    run.add_argument("--no-merge", action="store_true",
+                     help="with --shard or --ray: leave the merge to `batchrun merge`")
+    run.add_argument("--dataset", action="store_true", help="with --shard or --ray: merge into a Parquet dataset "
+                                                            "folder (the output's name without .parquet)")
+    run.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                     help="run the job as shards on a Ray cluster (pip install 'batchrun[ray]'), sharing its rate "
+                          "limits: ADDRESS as Ray takes it (auto, HOST:PORT, ray://...); without one, $RAY_ADDRESS "
+                          "or a new cluster on this machine")
+    run.add_argument("--ray-workers", type=_positive, default=4, metavar="N",
+                     help="with --ray: shards run at once, each with 1/N of concurrency (default 4)")
 
     merge = commands.add_parser(
         "merge", help="make a sharded job's output from its shards' parts, sending no request",
@@ -183,6 +192,8 @@ def _share(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        return _run_ray(args)
     summary = run_job(
         args.job,
         limit=args.limit,
@@ -193,6 +204,21 @@ def _run(args: argparse.Namespace) -> int:
         handle_signals=True,
         shard=args.shard,
         merge=None if args.no_merge else "dataset" if args.dataset else "file",
+    )
+    print(f"batchrun: {summary.line()}")
+    return summary.exit_code
+
+
+def _run_ray(args: argparse.Namespace) -> int:
+    from ._ray import run_on_ray  # Ray is imported only when asked for
+
+    if args.shard is not None or args.limit is not None:
+        raise ConfigError("--ray makes the shards itself and runs every row: drop --shard and --limit")
+    summary = run_on_ray(
+        args.job, address=args.ray or None, workers=args.ray_workers, restart=args.restart,
+        retry_failed=args.retry_failed, max_failed_share=args.max_failed_share,
+        merge=None if args.no_merge else "dataset" if args.dataset else "file",
+        progress=make_progress(not args.no_progress),
     )
     print(f"batchrun: {summary.line()}")
     return summary.exit_code

@@ -34,6 +34,7 @@ PUSHBACK_SHARE = 0.1  # of recent answers: below it, 429s are noise, not a limit
 PUSHBACK_MIN = 10  # ... and at least this many in the window
 SAMPLE_MIN = 50  # answers in the window before a share means anything
 HEADROOM = 0.95  # of a limit the server states
+EMPTY_WINDOW_WAIT_S = 1.0  # the longest pause for `x-ratelimit-remaining-requests: 0`
 
 
 class RateLimiter:
@@ -65,6 +66,14 @@ class RateLimiter:
         _record(self._sent, start, now)
         return start - now
 
+    def release(self, requests: int, tokens: int, now: float) -> None:
+        """Give back booked slots that will not be used (a process sharing the schedule
+        stopped with some left): the schedule moves back by them, never before `now`."""
+        if self.rate is not None and requests:
+            self._next_request = max(now, self._next_request - requests / self.rate)
+        if self.tokens_per_s is not None and tokens:
+            self._next_tokens = max(now, self._next_tokens - tokens / self.tokens_per_s)
+
     def correct_tokens(self, difference: int) -> None:
         """The answer used `difference` more (or fewer) tokens than booked."""
         if self.tokens_per_s is not None:
@@ -88,7 +97,7 @@ class RateLimiter:
             if sample >= SAMPLE_MIN and pushed >= PUSHBACK_MIN and pushed >= PUSHBACK_SHARE * sample:
                 self._decrease(now)
         else:
-            self._follow_headers(headers)
+            self._follow_headers(headers, now)
             quiet_since = max(self._last_change, self._pushed[-1] if self._pushed else float("-inf"))
             if self.rate is not None and now - quiet_since >= QUIET_S:
                 self._set(self.rate + max(STEP_MIN, self.rate * STEP), now)
@@ -102,7 +111,7 @@ class RateLimiter:
         current = self.rate if self.rate is not None else float("inf")
         self._set(min(current, target) * DECREASE_FACTOR, now)
 
-    def _follow_headers(self, headers: Mapping[str, str]) -> None:
+    def _follow_headers(self, headers: Mapping[str, str], now: float) -> None:
         limit = _number(headers.get("x-ratelimit-limit-requests"))
         if limit:
             stated = limit / 60 * HEADROOM  # OpenAI and Fireworks state requests per minute
@@ -113,7 +122,13 @@ class RateLimiter:
         remaining = _number(headers.get("x-ratelimit-remaining-requests"))
         reset = parse_duration(headers.get("x-ratelimit-reset-requests"))
         if remaining is not None and reset and self.rate is not None:
-            self.rate = min(self.rate, max(MIN_RATE, remaining / reset))
+            if remaining < 1:
+                # The window is spent (others share the key): hold the sends until it
+                # refills, at most a second. Slowing the rate to match it instead would
+                # book every waiting request seconds apart, long after the window is back.
+                self._next_request = max(self._next_request, now + min(reset, EMPTY_WINDOW_WAIT_S))
+            else:
+                self.rate = min(self.rate, max(MIN_RATE, remaining / reset))
 
     def _set(self, rate: float, now: float) -> None:
         if self.ceiling is not None:

@@ -17,6 +17,8 @@ Scenarios (default: zero latency memory; the minute-long ones only when named):
   validate   1,000,000 templated Parquet rows: validation alone (in process), and
              `batchrun run --limit 1` from start to exit
   embed-memory  peak RSS of batchrun embedding 20,000 vs 200,000 rows of dimension 1,024
+  ray        2,700 rows, server admitting 50/s, spec limit 45/s: 4 Ray workers sharing the
+             limit (a local cluster; pip install 'batchrun[ray]') vs 4 independent shards
 
 Every client runs in its own subprocess against a fresh server process, so its CPU and
 peak RSS are its own (os.wait4). The machine is shared and noisy: compare the ratios of
@@ -46,7 +48,7 @@ KEY_ENV = "BENCH_API_KEY"
 CLIENT_TIMEOUT_S = 20 * 60  # a hung client is killed, and its row says so
 
 SCENARIOS = ("zero", "latency", "ratelimit", "adapt", "adapt-blind", "inflight", "memory", "embeddings", "template",
-             "validate", "embed-memory")
+             "validate", "embed-memory", "ray")
 DEFAULT_SCENARIOS = ("zero", "latency", "memory")
 
 
@@ -180,9 +182,36 @@ def run_client(label: str, rows: int, cmd: list[str], workdir: Path, server: Ser
 
 
 def batchrun(label: str, workdir: Path, input_path: Path, rows: int, concurrency: int, *,
-             server: Server, extra: dict | None = None) -> Run:
+             server: Server, extra: dict | None = None, args: tuple[str, ...] = ()) -> Run:
     """The real CLI on a fresh job (its own folder: nothing to resume), checkpointing and
     writing Parquet as in production."""
+    job = job_spec(label, workdir, input_path, concurrency, server, extra)
+    run = run_client(label, rows, [PY, "-m", "batchrun", "run", str(job), "--no-progress", *args], workdir, server)
+    run.output = job.with_name("out.parquet")
+    return run
+
+
+SHARDS = """\
+import subprocess, sys
+count, job = int(sys.argv[1]), sys.argv[2]
+procs = [subprocess.Popen([sys.executable, "-m", "batchrun", "run", job, "--shard", f"{i}/{count}", "--no-progress"])
+         for i in range(count)]
+sys.exit(max(proc.wait() for proc in procs))
+"""
+
+
+def batchrun_shards(label: str, workdir: Path, input_path: Path, rows: int, concurrency: int, *,
+                    server: Server, extra: dict | None = None, count: int = 4) -> Run:
+    """`count` independent `batchrun run JOB --shard I/N` processes on the same spec, each
+    with its rate limit (the last to finish merges): exit code the worst of theirs."""
+    job = job_spec(label, workdir, input_path, concurrency, server, extra)
+    run = run_client(label, rows, [PY, "-c", SHARDS, str(count), str(job)], workdir, server)
+    run.output = job.with_name("out.parquet")
+    return run
+
+
+def job_spec(label: str, workdir: Path, input_path: Path, concurrency: int, server: Server,
+             extra: dict | None) -> Path:
     jobdir = workdir / label.replace(" ", "_")
     jobdir.mkdir()
     spec = {
@@ -197,9 +226,7 @@ def batchrun(label: str, workdir: Path, input_path: Path, rows: int, concurrency
     }
     job = jobdir / "job.yaml"
     job.write_text(json.dumps(spec, indent=2))  # JSON is valid YAML, and a valid spec
-    run = run_client(label, rows, [PY, "-m", "batchrun", "run", str(job), "--no-progress"], workdir, server)
-    run.output = jobdir / "out.parquet"
-    return run
+    return job
 
 
 def baseline(label: str, workdir: Path, input_path: Path, rows: int, concurrency: int, *, server: Server) -> Run:
@@ -384,6 +411,38 @@ def scenario_inflight(workdir: Path, rows: int | None) -> None:
            [two, many])
 
 
+def scenario_ray(workdir: Path, rows: int | None) -> None:
+    """4 workers against a server that admits 50 requests/s, the job limited to 45/s:
+    on Ray, sharing one limit; beside it, 4 independent shards, each with the spec's limit."""
+    rows = rows or 2_700  # a minute at 45/s
+    rpm, server_rpm, workers = 2700, 3000, 4
+    data = make_input(workdir / "ray.jsonl", rows)
+    opts, limit = {"rpm_limit": server_rpm}, {"rate_limit": {"requests_per_minute": rpm}}
+    ray = measured(workdir, batchrun, f"batchrun --ray --ray-workers {workers}", data, rows, 32, opts,
+                   extra=limit, args=("--ray", "--ray-workers", str(workers)))
+    alone = measured(workdir, batchrun_shards, f"{workers} x batchrun --shard I of {workers}", data, rows, 32, opts,
+                     extra=limit, count=workers)
+    target = rpm / 60
+
+    def line(run: Run) -> list[object]:
+        ok_per_s = run.server.get("ok_per_s", [])
+        span = run.server.get("span_s") or 0.0
+        throttled = run.server.get("throttled_429", 0)
+        achieved = sum(ok_per_s) / span if span else 0.0
+        steady = ok_per_s[5:-5]  # past the start, before the last shards finish
+        return [run.label, ok_rows(run), run.rc, run.wall_s, span, run.requests, throttled,
+                f"{throttled / rows:.2f}", achieved, f"{100 * achieved / target:.1f}",
+                f"{min(steady)}-{max(steady)}" if steady else "n/a"]
+
+    body = table(["client", "rows ok", "exit", "wall s", "server span s", "requests", "429s", "429s / row",
+                  "200s/s over the span", "% of 45/s", "200s per s (min-max, 5 s in to 5 s before the end)"], [line(ray), line(alone)])
+    body += (f"\n\nserver: token bucket, {server_rpm} requests/min ({server_rpm / 60:g}/s), burst 3 s; spec: "
+             f"rate_limit.requests_per_minute {rpm} ({target:g}/s), concurrency 32. The Ray run's wall time "
+             "includes starting a local Ray cluster; its span is the server's first request to its last answer.")
+    report(f"ray: {rows:,} rows, {workers} workers, job limit {target:g}/s, server admits {server_rpm / 60:g}/s",
+           body, [ray, alone])
+
+
 def memory_report(workdir: Path, small: int, make, title: str, concurrency: int, **kw) -> None:
     """batchrun at `small` and 10 x `small` rows made by `make(path, n)`: peak RSS side by side."""
     large = small * 10
@@ -550,7 +609,7 @@ def git_describe() -> str:
 RUNNERS = {"zero": scenario_zero, "latency": scenario_latency, "ratelimit": scenario_ratelimit,
            "adapt": scenario_adapt, "adapt-blind": scenario_adapt_blind, "memory": scenario_memory,
            "embeddings": scenario_embeddings, "template": scenario_template, "validate": scenario_validate,
-           "embed-memory": scenario_embed_memory, "inflight": scenario_inflight}
+           "embed-memory": scenario_embed_memory, "inflight": scenario_inflight, "ray": scenario_ray}
 
 
 def main() -> None:

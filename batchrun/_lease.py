@@ -1,0 +1,229 @@
+"""One job-wide rate limit shared by many processes, spent in small leases.
+
+A `Quota` (one per job: `_ray` keeps it in a named actor) holds the job's schedule:
+a `RateLimiter` booking send slots at the spec's requests/min and tokens/min, and
+adapting to what every worker saw of the server, so one worker's 429s slow them all.
+Each worker's `LeasedLimiter` stands in for the Client's own RateLimiter: it hands
+out slots it leased a few at a time, so no request waits on the Quota:
+
+    request ── reserve() ──▶ the next slot of the worker's lease (no call out)
+    answer  ── observe(), correct_tokens() ──▶ queued
+    a few times a second, off the event loop:
+        Report (observations, token corrections, slots borrowed or given back, want)
+            ──▶ Quota.exchange ──▶ Grant (slots, as seconds from now; the job's rate)
+
+A lease is a quarter second's worth of the job's rate divided among the workers (at
+least one slot): the workers' slots interleave, and the schedule runs about half a
+second ahead of the clock. A worker out of slots waits for the lease on its way (a
+few milliseconds; at most LATE_S); one that cannot reach the Quota (being made again,
+say) goes on alone at its share of the last rate it was told, and its next report books
+those slots as debt. A worker that stops gives back the slots it did not use.
+
+Pure bookkeeping over a clock the caller passes; `_ray` supplies the actor and the
+thread that carries reports.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ._rate import RateLimiter, pushed_back
+
+__all__ = ["Grant", "LeasedLimiter", "Quota", "Report"]
+
+LEASE_S = 0.25  # a lease is this much of the job's rate, divided among the workers
+HORIZON_S = 1.0  # no lease reaches further ahead than this (but one slot, when the schedule is)
+REFRESH_S = 0.1  # how often a worker reports at least (a limit may have appeared)
+STALE_S = 0.1  # a slot this far past, unused, is dropped: sending on it now would make a burst
+LATE_S = 0.25  # how long a worker out of slots waits for its lease before it goes on alone
+MAX_OBSERVED = 10_000  # observations kept while the Quota cannot be reached
+# What the Quota learns from: the headers RateLimiter.observe reads
+RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+                "x-ratelimit-over-limit", "retry-after", "retry-after-ms")
+
+
+@dataclass
+class Report:
+    """What a worker tells the Quota: what it saw and spent since its last report."""
+
+    want: bool = False  # another lease, please
+    tokens_each: int = 0  # tokens to book with each slot: the worker's recent estimate per request
+    observations: list[tuple[float, int, dict[str, str]]] = field(default_factory=list)  # (ago, status, headers)
+    tokens: int = 0  # token corrections (real usage against estimates)
+    borrowed: list[tuple[float, int]] = field(default_factory=list)  # (seconds ago, tokens) of slots taken alone
+    unused: tuple[int, int] = (0, 0)  # slots (and their tokens) given back by a worker that stopped
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The Quota's answer. `slots`: seconds from now of each leased slot, or None while
+    nothing limits the job; `rate` and `tokens_per_s`: the job's, for a worker that must
+    go on alone; `chunk`: a lease's size, the worker asks again when fewer are left."""
+
+    slots: tuple[float, ...] | None
+    tokens_each: int = 0
+    rate: float | None = None
+    tokens_per_s: float | None = None
+    chunk: int = 1
+
+
+class Quota:
+    """The job's schedule and adaptive state: one for all the workers."""
+
+    def __init__(self, *, requests_per_minute: float | None, tokens_per_minute: float | None, workers: int,
+                 now: float, pause_s: float = 0.0) -> None:
+        self.limiter = RateLimiter(requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute)
+        self.workers = workers
+        # A Quota made again after the last one was lost cannot see the slots it leased:
+        # it books none before they have run out.
+        self.resume_at = now + pause_s
+
+    def exchange(self, report: Report, now: float) -> Grant:
+        limiter = self.limiter
+        for ago, status, headers in report.observations:  # (a worker's, some 0.1 s apart, barely out of order)
+            limiter.observe(status, headers, now - ago)
+        limiter.correct_tokens(report.tokens)
+        for ago, tokens in report.borrowed:  # booked as of when they were spent
+            limiter.reserve(tokens, now - ago)
+        limiter.release(*report.unused, now)
+        if limiter.rate is None and limiter.tokens_per_s is None:
+            return Grant(None)
+        tokens_each = max(1, report.tokens_each)
+        chunk = self._chunk(tokens_each)
+        slots: list[float] = []
+        if report.want:
+            at = max(now, self.resume_at)
+            while len(slots) < chunk:
+                slots.append(at - now + limiter.reserve(tokens_each, at))
+                if slots[-1] > HORIZON_S:
+                    break
+        return Grant(tuple(slots), tokens_each, limiter.rate, limiter.tokens_per_s, chunk)
+
+    def _chunk(self, tokens_each: int) -> int:
+        limiter = self.limiter
+        interval = max(1 / limiter.rate if limiter.rate else 0.0,
+                       tokens_each / limiter.tokens_per_s if limiter.tokens_per_s else 0.0)
+        return max(1, math.ceil(LEASE_S / interval / self.workers))
+
+
+class LeasedLimiter:
+    """A worker's RateLimiter (see `Client.limiter`): slots from leases of the Quota.
+
+    `reserve`, `observe` and `correct_tokens` run in the worker's event loop and do not
+    wait, but `reserve` out of slots for the lease on its way (a few milliseconds; at the
+    start, mostly); `report` and `receive` run in the thread that talks to the Quota.
+    """
+
+    def __init__(self, *, requests_per_minute: float | None, tokens_per_minute: float | None, workers: int,
+                 tokens_each: int) -> None:
+        self.tokens_per_s = tokens_per_minute / 60 if tokens_per_minute else None  # the Client reads it
+        self.rate = requests_per_minute / 60 if requests_per_minute else None  # the job's, last told
+        self.workers = workers
+        self.unlimited = self.rate is None and self.tokens_per_s is None
+        self.due = threading.Event()  # set when a report should go now: slots low, a push-back
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # a grant, or a report that did not go
+        self._answering = False  # the Quota answered the last report, and in time
+        self._slots: deque[tuple[float, int]] = deque()  # (when, tokens booked with it)
+        self._chunk = 1
+        self._tokens_each = float(tokens_each)
+        self._observations: deque[tuple[float, int, dict[str, str]]] = deque(maxlen=MAX_OBSERVED)  # (when, ...)
+        self._tokens = 0
+        self._borrowed: list[tuple[float, int]] = []  # (when, tokens)
+        self._alone_request = self._alone_tokens = 0.0  # the schedule of slots taken without a lease
+
+    # -- in the event loop -------------------------------------------------------------
+
+    def reserve(self, tokens: int, now: float) -> float:
+        """The next slot for a request of about `tokens` tokens; return the wait."""
+        with self._lock:
+            self._tokens_each += (tokens - self._tokens_each) / 16
+            if self.unlimited:
+                return 0.0
+            while self._slots and self._slots[0][0] < now - STALE_S:
+                self._slots.popleft()
+            if len(self._slots) <= self._chunk:
+                self.due.set()
+            if not self._slots and self._answering:
+                # Out of slots (at the start, the first lease went stale while the job got
+                # ready): the next lease is a moment away, so wait for it rather than go on
+                # alone beside the others' leases. Not twice if it is late.
+                self._answering = self._arrived.wait_for(lambda: self._slots or not self._answering, LATE_S)
+                while self._slots and self._slots[0][0] < now - STALE_S:
+                    self._slots.popleft()
+            if self._slots:
+                at, booked = self._slots.popleft()
+                if self.tokens_per_s:
+                    self._tokens += tokens - booked
+                return max(0.0, at - now)
+            # No lease yet: alone, at this worker's share of the job's rate, booked later
+            start = now
+            if self.rate:
+                start = self._alone_request = max(start, self._alone_request)
+                self._alone_request += self.workers / self.rate
+            if self.tokens_per_s:
+                start = max(start, self._alone_tokens)
+                self._alone_tokens = start + tokens * self.workers / self.tokens_per_s
+            self._borrowed.append((start, tokens))
+            return start - now
+
+    def observe(self, status: int, headers: Mapping[str, str], now: float) -> None:
+        kept = {name: value for name in RATE_HEADERS if (value := headers.get(name)) is not None}
+        with self._lock:
+            self._observations.append((now, status, kept))
+        if pushed_back(status, headers):
+            self.due.set()  # the other workers should slow down now, not at the next report
+
+    def correct_tokens(self, difference: int) -> None:
+        if self.tokens_per_s is not None:
+            with self._lock:
+                self._tokens += difference
+
+    # -- in the thread that talks to the Quota -------------------------------------------
+
+    def report(self, now: float, *, final: bool = False) -> Report:
+        """What to send now; taken out of the limiter (see `returned` if it is not delivered).
+        `final`: the worker stops, and gives back the slots it holds."""
+        with self._lock:
+            unused = (0, 0)
+            if final:
+                left = [tokens for at, tokens in self._slots if at >= now]
+                unused = (len(left), sum(left))
+                self._slots.clear()
+            want = not final and not self.unlimited and len(self._slots) <= self._chunk and (
+                not self._slots or self._slots[-1][0] - now < HORIZON_S)
+            report = Report(want=want, tokens_each=round(self._tokens_each),
+                            observations=[(now - at, status, headers) for at, status, headers in self._observations],
+                            tokens=self._tokens, borrowed=[(now - at, tokens) for at, tokens in self._borrowed],
+                            unused=unused)
+            self._observations.clear()
+            self._tokens = 0
+            self._borrowed.clear()
+            return report
+
+    def returned(self, report: Report, made: float) -> None:
+        """`report`, made at `made`, could not be delivered: what it carried goes into the next."""
+        with self._lock:
+            self._observations.extendleft((made - ago, status, headers)
+                                          for ago, status, headers in reversed(report.observations))
+            self._tokens += report.tokens
+            self._borrowed[:0] = [(made - ago, tokens) for ago, tokens in report.borrowed]
+            self._answering = False
+            self._arrived.notify_all()
+
+    def receive(self, grant: Grant, now: float) -> None:
+        with self._lock:
+            self.unlimited = grant.slots is None
+            self.rate, self.tokens_per_s = grant.rate, grant.tokens_per_s
+            self._chunk = grant.chunk
+            self._slots.extend((now + offset, grant.tokens_each) for offset in grant.slots or ())
+            self._answering = True
+            self._arrived.notify_all()
+
+    def reporting_due(self, now: float, last: float) -> bool:
+        """Whether to report now, the last report having gone at `last`."""
+        return self.due.is_set() or now - last >= REFRESH_S
