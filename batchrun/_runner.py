@@ -52,7 +52,7 @@ from ._status import EVERY_S, StatusFile, status_path
 from ._template import Template
 from .endpoints import get_endpoint
 
-__all__ = ["Summary", "run_job"]
+__all__ = ["Summary", "read_api_key", "run_job"]
 
 GRACE_S = 10.0  # after SIGTERM/SIGINT, how long requests in flight may finish
 MIN_FREE_BYTES = 16 * 2**20  # in the output's folder, before any request
@@ -159,7 +159,7 @@ def run_job(
     spec = job if isinstance(job, JobSpec) else load_spec(job)
     env = os.environ if environ is None else environ
     progress = progress or NullProgress()
-    api_key = _api_key(spec, env)
+    api_key = read_api_key(spec, env)
     check_key_route(spec.api.base_url, has_key=api_key is not None, allowed=spec.api.allow_insecure_http,
                     spec_name=spec.name)
     proxy_for(spec.api.base_url, env)  # a proxy batchrun cannot use is said now, before any state
@@ -228,6 +228,14 @@ def run_job(
                 anyio.run(pool.run, True)
             else:
                 _run_beside(pool)
+        except BaseException as exc:  # raised into the caller's thread: every answer is saved
+            status.write(pool.counts(), requests=client.requests_sent, state="stopped",
+                         reason=f"stopped by {type(exc).__name__} in the calling thread", exit_code=3)
+            if remote is not None:  # a stop like any other: the store gets the state
+                with contextlib.suppress(StorageError, OSError):
+                    remote.push_state(store.path)
+                    remote.push_file(status.path)
+            raise
         finally:
             progress.close()
             if handle_signals:
@@ -322,7 +330,9 @@ def _run_beside(pool: _Pool) -> None:
         raise failure[0]
 
 
-def _api_key(spec: JobSpec, env: Mapping[str, str]) -> str | None:
+def read_api_key(spec: JobSpec, env: Mapping[str, str]) -> str | None:
+    """The key from the variable the spec names (None for the mock endpoint); ConfigError
+    (exit 2) when it is unset or holds what no key can."""
     if spec.api.base_url.startswith(MOCK_SCHEME):
         return None
     name = spec.api.api_key_env

@@ -111,7 +111,9 @@ def test_streaming_joins_deltas_and_takes_usage_from_the_last_chunk(tmp_path: Pa
     server.faults = Faults(seed=4, truncated_stream_rate=0.03, truncated_body_rate=0.02, **FLAKY)
     rows = chat_rows(1000)
     write_jsonl(tmp_path / "input.jsonl", rows)
-    spec = write_spec(tmp_path, params={"stream": True}, api={"base_url": server.base_url})
+    # A fault on one attempt in ten: 8 attempts make a row that fails them all (1e-7) unseen
+    spec = write_spec(tmp_path, params={"stream": True}, api={"base_url": server.base_url},
+                      retry={"max_attempts": 8, "backoff_initial_s": 0.01, "backoff_max_s": 0.05})
 
     result = run_cli("run", str(spec), "--no-progress")
 

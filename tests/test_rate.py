@@ -118,6 +118,15 @@ def test_the_servers_stated_limit_caps_the_rate_from_the_first_answer() -> None:
     assert limiter.rate == pytest.approx(3.0)
 
 
+def test_a_spent_window_pauses_the_sends_without_slowing_the_rate() -> None:
+    limiter = RateLimiter()
+    limiter.observe(200, {"x-ratelimit-limit-requests": "1200"}, 0.0)
+    limiter.observe(200, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "500ms"}, 1.0)
+    assert limiter.rate == pytest.approx(20 * 0.95)  # not 0.2/s: 32 waiting requests would book 160 s ahead
+    waits = [limiter.reserve(1, 1.0) for _ in range(32)]
+    assert waits[0] == pytest.approx(0.5) and waits[-1] == pytest.approx(0.5 + 31 / 19)
+
+
 def test_fireworks_over_limit_header_is_push_back() -> None:
     limiter = RateLimiter()
     limiter.reserve(1, 0.0)

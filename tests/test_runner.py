@@ -381,6 +381,10 @@ def test_an_exception_raised_into_the_caller_saves_every_answer_received_first(t
         store.close()
         assert 0 < len(received) < 3000
         assert set(received) <= saved  # every answer received was saved before the exception left
+        status = json.loads((tmp_path / "out" / "result.status.json").read_text())
+        assert (status["state"], status["exit_code"]) == ("stopped", 3)  # not left "running"
+        assert status["reason"] == "stopped by TaskTimeout in the calling thread"
+        assert status["ok"] == len(saved)
         summary = run_job(spec, environ={"OPENAI_API_KEY": "k"})  # and the job resumes
         assert summary.ok == 3000
     assert sum(len(a) for a in server.answers.values()) <= 3000 + 32
