@@ -184,11 +184,14 @@ def merge_job(spec: JobSpec, *, dataset: bool = False) -> MergeSummary:
             meta, tally = store.meta(), store.counts()
         finally:
             store.close()
+        if not meta:  # made, then killed before it recorded what it is for
+            waiting.append(f"{shard.index} (not begun)")
+            continue
         if first is None:
-            first = meta
+            first, first_shard = meta, shard
         elif changes := _same_job(first, meta):
-            raise StateMismatchError(f"shard {shard} and shard 0/{count} ran different jobs "
-                                     f"({'; '.join(changes)}): rerun that shard with --restart")
+            raise StateMismatchError(f"shard {shard} and shard {first_shard} ran different jobs "
+                                     f"({'; '.join(changes)}): remove {folder} and run every shard again")
         if meta.get("request") != spec.request_config():
             changes = differences({"request": meta.get("request")}, {"request": spec.request_config()})
             raise StateMismatchError(f"{spec.name} changed since shard {shard} ran ({'; '.join(changes)}); "
