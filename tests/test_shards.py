@@ -131,3 +131,15 @@ def test_shards_of_another_n_or_a_changed_spec_never_mix(sharded: Path) -> None:
 def test_limit_and_shard_do_not_go_together(sharded: Path) -> None:
     result = run_cli("run", str(sharded), "--shard", "0/3", "--limit", "5", "--no-progress")
     assert result.code == 2 and "--limit and --shard" in result.stderr
+
+
+def test_a_shard_state_killed_before_it_began_is_waited_for(sharded: Path) -> None:
+    from batchrun._state import StateStore
+
+    assert run_cli("run", str(sharded), "--shard", "0/2", "--no-progress").code == 0
+    folder = sharded.parent / "out/result.shards"
+    StateStore.open(folder / "00001-of-00002.batchrun.sqlite").close()  # made, never claimed
+
+    merged = run_cli("merge", str(sharded))
+
+    assert merged.code == 3 and "shard 1 (not begun)" in merged.stderr, merged.stderr
