@@ -25,7 +25,7 @@ from .endpoints import ENDPOINTS, get_endpoint
 from .endpoints.embeddings import share
 from ._inputs import Row
 from ._network import proxy_for, ssl_context
-from ._policy import classify, retrying
+from ._policy import classify, retry_after, retrying
 from ._concurrency import STATED_HEADER, ConcurrencyLimit
 from ._rate import RateLimiter, estimate_tokens, pushed_back
 from ._secrets import Redactor
@@ -36,8 +36,17 @@ from ._cache import ResponseCache, cacheable
 from ._transport import AiohttpTransport, AnswerTooLarge, BoundedTransport
 
 ERROR_CHARS = 500  # of an error message, kept in the state and the output
+PARK_S = 2.0  # a server's retry-after this long sets the row aside (see `Client.call`)
 
-__all__ = ["Client"]
+__all__ = ["Client", "Deferred"]
+
+
+class Deferred(Exception):
+    """A row the server asked to wait `wait` seconds for, after `attempts` requests."""
+
+    def __init__(self, wait: float, attempts: int) -> None:
+        super().__init__(f"deferred {wait:g} s")
+        self.wait, self.attempts = wait, attempts
 
 
 @dataclass(slots=True)
@@ -116,10 +125,13 @@ class Client:
     async def __aexit__(self, *exc_info: object) -> None:
         await self._transport.aclose()
 
-    async def call(self, row: Row) -> Result:
+    async def call(self, row: Row, *, park: bool = False, pushed_back: bool = False) -> Result:
         """Answer one row, retrying what is worth retrying; a failure is a failed Result.
 
-        Raises JobFatalAPIError when the API refuses the job as a whole.
+        Raises JobFatalAPIError when the API refuses the job as a whole. With `park`,
+        raises Deferred rather than wait a server's long retry-after while it answers
+        other requests: the caller sets the row aside and goes on with others.
+        `pushed_back`: the row met a 429 before (it was set aside), so it never probes.
         """
         body = get_endpoint(row.endpoint).build_body(row.body, self.spec.model, self.spec.params)
         try:
@@ -135,6 +147,7 @@ class Client:
             stream=bool(body.get("stream")),
             # Only a tokens-per-minute limit needs the estimate.
             tokens=estimate_tokens(body) if self.limiter.tokens_per_s else 0,
+            pushed_back=pushed_back,
         )
         price = self.spec.pricing.get(body.get("model")) if self.spec.pricing else None
         key = None
@@ -145,7 +158,12 @@ class Client:
                 return self._from_cache(row, hit, price, payload)
         # Re-asks may follow the first answer: all of them are held against the budget.
         held = self._hold(price, body, len(payload), 1 + (self.spec.retry.max_reasks if self._structure else 0))
-        result = await self._settle(row, attempt)
+        try:
+            result = await self._settle(row, attempt, park=park)  # (nothing is paid before its answer)
+        except Deferred:
+            if self.budget is not None:
+                self.budget.settle(*held, 0.0, 0)
+            raise
         if self._structure is not None and result.status == "ok":
             result = await self._validated(row, attempt, result)
         if self.spec.keep_request:
@@ -265,8 +283,9 @@ class Client:
         _add_usage(result, paid)
         return result
 
-    async def _settle(self, row: Row, attempt: _Attempt) -> Result:
-        """One answer, retried as the policy says; a row failure is a failed Result."""
+    async def _settle(self, row: Row, attempt: _Attempt, *, park: bool = False) -> Result:
+        """One answer, retried as the policy says; a row failure is a failed Result.
+        `park`: a long wait the server asks for raises Deferred (see `call`)."""
         try:
             try:
                 result = await self._send(attempt)
@@ -275,7 +294,8 @@ class Client:
                 # Its first attempt replays the failure just seen, so tenacity counts
                 # it and waits as it would have; later ones send again.
                 replay: RetryableAPIError | None = failure
-                async for retry in retrying(self.spec.retry, sleep=self._sleep):
+                sleep = self._parking_sleep(attempt) if park else self._sleep
+                async for retry in retrying(self.spec.retry, sleep=sleep):
                     with retry:
                         if replay is not None:
                             error, replay = replay, None
@@ -295,6 +315,16 @@ class Client:
             self.limiter.correct_tokens(result.total_tokens - attempt.tokens)
         return result
 
+    def _parking_sleep(self, attempt: _Attempt) -> Callable[[float], Any]:
+        async def sleep(seconds: float) -> None:
+            # The server is full, not closed (it answered others lately): the row waits
+            # aside while its worker goes on. A server answering no one: the worker waits too.
+            if seconds >= PARK_S and self.in_flight.admitting(time.monotonic()):
+                raise Deferred(seconds, attempt.count)
+            await self._sleep(seconds)
+
+        return sleep
+
     async def _send(self, attempt: _Attempt) -> Result:
         """One attempt, paced by the rate policy. `timeout_s` bounds the whole answer,
         not each read: a server dripping keep-alive comments must not hold a worker."""
@@ -307,11 +337,12 @@ class Client:
         headers = [*self._headers, ("content-length", str(len(attempt.payload)))]
         request = httpx.Request("POST", attempt.url, headers=headers, stream=httpx.ByteStream(attempt.payload))
         sent = await self.in_flight.enter(cautious=attempt.pushed_back)
-        load = None  # what the answer says about the server's load
+        load, wait = None, None  # what the answer says about the server's load
         try:
             response = await self._transport.handle_async_request(request)
             if pushed_back(response.status_code, response.headers):
                 load, attempt.pushed_back = "pushback", True
+                wait = retry_after(response.headers, now=time.time())
             elif response.is_success:
                 load = "ok"
                 if (stated := response.headers.get(STATED_HEADER)) is not None and stated.isdigit():
@@ -329,7 +360,7 @@ class Client:
         finally:
             now = time.monotonic()
             attempt.latency = now - started
-            self.in_flight.leave(sent, load, now)
+            self.in_flight.leave(sent, load, now, wait)
         self.limiter.observe(response.status_code, response.headers, now)
         if not response.is_success:
             raise classify(response.status_code, response.headers, response.content, now=time.time())

@@ -16,7 +16,8 @@ sent, `leave` with its answer) and moves its limit, between 1 and the spec's
 - **Increase while answers come back clean**, only while the limit is what holds
   requests back: one step per round trip up to just below the level that failed, then
   a probe of that level after a clean spell that doubles with each failed probe
-  (1 s, 2 s, ... 64 s), so a server that holds 2 sees a few probes, not one per second.
+  (1 s, 2 s, ... 64 s), and is no shorter than the `retry-after` the failed probe cost
+  its row: a server that holds 2 sees a few probes, not one per second.
   A probe that holds for its spell forgets the failure.
 - **A request that met a 429 never probes.** Rows coming back from a server's
   `retry-after` (LiteLLM says 60 s for a slot that frees in milliseconds) go only below
@@ -58,6 +59,7 @@ class ConcurrencyLimit:
         self._changed = 0.0  # when the limit last moved
         self._credit = 0.0  # fractional steps of the per-round-trip increase
         self._generation = 0  # counts the limit's changes
+        self._last_ok = float("-inf")  # when the server last answered well
 
     async def enter(self, *, cautious: bool = False) -> tuple[int, int]:
         """Wait for a slot; return how many other requests are in flight (`k`) and the
@@ -79,9 +81,9 @@ class ConcurrencyLimit:
             raise
         return waiter[2]
 
-    def leave(self, sent: tuple[int, int], outcome: str | None, now: float) -> None:
+    def leave(self, sent: tuple[int, int], outcome: str | None, now: float, wait: float | None = None) -> None:
         """A request `enter` let go is answered: `ok`, `pushback` (a 429, a 503 naming a
-        wait), or None (anything else, which says nothing about load)."""
+        wait: `wait`, its retry-after), or None (anything else, which says nothing about load)."""
         self._release()
         if self.fixed or outcome is None:
             return
@@ -90,6 +92,7 @@ class ConcurrencyLimit:
             self._ok_k = [-1, self._ok_k[0]] if now - self._epoch < 2 * EPOCH_S else [-1, -1]
             self._epoch = now
         if outcome == "ok":
+            self._last_ok = now
             held = min(k, self.in_flight)  # beside it all along: those in flight at both ends, at most
             if held > self._ok_k[0]:
                 self._ok_k[0] = held
@@ -99,10 +102,16 @@ class ConcurrencyLimit:
             admitted = max(self._ok_k)
             if k >= admitted:  # no good answer lately went with as many in flight: the server is full
                 if self._failed_at is not None and k + 1 >= self._failed_at:
-                    self._probe_s = min(PROBE_MAX_S, self._probe_s * 2)  # a probe failed: wait longer next time
+                    # A probe failed: wait longer next time, and no less than the row it cost
+                    # waits (probing more often than that costs more than it can find)
+                    self._probe_s = min(PROBE_MAX_S, max(self._probe_s * 2, wait or 0.0))
                 self._failed_at = k + 1
                 self._set(max(1, min(self.limit, admitted + 1, k)), now)
                 self.cuts += 1
+
+    def admitting(self, now: float) -> bool:
+        """The server answered well lately: a 429 now says it is full, not closed."""
+        return now - self._last_ok < EPOCH_S
 
     def stated(self, limit: int) -> None:
         """The server says how many it holds: never more, and no probing past it."""

@@ -13,6 +13,7 @@ wrong key or a dead endpoint costs one request, not `concurrency` of them.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 import os
 import signal
@@ -29,7 +30,7 @@ import httpx
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from ._cache import ResponseCache
-from ._client import Client
+from ._client import Client, Deferred
 from ._columns import extra_columns
 from ._exceptions import (
     BatchrunError, BudgetReached, ConfigError, InputChangedError, InputError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
@@ -55,6 +56,8 @@ from .endpoints import get_endpoint
 __all__ = ["Summary", "read_api_key", "run_job"]
 
 GRACE_S = 10.0  # after SIGTERM/SIGINT, how long requests in flight may finish
+MAX_PARKS = 10  # times a row is set aside for a retry-after; then its worker waits with it
+PARKED_POLL_S = 0.5  # a worker waiting for rows set aside looks at `stopping` this often
 MIN_FREE_BYTES = 16 * 2**20  # in the output's folder, before any request
 
 
@@ -458,6 +461,10 @@ class _Pool:
         self.token: object | None = None  # the event loop's, for `stop_from_outside`
         self.remote: Remote | None = None  # the store the state is uploaded to
         self.stop_request: JobAborted | None = None
+        # Rows a server asked to wait (a long retry-after), by when they may go again; and
+        # for rows set aside, (requests sent so far, times set aside)
+        self.parked: list[tuple[float, int, Row]] = []
+        self.carried: dict[int, tuple[int, int]] = {}
         # Rows a worker takes at once: embeddings go several to a request
         self.group = spec.inputs_per_request if spec.endpoint is not None and get_endpoint(spec.endpoint).grouped else 1
 
@@ -524,7 +531,11 @@ class _Pool:
             try:
                 while not self.stopping:
                     try:
-                        taken = [next(rows)] if self.group == 1 else list(itertools.islice(rows, self.group))
+                        if self.group == 1:
+                            row = await self._next_row(rows)
+                            taken = [row] if row is not None else []
+                        else:
+                            taken = list(itertools.islice(rows, self.group))
                     except StopIteration:
                         return
                     except InputChangedError as exc:
@@ -533,8 +544,16 @@ class _Pool:
                     if not taken:
                         return
                     try:
-                        answers = [await self.client.call(taken[0])] if self.group == 1 else \
-                            await self.client.call_group(taken)
+                        if self.group == 1:
+                            parks = self.carried.get(taken[0].index, (0, 0))[1]
+                            answers = [await self.client.call(taken[0], park=parks < MAX_PARKS, pushed_back=parks > 0)]
+                        else:
+                            answers = await self.client.call_group(taken)
+                    except Deferred as deferred:  # the server asked this row to wait: it waits aside
+                        attempts, parks = self.carried.get(taken[0].index, (0, 0))
+                        self.carried[taken[0].index] = (attempts + deferred.attempts, parks + 1)
+                        heapq.heappush(self.parked, (anyio.current_time() + deferred.wait, taken[0].index, taken[0]))
+                        continue
                     except (JobFatalAPIError, BudgetReached) as exc:
                         self._stop(exc)
                         return
@@ -542,6 +561,8 @@ class _Pool:
                     # if the pool is being cancelled (the writer outlives the workers).
                     try:
                         for result in answers:
+                            if self.carried and (carried := self.carried.pop(result.row_index, None)):
+                                result.attempts += carried[0]  # the requests before it was set aside
                             self._judge(result)
                             results.send_nowait(result)
                     except anyio.BrokenResourceError:
@@ -552,6 +573,21 @@ class _Pool:
             finally:
                 if first:  # with nothing left to do, the others must not wait for it
                     self.answered_once.set()
+
+    async def _next_row(self, rows: Iterator[Row]) -> Row | None:
+        """A row set aside whose wait is over, else the next new row; with none left but
+        rows set aside, wait for theirs. None: nothing more to do (or the pool stops)."""
+        while not self.stopping:
+            now = anyio.current_time()
+            if self.parked and self.parked[0][0] <= now:
+                return heapq.heappop(self.parked)[2]
+            try:
+                return next(rows)
+            except StopIteration:
+                if not self.parked:
+                    return None
+            await anyio.sleep(min(PARKED_POLL_S, max(0.0, self.parked[0][0] - now)))
+        return None
 
     def _judge(self, result: Result) -> None:
         """Open the pool after the first answer; stop when answers show a broken job."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import anyio
@@ -174,3 +175,28 @@ async def test_a_limit_the_server_states_is_kept() -> None:
     gate = ConcurrencyLimit(32)
     gate.stated(2)
     assert len(fill(gate, 5)) == 2 and gate.maximum == 2
+
+
+def test_a_row_told_to_wait_waits_aside_while_the_others_go_on(tmp_path: Path, server: FakeServer) -> None:
+    """One worker: a row that meets a 429 with retry-after: 3 must not hold up the rest."""
+    told: list[float] = []
+
+    def once(body: dict) -> tuple[int, dict] | None:
+        if body["prompt"] == "row 2" and not told:
+            told.append(time.monotonic())
+            return 429, {"error": {"message": "slow down", "type": "rate_limit_error", "code": "rate_limit"}}
+        return None
+
+    server.faults = Faults(status_for=once, retry_after="3", latency_s=0.005)
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"row {i}"} for i in range(40)])
+    spec = write_spec(tmp_path, concurrency=1, api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["row_index"] for r in out] == list(range(40)) and {r["status"] for r in out} == {"ok"}
+    assert [r["attempts"] for r in out] == [1, 1, 2] + [1] * 37  # the request it met the 429 with counts
+    ok_times = {r.key: r.at for r in server.requests if r.outcome == "ok"}
+    assert all(ok_times[f"row {i}"] < told[0] + 2 for i in range(3, 40))  # the others went on at once
+    assert ok_times["row 2"] >= told[0] + 3  # and it waited as it was told

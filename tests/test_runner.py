@@ -357,8 +357,8 @@ def test_an_exception_raised_into_the_caller_saves_every_answer_received_first(t
     received: list[int] = []
     call = _client.Client.call
 
-    async def counting(self, row):  # type: ignore[no-untyped-def]
-        result = await call(self, row)
+    async def counting(self, row, **options):  # type: ignore[no-untyped-def]
+        result = await call(self, row, **options)
         received.append(result.row_index)
         return result
 
