@@ -27,7 +27,7 @@ from ._inputs import Row
 from ._network import proxy_for, ssl_context
 from ._policy import classify, retry_after, retrying
 from ._concurrency import STATED_HEADER, ConcurrencyLimit
-from ._rate import RateLimiter, estimate_tokens, pushed_back
+from ._rate import RateLimiter, estimate_tokens, header_number, pushed_back
 from ._secrets import Redactor
 from ._spec import JobSpec
 from ._structured import Structure
@@ -345,7 +345,7 @@ class Client:
                 wait = retry_after(response.headers, now=time.time())
             elif response.is_success:
                 load = "ok"
-                if (stated := response.headers.get(STATED_HEADER)) is not None and stated.isdigit():
+                if (stated := header_number(response.headers.get(STATED_HEADER))) and stated.is_integer():
                     self.in_flight.stated(int(stated))
         except httpx.TimeoutException as exc:
             raise RetryableAPIError(f"no complete answer within {self.spec.api.timeout_s:g} s") from exc

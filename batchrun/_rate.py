@@ -22,7 +22,7 @@ import re
 from collections import deque
 from collections.abc import Mapping
 
-__all__ = ["RateLimiter", "estimate_tokens", "parse_duration", "pushed_back"]
+__all__ = ["RateLimiter", "estimate_tokens", "header_number", "parse_duration", "pushed_back"]
 
 DECREASE_FACTOR = 0.9  # of the rate the server admitted when it pushed back
 MIN_RATE = 0.2  # requests/s: never stall completely
@@ -112,14 +112,14 @@ class RateLimiter:
         self._set(min(current, target) * DECREASE_FACTOR, now)
 
     def _follow_headers(self, headers: Mapping[str, str], now: float) -> None:
-        limit = _number(headers.get("x-ratelimit-limit-requests"))
+        limit = header_number(headers.get("x-ratelimit-limit-requests"))
         if limit:
             stated = limit / 60 * HEADROOM  # OpenAI and Fireworks state requests per minute
             if self.ceiling is None or stated < self.ceiling:
                 self.ceiling = stated
                 if self.rate is None or self.rate > stated:
                     self.rate = stated
-        remaining = _number(headers.get("x-ratelimit-remaining-requests"))
+        remaining = header_number(headers.get("x-ratelimit-remaining-requests"))
         reset = parse_duration(headers.get("x-ratelimit-reset-requests"))
         if remaining is not None and reset and self.rate is not None:
             if remaining < 1:
@@ -169,7 +169,7 @@ def parse_duration(text: str | None) -> float | None:
     """`6m0s`, `1.5s`, `250ms` or plain seconds, as OpenAI's reset headers write them."""
     if not text:
         return None
-    plain = _number(text)
+    plain = header_number(text)
     if plain is not None:
         return plain
     parts = _DURATION.findall(text)
@@ -178,7 +178,7 @@ def parse_duration(text: str | None) -> float | None:
     return sum(float(n) * _UNIT_S[u] for n, u in parts)
 
 
-def _number(text: str | None) -> float | None:
+def header_number(text: str | None) -> float | None:
     """A header's number: finite and not negative, or None (`nan` would stall the pacing)."""
     try:
         value = float(text) if text is not None else None

@@ -117,12 +117,10 @@ class Remote:
 
     def pull_state(self, local: Path) -> str:
         """Make the local state the newest there is; say which one it is."""
-        import pyarrow.fs as pafs
-
         remote = self.path_of(local)
+        if not self.exists(local):
+            return "no state on the store yet"
         with _store_errors(f"{self.url_of(local)}: cannot read the job's state"):
-            if self.fs.get_file_info(remote).type != pafs.FileType.File:
-                return "no state on the store yet"
             stamp = _stamp(self.fs, remote)
         if local.exists() and stamp == _read_stamp(local):
             return "the local state is the newest (this machine uploaded it)"
@@ -180,15 +178,19 @@ class Remote:
                 with _store_errors(f"{self.url_of(local)}: cannot download"):
                     _pull_file(self.fs, info.path, local)
 
-    def pull(self, local: Path) -> None:
-        """Bring one file of the store here, if it is there and differs from the copy here."""
+    def exists(self, local: Path) -> bool:
+        """The store holds the file `local` mirrors."""
         import pyarrow.fs as pafs
 
-        remote = self.path_of(local)
-        with _store_errors(f"{self.url_of(local)}: cannot download"):
-            if self.fs.get_file_info(remote).type == pafs.FileType.File:
-                local.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                _pull_file(self.fs, remote, local)
+        with _store_errors(f"{self.url_of(local)}: cannot read"):
+            return self.fs.get_file_info(self.path_of(local)).type == pafs.FileType.File
+
+    def pull(self, local: Path) -> None:
+        """Bring one file of the store here, if it is there and differs from the copy here."""
+        if self.exists(local):
+            local.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with _store_errors(f"{self.url_of(local)}: cannot download"):
+                _pull_file(self.fs, self.path_of(local), local)
 
     def push_file(self, local: Path) -> None:
         if local.exists():

@@ -271,8 +271,9 @@ def _concatenate(parts: list[Path], output: Path) -> None:
 
 
 def _link_parts(parts: list[Path], folder: Path) -> None:
-    """A folder of the parts (hard links where the file system allows: no copy), put in
-    place by a rename, so a reader sees the whole dataset or the one before it."""
+    """A folder of the parts (hard links where the file system allows: no copy), made
+    under another name and renamed into place: a reader never sees it half made (while
+    an older one is swapped out, for a moment it sees none)."""
     from ._output import fsync
 
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.merge.tmp")

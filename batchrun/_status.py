@@ -119,15 +119,13 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
 
 
 def _remote_status(spec: JobSpec) -> dict[str, Any]:
-    import pyarrow.fs as pafs
-
     from ._remote import Remote
 
     remote = Remote(spec.output_url, spec.output)  # type: ignore[arg-type]
     state = state_path(spec.output)
     if not lock_holder(state):  # a job running here has the newest state already
         remote.pull_state(state)
-    published = remote.fs.get_file_info(remote.path_of(spec.output)).type == pafs.FileType.File
+    published = remote.exists(spec.output)
     return {**_status_of(spec.name, spec.output, published=published), "output": spec.output_url}
 
 

@@ -247,7 +247,7 @@ class BoundedTransport(httpx.AsyncBaseTransport):
                     await response.aclose()
         except TimeoutError as exc:
             raise httpx.ReadTimeout(f"no complete answer within {self._timeout_s:g} s", request=request) from exc
-        return _response(response.status_code, response.headers.multi_items(), body, request)
+        return _response(response.status_code, response.headers.raw, body, request)  # bytes: as they came
 
     async def aclose(self) -> None:
         await self._transport.aclose()

@@ -190,3 +190,30 @@ def test_a_row_that_cannot_be_encoded_fails_alone_without_a_request() -> None:
     result = anyio.run(main)
     assert (result.status, seen) == ("failed", [])
     assert result.error.startswith("the request cannot be sent as JSON: ")
+
+
+@pytest.mark.parametrize("stated", [b"\xb2", b"9" * 5000, b"-2", b"0", b"2.5", b"", b"nan"])
+def test_a_stated_parallel_limit_the_server_writes_oddly_is_ignored(stated: bytes) -> None:
+    from batchrun._concurrency import STATED_HEADER
+
+    result, _, _ = call([httpx.Response(200, json=ANSWER, headers={STATED_HEADER: stated})])
+
+    assert result.status == "ok"
+
+
+def test_a_stated_parallel_limit_caps_requests_in_flight() -> None:
+    from batchrun._concurrency import STATED_HEADER
+
+    seen = []
+    raw = {"input": "i.jsonl", "output": "o.parquet", "model": "m", "api": {"base_url": "http://127.0.0.1:9/v1"}}
+    transport = httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(200, json=ANSWER,
+                                                                                headers={STATED_HEADER: " 3 "}))
+    client = Client(parse_spec(raw, environ={}), api_key=KEY, transport=transport)
+    row = Row(0, "r0", "chat", {"messages": [{"role": "user", "content": "q"}]}, "line 1")
+
+    async def main() -> None:
+        async with client:
+            await client.call(row)
+
+    anyio.run(main)
+    assert client.in_flight.maximum == 3 and client.in_flight.limit == 3
