@@ -68,6 +68,9 @@ def open_store(url: str) -> tuple[pafs.FileSystem, str]:
 
     try:
         return pafs.FileSystem.from_uri(url)
+    except OSError as exc:  # the store's library or its account cannot be set up (no JVM for hdfs://, no region)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{url}: cannot open the store: {reason}") from None
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as arrow_error:
         scheme = url.split("://", 1)[0]
         try:

@@ -157,3 +157,12 @@ def test_a_url_for_the_response_cache_exits_2(tmp_path: Path) -> None:
     result = run_cli("run", str(spec), "--no-progress")
     assert result.code == 2
     assert "cache: 's3://bucket/cache.sqlite' is a URL" in result.stderr
+
+
+def test_a_store_whose_library_cannot_start_exits_2(tmp_path: Path) -> None:
+    """hdfs:// needs a JVM this machine lacks: said before any request, never a crash."""
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
+    spec = write_spec(tmp_path, output="hdfs://127.0.0.1:1/out/x.parquet", api={"base_url": "mock://"})
+    result = run_cli("run", str(spec), "--no-progress", env=cli_env(BATCHRUN_WORK_DIR=str(tmp_path / "w")))
+    assert result.code == 2, result.stderr
+    assert "hdfs://127.0.0.1:1/out/x.parquet: cannot open the store: " in result.stderr
