@@ -31,7 +31,7 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -120,23 +120,16 @@ class Remote:
 
     def pull_state(self, local: Path) -> str:
         """Make the local state the newest there is; say which one it is."""
-        remote = self.path_of(local)
-        if not self.exists(local):
-            return "no state on the store yet"
-        with _store_errors(f"{self.url_of(local)}: cannot read the job's state"):
-            stamp = _stamp(self.fs, remote)
-        if local.exists() and stamp == _read_stamp(local):
-            return "the local state is the newest (this machine uploaded it)"
         from ._state import StateStore
 
-        tmp = local.with_name(f".{local.name}.{os.getpid()}.download")
+        if not self.exists(local):
+            return "no state on the store yet"
         local.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with _store_errors(f"{self.url_of(local)}: cannot download the job's state"):
-            _copy_down(self.fs, remote, tmp)
-        StateStore.discard(local)  # with its -wal: an old log must never replay onto another state
-        os.replace(tmp, local)
-        _write_stamp(local, stamp)
-        return f"resumed from {self.url_of(local)}"
+            # With its -wal: an old log must never replay onto another state
+            pulled = _pull_file(self.fs, self.path_of(local), local, before_replace=StateStore.discard)
+        return f"resumed from {self.url_of(local)}" if pulled else \
+            "the local state is the newest (this machine uploaded it)"
 
     def push_state(self, local: Path) -> None:
         """Upload a consistent snapshot of the state (and the status beside it)."""
@@ -249,15 +242,20 @@ def fetch_inputs(urls: Sequence[str], folder: Path) -> list[Path]:
     return local_files
 
 
-def _pull_file(fs: pafs.FileSystem, path: str, local: Path) -> None:
-    """Download unless the local copy is of the object the store holds now."""
+def _pull_file(fs: pafs.FileSystem, path: str, local: Path,
+               before_replace: Callable[[Path], None] | None = None) -> bool:
+    """Download unless the local copy is of the object the store holds now; say whether
+    it did. `before_replace` runs between the download and the rename over `local`."""
     stamp = _stamp(fs, path)
     if local.exists() and _read_stamp(local) == stamp:
-        return
+        return False
     tmp = local.with_name(f".{local.name}.{os.getpid()}.download")
     _copy_down(fs, path, tmp)
+    if before_replace is not None:
+        before_replace(local)
     os.replace(tmp, local)
     _write_stamp(local, stamp)
+    return True
 
 
 def _copy_down(fs: pafs.FileSystem, path: str, local: Path) -> None:
