@@ -361,7 +361,7 @@ class Client:
             now = time.monotonic()
             attempt.latency = now - started
             self.in_flight.leave(sent, load, now, wait)
-        self.limiter.observe(response.status_code, response.headers, now)
+        self.limiter.observe(response.status_code, response.headers, now, pushed=load == "pushback")
         if not response.is_success:
             raise classify(response.status_code, response.headers, response.content, now=time.time())
         try:

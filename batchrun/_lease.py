@@ -171,11 +171,11 @@ class LeasedLimiter:
             self._borrowed.append((start, tokens))
             return start - now
 
-    def observe(self, status: int, headers: Mapping[str, str], now: float) -> None:
+    def observe(self, status: int, headers: Mapping[str, str], now: float, pushed: bool | None = None) -> None:
         kept = {name: value for name in RATE_HEADERS if (value := headers.get(name)) is not None}
         with self._lock:
             self._observations.append((now, status, kept))
-        if pushed_back(status, headers):
+        if pushed if pushed is not None else pushed_back(status, headers):
             self.due.set()  # the other workers should slow down now, not at the next report
 
     def correct_tokens(self, difference: int) -> None:

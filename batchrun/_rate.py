@@ -84,11 +84,11 @@ class RateLimiter:
 
     # -- adapting --------------------------------------------------------------------------
 
-    def observe(self, status: int, headers: Mapping[str, str], now: float) -> None:
-        """Learn from one HTTP answer."""
+    def observe(self, status: int, headers: Mapping[str, str], now: float, pushed: bool | None = None) -> None:
+        """Learn from one HTTP answer; `pushed`: `pushed_back(status, headers)`, if the caller has it."""
         if 200 <= status < 300:
             _record(self._admitted, now, now)
-        if pushed_back(status, headers):
+        if pushed if pushed is not None else pushed_back(status, headers):
             self.pushbacks += 1
             _record(self._pushed, now, now)
             _record(self._admitted, None, now)
