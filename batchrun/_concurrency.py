@@ -31,48 +31,141 @@ Bookkeeping over a clock the caller passes; only `enter` waits (anyio).
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 import anyio
 
-__all__ = ["ConcurrencyLimit", "STATED_HEADER"]
+__all__ = ["ConcurrencyLimit", "Control", "STATED_HEADER"]
 
 EPOCH_S = 5.0  # "lately": successes are remembered for one to two of these
 PROBE_FIRST_S = 1.0
 PROBE_MAX_S = 64.0
 STATED_HEADER = "x-ratelimit-api_key-limit-max_parallel_requests"  # LiteLLM's, per key
+POLL_S = 0.02  # how often a waiter looks again at a limit moved by another thread
 
 
-class ConcurrencyLimit:
-    """The job's gate on requests in flight; `limit` adapts unless `fixed`."""
+class Control:
+    """The limit's decisions, from what answers said: for one process (inside its
+    `ConcurrencyLimit`), or for a whole job (in `_lease.Quota`, fed by every worker).
+
+    `k`: how many other requests were in flight when a request left; `held`: how many
+    of them were still in flight when it came back (the fewer of the two);
+    `generation`: the limit's, when it left.
+    """
 
     def __init__(self, maximum: int, *, fixed: bool = False) -> None:
         self.maximum = maximum
         self.limit = maximum
         self.fixed = fixed
-        self.in_flight = 0
         self.cuts = 0  # times the limit was lowered
-        self._waiters: deque[list] = deque()  # [event, cautious, (k, generation)] waiting for a slot
+        self.generation = 0  # counts the limit's changes
+        self.failed_at: int | None = None  # in-flight count that drew the last push-back
         self._ok_k = [-1, -1]  # the most others in flight beside a good answer: this epoch, the last
         self._epoch = 0.0
-        self._failed_at: int | None = None  # in-flight count that drew the last push-back
         self._probe_s = PROBE_FIRST_S
         self._changed = 0.0  # when the limit last moved
         self._credit = 0.0  # fractional steps of the per-round-trip increase
-        self._generation = 0  # counts the limit's changes
+
+    def answered(self, k: int, held: int, generation: int, outcome: str, now: float,
+                 wait: float | None = None) -> None:
+        """`outcome`: `ok`, or `pushback` (a 429, a 503 naming a wait: `wait`, its retry-after)."""
+        if self.fixed:
+            return
+        if now - self._epoch >= EPOCH_S:
+            self._ok_k = [-1, self._ok_k[0]] if now - self._epoch < 2 * EPOCH_S else [-1, -1]
+            self._epoch = now
+        if outcome == "ok":
+            if held > self._ok_k[0]:
+                self._ok_k[0] = held
+            self._grow(k, now)
+        elif outcome == "pushback" and generation == self.generation:
+            # (a request sent under an earlier limit says nothing about this one)
+            admitted = max(self._ok_k)
+            if k >= admitted:  # no good answer lately went with as many in flight: the server is full
+                if self.failed_at is not None and k + 1 >= self.failed_at:
+                    # A probe failed: wait longer next time, and no less than the row it cost
+                    # waits (probing more often than that costs more than it can find)
+                    self._probe_s = min(PROBE_MAX_S, max(self._probe_s * 2, wait or 0.0))
+                self.failed_at = k + 1
+                self._set(max(1, min(self.limit, admitted + 1, k)), now)
+                self.cuts += 1
+
+    def stated(self, limit: int) -> None:
+        """The server says how many it holds: never more, and no probing past it."""
+        if 0 < limit < self.maximum and not self.fixed:
+            self.maximum = limit
+            if self.limit > limit:
+                self._set(limit, self._changed)
+
+    def ceiling(self, cautious: bool) -> int:
+        """How many may be in flight for a request that `cautious`ly goes only below the
+        level that failed (it met a 429 before), or for any other."""
+        if cautious and self.failed_at is not None:
+            return min(self.limit, max(1, self.failed_at - 1))  # one at a time, at the least
+        return self.limit
+
+    def _grow(self, k: int, now: float) -> None:
+        if k + 1 < self.limit or self.limit >= self.maximum:
+            return  # the limit held nothing back: no evidence that more would go through
+        if self.failed_at is None or self.limit + 1 < self.failed_at:
+            self._credit += 1 / self.limit  # a step per round trip of the whole limit
+            if self._credit >= 1:
+                self._set(self.limit + 1, now)
+        elif now - self._changed >= self._probe_s:
+            if self.limit >= self.failed_at:  # the level that failed has held for a spell
+                self.failed_at, self._probe_s = None, PROBE_FIRST_S
+            else:
+                self._set(self.limit + 1, now)  # probe the level that failed
+
+    def _set(self, limit: int, now: float) -> None:
+        self.limit, self._changed, self._credit = min(limit, self.maximum), now, 0.0
+        self.generation += 1
+
+
+class ConcurrencyLimit:
+    """A process's gate on requests in flight, below what its `control` allows: its own
+    `Control` (the default), or a worker's lease of the job's (`_lease.LeasedControl`),
+    whose limit moves in another thread: then waiters look again every `POLL_S`."""
+
+    def __init__(self, maximum: int, *, fixed: bool = False, control: Any = None) -> None:
+        self.control = Control(maximum, fixed=fixed) if control is None else control
+        self.in_flight = 0
+        self._waiters: deque[list] = deque()  # [event, cautious, (k, generation)] waiting for a slot
         self._last_ok = float("-inf")  # when the server last answered well
+        self._poll_s = None
+        if getattr(self.control, "remote", False):
+            self._poll_s, self.control.gate = POLL_S, self
+
+    @property
+    def limit(self) -> int:
+        return self.control.limit
+
+    @property
+    def maximum(self) -> int:
+        return self.control.maximum
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
 
     async def enter(self, *, cautious: bool = False) -> tuple[int, int]:
         """Wait for a slot; return how many other requests are in flight (`k`) and the
         limit's generation, both for `leave`. `cautious`: the request met a 429 before,
         and goes only below the level that failed."""
-        if self.in_flight < self._ceiling(cautious) and not self._waiters:
+        if self.in_flight < self.control.ceiling(cautious) and not self._waiters:
             self.in_flight += 1
-            return self.in_flight - 1, self._generation
+            return self.in_flight - 1, self.control.generation
         waiter = [anyio.Event(), cautious, (0, 0)]
         self._waiters.append(waiter)
         self._wake()  # a slot may be free for it, though not for the waiter before it
         try:
-            await waiter[0].wait()
+            if self._poll_s is None:
+                await waiter[0].wait()
+            else:
+                while not waiter[0].is_set():
+                    with anyio.move_on_after(self._poll_s):
+                        await waiter[0].wait()
+                    self._wake()
         except BaseException:
             if waiter[0].is_set():  # given a slot, then cancelled: pass it on
                 self._release()
@@ -85,63 +178,24 @@ class ConcurrencyLimit:
         """A request `enter` let go is answered: `ok`, `pushback` (a 429, a 503 naming a
         wait: `wait`, its retry-after), or None (anything else, which says nothing about load)."""
         self._release()
-        if self.fixed or outcome is None:
+        if outcome is None:
             return
-        k, generation = sent
-        if now - self._epoch >= EPOCH_S:
-            self._ok_k = [-1, self._ok_k[0]] if now - self._epoch < 2 * EPOCH_S else [-1, -1]
-            self._epoch = now
         if outcome == "ok":
             self._last_ok = now
-            held = min(k, self.in_flight)  # beside it all along: those in flight at both ends, at most
-            if held > self._ok_k[0]:
-                self._ok_k[0] = held
-            self._grow(k, now)
-        elif outcome == "pushback" and generation == self._generation:
-            # (a request sent under an earlier limit says nothing about this one)
-            admitted = max(self._ok_k)
-            if k >= admitted:  # no good answer lately went with as many in flight: the server is full
-                if self._failed_at is not None and k + 1 >= self._failed_at:
-                    # A probe failed: wait longer next time, and no less than the row it cost
-                    # waits (probing more often than that costs more than it can find)
-                    self._probe_s = min(PROBE_MAX_S, max(self._probe_s * 2, wait or 0.0))
-                self._failed_at = k + 1
-                self._set(max(1, min(self.limit, admitted + 1, k)), now)
-                self.cuts += 1
+        k, generation = sent
+        # beside it all along: those in flight at both ends, at most
+        limit = self.control.limit
+        self.control.answered(k, min(k, self.in_flight), generation, outcome, now, wait)
+        if self.control.limit > limit:
+            self._wake()
 
     def admitting(self, now: float) -> bool:
         """The server answered well lately: a 429 now says it is full, not closed."""
         return now - self._last_ok < EPOCH_S
 
     def stated(self, limit: int) -> None:
-        """The server says how many it holds: never more, and no probing past it."""
-        if 0 < limit < self.maximum and not self.fixed:
-            self.maximum = limit
-            if self.limit > limit:
-                self._set(limit, self._changed)
-
-    def _ceiling(self, cautious: bool) -> int:
-        if cautious and self._failed_at is not None:
-            return min(self.limit, max(1, self._failed_at - 1))  # one at a time, at the least
-        return self.limit
-
-    def _grow(self, k: int, now: float) -> None:
-        if k + 1 < self.limit or self.limit >= self.maximum:
-            return  # the limit held nothing back: no evidence that more would go through
-        if self._failed_at is None or self.limit + 1 < self._failed_at:
-            self._credit += 1 / self.limit  # a step per round trip of the whole limit
-            if self._credit >= 1:
-                self._set(self.limit + 1, now)
-        elif now - self._changed >= self._probe_s:
-            if self.limit >= self._failed_at:  # the level that failed has held for a spell
-                self._failed_at, self._probe_s = None, PROBE_FIRST_S
-            else:
-                self._set(self.limit + 1, now)  # probe the level that failed
-
-    def _set(self, limit: int, now: float) -> None:
-        self.limit, self._changed, self._credit = min(limit, self.maximum), now, 0.0
-        self._generation += 1
-        self._wake()
+        """The server says how many it holds (see `Control.stated`)."""
+        self.control.stated(limit)
 
     def _release(self) -> None:
         self.in_flight -= 1
@@ -149,13 +203,14 @@ class ConcurrencyLimit:
 
     def _wake(self) -> None:
         """Hand free slots to waiters, first come first served, each within its ceiling."""
-        if not self._waiters or self.in_flight >= self.limit:
+        limit = self.control.limit
+        if not self._waiters or self.in_flight >= limit:
             return
         for waiter in list(self._waiters):
-            if self.in_flight >= self.limit:
+            if self.in_flight >= limit:
                 break
-            if self.in_flight < self._ceiling(waiter[1]):
+            if self.in_flight < self.control.ceiling(waiter[1]):
                 self._waiters.remove(waiter)
-                waiter[2] = (self.in_flight, self._generation)  # as of the hand-over
+                waiter[2] = (self.in_flight, self.control.generation)  # as of the hand-over
                 self.in_flight += 1
                 waiter[0].set()

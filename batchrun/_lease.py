@@ -1,16 +1,24 @@
-"""One job-wide rate limit shared by many processes, spent in small leases.
+"""One job-wide rate limit and limit on requests in flight, shared by many processes,
+spent in small leases.
 
 A `Quota` (one per job: `_ray` keeps it in a named actor) holds the job's schedule:
 a `RateLimiter` booking send slots at the spec's requests/min and tokens/min, and
-adapting to what every worker saw of the server, so one worker's 429s slow them all.
+adapting to what every worker saw of the server, so one worker's 429s slow them all;
+and the job's `Control` of requests in flight (see `_concurrency`), fed by every
+worker's answers, so the server's limit found by one worker holds them all.
 Each worker's `LeasedLimiter` stands in for the Client's own RateLimiter: it hands
-out slots it leased a few at a time, so no request waits on the Quota:
+out slots it leased a few at a time, so no request waits on the Quota; its
+`LeasedControl` stands in for the Client's own Control: it lets the worker's gate
+hold as many requests in flight as the Quota allots it.
 
     request ── reserve() ──▶ the next slot of the worker's lease (no call out)
-    answer  ── observe(), correct_tokens() ──▶ queued
+            ── gate ──▶ in flight, while fewer than the worker's allotment
+    answer  ── observe(), correct_tokens(), answered() ──▶ queued
     a few times a second, off the event loop:
-        Report (observations, token corrections, slots borrowed or given back, want)
-            ──▶ Quota.exchange ──▶ Grant (slots, as seconds from now; the job's rate)
+        Report (observations, token corrections, slots borrowed or given back, want;
+                answers, requests in flight and waiting)
+            ──▶ Quota.exchange ──▶ Grant (slots, as seconds from now; the job's rate;
+                                          the worker's allotment of requests in flight)
 
 A lease is a quarter second's worth of the job's rate divided among the workers (at
 least one slot): the workers' slots interleave, and the schedule runs about half a
@@ -18,6 +26,14 @@ second ahead of the clock. A worker out of slots waits for the lease on its way 
 few milliseconds; at most LATE_S); one that cannot reach the Quota (being made again,
 say) goes on alone at its share of the last rate it was told, and its next report books
 those slots as debt. A worker that stops gives back the slots it did not use.
+
+The job's limit on requests in flight is shared by demand (what a worker has in
+flight and waiting): evenly, but no more to one than it wants while others want
+more; what none wants, evenly; the odd ones in turn. A worker not heard from yet
+keeps its share for the Quota's first EXPECT_S. A worker's allotment is changed only
+in its own exchange, and what it gives up goes to the others only once it reports
+that fewer are in flight: the job holds no more than its limit (but for a moment
+while a Quota made again learns what the workers hold).
 
 Pure bookkeeping over a clock the caller passes; `_ray` supplies the actor and the
 thread that carries reports.
@@ -30,17 +46,22 @@ import threading
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from ._concurrency import Control
 from ._rate import RateLimiter, pushed_back
 
-__all__ = ["Grant", "LeasedLimiter", "Quota", "Report"]
+__all__ = ["Grant", "LeasedControl", "LeasedLimiter", "Quota", "Report"]
 
 LEASE_S = 0.25  # a lease is this much of the job's rate, divided among the workers
 HORIZON_S = 1.0  # no lease reaches further ahead than this (but one slot, when the schedule is)
 REFRESH_S = 0.1  # how often a worker reports at least (a limit may have appeared)
 STALE_S = 0.1  # a slot this far past, unused, is dropped: sending on it now would make a burst
 LATE_S = 0.25  # how long a worker out of slots waits for its lease before it goes on alone
-MAX_OBSERVED = 10_000  # observations kept while the Quota cannot be reached
+MAX_OBSERVED = 10_000  # observations (and answers) kept while the Quota cannot be reached
+TURN_S = 5.0  # an allotment the workers cannot share evenly goes round this often
+GONE_S = 3.0  # a worker not heard from for this long holds nothing (its process is gone)
+EXPECT_S = 10.0  # for this long, a Quota keeps their share for the workers not heard from yet
 # What the Quota learns from: the headers RateLimiter.observe reads
 RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
                 "x-ratelimit-over-limit", "retry-after", "retry-after-ms")
@@ -56,33 +77,68 @@ class Report:
     tokens: int = 0  # token corrections (real usage against estimates)
     borrowed: list[tuple[float, int]] = field(default_factory=list)  # (seconds ago, tokens) of slots taken alone
     unused: tuple[int, int] = (0, 0)  # slots (and their tokens) given back by a worker that stopped
+    worker: int = 0  # which worker (its shard's index)
+    final: bool = False  # the worker stops: it holds nothing from now on
+    # Requests in flight: the worker's, those waiting for a slot, and its allotment as it reported
+    in_flight: int = 0
+    waiting: int = 0
+    allotment: int = 0
+    answers: list[tuple[float, int, int, int, str, float | None]] = field(default_factory=list)
+    # (seconds ago, k, held, generation, outcome, wait): see Control.answered; k and held count the worker's own
+    stated: int | None = None  # a limit on requests in flight the server stated
 
 
 @dataclass(frozen=True)
 class Grant:
     """The Quota's answer. `slots`: seconds from now of each leased slot, or None while
     nothing limits the job; `rate` and `tokens_per_s`: the job's, for a worker that must
-    go on alone; `chunk`: a lease's size, the worker asks again when fewer are left."""
+    go on alone; `chunk`: a lease's size, the worker asks again when fewer are left.
+    `allotment`: how many requests the worker may have in flight, `cautious` of them for
+    rows that met a 429; `generation` and `limit`: the job's Control's."""
 
     slots: tuple[float, ...] | None
     tokens_each: int = 0
     rate: float | None = None
     tokens_per_s: float | None = None
     chunk: int = 1
+    allotment: int = 0
+    cautious: int = 0
+    generation: int = 0
+    limit: int = 0
+
+
+@dataclass
+class _Holder:
+    """What the Quota knows of one worker's requests in flight."""
+
+    seen: float
+    in_flight: int = 0
+    demand: int = 0  # in flight and waiting
+    bound: int = 0  # the most it may have in flight until its next report
 
 
 class Quota:
     """The job's schedule and adaptive state: one for all the workers."""
 
     def __init__(self, *, requests_per_minute: float | None, tokens_per_minute: float | None, workers: int,
-                 now: float, pause_s: float = 0.0) -> None:
+                 concurrency: int, now: float, pause_s: float = 0.0) -> None:
         self.limiter = RateLimiter(requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute)
+        self.control = Control(concurrency)
         self.workers = workers
+        self.holders: dict[int, _Holder] = {}
+        self.finished: set[int] = set()
+        # The workers start one by one (or, with a Quota made again, hold requests it
+        # cannot see): the first to ask does not get the job's whole limit
+        self.expect_until = now + EXPECT_S
         # A Quota made again after the last one was lost cannot see the slots it leased:
         # it books none before they have run out.
         self.resume_at = now + pause_s
 
     def exchange(self, report: Report, now: float) -> Grant:
+        allotment, cautious = self._in_flight(report, now)
+        control = self.control
+        lease = {"allotment": allotment, "cautious": cautious, "generation": control.generation,
+                 "limit": control.limit}
         limiter = self.limiter
         for ago, status, headers in report.observations:  # (a worker's, some 0.1 s apart, barely out of order)
             limiter.observe(status, headers, now - ago)
@@ -91,7 +147,7 @@ class Quota:
             limiter.reserve(tokens, now - ago)
         limiter.release(*report.unused, now)
         if limiter.rate is None and limiter.tokens_per_s is None:
-            return Grant(None)
+            return Grant(None, **lease)
         tokens_each = max(1, report.tokens_each)
         chunk = self._chunk(tokens_each)
         slots: list[float] = []
@@ -101,13 +157,66 @@ class Quota:
                 slots.append(at - now + limiter.reserve(tokens_each, at))
                 if slots[-1] > HORIZON_S:
                     break
-        return Grant(tuple(slots), tokens_each, limiter.rate, limiter.tokens_per_s, chunk)
+        return Grant(tuple(slots), tokens_each, limiter.rate, limiter.tokens_per_s, chunk, **lease)
+
+    def _in_flight(self, report: Report, now: float) -> tuple[int, int]:
+        """Learn from the worker's answers; return its allotment (and its cautious part)."""
+        holders, control = self.holders, self.control
+        for index in [i for i, h in holders.items() if now - h.seen > GONE_S or i == report.worker]:
+            del holders[index]
+        others = sum(h.in_flight for h in holders.values())
+        for ago, k, held, generation, outcome, wait in report.answers:
+            # Beside the worker's own, the others' in flight as last reported (a tenth of a second ago)
+            control.answered(k + others, held + others, generation, outcome, now - ago, wait)
+        if report.stated:
+            control.stated(report.stated)
+        if report.final:
+            self.finished.add(report.worker)
+            return 0, 0
+        me = holders[report.worker] = _Holder(now, report.in_flight, report.in_flight + report.waiting)
+        demands = {i: h.demand for i, h in holders.items()}
+        if now < self.expect_until:  # a worker not heard from yet will want its share
+            demands.update((i, -(-control.limit // self.workers)) for i in range(self.workers)
+                           if i not in holders and i not in self.finished)
+        shares = _shares(control.limit, demands, now)
+        held = sum(holders[i].bound if i in holders else shares[i] for i in demands if i != report.worker)
+        # Its fair share, of what the others do not hold
+        allotment = min(shares[report.worker], max(0, control.limit - held))
+        cautious = min(allotment, _shares(control.ceiling(True), demands, now)[report.worker])
+        # Until its next report the worker may hold what it was allotted before (it may have
+        # sent more since this report), or what it still has in flight
+        me.bound = max(allotment, report.allotment, report.in_flight)
+        return allotment, cautious
 
     def _chunk(self, tokens_each: int) -> int:
         limiter = self.limiter
         interval = max(1 / limiter.rate if limiter.rate else 0.0,
                        tokens_each / limiter.tokens_per_s if limiter.tokens_per_s else 0.0)
         return max(1, math.ceil(LEASE_S / interval / self.workers))
+
+
+def _shares(total: int, demands: Mapping[int, int], now: float) -> dict[int, int]:
+    """`total` shared by demand (requests in flight and waiting): evenly, but no more
+    to a worker than it wants while others want more; what none wants, evenly (room
+    for the next burst). The odd ones go round every TURN_S."""
+    order = sorted(demands)
+    if order:
+        turn = int(now / TURN_S) % len(order)
+        order = order[turn:] + order[:turn]
+    shares = dict.fromkeys(order, 0)
+    wanting, left = [i for i in order if demands[i] > 0], total
+    while left > 0 and wanting:
+        each, odd = divmod(left, len(wanting))
+        for place, index in enumerate(wanting):
+            given = min(demands[index] - shares[index], each + (place < odd))
+            shares[index] += given
+            left -= given
+        wanting = [i for i in wanting if shares[i] < demands[i]]
+    if left > 0 and order:
+        each, odd = divmod(left, len(order))
+        for place, index in enumerate(order):
+            shares[index] += each + (place < odd)
+    return shares
 
 
 class LeasedLimiter:
@@ -119,7 +228,7 @@ class LeasedLimiter:
     """
 
     def __init__(self, *, requests_per_minute: float | None, tokens_per_minute: float | None, workers: int,
-                 tokens_each: int) -> None:
+                 tokens_each: int, concurrency: int, worker: int = 0) -> None:
         self.tokens_per_s = tokens_per_minute / 60 if tokens_per_minute else None  # the Client reads it
         self.rate = requests_per_minute / 60 if requests_per_minute else None  # the job's, last told
         self.workers = workers
@@ -135,6 +244,8 @@ class LeasedLimiter:
         self._tokens = 0
         self._borrowed: list[tuple[float, int]] = []  # (when, tokens)
         self._alone_request = self._alone_tokens = 0.0  # the schedule of slots taken without a lease
+        self.worker = worker
+        self.control = LeasedControl(concurrency, workers, worker, self._lock)
 
     # -- in the event loop -------------------------------------------------------------
 
@@ -199,10 +310,11 @@ class LeasedLimiter:
             report = Report(want=want, tokens_each=round(self._tokens_each),
                             observations=[(now - at, status, headers) for at, status, headers in self._observations],
                             tokens=self._tokens, borrowed=[(now - at, tokens) for at, tokens in self._borrowed],
-                            unused=unused)
+                            unused=unused, worker=self.worker, final=final)
             self._observations.clear()
             self._tokens = 0
             self._borrowed.clear()
+            self.control.report(report, now)
             return report
 
     def returned(self, report: Report, made: float) -> None:
@@ -212,6 +324,7 @@ class LeasedLimiter:
                                           for ago, status, headers in reversed(report.observations))
             self._tokens += report.tokens
             self._borrowed[:0] = [(made - ago, tokens) for ago, tokens in report.borrowed]
+            self.control.returned(report, made)
             self._answering = False
             self._arrived.notify_all()
 
@@ -221,9 +334,73 @@ class LeasedLimiter:
             self.rate, self.tokens_per_s = grant.rate, grant.tokens_per_s
             self._chunk = grant.chunk
             self._slots.extend((now + offset, grant.tokens_each) for offset in grant.slots or ())
+            self.control.receive(grant)
             self._answering = True
             self._arrived.notify_all()
 
     def reporting_due(self, now: float, last: float) -> bool:
         """Whether to report now, the last report having gone at `last`."""
         return self.due.is_set() or now - last >= REFRESH_S
+
+
+class LeasedControl:
+    """A worker's Control (see `ConcurrencyLimit.control`): its gate's limit is the
+    allotment the Quota granted; the answers go to the Quota, whose Control decides.
+
+    `answered` and `stated` run in the worker's event loop; the rest, under the
+    LeasedLimiter's lock, in the thread that talks to the Quota.
+    """
+
+    remote = True  # the limit moves in another thread: the gate's waiters look again
+    fixed = False
+
+    def __init__(self, maximum: int, workers: int, worker: int, lock: threading.Lock) -> None:
+        self.maximum = maximum
+        self.workers = workers
+        self.gate: Any = None  # the ConcurrencyLimit this is the control of: it sets itself
+        self._lock = lock
+        # Before the first grant, and while the Quota cannot be reached: the worker's share
+        self.limit = self.alone = maximum * (worker + 1) // workers - maximum * worker // workers
+        self.job_limit = maximum
+        self._cautious: int | None = None
+        self.generation = 0
+        self._answers: deque[tuple[float, int, int, int, str, float | None]] = deque(maxlen=MAX_OBSERVED)
+        self._stated: int | None = None
+
+    def ceiling(self, cautious: bool) -> int:
+        if cautious and self._cautious is not None:
+            return self._cautious
+        return self.limit
+
+    def answered(self, k: int, held: int, generation: int, outcome: str, now: float,
+                 wait: float | None = None) -> None:
+        with self._lock:
+            self._answers.append((now, k, held, generation, outcome, wait))
+
+    def stated(self, limit: int) -> None:
+        self._stated = limit
+
+    # -- in the thread that talks to the Quota, under the lock -----------------------------
+
+    def report(self, report: Report, now: float) -> None:
+        gate = self.gate
+        report.answers = [(now - at, *rest) for at, *rest in self._answers]
+        self._answers.clear()
+        report.stated = self._stated
+        report.allotment = self.limit
+        if report.final:
+            return
+        if gate is None:  # not running yet (nothing sent): it will want its share at once
+            report.allotment, report.waiting = 0, self.maximum
+        else:
+            report.in_flight, report.waiting = gate.in_flight, gate.waiting
+
+    def returned(self, report: Report, made: float) -> None:
+        self._answers.extendleft((made - ago, *rest) for ago, *rest in reversed(report.answers))
+        # Alone: no less than its share of the job's limit, as last told (and never nothing)
+        self.limit = max(self.limit, self.job_limit // self.workers, 1)
+        self._cautious = None
+
+    def receive(self, grant: Grant) -> None:
+        self.limit, self._cautious = grant.allotment, grant.cautious
+        self.generation, self.job_limit = grant.generation, grant.limit

@@ -2,17 +2,18 @@
 
     driver ─┬─▶ limiter actor (named after the job, detached, made again if lost)
             │        ▲  a worker's reports and leases, a few times a second (`_lease`)
-            ├─▶ task: run_job(shard 0/N, rate_limiter=LeasedLimiter) ─┐
+            ├─▶ task: run_job(shard 0/N, LeasedLimiter) ──────────────┐
             ├─▶ task: ...                                             ├─▶ <stem>.shards/
             └─▶ once every task is done: merge_job(spec) ◀────────────┘
 
 Each task is batchrun's own engine on one shard (see `_shards`), with its share of
-`concurrency` and of the budget; the rate limits are the job's, held by the actor.
-A task whose worker is lost is run again by Ray, and resumes from the shard's state:
-no row is lost or stored twice. A driver killed and run again finds the same shards
-and the same actor. An actor that is lost is made again by Ray (its pacing starts
-over, the rows are in the shards' states): meanwhile the workers go on alone, each
-at its share of the job's last rate.
+the budget; the rate limits and the limit on requests in flight are the job's, held
+by the actor, which finds the server's limit from every worker's answers and allots
+it by demand. A task whose worker is lost is run again by Ray, and resumes from the
+shard's state: no row is lost or stored twice. A driver killed and run again finds
+the same shards and the same actor. An actor that is lost is made again by Ray (its
+pacing and the limit it found start over, the rows are in the shards' states):
+meanwhile the workers go on alone, each at its share of the job's last rate and limit.
 
 Ray is imported only here, and only when `--ray` is used.
 """
@@ -171,7 +172,8 @@ def _limiter(ray: ModuleType, spec: JobSpec, workers: int) -> Any:
     """The job's limiter actor: the one a killed driver left (its pacing is still good), or
     a new one when there is none or it was made for other limits."""
     config = {"requests_per_minute": spec.rate_limit.requests_per_minute,
-              "tokens_per_minute": spec.rate_limit.tokens_per_minute, "workers": workers}
+              "tokens_per_minute": spec.rate_limit.tokens_per_minute, "workers": workers,
+              "concurrency": spec.concurrency}
     actor_class = ray.remote(_QuotaActor).options(
         name=limiter_name(spec.output), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
         max_restarts=-1, num_cpus=0)  # no CPU: made again at once, even while the shards hold them all
@@ -366,7 +368,8 @@ def _run_shard(spec: JobSpec, shard: Shard, actor: Any, forwarded: Mapping[str, 
 
     limiter = LeasedLimiter(requests_per_minute=spec.rate_limit.requests_per_minute,
                             tokens_per_minute=spec.rate_limit.tokens_per_minute, workers=shard.count,
-                            tokens_each=estimate_tokens({"prompt": "", **spec.params}))
+                            tokens_each=estimate_tokens({"prompt": "", **spec.params}),
+                            concurrency=spec.concurrency, worker=shard.index)
     exchanger = _Exchanger(limiter, actor)
     try:
         restart = options["restart"] is not None and ray.get(actor.claim.remote(options["restart"]),
@@ -376,6 +379,7 @@ def _run_shard(spec: JobSpec, shard: Shard, actor: Any, forwarded: Mapping[str, 
         while True:
             try:
                 return run_job(_share(spec, shard), shard=shard, merge=None, rate_limiter=limiter,
+                               concurrency_control=limiter.control,
                                environ={**os.environ, **forwarded}, restart=restart,
                                retry_failed=options["retry_failed"], max_failed_share=options["max_failed_share"])
             except ConfigError:
@@ -389,15 +393,14 @@ def _run_shard(spec: JobSpec, shard: Shard, actor: Any, forwarded: Mapping[str, 
 
 
 def _share(spec: JobSpec, shard: Shard) -> JobSpec:
-    """The shard's part of what the spec allows the job: requests in flight, and budget."""
-    index, count = shard.index, shard.count
-    concurrency = spec.concurrency * (index + 1) // count - spec.concurrency * index // count
-    budget = spec.budget
-    if budget.is_set:
-        budget = dataclasses.replace(
-            budget, max_usd=budget.max_usd / count if budget.max_usd is not None else None,
-            max_tokens=budget.max_tokens // count if budget.max_tokens is not None else None)
-    return dataclasses.replace(spec, concurrency=concurrency, budget=budget)
+    """The shard's part of the job's budget. (Its requests in flight are the job's
+    `concurrency`, as the limiter actor allots them.)"""
+    count, budget = shard.count, spec.budget
+    if not budget.is_set:
+        return spec
+    return dataclasses.replace(spec, budget=dataclasses.replace(
+        budget, max_usd=budget.max_usd / count if budget.max_usd is not None else None,
+        max_tokens=budget.max_tokens // count if budget.max_tokens is not None else None))
 
 
 class _Exchanger:

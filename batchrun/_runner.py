@@ -32,6 +32,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from ._cache import ResponseCache
 from ._client import Client, Deferred
 from ._columns import extra_columns
+from ._concurrency import ConcurrencyLimit, Control
 from ._exceptions import (
     BatchrunError, BudgetReached, ConfigError, InputChangedError, InputError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
 )
@@ -138,6 +139,7 @@ def run_job(
     shard: Shard | None = None,
     merge: str | None = "file",
     rate_limiter: RateLimiter | None = None,
+    concurrency_control: Control | None = None,
 ) -> Summary:
     """Run (or resume) a job to completion and write its output.
 
@@ -157,6 +159,7 @@ def run_job(
 
     `rate_limiter` replaces the run's own rate policy: one that shares a job-wide quota
     with other processes (see `_ray`) has the same methods as `RateLimiter`.
+    `concurrency_control` likewise replaces the run's own control of requests in flight.
     """
     started = time.monotonic()
     spec = job if isinstance(job, JobSpec) else load_spec(job)
@@ -212,6 +215,8 @@ def run_job(
         client = Client(spec, api_key=api_key, transport=transport, base_url=base_url, environ=env)
         if rate_limiter is not None:
             client.limiter = rate_limiter
+        if concurrency_control is not None:
+            client.in_flight = ConcurrencyLimit(spec.concurrency, control=concurrency_control)
         if spec.cache is not None:
             client.cache = cache = ResponseCache(spec.cache)
         if spec.budget.is_set:  # what earlier runs spent counts against it

@@ -35,7 +35,7 @@ async def test_a_full_server_cuts_the_limit_to_what_it_admitted_once_per_change(
     assert [k for k, _ in sent] == list(range(31))
     for s in sent[2:]:  # the server holds 2: the rest are pushed back at once
         gate.leave(s, "pushback", now=0.01)
-    assert gate.limit == 1 and gate.cuts == 1  # requests sent before the cut say nothing about it
+    assert gate.limit == 1 and gate.control.cuts == 1  # requests sent before the cut say nothing about it
     gate.leave(sent[0], "ok", now=0.05)
     gate.leave(sent[1], "ok", now=0.05)
     assert gate.limit == 2  # one step a round trip, up to the level below the one that failed
@@ -74,7 +74,7 @@ async def test_a_pushback_at_a_level_that_went_through_lately_is_not_about_concu
     gate.leave(sent[2], "pushback", now=0.1)  # k=2: but k=7 went through just now...
     assert gate.limit == 16  # ... so this is a rate limit or a stray, for the rate policy
     gate.leave(sent[1], "pushback", now=0.1)
-    assert gate.limit == 16 and gate.cuts == 0
+    assert gate.limit == 16 and gate.control.cuts == 0
 
 
 @pytest.mark.anyio
@@ -111,7 +111,7 @@ async def test_a_cancelled_waiter_gives_its_slot_on() -> None:
         await gate.enter()
     gate.leave(first, "ok", now=0.0)
     assert gate.in_flight == 0
-    assert await gate.enter() == (0, gate._generation)
+    assert await gate.enter() == (0, gate.control.generation)
 
 
 def test_a_server_that_holds_two_in_flight_gets_few_429s_and_every_row(tmp_path: Path, server: FakeServer) -> None:
@@ -140,7 +140,7 @@ async def test_a_neighbour_refused_at_once_does_not_count_as_held() -> None:
     assert gate.limit == 1
     gate.leave(a, "ok", now=0.05)
     gate.leave(b, "ok", now=0.05)  # left beside 1 other, came back beside none
-    assert max(gate._ok_k) == 0  # so it proves nothing beyond a request alone
+    assert max(gate.control._ok_k) == 0  # so it proves nothing beyond a request alone
     assert gate.limit == 2
 
 
@@ -151,9 +151,9 @@ async def test_a_request_back_from_a_429_never_probes() -> None:
     gate.leave(c, "pushback", now=0.0)  # k=2 failed
     gate.leave(a, "ok", now=0.0)
     gate.leave(b, "ok", now=0.0)
-    gate.limit = 3  # as if a probe had raised it
+    gate.control.limit = 3  # as if a probe had raised it
     first, second = fill(gate, 2)
-    assert await gate.enter() == (2, gate._generation)  # a fresh request may probe
+    assert await gate.enter() == (2, gate.control.generation)  # a fresh request may probe
     third = fill(gate, 1)
     assert third == []  # the limit is full
     for s in (first, second):
@@ -164,7 +164,7 @@ async def test_a_request_back_from_a_429_never_probes() -> None:
         entered = None
     except StopIteration as done:
         entered = done.value
-    assert entered == (1, gate._generation)  # below the level that failed: in
+    assert entered == (1, gate.control.generation)  # below the level that failed: in
     coroutine = gate.enter(cautious=True)
     assert coroutine.send(None) is not None  # at it: waits, though the limit has room
     coroutine.close()

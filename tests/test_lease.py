@@ -1,21 +1,26 @@
-"""Leases of a job-wide rate limit: pure bookkeeping, no Ray, no server, no sleeping."""
+"""Leases of a job-wide rate limit and limit on requests in flight: pure bookkeeping, no Ray,
+no server, and no sleeping but a gate's."""
 
 from __future__ import annotations
 
 import threading
 
+import anyio
 import pytest
 
-from batchrun._lease import HORIZON_S, STALE_S, LeasedLimiter, Quota, Report
+from batchrun._concurrency import ConcurrencyLimit
+from batchrun._lease import EXPECT_S, GONE_S, HORIZON_S, STALE_S, Grant, LeasedLimiter, Quota, Report
 from batchrun._rate import RateLimiter
 
 
 def quota(workers: int = 4, rpm: float | None = 2700, tpm: float | None = None, **kw: float) -> Quota:
-    return Quota(requests_per_minute=rpm, tokens_per_minute=tpm, workers=workers, now=kw.pop("now", 0.0), **kw)
+    return Quota(requests_per_minute=rpm, tokens_per_minute=tpm, workers=workers, concurrency=32,
+                 now=kw.pop("now", 0.0), **kw)
 
 
 def worker(workers: int = 4, rpm: float | None = 2700, tpm: float | None = None) -> LeasedLimiter:
-    return LeasedLimiter(requests_per_minute=rpm, tokens_per_minute=tpm, workers=workers, tokens_each=100)
+    return LeasedLimiter(requests_per_minute=rpm, tokens_per_minute=tpm, workers=workers, tokens_each=100,
+                         concurrency=32)
 
 
 def exchange(q: Quota, w: LeasedLimiter, now: float) -> None:
@@ -165,3 +170,116 @@ def test_release_gives_back_booked_slots_but_never_time_already_past() -> None:
     assert limiter.reserve(0, 0.0) == pytest.approx(3.0)  # tokens: 500 - 200 booked
     limiter.release(100, 10_000, 1.0)
     assert limiter.reserve(0, 1.0) == 0.0
+
+
+# -- requests in flight ---------------------------------------------------------------------
+
+
+def in_flight_report(worker: int, in_flight: int, waiting: int, allotment: int, **kw: object) -> Report:
+    return Report(worker=worker, in_flight=in_flight, waiting=waiting, allotment=allotment, **kw)
+
+
+def test_the_jobs_requests_in_flight_are_shared_by_demand() -> None:
+    q = quota(workers=4)  # concurrency 32 for the job
+    grants = [q.exchange(in_flight_report(i, 0, 32, 0), 1.0).allotment for i in range(2)]
+    assert grants == [8, 8]  # the first to ask does not take the shares of those still starting
+    assert q.exchange(in_flight_report(0, 1, 0, 8), 1.1).allotment == 1  # it wants 1, the other more:
+    assert q.exchange(in_flight_report(1, 8, 32, 8), 1.1).allotment == 8  # once the first holds 1 at most ...
+    q.exchange(in_flight_report(0, 1, 0, 1), 1.2)
+    assert q.exchange(in_flight_report(1, 8, 32, 8), 1.2).allotment == 15  # ... the other gets its 7
+    later = 1.0 + EXPECT_S
+    for now in (later - 1, later):
+        grants = [q.exchange(in_flight_report(i, held, 32, held), now).allotment for i, held in enumerate((1, 15))]
+    assert grants == [16, 16]  # the other two never came: theirs go to those there
+    # Three want more than their share, one 4: it keeps what it wants, the others share the rest
+    wants, held = [32, 32, 32, 4], [16, 16, 0, 0]
+    for _ in range(4):
+        for i in range(4):
+            in_flight = min(wants[i], held[i])
+            held[i] = q.exchange(in_flight_report(i, in_flight, wants[i] - in_flight, held[i]), later).allotment
+    assert held[3] == 4 and sorted(held[:3]) == [9, 9, 10]
+    assert q.exchange(Report(worker=3, final=True), later).allotment == 0
+    for _ in range(3):
+        held = [q.exchange(in_flight_report(i, held[i], 32, held[i]), later).allotment for i in range(3)]
+    assert sorted(held) == [10, 11, 11]  # its 4 freed when it stopped
+
+
+def test_a_jobs_limit_that_does_not_divide_evenly_goes_round() -> None:
+    q = quota(workers=4)
+    q.control.stated(2)  # the server holds 2
+    held = {i: 0 for i in range(4)}
+    turns: list[tuple[int, ...]] = []
+    now = 0.0
+    while now < 20.0:
+        for i in range(4):
+            held[i] = q.exchange(in_flight_report(i, held[i], 8, held[i]), now).allotment
+            assert sum(held.values()) <= 2
+        now += 0.1
+        turns.append(tuple(i for i in range(4) if held[i]))
+    assert set(turns[5:]) >= {(0, 1), (1, 2), (2, 3), (0, 3)}, set(turns)  # every worker gets its turn
+
+
+def test_one_workers_429s_at_the_jobs_level_cut_every_workers_allotment() -> None:
+    q = quota(workers=2)
+    a = b = 0
+    for now in (0.0, 0.1, 0.2, 0.3):  # both at their even share, 16 in flight each
+        a = q.exchange(in_flight_report(0, a, 32, a), now).allotment
+        b = q.exchange(in_flight_report(1, b, 32, b), now).allotment
+    assert (a, b) == (16, 16)
+    # Worker 0's requests beside 2 of its own (and worker 1's 16) went through; beside 3, a 429
+    answers = [(0.05, 2, 2, 0, "ok", None), (0.02, 3, 3, 0, "pushback", 60.0)]
+    a = q.exchange(in_flight_report(0, 16, 16, 16, answers=answers), 0.4).allotment
+    assert q.control.limit == 16 + 2 + 1 and q.control.cuts == 1  # the job's level that went through, and one
+    grant = q.exchange(in_flight_report(1, 16, 16, 16), 0.4)
+    assert grant.allotment + a <= q.control.limit and grant.generation == 1
+    stale = [(0.0, 20, 20, 0, "pushback", 60.0)]  # sent before the cut: says nothing about it
+    q.exchange(in_flight_report(1, 10, 16, grant.allotment, answers=stale), 0.5)
+    assert q.control.cuts == 1
+
+
+def test_a_worker_stopped_or_gone_holds_nothing() -> None:
+    q = quota(workers=2)
+    q.exchange(in_flight_report(0, 0, 32, 0), 0.0)
+    assert q.exchange(in_flight_report(1, 0, 32, 0), 0.0).allotment == 16
+    q.exchange(Report(worker=0, final=True), 0.1)
+    assert q.exchange(in_flight_report(1, 16, 32, 16), 0.1).allotment == 32  # it stopped: all for the other
+    q.exchange(in_flight_report(0, 0, 32, 0), 0.2)  # run again, and lost without a word ...
+    assert q.exchange(in_flight_report(1, 32, 32, 32), 0.2).allotment == 16
+    assert q.exchange(in_flight_report(1, 16, 32, 16), 0.3).allotment == 16
+    assert q.exchange(in_flight_report(1, 16, 32, 16), 0.2 + GONE_S + 0.1).allotment == 32  # ... its share freed
+
+
+def test_a_worker_sends_no_more_than_its_allotment_and_alone_its_share() -> None:
+    w = worker(workers=4)
+    assert w.control.limit == 8  # before the first grant: its share of the job's 32
+    report = w.report(0.0)
+    assert (report.allotment, report.waiting) == (0, 32)  # not running yet: it wants its share at once
+    w.receive(Grant(None, allotment=3, cautious=1, generation=5, limit=6), 0.0)
+    assert (w.control.ceiling(False), w.control.ceiling(True), w.control.generation) == (3, 1, 5)
+    w.control.answered(2, 1, 5, "pushback", 0.5, 60.0)
+    lost = w.report(1.0)
+    assert lost.answers == [(0.5, 2, 1, 5, "pushback", 60.0)]
+    w.returned(lost, 1.0)  # the Quota cannot be reached: alone, at its share of the job's last limit
+    assert w.control.limit == 3 and w.report(1.5).answers == [(1.0, 2, 1, 5, "pushback", 60.0)]
+    w.receive(Grant(None, allotment=0, limit=2), 2.0)
+    w.returned(w.report(2.0), 2.0)
+    assert w.control.limit == 1  # never none, alone
+
+
+@pytest.mark.anyio
+async def test_a_gate_waiting_on_its_allotment_goes_when_another_thread_raises_it() -> None:
+    w = worker(workers=4)
+    w.receive(Grant(None, allotment=1, cautious=1, limit=4), 0.0)
+    gate = ConcurrencyLimit(32, control=w.control)
+    first = await gate.enter()
+    report = w.report(0.0)
+    assert (report.in_flight, report.waiting) == (1, 0)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(gate.enter)
+            await anyio.sleep(0.05)
+            assert gate.waiting == 1 and w.report(0.0).waiting == 1
+            threading.Thread(target=w.receive, args=(Grant(None, allotment=2, cautious=2, limit=4), 0.0)).start()
+    assert gate.in_flight == 2
+    gate.leave(first, "ok", 0.1)
+    assert w.report(0.2).answers == [(pytest.approx(0.1), 0, 0, 0, "ok", None)]
