@@ -10,9 +10,10 @@ sent, `leave` with its answer) and moves its limit, between 1 and the spec's
   (the fewer: a neighbour refused in a few milliseconds never held a slot). A 429 (or a
   503 that names a wait) for a request that left beside `k` others, when no good answer
   lately went with as many, says the server holds at most `k`: the limit drops to one
-  more than the most answered well beside each other lately (at most `k`). A 429 at a
-  level that recently went through is not about concurrency (a rate limit, a stray):
-  the rate policy (`_rate`) has it.
+  more than the most answered well beside each other lately (at most `k`). Such a 429
+  is this control's alone (`leave` says so): a rate cut for it would outlast the crowd
+  by far. A 429 at a level that recently went through is not about concurrency (a rate
+  limit, a stray): the rate policy (`_rate`) has it.
 - **Increase while answers come back clean**, only while the limit is what holds
   requests back: one step per round trip up to just below the level that failed, then
   a probe of that level after a clean spell that doubles with each failed probe
@@ -25,11 +26,16 @@ sent, `leave` with its answer) and moves its limit, between 1 and the spec's
 - **A limit the server states is taken at its word**: LiteLLM's
   `x-ratelimit-api_key-limit-max_parallel_requests` on every answer (see `stated`).
 
+`Control` makes the decisions; `ConcurrencyLimit` is a process's gate. In a Ray job the
+decisions are the job's (`_lease.Quota`, fed by every worker), and each worker's gate
+runs below the allotment it is granted (`_lease.LeasedControl`).
+
 Bookkeeping over a clock the caller passes; only `enter` waits (anyio).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any
 
@@ -42,6 +48,7 @@ PROBE_FIRST_S = 1.0
 PROBE_MAX_S = 64.0
 STATED_HEADER = "x-ratelimit-api_key-limit-max_parallel_requests"  # LiteLLM's, per key
 POLL_S = 0.02  # how often a waiter looks again at a limit moved by another thread
+ASK_S = 0.1  # how long a remote control's owner takes to answer a worker's report, at most
 
 
 class Control:
@@ -65,12 +72,17 @@ class Control:
         self._probe_s = PROBE_FIRST_S
         self._changed = 0.0  # when the limit last moved
         self._credit = 0.0  # fractional steps of the per-round-trip increase
+        self._last_ok = float("-inf")  # when the server last answered well
 
     def answered(self, k: int, held: int, generation: int, outcome: str, now: float,
-                 wait: float | None = None) -> None:
-        """`outcome`: `ok`, or `pushback` (a 429, a 503 naming a wait: `wait`, its retry-after)."""
+                 wait: float | None = None) -> bool:
+        """`outcome`: `ok`, or `pushback` (a 429, a 503 naming a wait: `wait`, its retry-after).
+        Return whether a push-back says the server is full: then it is this control's
+        alone, not the rate policy's (a rate cut for it would outlast the crowd by far)."""
+        if outcome == "ok":
+            self._last_ok = now
         if self.fixed:
-            return
+            return False
         if now - self._epoch >= EPOCH_S:
             self._ok_k = [-1, self._ok_k[0]] if now - self._epoch < 2 * EPOCH_S else [-1, -1]
             self._epoch = now
@@ -78,10 +90,13 @@ class Control:
             if held > self._ok_k[0]:
                 self._ok_k[0] = held
             self._grow(k, now)
-        elif outcome == "pushback" and generation == self.generation:
-            # (a request sent under an earlier limit says nothing about this one)
+        elif outcome == "pushback":
             admitted = max(self._ok_k)
-            if k >= admitted:  # no good answer lately went with as many in flight: the server is full
+            if k < admitted:  # a good answer lately went with as many in flight: not about concurrency
+                return False
+            # No good answer lately went with as many in flight: the server is full. (A
+            # request sent under an earlier limit says nothing about this one.)
+            if generation == self.generation:
                 if self.failed_at is not None and k + 1 >= self.failed_at:
                     # A probe failed: wait longer next time, and no less than the row it cost
                     # waits (probing more often than that costs more than it can find)
@@ -89,6 +104,12 @@ class Control:
                 self.failed_at = k + 1
                 self._set(max(1, min(self.limit, admitted + 1, k)), now)
                 self.cuts += 1
+            return True
+        return False
+
+    def admitting(self, now: float) -> bool:
+        """The server answered well lately: a 429 now says it is full, not closed."""
+        return now - self._last_ok < EPOCH_S
 
     def stated(self, limit: int) -> None:
         """The server says how many it holds: never more, and no probing past it."""
@@ -131,9 +152,9 @@ class ConcurrencyLimit:
         self.control = Control(maximum, fixed=fixed) if control is None else control
         self.in_flight = 0
         self._waiters: deque[list] = deque()  # [event, cautious, (k, generation)] waiting for a slot
-        self._last_ok = float("-inf")  # when the server last answered well
+        self._remote = getattr(self.control, "remote", False)
         self._poll_s = None
-        if getattr(self.control, "remote", False):
+        if self._remote:
             self._poll_s, self.control.gate = POLL_S, self
 
     @property
@@ -150,10 +171,12 @@ class ConcurrencyLimit:
 
     async def enter(self, *, cautious: bool = False) -> tuple[int, int]:
         """Wait for a slot; return how many other requests are in flight (`k`) and the
-        limit's generation, both for `leave`. `cautious`: the request met a 429 before,
-        and goes only below the level that failed."""
+        limit's generation, both for `leave` (with a remote control, when it went too).
+        `cautious`: the request met a 429 before, and goes only below the level that failed."""
         if self.in_flight < self.control.ceiling(cautious) and not self._waiters:
             self.in_flight += 1
+            if self._remote:
+                return self.in_flight - 1, self.control.generation, self.control.entered()
             return self.in_flight - 1, self.control.generation
         waiter = [anyio.Event(), cautious, (0, 0)]
         self._waiters.append(waiter)
@@ -168,30 +191,45 @@ class ConcurrencyLimit:
                     self._wake()
         except BaseException:
             if waiter[0].is_set():  # given a slot, then cancelled: pass it on
-                self._release()
+                self.leave(waiter[2], None, time.monotonic())
             else:
                 self._waiters.remove(waiter)
             raise
         return waiter[2]
 
-    def leave(self, sent: tuple[int, int], outcome: str | None, now: float, wait: float | None = None) -> None:
+    def leave(self, sent: tuple, outcome: str | None, now: float, wait: float | None = None) -> bool:
         """A request `enter` let go is answered: `ok`, `pushback` (a 429, a 503 naming a
-        wait: `wait`, its retry-after), or None (anything else, which says nothing about load)."""
+        wait: `wait`, its retry-after), or None (anything else, which says nothing about load).
+        Return whether a push-back is this gate's to weigh, not the rate policy's (see
+        `Control.answered`; a remote control's owner weighs them all)."""
+        if self._remote:  # every request, before a waiter takes its slot: its worker holds back at once
+            self.control.answered(sent[0], min(sent[0], self.in_flight - 1), sent[1], outcome, now, wait, sent[2])
+            self._release()
+            return outcome == "pushback"
         self._release()
         if outcome is None:
-            return
-        if outcome == "ok":
-            self._last_ok = now
+            return False
         k, generation = sent
         # beside it all along: those in flight at both ends, at most
         limit = self.control.limit
-        self.control.answered(k, min(k, self.in_flight), generation, outcome, now, wait)
+        full = self.control.answered(k, min(k, self.in_flight), generation, outcome, now, wait)
         if self.control.limit > limit:
             self._wake()
+        return full
 
     def admitting(self, now: float) -> bool:
-        """The server answered well lately: a 429 now says it is full, not closed."""
-        return now - self._last_ok < EPOCH_S
+        """The server answered well lately (see `Control.admitting`)."""
+        return self.control.admitting(now)
+
+    async def admitting_lately(self) -> bool:
+        """`admitting`, as far as anyone knows: a remote control's owner hears of every
+        worker's answers, and is asked (a push-back has its worker report at once)."""
+        if self.control.admitting(time.monotonic()):
+            return True
+        if self._remote:
+            await anyio.sleep(ASK_S)
+            return self.control.admitting(time.monotonic())
+        return False
 
     def stated(self, limit: int) -> None:
         """The server says how many it holds (see `Control.stated`)."""
@@ -212,5 +250,7 @@ class ConcurrencyLimit:
             if self.in_flight < self.control.ceiling(waiter[1]):
                 self._waiters.remove(waiter)
                 waiter[2] = (self.in_flight, self.control.generation)  # as of the hand-over
+                if self._remote:
+                    waiter[2] += (self.control.entered(),)
                 self.in_flight += 1
                 waiter[0].set()

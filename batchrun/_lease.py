@@ -41,14 +41,16 @@ thread that carries reports.
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._concurrency import Control
+from ._concurrency import EPOCH_S, Control
 from ._rate import RateLimiter, pushed_back
 
 __all__ = ["Grant", "LeasedControl", "LeasedLimiter", "Quota", "Report"]
@@ -62,6 +64,7 @@ MAX_OBSERVED = 10_000  # observations (and answers) kept while the Quota cannot 
 TURN_S = 5.0  # an allotment the workers cannot share evenly goes round this often
 GONE_S = 3.0  # a worker not heard from for this long holds nothing (its process is gone)
 EXPECT_S = 10.0  # for this long, a Quota keeps their share for the workers not heard from yet
+WINDOW_S = 2.0  # answers are weighed within this (a worker's report may be late), and kept as long
 # What the Quota learns from: the headers RateLimiter.observe reads
 RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
                 "x-ratelimit-over-limit", "retry-after", "retry-after-ms")
@@ -83,8 +86,11 @@ class Report:
     in_flight: int = 0
     waiting: int = 0
     allotment: int = 0
-    answers: list[tuple[float, int, int, int, str, float | None]] = field(default_factory=list)
-    # (seconds ago, k, held, generation, outcome, wait): see Control.answered; k and held count the worker's own
+    # Each request answered: (seconds ago it was sent, seconds ago it came back, k, held,
+    # generation, outcome, wait), as its gate saw them (see Control.answered: k and held
+    # count the worker's own requests); and when those still in flight were sent
+    answers: list[tuple[float, float, int, int, int, str | None, float | None]] = field(default_factory=list)
+    open: list[float] = field(default_factory=list)
     stated: int | None = None  # a limit on requests in flight the server stated
 
 
@@ -94,7 +100,9 @@ class Grant:
     nothing limits the job; `rate` and `tokens_per_s`: the job's, for a worker that must
     go on alone; `chunk`: a lease's size, the worker asks again when fewer are left.
     `allotment`: how many requests the worker may have in flight, `cautious` of them for
-    rows that met a 429; `generation` and `limit`: the job's Control's."""
+    rows that met a 429; `generation` and `limit`: the job's Control's; `admitting`: the
+    server answered some worker well lately; `weighed_s`: the answers the Control has
+    weighed are those until this many seconds ago."""
 
     slots: tuple[float, ...] | None
     tokens_each: int = 0
@@ -105,6 +113,8 @@ class Grant:
     cautious: int = 0
     generation: int = 0
     limit: int = 0
+    admitting: bool = False
+    weighed_s: float = 0.0
 
 
 @dataclass
@@ -117,6 +127,27 @@ class _Holder:
     bound: int = 0  # the most it may have in flight until its next report
 
 
+class _Timeline:
+    """When one worker's requests were in flight, as of its last report: those answered
+    lately, and those still out. `count(t)`: how many were in flight at `t`."""
+
+    def __init__(self) -> None:
+        self.until = float("-inf")  # its requests sent before this are all known
+        self.final = False  # it sends no more
+        self.closed: list[tuple[float, float]] = []  # (sent, answered)
+        self._sent: list[float] = []
+        self._answered: list[float] = []
+
+    def update(self, closed: list[tuple[float, float]], open_: list[float], until: float, *, final: bool) -> None:
+        self.closed = [c for c in self.closed if c[1] >= until - WINDOW_S] + closed
+        self._sent = sorted([sent for sent, _ in self.closed] + open_)
+        self._answered = sorted(answered for _, answered in self.closed)  # the open ones: not yet
+        self.until, self.final = until, final
+
+    def count(self, t: float) -> int:
+        return bisect.bisect_right(self._sent, t) - bisect.bisect_right(self._answered, t)
+
+
 class Quota:
     """The job's schedule and adaptive state: one for all the workers."""
 
@@ -126,6 +157,10 @@ class Quota:
         self.control = Control(concurrency)
         self.workers = workers
         self.holders: dict[int, _Holder] = {}
+        self.timelines: dict[int, _Timeline] = {}
+        self._known = now  # the answers until this are weighed
+        self._last_ok = float("-inf")  # when a worker was last answered well, as soon as it reports it
+        self._pending: list[tuple[float, float, int, int, int, str, float | None, int]] = []  # answers to weigh
         self.finished: set[int] = set()
         # The workers start one by one (or, with a Quota made again, hold requests it
         # cannot see): the first to ask does not get the job's whole limit
@@ -137,15 +172,17 @@ class Quota:
     def exchange(self, report: Report, now: float) -> Grant:
         allotment, cautious = self._in_flight(report, now)
         control = self.control
-        lease = {"allotment": allotment, "cautious": cautious, "generation": control.generation,
-                 "limit": control.limit}
         limiter = self.limiter
         for ago, status, headers in report.observations:  # (a worker's, some 0.1 s apart, barely out of order)
             limiter.observe(status, headers, now - ago)
+            if 200 <= status < 300:
+                self._last_ok = max(self._last_ok, now - ago)
         limiter.correct_tokens(report.tokens)
         for ago, tokens in report.borrowed:  # booked as of when they were spent
             limiter.reserve(tokens, now - ago)
         limiter.release(*report.unused, now)
+        lease = {"allotment": allotment, "cautious": cautious, "generation": control.generation,
+                 "limit": control.limit, "admitting": now - self._last_ok < EPOCH_S, "weighed_s": now - self._known}
         if limiter.rate is None and limiter.tokens_per_s is None:
             return Grant(None, **lease)
         tokens_each = max(1, report.tokens_each)
@@ -164,10 +201,7 @@ class Quota:
         holders, control = self.holders, self.control
         for index in [i for i, h in holders.items() if now - h.seen > GONE_S or i == report.worker]:
             del holders[index]
-        others = sum(h.in_flight for h in holders.values())
-        for ago, k, held, generation, outcome, wait in report.answers:
-            # Beside the worker's own, the others' in flight as last reported (a tenth of a second ago)
-            control.answered(k + others, held + others, generation, outcome, now - ago, wait)
+        self._learn(report, now)
         if report.stated:
             control.stated(report.stated)
         if report.final:
@@ -187,6 +221,36 @@ class Quota:
         # sent more since this report), or what it still has in flight
         me.bound = max(allotment, report.allotment, report.in_flight)
         return allotment, cautious
+
+    def _learn(self, report: Report, now: float) -> None:
+        """The job's Control hears of each answer once every worker has said what it had in
+        flight by then (each reports every REFRESH_S): k and held count every worker's
+        requests, as exactly as one process counts its own."""
+        timelines = self.timelines
+        timeline = timelines.setdefault(report.worker, _Timeline())
+        closed = [(now - sent, now - answered) for sent, answered, *_ in report.answers]
+        timeline.update(closed, [now - sent for sent in report.open], now, final=report.final)
+        self._pending += [(now - answered, now - sent, k, held, generation, outcome, wait, report.worker)
+                          for sent, answered, k, held, generation, outcome, wait in report.answers
+                          if outcome is not None]
+        for index in [i for i, t in timelines.items() if t.until < now - (WINDOW_S if t.final else GONE_S)]:
+            del timelines[index]
+        # Answers up to `known` can be weighed: every worker has reported since (or they are old)
+        live = [t.until for t in timelines.values() if not t.final]
+        known = self._known = max(min(live), now - WINDOW_S) if live else now
+        self._pending.sort()
+        ready = bisect.bisect_right(self._pending, (known, float("inf")))
+        for answered, sent, k, held, generation, outcome, wait, worker in self._pending[:ready]:
+            others_sent = others_answered = 0
+            for index, other in timelines.items():
+                if index != worker:
+                    others_sent += other.count(sent)
+                    others_answered += other.count(answered)
+            k += others_sent
+            if not self.control.answered(k, min(k, held + others_answered), generation, outcome, answered, wait) \
+                    and outcome == "pushback":  # not about requests in flight: the rate policy's
+                self.limiter.observe(429, {}, answered, pushed=True)
+        del self._pending[:ready]
 
     def _chunk(self, tokens_each: int) -> int:
         limiter = self.limiter
@@ -245,7 +309,7 @@ class LeasedLimiter:
         self._borrowed: list[tuple[float, int]] = []  # (when, tokens)
         self._alone_request = self._alone_tokens = 0.0  # the schedule of slots taken without a lease
         self.worker = worker
-        self.control = LeasedControl(concurrency, workers, worker, self._lock)
+        self.control = LeasedControl(concurrency, workers, worker, self._lock, self.due)
 
     # -- in the event loop -------------------------------------------------------------
 
@@ -334,7 +398,7 @@ class LeasedLimiter:
             self.rate, self.tokens_per_s = grant.rate, grant.tokens_per_s
             self._chunk = grant.chunk
             self._slots.extend((now + offset, grant.tokens_each) for offset in grant.slots or ())
-            self.control.receive(grant)
+            self.control.receive(grant, now)
             self._answering = True
             self._arrived.notify_all()
 
@@ -345,37 +409,71 @@ class LeasedLimiter:
 
 class LeasedControl:
     """A worker's Control (see `ConcurrencyLimit.control`): its gate's limit is the
-    allotment the Quota granted; the answers go to the Quota, whose Control decides.
+    allotment the Quota granted; when each request went and came back goes to the
+    Quota, whose Control decides.
 
-    `answered` and `stated` run in the worker's event loop; the rest, under the
-    LeasedLimiter's lock, in the thread that talks to the Quota.
+    `entered`, `answered` and `stated` run in the worker's event loop; the rest, under
+    the LeasedLimiter's lock, in the thread that talks to the Quota.
     """
 
     remote = True  # the limit moves in another thread: the gate's waiters look again
     fixed = False
 
-    def __init__(self, maximum: int, workers: int, worker: int, lock: threading.Lock) -> None:
+    def __init__(self, maximum: int, workers: int, worker: int, lock: threading.Lock,
+                 due: threading.Event) -> None:
         self.maximum = maximum
         self.workers = workers
         self.gate: Any = None  # the ConcurrencyLimit this is the control of: it sets itself
-        self._lock = lock
+        self._lock, self._due = lock, due
         # Before the first grant, and while the Quota cannot be reached: the worker's share
-        self.limit = self.alone = maximum * (worker + 1) // workers - maximum * worker // workers
+        self.limit = self.share = maximum * (worker + 1) // workers - maximum * worker // workers
         self.job_limit = maximum
         self._cautious: int | None = None
         self.generation = 0
-        self._answers: deque[tuple[float, int, int, int, str, float | None]] = deque(maxlen=MAX_OBSERVED)
+        self._open: Counter[float] = Counter()  # when the requests in flight were sent
+        self._answers: deque[tuple[float, float, int, int, int, str | None, float | None]] = deque(
+            maxlen=MAX_OBSERVED)  # (sent, answered, k, held, generation, outcome, wait)
         self._stated: int | None = None
+        self._last_ok = float("-inf")
+        self._admitting = False  # as the Quota last said
+        self._held_back = float("-inf")  # when it last held back for a push-back the Quota has not weighed
 
     def ceiling(self, cautious: bool) -> int:
         if cautious and self._cautious is not None:
-            return self._cautious
+            return min(self._cautious, self.limit)
         return self.limit
 
-    def answered(self, k: int, held: int, generation: int, outcome: str, now: float,
-                 wait: float | None = None) -> None:
+    def entered(self) -> float:
+        """A request goes: return when, for `answered`."""
+        sent = time.monotonic()
         with self._lock:
-            self._answers.append((now, k, held, generation, outcome, wait))
+            self._open[sent] += 1
+        return sent
+
+    def answered(self, k: int, held: int, generation: int, outcome: str | None, now: float,
+                 wait: float | None = None, sent: float = 0.0) -> None:
+        """As Control.answered, for every request (`outcome` None: neither ok nor a push-back;
+        it held a slot all the same); `sent`: from `entered`."""
+        if outcome == "ok":
+            self._last_ok = now
+        elif outcome == "pushback" and generation == self.generation and self.gate is not None:
+            # The server is full (or it says so for another reason: the Quota will tell):
+            # send no more than the others in flight now until the Quota answers, in a
+            # moment, rather than meet a 429 with each row meanwhile
+            self.limit = min(self.limit, self.gate.in_flight - 1)
+            self._held_back = now
+        if outcome == "pushback":
+            self._due.set()  # the Quota weighs it for every worker (its rate policy too): now
+        with self._lock:
+            self._open[sent] -= 1
+            if not self._open[sent]:
+                del self._open[sent]
+            self._answers.append((sent, now, k, held, generation, outcome, wait))
+
+    def admitting(self, now: float) -> bool:
+        """The server answered this worker or another well lately: a 429 now says it is
+        full (and the row waits aside), not closed."""
+        return self._admitting or now - self._last_ok < EPOCH_S
 
     def stated(self, limit: int) -> None:
         self._stated = limit
@@ -384,23 +482,30 @@ class LeasedControl:
 
     def report(self, report: Report, now: float) -> None:
         gate = self.gate
-        report.answers = [(now - at, *rest) for at, *rest in self._answers]
+        report.answers = [(now - sent, now - answered, *rest) for sent, answered, *rest in self._answers]
         self._answers.clear()
+        report.open = [now - sent for sent in self._open.elements()]
         report.stated = self._stated
         report.allotment = self.limit
         if report.final:
             return
         if gate is None:  # not running yet (nothing sent): it will want its share at once
-            report.allotment, report.waiting = 0, self.maximum
+            report.allotment, report.waiting = 0, self.share
         else:
             report.in_flight, report.waiting = gate.in_flight, gate.waiting
 
     def returned(self, report: Report, made: float) -> None:
-        self._answers.extendleft((made - ago, *rest) for ago, *rest in reversed(report.answers))
+        self._answers.extendleft((made - sent, made - answered, *rest)
+                                 for sent, answered, *rest in reversed(report.answers))
         # Alone: no less than its share of the job's limit, as last told (and never nothing)
         self.limit = max(self.limit, self.job_limit // self.workers, 1)
-        self._cautious = None
+        self._cautious, self._admitting = None, False
 
-    def receive(self, grant: Grant) -> None:
-        self.limit, self._cautious = grant.allotment, grant.cautious
-        self.generation, self.job_limit = grant.generation, grant.limit
+    def receive(self, grant: Grant, now: float) -> None:
+        if grant.generation == self.generation and now - grant.weighed_s < self._held_back:
+            # The Quota has not weighed the push-back yet: no more than it holds back to
+            self.limit = min(self.limit, grant.allotment)
+        else:
+            self.limit = grant.allotment
+        self._cautious = grant.cautious
+        self.generation, self.job_limit, self._admitting = grant.generation, grant.limit, grant.admitting

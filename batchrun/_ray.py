@@ -7,9 +7,9 @@
             └─▶ once every task is done: merge_job(spec) ◀────────────┘
 
 Each task is batchrun's own engine on one shard (see `_shards`), with its share of
-the budget; the rate limits and the limit on requests in flight are the job's, held
-by the actor, which finds the server's limit from every worker's answers and allots
-it by demand. A task whose worker is lost is run again by Ray, and resumes from the
+the budget and of `concurrency` (the most it may have in flight); the rate limits and
+the limit on requests in flight are the job's, held by the actor, which finds the
+server's limit from every worker's answers and allots it by demand. A task whose worker is lost is run again by Ray, and resumes from the
 shard's state: no row is lost or stored twice. A driver killed and run again finds
 the same shards and the same actor. An actor that is lost is made again by Ray (its
 pacing and the limit it found start over, the rows are in the shards' states):
@@ -393,14 +393,16 @@ def _run_shard(spec: JobSpec, shard: Shard, actor: Any, forwarded: Mapping[str, 
 
 
 def _share(spec: JobSpec, shard: Shard) -> JobSpec:
-    """The shard's part of the job's budget. (Its requests in flight are the job's
-    `concurrency`, as the limiter actor allots them.)"""
-    count, budget = shard.count, spec.budget
-    if not budget.is_set:
-        return spec
-    return dataclasses.replace(spec, budget=dataclasses.replace(
-        budget, max_usd=budget.max_usd / count if budget.max_usd is not None else None,
-        max_tokens=budget.max_tokens // count if budget.max_tokens is not None else None))
+    """The shard's part of what the spec allows the job: requests in flight (the most it
+    may have; the limiter actor allots fewer while the server is full), and budget."""
+    index, count = shard.index, shard.count
+    concurrency = spec.concurrency * (index + 1) // count - spec.concurrency * index // count
+    budget = spec.budget
+    if budget.is_set:
+        budget = dataclasses.replace(
+            budget, max_usd=budget.max_usd / count if budget.max_usd is not None else None,
+            max_tokens=budget.max_tokens // count if budget.max_tokens is not None else None)
+    return dataclasses.replace(spec, concurrency=concurrency, budget=budget)
 
 
 class _Exchanger:

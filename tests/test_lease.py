@@ -219,22 +219,29 @@ def test_a_jobs_limit_that_does_not_divide_evenly_goes_round() -> None:
     assert set(turns[5:]) >= {(0, 1), (1, 2), (2, 3), (0, 3)}, set(turns)  # every worker gets its turn
 
 
-def test_one_workers_429s_at_the_jobs_level_cut_every_workers_allotment() -> None:
+def test_the_jobs_control_counts_every_workers_requests_in_flight() -> None:
     q = quota(workers=2)
-    a = b = 0
-    for now in (0.0, 0.1, 0.2, 0.3):  # both at their even share, 16 in flight each
-        a = q.exchange(in_flight_report(0, a, 32, a), now).allotment
-        b = q.exchange(in_flight_report(1, b, 32, b), now).allotment
-    assert (a, b) == (16, 16)
-    # Worker 0's requests beside 2 of its own (and worker 1's 16) went through; beside 3, a 429
-    answers = [(0.05, 2, 2, 0, "ok", None), (0.02, 3, 3, 0, "pushback", 60.0)]
-    a = q.exchange(in_flight_report(0, 16, 16, 16, answers=answers), 0.4).allotment
-    assert q.control.limit == 16 + 2 + 1 and q.control.cuts == 1  # the job's level that went through, and one
-    grant = q.exchange(in_flight_report(1, 16, 16, 16), 0.4)
-    assert grant.allotment + a <= q.control.limit and grant.generation == 1
-    stale = [(0.0, 20, 20, 0, "pushback", 60.0)]  # sent before the cut: says nothing about it
-    q.exchange(in_flight_report(1, 10, 16, grant.allotment, answers=stale), 0.5)
+    q.exchange(in_flight_report(0, 1, 0, 16, open=[0.0]), 0.0)  # worker 0: one request out since 0.0
+    # Worker 1: a request alone in it went through; the next, beside it, was refused at once
+    answers = [(0.1, 0.05, 0, 0, 0, "ok", None), (0.09, 0.089, 1, 1, 0, "pushback", 60.0)]
+    q.exchange(in_flight_report(1, 0, 32, 16, answers=answers), 0.1)
+    assert q.control.limit == 32  # not weighed before worker 0 says what it had out meanwhile ...
+    grant = q.exchange(in_flight_report(0, 1, 0, 16, open=[0.1]), 0.1)
+    # ... the refused one went beside 2 (one of the other worker's): the limit is cut, and
+    # the good one (beside 1) takes it back up a step, below the level that failed
+    assert (q.control.limit, q.control.failed_at, q.control.cuts) == (2, 3, 1)
+    assert grant.generation == q.control.generation == 2 and grant.limit == 2
+    stale = [(0.1, 0.1, 5, 5, 0, "pushback", 60.0)]  # sent before the cut: says nothing about it
+    q.exchange(in_flight_report(1, 0, 32, 1, answers=stale), 0.2)
+    q.exchange(in_flight_report(0, 1, 0, 1, open=[0.2]), 0.2)
     assert q.control.cuts == 1
+
+
+def test_a_request_that_held_a_slot_counts_whatever_its_answer() -> None:
+    q = quota(workers=2)
+    q.exchange(in_flight_report(0, 0, 0, 16, answers=[(0.1, 0.0, 0, 0, 0, None, None)]), 0.1)  # a 500, say
+    q.exchange(in_flight_report(1, 0, 32, 16, answers=[(0.05, 0.04, 0, 0, 0, "pushback", None)]), 0.1)
+    assert q.control.limit == 1 and q.control.failed_at == 2  # refused beside the other worker's one
 
 
 def test_a_worker_stopped_or_gone_holds_nothing() -> None:
@@ -253,14 +260,14 @@ def test_a_worker_sends_no_more_than_its_allotment_and_alone_its_share() -> None
     w = worker(workers=4)
     assert w.control.limit == 8  # before the first grant: its share of the job's 32
     report = w.report(0.0)
-    assert (report.allotment, report.waiting) == (0, 32)  # not running yet: it wants its share at once
+    assert (report.allotment, report.waiting) == (0, 8)  # not running yet: it wants its share at once
     w.receive(Grant(None, allotment=3, cautious=1, generation=5, limit=6), 0.0)
     assert (w.control.ceiling(False), w.control.ceiling(True), w.control.generation) == (3, 1, 5)
-    w.control.answered(2, 1, 5, "pushback", 0.5, 60.0)
+    w.control.answered(2, 1, 5, "pushback", 0.5, 60.0, sent=0.4)
     lost = w.report(1.0)
-    assert lost.answers == [(0.5, 2, 1, 5, "pushback", 60.0)]
+    assert lost.answers == [(0.6, 0.5, 2, 1, 5, "pushback", 60.0)]
     w.returned(lost, 1.0)  # the Quota cannot be reached: alone, at its share of the job's last limit
-    assert w.control.limit == 3 and w.report(1.5).answers == [(1.0, 2, 1, 5, "pushback", 60.0)]
+    assert w.control.limit == 3 and w.report(1.5).answers == [(1.1, 1.0, 2, 1, 5, "pushback", 60.0)]
     w.receive(Grant(None, allotment=0, limit=2), 2.0)
     w.returned(w.report(2.0), 2.0)
     assert w.control.limit == 1  # never none, alone
@@ -272,8 +279,8 @@ async def test_a_gate_waiting_on_its_allotment_goes_when_another_thread_raises_i
     w.receive(Grant(None, allotment=1, cautious=1, limit=4), 0.0)
     gate = ConcurrencyLimit(32, control=w.control)
     first = await gate.enter()
-    report = w.report(0.0)
-    assert (report.in_flight, report.waiting) == (1, 0)
+    report = w.report(first[2] + 0.5)
+    assert (report.in_flight, report.waiting, report.open) == (1, 0, [0.5])
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(gate.enter)
@@ -281,5 +288,42 @@ async def test_a_gate_waiting_on_its_allotment_goes_when_another_thread_raises_i
             assert gate.waiting == 1 and w.report(0.0).waiting == 1
             threading.Thread(target=w.receive, args=(Grant(None, allotment=2, cautious=2, limit=4), 0.0)).start()
     assert gate.in_flight == 2
-    gate.leave(first, "ok", 0.1)
-    assert w.report(0.2).answers == [(pytest.approx(0.1), 0, 0, 0, "ok", None)]
+    gate.leave(first, "ok", first[2] + 0.1)
+    report = w.report(first[2] + 0.2)
+    assert report.answers == [(pytest.approx(0.2), pytest.approx(0.1), 0, 0, 0, "ok", None)]
+    assert len(report.open) == 1  # the second, still out
+
+
+@pytest.mark.anyio
+async def test_a_worker_pushed_back_holds_back_until_the_quota_has_weighed_it() -> None:
+    w = worker(workers=2)
+    w.receive(Grant(None, allotment=2, cautious=2, limit=4), 0.0)
+    gate = ConcurrencyLimit(32, control=w.control)
+    first, second = await gate.enter(), await gate.enter()
+    gate.leave(second, "pushback", second[2] + 0.01, 6.0)  # the server is full: no more than the 1 still out
+    assert w.control.limit == 1 and w.due.is_set()
+    pushed = second[2] + 0.01
+    w.receive(Grant(None, allotment=2, limit=4, weighed_s=0.05), pushed + 0.01)  # weighed until before it
+    assert w.control.limit == 1
+    w.receive(Grant(None, allotment=2, limit=4, weighed_s=0.0), pushed + 0.02)  # weighed: a stray, say
+    assert w.control.limit == 2
+    gate.leave(first, "ok", pushed + 0.03)
+
+
+def test_a_push_back_for_a_full_server_is_weighed_by_the_concurrency_control_not_the_rate_policy() -> None:
+    q = quota(workers=1, rpm=None)
+    full = [(0.1, 0.09, 6, 6, 0, "pushback", 60.0)] * 20  # no answer went with as many: the server is full
+    q.exchange(in_flight_report(0, 0, 32, 32, answers=[(0.2, 0.15, 5, 5, 0, "ok", None)] * 40 + full), 0.2)
+    assert q.control.cuts == 1 and q.limiter.pushbacks == 0
+    stray = [(0.1, 0.09, 0, 0, q.control.generation, "pushback", None)] * 20  # beside fewer than went through
+    q.exchange(in_flight_report(0, 0, 32, 2, answers=stray), 0.3)
+    assert q.control.cuts == 1 and q.limiter.pushbacks == 20
+
+
+def test_a_worker_hears_at_once_that_another_was_answered() -> None:
+    q = quota(workers=2, rpm=None)
+    assert not q.exchange(in_flight_report(1, 0, 32, 0), 0.0).admitting
+    other = worker(workers=2, rpm=None)
+    other.observe(200, {}, 0.05)
+    q.exchange(other.report(0.06), 0.06)
+    assert q.exchange(in_flight_report(1, 0, 32, 0), 0.07).admitting  # not only once the answers are weighed

@@ -128,7 +128,7 @@ def test_four_workers_find_the_servers_limit_on_requests_in_flight_together(
         tmp_path: Path, server: FakeServer, cluster: str) -> None:
     """The server holds 2 in flight: four workers of their own would keep 4 or more there."""
     rows = 400
-    server.faults = Faults(max_in_flight=2, retry_after="3", latency_s=0.02)
+    server.faults = Faults(max_in_flight=2, retry_after="6", latency_s=0.02)
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"row {i}", "tag": i} for i in range(rows)])
     spec = write_spec(tmp_path, concurrency=32, api={"base_url": server.base_url})
 
@@ -139,8 +139,10 @@ def test_four_workers_find_the_servers_limit_on_requests_in_flight_together(
     busy = sum(r.outcome == "busy" for r in server.requests)
     assert busy < rows / 10, busy  # the first burst, then a few probes: not a 429 per row
     answered = sorted(r.at for r in server.requests if r.outcome == "ok")
-    # At 2 in flight and 20 ms each, 400 rows take 4 s; the first burst's rows wait 3 s
-    assert answered[-1] - answered[0] < 4 + 3 + 4, answered[-1] - answered[0]
+    # At 2 in flight and 20 ms each, 400 rows take 4 s, the first burst's rows waiting their
+    # 6 s aside meanwhile, and a probe that fails costs its row 6 s more; four workers, each
+    # on its own, keep 4 or more in flight, and meet a 429 all along
+    assert answered[-1] - answered[0] < 4 + 6 + 6 + 2, answered[-1] - answered[0]
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_its_shard_resumes(
