@@ -27,9 +27,10 @@ few milliseconds; at most LATE_S); one that cannot reach the Quota (being made a
 say) goes on alone at its share of the last rate it was told, and its next report books
 those slots as debt. A worker that stops gives back the slots it did not use.
 
-The job's limit on requests in flight is shared by demand (what a worker has in
-flight and waiting): evenly, but no more to one than it wants while others want
-more; what none wants, evenly; the odd ones in turn. A worker not heard from yet
+The job's first request goes alone (as one process's does). Then its limit on
+requests in flight is shared by demand (what a worker has in flight and waiting):
+evenly, but no more to one than it wants while others want more; what none wants,
+evenly; the odd ones in turn. A worker not heard from yet
 keeps its share for the Quota's first EXPECT_S. A worker's allotment is changed only
 in its own exchange, and what it gives up goes to the others only once it reports
 that fewer are in flight: the job holds no more than its limit (but for a moment
@@ -162,6 +163,7 @@ class Quota:
         self._last_ok = float("-inf")  # when a worker was last answered well, as soon as it reports it
         self._pending: list[tuple[float, float, int, int, int, str, float | None, int]] = []  # answers to weigh
         self.finished: set[int] = set()
+        self.heard = False  # some worker's request has come back (answered, or failed)
         # The workers start one by one (or, with a Quota made again, hold requests it
         # cannot see): the first to ask does not get the job's whole limit
         self.expect_until = now + EXPECT_S
@@ -202,12 +204,19 @@ class Quota:
         for index in [i for i, h in holders.items() if now - h.seen > GONE_S or i == report.worker]:
             del holders[index]
         self._learn(report, now)
+        self.heard = self.heard or bool(report.answers) or report.final
         if report.stated:
             control.stated(report.stated)
         if report.final:
             self.finished.add(report.worker)
             return 0, 0
         me = holders[report.worker] = _Holder(now, report.in_flight, report.in_flight + report.waiting)
+        if not self.heard:
+            # The job's first request goes alone, as one process's does: a wrong key costs
+            # one request, and a limit the server states is known before the others go
+            first = 0 if any(h.bound for h in holders.values() if h is not me) else min(1, me.demand)
+            me.bound = max(first, report.allotment, report.in_flight)
+            return first, first
         demands = {i: h.demand for i, h in holders.items()}
         if now < self.expect_until:  # a worker not heard from yet will want its share
             demands.update((i, -(-control.limit // self.workers)) for i in range(self.workers)

@@ -179,8 +179,25 @@ def in_flight_report(worker: int, in_flight: int, waiting: int, allotment: int, 
     return Report(worker=worker, in_flight=in_flight, waiting=waiting, allotment=allotment, **kw)
 
 
+def heard(q: Quota) -> Quota:
+    q.heard = True  # as once the job's first request has come back
+    return q
+
+
+def test_the_jobs_first_request_goes_alone_and_a_stated_limit_holds_before_the_others_go() -> None:
+    q = quota(workers=4)
+    grants = [q.exchange(in_flight_report(i, 0, 8, 0), 0.0).allotment for i in range(4)]
+    assert grants == [1, 0, 0, 0]
+    assert q.exchange(in_flight_report(1, 0, 8, 0), 0.05).allotment == 0  # worker 0 holds it
+    answer = [(0.1, 0.05, 0, 0, 0, "ok", None)]  # with LiteLLM's limit of 2 on it
+    grant = q.exchange(in_flight_report(0, 0, 8, 1, answers=answer, stated=2), 0.1)
+    assert q.heard and q.control.limit == 2 and grant.allotment <= 2
+    grants = [q.exchange(in_flight_report(i, 0, 8, 0), 0.1).allotment for i in range(1, 4)]
+    assert grant.allotment + sum(grants) <= 2
+
+
 def test_the_jobs_requests_in_flight_are_shared_by_demand() -> None:
-    q = quota(workers=4)  # concurrency 32 for the job
+    q = heard(quota(workers=4))  # concurrency 32 for the job
     grants = [q.exchange(in_flight_report(i, 0, 32, 0), 1.0).allotment for i in range(2)]
     assert grants == [8, 8]  # the first to ask does not take the shares of those still starting
     assert q.exchange(in_flight_report(0, 1, 0, 8), 1.1).allotment == 1  # it wants 1, the other more:
@@ -205,7 +222,7 @@ def test_the_jobs_requests_in_flight_are_shared_by_demand() -> None:
 
 
 def test_a_jobs_limit_that_does_not_divide_evenly_goes_round() -> None:
-    q = quota(workers=4)
+    q = heard(quota(workers=4))
     q.control.stated(2)  # the server holds 2
     held = {i: 0 for i in range(4)}
     turns: list[tuple[int, ...]] = []
@@ -245,7 +262,7 @@ def test_a_request_that_held_a_slot_counts_whatever_its_answer() -> None:
 
 
 def test_a_worker_stopped_or_gone_holds_nothing() -> None:
-    q = quota(workers=2)
+    q = heard(quota(workers=2))
     q.exchange(in_flight_report(0, 0, 32, 0), 0.0)
     assert q.exchange(in_flight_report(1, 0, 32, 0), 0.0).allotment == 16
     q.exchange(Report(worker=0, final=True), 0.1)
