@@ -48,7 +48,7 @@ KEY_ENV = "BENCH_API_KEY"
 CLIENT_TIMEOUT_S = 20 * 60  # a hung client is killed, and its row says so
 
 SCENARIOS = ("zero", "latency", "ratelimit", "adapt", "adapt-blind", "inflight", "memory", "embeddings", "template",
-             "validate", "embed-memory", "ray")
+             "validate", "embed-memory", "ray", "ray-inflight")
 DEFAULT_SCENARIOS = ("zero", "latency", "memory")
 
 
@@ -443,6 +443,32 @@ def scenario_ray(workdir: Path, rows: int | None) -> None:
            body, [ray, alone])
 
 
+def scenario_ray_inflight(workdir: Path, rows: int | None) -> None:
+    """The inflight server (holds 2 in flight; 429, retry-after: 60; 50 ms answers) and 4
+    workers at concurrency 32: on Ray, one limit found for all; beside it, 4 independent
+    shards, each finding its own; and one process at concurrency 2."""
+    rows = rows or 2_000
+    workers = 4
+    data = make_input(workdir / "ray-inflight.jsonl", rows)
+    server = {"latency_ms": 50, "max_in_flight": 2}
+    two = measured(workdir, batchrun, "batchrun concurrency 2", data, rows, 2, server)
+    ray = measured(workdir, batchrun, f"batchrun --ray --ray-workers {workers}, concurrency 32", data, rows, 32,
+                   server, args=("--ray", "--ray-workers", str(workers)))
+    alone = measured(workdir, batchrun_shards, f"{workers} x batchrun --shard I of {workers}, concurrency 32", data,
+                     rows, 32, server, count=workers)
+    bound = 1.5 * two.wall_s + 60
+    body = table(
+        ["client", "rows ok", "exit", "wall s", "server span s", "429s", "429s / row"],
+        [[run.label, ok_rows(run), run.rc, run.wall_s, run.server.get("span_s") or 0.0,
+          run.server.get("throttled_429", 0), f"{run.server.get('throttled_429', 0) / rows:.3f}"]
+         for run in (two, ray, alone)],
+    )
+    body += (f"\n\nbound: 1.5 × {two.wall_s:.1f} s + 60 s (one retry-after) = {bound:.1f} s. The Ray run's wall "
+             "time includes starting a local Ray cluster; its span is the server's first request to its last answer.")
+    report(f"ray-inflight: {rows:,} rows, {workers} workers, server holds 2 in flight (429, retry-after: 60), "
+           "50 ms answers", body, [two, ray, alone])
+
+
 def memory_report(workdir: Path, small: int, make, title: str, concurrency: int, **kw) -> None:
     """batchrun at `small` and 10 x `small` rows made by `make(path, n)`: peak RSS side by side."""
     large = small * 10
@@ -609,7 +635,8 @@ def git_describe() -> str:
 RUNNERS = {"zero": scenario_zero, "latency": scenario_latency, "ratelimit": scenario_ratelimit,
            "adapt": scenario_adapt, "adapt-blind": scenario_adapt_blind, "memory": scenario_memory,
            "embeddings": scenario_embeddings, "template": scenario_template, "validate": scenario_validate,
-           "embed-memory": scenario_embed_memory, "inflight": scenario_inflight, "ray": scenario_ray}
+           "embed-memory": scenario_embed_memory, "inflight": scenario_inflight, "ray": scenario_ray,
+           "ray-inflight": scenario_ray_inflight}
 
 
 def main() -> None:
