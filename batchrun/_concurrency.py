@@ -217,13 +217,10 @@ class ConcurrencyLimit:
             self._wake()
         return full
 
-    def admitting(self, now: float) -> bool:
-        """The server answered well lately (see `Control.admitting`)."""
-        return self.control.admitting(now)
-
     async def admitting_lately(self) -> bool:
-        """`admitting`, as far as anyone knows: a remote control's owner hears of every
-        worker's answers, and is asked (a push-back has its worker report at once)."""
+        """The server answered well lately (see `Control.admitting`), as far as anyone
+        knows: a remote control's owner hears of every worker's answers, and is asked
+        (a push-back has its worker report at once)."""
         if self.control.admitting(time.monotonic()):
             return True
         if self._remote:

@@ -9,11 +9,12 @@
 Each task is batchrun's own engine on one shard (see `_shards`), with its share of
 the budget and of `concurrency` (the most it may have in flight); the rate limits and
 the limit on requests in flight are the job's, held by the actor, which finds the
-server's limit from every worker's answers and allots it by demand. A task whose worker is lost is run again by Ray, and resumes from the
-shard's state: no row is lost or stored twice. A driver killed and run again finds
-the same shards and the same actor. An actor that is lost is made again by Ray (its
-pacing and the limit it found start over, the rows are in the shards' states):
-meanwhile the workers go on alone, each at its share of the job's last rate and limit.
+server's limit from every worker's answers and allots it by demand. A task whose
+worker is lost is run again by Ray, and resumes from the shard's state: no row is
+lost or stored twice. A driver killed and run again finds the same shards and the
+same actor. An actor that is lost is made again by Ray (its pacing and the limit it
+found start over, the rows are in the shards' states): meanwhile the workers go on
+alone, each at its share of the job's last rate and limit.
 
 Ray is imported only here, and only when `--ray` is used.
 """
