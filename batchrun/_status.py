@@ -113,8 +113,14 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
     reason = (f"shard{'s' * (len(missing) > 1)} {', '.join(missing)} of {count} not started" if missing else
               "every shard finished; not merged yet: batchrun merge" if states == {"finished"} and not merged
               else None)
+    # The job's: the worst of its shards', once each has one and the job is over (done, or
+    # a shard stopped it); None while it runs or waits for a shard or the merge
+    codes = [part.get("exit_code") for part in parts]
+    exit_code = None
+    if state != "running" and not missing and None not in codes and (state == "finished" or max(codes) > 0):
+        exit_code = max(codes)
     return {"job": spec.name, "output": str(spec.output), "state": state, "reason": reason,
-            "exit_code": None, "version": __version__, "shard_count": count, **total,
+            "exit_code": exit_code, "version": __version__, "shard_count": count, **total,
             "cost_usd": sum(costs) if costs else None, "shards": parts}
 
 

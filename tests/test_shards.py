@@ -72,6 +72,7 @@ def test_four_shards_at_once_with_faults_and_kills_merge_every_row_once_in_order
     assert paid_twice <= 2 * 16, paid_twice  # a kill costs at most the victim's requests in flight
     status = json.loads(run_cli("status", str(spec), "--json").stdout)
     assert status["state"] == "finished" and status["ok"] == rows and status["shard_count"] == 4
+    assert status["exit_code"] == 0  # the job's, as for a run in one process
     assert [s["shard"] for s in status["shards"]] == ["0/4", "1/4", "2/4", "3/4"]
 
 
@@ -93,6 +94,7 @@ def test_merge_waits_for_every_shard_and_names_the_missing(sharded: Path) -> Non
     assert not (sharded.parent / "out/result.parquet").exists()
     status = json.loads(run_cli("status", str(sharded), "--json").stdout)
     assert status["state"] == "stopped" and status["reason"] == "shards 1, 2 of 3 not started"
+    assert status["exit_code"] is None  # the job is not over
     assert status["shards"][0]["state"] == "finished" and status["shards"][0]["rows"] == 10
 
 
