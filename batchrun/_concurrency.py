@@ -169,7 +169,7 @@ class ConcurrencyLimit:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def enter(self, *, cautious: bool = False) -> tuple[int, int]:
+    async def enter(self, *, cautious: bool = False) -> tuple:
         """Wait for a slot; return how many other requests are in flight (`k`) and the
         limit's generation, both for `leave` (with a remote control, when it went too).
         `cautious`: the request met a 429 before, and goes only below the level that failed."""
