@@ -337,7 +337,7 @@ class Client:
         headers = [*self._headers, ("content-length", str(len(attempt.payload)))]
         request = httpx.Request("POST", attempt.url, headers=headers, stream=httpx.ByteStream(attempt.payload))
         sent = await self.in_flight.enter(cautious=attempt.pushed_back)
-        load, wait, full = None, None, False  # what the answer says about the server's load
+        load, wait = None, None  # what the answer says about the server's load
         try:
             response = await self._transport.handle_async_request(request)
             if pushed_back(response.status_code, response.headers):
@@ -360,9 +360,8 @@ class Client:
         finally:
             now = time.monotonic()
             attempt.latency = now - started
-            full = self.in_flight.leave(sent, load, now, wait)
-        if not full:  # a server full of requests in flight is the gate's to weigh, not the rate policy's
-            self.limiter.observe(response.status_code, response.headers, now, pushed=load == "pushback")
+            self.in_flight.leave(sent, load, now, wait)
+        self.limiter.observe(response.status_code, response.headers, now, pushed=load == "pushback")
         if not response.is_success:
             raise classify(response.status_code, response.headers, response.content, now=time.time())
         try:

@@ -10,10 +10,9 @@ sent, `leave` with its answer) and moves its limit, between 1 and the spec's
   (the fewer: a neighbour refused in a few milliseconds never held a slot). A 429 (or a
   503 that names a wait) for a request that left beside `k` others, when no good answer
   lately went with as many, says the server holds at most `k`: the limit drops to one
-  more than the most answered well beside each other lately (at most `k`). Such a 429
-  is this control's alone (`leave` says so): a rate cut for it would outlast the crowd
-  by far. A 429 at a level that recently went through is not about concurrency (a rate
-  limit, a stray): the rate policy (`_rate`) has it.
+  more than the most answered well beside each other lately (at most `k`). A 429 at a
+  level that recently went through is not about concurrency (a rate limit, a stray):
+  the rate policy (`_rate`) has it.
 - **Increase while answers come back clean**, only while the limit is what holds
   requests back: one step per round trip up to just below the level that failed, then
   a probe of that level after a clean spell that doubles with each failed probe
@@ -75,14 +74,12 @@ class Control:
         self._last_ok = float("-inf")  # when the server last answered well
 
     def answered(self, k: int, held: int, generation: int, outcome: str, now: float,
-                 wait: float | None = None) -> bool:
-        """`outcome`: `ok`, or `pushback` (a 429, a 503 naming a wait: `wait`, its retry-after).
-        Return whether a push-back says the server is full: then it is this control's
-        alone, not the rate policy's (a rate cut for it would outlast the crowd by far)."""
+                 wait: float | None = None) -> None:
+        """`outcome`: `ok`, or `pushback` (a 429, a 503 naming a wait: `wait`, its retry-after)."""
         if outcome == "ok":
             self._last_ok = now
         if self.fixed:
-            return False
+            return
         if now - self._epoch >= EPOCH_S:
             self._ok_k = [-1, self._ok_k[0]] if now - self._epoch < 2 * EPOCH_S else [-1, -1]
             self._epoch = now
@@ -90,13 +87,10 @@ class Control:
             if held > self._ok_k[0]:
                 self._ok_k[0] = held
             self._grow(k, now)
-        elif outcome == "pushback":
+        elif outcome == "pushback" and generation == self.generation:
+            # (a request sent under an earlier limit says nothing about this one)
             admitted = max(self._ok_k)
-            if k < admitted:  # a good answer lately went with as many in flight: not about concurrency
-                return False
-            # No good answer lately went with as many in flight: the server is full. (A
-            # request sent under an earlier limit says nothing about this one.)
-            if generation == self.generation:
+            if k >= admitted:  # no good answer lately went with as many in flight: the server is full
                 if self.failed_at is not None and k + 1 >= self.failed_at:
                     # A probe failed: wait longer next time, and no less than the row it cost
                     # waits (probing more often than that costs more than it can find)
@@ -104,8 +98,6 @@ class Control:
                 self.failed_at = k + 1
                 self._set(max(1, min(self.limit, admitted + 1, k)), now)
                 self.cuts += 1
-            return True
-        return False
 
     def admitting(self, now: float) -> bool:
         """The server answered well lately: a 429 now says it is full, not closed."""
@@ -197,25 +189,22 @@ class ConcurrencyLimit:
             raise
         return waiter[2]
 
-    def leave(self, sent: tuple, outcome: str | None, now: float, wait: float | None = None) -> bool:
+    def leave(self, sent: tuple, outcome: str | None, now: float, wait: float | None = None) -> None:
         """A request `enter` let go is answered: `ok`, `pushback` (a 429, a 503 naming a
-        wait: `wait`, its retry-after), or None (anything else, which says nothing about load).
-        Return whether a push-back is this gate's to weigh, not the rate policy's (see
-        `Control.answered`; a remote control's owner weighs them all)."""
+        wait: `wait`, its retry-after), or None (anything else, which says nothing about load)."""
         if self._remote:  # every request, before a waiter takes its slot: its worker holds back at once
             self.control.answered(sent[0], min(sent[0], self.in_flight - 1), sent[1], outcome, now, wait, sent[2])
             self._release()
-            return outcome == "pushback"
+            return
         self._release()
         if outcome is None:
-            return False
+            return
         k, generation = sent
         # beside it all along: those in flight at both ends, at most
         limit = self.control.limit
-        full = self.control.answered(k, min(k, self.in_flight), generation, outcome, now, wait)
+        self.control.answered(k, min(k, self.in_flight), generation, outcome, now, wait)
         if self.control.limit > limit:
             self._wake()
-        return full
 
     async def admitting_lately(self) -> bool:
         """The server answered well lately (see `Control.admitting`), as far as anyone

@@ -256,9 +256,7 @@ class Quota:
                     others_sent += other.count(sent)
                     others_answered += other.count(answered)
             k += others_sent
-            if not self.control.answered(k, min(k, held + others_answered), generation, outcome, answered, wait) \
-                    and outcome == "pushback":  # not about requests in flight: the rate policy's
-                self.limiter.observe(429, {}, answered, pushed=True)
+            self.control.answered(k, min(k, held + others_answered), generation, outcome, answered, wait)
         del self._pending[:ready]
 
     def _chunk(self, tokens_each: int) -> int:
@@ -472,7 +470,7 @@ class LeasedControl:
             self.limit = min(self.limit, self.gate.in_flight - 1)
             self._held_back = now
         if outcome == "pushback":
-            self._due.set()  # the Quota weighs it for every worker (its rate policy too): now
+            self._due.set()  # the Quota weighs it for every worker: now
         with self._lock:
             self._open[sent] -= 1
             if not self._open[sent]:

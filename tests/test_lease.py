@@ -327,16 +327,6 @@ async def test_a_worker_pushed_back_holds_back_until_the_quota_has_weighed_it() 
     gate.leave(first, "ok", pushed + 0.03)
 
 
-def test_a_push_back_for_a_full_server_is_weighed_by_the_concurrency_control_not_the_rate_policy() -> None:
-    q = quota(workers=1, rpm=None)
-    full = [(0.1, 0.09, 6, 6, 0, "pushback", 60.0)] * 20  # no answer went with as many: the server is full
-    q.exchange(in_flight_report(0, 0, 32, 32, answers=[(0.2, 0.15, 5, 5, 0, "ok", None)] * 40 + full), 0.2)
-    assert q.control.cuts == 1 and q.limiter.pushbacks == 0
-    stray = [(0.1, 0.09, 0, 0, q.control.generation, "pushback", None)] * 20  # beside fewer than went through
-    q.exchange(in_flight_report(0, 0, 32, 2, answers=stray), 0.3)
-    assert q.control.cuts == 1 and q.limiter.pushbacks == 20
-
-
 def test_a_worker_hears_at_once_that_another_was_answered() -> None:
     q = quota(workers=2, rpm=None)
     assert not q.exchange(in_flight_report(1, 0, 32, 0), 0.0).admitting
