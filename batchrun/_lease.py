@@ -49,6 +49,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from ._concurrency import EPOCH_S, Control
@@ -247,8 +248,10 @@ class Quota:
         # Answers up to `known` can be weighed: every worker has reported since (or they are old)
         live = [t.until for t in timelines.values() if not t.final]
         known = self._known = max(min(live), now - WINDOW_S) if live else now
-        self._pending.sort()
-        ready = bisect.bisect_right(self._pending, (known, float("inf")))
+        # By the time each came back alone: the rest of an entry may not compare (a wait
+        # of None beside a number), and one bad sort would stop every exchange to come
+        self._pending.sort(key=itemgetter(0))
+        ready = bisect.bisect_right(self._pending, known, key=itemgetter(0))
         for answered, sent, k, held, generation, outcome, wait, worker in self._pending[:ready]:
             others_sent = others_answered = 0
             for index, other in timelines.items():

@@ -334,3 +334,10 @@ def test_a_worker_hears_at_once_that_another_was_answered() -> None:
     other.observe(200, {}, 0.05)
     q.exchange(other.report(0.06), 0.06)
     assert q.exchange(in_flight_report(1, 0, 32, 0), 0.07).admitting  # not only once the answers are weighed
+
+
+def test_answers_that_came_back_at_the_same_moment_are_weighed_whatever_their_waits() -> None:
+    q = heard(quota(workers=1))
+    answers = [(0.1, 0.05, 3, 3, 0, "pushback", None), (0.1, 0.05, 3, 3, 0, "pushback", 60.0)]
+    q.exchange(in_flight_report(0, 0, 32, 32, answers=answers), 0.2)  # no TypeError comparing None and 60.0
+    assert q.control.cuts == 1 and not q._pending
