@@ -470,8 +470,10 @@ class _Pool:
         # for rows set aside, (requests sent so far, times set aside)
         self.parked: list[tuple[float, int, Row]] = []
         self.carried: dict[int, tuple[int, int]] = {}
-        # Rows a worker takes at once: embeddings go several to a request
-        self.group = spec.inputs_per_request if spec.endpoint is not None and get_endpoint(spec.endpoint).grouped else 1
+        # Rows a worker takes at once: embeddings go several to a request (one, if so asked,
+        # still as a group: the group's answer is what shares out the vectors)
+        self.grouped = spec.endpoint is not None and get_endpoint(spec.endpoint).grouped
+        self.group = spec.inputs_per_request if self.grouped else 1
 
     def stop_from_outside(self, reason: JobAborted) -> None:
         """`_stop`, from another thread (see `_run_beside`)."""
@@ -536,7 +538,7 @@ class _Pool:
             try:
                 while not self.stopping:
                     try:
-                        if self.group == 1:
+                        if not self.grouped:
                             row = await self._next_row(rows)
                             taken = [row] if row is not None else []
                         else:
@@ -549,7 +551,7 @@ class _Pool:
                     if not taken:
                         return
                     try:
-                        if self.group == 1:
+                        if not self.grouped:
                             parks = self.carried.get(taken[0].index, (0, 0))[1]
                             answers = [await self.client.call(taken[0], park=parks < MAX_PARKS, pushed_back=parks > 0)]
                         else:

@@ -158,3 +158,25 @@ def test_one_vector_per_token_stops_the_job_with_what_to_do() -> None:
     per_token = {"data": [{"index": 0, "embedding": [[0.1, 0.2], [0.3, 0.4]]}], "usage": {"prompt_tokens": 2}}
     with pytest.raises(JobFatalAPIError, match="one vector per token, not one per input"):
         group(lambda body: httpx.Response(200, json=per_token), rows=1)
+
+
+def test_one_input_a_request_stores_every_vector(tmp_path: Path) -> None:
+    import base64
+
+    import httpx
+
+    from batchrun import run_job
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        data = [{"index": i, "embedding": base64.b64encode(struct.pack("<2f", len(text), 0.5)).decode()}
+                for i, text in enumerate(body["input"])]
+        return httpx.Response(200, json={"data": data, "model": "e", "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+    write_jsonl(tmp_path / "input.jsonl", [{"input": "x" * (i + 1)} for i in range(5)])
+    spec = write_spec(tmp_path, endpoint="embeddings", inputs_per_request=1, api={"base_url": "http://127.0.0.1:9/v1"})
+
+    summary = run_job(spec, transport=httpx.MockTransport(answer), environ={"OPENAI_API_KEY": "k"})
+
+    assert (summary.ok, summary.requests) == (5, 5)
+    assert [r["embedding"] for r in read_output(summary.output)] == [[float(i + 1), 0.5] for i in range(5)]
