@@ -333,10 +333,10 @@ class Client:
             await self._sleep(wait)
         self.requests_sent += 1
         attempt.count += 1
-        started = time.monotonic()
         headers = [*self._headers, ("content-length", str(len(attempt.payload)))]
         request = httpx.Request("POST", attempt.url, headers=headers, stream=httpx.ByteStream(attempt.payload))
         sent = await self.in_flight.enter(cautious=attempt.pushed_back)
+        started = time.monotonic()  # latency_s is the time on the wire, not the wait at the gate
         load, wait = None, None  # what the answer says about the server's load
         try:
             response = await self._transport.handle_async_request(request)

@@ -388,3 +388,23 @@ def test_an_exception_raised_into_the_caller_saves_every_answer_received_first(t
         summary = run_job(spec, environ={"OPENAI_API_KEY": "k"})  # and the job resumes
         assert summary.ok == 3000
     assert sum(len(a) for a in server.answers.values()) <= 3000 + 32
+
+
+def test_latency_is_the_time_on_the_wire_not_the_wait_at_the_gate(tmp_path: Path) -> None:
+    # The server holds one request at a time and says so: the others wait at batchrun's
+    # gate. Their wire times never overlap, so they add up to no more than the run took.
+    async def one_at_a_time(request: httpx.Request) -> httpx.Response:
+        await anyio.sleep(0.05)
+        body = json.loads(request.content)
+        return httpx.Response(200, headers={"x-ratelimit-api_key-limit-max_parallel_requests": "1"}, json={
+            "id": "r", "model": "m", "choices": [{"index": 0, "text": body["prompt"], "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(8)])
+    spec = write_spec(tmp_path, concurrency=8, api={"base_url": "http://127.0.0.1:9/v1"})
+
+    summary = run_job(spec, transport=httpx.MockTransport(one_at_a_time), environ={"OPENAI_API_KEY": "k"})
+
+    latencies = [r["latency_s"] for r in read_output(summary.output)]
+    assert all(latency >= 0.05 for latency in latencies)
+    assert sum(latencies) <= summary.elapsed_s
