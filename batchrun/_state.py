@@ -40,14 +40,27 @@ PRIVATE = 0o600
 _COMPANIONS = ("-wal", "-shm", "-journal")
 
 _COLUMNS = ", ".join(RESULT_FIELDS)
+# What adds up over runs: a row that failed before (an answer that broke the schema,
+# say) and succeeds now paid for both, in tokens as in money. A null is no count, and
+# so is a sum of tokens past int64 (SQLite would make it a float).
+_TOKENS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
+
+
+def _added(name: str, whole: bool) -> str:
+    both = f"results.{name} + excluded.{name}"
+    if whole:
+        both = f"CASE WHEN typeof({both}) = 'integer' THEN {both} END"
+    return (f"{name} = CASE WHEN results.{name} IS NULL THEN excluded.{name} WHEN excluded.{name} IS NULL "
+            f"THEN results.{name} ELSE {both} END")
+
+
 _UPSERT = (
     f"INSERT INTO results ({_COLUMNS}) VALUES ({', '.join('?' * len(RESULT_FIELDS))}) "
     "ON CONFLICT(row_index) DO UPDATE SET "
-    + ", ".join(f"{f} = excluded.{f}" for f in RESULT_FIELDS if f not in ("row_index", "attempts", "cost_usd"))
-    # attempts and cost add up over runs: a row that failed before and succeeds now cost both
-    + ", attempts = results.attempts + excluded.attempts"
-    + ", cost_usd = CASE WHEN results.cost_usd IS NULL THEN excluded.cost_usd"
-      " WHEN excluded.cost_usd IS NULL THEN results.cost_usd ELSE results.cost_usd + excluded.cost_usd END"
+    + ", ".join(f"{f} = excluded.{f}" for f in RESULT_FIELDS
+                if f not in ("row_index", "attempts", "cost_usd", *_TOKENS))
+    + ", attempts = results.attempts + excluded.attempts, "
+    + ", ".join([*(_added(f, True) for f in _TOKENS), _added("cost_usd", False)])
 )
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",

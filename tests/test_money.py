@@ -162,3 +162,44 @@ def test_the_progress_line_shows_the_jobs_cost_so_far() -> None:
     progress.start(10, 2, 1.5)  # what earlier runs spent
     progress.advance(1, 0, 5, 0.25)
     assert "3/10 rows" in stream.getvalue() and "$1.7500" in stream.getvalue()
+
+
+def _json_answers(valid: list[bool]):
+    """A MockTransport handler: a JSON answer (valid for {"a": int} while valid[0]), usage 10 + 5."""
+    import json
+
+    import httpx
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        content = '{"a": 1}' if valid[0] else '{"a": "one"}'
+        return httpx.Response(200, json={
+            "id": "r", "model": "test-model",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+
+    return handler
+
+
+def test_usage_columns_count_every_paid_answer_across_reasks_and_runs(tmp_path: Path) -> None:
+    import httpx
+
+    from batchrun import run_job
+
+    write_jsonl(tmp_path / "input.jsonl", [{"messages": [{"role": "user", "content": "q"}]}])
+    spec = write_spec(tmp_path, pricing=PRICES, params={"max_tokens": 16}, api={"base_url": "http://127.0.0.1:9/v1"},
+                      schema={"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
+    valid = [False]
+    env = {"OPENAI_API_KEY": "k"}
+
+    first = run_job(spec, transport=httpx.MockTransport(_json_answers(valid)), environ=env)
+    assert (first.failed, first.requests, first.total_tokens) == (1, 3, 45)  # the answer and its 2 re-asks
+
+    valid[0] = True
+    again = run_job(spec, retry_failed=True, transport=httpx.MockTransport(_json_answers(valid)), environ=env)
+
+    [row] = read_output(again.output)
+    assert row["status"] == "ok" and row["attempts"] == 4
+    assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (40, 20, 60)
+    assert row["cost_usd"] == pytest.approx(cost(Price(**PRICES["test-model"]), 40, 20, 0))
+    assert (again.prompt_tokens, again.completion_tokens, again.total_tokens) == (40, 20, 60)
+    assert again.cost_usd == pytest.approx(row["cost_usd"])

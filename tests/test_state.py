@@ -156,3 +156,17 @@ def test_a_state_from_before_the_extra_column_gets_it_and_resumes(tmp_path: Path
     assert [(r[0], r[3], r[extra]) for r in rows] == [(0, "kept", None), (1, "new", '{"request": "{}"}')]
     assert len(rows[0]) == len(RESULT_FIELDS)
     store.close()
+
+
+def test_usage_adds_up_over_runs_and_a_sum_past_int64_is_no_count(tmp_path: Path) -> None:
+    store = StateStore.open(tmp_path / "s.sqlite")
+    store.save([Result(0, "a", "failed", prompt_tokens=10, total_tokens=2**62, cost_usd=0.5, attempts=3),
+                Result(1, "b", "failed", attempts=1)])
+    store.save([Result(0, "a", "ok", prompt_tokens=4, completion_tokens=2, total_tokens=2**62, cost_usd=0.25,
+                       attempts=1),
+                Result(1, "b", "ok", prompt_tokens=4, total_tokens=6, attempts=1)])
+    rows = {r[0]: dict(zip(RESULT_FIELDS, r)) for r in store.results(0, 2)}
+    assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"], rows[0]["total_tokens"]) == (14, 2, None)
+    assert rows[0]["cost_usd"] == 0.75 and rows[0]["attempts"] == 4
+    assert (rows[1]["prompt_tokens"], rows[1]["total_tokens"]) == (4, 6)
+    store.close()
