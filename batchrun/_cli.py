@@ -43,6 +43,7 @@ PLAN_EXAMPLE = """\
 examples:
   batchrun plan jobs/example.yaml
   batchrun plan jobs/example.yaml --json | jq .cost_usd_max
+  batchrun plan jobs/example.yaml --restart    what `run --restart` would send
 
 Validates the spec and every row, counts what a run (or a resumed run) would send: rows,
 requests, prompt tokens, worst-case and expected completion tokens, cost at the spec's
@@ -129,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     plan.add_argument("job", metavar="JOB", help="the job spec (YAML)")
     plan.add_argument("--json", action="store_true", help="one line of JSON")
+    plan.add_argument("--restart", action="store_true", help="plan `run --restart`: as if the saved progress "
+                                                             "were discarded")
 
     export = commands.add_parser(
         "export", help="write a finished job's answers as a fine-tuning set or OpenAI Batch API files",
@@ -231,7 +234,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    plan = plan_job(args.job)
+    plan = plan_job(args.job, restart=args.restart)
     print(json.dumps(plan.as_dict()) if args.json else plan.text())
     return 0
 

@@ -72,7 +72,9 @@ class Plan:
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
 
 
-def plan_job(job: str | os.PathLike[str] | JobSpec) -> Plan:
+def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) -> Plan:
+    """What a run (with `restart`: `run --restart`) would send and could cost. Raises
+    as the run would for a spec, input or saved state it would refuse (exit 2)."""
     spec = job if isinstance(job, JobSpec) else load_spec(job)
     template = Template(spec.template) if spec.template is not None else None
     notes: list[str] = []
@@ -80,7 +82,7 @@ def plan_job(job: str | os.PathLike[str] | JobSpec) -> Plan:
                      template=template) as reader:
         digest = reader.fingerprint()
         total, _ = reader.validate()
-        done, answered = _done(spec, digest, total, notes)
+        done, answered = _done(spec, digest, total, restart=restart)
         count, tokenizer = _counter(spec)
         endpoint = get_endpoint(spec.endpoint) if spec.endpoint else None
         rows = prompt = completion_max = 0
@@ -136,9 +138,10 @@ def plan_job(job: str | os.PathLike[str] | JobSpec) -> Plan:
     )
 
 
-def _done(spec: JobSpec, digest: str, total: int, notes: list[str]) -> tuple[bytearray, tuple[float | None, ...]]:
+def _done(spec: JobSpec, digest: str, total: int, *, restart: bool) -> tuple[bytearray, tuple[float | None, ...]]:
     """Rows a resumed run would leave alone, and the state's mean completion tokens and
-    latency; nothing when there is no state (or it belongs to another input)."""
+    latency; nothing when there is no state (or `restart`). A state of another input or
+    request shape is refused as a run refuses it."""
     path = state_path(spec.output)
     if spec.output_url:  # the state on the store is the job's progress
         from ._lock import lock_holder
@@ -151,10 +154,12 @@ def _done(spec: JobSpec, digest: str, total: int, notes: list[str]) -> tuple[byt
     except FileNotFoundError:
         return bytearray(total), (None, None)
     try:
-        if store.meta().get("input_digest") != digest:
-            notes.append("the saved state is for another input: a run would refuse it (see --restart); "
-                         "planned as a fresh start")
+        saved = store.meta()
+        if not saved or restart:  # a state made but never claimed, or one a run would discard
             return bytearray(total), (None, None)
+        # What a run checks, and refuses as it would (exit 2, naming what changed)
+        wanted = {"input_digest": digest, "request": spec.request_config()}
+        store.check({key: saved.get(key) for key in wanted}, wanted, spec_name=spec.name)
         return done_rows(store.row_states(total)), store.means()
     finally:
         store.close()

@@ -188,7 +188,12 @@ class StateStore:
                     [(k, json.dumps(v, sort_keys=True)) for k, v in {"version": SCHEMA_VERSION, **meta}.items()],
                 )
             return
-        changes = differences(saved, {"version": SCHEMA_VERSION, **meta})
+        self.check(saved, {"version": SCHEMA_VERSION, **meta}, spec_name=spec_name)
+
+    def check(self, saved: dict[str, Any], wanted: dict[str, Any], *, spec_name: str) -> None:
+        """StateMismatchError, naming what changed and the way out, unless `saved` (the
+        state's meta, or the part of it that `wanted` names) is `wanted`."""
+        changes = differences(saved, wanted)
         if changes:
             raise StateMismatchError(
                 f"{self.path} holds the progress of a different job ({'; '.join(changes)}). "

@@ -83,3 +83,22 @@ def test_a_plan_of_a_bad_input_is_exit_2_like_a_run(tmp_path: Path) -> None:
     spec = write_spec(tmp_path)
     result = run_cli("plan", str(spec))
     assert result.code == 2 and "line 2: not valid JSON" in result.stderr
+
+
+def test_a_plan_refuses_a_state_of_other_params_as_the_run_does(tmp_path: Path, capsys) -> None:
+    from batchrun import run_job
+    from batchrun._cli import main
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p {i}"} for i in range(200)])
+    spec = write_spec(tmp_path, params={"max_tokens": 16}, api={"base_url": "mock://"})
+    assert run_job(spec, limit=50, environ={}).ok == 50
+    spec = write_spec(tmp_path, params={"max_tokens": 32}, api={"base_url": "mock://"})
+
+    assert main(["plan", str(spec)]) == 2
+    said = capsys.readouterr().err
+    assert "params.max_tokens was 16, now 32" in said and "--restart" in said
+    assert main(["run", str(spec), "--no-progress"]) == 2
+    assert "params.max_tokens was 16, now 32" in capsys.readouterr().err
+
+    assert main(["plan", str(spec), "--json", "--restart"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 200
