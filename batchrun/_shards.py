@@ -14,6 +14,12 @@ spec, are refused at the start of a run and at the merge, naming the difference.
 The merge is made by `batchrun merge JOB`, or by the last shard to finish: each
 shard, once its part is in place and its lock released, looks for the other parts,
 and the one that finds them all (and no shard running) merges.
+
+A part is derived from its shard's state (every answer) and the input (the passthrough
+columns), as the shard's run wrote it: the merge reads every part through first, and
+one that is missing, damaged or not the state's is written again from them. A part
+whose state is gone, or whose input changed since, cannot be: the merge names it and
+the command that remakes it.
 """
 
 from __future__ import annotations
@@ -27,9 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import ConfigError, JobAborted, StateMismatchError, StorageError, UsageError
+from ._columns import extra_columns
+from ._exceptions import ConfigError, InputError, JobAborted, StateMismatchError, StorageError, UsageError
+from ._inputs import InputReader
 from ._lock import lock_holder
-from ._state import StateStore, differences
+from ._output import OutputWriter, fsync, parquet_writer
+from ._remote import Remote, job_inputs
+from ._state import StateStore, differences, state_path
 
 if TYPE_CHECKING:
     from ._spec import JobSpec
@@ -139,30 +149,45 @@ class MergeSummary:
     rows: int
     ok: int
     failed: int
+    remade: tuple[str, ...] = ()  # the shards (`I/N`) whose part was written again from their state
 
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
 
     def line(self) -> str:
-        return (f"merged {self.shards} shard{'s' * (self.shards != 1)}: {self.rows:,} rows, {self.ok:,} ok, "
+        line = (f"merged {self.shards} shard{'s' * (self.shards != 1)}: {self.rows:,} rows, {self.ok:,} ok, "
                 f"{self.failed:,} failed; output: {self.output}")
+        if self.remade:
+            many = len(self.remade) > 1
+            line += (f"; remade the part{'s' * many} of shard{'s' * many} {', '.join(self.remade)} from "
+                     f"{'their states' if many else 'its state'}")
+        return line
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """A shard whose every row is settled: its state, what that holds, and its part."""
+
+    shard: Shard
+    state: Path
+    part: Path
+    ok: int
+    failed: int
 
 
 def merge_job(spec: JobSpec, *, dataset: bool = False) -> MergeSummary:
     """Make the job's output from its shards' parts: one Parquet file (or, with `dataset`,
     a folder of the parts as `part-00000-of-00004.parquet`...), every row once, in order.
 
-    Raises ConfigError (exit 2) for shards that do not belong together, NotReady
-    (exit 3) while a shard is missing, unfinished or running.
+    A part that is missing, damaged or not its state's is first written again from its
+    shard's state and the input. Raises ConfigError (exit 2) for shards that do not belong
+    together, or a part that cannot be remade here (naming the command that remakes it),
+    NotReady (exit 3) while a shard is missing, unfinished or running.
     """
-    import pyarrow.parquet as pq
-
     folder = shard_folder(spec.output)
     remote = None
     if spec.output_url:  # the shards ran on other machines: their states and parts are on the store
-        from ._remote import Remote
-
         remote = Remote(spec.output_url, spec.output)
         remote.pull_folder(folder)
     shards = find_shards(spec.output)
@@ -173,8 +198,35 @@ def merge_job(spec: JobSpec, *, dataset: bool = False) -> MergeSummary:
         raise ConfigError(f"{folder} holds shards of {' and of '.join(map(str, counts))}: shards of different N "
                           "never mix; remove the ones that do not belong")
     count = counts[0]
+    # Two shards finishing at once: one checks, remakes and merges, then the other
+    with _merge_lock(folder):
+        finished = _finished_shards(spec, shards, count)
+        remade = []
+        for done in finished:
+            if (damage := _damage(done)) is not None:
+                _remake_part(spec, done, damage)
+                if remote is not None:
+                    remote.push_file(done.part)
+                remade.append(str(done.shard))
+        parts = [done.part for done in finished]
+        if dataset:
+            _link_parts(parts, dataset_folder(spec.output))
+        else:
+            _concatenate(parts, spec.output)
+        if remote is not None:
+            for made in sorted(dataset_folder(spec.output).iterdir()) if dataset else [spec.output]:
+                remote.push_file(made)
+    where = dataset_folder(spec.output) if dataset else spec.output
+    ok, failed = sum(done.ok for done in finished), sum(done.failed for done in finished)
+    return MergeSummary(remote.url_of(where) if remote else where, count, ok + failed, ok, failed, tuple(remade))
+
+
+def _finished_shards(spec: JobSpec, shards: dict[Shard, Path], count: int) -> list[_Finished]:
+    """Every shard of the job, in order, once each has finished and none runs; else NotReady
+    naming those that have not (or StateMismatchError: shards of different jobs)."""
+    folder = shard_folder(spec.output)
     first: dict[str, Any] | None = None
-    waiting, parts, rows, ok, failed = [], [], 0, 0, 0
+    waiting, finished = [], []
     for shard, path in shards.items():
         if pid := lock_holder(path):
             waiting.append(f"{shard.index} (running, pid {pid})")
@@ -197,31 +249,87 @@ def merge_job(spec: JobSpec, *, dataset: bool = False) -> MergeSummary:
             raise StateMismatchError(f"{spec.name} changed since shard {shard} ran ({'; '.join(changes)}); "
                                      f"restore it, or remove {folder} and run every shard again")
         start, stop = shard.bounds(meta["rows"])
-        part = shard_output(spec.output, shard)
-        if tally["ok"] + tally["failed"] != stop - start or not part.exists():
+        if tally["ok"] + tally["failed"] != stop - start:
             waiting.append(f"{shard.index} ({stop - start - tally['ok'] - tally['failed']:,} rows to go)")
             continue
-        if pq.ParquetFile(part).metadata.num_rows != stop - start:
-            waiting.append(f"{shard.index} (its part is not the state's: rerun it)")
-            continue
-        parts.append(part)
-        rows, ok, failed = rows + stop - start, ok + tally["ok"], failed + tally["failed"]
+        finished.append(_Finished(shard, path, shard_output(spec.output, shard), tally["ok"], tally["failed"]))
     missing = [i for i in range(count) if Shard(i, count) not in shards]
+    for index in missing:
+        orphan = shard_output(spec.output, Shard(index, count))
+        if orphan.exists():  # nothing says it is whole, nor of this job
+            raise ConfigError(f"{orphan}: shard {index}/{count}'s part has no state beside it "
+                              f"({state_path(orphan).name} is gone), so it cannot be checked or remade; remake it "
+                              f"with `batchrun run {spec.name} --shard {index}/{count}` (its rows are sent again), "
+                              "then merge")
     if missing:  # after the checks above: shards that do not belong together are said first
         raise NotReady(f"shard{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} of {count} "
                        "not started yet: run them, then merge")
     if waiting:
         raise NotReady(f"not every shard has finished: shard {', '.join(waiting)}; merge once they have")
-    with _merge_lock(folder):
-        if dataset:
-            _link_parts(parts, dataset_folder(spec.output))
-        else:
-            _concatenate(parts, spec.output)
-        if remote is not None:
-            for made in sorted(dataset_folder(spec.output).iterdir()) if dataset else [spec.output]:
-                remote.push_file(made)
-    where = dataset_folder(spec.output) if dataset else spec.output
-    return MergeSummary(remote.url_of(where) if remote else where, count, rows, ok, failed)
+    return finished
+
+
+def _damage(done: _Finished) -> str | None:
+    """What is wrong with a finished shard's part, read through to its last page; None: nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not done.part.exists():
+        return "missing"
+    try:
+        with pq.ParquetFile(done.part) as file:
+            if file.metadata.num_rows != done.ok + done.failed:
+                return f"damaged ({file.metadata.num_rows:,} rows where its state has {done.ok + done.failed:,})"
+            for _ in file.iter_batches():  # every page decodes: a footer that reads is not enough
+                pass
+    except (OSError, pa.ArrowException) as exc:
+        return f"damaged ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+    return None
+
+
+def _remake_part(spec: JobSpec, done: _Finished, damage: str) -> None:
+    """Write a finished shard's part again from its state and the input, as its run wrote
+    it (under the shard's lock, to a temporary name renamed over the old one); sends nothing."""
+
+    def cannot(why: str) -> ConfigError:
+        return ConfigError(f"{done.part}: shard {done.shard}'s part is {damage}; it is remade from the shard's "
+                           f"state and the input, but {why}. Restore the input the shard ran with and merge again, "
+                           f"or remake the part with `batchrun run {spec.name} --shard {done.shard}`")
+
+    try:
+        store = StateStore.open(done.state)
+    except ConfigError:
+        if holder := lock_holder(done.state):
+            raise NotReady(f"shard {done.shard.index} began running again (pid {holder}); merge once it has "
+                           "finished") from None
+        raise
+    try:
+        meta = store.meta()
+        try:
+            reader = InputReader(job_inputs(spec))
+        except InputError as exc:
+            raise cannot(str(exc)) from exc
+        try:
+            try:
+                digest = reader.fingerprint()
+            except InputError as exc:
+                raise cannot(str(exc)) from exc
+            if digest != meta["input_digest"]:
+                raise cannot("the input is not the one the shard ran with")
+            start, stop = done.shard.bounds(meta["rows"])
+            output = OutputWriter(done.part, store, reader, rows=stop, passthrough=dict(meta["passthrough"]),
+                                  extras=extra_columns(spec, meta.get("asks", [])), start=start)
+            try:
+                output.write(stop)
+                reader.check_unchanged()  # the passthrough just copied is the fingerprinted one
+                output.finish()
+            except BaseException:
+                output.discard()
+                raise
+        finally:
+            reader.close()
+    finally:
+        store.close()
 
 
 def try_merge(spec: JobSpec, *, dataset: bool = False) -> MergeSummary | str:
@@ -250,8 +358,6 @@ def _concatenate(parts: list[Path], output: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ._output import parquet_writer, fsync
-
     files = [pq.ParquetFile(part) for part in parts]
     schema = pa.unify_schemas([f.schema_arrow for f in files], promote_options="permissive")
     tmp = output.with_name(f".{output.name}.{os.getpid()}.merge.tmp")
@@ -274,8 +380,6 @@ def _link_parts(parts: list[Path], folder: Path) -> None:
     """A folder of the parts (hard links where the file system allows: no copy), made
     under another name and renamed into place: a reader never sees it half made (while
     an older one is swapped out, for a moment it sees none)."""
-    from ._output import fsync
-
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.merge.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import signal
 import time
 from pathlib import Path
@@ -145,3 +146,85 @@ def test_a_shard_state_killed_before_it_began_is_waited_for(sharded: Path) -> No
     merged = run_cli("merge", str(sharded))
 
     assert merged.code == 3 and "shard 1 (not begun)" in merged.stderr, merged.stderr
+
+
+def _run_shards(spec: Path, count: int) -> None:
+    for i in range(count):
+        result = run_cli("run", str(spec), "--shard", f"{i}/{count}", "--no-merge", "--no-progress")
+        assert result.code == 0, result.stderr
+
+
+def _damage(part: Path, how: str) -> None:
+    data = part.read_bytes()
+    if how == "truncated":
+        part.write_bytes(data[: len(data) // 2])
+    elif how == "zeroed":
+        part.write_bytes(bytes(len(data)))
+    elif how == "zeroed inside":  # the footer still reads: only its pages are broken
+        part.write_bytes(data[:4] + bytes(2000) + data[2004:])
+    else:
+        part.write_bytes(random.Random(how).randbytes(len(data)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncated", "zeroed", "zeroed inside", "garbage"])
+@pytest.mark.parametrize("dataset", [False, True])
+def test_merge_remakes_a_damaged_part_from_its_shard_state(sharded: Path, how: str, dataset: bool) -> None:
+    _run_shards(sharded, 3)
+    assert run_cli("merge", str(sharded)).code == 0
+    expected = read_output(sharded.parent / "out/result.parquet")
+    part = sharded.parent / "out/result.shards/00001-of-00003.parquet"
+    _damage(part, how)
+
+    merged = run_cli("merge", str(sharded), *(["--dataset"] if dataset else []))
+
+    assert merged.code == 0, merged.stderr
+    assert "merged 3 shards: 30 rows, 30 ok" in merged.stdout
+    assert "remade the part of shard 1/3 from its state" in merged.stdout
+    assert read_output(part) == expected[10:20]
+    assert read_output(sharded.parent / ("out/result" if dataset else "out/result.parquet")) == expected
+
+
+@pytest.mark.slow
+def test_the_last_shard_merges_past_a_damaged_part(sharded: Path) -> None:
+    for i in (0, 1):
+        assert run_cli("run", str(sharded), "--shard", f"{i}/3", "--no-progress").code == 0
+    _damage(sharded.parent / "out/result.shards/00000-of-00003.parquet", "truncated")
+
+    last = run_cli("run", str(sharded), "--shard", "2/3", "--no-progress")
+
+    assert last.code == 0, last.stderr
+    assert "merged 3 shards: 30 rows, 30 ok" in last.stdout and "remade the part of shard 0/3" in last.stdout
+    out = read_output(sharded.parent / "out/result.parquet")
+    assert [r["tag"] for r in out] == list(range(30)) and all(r["status"] == "ok" for r in out)
+
+
+@pytest.mark.slow
+def test_a_part_whose_input_changed_names_the_part_and_the_command(sharded: Path) -> None:
+    _run_shards(sharded, 3)
+    part = sharded.parent / "out/result.shards/00001-of-00003.parquet"
+    _damage(part, "garbage")
+    write_jsonl(sharded.parent / "input.jsonl", [{"prompt": f"row {i}", "tag": -i} for i in range(30)])
+
+    merged = run_cli("merge", str(sharded))
+
+    assert merged.code == 2, merged.stderr
+    assert f"{part}: shard 1/3's part is damaged" in merged.stderr
+    assert "the input is not the one the shard ran with" in merged.stderr
+    assert f"batchrun run {sharded} --shard 1/3" in merged.stderr
+    assert "Traceback" not in merged.stderr and not (sharded.parent / "out/result.parquet").exists()
+
+
+@pytest.mark.slow
+def test_a_part_without_its_state_names_the_part_and_the_command(sharded: Path) -> None:
+    _run_shards(sharded, 3)
+    folder = sharded.parent / "out/result.shards"
+    (folder / "00002-of-00003.batchrun.sqlite").unlink()
+
+    merged = run_cli("merge", str(sharded))
+
+    assert merged.code == 2, merged.stderr
+    assert f"{folder / '00002-of-00003.parquet'}: shard 2/3's part has no state beside it" in merged.stderr
+    assert f"batchrun run {sharded} --shard 2/3" in merged.stderr
+    again = run_cli("run", str(sharded), "--shard", "2/3", "--no-progress")  # the command said: it merges
+    assert again.code == 0 and "merged 3 shards: 30 rows, 30 ok" in again.stdout, again.stdout
