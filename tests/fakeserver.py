@@ -69,6 +69,15 @@ class Faults:
     # At most this many requests in flight: one more is answered 429 with Retry-After:
     # retry_after at once (and not counted in flight), as LiteLLM's max_parallel_requests does.
     max_in_flight: int | None = None
+    # LiteLLM's per-key rpm_limit, counted as LiteLLM counts it: in fixed windows that start
+    # with the first request after the last window ended, refused requests included. Its
+    # window is 60 s; a test shortens litellm_window_s and the fake then admits
+    # litellm_rpm * litellm_window_s / 60 in each, so the rate stated holds at any scale. One
+    # over is answered 429 with Retry-After: the window. Other answers carry
+    # x-ratelimit-api_key-limit-requests (litellm_rpm) and -remaining-requests (what the
+    # window has left, per minute), and no reset.
+    litellm_rpm: int | None = None
+    litellm_window_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.usage_style not in ("fireworks", "openai"):
@@ -111,6 +120,7 @@ class FakeServer:
         self.answers: dict[str, list[dict]] = {}
         self.in_flight = 0
         self.max_in_flight = 0
+        self.litellm_windows = 0  # windows of litellm_rpm begun
         self._cond = threading.Condition()  # guards the recorded state above, shared with test threads
         self._n = 0  # normal answers built so far, over the server's life
         self._path = ""  # of the request being answered
@@ -153,6 +163,7 @@ class FakeServer:
             self.requests.clear()
             self.answers.clear()
             self.max_in_flight = 0
+            self.litellm_windows = 0
 
     def count(self, key: str) -> int:
         with self._cond:
@@ -219,15 +230,22 @@ class FakeServer:
         key = request_key(body)
         # Decided before any await, so the random draws follow the arrival order.
         outcome, status, error = self._decide(faults, headers, body, key)
+        stated: dict[str, str] = {}  # rate-limit headers for the answer
         with self._cond:
             if faults.max_in_flight is not None and self.in_flight >= faults.max_in_flight and error is None:
                 outcome, status, error = "busy", 429, error_body(
                     "too many requests in flight (injected)", "rate_limit_error", "rate_limit_exceeded")
+            elif faults.litellm_rpm is not None and error is None:
+                stated = self._litellm_window(faults)
+                if not stated:
+                    outcome, status, error = "limited", 429, error_body(
+                        "rate limit exceeded for api_key (injected)", "rate_limit_error", "rate_limit_exceeded")
             self.requests.append(Recorded(path, headers, body, key, outcome))
-            if outcome == "busy":
+            if outcome in ("busy", "limited"):
                 self._cond.notify_all()
-        if outcome == "busy":
-            await _send(writer, 429, error, headers={"Retry-After": faults.retry_after}, close=close)
+        if outcome in ("busy", "limited"):
+            wait = faults.retry_after if outcome == "busy" else f"{faults.litellm_window_s:g}"
+            await _send(writer, 429, error, headers={"Retry-After": wait}, close=close)
             return not close
         with self._cond:
             self.in_flight += 1
@@ -265,7 +283,7 @@ class FakeServer:
             if stream:
                 await _send_stream(writer, body, answer, outcome, faults.usage_style, close)
             else:
-                await _send(writer, 200, answer, close=close, truncate=not sent_completely)
+                await _send(writer, 200, answer, headers=stated, close=close, truncate=not sent_completely)
             return sent_completely and not close
         finally:
             with self._cond:
@@ -279,6 +297,21 @@ class FakeServer:
         self._seen_keys: set[str] = set()
         self._answered_keys: set[str] = set()
         self._invalid_rng = random.Random(f"invalid-{faults.seed}")
+        self._window_began, self._window_count = float("-inf"), 0
+
+    def _litellm_window(self, faults: Faults) -> dict[str, str]:
+        """Count a request in litellm_rpm's window: its answer's headers, or {} when it is one over."""
+        now = time.monotonic()
+        if now - self._window_began >= faults.litellm_window_s:
+            self._window_began, self._window_count = now, 0
+            self.litellm_windows += 1
+        self._window_count += 1
+        admitted = faults.litellm_rpm * faults.litellm_window_s / 60
+        if self._window_count > admitted:
+            return {}
+        left = (admitted - self._window_count) * 60 / faults.litellm_window_s
+        return {"x-ratelimit-api_key-limit-requests": str(faults.litellm_rpm),
+                "x-ratelimit-api_key-remaining-requests": f"{left:.0f}"}
 
     def _decide(self, faults: Faults, headers: dict[str, str], body: dict,
                 key: str) -> tuple[str, int | None, dict | None]:
