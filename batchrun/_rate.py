@@ -11,9 +11,11 @@ Two mechanisms share one schedule:
   rate drops to what the server was admitting just then, at most once a second; a
   second without any push-back raises it again by a small step (additive increase,
   multiplicative decrease). A stray 429 now and then (servers shed load) does not count: cutting
-  the rate for each would starve the job. `x-ratelimit-limit-requests` caps the
-  rate at the server's stated limit; `x-ratelimit-remaining-requests` with
-  `x-ratelimit-reset-requests` keeps the rate within what is left of the window.
+  the rate for each would starve the job.
+- **Following** the limits the server states (`ServerLimits`, read once per answer from
+  OpenAI's, LiteLLM's or Fireworks' names): the tightest request limit caps the rate, and
+  the requests sent before it was known count against it; a window with nothing left
+  pauses the sends, and what is left of one with a stated reset bounds the rate.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-__all__ = ["RateLimiter", "estimate_tokens", "header_number", "parse_duration", "pushed_back"]
+__all__ = ["RATE_HEADERS", "Allowance", "RateLimiter", "ServerLimits", "estimate_tokens", "header_number",
+           "parse_duration", "pushed_back"]
 
 DECREASE_FACTOR = 0.9  # of the rate the server admitted when it pushed back
 MIN_RATE = 0.2  # requests/s: never stall completely
@@ -34,7 +38,9 @@ PUSHBACK_SHARE = 0.1  # of recent answers: below it, 429s are noise, not a limit
 PUSHBACK_MIN = 10  # ... and at least this many in the window
 SAMPLE_MIN = 50  # answers in the window before a share means anything
 HEADROOM = 0.95  # of a limit the server states
-EMPTY_WINDOW_WAIT_S = 1.0  # the longest pause for `x-ratelimit-remaining-requests: 0`
+EMPTY_WINDOW_WAIT_S = 1.0  # the longest pause for a window with nothing left
+MINUTE_S = 60.0  # the window of OpenAI's limits and of LiteLLM's rpm_limit / tpm_limit
+FIREWORKS_WINDOW_S = 1.0  # Fireworks states tokens per second
 
 
 class RateLimiter:
@@ -97,7 +103,7 @@ class RateLimiter:
             if sample >= SAMPLE_MIN and pushed >= PUSHBACK_MIN and pushed >= PUSHBACK_SHARE * sample:
                 self._decrease(now)
         else:
-            self._follow_headers(headers, now)
+            self._follow(ServerLimits.read(headers), now)
             quiet_since = max(self._last_change, self._pushed[-1] if self._pushed else float("-inf"))
             if self.rate is not None and now - quiet_since >= QUIET_S:
                 self._set(self.rate + max(STEP_MIN, self.rate * STEP), now)
@@ -111,29 +117,46 @@ class RateLimiter:
         current = self.rate if self.rate is not None else float("inf")
         self._set(min(current, target) * DECREASE_FACTOR, now)
 
-    def _follow_headers(self, headers: Mapping[str, str], now: float) -> None:
-        limit = header_number(headers.get("x-ratelimit-limit-requests"))
-        if limit:
-            stated = limit / 60 * HEADROOM  # OpenAI and Fireworks state requests per minute
-            if self.ceiling is None or stated < self.ceiling:
-                self.ceiling = stated
-                if self.rate is None or self.rate > stated:
-                    self.rate = stated
-        remaining = header_number(headers.get("x-ratelimit-remaining-requests"))
-        reset = parse_duration(headers.get("x-ratelimit-reset-requests"))
-        if remaining is not None and reset and self.rate is not None:
-            if remaining < 1:
+    def _follow(self, stated: ServerLimits, now: float) -> None:
+        """Keep within the request limits the server states (its token limits are not paced by)."""
+        limits = [a for a in stated.requests if a.per_s]
+        if limits:
+            tightest = min(limits, key=lambda a: a.per_s)
+            limit = tightest.per_s * HEADROOM
+            if self.ceiling is None or limit < self.ceiling:
+                self.ceiling = limit
+                if self.rate is None or self.rate > limit:
+                    self.rate = limit
+                    self._count_earlier(now, tightest.window_s)
+        if self.rate is None:
+            return
+        for allowance in stated.requests:
+            if allowance.spent and allowance.refill_s:
                 # The window is spent (others share the key): hold the sends until it
                 # refills, at most a second. Slowing the rate to match it instead would
                 # book every waiting request seconds apart, long after the window is back.
-                self._next_request = max(self._next_request, now + min(reset, EMPTY_WINDOW_WAIT_S))
-            else:
-                self.rate = min(self.rate, max(MIN_RATE, remaining / reset))
+                self._next_request = max(self._next_request, now + min(allowance.refill_s, EMPTY_WINDOW_WAIT_S))
+            elif allowance.remaining is not None and allowance.reset_s:
+                # A count left says how fast only with the time it must last (LiteLLM gives none)
+                self.rate = min(self.rate, max(self._floor(), allowance.remaining / allowance.reset_s))
+
+    def _count_earlier(self, now: float, window_s: float) -> None:
+        """The requests booked lately, before this rate held, count against it (the job's
+        first request, which went before any answer stated the limit): the next slot is where
+        pacing at it from the first would have put it. A window on, the server has forgotten them."""
+        due = float("-inf")
+        for sent in self._sent:
+            due = max(due, sent) + 1 / self.rate
+        self._next_request = max(self._next_request, min(due, now + window_s))
+
+    def _floor(self) -> float:
+        """Never stall completely, nor go past a ceiling lower than that (a 5-rpm key)."""
+        return MIN_RATE if self.ceiling is None else min(MIN_RATE, self.ceiling)
 
     def _set(self, rate: float, now: float) -> None:
         if self.ceiling is not None:
             rate = min(rate, self.ceiling)
-        self.rate = max(MIN_RATE, rate)
+        self.rate = max(self._floor(), rate)
         self._last_change = now
 
 
@@ -185,6 +208,107 @@ def header_number(text: str | None) -> float | None:
     except ValueError:
         return None
     return value if value is not None and 0 <= value < float("inf") else None
+
+
+# -- what servers state ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Allowance:
+    """One limit as a server states it: `limit` per `window_s`, `remaining` of it now (0
+    once over it), whole again in `reset_s` (None when the server does not say)."""
+
+    limit: float | None = None
+    remaining: float | None = None
+    reset_s: float | None = None
+    window_s: float = MINUTE_S
+
+    @property
+    def per_s(self) -> float | None:
+        return self.limit / self.window_s if self.limit else None
+
+    @property
+    def spent(self) -> bool:
+        return self.remaining is not None and self.remaining < 1
+
+    @property
+    def refill_s(self) -> float:
+        """The longest until the window is whole again: its reset, else the window itself."""
+        return self.reset_s if self.reset_s is not None else self.window_s
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The rate limits one answer states, whichever names the server gives them:
+
+    - OpenAI: `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, limits per minute,
+      resets as durations (`6m0s`, `1s`, `20ms`).
+    - LiteLLM's proxy, beside those (which then carry the provider's limits or the key's):
+      `x-ratelimit-{scope}-{limit,remaining}-{requests,tokens}` for each limit it keeps: the
+      key's rpm_limit / tpm_limit (scope `api_key`), and a user's, team's, team member's,
+      end user's, or a model's for the key. Counted per minute, in fixed windows (60 s
+      unless the proxy is set otherwise); no reset, and `remaining` goes below 0 once over.
+    - Fireworks: `x-ratelimit-{limit,remaining}-tokens-{prompt,cache-adjusted-prompt,generated}`,
+      tokens per second on three budgets that grow as usage ramps.
+
+    `requests` and `tokens` hold an Allowance for each scope present, OpenAI's names first;
+    the tightest binds. Token limits are kept but not paced by: OpenAI counts a request's
+    max_tokens, LiteLLM by default only the tokens generated, and Fireworks' budgets grow
+    only when used, so no one booking fits them all.
+    """
+
+    requests: tuple[Allowance, ...] = ()
+    tokens: tuple[Allowance, ...] = ()
+    prompt_tokens: Allowance | None = None
+    cache_adjusted_prompt_tokens: Allowance | None = None
+    generated_tokens: Allowance | None = None
+
+    @classmethod
+    def read(cls, headers: Mapping[str, str]) -> ServerLimits:
+        found: dict[tuple[str, int], dict[str, float]] = {}  # (kind, scope's place) -> fields
+        for name, text in headers.items():
+            if (where := _LIMIT_HEADERS.get(name.lower())) is not None:
+                kind, place, field = where
+                if (value := _READ_FIELD[field](text)) is not None:
+                    found.setdefault((kind, place), {})[field] = value
+        if not found:
+            return _NOTHING_STATED
+        scoped: dict[str, list[Allowance]] = {"requests": [], "tokens": []}
+        budgets: dict[str, Allowance] = {}  # Fireworks'
+        for (kind, _), fields in sorted(found.items()):
+            if kind in scoped:
+                scoped[kind].append(Allowance(**fields))
+            else:
+                budgets[kind] = Allowance(**fields, window_s=FIREWORKS_WINDOW_S)
+        return cls(requests=tuple(scoped["requests"]), tokens=tuple(scoped["tokens"]), **budgets)
+
+
+def _remaining(text: str) -> float | None:
+    """LiteLLM counts past its limit (`-18`): nothing is left."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return max(0.0, value) if abs(value) < float("inf") else None
+
+
+_NOTHING_STATED = ServerLimits()
+# OpenAI's names (scope ""), then LiteLLM's scopes, in the proxy's words
+_SCOPES = ("", "api_key", "user", "team", "team_member", "end_user", "model_per_key")
+_READ_FIELD = {"limit": header_number, "remaining": _remaining, "reset_s": parse_duration}
+# header name -> (what it counts: a ServerLimits field, the scope's place in _SCOPES, an Allowance field)
+_LIMIT_HEADERS: dict[str, tuple[str, int, str]] = {
+    f"x-ratelimit-{scope}{'-' if scope else ''}{field}-{kind}": (kind, place, attribute)
+    for place, scope in enumerate(_SCOPES)
+    for kind in ("requests", "tokens")
+    for field, attribute in (("limit", "limit"), ("remaining", "remaining"), ("reset", "reset_s"))
+    if field != "reset" or not scope  # LiteLLM states no reset
+} | {
+    f"x-ratelimit-{field}-tokens-{budget}": (budget.replace("-", "_") + "_tokens", 0, field)
+    for budget in ("prompt", "cache-adjusted-prompt", "generated")
+    for field in ("limit", "remaining")
+}
+# Every header the rate policy reads, for whoever passes answers' headers on to it (`_lease`)
+RATE_HEADERS = frozenset(_LIMIT_HEADERS) | {"x-ratelimit-over-limit", "retry-after", "retry-after-ms"}
 
 
 def estimate_tokens(body: Mapping[str, object]) -> int:

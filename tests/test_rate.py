@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 
-from batchrun._rate import RateLimiter, estimate_tokens, parse_duration
+from batchrun._rate import RATE_HEADERS, Allowance, RateLimiter, ServerLimits, estimate_tokens, parse_duration
+from tests.conftest import read_output, run_cli, write_jsonl, write_spec
+from tests.fakeserver import FakeServer, Faults
 
 
 def send_times(limiter: RateLimiter, n: int, *, start: float = 0.0, tokens: int = 1) -> list[float]:
@@ -146,3 +151,120 @@ def test_estimate_tokens() -> None:
     assert estimate_tokens({"messages": [{"content": "x" * 40}, {"content": [{"t": 1}]}], "max_tokens": 10, "n": 2}) \
         == (40 + len("[{'t': 1}]")) // 4 + 1 + 20
     assert estimate_tokens({"prompt": "", "max_tokens": "lots"}) == 1 + 256
+
+
+# -- the limits servers state, under every name they use --------------------------------------
+
+OPENAI = {"x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "499",
+          "x-ratelimit-reset-requests": "120ms", "x-ratelimit-limit-tokens": "200000",
+          "x-ratelimit-remaining-tokens": "199000", "x-ratelimit-reset-tokens": "6m0s"}
+LITELLM_KEY = {"x-ratelimit-api_key-limit-requests": "5", "x-ratelimit-api_key-remaining-requests": "4",
+               "x-ratelimit-api_key-limit-tokens": "1000", "x-ratelimit-api_key-remaining-tokens": "-18"}
+FIREWORKS = {"x-ratelimit-limit-tokens-prompt": "2000", "x-ratelimit-remaining-tokens-prompt": "1500",
+             "x-ratelimit-limit-tokens-cache-adjusted-prompt": "3000",
+             "x-ratelimit-remaining-tokens-cache-adjusted-prompt": "2900",
+             "x-ratelimit-limit-tokens-generated": "400", "x-ratelimit-remaining-tokens-generated": "0"}
+
+
+def test_openai_limits_are_read_per_minute_with_their_reset_durations() -> None:
+    stated = ServerLimits.read(OPENAI)
+    assert stated.requests == (Allowance(limit=500, remaining=499, reset_s=0.12, window_s=60),)
+    assert stated.tokens == (Allowance(limit=200000, remaining=199000, reset_s=360, window_s=60),)
+    assert ServerLimits.read({"x-ratelimit-reset-requests": "1s"}).requests == (Allowance(reset_s=1.0),)
+
+
+def test_a_litellm_keys_limits_are_read_per_minute_without_a_reset() -> None:
+    stated = ServerLimits.read(LITELLM_KEY)
+    assert stated.requests == (Allowance(limit=5, remaining=4, reset_s=None, window_s=60),)
+    assert stated.tokens == (Allowance(limit=1000, remaining=0, window_s=60),)  # over by 18: none left
+
+
+def test_litellm_states_its_limits_beside_the_openai_names_and_each_is_kept() -> None:
+    stated = ServerLimits.read({**OPENAI, **LITELLM_KEY, "x-ratelimit-team-limit-requests": "30",
+                                "x-ratelimit-model_per_key-remaining-requests": "2"})
+    assert [a.limit for a in stated.requests] == [500, 5, 30, None]
+    assert stated.requests[-1] == Allowance(remaining=2)
+
+
+def test_fireworks_token_budgets_are_read_per_second() -> None:
+    stated = ServerLimits.read(FIREWORKS)
+    assert stated.prompt_tokens == Allowance(limit=2000, remaining=1500, window_s=1)
+    assert stated.cache_adjusted_prompt_tokens == Allowance(limit=3000, remaining=2900, window_s=1)
+    assert stated.generated_tokens == Allowance(limit=400, remaining=0, window_s=1)
+    assert stated.requests == stated.tokens == ()
+
+
+def test_header_names_are_read_in_any_case_and_odd_values_are_ignored() -> None:
+    stated = ServerLimits.read({"X-RateLimit-Limit-Requests": "60", "x-ratelimit-remaining-requests": "nan",
+                                "x-ratelimit-reset-requests": "soon", "x-ratelimit-api_key-limit-requests": "-5",
+                                "x-ratelimit-limit-tokens": "inf", "x-ratelimit-limit-widgets": "3"})
+    assert stated == ServerLimits(requests=(Allowance(limit=60),))
+    assert ServerLimits.read({}) == ServerLimits()
+
+
+def test_the_headers_passed_on_for_the_rate_policy_are_all_it_reads() -> None:
+    everything = {**OPENAI, **LITELLM_KEY, **FIREWORKS, "x-ratelimit-user-limit-requests": "9",
+                  "x-ratelimit-over-limit": "yes", "retry-after": "1", "content-type": "application/json"}
+    kept = {name: value for name, value in everything.items() if name in RATE_HEADERS}
+    assert ServerLimits.read(kept) == ServerLimits.read(everything)
+    assert "content-type" not in kept and {"x-ratelimit-over-limit", "retry-after"} <= kept.keys()
+
+
+# -- what the policy does with them --------------------------------------------------------------
+
+def test_a_litellm_keys_requests_per_minute_cap_the_rate() -> None:
+    limiter = RateLimiter()
+    limiter.observe(200, {"x-ratelimit-limit-requests": "10000", **LITELLM_KEY}, 0.0)
+    assert limiter.rate == pytest.approx(5 / 60 * 0.95)  # the tighter of the two
+    for second in range(1, 60):  # quiet spells raise the rate, but never past what the key allows
+        limiter.observe(200, LITELLM_KEY, float(second))
+    assert limiter.rate == pytest.approx(5 / 60 * 0.95)
+    assert send_times(limiter, 3, start=60.0) == pytest.approx([60.0, 60 + 60 / 4.75, 60 + 120 / 4.75])
+
+
+def test_a_spent_litellm_window_pauses_the_sends() -> None:
+    limiter = RateLimiter()
+    limiter.observe(200, {"x-ratelimit-api_key-limit-requests": "600"}, 0.0)
+    limiter.observe(200, {"x-ratelimit-api_key-remaining-requests": "0"}, 5.0)  # no reset: at most a second
+    assert limiter.reserve(1, 5.0) == pytest.approx(1.0)
+    limiter.observe(200, {"x-ratelimit-api_key-remaining-requests": "7"}, 9.0)  # a count left, no time: no rate
+    assert limiter.rate == pytest.approx(600 / 60 * 0.95)
+
+
+def test_requests_sent_before_the_limit_was_known_count_against_it() -> None:
+    limiter = RateLimiter()
+    assert send_times(limiter, 4) == [0.0] * 4  # nothing known yet: all four leave
+    limiter.observe(200, {"x-ratelimit-api_key-limit-requests": "60"}, 0.01)  # the first answer
+    assert limiter.reserve(1, 0.02) == pytest.approx(4 / 0.95 - 0.02)  # the fifth goes as if all had been paced
+
+
+def test_a_debt_from_before_the_limit_is_forgotten_after_a_window() -> None:
+    limiter = RateLimiter()
+    send_times(limiter, 30)
+    limiter.observe(200, {"x-ratelimit-api_key-limit-requests": "5"}, 0.01)  # 30 sent: six minutes' worth
+    assert limiter.reserve(1, 0.01) == pytest.approx(60.0)  # a windowed limit has forgotten them in one
+
+
+def test_server_stated_token_limits_are_read_but_do_not_pace() -> None:
+    limiter = RateLimiter()
+    limiter.observe(200, {**FIREWORKS, "x-ratelimit-limit-tokens": "6000"}, 0.0)
+    assert limiter.tokens_per_s is None and limiter.rate is None
+
+
+@pytest.mark.slow
+def test_a_job_paced_by_litellm_headers_meets_at_most_one_429(tmp_path: Path) -> None:
+    """LiteLLM's rpm_limit, sped up: 60 a minute counted in windows of 3 s (3 in each)."""
+    rows, per_window = 9, 3
+    with FakeServer(Faults(litellm_rpm=60, litellm_window_s=3)) as server:
+        write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"row {i}"} for i in range(rows)])
+        spec = write_spec(tmp_path, api={"base_url": server.base_url})  # 32 in flight at most
+
+        result = run_cli("run", str(spec), "--no-progress")
+
+        assert result.code == 0, result.stderr
+        assert [r["status"] for r in read_output(tmp_path / "out/result.parquet")] == ["ok"] * rows
+        limited = [r for r in server.requests if r.outcome == "limited"]
+        assert len(limited) <= 1, len(limited)
+        assert len(server.requests) == rows + len(limited)
+        # About the time the limit allows: no more windows than the rows need, and one to spare
+        assert server.litellm_windows <= math.ceil(rows / per_window) + 1, server.litellm_windows
