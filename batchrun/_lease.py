@@ -53,7 +53,7 @@ from operator import itemgetter
 from typing import Any
 
 from ._concurrency import EPOCH_S, Control
-from ._rate import RateLimiter, pushed_back
+from ._rate import RATE_HEADERS, RateLimiter, pushed_back
 
 __all__ = ["Grant", "LeasedControl", "LeasedLimiter", "Quota", "Report"]
 
@@ -67,9 +67,6 @@ TURN_S = 5.0  # an allotment the workers cannot share evenly goes round this oft
 GONE_S = 3.0  # a worker not heard from for this long holds nothing (its process is gone)
 EXPECT_S = 10.0  # for this long, a Quota keeps their share for the workers not heard from yet
 WINDOW_S = 2.0  # answers are weighed within this (a worker's report may be late), and kept as long
-# What the Quota learns from: the headers RateLimiter.observe reads
-RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
-                "x-ratelimit-over-limit", "retry-after", "retry-after-ms")
 
 
 @dataclass
@@ -357,7 +354,8 @@ class LeasedLimiter:
             return start - now
 
     def observe(self, status: int, headers: Mapping[str, str], now: float, pushed: bool | None = None) -> None:
-        kept = {name: value for name in RATE_HEADERS if (value := headers.get(name)) is not None}
+        # What the Quota learns from: the headers RateLimiter.observe reads
+        kept = {lower: value for name, value in headers.items() if (lower := name.lower()) in RATE_HEADERS}
         with self._lock:
             self._observations.append((now, status, kept))
         if pushed if pushed is not None else pushed_back(status, headers):

@@ -91,6 +91,13 @@ def test_a_stated_server_limit_seen_by_one_worker_caps_the_job() -> None:
     assert not w.unlimited
 
 
+def test_a_litellm_keys_limit_seen_by_one_worker_caps_the_job() -> None:
+    q, w = quota(rpm=None), worker(rpm=None)
+    w.observe(200, {"x-ratelimit-api_key-limit-requests": "5", "x-ratelimit-api_key-remaining-requests": "4"}, 0.0)
+    exchange(q, w, 0.0)
+    assert q.limiter.rate == pytest.approx(5 / 60 * 0.95)
+
+
 def test_a_worker_without_a_lease_goes_on_alone_at_its_share_and_the_debt_is_booked() -> None:
     q, w = quota(workers=4, rpm=600), worker(workers=4, rpm=600)  # 10/s for the job: 2.5/s each
     assert sends(w, 3, 0.0) == pytest.approx([0.0, 0.4, 0.8])
