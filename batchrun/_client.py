@@ -13,7 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -31,14 +31,24 @@ from ._rate import RateLimiter, estimate_tokens, header_number, pushed_back
 from ._secrets import Redactor
 from ._spec import JobSpec
 from ._structured import Structure
-from ._pricing import Budget, Price, completion_bound, cost
+from ._pricing import Budget, Hold, Price, completion_bound, cost, usd as format_usd
 from ._cache import ResponseCache, cacheable
 from ._transport import AiohttpTransport, AnswerTooLarge, BoundedTransport
 
 ERROR_CHARS = 500  # of an error message, kept in the state and the output
 PARK_S = 2.0  # a server's retry-after this long sets the row aside (see `Client.call`)
 
-__all__ = ["Client", "Deferred"]
+__all__ = ["Client", "Deferred", "HoldLog"]
+
+
+class HoldLog(Protocol):
+    """Where the budget's holds are kept durably (the runner's writer, in the state)."""
+
+    async def record(self, hold: Hold) -> None:
+        """Return once `hold` is in the state: only then may its request go."""
+
+    def release(self, hold: Hold) -> None:
+        """`hold` ended without an answer to save (set aside, or refused as a whole)."""
 
 
 class Deferred(Exception):
@@ -47,6 +57,14 @@ class Deferred(Exception):
     def __init__(self, wait: float, attempts: int) -> None:
         super().__init__(f"deferred {wait:g} s")
         self.wait, self.attempts = wait, attempts
+
+
+@dataclass(frozen=True, slots=True)
+class _Worst:
+    """The most one answer can cost: None where it has no bound (no price; no max_tokens)."""
+
+    usd: float | None
+    tokens: int | None
 
 
 @dataclass(slots=True)
@@ -112,8 +130,12 @@ class Client:
         # Requests in flight: at most `concurrency`, fewer while the server says it is full
         self.in_flight = ConcurrencyLimit(spec.concurrency)
         self.requests_sent = 0
-        # The job's budget, with what earlier runs spent: the runner sets it (see `_pricing`)
+        # The job's budget, with what earlier runs spent: the runner sets it (see `_pricing`),
+        # and the log in the state where holds are recorded before their request goes
         self.budget: Budget | None = None
+        self.hold_log: HoldLog | None = None
+        self._settled: anyio.Event | None = None  # set when a hold is let go; made by the first waiter
+        self.closing = False
         self.cache: ResponseCache | None = None  # the runner's, when the spec names one
         self.cache_hits = 0
         schema = spec.answer_schema()
@@ -156,19 +178,20 @@ class Client:
             hit = self.cache.get(key)
             if hit is not None:
                 return self._from_cache(row, hit, price, payload)
+        worst = self._worst(price, body, len(payload))
         # Re-asks may follow the first answer: all of them are held against the budget.
-        held = self._hold(price, body, len(payload), 1 + (self.spec.retry.max_reasks if self._structure else 0))
+        held = await self._hold(worst, 1 + (self.spec.retry.max_reasks if self._structure else 0))
         try:
             result = await self._settle(row, attempt, park=park)  # (nothing is paid before its answer)
-        except Deferred:
-            if self.budget is not None:
-                self.budget.settle(*held, 0.0, 0)
+        except (Deferred, JobFatalAPIError):  # no answer came: nothing was paid
+            self._let_go(held)
             raise
+        paid = [result] if result.status == "ok" else []
         if self._structure is not None and result.status == "ok":
-            result = await self._validated(row, attempt, result)
+            result, paid = await self._validated(row, attempt, result)
         if self.spec.keep_request:
             result.extra = {**(result.extra or {}), "request": payload.decode()}
-        self._charge(result, price, held)
+        self._charge(result, paid, price, worst, held)
         if key is not None and result.status == "ok":
             result.cache_key = key  # cached by the writer, once the state has it
         return result
@@ -184,31 +207,88 @@ class Client:
         self.cache_hits += 1
         return hit
 
-    def _hold(self, price: Price | None, body: Mapping[str, Any], payload_bytes: int, times: int) -> tuple[float, int]:
-        """Reserve a request's worst case against the budget, or raise BudgetReached.
+    def _worst(self, price: Price | None, body: Mapping[str, Any], payload_bytes: int) -> _Worst | None:
+        """The most one answer to this request can cost, where a budget or a price asks.
 
         The worst case of the prompt is the request's size in bytes (no tokenizer makes
         more tokens than bytes, and the JSON around the text covers a chat template's
         own tokens); of the completion, max_tokens (or the spec's bound) times n.
         """
-        if self.budget is None:
-            return 0.0, 0
-        completion = completion_bound(body, self.spec.budget.assume_max_tokens) or 0
-        tokens = (payload_bytes + completion) * times
-        usd = price.worst(payload_bytes, completion) * times if price is not None else 0.0
-        if not self.budget.reserve(usd, tokens):
-            raise BudgetReached(f"the budget is reached: {self.budget.describe()} spent, and the next request "
-                                f"could cost up to ${usd:,.4f} ({tokens:,} tokens) with those in flight. Every "
-                                f"answer is saved; raise the budget in {self.spec.name} and rerun to go on "
-                                "(the spend so far is remembered)")
-        return usd, tokens
+        if self.budget is None and price is None:
+            return None
+        completion = completion_bound(body, self.spec.budget.assume_max_tokens)
+        known = completion is not None
+        completion = completion or 0
+        usd = price.worst(payload_bytes, completion) if price is not None and known else None
+        return _Worst(usd, payload_bytes + completion if known else None)
 
-    def _charge(self, result: Result, price: Price | None, held: tuple[float, int]) -> None:
-        """The row's cost at its model's price; the budget lets go of its worst case."""
+    async def _hold(self, worst: _Worst | None, times: int) -> Hold | None:
+        """Hold `times` answers' worst case against the budget, recorded in the state
+        before the request goes. While it does not fit beside the requests in flight,
+        wait for them to settle; raise BudgetReached once it would not fit even alone."""
+        if self.budget is None or worst is None:
+            return None
+        usd, tokens = (worst.usd or 0.0) * times, (worst.tokens or 0) * times
+        while (hold := self.budget.reserve(usd, tokens)) is None:
+            if self.closing or not self.budget.fits(usd, tokens, alone=True):
+                raise BudgetReached(f"the budget is reached: {self.budget.describe()}, and the next request could "
+                                    f"cost up to {format_usd(usd)} ({tokens:,} tokens). Every answer is saved; "
+                                    f"raise the budget in {self.spec.name} and rerun to go on (the spend so far "
+                                    "is remembered)")
+            if self._settled is None:
+                self._settled = anyio.Event()
+            await self._settled.wait()  # a request in flight settled: the budget may allow this one now
+        if self.hold_log is not None:
+            await self.hold_log.record(hold)
+        return hold
+
+    def _let_go(self, hold: Hold | None, spent_usd: float = 0.0, spent_tokens: int = 0, *,
+                saved: bool = False) -> None:
+        """A held request ended; `saved`: its hold goes from the state with its answer."""
+        if hold is None or self.budget is None:
+            return
+        self.budget.settle(hold, spent_usd, spent_tokens)
+        if not saved:
+            self._forget(hold)
+        if self._settled is not None:
+            self._settled.set()
+            self._settled = None
+
+    def _forget(self, hold: Hold | None) -> None:
+        """A hold whose request is saved nowhere (nothing was paid) leaves the state."""
+        if hold is not None and self.hold_log is not None:
+            self.hold_log.release(hold)
+
+    def stop_holding(self) -> None:
+        """The job is stopping: requests waiting for the budget give up rather than go."""
+        self.closing = True
+        if self._settled is not None:
+            self._settled.set()
+
+    def _charge(self, result: Result, paid: list[Result], price: Price | None, worst: _Worst | None,
+                hold: Hold | None) -> None:
+        """The row's cost: every answer paid for at its model's price, one without usage
+        at its worst case (never free); the budget lets go of the hold."""
+        usd: float | None = None
+        tokens = unmetered = unmetered_tokens = 0
+        for answer in paid:
+            if answer.prompt_tokens is None and answer.completion_tokens is None:
+                unmetered += 1
+                unmetered_tokens += (worst.tokens or 0) if worst is not None else 0
+                one = worst.usd if worst is not None else None
+            else:
+                tokens += answer.total_tokens or (answer.prompt_tokens or 0) + (answer.completion_tokens or 0)
+                one = cost(price, answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens)
+            if one is not None:
+                usd = (usd or 0.0) + one
+        _add_usage(result, paid)
         if price is not None:
-            result.cost_usd = cost(price, result.prompt_tokens, result.completion_tokens, result.cached_tokens)
-        if self.budget is not None:
-            self.budget.settle(*held, result.cost_usd or 0.0, result.total_tokens or 0)
+            result.cost_usd = usd
+        if unmetered:
+            result.extra = {**(result.extra or {}), "unmetered": unmetered, "unmetered_tokens": unmetered_tokens}
+        if hold is not None:
+            result.hold = hold.id
+        self._let_go(hold, usd or 0.0, tokens + unmetered_tokens, saved=True)
 
     async def call_group(self, rows: list[Row]) -> list[Result]:
         """Answer rows that go several to a request (embeddings): rows whose other request
@@ -237,31 +317,49 @@ class Client:
         attempt = _Attempt(url=self._urls[endpoint.name], payload=payload, endpoint=endpoint.name, stream=False,
                            tokens=sum(weights) // 4 + len(rows) if self.limiter.tokens_per_s else 0)
         price = self.spec.pricing.get(body.get("model")) if self.spec.pricing else None
-        held = self._hold(price, {}, len(payload), 1)
-        answer = await self._settle(rows[0], attempt)
-        self._charge(answer, price, held)
+        worst = self._worst(price, {}, len(payload))
+        hold = await self._hold(worst, 1)
+        try:
+            answer = await self._settle(rows[0], attempt)
+        except JobFatalAPIError:
+            self._let_go(hold)
+            raise
+        paid = [answer] if answer.status == "ok" else []
+        self._charge(answer, paid, price, worst, hold)  # the request's cost; its hold goes with the rows
         attempts = before + attempt.count
-        if answer.status != "ok":
-            if len(rows) > 1 and _REFUSED.match(answer.error or ""):  # refused for what it holds: find the row
-                half = len(rows) // 2
-                return await self._group(rows[:half], attempts) + await self._group(rows[half:], attempts)
-            return [Result(r.index, r.id, "failed", attempts=attempts, latency_s=answer.latency_s,
-                           error=answer.error, transient=answer.transient) for r in rows]
         vectors = answer.vectors or []
-        if len(vectors) != len(rows):
-            error = f"the answer has {len(vectors)} embeddings for {len(rows)} inputs"
-            return [Result(r.index, r.id, "failed", attempts=attempts, latency_s=answer.latency_s,
-                           error=error) for r in rows]
-        usage = {name: share(getattr(answer, name), weights) for name in _USAGE}
-        return [Result(r.index, r.id, "ok", model=answer.model, response_id=answer.response_id,
-                       attempts=attempts, latency_s=answer.latency_s, embedding=vector,
-                       cost_usd=cost(price, usage["prompt_tokens"][i], None, usage["cached_tokens"][i]),
-                       **{name: usage[name][i] for name in _USAGE})
-                for i, (r, vector) in enumerate(zip(rows, vectors))]
+        if answer.status != "ok" and len(rows) > 1 and _REFUSED.match(answer.error or ""):
+            # Refused for what it holds (nothing paid): find the row, in halves
+            self._forget(hold)
+            half = len(rows) // 2
+            return await self._group(rows[:half], attempts) + await self._group(rows[half:], attempts)
+        if answer.status != "ok" or len(vectors) != len(rows):
+            error = answer.error or f"the answer has {len(vectors)} embeddings for {len(rows)} inputs"
+            results = [Result(r.index, r.id, "failed", attempts=attempts, latency_s=answer.latency_s,
+                              error=error, transient=answer.transient) for r in rows]
+        else:
+            usage = {name: share(getattr(answer, name), weights) for name in _USAGE}
+            results = [Result(r.index, r.id, "ok", model=answer.model, response_id=answer.response_id,
+                              attempts=attempts, latency_s=answer.latency_s, embedding=vector,
+                              cost_usd=cost(price, usage["prompt_tokens"][i], None, usage["cached_tokens"][i]),
+                              **{name: usage[name][i] for name in _USAGE})
+                       for i, (r, vector) in enumerate(zip(rows, vectors))]
+        unmetered = _unmetered_tokens(answer)
+        if paid and (results[0].status != "ok" or unmetered):  # the paid request's cost, shared by its rows
+            whole = sum(weights)
+            for result, weight in zip(results, weights):
+                part = weight / whole if whole else 1 / len(results)
+                result.cost_usd = answer.cost_usd * part if answer.cost_usd is not None else None
+                if unmetered:
+                    result.extra = {"unmetered": 1, "unmetered_tokens": round(unmetered * part)}
+        for result in results:
+            result.hold = answer.hold
+        return results
 
-    async def _validated(self, row: Row, attempt: _Attempt, result: Result) -> Result:
+    async def _validated(self, row: Row, attempt: _Attempt, result: Result) -> tuple[Result, list[Result]]:
         """Ask again while the answer is not JSON valid against the schema, at most
-        `retry.max_reasks` times. Every answer was paid for: the usage columns add them up."""
+        `retry.max_reasks` times. Every answer was paid for: they come back beside the
+        row's result, and its usage columns add them up (see `_charge`)."""
         assert self._structure is not None
         paid = [result]
         while True:
@@ -280,8 +378,7 @@ class Client:
             if result.status != "ok":
                 break
             paid.append(result)
-        _add_usage(result, paid)
-        return result
+        return result, paid
 
     async def _settle(self, row: Row, attempt: _Attempt, *, park: bool = False) -> Result:
         """One answer, retried as the policy says; a row failure is a failed Result.
@@ -388,9 +485,13 @@ _REFUSED = re.compile(r"HTTP 4\d\d: ")  # a request refused for what it holds, n
 _USAGE = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 
 
+def _unmetered_tokens(result: Result) -> int:
+    return result.extra.get("unmetered_tokens", 0) if result.extra else 0
+
+
 def _add_usage(result: Result, paid: list[Result]) -> None:
     """`result`'s usage becomes the sum over every answer paid for (where any reported it)."""
-    if len(paid) < 2 and paid[-1] is result:
+    if not paid or len(paid) == 1 and paid[0] is result:
         return
     for name in _USAGE:
         values = [getattr(r, name) for r in paid if getattr(r, name) is not None]

@@ -12,11 +12,13 @@ the worst case of every request in flight, plus its own worst case, stays within
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MAX_TOKENS_KEYS", "Budget", "Price", "completion_bound", "cost"]
+__all__ = ["MAX_TOKENS_KEYS", "Budget", "Hold", "Price", "completion_bound", "cost", "usd"]
 
 PER_TOKEN = 1e-6  # prices are per million tokens
 MAX_TOKENS_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")  # chat, completions, responses
@@ -54,44 +56,76 @@ def cost(price: Price | None, prompt_tokens: int | None, completion_tokens: int 
         * PER_TOKEN
 
 
+@dataclass(frozen=True)
+class Hold:
+    """A request's worst case, held against the budget from before it is sent until its
+    answer says what it cost. `id` is unique in the job's state, where it is recorded."""
+
+    id: int
+    usd: float
+    tokens: int
+
+
 class Budget:
     """The job's spend against its limits. `reserve` before a request, `settle` after.
 
-    `spent_*` starts from what earlier runs spent (the state remembers it). Requests in
-    flight are held at their worst case until their answer says what they cost, so
-    the spend can never pass a limit, whatever the answers in flight turn out to be.
+    `spent_*` starts from what earlier runs spent (the state remembers it, with the
+    holds of requests a kill left unsettled at their worst case). Requests in flight
+    are held at their worst case until their answer says what they cost, so the spend
+    can never pass a limit, whatever the answers in flight turn out to be.
     """
 
     def __init__(self, max_usd: float | None, max_tokens: int | None, *, spent_usd: float = 0.0,
-                 spent_tokens: int = 0) -> None:
+                 spent_tokens: int = 0, next_hold: int = 1) -> None:
         self.max_usd = max_usd
         self.max_tokens = max_tokens
         self.spent_usd = spent_usd
         self.spent_tokens = spent_tokens
         self.held_usd = 0.0
         self.held_tokens = 0
+        self.holds = 0  # requests held now
+        self._ids = itertools.count(next_hold)
 
-    def reserve(self, worst_usd: float, worst_tokens: int) -> bool:
-        """Hold a request's worst case if the budget allows it; False if it would not."""
-        if self.max_usd is not None and self.spent_usd + self.held_usd + worst_usd > self.max_usd:
-            return False
-        if self.max_tokens is not None and self.spent_tokens + self.held_tokens + worst_tokens > self.max_tokens:
-            return False
+    def fits(self, worst_usd: float, worst_tokens: int, *, alone: bool = False) -> bool:
+        """Whether a request of this worst case fits beside those held (or, `alone`, once they are settled)."""
+        held_usd, held_tokens = (0.0, 0) if alone else (self.held_usd, self.held_tokens)
+        return (self.max_usd is None or self.spent_usd + held_usd + worst_usd <= self.max_usd) and \
+            (self.max_tokens is None or self.spent_tokens + held_tokens + worst_tokens <= self.max_tokens)
+
+    def reserve(self, worst_usd: float, worst_tokens: int) -> Hold | None:
+        """Hold a request's worst case if the budget allows it; None if it does not now."""
+        if not self.fits(worst_usd, worst_tokens):
+            return None
         self.held_usd += worst_usd
         self.held_tokens += worst_tokens
-        return True
+        self.holds += 1
+        return Hold(next(self._ids), worst_usd, worst_tokens)
 
-    def settle(self, worst_usd: float, worst_tokens: int, spent_usd: float, spent_tokens: int) -> None:
+    def settle(self, hold: Hold, spent_usd: float, spent_tokens: int) -> None:
         """A reserved request ended: let go of its worst case, count what it cost."""
-        self.held_usd = max(0.0, self.held_usd - worst_usd)
-        self.held_tokens = max(0, self.held_tokens - worst_tokens)
+        self.held_usd = max(0.0, self.held_usd - hold.usd)
+        self.held_tokens = max(0, self.held_tokens - hold.tokens)
+        self.holds -= 1
         self.spent_usd += spent_usd
         self.spent_tokens += spent_tokens
 
     def describe(self) -> str:
+        """What is spent and what is left, of each limit."""
         parts = []
         if self.max_usd is not None:
-            parts.append(f"${self.spent_usd:,.4f} of budget.max_usd ${self.max_usd:,.2f}")
+            parts.append(f"{usd(self.spent_usd)} of budget.max_usd {usd(self.max_usd)} spent "
+                         f"({usd(max(0.0, self.max_usd - self.spent_usd))} left)")
         if self.max_tokens is not None:
-            parts.append(f"{self.spent_tokens:,} of budget.max_tokens {self.max_tokens:,} tokens")
+            parts.append(f"{self.spent_tokens:,} of budget.max_tokens {self.max_tokens:,} tokens spent "
+                         f"({max(0, self.max_tokens - self.spent_tokens):,} left)")
         return " and ".join(parts)
+
+
+def usd(value: float) -> str:
+    """Dollars as people read them: cents from a dollar up, else four significant digits
+    ($0.004, $0.0001234), never a $0.00 that is not nothing."""
+    if value >= 1 or value <= 0:
+        return f"${value:,.2f}"
+    digits = max(2, 3 - math.floor(math.log10(value)))
+    whole, fraction = f"{value:.{digits}f}".split(".")
+    return f"${whole}.{fraction.rstrip('0').ljust(2, '0')}"

@@ -71,9 +71,11 @@ class Result:
     vectors: list[bytes] | None = None
     # Not stored: where the response cache keeps this answer, once it is saved (see `_cache`)
     cache_key: str | None = None
+    # Not stored: the budget's hold on the request that answered, let go when this is saved
+    hold: int | None = None
 
 
-RESULT_FIELDS = tuple(name for name in Result.__dataclass_fields__ if name not in ("vectors", "cache_key"))
+RESULT_FIELDS = tuple(name for name in Result.__dataclass_fields__ if name not in ("vectors", "cache_key", "hold"))
 STORED_ONLY = ("extra", "embedding", "transient")  # stored, but not output columns as they are
 # Every text a server (or its error) fills in; `id` comes from the validated input.
 _TEXT_FIELDS = ("output_text", "reasoning_content", "tool_calls", "finish_reason", "model", "response_id", "error")

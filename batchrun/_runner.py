@@ -34,7 +34,7 @@ from ._client import Client, Deferred
 from ._columns import extra_columns
 from ._concurrency import ConcurrencyLimit, Control
 from ._exceptions import (
-    BatchrunError, BudgetReached, ConfigError, InputChangedError, InputError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
+    BatchrunError, ConfigError, InputChangedError, InputError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
 )
 from ._lock import lock_holder
 from ._remote import Remote, job_inputs
@@ -43,7 +43,7 @@ from ._mock import MOCK_BASE_URL, MOCK_SCHEME, mock_transport
 from ._network import check_key_route, proxy_for
 from ._output import ROW_GROUP_ROWS, OutputWriter, load_arrow
 from ._policy import FailureStreak
-from ._pricing import Budget
+from ._pricing import Budget, Hold, usd
 from ._progress import NullProgress, Progress
 from ._rate import RateLimiter
 from ._protocol import Result
@@ -86,6 +86,9 @@ class Summary:
     saved_usd: float | None = None  # what those answers would have cost
     shard: str | None = None  # `I/N` for a shard's run
     merged: str | None = None  # a shard's run: the merge it made, or why it made none
+    unmetered: int = 0  # rows with answers that came without usage: charged at their worst case
+    lost: int = 0  # requests a kill -9 left unsettled: counted against the budget at their worst case
+    lost_usd: float = 0.0
 
     @property
     def remaining(self) -> int:
@@ -113,11 +116,17 @@ class Summary:
             head += f", {self.remaining:,} remaining"
         tokens = f"{self.total_tokens:,} tokens ({self.prompt_tokens:,} prompt, {self.completion_tokens:,} completion)"
         if self.cost_usd is not None:
-            tokens += f", ${self.cost_usd:,.4f}"
+            tokens += f", {usd(self.cost_usd)}"
+        if self.unmetered:
+            tokens += (f"; {self.unmetered:,} row{'s' if self.unmetered > 1 else ''} answered without usage, "
+                       "charged at the worst case")
+        if self.lost:
+            tokens += (f"; {self.lost:,} request{'s' if self.lost > 1 else ''} in flight at a kill, counted at the "
+                       f"worst case ({usd(self.lost_usd)})")
         if self.cache_hits:
             tokens += f"; {self.cache_hits:,} from the cache"
             if self.saved_usd is not None:
-                tokens += f" (${self.saved_usd:,.4f} saved)"
+                tokens += f" ({usd(self.saved_usd)} saved)"
         tail = f"output: {self.output}" if self.output_written else f"progress saved in {self.state}"
         sent = f"{self.requests:,} request{'' if self.requests == 1 else 's'}"
         shard = f"shard {self.shard}: " if self.shard else ""
@@ -219,13 +228,15 @@ def run_job(
             client.in_flight = ConcurrencyLimit(spec.concurrency, control=concurrency_control)
         if spec.cache is not None:
             client.cache = cache = ResponseCache(spec.cache)
-        if spec.budget.is_set:  # what earlier runs spent counts against it
-            before = store.counts()
-            client.budget = Budget(spec.budget.max_usd, spec.budget.max_tokens,
-                                   spent_usd=before["cost_usd"] or 0.0, spent_tokens=before["total_tokens"])
+        if spec.budget.is_set:  # what earlier runs spent counts against it, holds a kill left unsettled too
+            spend = store.spend()
+            client.budget = Budget(spec.budget.max_usd, spec.budget.max_tokens, spent_usd=spend.usd,
+                                   spent_tokens=spend.tokens, next_hold=spend.next_hold)
         output = OutputWriter(output_path, store, reader, rows=total, passthrough=passthrough,
                               extras=extra_columns(spec, asks), start=start)
         pool = _Pool(spec, client, store, output, reader, progress, done, total, start)
+        if client.budget is not None:
+            client.hold_log = pool
         pool.remote = remote
         pool.status, pool.states, pool.totals = status, states, store.counts(below=total)
         # anyio leaves the default handlers behind; the caller's must be back for the
@@ -250,6 +261,7 @@ def run_job(
                 for signum, handler in saved_handlers.items():
                     signal.signal(signum, handler)
         counts = store.counts(below=total)
+        spend = store.spend()
         written = pool.aborted is None and counts["ok"] + counts["failed"] == total - start
         if written:
             try:
@@ -290,6 +302,9 @@ def run_job(
         max_failed_share=spec.max_failed_share if max_failed_share is None else max_failed_share,
         shard=str(shard) if shard is not None else None,
         merged=merged,
+        unmetered=spend.unmetered,
+        lost=spend.lost,
+        lost_usd=spend.lost_usd,
         **counts,
     )
     status.write(counts, requests=client.requests_sent, state="finished" if written else "stopped",
@@ -428,6 +443,15 @@ def _open_state(spec: JobSpec, reader: InputReader, *, limit: int | None, restar
     return store, rows if limit is None else min(rows, limit), passthrough, asks
 
 
+@dataclass(frozen=True)
+class _HoldNote:
+    """For the writer: a budget's hold to record before its request goes (`sending`), or
+    to delete when its request was answered with nothing to save."""
+
+    hold: Hold
+    sending: bool
+
+
 class _Pool:
     """The worker pool of one run: workers, the writer and the output's row groups."""
 
@@ -487,8 +511,11 @@ class _Pool:
         self.token = anyio.lowlevel.current_token()
         if self.stop_request is not None:
             self.stopping, self.aborted = True, self.stop_request
-        # Each worker hands over its answers and waits for them to be saved: room for all.
-        results_send, results_receive = anyio.create_memory_object_stream[Result](self.spec.concurrency * self.group)
+        # Each worker hands over its answers (and the budget's holds) and waits for them to
+        # be saved: room for all, and for the holds let go meanwhile.
+        results_send, results_receive = anyio.create_memory_object_stream[Result | _HoldNote](
+            self.spec.concurrency * (self.group + 2))
+        self.notes = results_send.clone()  # the budget's holds, from the client (see `record`)
         # At most one output write waits while another runs: each writes all that is ready.
         due_send, due_receive = anyio.create_memory_object_stream[None](1)
         self.answered_once = anyio.Event()
@@ -504,7 +531,7 @@ class _Pool:
                 async with anyio.create_task_group() as saving:
                     saving.start_soon(self._write, results_receive, due_send)
                     saving.start_soon(self._publish, due_receive)
-                    async with self.client, anyio.create_task_group() as self.workers:
+                    async with self.notes, self.client, anyio.create_task_group() as self.workers:
                         for n in range(self.spec.concurrency):
                             self.workers.start_soon(self._work, n == 0, rows, results_send.clone())
                         results_send.close()
@@ -561,7 +588,7 @@ class _Pool:
                         self.carried[taken[0].index] = (attempts + deferred.attempts, parks + 1)
                         heapq.heappush(self.parked, (anyio.current_time() + deferred.wait, taken[0].index, taken[0]))
                         continue
-                    except (JobFatalAPIError, BudgetReached) as exc:
+                    except JobAborted as exc:  # the API refused the job, the budget is spent, ...
                         self._stop(exc)
                         return
                     # An answer received is paid for: hand it to the writer at once, even
@@ -617,6 +644,7 @@ class _Pool:
         if self.aborted is None:
             self.aborted = reason
         self.stopping = True
+        self.client.stop_holding()
         workers = getattr(self, "workers", None)
         if workers is None:  # asked from outside before the workers began: none will
             return
@@ -626,7 +654,7 @@ class _Pool:
 
     # -- the writer: the only owner of the state -----------------------------------------
 
-    async def _write(self, results: ObjectReceiveStream[Result], due: ObjectSendStream[None]) -> None:
+    async def _write(self, results: ObjectReceiveStream[Result | _HoldNote], due: ObjectSendStream[None]) -> None:
         """Commit answers as they arrive, a group at a time (group commit).
 
         Each commit takes every answer that arrived while the previous one was
@@ -652,23 +680,28 @@ class _Pool:
                 finally:
                     saved.set()  # saved, or never to be: the workers go on either way
 
-    def _save(self, group: list[Result]) -> None:
+    def _save(self, group: list[Result], notes: list[_HoldNote]) -> None:
         """In the writer's thread: the state first; then the cache may share the answers."""
-        self.store.save(group)
+        self.store.save(group, holds=[n.hold for n in notes if n.sending],
+                        released=[n.hold.id for n in notes if not n.sending])
         cache = self.client.cache
         if cache is not None:
             cache.put((r.cache_key, r) for r in group if r.cache_key is not None)
 
-    async def _commit(self, group: list[Result], due: ObjectSendStream[None]) -> None:
+    async def _commit(self, items: list[Result | _HoldNote], due: ObjectSendStream[None]) -> None:
         if self.state_failed:
             return  # nothing more can be saved; the job is stopping
+        group = [item for item in items if isinstance(item, Result)]
+        notes = [item for item in items if not isinstance(item, Result)] if len(group) < len(items) else []
         try:
             # Shielded: an answer received is paid for, even during a hard stop.
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._save, group)
+                await anyio.to_thread.run_sync(self._save, group, notes)
         except StorageError as exc:
             self.state_failed = True
             self._stop(exc)
+            return
+        if not group:
             return
         self._count(group)
         failed = sum(r.status != "ok" for r in group)
@@ -700,6 +733,21 @@ class _Pool:
                 except (StorageError, InputChangedError) as exc:
                     self.output_failed = True
                     self._stop(exc)
+
+    # -- the budget's holds (see `_client.HoldLog`) ---------------------------------------
+
+    async def record(self, hold: Hold) -> None:
+        """In the state before its request goes, in the writer's next commit: a kill -9
+        from here on leaves it there, counted as spent by the next run."""
+        self.notes.send_nowait(_HoldNote(hold, sending=True))
+        saved = self.saved  # the event of the commit that takes it (see `_write`)
+        await saved.wait()
+        if self.state_failed:
+            raise StorageError("the budget's hold could not be saved; stopping")
+
+    def release(self, hold: Hold) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self.notes.send_nowait(_HoldNote(hold, sending=False))
 
     # -- object storage --------------------------------------------------------------
 

@@ -26,14 +26,16 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._exceptions import ConfigError, StateDamagedError, StateMismatchError, StorageError
 from ._lock import JobLock
+from ._pricing import Hold
 from ._protocol import RESULT_FIELDS, Result
 
-__all__ = ["StateStore", "differences", "state_path"]
+__all__ = ["Spend", "StateStore", "differences", "state_path"]
 
 SCHEMA_VERSION = "1"
 PRIVATE = 0o600
@@ -62,10 +64,14 @@ _UPSERT = (
     + ", attempts = results.attempts + excluded.attempts, "
     + ", ".join([*(_added(f, True) for f in _TOKENS), _added("cost_usd", False)])
 )
+# A budget's holds: a request's worst case, recorded before it is sent and deleted with
+# its answer. One left by a kill -9 was paid for all anyone knows: it counts as spent.
+_HOLDS = "CREATE TABLE IF NOT EXISTS holds (id INTEGER PRIMARY KEY, usd REAL NOT NULL, tokens INTEGER NOT NULL)"
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE results ({})".format(
         ", ".join("row_index INTEGER PRIMARY KEY" if f == "row_index" else f for f in RESULT_FIELDS)),
+    _HOLDS,
 )
 
 
@@ -83,6 +89,16 @@ def _stored(result: Result) -> tuple[Any, ...]:
         return row
     # allow_nan: a logprob may be -inf; batchrun reads it back, and Parquet holds it
     return (*row[:_EXTRA], json.dumps(result.extra, ensure_ascii=False), *row[_EXTRA + 1:])
+
+
+@dataclass(frozen=True)
+class Spend:
+    usd: float
+    tokens: int
+    unmetered: int  # rows with answers that came without usage, counted at their worst case
+    lost: int  # requests a kill left unsettled: counted at their worst case
+    lost_usd: float
+    next_hold: int  # the id of the next hold: unique in the state
 
 
 OK, FAILED, FAILED_FOR_GOOD = 1, 2, 3  # a row's state, as `row_states` gives it
@@ -174,6 +190,7 @@ class StateStore:
         with self._transaction():
             self._db.execute("DELETE FROM results")
             self._db.execute("DELETE FROM meta")
+            self._db.execute("DELETE FROM holds")
 
     def meta(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
@@ -203,20 +220,29 @@ class StateStore:
 
     # -- results ---------------------------------------------------------------------------
 
-    def save(self, results: Iterable[Result]) -> None:
-        """Store results in one atomic, durable transaction.
+    def save(self, results: Iterable[Result], holds: Iterable[Hold] = (), released: Iterable[int] = ()) -> None:
+        """Store results in one atomic, durable transaction, with the budget's new
+        `holds`; a result's own hold, and the `released` ones, go in the same one.
 
         Raises StorageError when that is impossible: a full disk, or the state's
         files removed or replaced under the running job (SQLite would go on
         writing to the unlinked files, and a crash would lose every answer since).
         """
+        results = list(results)
         rows = [_stored(r) for r in results]
-        if not rows:
+        new = [(h.id, h.usd, h.tokens) for h in holds]
+        gone = [(i,) for i in (*released, *(r.hold for r in results if r.hold is not None))]
+        if not (rows or new or gone):
             return
         self._check_files()
         try:
             with self._transaction():
-                self._db.executemany(_UPSERT, rows)
+                if rows:
+                    self._db.executemany(_UPSERT, rows)
+                if new:  # only with a budget
+                    self._db.executemany("INSERT INTO holds VALUES (?, ?, ?)", new)
+                if gone:
+                    self._db.executemany("DELETE FROM holds WHERE id = ?", gone)
         except (OSError, sqlite3.Error) as exc:
             raise _storage_error(exc, f"cannot save answers to {self.path}",
                                  "what was saved before is intact. Fix the cause (free disk space, restore the "
@@ -295,6 +321,18 @@ class StateStore:
         return {"ok": ok, "failed": failed, "failed_for_good": for_good, "prompt_tokens": int(prompt),
                 "completion_tokens": int(completion), "total_tokens": int(total), "cost_usd": cost,
                 "cache_hits": hits, "saved_usd": saved}
+
+    def spend(self) -> Spend:
+        """What the job has spent over all its runs, as its budget counts it: the answers'
+        cost and tokens (an answer without usage at its worst case), and the holds that
+        a kill left unsettled, at theirs."""
+        usd, tokens, unmetered_tokens, unmetered = self._db.execute(
+            "SELECT TOTAL(cost_usd), TOTAL(total_tokens), TOTAL(json_extract(extra, '$.unmetered_tokens')), "
+            "COALESCE(SUM(json_extract(extra, '$.unmetered') > 0), 0) FROM results").fetchone()
+        lost, lost_usd, lost_tokens, last = self._db.execute(
+            "SELECT COUNT(*), TOTAL(usd), TOTAL(tokens), COALESCE(MAX(id), 0) FROM holds").fetchone()
+        return Spend(usd=usd + lost_usd, tokens=int(tokens + unmetered_tokens + lost_tokens), unmetered=unmetered,
+                     lost=lost, lost_usd=lost_usd, next_hold=last + 1)
 
     def means(self) -> tuple[float | None, float | None]:
         """Mean completion tokens and mean latency of the rows answered ok so far."""
@@ -378,6 +416,8 @@ def _inspect(db: sqlite3.Connection, path: Path) -> None:
     if tables.get("meta") != ["key", "value"] or found != set(RESULT_FIELDS):
         raise _damaged(path, f"it is a SQLite database, but not a batchrun state (tables: "
                              f"{', '.join(sorted(tables)) or 'none'})")
+    if "holds" not in tables:  # a state from before budgets' holds were recorded
+        db.execute(_HOLDS)
     problems = [row[0] for row in db.execute("PRAGMA quick_check(5)") if row[0] != "ok"]
     if problems:
         raise _damaged(path, f"SQLite finds it damaged ({'; '.join(problems)})")

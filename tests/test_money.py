@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from batchrun import SpecError, parse_spec
-from batchrun._pricing import Budget, Price, cost
+from batchrun._pricing import Budget, Price, cost, usd
 from tests.conftest import read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
 
@@ -23,11 +23,15 @@ def test_cost_counts_cached_tokens_at_their_price() -> None:
 
 def test_a_budget_holds_requests_in_flight_at_their_worst_case() -> None:
     budget = Budget(1.0, None, spent_usd=0.5)
-    assert budget.reserve(0.3, 10) and not budget.reserve(0.3, 10)  # 0.5 + 0.3 + 0.3 > 1
-    budget.settle(0.3, 10, 0.1, 5)  # it cost less than its worst case
-    assert budget.reserve(0.3, 10) and budget.spent_usd == pytest.approx(0.6)
+    hold = budget.reserve(0.3, 10)
+    assert hold is not None and budget.reserve(0.3, 10) is None  # 0.5 + 0.3 + 0.3 > 1
+    assert budget.fits(0.3, 10, alone=True) and not budget.fits(0.6, 10, alone=True)  # wait, or stop
+    budget.settle(hold, 0.1, 5)  # it cost less than its worst case
+    again = budget.reserve(0.3, 10)
+    assert again is not None and again.id != hold.id and budget.spent_usd == pytest.approx(0.6)
     tokens = Budget(None, 100)
     assert tokens.reserve(0.0, 60) and not tokens.reserve(0.0, 41)
+    assert "$0.004 of budget.max_usd $0.01 spent ($0.006 left)" in Budget(0.01, None, spent_usd=0.004).describe()
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -74,7 +78,7 @@ def test_each_rows_cost_is_its_tokens_at_the_prices(tmp_path: Path, server: Fake
                                                 + row["cached_tokens"] * 1.0 + row["completion_tokens"] * 8.0) / 1e6)
     total = sum(r["cost_usd"] for r in rows)
     assert total == pytest.approx(billed(server))
-    assert f"${total:,.4f}" in result.stdout
+    assert usd(total) in result.stdout and usd(total) == f"${total:.6f}".rstrip("0")  # four significant digits
 
 
 def test_a_budget_stops_the_job_before_it_is_passed_and_a_larger_one_finishes_it(
@@ -203,3 +207,110 @@ def test_usage_columns_count_every_paid_answer_across_reasks_and_runs(tmp_path: 
     assert row["cost_usd"] == pytest.approx(cost(Price(**PRICES["test-model"]), 40, 20, 0))
     assert (again.prompt_tokens, again.completion_tokens, again.total_tokens) == (40, 20, 60)
     assert again.cost_usd == pytest.approx(row["cost_usd"])
+
+
+def _sse(*chunks: dict) -> bytes:
+    import json
+
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+def test_a_budget_is_spent_up_to_its_limit_at_any_concurrency(tmp_path: Path) -> None:
+    import json
+
+    import httpx
+
+    from batchrun import BudgetReached, run_job
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        return httpx.Response(200, json={
+            "id": "r", "model": body["model"], "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}})
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"prompt number {i}"} for i in range(2000)])
+    spec = write_spec(tmp_path, concurrency=32, params={"max_tokens": 16}, budget={"max_tokens": 3000},
+                      api={"base_url": "http://127.0.0.1:9/v1"})
+
+    with pytest.raises(BudgetReached) as info:
+        run_job(spec, transport=httpx.MockTransport(answer), environ={"OPENAI_API_KEY": "k"})
+
+    summary = info.value.summary
+    # Each request is held at 100 bytes + 16 tokens: 32 of them would not fit, one does until the end
+    assert 0.8 * 3000 <= summary.total_tokens <= 3000, summary
+    assert summary.requests == summary.ok == summary.total_tokens // 10
+    assert "of budget.max_tokens 3,000 tokens spent (" in str(info.value) and " left)" in str(info.value)
+
+
+def test_an_answer_without_usage_costs_its_worst_case_never_nothing(tmp_path: Path) -> None:
+    import httpx
+
+    from batchrun import BudgetReached, run_job
+
+    def stream(request: httpx.Request) -> httpx.Response:  # as llama.cpp's server streams: no usage
+        chunk = {"id": "s", "model": "test-model", "choices": [{"index": 0, "text": "hi", "finish_reason": None}]}
+        end = {"id": "s", "model": "test-model", "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=_sse(chunk, end))
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i:03}"} for i in range(100)])
+    worst = Price(**PRICES["test-model"]).worst  # a request's bytes as prompt tokens, max_tokens as completion
+    spec = write_spec(tmp_path, pricing=PRICES, params={"max_tokens": 16, "stream": True}, concurrency=4,
+                      budget={"max_usd": 0.01}, api={"base_url": "http://127.0.0.1:9/v1"})
+
+    with pytest.raises(BudgetReached) as info:
+        run_job(spec, transport=httpx.MockTransport(stream), environ={"OPENAI_API_KEY": "k"})
+
+    summary = info.value.summary
+    size = len(b'{"model": "test-model", "prompt": "p000", "max_tokens": 16, "stream": true, '
+               b'"stream_options": {"include_usage": true}}')
+    each = summary.cost_usd / summary.ok
+    assert 0.5 * worst(size, 16) <= each <= worst(size + 20, 16)  # the worst case, give or take the JSON's spacing
+    assert 0.01 - each <= summary.cost_usd <= 0.01
+    assert summary.prompt_tokens == 0 and summary.unmetered == summary.ok > 0
+    assert "answered without usage, charged at the worst case" in summary.line()
+
+
+@pytest.mark.slow
+def test_requests_in_flight_at_a_kill_9_count_against_the_budget(tmp_path: Path, server: FakeServer) -> None:
+    import signal
+    import threading
+
+    from tests.conftest import start_cli
+
+    gate, holding = threading.Event(), [False]
+    server.faults = Faults(hold=lambda body: gate if holding[0] else None)
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"prompt number {i}"} for i in range(400)])
+
+    def spec(max_usd: float) -> Path:
+        return write_spec(tmp_path, pricing=PRICES, params={"max_tokens": 16}, concurrency=8,
+                          budget={"max_usd": max_usd}, api={"base_url": server.base_url})
+
+    spec(1.0)
+    cut_off = []
+    for _ in range(3):  # each run answers some rows, then is killed with 8 requests in flight
+        gate.clear()
+        holding[0] = False
+        proc = start_cli("run", str(tmp_path / "job.yaml"), "--no-progress")
+        server.wait_for_requests(len(server.requests) + 30, timeout=60)
+        with server._cond:
+            holding[0], mark = True, len(server.requests)
+        server.wait_for_requests(mark + 8, timeout=60)  # every worker's request is held
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+        cut_off += server.requests[mark:]
+        gate.set()  # the server lets go of them: their client is gone
+    holding[0] = False
+    assert len(cut_off) == 24
+
+    def bill() -> float:
+        """What the server charges: every answer sent, and every request it took that was cut
+        off (paid for all anyone knows, here at the most the fake could have answered)."""
+        price = Price(**PRICES["test-model"])
+        return billed(server) + sum(cost(price, len(r.key) // 4 + 1, 16, 0) for r in cut_off)
+
+    budget = bill() + 0.003  # about 70 more rows' worth: the budget stops the job
+    result = run_cli("run", str(spec(budget)), "--no-progress")
+
+    assert result.code == 3 and "the budget is reached" in result.stderr, result.stderr
+    assert bill() <= budget
+    assert "24 requests in flight at a kill, counted at the worst case" in result.stderr
