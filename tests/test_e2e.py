@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -302,13 +303,15 @@ def test_sigterm_saves_answers_and_exits_3_then_resumes(tmp_path: Path, server: 
 
 
 def test_a_second_runner_of_the_same_job_is_refused(tmp_path: Path, server: FakeServer) -> None:
-    server.faults = Faults(latency_s=0.05)
+    gate = threading.Event()  # the first runner's requests wait until the second was refused
+    server.faults = Faults(hold=lambda body: gate)
     write_jsonl(tmp_path / "input.jsonl", prompts(300))
     spec = write_spec(tmp_path, concurrency=8, api={"base_url": server.base_url})
     first = start_cli("run", str(spec), "--no-progress")
-    server.wait_for_requests(10, timeout=30)
+    server.wait_for_requests(1, timeout=30)
 
     second = run_cli("run", str(spec), "--no-progress")
+    gate.set()
 
     assert second.code == 2
     assert f"this job is already running (pid {first.pid}" in second.stderr
@@ -318,21 +321,23 @@ def test_a_second_runner_of_the_same_job_is_refused(tmp_path: Path, server: Fake
 
 
 def test_a_second_signal_stops_at_once_and_the_state_stays_whole(tmp_path: Path, server: FakeServer) -> None:
-    server.faults = Faults(latency_s=2.0)  # answers slower than the test waits
+    gate = threading.Event()  # every answer after the first waits for the test
+    server.faults = Faults(hold=lambda body: gate if server.requests else None)
     rows = prompts(300)
     write_jsonl(tmp_path / "input.jsonl", rows)
     spec = write_spec(tmp_path, concurrency=32, api={"base_url": server.base_url})
     proc = start_cli("run", str(spec), "--no-progress")
-    server.wait_for_requests(1, timeout=30)
-    time.sleep(2.5)  # the first answer is in; 32 requests are now in flight for 2 s
+    server.wait_for_requests(1 + 32, timeout=30)  # the first answer is in; 32 requests are held in flight
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
+    with server._cond:  # still held: the first signal only stopped new rows
+        assert not server._cond.wait_for(lambda: server.in_flight < 32, timeout=0.2)
     proc.send_signal(signal.SIGINT)
     sent_at = time.monotonic()
     _, stderr = proc.communicate(timeout=30)
+    gate.set()
 
     assert proc.returncode == 3, stderr
-    assert time.monotonic() - sent_at < 1.5  # not the 10 s grace
+    assert time.monotonic() - sent_at < 5  # not the 10 s grace
     assert "Traceback" not in stderr
 
     server.faults = Faults()
