@@ -28,7 +28,7 @@ from ._network import proxy_for, ssl_context
 from ._policy import classify, retry_after, retrying
 from ._concurrency import STATED_HEADER, ConcurrencyLimit
 from ._rate import RateLimiter, estimate_tokens, header_number, pushed_back
-from ._secrets import Redactor
+from ._secrets import MIN_RUN, Redactor
 from ._spec import JobSpec
 from ._structured import Structure
 from ._pricing import Budget, Hold, Price, completion_bound, cost, usd as format_usd
@@ -100,6 +100,7 @@ class Client:
     ) -> None:
         self.spec = spec
         self._redact = Redactor(api_key)
+        self._key = api_key if api_key and len(api_key) >= MIN_RUN else None  # looked for in every answer
         # Every answer arrives read in full, within timeout_s and max_answer_mb: the
         # bounds are the transport's, so the client adds no clock of its own to each request.
         bounds = {"timeout_s": spec.api.timeout_s, "max_answer_bytes": spec.api.max_answer_bytes}
@@ -189,6 +190,8 @@ class Client:
         paid = [result] if result.status == "ok" else []
         if self._structure is not None and result.status == "ok":
             result, paid = await self._validated(row, attempt, result)
+        if self._key is not None:
+            self._scrub(result)
         if self.spec.keep_request:
             result.extra = {**(result.extra or {}), "request": payload.decode()}
         self._charge(result, paid, price, worst, held)
@@ -475,6 +478,21 @@ class Client:
         except RecursionError:
             raise RetryableAPIError("the answer is nested too deeply to read", status=response.status_code) from None
 
+    def _scrub(self, result: Result) -> None:
+        """A server that echoes the key inside an answer must not put it in the state or
+        the output: an exact look per text (cheap); where it is found, every piece of the
+        key goes from every text of the answer."""
+        key = self._key
+        assert key is not None
+        texts = (result.output_text, result.reasoning_content, result.tool_calls)
+        if not any(key in text for text in texts if text) and not _holds(result.extra, key):
+            return
+        for name in ("output_text", "reasoning_content", "tool_calls"):
+            if (text := getattr(result, name)) is not None:
+                setattr(result, name, self._redact(text))
+        if result.extra is not None:
+            result.extra = _redacted(result.extra, self._redact)
+
     def _error_text(self, text: str) -> str:
         """An error as it may be stored: servers echo the key they rejected, and it must
         never reach a file, not even in part; so the key goes before the text is cut."""
@@ -483,6 +501,27 @@ class Client:
 
 _REFUSED = re.compile(r"HTTP 4\d\d: ")  # a request refused for what it holds, not an answer we cannot read
 _USAGE = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
+
+
+def _holds(value: Any, key: str) -> bool:
+    """Whether any text in `value` (an answer's extra: choices, parsed JSON) holds `key`."""
+    if isinstance(value, str):
+        return key in value
+    if isinstance(value, dict):
+        return any(_holds(v, key) or isinstance(k, str) and key in k for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds(v, key) for v in value)
+    return False
+
+
+def _redacted(value: Any, redact: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact(k) if isinstance(k, str) else k: _redacted(v, redact) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v, redact) for v in value]
+    return value
 
 
 def _unmetered_tokens(result: Result) -> int:

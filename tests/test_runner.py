@@ -408,3 +408,29 @@ def test_latency_is_the_time_on_the_wire_not_the_wait_at_the_gate(tmp_path: Path
     latencies = [r["latency_s"] for r in read_output(summary.output)]
     assert all(latency >= 0.05 for latency in latencies)
     assert sum(latencies) <= summary.elapsed_s
+
+
+def test_a_key_echoed_inside_an_answer_reaches_no_file(tmp_path: Path) -> None:
+    key = "sk-live-abcdefghijklmnop"
+
+    def echo_key(request: httpx.Request) -> httpx.Response:
+        said = request.headers["authorization"].removeprefix("Bearer ")
+        choices = [{"index": i, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": f"choice {i}: your key is {said}.", "reasoning_content": f"it is {said}",
+            "tool_calls": [{"id": "t", "type": "function", "function": {"name": "f", "arguments": f'{{"k": "{said}"}}'}}],
+        }} for i in range(2)]
+        return httpx.Response(200, json={"id": "r", "model": "m", "choices": choices,
+                                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+    write_jsonl(tmp_path / "input.jsonl", [{"messages": [{"role": "user", "content": "what is my key?"}]}])
+    spec = write_spec(tmp_path, params={"n": 2}, api={"base_url": "http://127.0.0.1:9/v1"})
+
+    summary = run_job(spec, transport=httpx.MockTransport(echo_key), environ={"OPENAI_API_KEY": key})
+
+    [row] = read_output(summary.output)
+    assert row["output_text"] == "choice 0: your key is [redacted]."
+    assert row["choices"][1]["text"] == "choice 1: your key is [redacted]."
+    assert "[redacted]" in row["reasoning_content"] and "[redacted]" in row["tool_calls"]
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
