@@ -17,6 +17,7 @@ import heapq
 import itertools
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
@@ -28,6 +29,9 @@ import anyio.from_thread
 import anyio.lowlevel
 import httpx
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+if sys.version_info < (3, 11):  # anyio brings the backport there
+    from exceptiongroup import BaseExceptionGroup
 
 from ._cache import ResponseCache
 from ._client import Client, Deferred
@@ -353,6 +357,27 @@ def _run_beside(pool: _Pool) -> None:
         raise failure[0]
 
 
+def _leading(group: BaseExceptionGroup) -> BaseException:
+    """The one exception of a task group's that the caller should see: a stop asked for
+    from outside (KeyboardInterrupt, SystemExit) first, then batchrun's own errors, then
+    any other (a bug: shown whole by the CLI, with the group as its cause)."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for kind in (KeyboardInterrupt, SystemExit, BatchrunError, BaseException):
+        for leaf in leaves:
+            if isinstance(leaf, kind) and not isinstance(leaf, anyio.get_cancelled_exc_class()):
+                return leaf
+    return group.exceptions[0]
+
+
 def read_api_key(spec: JobSpec, env: Mapping[str, str]) -> str | None:
     """The key from the variable the spec names (None for the mock endpoint); ConfigError
     (exit 2) when it is unset or holds what no key can."""
@@ -541,6 +566,8 @@ class _Pool:
                 # The workers closed their result streams, the writer made its last
                 # commit and the output its last write: stop the signal watcher.
                 outer.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # anyio's task groups wrap what a task raised: unwrap it
+            raise _leading(group)  # (the group stays its context, for a bug's traceback)
         finally:
             rows.close()  # and with it the input file
 

@@ -434,3 +434,29 @@ def test_a_key_echoed_inside_an_answer_reaches_no_file(tmp_path: Path) -> None:
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
+
+
+def test_a_state_sqlite_cannot_read_mid_run_stops_the_job_without_an_exception_group(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(50)])
+    spec = write_spec(tmp_path, api={"base_url": "mock://"})
+
+    def malformed(self, start: int, stop: int):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(StateStore, "results", malformed)  # as a state with garbage appended may read
+    with pytest.raises(StorageError, match="database disk image is malformed"):
+        run_job(spec, environ={})
+
+
+def test_a_bug_in_a_task_of_the_pool_reaches_the_caller_as_itself(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(5)])
+    spec = write_spec(tmp_path, api={"base_url": "mock://"})
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(OutputWriter, "write", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug"):  # not an ExceptionGroup around it
+        run_job(spec, environ={})
