@@ -4,11 +4,16 @@
                   and finished with `stop` (flags: truncated answers too, every choice, a
                   per-sample `weight` from a column)
     openai-batch  the Batch API's output file ({custom_id, response: {status_code, body}})
-                  and, beside it, its error file for the failed rows
+                  and, beside it, its error file for the failed rows; every body is what
+                  the openai SDK's types (ChatCompletion, Completion, Response,
+                  CreateEmbeddingResponse) read
 
 Export reads the finished output and, for the requests' messages, the input (through
 the job's template, where it has one). It sends no request, and writes its file whole
 or not at all.
+
+The output keeps no `created` of the server's: every body says the time the output
+file was written (its modification time), so the same output exports to the same file.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Mapping
 
 from ._exceptions import ConfigError, InputError, StorageError
 from ._remote import job_inputs
@@ -31,6 +36,9 @@ from ._template import Template
 __all__ = ["ExportSummary", "export_job"]
 
 FORMATS = ("sft", "openai-batch")
+SFT_ENDPOINTS = ("chat", "completions", "responses")  # those that answer with a message
+# A Response's incomplete_details.reason from the row's finish_reason (see endpoints.responses)
+_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 _STATUS = re.compile(r"HTTP (\d{3})\b")
 
 
@@ -57,6 +65,7 @@ def export_job(job: str | os.PathLike[str] | JobSpec, fmt: str, out: str | os.Pa
         raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     spec = job if isinstance(job, JobSpec) else load_spec(job)
     out = Path(out)
+    errors_path = out.with_name(f"{out.name.removesuffix('.jsonl')}.errors.jsonl")
     if spec.output_url:  # from the store, unless the copy here is of the object it holds
         from ._remote import Remote
 
@@ -64,15 +73,16 @@ def export_job(job: str | os.PathLike[str] | JobSpec, fmt: str, out: str | os.Pa
     if not spec.output.is_file():
         raise ConfigError(f"{spec.output}: no output yet; run the job to the end first "
                           f"(batchrun run {spec.name})")
+    created = int(spec.output.stat().st_mtime)
     pairs = _answered_rows(spec)
     if fmt == "sft":
         with _atomic(out) as f:
             written, skipped = _sft(pairs, f, include_truncated=include_truncated, all_choices=all_choices,
                                     weight=weight)
         return ExportSummary(out, written, skipped)
-    errors_path = out.with_name(f"{out.name.removesuffix('.jsonl')}.errors.jsonl")
+    params = {"model": spec.model, **spec.params} if spec.model else dict(spec.params)
     with _atomic(out) as f, _atomic(errors_path) as errors:
-        written, failed = _openai_batch(pairs, f, errors)
+        written, failed = _openai_batch(pairs, f, errors, params=params, created=created)
     return ExportSummary(out, written, 0, errors_path, failed)
 
 
@@ -102,7 +112,7 @@ def _sft(pairs: Iterator[tuple[Row, dict[str, Any]]], f: IO[str], *, include_tru
     written = skipped = 0
     finishes = ("stop", "length") if include_truncated else ("stop",)
     for row, answer in pairs:
-        if answer["status"] != "ok" or row.endpoint not in ("chat", "completions", "responses"):
+        if answer["status"] != "ok" or row.endpoint not in SFT_ENDPOINTS:
             skipped += 1
             continue
         if weight is not None and weight not in answer:
@@ -139,22 +149,25 @@ def _messages(row: Row) -> list[dict[str, Any]]:
     return [*messages, {"role": "user", "content": text}]
 
 
-def _openai_batch(pairs: Iterator[tuple[Row, dict[str, Any]]], out: IO[str], errors: IO[str]) -> tuple[int, int]:
+def _openai_batch(pairs: Iterator[tuple[Row, dict[str, Any]]], out: IO[str], errors: IO[str], *,
+                  params: Mapping[str, Any], created: int) -> tuple[int, int]:
     written = failed = 0
     for row, answer in pairs:
         line = {"id": f"batch_req_{answer['row_index']}", "custom_id": answer["id"]}
         if answer["status"] == "ok":
             line["response"] = {"status_code": 200, "request_id": answer["response_id"],
-                                "body": _body(row, answer)}
+                                "body": _body(row, answer, {**params, **row.body}, created)}
             line["error"] = None
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
             written += 1
             continue
         found = _STATUS.match(answer["error"] or "")
         if found:
-            message = answer["error"][found.end():].lstrip(": ")
-            line["response"] = {"status_code": int(found.group(1)), "request_id": None,
-                                "body": {"error": {"message": message, "type": None, "code": None}}}
+            status, message = int(found.group(1)), answer["error"][found.end():].lstrip(": ")
+            # The output keeps the API's message, not its error type: the type is the status's kind
+            kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
+            line["response"] = {"status_code": status, "request_id": None,
+                                "body": {"error": {"message": message, "type": kind, "param": None, "code": None}}}
             line["error"] = None
         else:
             line["response"] = None
@@ -164,64 +177,101 @@ def _openai_batch(pairs: Iterator[tuple[Row, dict[str, Any]]], out: IO[str], err
     return written, failed
 
 
-def _body(row: Row, answer: dict[str, Any]) -> dict[str, Any]:
-    """The endpoint's response body, rebuilt from the output's columns."""
-    usage: dict[str, Any] = {"prompt_tokens": answer["prompt_tokens"], "completion_tokens": answer["completion_tokens"],
-                             "total_tokens": answer["total_tokens"]}
-    if answer["cached_tokens"] is not None:
-        usage["prompt_tokens_details"] = {"cached_tokens": answer["cached_tokens"]}
-    if answer["reasoning_tokens"] is not None:
-        usage["completion_tokens_details"] = {"reasoning_tokens": answer["reasoning_tokens"]}
-    common = {"id": answer["response_id"], "model": answer["model"]}
+def _body(row: Row, answer: dict[str, Any], request: dict[str, Any], created: int) -> dict[str, Any]:
+    """The endpoint's response body, rebuilt from the output's columns; `request` is the
+    body as sent (the spec's params, then the row's fields)."""
+    model = answer["model"] or request.get("model")
     if row.endpoint == "embeddings":
-        return {"object": "list", "model": answer["model"], "usage": usage,
+        body = {"object": "list", "model": model,
                 "data": [{"object": "embedding", "index": 0, "embedding": answer.get("embedding")}]}
+        if answer["prompt_tokens"] is not None and answer["total_tokens"] is not None:
+            body["usage"] = {"prompt_tokens": answer["prompt_tokens"], "total_tokens": answer["total_tokens"]}
+        return body
     if row.endpoint == "responses":
-        return _response_body(answer)
+        return _response_body(answer, request, model, created)
     choices = answer.get("choices") or [{
         "index": 0, "text": answer["output_text"], "finish_reason": answer["finish_reason"],
         "reasoning_content": answer["reasoning_content"], "tool_calls": answer["tool_calls"],
         "logprobs": answer.get("logprobs")}]
+    counts = _counts(answer)
+    usage: dict[str, Any] | None = None
+    if counts is not None:
+        usage = dict(zip(("prompt_tokens", "completion_tokens", "total_tokens"), counts))
+        if answer["cached_tokens"] is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": answer["cached_tokens"]}
+        if answer["reasoning_tokens"] is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": answer["reasoning_tokens"]}
     if row.endpoint == "completions":
-        return {**common, "object": "text_completion", "usage": usage, "choices": [
-            {"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"],
-             "logprobs": _legacy_logprobs(c.get("logprobs"))} for c in choices]}
-    body_choices = []
-    for c in choices:
-        message: dict[str, Any] = {"role": "assistant", "content": c["text"]}
-        if c.get("reasoning_content"):
-            message["reasoning_content"] = c["reasoning_content"]
-        if c.get("tool_calls"):
-            message["tool_calls"] = json.loads(c["tool_calls"])
-        body_choice: dict[str, Any] = {"index": c["index"], "message": message, "finish_reason": c["finish_reason"]}
-        if c.get("logprobs") is not None:
-            body_choice["logprobs"] = {"content": c["logprobs"]}
-        body_choices.append(body_choice)
-    return {**common, "object": "chat.completion", "usage": usage, "choices": body_choices}
+        body = {"id": _id(answer, "cmpl"), "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"],
+                             "logprobs": _legacy_logprobs(c.get("logprobs"))} for c in choices]}
+    else:
+        body = {"id": _id(answer, "chatcmpl"), "object": "chat.completion", "created": created, "model": model,
+                "choices": [_chat_choice(c) for c in choices]}
+    if usage is not None:  # a stream that was not asked for usage has none to give
+        body["usage"] = usage
+    return body
 
 
-def _response_body(answer: dict[str, Any]) -> dict[str, Any]:
+def _chat_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": choice["text"]}
+    if choice.get("reasoning_content"):
+        message["reasoning_content"] = choice["reasoning_content"]
+    if choice.get("tool_calls"):
+        message["tool_calls"] = json.loads(choice["tool_calls"])
+    logprobs = choice.get("logprobs")
+    return {"index": choice["index"], "message": message, "finish_reason": choice["finish_reason"],
+            "logprobs": None if logprobs is None else {"content": [
+                {**entry, "top_logprobs": entry["top_logprobs"] or []} for entry in logprobs]}}
+
+
+def _counts(answer: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(prompt, completion, total) tokens, or None where the server did not count them."""
+    prompt, completion, total = answer["prompt_tokens"], answer["completion_tokens"], answer["total_tokens"]
+    if prompt is None or completion is None:
+        return None
+    return prompt, completion, prompt + completion if total is None else total
+
+
+def _id(answer: dict[str, Any], prefix: str) -> str:
+    """The server's id for the answer; one made from the row's index where it gave none."""
+    return answer["response_id"] or f"{prefix}_{answer['row_index']}"
+
+
+def _response_body(answer: dict[str, Any], request: dict[str, Any], model: str | None,
+                   created: int) -> dict[str, Any]:
+    # The output keeps no output item ids: each is made from the row's index and the item's place
+    at = answer["row_index"]
     output: list[dict[str, Any]] = []
     if answer["reasoning_content"]:
-        output.append({"type": "reasoning", "summary": [{"type": "summary_text", "text": answer["reasoning_content"]}]})
+        output.append({"type": "reasoning", "id": f"rs_{at}_{len(output)}",
+                       "summary": [{"type": "summary_text", "text": answer["reasoning_content"]}]})
     if answer["output_text"] is not None:
-        output.append({"type": "message", "role": "assistant", "status": "completed",
+        output.append({"type": "message", "id": f"msg_{at}_{len(output)}", "role": "assistant",
+                       "status": "completed",
                        "content": [{"type": "output_text", "text": answer["output_text"], "annotations": []}]})
     for call in json.loads(answer["tool_calls"]) if answer["tool_calls"] else ():
-        output.append({"type": "function_call", "call_id": call.get("id"), "name": call["function"].get("name"),
-                       "arguments": call["function"].get("arguments")})
-    usage: dict[str, Any] = {"input_tokens": answer["prompt_tokens"], "output_tokens": answer["completion_tokens"],
-                             "total_tokens": answer["total_tokens"]}
-    if answer["cached_tokens"] is not None:
-        usage["input_tokens_details"] = {"cached_tokens": answer["cached_tokens"]}
-    if answer["reasoning_tokens"] is not None:
-        usage["output_tokens_details"] = {"reasoning_tokens": answer["reasoning_tokens"]}
-    incomplete = answer["finish_reason"] != "stop"
-    return {"id": answer["response_id"], "object": "response", "model": answer["model"],
-            "status": "incomplete" if incomplete else "completed",
-            "incomplete_details": {"reason": "max_output_tokens" if answer["finish_reason"] == "length"
-                                   else answer["finish_reason"]} if incomplete else None,
-            "output": output, "usage": usage}
+        function = call.get("function") or {}
+        output.append({"type": "function_call", "id": f"fc_{at}_{len(output)}",
+                       "call_id": call.get("id") or f"call_{at}_{len(output)}", "name": function.get("name") or "",
+                       "arguments": function.get("arguments") or "", "status": "completed"})
+    finish = answer["finish_reason"]
+    body: dict[str, Any] = {
+        "id": _id(answer, "resp"), "object": "response", "created_at": created, "model": model,
+        "status": "completed" if finish == "stop" else "incomplete",
+        "incomplete_details": None if finish == "stop" else {"reason": _INCOMPLETE.get(finish)},
+        "output": output,
+        # As the API does, the response repeats the request's tool settings (with its defaults)
+        "tools": request.get("tools") or [], "tool_choice": request.get("tool_choice", "auto"),
+        "parallel_tool_calls": request.get("parallel_tool_calls", True),
+    }
+    counts = _counts(answer)
+    if counts is not None:  # the API's usage always has its details: 0 where the server gave none
+        body["usage"] = {
+            "input_tokens": counts[0], "output_tokens": counts[1], "total_tokens": counts[2],
+            "input_tokens_details": {"cached_tokens": answer["cached_tokens"] or 0, "cache_write_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": answer["reasoning_tokens"] or 0}}
+    return body
 
 
 def _legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:

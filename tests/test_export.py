@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+from openai.types import BatchError, Completion, CreateEmbeddingResponse
+from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
+from openai.types.shared import ErrorObject
 
 from tests.conftest import read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults, error_body
@@ -21,6 +26,7 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sft_export_of_a_templated_job(tmp_path: Path, server: FakeServer) -> None:
     def refuse(body: dict) -> tuple[int, dict] | None:
         if "question 7?" in body["messages"][1]["content"]:
@@ -54,6 +60,7 @@ def test_sft_export_of_a_templated_job(tmp_path: Path, server: FakeServer) -> No
     assert len(server.requests) == before  # export sends nothing
 
 
+@pytest.mark.slow
 def test_sft_leaves_out_truncated_answers_unless_asked_and_keeps_every_choice(
         tmp_path: Path, server: FakeServer) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(5)]
@@ -80,6 +87,7 @@ def test_sft_leaves_out_truncated_answers_unless_asked_and_keeps_every_choice(
     assert [s["messages"][-1]["content"] for s in every[:2]] == [c["text"] for c in table[0]["choices"]]
 
 
+@pytest.mark.slow
 def test_openai_batch_export_has_every_row_by_custom_id(tmp_path: Path, server: FakeServer) -> None:
     def refuse(body: dict) -> tuple[int, dict] | None:
         return (400, error_body("prompt p3 is not allowed", "invalid_request_error", "bad")) \
@@ -113,9 +121,89 @@ def test_openai_batch_export_has_every_row_by_custom_id(tmp_path: Path, server: 
         assert body["usage"]["completion_tokens"] == row["completion_tokens"]
 
 
+@pytest.mark.slow
 def test_export_before_the_job_ran_says_so(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
     spec = write_spec(tmp_path)
     result = run_cli("export", str(spec), "--format", "sft", str(tmp_path / "x.jsonl"))
     assert result.code == 2
     assert "no output yet; run the job to the end first" in result.stderr
+
+
+def _text_of(body: dict) -> str:
+    return json.dumps(body.get("messages") or body.get("prompt") or body.get("input"))
+
+
+def _refuse_p3(body: dict) -> tuple[int, dict] | None:
+    if '"p3"' in _text_of(body):
+        return 400, error_body("prompt p3 is not allowed", "invalid_request_error", "bad")
+    return None
+
+
+def _drop_p4(body: dict) -> list[bytes] | None:
+    return [] if "p4" in _text_of(body) else None  # the connection closes with no answer, every attempt
+
+
+TOOLS = [{"type": "function", "name": "lookup", "description": "Look a word up.",
+          "parameters": {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}}]
+SDK_CASES = {
+    "chat": (ChatCompletion, {"endpoint": "chat", "model": "test-reasoner",
+                              "params": {"n": 2, "logprobs": True, "top_logprobs": 2}}),
+    "completions": (Completion, {"endpoint": "completions", "params": {"logprobs": 2}}),
+    "responses": (Response, {"endpoint": "responses", "model": "test-reasoner",
+                             "params": {"tools": TOOLS, "tool_choice": "auto"}}),
+    "chat streamed without usage": (ChatCompletion, {"endpoint": "chat", "params": {
+        "stream": True, "stream_options": {"include_usage": False}}}),
+    "completions streamed without usage": (Completion, {"endpoint": "completions", "params": {
+        "stream": True, "stream_options": {"include_usage": False}}}),
+    "responses streamed": (Response, {"endpoint": "responses", "params": {"stream": True}}),
+    "embeddings": (CreateEmbeddingResponse, {"endpoint": "embeddings", "inputs_per_request": 1}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(SDK_CASES))
+def test_openai_batch_lines_validate_with_the_sdk_types(tmp_path: Path, server: FakeServer, case: str) -> None:
+    model_type, spec_keys = SDK_CASES[case]
+    server.faults = Faults(status_for=_refuse_p3, raw_answer=_drop_p4, usage_style="openai")
+    field = "input" if spec_keys["endpoint"] in ("responses", "embeddings") else "prompt"
+    rows = [{"id": f"r{i}", field: f"p{i}"} for i in range(6)]
+    if case == "responses":
+        rows.append({"id": "cut", field: "p6", "max_output_tokens": 2})
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    spec = write_spec(tmp_path, api={"base_url": server.base_url}, **spec_keys)
+    assert run_cli("run", str(spec), "--no-progress").code == 1
+
+    result = run_cli("export", str(spec), "--format", "openai-batch", str(tmp_path / "results.jsonl"))
+
+    assert result.code == 0, result.stderr
+    output = tmp_path / "out/result.parquet"
+    rows = {row["id"]: row for row in read_output(output)}
+    created = int(output.stat().st_mtime)  # no created is kept: the time the output was written
+    out = lines(tmp_path / "results.jsonl")
+    assert {line["custom_id"] for line in out} == {i for i, r in rows.items() if r["status"] == "ok"}
+    for line in out:
+        body = model_type.model_validate(line["response"]["body"]).model_dump(exclude_unset=True)
+        row = rows[line["custom_id"]]
+        assert body["model"] == row["model"]
+        if model_type is CreateEmbeddingResponse:
+            continue
+        assert body["id"] == row["response_id"]
+        assert body["created_at" if model_type is Response else "created"] == created
+        if "without usage" in case:
+            assert row["prompt_tokens"] is None and "usage" not in body
+        else:
+            assert body["usage"]["total_tokens"] == row["total_tokens"]
+        if model_type is Response:
+            assert body["tools"] == spec_keys["params"].get("tools", [])
+            assert body["tool_choice"] == "auto" and body["parallel_tool_calls"] is True
+            assert body["status"] == ("incomplete" if row["id"] == "cut" else "completed")
+            ids = [item["id"] for item in body["output"]]
+            assert len(ids) == len(set(ids)) == (2 if "reason" in row["model"] else 1)
+    errors = {line["custom_id"]: line for line in lines(tmp_path / "results.errors.jsonl")}
+    assert set(errors) == {"r3", "r4"}
+    refused = ErrorObject.model_validate(errors["r3"]["response"]["body"]["error"])
+    assert (errors["r3"]["response"]["status_code"], refused.message) == (400, "prompt p3 is not allowed")
+    assert refused.type == "invalid_request_error" and errors["r3"]["error"] is None
+    dropped = BatchError.model_validate(errors["r4"]["error"])
+    assert errors["r4"]["response"] is None and dropped.message == rows["r4"]["error"]
