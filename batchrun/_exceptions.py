@@ -12,6 +12,7 @@
     │   ├── StorageError           the state or output cannot be written (disk full, folder gone)
     │   ├── InputChangedError      the input file was changed in place while the job read it
     │   ├── BudgetReached          the next request could take the job past its budget
+    │   ├── Stalled                no row settled for retry.max_stall_s (a server refusing all)
     │   └── Interrupted            a signal asked the job to stop
     └── APIError                   one request failed; the runner turns it into row data
         ├── RetryableAPIError      429, 5xx, timeouts, dropped connections, broken bodies
@@ -37,6 +38,7 @@ __all__ = [
     "SpecError",
     "StateDamagedError",
     "StateMismatchError",
+    "Stalled",
     "StorageError",
     "UsageError",
 ]
@@ -103,6 +105,11 @@ class InputChangedError(JobAborted):
     consistent, and the job stopped before reading more."""
 
     rerun_resumes = False  # only with the original content back
+
+
+class Stalled(JobAborted):
+    """No row was settled for `retry.max_stall_s`: the server takes requests but answers
+    none (every one a 429, say). A rerun resumes once it answers again."""
 
 
 class Interrupted(JobAborted):

@@ -38,7 +38,8 @@ from ._client import Client, Deferred
 from ._columns import extra_columns
 from ._concurrency import ConcurrencyLimit, Control
 from ._exceptions import (
-    BatchrunError, ConfigError, InputChangedError, InputError, Interrupted, JobAborted, JobFatalAPIError, StorageError,
+    BatchrunError, ConfigError, InputChangedError, InputError, Interrupted, JobAborted, JobFatalAPIError, Stalled,
+    StorageError,
 )
 from ._lock import lock_holder
 from ._remote import Remote, job_inputs
@@ -551,6 +552,7 @@ class _Pool:
                 if handle_signals:
                     outer.start_soon(self._watch_signals)
                 outer.start_soon(self._report)
+                outer.start_soon(self._watch_progress)
                 if self.remote is not None:
                     outer.start_soon(self._upload)
                 async with anyio.create_task_group() as saving:
@@ -731,6 +733,7 @@ class _Pool:
         if not group:
             return
         self._count(group)
+        self.progressed = anyio.current_time(), self.client.requests_sent
         failed = sum(r.status != "ok" for r in group)
         tokens = sum(r.total_tokens or 0 for r in group)
         self.progress.advance(len(group) - failed, failed, tokens, sum(r.cost_usd or 0.0 for r in group))
@@ -815,6 +818,23 @@ class _Pool:
                 totals[name] += getattr(result, name) or 0
             if result.cost_usd is not None:
                 totals["cost_usd"] = (totals["cost_usd"] or 0.0) + result.cost_usd
+
+    async def _watch_progress(self) -> None:
+        """Stop a job that settles no row for retry.max_stall_s (a server that refuses every
+        request with a retry-after would hold it forever): exit 3, a rerun resumes."""
+        most = self.spec.stall_s
+        self.progressed = anyio.current_time(), self.client.requests_sent
+        while True:
+            since, sent = self.progressed
+            await anyio.sleep(max(0.0, since + most - anyio.current_time()))
+            if self.progressed[0] == since and not self.stopping:
+                requests = self.client.requests_sent - sent
+                self._stop(Stalled(
+                    f"no row was settled in {most:g} s, while {requests:,} request{'' if requests == 1 else 's'} "
+                    "went unanswered or were refused (the server may be holding every request back with a "
+                    "retry-after). Every answer is saved; rerun to resume once the server answers again, or "
+                    f"raise retry.max_stall_s in {self.spec.name} to wait longer"))
+                return
 
     # -- signals -----------------------------------------------------------------------
 

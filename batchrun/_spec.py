@@ -40,6 +40,9 @@ class RetrySpec:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     max_reasks: int = 2  # of an answer that is not valid JSON or breaks the schema
+    # With no row settled this long, the job stops (exit 3); None: 600 s, or twice
+    # api.timeout_s where that is longer (see `JobSpec.stall_s`)
+    max_stall_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,11 @@ class JobSpec:
         if self.schema is not None:
             config["schema"] = dict(self.schema)
         return config
+
+    @property
+    def stall_s(self) -> float:
+        """How long the job may go without settling a row before it stops."""
+        return self.retry.max_stall_s or max(600.0, 2 * self.api.timeout_s)
 
     def answer_schema(self) -> Mapping[str, Any] | None:
         """The schema answers are held to: `schema:`, else a json_schema response_format."""
@@ -420,6 +428,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         backoff_initial_s=_number(retry_raw, "backoff_initial_s", "retry", d.backoff_initial_s, kind=float, minimum=0),
         backoff_max_s=_number(retry_raw, "backoff_max_s", "retry", d.backoff_max_s, kind=float, minimum=0),
         max_reasks=_number(retry_raw, "max_reasks", "retry", d.max_reasks, kind=int, minimum=0),
+        max_stall_s=_number(retry_raw, "max_stall_s", "retry", d.max_stall_s, kind=float, minimum=0.1),
     )
 
     rate_raw = _mapping(top.get("rate_limit"), "rate_limit")

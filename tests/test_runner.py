@@ -460,3 +460,25 @@ def test_a_bug_in_a_task_of_the_pool_reaches_the_caller_as_itself(tmp_path: Path
     monkeypatch.setattr(OutputWriter, "write", broken)
     with pytest.raises(ZeroDivisionError, match="a bug"):  # not an ExceptionGroup around it
         run_job(spec, environ={})
+
+
+def test_a_server_that_refuses_every_request_after_the_first_stops_the_job_and_a_rerun_resumes(
+        tmp_path: Path) -> None:
+    from batchrun import Stalled
+
+    def refuse_after_the_first(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["prompt"] == "p0":
+            return answer(request)
+        return httpx.Response(429, headers={"retry-after": "5"}, json={"error": {"message": "slow down"}})
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(20)])
+    spec = write_spec(tmp_path, concurrency=4, retry={"max_stall_s": 1, "backoff_initial_s": 0.01},
+                      api={"base_url": "http://127.0.0.1:9/v1"})
+    env = {"OPENAI_API_KEY": "k"}
+
+    with pytest.raises(Stalled, match="no row was settled in 1 s.*raise retry.max_stall_s") as info:
+        run_job(spec, transport=httpx.MockTransport(refuse_after_the_first), environ=env)
+    assert info.value.exit_code == 3 and info.value.summary.ok == 1
+
+    again = run_job(spec, transport=httpx.MockTransport(answer), environ=env)
+    assert (again.ok, again.requests) == (20, 19)
