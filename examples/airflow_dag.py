@@ -1,30 +1,44 @@
-"""Running batchrun jobs from Airflow 3, two ways, each task its own job.
+"""Running batchrun jobs from Airflow 3, each task its own job.
 
-`batchrun_cli` runs the CLI. Its exit code fails the task when rows failed (1, unless
-within the spec's `max_failed_share`) or the run stopped early (3): Airflow retries the
-task, and the retry resumes the job where it stopped, requesting only rows not yet
-answered. On a task timeout or a manual stop Airflow sends SIGTERM: batchrun saves every
-answer received and exits 3. Its last line of output is the job's status as one line of
-JSON (`batchrun status --json`), which the BashOperator pushes to XCom.
+`batchrun_operator` runs a job with `batchrun.airflow.BatchrunOperator` and pushes its
+status to XCom: the JSON of `batchrun status JOB --json`, as a dict
+(`ti.xcom_pull(task_ids="batchrun_operator")["ok"]`). The task fails when rows failed
+(beyond the spec's `max_failed_share`) or the run stopped early, and pushes its status
+all the same, for a downstream task with `trigger_rule="all_done"`. Airflow retries the
+task and the retry resumes the job, requesting only rows not yet answered. When Airflow
+stops the task (marked failed or cleared, its pod stopped) it sends SIGTERM and calls
+the operator's `on_kill`, which stops the job as SIGTERM stops the CLI: no new row
+starts, requests in flight get their grace, every answer received is saved. An
+`execution_timeout` stops it the same way.
 
-`batchrun_python` calls the library: `run_batch` runs the job and returns its status
-(the same JSON as the status file beside the output), which the PythonOperator pushes to
-XCom; a stopped run raises, so Airflow retries it.
+`batchrun_shard` runs one job as two mapped tasks (`expand(shard=...)`), each a shard of
+its rows with its own state; the one that finishes last merges their parts into the
+output. The same works with Kubernetes indexed jobs or any N processes:
+`batchrun run JOB --shard I/N`.
 
-`batchrun_shard` runs one job as two mapped tasks (`expand`), each a shard of its rows
-with its own state; the one that finishes last merges their parts into the output. The
-same works with Kubernetes indexed jobs or any N processes: `batchrun run JOB --shard I/N`.
+`batchrun_cli` runs the CLI in a BashOperator, for a batchrun installed apart from
+Airflow (a virtualenv of its own). Exit 1 or 3 fails the task. On SIGTERM the
+BashOperator sends SIGTERM to the command's process group, and batchrun stops as above
+(exit 3). The command's last line is the job's status; `output_processor=json.loads`
+makes it the dict XCom holds. A BashOperator whose command fails pushes nothing: there,
+read the status file beside the output (or `batchrun status JOB --json`).
 
 For a `@daily` job whose input changes every day, give each run its own output (and so
-its own state), as `batchrun_python` does with `{{ ds }}`: a retry of the same day
-resumes, the next day starts afresh. Without that, the new day's input would be refused as a
-change of input (exit 2) rather than mixed with yesterday's answers.
+its own state), as `batchrun_operator` does with `{{ ds }}`: a retry of the same day
+resumes, the next day starts afresh. Without that, the new day's input would be refused
+as a change of input (exit 2) rather than mixed with yesterday's answers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import datetime, timedelta
+
+from airflow.providers.standard.operators.bash import BashOperator
+from airflow.sdk import DAG
+
+from batchrun.airflow import BatchrunOperator
 
 # Where batchrun and the jobs live (CI points these at a checkout and its mock jobs)
 HOME = os.environ.get("BATCHRUN_HOME", "/srv/batchrun")
@@ -33,60 +47,28 @@ LIBRARY_JOB = os.environ.get("BATCHRUN_LIBRARY_JOB", f"{HOME}/jobs/fireworks-cha
 BATCHRUN = os.environ.get("BATCHRUN_BIN", f"{HOME}/.venv/bin/batchrun")
 OUT = os.environ.get("BATCHRUN_OUT", f"{HOME}/out")
 
-
-def run_batch(job: str = LIBRARY_JOB, output: str | None = None, shard: str | None = None) -> dict:
-    """The PythonOperator's callable: run (or resume) the job, or its shard `I/N`; its
-    status (every shard's, for a sharded job) goes to XCom."""
-    import batchrun
-
-    spec = batchrun.load_spec(job)
-    if output is not None:  # a per-run output path (and with it, a per-run state)
-        import dataclasses
-        from pathlib import Path
-
-        spec = dataclasses.replace(spec, output=Path(output))
-    try:
-        batchrun.run_job(spec, shard=batchrun.Shard.parse(shard) if shard else None)
-    except batchrun.JobAborted:
-        raise  # every answer is saved; Airflow's retry resumes the job
-    status = batchrun.job_status(spec)
-    if shard:  # this task's own shard decides its outcome
-        status = next(s for s in status["shards"] if s["shard"] == str(batchrun.Shard.parse(shard)))
-    if status["exit_code"] not in (0, None):
-        raise RuntimeError(f"{status['failed']} rows failed: see {status['output']}")
-    return status
-
-
-try:  # the callables above stay importable (and tested) without Airflow
-    from airflow.providers.standard.operators.bash import BashOperator
-    from airflow.providers.standard.operators.python import PythonOperator
-    from airflow.sdk import DAG
-except ImportError:  # pragma: no cover - Airflow is not a batchrun dependency
-    DAG = None
-
-if DAG is not None:
-    with DAG(
-        dag_id="batchrun_example",
-        start_date=datetime(2026, 1, 1),
-        schedule="@daily",
-        catchup=False,
-        default_args={"retries": 3, "retry_delay": timedelta(minutes=5)},
-    ) as dag:
-        batchrun_cli = BashOperator(
-            task_id="batchrun_cli",
-            # the run's own lines go to the log; the status JSON is the last line, for XCom
-            bash_command=(f"{BATCHRUN} run {CLI_JOB} --no-progress >&2; code=$?; "
-                          f"{BATCHRUN} status {CLI_JOB} --json; exit $code"),
-            do_xcom_push=True,
-            execution_timeout=timedelta(hours=12),
-        )
-        batchrun_python = PythonOperator(
-            task_id="batchrun_python",
-            python_callable=run_batch,
-            # one output (and state) per day: a retry of the day resumes, the next day starts afresh
-            op_kwargs={"job": LIBRARY_JOB, "output": f"{OUT}/library-{{{{ ds }}}}.parquet"},
-        )
-        batchrun_shard = PythonOperator.partial(task_id="batchrun_shard", python_callable=run_batch).expand(
-            op_kwargs=[{"job": LIBRARY_JOB, "output": f"{OUT}/sharded-{{{{ ds }}}}.parquet", "shard": f"{i}/2"}
-                       for i in range(2)],
-        )
+with DAG(
+    dag_id="batchrun_example",
+    start_date=datetime(2026, 1, 1),
+    schedule="@daily",
+    catchup=False,
+    default_args={"retries": 3, "retry_delay": timedelta(minutes=5)},
+) as dag:
+    batchrun_operator = BatchrunOperator(
+        task_id="batchrun_operator",
+        job=LIBRARY_JOB,
+        # one output (and state) per day: a retry of the day resumes, the next day starts afresh
+        output_path=f"{OUT}/library-{{{{ ds }}}}.parquet",
+        execution_timeout=timedelta(hours=12),
+    )
+    batchrun_shard = BatchrunOperator.partial(
+        task_id="batchrun_shard", job=LIBRARY_JOB, output_path=f"{OUT}/sharded-{{{{ ds }}}}.parquet",
+    ).expand(shard=["0/2", "1/2"])
+    batchrun_cli = BashOperator(
+        task_id="batchrun_cli",
+        # the run's own lines go to the log; the status JSON is the last line, for XCom
+        bash_command=(f"{BATCHRUN} run {CLI_JOB} --no-progress >&2; code=$?; "
+                      f"{BATCHRUN} status {CLI_JOB} --json; exit $code"),
+        output_processor=json.loads,
+        execution_timeout=timedelta(hours=12),
+    )
