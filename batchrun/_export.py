@@ -1,8 +1,8 @@
 """Datasets out: a finished job's answers as a fine-tuning set or as OpenAI Batch API files.
 
     sft           one {"messages": [...request messages, assistant answer]} per row that is ok
-                  and finished with `stop` (flags: truncated answers too, every choice, a
-                  per-sample `weight` from a column)
+                  and finished with `stop` (flags: truncated answers too, every choice, the
+                  answer's `weight`, 0 or 1, from a column)
     openai-batch  the Batch API's output file ({custom_id, response: {status_code, body}})
                   and, beside it, its error file for the failed rows; every body is what
                   the openai SDK's types (ChatCompletion, Completion, Response,
@@ -66,6 +66,13 @@ def export_job(job: str | os.PathLike[str] | JobSpec, fmt: str, out: str | os.Pa
     spec = job if isinstance(job, JobSpec) else load_spec(job)
     out = Path(out)
     errors_path = out.with_name(f"{out.name.removesuffix('.jsonl')}.errors.jsonl")
+    for path in (out, errors_path) if fmt == "openai-batch" else (out,):
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder; name the .jsonl file to write, such as "
+                              f"{path / ('train.jsonl' if fmt == 'sft' else 'results.jsonl')}")
+    if fmt == "sft" and spec.endpoint is not None and spec.endpoint not in SFT_ENDPOINTS:
+        raise ConfigError(f"--format sft: a job with endpoint: {spec.endpoint} has no answers to train on; "
+                          "export it with --format openai-batch")
     if spec.output_url:  # from the store, unless the copy here is of the object it holds
         from ._remote import Remote
 
@@ -130,12 +137,20 @@ def _sft(pairs: Iterator[tuple[Row, dict[str, Any]]], f: IO[str], *, include_tru
                 assistant["reasoning_content"] = choice["reasoning_content"]
             if choice.get("tool_calls"):
                 assistant["tool_calls"] = json.loads(choice["tool_calls"])
-            sample: dict[str, Any] = {"messages": [*prompt, assistant]}
             if weight is not None:
-                sample["weight"] = answer[weight]
-            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+                assistant["weight"] = _weight(answer, weight)
+            f.write(json.dumps({"messages": [*prompt, assistant]}, ensure_ascii=False) + "\n")
             written += 1
     return written, skipped
+
+
+def _weight(answer: dict[str, Any], column: str) -> int:
+    """The answer's weight in the fine-tuning format: 1 trains on it, 0 does not."""
+    value = answer[column]
+    if isinstance(value, (bool, int, float)) and value in (0, 1):
+        return int(value)
+    raise ConfigError(f"--weight {column}: row {answer['row_index']} ({answer['id']}) holds {value!r}, but an "
+                      "answer's weight is 0 (not trained on) or 1; give a column of 0s and 1s")
 
 
 def _messages(row: Row) -> list[dict[str, Any]]:
@@ -292,9 +307,10 @@ def _atomic(path: Path) -> Iterator[IO[str]]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except OSError as exc:  # nothing to resume: the export is written again from the start
         tmp.unlink(missing_ok=True)
-        raise StorageError(f"{path}: cannot write the export: {exc.strerror or exc}") from exc
+        raise ConfigError(f"{path}: cannot write the export ({exc.strerror or exc}); "
+                          "free some space or name another file") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

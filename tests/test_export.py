@@ -50,12 +50,12 @@ def test_sft_export_of_a_templated_job(tmp_path: Path, server: FakeServer) -> No
     assert len(samples) == len(rows) == 59
     for sample, row in zip(samples, rows):
         i = row["row_index"]
-        assert sample["messages"] == [
+        # The Fireworks format: the answer's own weight, 0 (not trained on) or 1
+        assert sample == {"messages": [
             {"role": "system", "content": "Answer from the context."},
             {"role": "user", "content": f"Context: context {i}\nQuestion: question {i}?"},
-            {"role": "assistant", "content": row["output_text"]},
-        ]
-        assert sample["weight"] == i % 2
+            {"role": "assistant", "content": row["output_text"], "weight": i % 2},
+        ]}
     assert "59 lines to" in result.stdout
     assert len(server.requests) == before  # export sends nothing
 
@@ -128,6 +128,52 @@ def test_export_before_the_job_ran_says_so(tmp_path: Path) -> None:
     result = run_cli("export", str(spec), "--format", "sft", str(tmp_path / "x.jsonl"))
     assert result.code == 2
     assert "no output yet; run the job to the end first" in result.stderr
+
+
+@pytest.mark.slow
+def test_sft_weight_other_than_0_or_1_is_refused(tmp_path: Path, server: FakeServer) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"id": f"r{i}", "prompt": f"p{i}", "score": [1, 0, 0.5][i]}
+                                           for i in range(3)])
+    spec = write_spec(tmp_path, endpoint="chat", api={"base_url": server.base_url})
+    assert run_cli("run", str(spec), "--no-progress").code == 0
+
+    result = run_cli("export", str(spec), "--format", "sft", str(tmp_path / "train.jsonl"), "--weight", "score")
+
+    assert result.code == 2
+    assert result.stderr == ("batchrun: error: --weight score: row 2 (r2) holds 0.5, but an answer's weight is 0 "
+                             "(not trained on) or 1; give a column of 0s and 1s\n")
+    assert not (tmp_path / "train.jsonl").exists()  # whole or not at all
+
+
+@pytest.mark.slow
+def test_sft_export_of_an_embeddings_job_is_refused(tmp_path: Path, server: FakeServer) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"id": f"r{i}", "input": f"p{i}"} for i in range(3)])
+    spec = write_spec(tmp_path, endpoint="embeddings", api={"base_url": server.base_url})
+    assert run_cli("run", str(spec), "--no-progress").code == 0
+
+    result = run_cli("export", str(spec), "--format", "sft", str(tmp_path / "train.jsonl"))
+
+    assert result.code == 2
+    assert result.stderr == ("batchrun: error: --format sft: a job with endpoint: embeddings has no answers to "
+                             "train on; export it with --format openai-batch\n")
+    assert not (tmp_path / "train.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["sft", "openai-batch"])
+def test_export_to_a_folder_names_it(tmp_path: Path, server: FakeServer, fmt: str) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"id": "r0", "prompt": "p0"}])
+    spec = write_spec(tmp_path, api={"base_url": server.base_url})
+    assert run_cli("run", str(spec), "--no-progress").code == 0
+    (tmp_path / "exports").mkdir()
+
+    result = run_cli("export", str(spec), "--format", fmt, str(tmp_path / "exports"))
+
+    name = "train.jsonl" if fmt == "sft" else "results.jsonl"
+    assert result.code == 2
+    assert result.stderr == (f"batchrun: error: {tmp_path / 'exports'}: is a folder; name the .jsonl file to "
+                             f"write, such as {tmp_path / 'exports' / name}\n")
+    assert list((tmp_path / "exports").iterdir()) == []
 
 
 def _text_of(body: dict) -> str:
