@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="sft: {messages} samples; openai-batch: the Batch API's output (and error) file")
     export.add_argument("--include-truncated", action="store_true", help="sft: answers cut by max_tokens too")
     export.add_argument("--all-choices", action="store_true", help="sft: a sample per choice of n")
-    export.add_argument("--weight", metavar="COLUMN", help="sft: a per-sample weight from this output column")
+    export.add_argument("--weight", metavar="COLUMN", help="sft: the answer's weight, 0 or 1, from this output column")
 
     args = parser.parse_args(argv)
     # Outside the worker pool (which handles signals itself), SIGTERM and Ctrl-C stop
