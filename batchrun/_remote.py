@@ -188,6 +188,14 @@ class Remote:
             with _store_errors(f"{self.url_of(local)}: cannot download"):
                 _pull_file(self.fs, self.path_of(local), local)
 
+    def move(self, local: Path, to: Path) -> bool:
+        """Move the store's copy of `local` to where `to` is mirrored; False if there is none."""
+        if not self.exists(local):
+            return False
+        with _store_errors(f"{self.url_of(local)}: cannot move it to {self.url_of(to)}"):
+            self.fs.move(self.path_of(local), self.path_of(to))
+        return True
+
     def push_file(self, local: Path) -> None:
         if local.exists():
             with _store_errors(f"{self.url_of(local)}: cannot upload {local.name}"):

@@ -91,6 +91,7 @@ class Summary:
     saved_usd: float | None = None  # what those answers would have cost
     shard: str | None = None  # `I/N` for a shard's run
     merged: str | None = None  # a shard's run: the merge it made, or why it made none
+    set_aside: str | None = None  # where --restart moved the previous output
     unmetered: int = 0  # rows with answers that came without usage: charged at their worst case
     lost: int = 0  # requests a kill -9 left unsettled: counted against the budget at their worst case
     lost_usd: float = 0.0
@@ -136,7 +137,8 @@ class Summary:
         sent = f"{self.requests:,} request{'' if self.requests == 1 else 's'}"
         shard = f"shard {self.shard}: " if self.shard else ""
         merged = f"; {self.merged}" if self.merged else ""
-        return f"{shard}{head}; {tokens}; {sent} in {self.elapsed_s:.1f} s; {tail}{merged}"
+        aside = f"; the output before --restart was moved to {self.set_aside}" if self.set_aside else ""
+        return f"{shard}{head}; {tokens}; {sent} in {self.elapsed_s:.1f} s; {tail}{merged}{aside}"
 
 
 def run_job(
@@ -217,6 +219,8 @@ def run_job(
             # (never a running job's, nor one for a job that never began)
             status.stopped(str(exc), exc.exit_code)  # type: ignore[attr-defined]
         raise
+    # The output of the progress just discarded must not pass for this run's (status, export)
+    set_aside = _set_aside([output_path, *([spec.output] if shard is not None else [])], remote) if restart else None
     # A shard runs rows [start, total): those before it count as done, and are not its to write
     start, total = (0, total) if shard is None else shard.bounds(total)
     try:
@@ -307,6 +311,7 @@ def run_job(
         max_failed_share=spec.max_failed_share if max_failed_share is None else max_failed_share,
         shard=str(shard) if shard is not None else None,
         merged=merged,
+        set_aside=set_aside,
         unmetered=spend.unmetered,
         lost=spend.lost,
         lost_usd=spend.lost_usd,
@@ -404,6 +409,25 @@ def _check_output(output: Path) -> None:
         raise ConfigError(f"{output}: is a folder; name a .parquet file")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{output}: the folder {folder} is not writable")
+
+
+def _set_aside(outputs: list[Path], remote: Remote | None) -> str | None:
+    """Move the outputs of a job's discarded progress out of the way (`--restart`), here
+    and on the store: `x.parquet` becomes `x.parquet.before-restart`. Where the first
+    one went, if it was there."""
+    moved = None
+    for output in outputs:
+        aside = output.with_name(output.name + ".before-restart")
+        try:
+            if output.is_file():
+                os.replace(output, aside)
+                moved = moved or str(aside)
+            if remote is not None and remote.move(output, aside):
+                moved = moved or remote.url_of(aside)
+        except OSError as exc:
+            raise StorageError(f"{output}: cannot move the output of the discarded progress aside "
+                               f"({exc.strerror}); move or delete it, then rerun with --restart") from exc
+    return moved
 
 
 def _check_free_space(folder: Path) -> None:

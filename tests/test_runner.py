@@ -482,3 +482,30 @@ def test_a_server_that_refuses_every_request_after_the_first_stops_the_job_and_a
 
     again = run_job(spec, transport=httpx.MockTransport(answer), environ=env)
     assert (again.ok, again.requests) == (20, 19)
+
+
+def test_a_restart_moves_the_previous_output_aside_at_once(tmp_path: Path) -> None:
+    from batchrun import job_status, load_spec
+    from batchrun._export import export_job
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(60)])
+    spec = write_spec(tmp_path, api={"base_url": "http://127.0.0.1:9/v1"})
+    env = {"OPENAI_API_KEY": "k"}
+    first = run_job(spec, transport=httpx.MockTransport(answer), environ=env)
+    assert first.output_written and len(read_output(first.output)) == 60
+    sent = []
+
+    def refused_after_five(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return answer(request) if len(sent) <= 5 else httpx.Response(401, json={"error": {"message": "no"}})
+
+    with pytest.raises(JobFatalAPIError) as info:
+        run_job(spec, restart=True, transport=httpx.MockTransport(refused_after_five), environ=env)
+
+    aside = tmp_path / "out/result.parquet.before-restart"
+    assert not first.output.exists() and len(read_output(aside)) == 60
+    assert f"the output before --restart was moved to {aside}" in info.value.summary.line()
+    status = job_status(load_spec(spec))
+    assert (status["state"], status["ok"]) == ("stopped", 5)
+    with pytest.raises(ConfigError, match="no output yet"):
+        export_job(spec, "openai-batch", tmp_path / "export.jsonl")
