@@ -44,7 +44,8 @@ from ._state import StateStore, differences, state_path
 if TYPE_CHECKING:
     from ._spec import JobSpec
 
-__all__ = ["MergeSummary", "Shard", "check_siblings", "find_shards", "merge_job", "shard_output", "try_merge"]
+__all__ = ["MergeSummary", "Shard", "check_siblings", "find_shards", "input_rows", "merge_job", "pull_shard_states",
+           "shard_output", "try_merge"]
 
 _NAME = re.compile(r"(\d{5})-of-(\d{5})\.batchrun\.sqlite")
 
@@ -105,6 +106,38 @@ def find_shards(output: Path) -> dict[Shard, Path]:
             if match:
                 found[Shard(int(match[1]), int(match[2]))] = path
     return dict(sorted(found.items()))
+
+
+def dataset_part(index: int, count: int) -> str:
+    """The name of part `index` of `count` in the dataset folder `merge --dataset` makes."""
+    return f"part-{index:05d}-of-{count:05d}.parquet"
+
+
+def pull_shard_states(remote: Remote, output: Path) -> set[str]:
+    """Bring the states of a sharded job's shards from the store, not their parts (for
+    `status`: the parts are the job's size); return the names the store's shard folder holds."""
+    import pyarrow.fs as pafs
+
+    folder = shard_folder(output)
+    try:
+        infos = remote.fs.get_file_info(pafs.FileSelector(remote.path_of(folder), allow_not_found=True))
+    except OSError as exc:  # pyarrow's IO errors
+        raise StorageError(f"{remote.url_of(folder)}: cannot list: {exc}") from exc
+    names = {info.base_name for info in infos if info.type == pafs.FileType.File}
+    for name in sorted(names):
+        if _NAME.fullmatch(name) and not lock_holder(folder / name):  # a shard running here has the newest
+            remote.pull_state(folder / name)
+    return names
+
+
+def input_rows(shards: dict[Shard, Path]) -> int | None:
+    """The input's row count, as the shards' states record it; None while none has begun."""
+    for path in shards.values():
+        with contextlib.suppress(FileNotFoundError, JobAborted, UsageError):  # gone, or damaged: the next
+            meta = _read_meta(path)
+            if "rows" in meta:
+                return int(meta["rows"])
+    return None
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -385,7 +418,7 @@ def _link_parts(parts: list[Path], folder: Path) -> None:
     try:
         tmp.mkdir(mode=0o700)
         for n, part in enumerate(parts):
-            target = tmp / f"part-{n:05d}-of-{len(parts):05d}.parquet"
+            target = tmp / dataset_part(n, len(parts))
             try:
                 os.link(part, target)
             except OSError:

@@ -21,7 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._lock import lock_holder
+from ._lock import lock_holder, lock_path
+from ._remote import Remote
+from ._shards import (
+    Shard, dataset_folder, dataset_part, find_shards, input_rows, pull_shard_states, shard_output,
+)
 from ._state import StateStore, state_path
 from ._version import __version__
 
@@ -86,30 +90,41 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
     """The job's status: the running job's own status file, else counted from its state
     (with the last run's exit code and reason from its status file).
 
-    A job run in shards has a `shards` list, each shard's status, and their sums; it is
-    finished once every shard is and the merged output exists.
+    A job run in shards has a `shards` list, each shard's status, and their sums (its
+    `rows` and `remaining` count the shards not started too); it is finished once every
+    shard is and the merged output exists. On object storage, from the newest states and
+    statuses there are (a job running here has them already).
     """
-    from ._shards import dataset_folder, find_shards, shard_output
-
-    if spec.output_url:  # on object storage: from the newest state there is
-        return _remote_status(spec)
+    remote = Remote(spec.output_url, spec.output) if spec.output_url else None
+    on_store = pull_shard_states(remote, spec.output) if remote is not None else set()
     shards = find_shards(spec.output)
     if not shards:
-        return _status_of(spec.name, spec.output)
+        return _remote_status(spec, remote) if remote is not None else _status_of(spec.name, spec.output)
+    count = next(iter(shards)).count
     parts = []
     for shard in shards:
-        part = _status_of(spec.name, shard_output(spec.output, shard))
-        parts.append({"shard": str(shard), **{k: v for k, v in part.items() if k not in ("job", "version")}})
+        output = shard_output(spec.output, shard)
+        if remote is not None and not lock_holder(state_path(output)) and status_path(output).name in on_store:
+            remote.pull(status_path(output))  # the last run's exit code and reason, wherever it ran
+        part = _status_of(spec.name, output, published=output.name in on_store if remote is not None else None)
+        where = remote.url_of(output) if remote is not None else str(output)
+        parts.append({"shard": str(shard), **{k: v for k, v in part.items() if k not in ("job", "version")},
+                      "output": where})
     states = {part["state"] for part in parts}
-    count = next(iter(shards)).count
-    merged = spec.output.exists() or dataset_folder(spec.output).is_dir()
+    if remote is not None:
+        merged = remote.exists(spec.output) or remote.exists(dataset_folder(spec.output) / dataset_part(0, count))
+    else:
+        merged = spec.output.exists() or dataset_folder(spec.output).is_dir()
     state = ("running" if "running" in states else
              "finished" if states == {"finished"} and len(parts) == count and merged else "stopped")
     total = {name: sum(part.get(name) or 0 for part in parts)
              for name in ("rows", "ok", "failed", "failed_for_good", "remaining", "prompt_tokens",
                           "completion_tokens", "total_tokens")}
+    rows = input_rows(shards)
+    if rows is not None:  # the shards not started (or not begun) have their rows to go too
+        total["rows"], total["remaining"] = rows, max(0, rows - total["ok"] - total["failed"])
     costs = [part["cost_usd"] for part in parts if part.get("cost_usd") is not None]
-    missing = [str(i) for i in range(count) if all(s.index != i for s in shards)]
+    missing = [str(i) for i in range(count) if Shard(i, count) not in shards]
     reason = (f"shard{'s' * (len(missing) > 1)} {', '.join(missing)} of {count} not started" if missing else
               "every shard finished; not merged yet: batchrun merge" if states == {"finished"} and not merged
               else None)
@@ -119,18 +134,16 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
     exit_code = None
     if state != "running" and not missing and None not in codes and (state == "finished" or max(codes) > 0):
         exit_code = max(codes)
-    return {"job": spec.name, "output": str(spec.output), "state": state, "reason": reason,
+    return {"job": spec.name, "output": spec.output_url or str(spec.output), "state": state, "reason": reason,
             "exit_code": exit_code, "version": __version__, "shard_count": count, **total,
             "cost_usd": sum(costs) if costs else None, "shards": parts}
 
 
-def _remote_status(spec: JobSpec) -> dict[str, Any]:
-    from ._remote import Remote
-
-    remote = Remote(spec.output_url, spec.output)  # type: ignore[arg-type]
+def _remote_status(spec: JobSpec, remote: Remote) -> dict[str, Any]:
     state = state_path(spec.output)
-    if not lock_holder(state):  # a job running here has the newest state already
+    if not lock_holder(state):  # a job running here has the newest state and status already
         remote.pull_state(state)
+        remote.pull(status_path(spec.output))
     published = remote.exists(spec.output)
     return {**_status_of(spec.name, spec.output, published=published), "output": spec.output_url}
 
@@ -140,9 +153,10 @@ def _status_of(job: str, output: Path, *, published: bool | None = None) -> dict
     path = state_path(output)
     saved = read(status_path(output)) or {}
     holder = lock_holder(path)
-    if holder and saved.get("state") == "running" and saved.get("pid") == holder:
+    pid = int(holder) if holder and holder.isdigit() else None  # "unknown": its pid is not written yet
+    if holder and saved.get("state") == "running" and saved.get("pid") == pid:
         return saved
-    base = {"job": job, "output": str(output), "pid": holder, "version": __version__}
+    base = {"job": job, "output": str(output), "pid": pid, "version": __version__}
     try:
         store = StateStore.open(path, lock=False)
     except FileNotFoundError:
@@ -153,16 +167,25 @@ def _status_of(job: str, output: Path, *, published: bool | None = None) -> dict
         store.close()
     rows = meta.get("rows", 0)
     if meta.get("shard"):  # a shard's own rows
-        from ._shards import Shard
-
         start, stop = Shard(*meta["shard"]).bounds(rows)
         rows = stop - start
     remaining = max(0, rows - counts["ok"] - counts["failed"])
     done = output.exists() if published is None else published
     state = "running" if holder else ("finished" if remaining == 0 and done else "stopped")
     last_run = saved if saved.get("state") != "running" else {}
+    # A run that has not written its status yet (it is still checking its input): what is known
+    running = {"started_at": _lock_taken(path), "requests": None, "rows_per_s": None, "eta_s": None} if holder else {}
     return {**base, "state": state, "reason": last_run.get("reason"), "exit_code": last_run.get("exit_code"),
-            "rows": rows, **counts, "remaining": remaining, "updated_at": saved.get("updated_at")}
+            "rows": rows, **counts, "remaining": remaining, **running, "updated_at": saved.get("updated_at")}
+
+
+def _lock_taken(state: Path) -> str | None:
+    """When the running job took its lock (and wrote its pid into it): its start, near enough."""
+    try:
+        taken = lock_path(state).stat().st_mtime
+    except OSError:
+        return None
+    return datetime.fromtimestamp(taken, timezone.utc).isoformat(timespec="seconds")
 
 
 def write_atomically(path: Path, data: dict[str, Any]) -> None:

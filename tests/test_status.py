@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
+import pytest
+
+from batchrun import Shard, job_status, load_spec, run_job
+from batchrun._lock import JobLock
+from batchrun._state import StateStore
 from tests.conftest import read_output, run_cli, start_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
+from tests.test_remote import _bucket, _env, _put_jsonl, s3  # noqa: F401 (s3: the fixture)
 
 
 def status_json(spec: Path) -> dict:
@@ -17,8 +27,30 @@ def status_json(spec: Path) -> dict:
     return json.loads(line)
 
 
+def wait_for(condition: Callable[[], object], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not written yet
+        return None
+
+
+@pytest.mark.slow
 def test_the_status_file_and_status_json_follow_a_running_job(tmp_path: Path, server: FakeServer) -> None:
-    server.faults = Faults(latency_s=0.03)
+    released = threading.Event()
+
+    def hold(body: dict) -> None:
+        """Rows from 1000 on wait for the test (the server with them): the job runs meanwhile."""
+        if int(body["prompt"][1:]) >= 1000:
+            released.wait(60)
+
+    server.faults = Faults(latency_s=0.03, raw_answer=hold)
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(2000)])
     spec = write_spec(tmp_path, concurrency=8, pricing={"test-model": {"input": 1.0, "output": 2.0}},
                       api={"base_url": server.base_url})
@@ -26,13 +58,14 @@ def test_the_status_file_and_status_json_follow_a_running_job(tmp_path: Path, se
     assert status_json(spec)["state"] == "not started"
 
     proc = start_cli("run", str(spec), "--no-progress")
-    deadline = time.monotonic() + 30
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    first = json.loads(path.read_text())
-    time.sleep(5.5)
-    second = json.loads(path.read_text())
-    while_running = status_json(spec)
+    try:
+        wait_for(lambda: read_json(path))
+        first = read_json(path)
+        wait_for(lambda: read_json(path)["ok"] > first["ok"])  # the next write, EVERY_S later
+        second = read_json(path)
+        while_running = status_json(spec)
+    finally:
+        released.set()
     proc.communicate(timeout=60)
 
     assert proc.returncode == 0
@@ -40,7 +73,10 @@ def test_the_status_file_and_status_json_follow_a_running_job(tmp_path: Path, se
     assert first["exit_code"] is None and first["pid"] == proc.pid and first["rows"] == 2000
     assert second["ok"] > first["ok"] and second["remaining"] < 2000 and second["rows_per_s"] > 0
     assert second["eta_s"] is not None and second["updated_at"] >= first["updated_at"]
-    assert while_running["ok"] >= second["ok"]
+    assert while_running["ok"] >= second["ok"] and while_running["pid"] == proc.pid  # an integer, as in the file
+    assert while_running["started_at"] == first["started_at"]
+    assert while_running["requests"] >= second["requests"] > 0
+    assert {"rows_per_s", "eta_s"} <= while_running.keys()
     end = json.loads(path.read_text())
     rows = read_output(tmp_path / "out/result.parquet")
     assert (end["state"], end["exit_code"], end["ok"], end["failed"], end["remaining"]) == ("finished", 0, 2000, 0, 0)
@@ -48,6 +84,58 @@ def test_the_status_file_and_status_json_follow_a_running_job(tmp_path: Path, se
     assert abs(end["cost_usd"] - sum(r["cost_usd"] for r in rows)) < 1e-9
     after = status_json(spec)  # from the state, with the last run's exit code
     assert (after["state"], after["exit_code"], after["ok"], after["remaining"]) == ("finished", 0, 2000, 0)
+    assert after["pid"] is None
+
+
+def test_a_running_job_before_its_first_status_write_has_every_running_field(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(30)])
+    spec = load_spec(write_spec(tmp_path, api={"base_url": "mock://"}))
+    run_job(spec, limit=10)
+    (tmp_path / "out/result.status.json").unlink()  # as while a rerun validates its input: none of its own yet
+    lock = JobLock.acquire(tmp_path / "out/result.batchrun.sqlite")  # the rerun, in this process
+    try:
+        data = job_status(spec)
+    finally:
+        lock.release()
+
+    assert (data["state"], data["pid"], data["ok"], data["remaining"]) == ("running", os.getpid(), 10, 20)
+    assert datetime.fromisoformat(data["started_at"]).tzinfo is not None  # when it took the lock
+    assert (data["requests"], data["rows_per_s"], data["eta_s"]) == (None, None, None)  # not known yet
+
+
+def test_a_sharded_job_counts_the_rows_of_shards_not_started_as_remaining(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(30)])
+    spec = load_spec(write_spec(tmp_path, api={"base_url": "mock://"}))
+    run_job(spec, shard=Shard(0, 3), merge=None)
+
+    data = job_status(spec)
+
+    assert (data["rows"], data["ok"], data["remaining"], data["shard_count"]) == (30, 10, 20, 3)
+    assert data["reason"] == "shards 1, 2 of 3 not started"
+    StateStore.open(tmp_path / "out/result.shards/00002-of-00003.batchrun.sqlite").close()  # made, never claimed
+    assert (job_status(spec)["rows"], job_status(spec)["remaining"]) == (30, 20)
+
+
+@pytest.mark.slow
+def test_a_sharded_job_on_object_storage_reports_its_shards(tmp_path: Path, s3: dict[str, str]) -> None:  # noqa: F811
+    fs = _bucket(s3, "status")
+    _put_jsonl(fs, "status/in.jsonl", [{"prompt": f"row {i}"} for i in range(50)])
+    spec = write_spec(tmp_path, input="s3://status/in.jsonl", output="s3://status/out/a.parquet",
+                      api={"base_url": "mock://"})
+    assert run_cli("run", str(spec), "--shard", "1/2", "--no-progress", env=_env(s3, tmp_path / "one")).code == 0
+
+    half = json.loads(run_cli("status", str(spec), "--json", env=_env(s3, tmp_path / "fresh")).stdout)
+    assert run_cli("run", str(spec), "--shard", "0/2", "--no-progress", env=_env(s3, tmp_path / "two")).code == 0
+    done = json.loads(run_cli("status", str(spec), "--json", env=_env(s3, tmp_path / "other")).stdout)
+
+    assert (half["state"], half["shard_count"], half["rows"], half["ok"], half["remaining"]) == \
+        ("stopped", 2, 50, 25, 25)
+    assert half["reason"] == "shard 0 of 2 not started" and half["exit_code"] is None
+    assert [(s["shard"], s["state"], s["exit_code"]) for s in half["shards"]] == [("1/2", "finished", 0)]
+    assert half["shards"][0]["output"] == "s3://status/out/a.shards/00001-of-00002.parquet"
+    assert (done["state"], done["exit_code"], done["ok"], done["remaining"]) == ("finished", 0, 50, 0)
+    assert done["output"] == "s3://status/out/a.parquet"
+    assert [(s["shard"], s["state"]) for s in done["shards"]] == [("0/2", "finished"), ("1/2", "finished")]
 
 
 def test_a_stopped_run_says_why_in_its_status(tmp_path: Path, server: FakeServer) -> None:
