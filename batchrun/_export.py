@@ -22,10 +22,10 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import IO, Any
 
 from ._exceptions import ConfigError, InputError, StorageError
 from ._remote import job_inputs
