@@ -33,6 +33,7 @@ def _prompt_index(body: dict) -> int:
     return int(body["prompt"].split()[1])
 
 
+@pytest.mark.slow
 def test_four_shards_at_once_with_faults_and_kills_merge_every_row_once_in_order(
         tmp_path: Path, server: FakeServer) -> None:
     rows = 20_000
@@ -83,6 +84,7 @@ def sharded(tmp_path: Path) -> Path:
     return write_spec(tmp_path, api={"base_url": "mock://"})
 
 
+@pytest.mark.slow
 def test_merge_waits_for_every_shard_and_names_the_missing(sharded: Path) -> None:
     first = run_cli("run", str(sharded), "--shard", "0/3", "--no-progress")
     assert first.code == 0, first.stderr
@@ -99,6 +101,7 @@ def test_merge_waits_for_every_shard_and_names_the_missing(sharded: Path) -> Non
     assert status["shards"][0]["state"] == "finished" and status["shards"][0]["rows"] == 10
 
 
+@pytest.mark.slow
 def test_merge_makes_one_file_or_a_dataset_folder_in_input_order(sharded: Path) -> None:
     for i in (2, 0, 1):
         assert run_cli("run", str(sharded), "--shard", f"{i}/3", "--no-merge", "--no-progress").code == 0
@@ -115,6 +118,7 @@ def test_merge_makes_one_file_or_a_dataset_folder_in_input_order(sharded: Path) 
     assert pq.read_table(sharded.parent / "out/result").to_pylist() == one
 
 
+@pytest.mark.slow
 def test_shards_of_another_n_or_a_changed_spec_never_mix(sharded: Path) -> None:
     assert run_cli("run", str(sharded), "--shard", "0/3", "--no-progress").code == 0
 
@@ -131,11 +135,13 @@ def test_shards_of_another_n_or_a_changed_spec_never_mix(sharded: Path) -> None:
     assert merged.code == 2 and 'request.model was "test-model", now "other-model"' in merged.stderr
 
 
+@pytest.mark.slow
 def test_limit_and_shard_do_not_go_together(sharded: Path) -> None:
     result = run_cli("run", str(sharded), "--shard", "0/3", "--limit", "5", "--no-progress")
     assert result.code == 2 and "--limit and --shard" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_shard_state_killed_before_it_began_is_waited_for(sharded: Path) -> None:
     from batchrun._state import StateStore
 

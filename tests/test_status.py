@@ -138,6 +138,7 @@ def test_a_sharded_job_on_object_storage_reports_its_shards(tmp_path: Path, s3: 
     assert [(s["shard"], s["state"]) for s in done["shards"]] == [("0/2", "finished"), ("1/2", "finished")]
 
 
+@pytest.mark.slow
 def test_a_stopped_run_says_why_in_its_status(tmp_path: Path, server: FakeServer) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(300)])
     spec = write_spec(tmp_path, pricing={"test-model": {"input": 1.0, "output": 2.0}}, params={"max_tokens": 16},
