@@ -14,6 +14,7 @@ import pytest
 from batchrun._shards import Shard
 from tests.conftest import read_output, run_cli, start_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
+from tests.test_remote import _bucket, _env, _put_jsonl, s3  # noqa: F401 (s3: the fixture)
 
 
 @pytest.mark.parametrize("rows", [0, 1, 3, 7, 20_000, 20_003])
@@ -234,3 +235,24 @@ def test_a_part_without_its_state_names_the_part_and_the_command(sharded: Path) 
     assert f"batchrun run {sharded} --shard 2/3" in merged.stderr
     again = run_cli("run", str(sharded), "--shard", "2/3", "--no-progress")  # the command said: it merges
     assert again.code == 0 and "merged 3 shards: 30 rows, 30 ok" in again.stdout, again.stdout
+
+
+@pytest.mark.slow
+def test_a_damaged_part_on_the_store_is_remade_and_uploaded(tmp_path: Path, s3: dict[str, str]) -> None:  # noqa: F811
+    fs = _bucket(s3, "damaged")
+    _put_jsonl(fs, "damaged/in.jsonl", [{"prompt": f"row {i}", "i": i} for i in range(40)])
+    spec = write_spec(tmp_path, input="s3://damaged/in.jsonl", output="s3://damaged/out/a.parquet",
+                      api={"base_url": "mock://"})
+    for i in (0, 1):
+        ran = run_cli("run", str(spec), "--shard", f"{i}/2", "--no-merge", "--no-progress", env=_env(s3, tmp_path / "w"))
+        assert ran.code == 0, ran.stderr
+    with fs.open_output_stream("damaged/out/a.shards/00001-of-00002.parquet") as f:
+        f.write(b"PAR1 not a part at all")
+
+    merged = run_cli("merge", str(spec), env=_env(s3, tmp_path / "fresh"))  # another machine
+
+    assert merged.code == 0, merged.stderr
+    assert "remade the part of shard 1/2 from its state" in merged.stdout
+    assert [r["i"] for r in pq.read_table("s3://damaged/out/a.parquet").to_pylist()] == list(range(40))
+    assert [r["i"] for r in pq.read_table("s3://damaged/out/a.shards/00001-of-00002.parquet").to_pylist()] == \
+        list(range(20, 40))
