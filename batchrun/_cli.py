@@ -17,6 +17,7 @@ from pathlib import Path
 from ._exceptions import ConfigError, Interrupted, JobAborted, UsageError
 from ._export import export_job
 from ._plan import plan_job
+from ._pricing import usd
 from ._progress import make_progress
 from ._runner import run_job
 from ._shards import Shard, merge_job
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="also retry rows that failed for good (a 4xx, an invalid answer); "
                           "rows that failed for transient reasons are always retried")
     run.add_argument("--max-failed-share", type=_share, metavar="SHARE",
-                     help="exit 0 when at most this share of rows failed (0.01 is 1%%); overrides the spec")
+                     help="exit 0 when at most this share of rows failed (0.01, or 1%%); overrides the spec")
     run.add_argument("--shard", type=_shard, metavar="I/N",
                      help="run shard I (from 0) of N: a contiguous 1/N of the rows, with its own state and output "
                           "part; the last shard to finish merges the parts into the output")
@@ -188,9 +189,13 @@ def _shard(text: str) -> Shard:
 
 
 def _share(text: str) -> float:
-    value = float(text)
+    """0.01 or 1%."""
+    try:
+        value = float(text.removesuffix("%")) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share such as 0.01 or 1%, got {text!r}") from None
     if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError("must be between 0 and 1")
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1 (0 % and 100 %), got {text!r}")
     return value
 
 
@@ -263,7 +268,7 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  tokens     {data['total_tokens']:,} ({data['prompt_tokens']:,} prompt, "
           f"{data['completion_tokens']:,} completion)")
     if data.get("cost_usd") is not None:
-        print(f"  cost       ${data['cost_usd']:,.4f}")
+        print(f"  cost       {usd(data['cost_usd'])}")
     if data.get("exit_code") is not None:
         print(f"  exit code  {data['exit_code']} (the last run's)")
     written = data["state"] == "finished" or Path(data["output"]).exists()

@@ -24,7 +24,7 @@ from typing import Any
 from ._exceptions import ConfigError
 from ._remote import job_inputs
 from ._inputs import InputReader, Row
-from ._pricing import completion_bound
+from ._pricing import completion_bound, usd
 from ._spec import JobSpec, load_spec
 from ._state import StateStore, done_rows, state_path
 from ._template import Template
@@ -58,7 +58,7 @@ class Plan:
 
     def text(self) -> str:
         def number(value: float | None, unit: str = "") -> str:
-            return "unknown" if value is None else f"{unit}{value:,.4f}" if unit else f"{value:,}"
+            return "unknown" if value is None else usd(value) if unit else f"{value:,}"
 
         lines = [
             f"{self.job}: {self.rows:,} of {self.rows_total:,} rows to do, in {self.requests:,} requests",

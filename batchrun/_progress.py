@@ -11,6 +11,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, TextIO
 
+from ._pricing import usd
+
 if TYPE_CHECKING:
     from tqdm import tqdm
 
@@ -54,7 +56,7 @@ class BarProgress(Progress):
         self.tokens += tokens
         self.failed += failed
         self.cost += cost_usd
-        cost = f", ${self.cost:,.4f}" if self.cost else ""
+        cost = f", {usd(self.cost)}" if self.cost else ""
         self.bar.set_postfix_str(f"{self.tokens:,} tokens{cost}, {self.failed} failed", refresh=False)
         self.bar.update(ok + failed)
 
@@ -93,7 +95,7 @@ class LogProgress(Progress):
         percent = 100 * self.settled / self.total if self.total else 100.0
         print(
             f"batchrun: {self.settled:,}/{self.total:,} rows ({percent:.1f}%), {rate:.1f} rows/s, "
-            f"{self.tokens:,} tokens{f', ${self.cost:,.4f}' if self.cost else ''}, {self.failed} failed",
+            f"{self.tokens:,} tokens{f', {usd(self.cost)}' if self.cost else ''}, {self.failed} failed",
             file=self.stream,
             flush=True,
         )

@@ -1,0 +1,47 @@
+"""The command's own behaviour, in-process: its arguments, its messages, its start."""
+
+from __future__ import annotations
+
+import sys
+import pytest
+
+from batchrun._cli import main
+
+
+@pytest.mark.parametrize(("given", "share"), [("1%", 0.01), ("0.5 %", 0.005), ("0.01", 0.01), ("0", 0.0)])
+def test_max_failed_share_takes_a_fraction_or_a_percentage(given: str, share: float) -> None:
+    from batchrun._cli import _share
+
+    assert _share(given) == pytest.approx(share)
+
+
+@pytest.mark.parametrize("given", ["one percent", "150%", "-0.1"])
+def test_a_share_that_is_no_share_says_what_is_expected(given: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", "job.yaml", "--max-failed-share", given])
+    assert info.value.code == 2
+    said = capsys.readouterr().err
+    assert "argument --max-failed-share: expected a share" in said and "_share" not in said
+
+
+def test_ctrl_c_while_the_command_loads_ends_quietly(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    class Interrupted:  # a key press while the heavy modules are imported
+        def find_spec(self, name: str, path: object, target: object = None) -> None:
+            if name == "batchrun._cli":
+                raise KeyboardInterrupt
+
+    from batchrun.__main__ import main as command
+
+    monkeypatch.delitem(sys.modules, "batchrun._cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    assert command() == 3
+    assert capsys.readouterr().err == "batchrun: interrupted while starting; nothing was sent\n"
+
+
+def test_importing_batchrun_loads_neither_pyarrow_nor_httpx() -> None:
+    import subprocess
+
+    code = "import sys, batchrun; print(sorted(m for m in ('pyarrow', 'httpx', 'anyio') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
