@@ -32,7 +32,8 @@ __all__ = ["CacheSpec", "ResponseCache", "cacheable"]
 # What a cached answer keeps: the answer itself, not the row it answered
 _KEPT = ("output_text", "reasoning_content", "tool_calls", "finish_reason", "model", "response_id", "prompt_tokens",
          "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
-_ROW_ONLY = ("request", "cached", "saved_usd")  # extra's keys that belong to the row, not the answer
+# extra's keys that belong to the row, not the answer
+_ROW_ONLY = ("request", "cached", "saved_usd", "unmetered", "unmetered_tokens")
 BUSY_TIMEOUT_S = 60.0
 
 
@@ -59,7 +60,9 @@ class ResponseCache:
             self._write = self._connect(path)
             self._write.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, answer TEXT NOT NULL)")
         except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"cache: cannot open {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+            raise ConfigError(f"cache: cannot open {path}: {getattr(exc, 'strerror', None) or exc}. The cache only "
+                              "saves requests: move or delete the file (a new one is made), name another in the "
+                              "spec's cache:, or remove cache: to run without one") from exc
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:

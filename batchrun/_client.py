@@ -139,6 +139,7 @@ class Client:
         self.closing = False
         self.cache: ResponseCache | None = None  # the runner's, when the spec names one
         self.cache_hits = 0
+        self.uncacheable = 0  # requests the cache may not answer: not deterministic
         schema = spec.answer_schema()
         self._structure = Structure(schema) if schema is not None else None
 
@@ -174,11 +175,14 @@ class Client:
         )
         price = self.spec.pricing.get(body.get("model")) if self.spec.pricing else None
         key = None
-        if self.cache is not None and cacheable(body, everything=self.cache.spec.everything):
-            key = self.cache.key(str(attempt.url), body)
-            hit = self.cache.get(key)
-            if hit is not None:
-                return self._from_cache(row, hit, price, payload)
+        if self.cache is not None:
+            if cacheable(body, everything=self.cache.spec.everything):
+                key = self.cache.key(str(attempt.url), body)
+                hit = self.cache.get(key)
+                if hit is not None:
+                    return self._from_cache(row, hit, price, payload)
+            else:
+                self.uncacheable += 1
         worst = self._worst(price, body, len(payload))
         # Re-asks may follow the first answer: all of them are held against the budget.
         held = await self._hold(worst, 1 + (self.spec.retry.max_reasks if self._structure else 0))

@@ -92,6 +92,7 @@ class Summary:
     shard: str | None = None  # `I/N` for a shard's run
     merged: str | None = None  # a shard's run: the merge it made, or why it made none
     set_aside: str | None = None  # where --restart moved the previous output
+    uncacheable: int = 0  # with a cache: requests of this run it could not answer (not deterministic)
     unmetered: int = 0  # rows with answers that came without usage: charged at their worst case
     lost: int = 0  # requests a kill -9 left unsettled: counted against the budget at their worst case
     lost_usd: float = 0.0
@@ -133,6 +134,9 @@ class Summary:
             tokens += f"; {self.cache_hits:,} from the cache"
             if self.saved_usd is not None:
                 tokens += f" ({usd(self.saved_usd)} saved)"
+        if self.uncacheable:
+            tokens += (f"; {self.uncacheable:,} request{'s' if self.uncacheable > 1 else ''} not looked up in the "
+                       "cache: not deterministic (no temperature: 0 or seed; cache: {everything: true} caches all)")
         tail = f"output: {self.output}" if self.output_written else f"progress saved in {self.state}"
         sent = f"{self.requests:,} request{'' if self.requests == 1 else 's'}"
         shard = f"shard {self.shard}: " if self.shard else ""
@@ -312,6 +316,7 @@ def run_job(
         shard=str(shard) if shard is not None else None,
         merged=merged,
         set_aside=set_aside,
+        uncacheable=client.uncacheable,
         unmetered=spend.unmetered,
         lost=spend.lost,
         lost_usd=spend.lost_usd,

@@ -253,8 +253,11 @@ class StateStore:
     def _check_files(self) -> None:
         """The state, its -wal and the lock must be the files this job opened."""
         if _inode(self.path) != self._inode:
-            raise StorageError(f"{self.path}: the job's state file was removed or replaced while the job ran; "
-                               f"{self._restore()}")
+            what, restored = self._restore()
+            error = StorageError(f"{self.path}: the job's state file was removed or replaced while the job ran; "
+                                 f"{what}")
+            error.rerun_resumes = restored  # type: ignore[misc]
+            raise error
         wal = self.path.with_name(self.path.name + "-wal")
         if self._wal_inode is not None and _inode(wal) != self._wal_inode:
             try:  # SQLite still holds the removed -wal open: copy what it holds into the state
@@ -267,17 +270,21 @@ class StateStore:
         if self._lock is not None:
             self._lock.check()
 
-    def _restore(self) -> str:
-        """Write what this job still holds open back to the state's path, if it is free."""
-        if self.path.exists() or not self.path.parent.is_dir():
-            return "its progress is not in the file there now, so a rerun would start over; stopping"
+    def _restore(self) -> tuple[str, bool]:
+        """Write what this job still holds open back to the state's path, if it is free
+        (its folder made again, if that went too); what happened, and whether it did."""
+        if self.path.exists():
+            return ("the file there now is not this job's progress: stopping. Put this job's state back, or "
+                    "rerun with --restart to start over (every answer is then paid again)"), False
         try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE)
             os.close(fd)
             self._db.execute("VACUUM INTO ?", (str(self.path),))
         except (OSError, sqlite3.Error) as exc:
-            return f"restoring it failed ({exc}), so the progress it held is lost; stopping"
-        return "batchrun wrote every answer saved so far back to it; stopping. Rerun to resume"
+            return (f"restoring it failed ({exc}), so the progress it held is lost: stopping. A rerun starts "
+                    "over"), False
+        return "batchrun wrote every answer saved so far back to it; stopping", True
 
     def row_states(self, size: int) -> bytearray:
         """A byte per row index (small even for millions): 0 not settled, then OK, FAILED

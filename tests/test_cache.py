@@ -92,3 +92,30 @@ def test_jobs_running_at_once_share_the_cache_safely(tmp_path: Path, server: Fak
     late = run_cli("run", str(write_spec(tmp_path, name="j3.yaml", output="out3/r.parquet", params={"seed": 7},
                                          cache="shared.sqlite", api={"base_url": server.base_url})), "--no-progress")
     assert late.code == 0 and "600 from the cache" in late.stdout
+
+
+def test_the_summary_says_how_many_requests_the_cache_could_not_answer_and_why(tmp_path: Path) -> None:
+    from batchrun import run_job
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"q {i}", "temperature": 0 if i < 3 else 0.7}
+                                           for i in range(10)])
+    spec = write_spec(tmp_path, cache="c.sqlite", api={"base_url": "mock://"})
+
+    summary = run_job(spec, environ={})
+
+    assert summary.uncacheable == 7
+    assert "7 requests not looked up in the cache: not deterministic (no temperature: 0 or seed" in summary.line()
+    assert run_job(spec, restart=True, environ={}).cache_hits == 3
+
+
+def test_a_damaged_cache_says_what_to_do(tmp_path: Path) -> None:
+    import pytest
+
+    from batchrun import ConfigError, run_job
+
+    (tmp_path / "c.sqlite").write_bytes(b"not a database at all" * 100)
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "q", "temperature": 0}])
+    spec = write_spec(tmp_path, cache="c.sqlite", api={"base_url": "mock://"})
+
+    with pytest.raises(ConfigError, match="c.sqlite.*move or delete the file .a new one is made."):
+        run_job(spec, environ={})

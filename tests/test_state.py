@@ -170,3 +170,35 @@ def test_usage_adds_up_over_runs_and_a_sum_past_int64_is_no_count(tmp_path: Path
     assert rows[0]["cost_usd"] == 0.75 and rows[0]["attempts"] == 4
     assert (rows[1]["prompt_tokens"], rows[1]["total_tokens"]) == (4, 6)
     store.close()
+
+
+def test_a_state_whose_folder_went_mid_run_is_written_back_and_says_so_once(tmp_path: Path) -> None:
+    import shutil
+
+    path = tmp_path / "out" / "s.sqlite"
+    path.parent.mkdir()
+    store = StateStore.open(path)
+    store.claim(META, spec_name="job.yaml")
+    store.save([Result(0, "a", "ok", attempts=1)])
+    shutil.rmtree(path.parent)
+
+    with pytest.raises(StorageError, match="wrote every answer saved so far back to it; stopping$") as info:
+        store.save([Result(1, "b", "ok", attempts=1)])
+    assert info.value.rerun_resumes  # the command adds "rerun the same command to resume", and only that
+    store.close()
+    again = StateStore.open(path)
+    assert [r[0] for r in again.results(0, 10)] == [0]
+    again.close()
+
+
+def test_a_state_replaced_mid_run_is_not_resumed_and_says_how_to_go_on(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = StateStore.open(path)
+    store.save([Result(0, "a", "ok", attempts=1)])
+    path.unlink()
+    path.write_bytes(b"someone else's file")
+
+    with pytest.raises(StorageError, match="not this job's progress.*--restart") as info:
+        store.save([Result(1, "b", "ok", attempts=1)])
+    assert not info.value.rerun_resumes and "resume" not in str(info.value)
+    store.close()
