@@ -244,7 +244,8 @@ def test_a_damaged_part_on_the_store_is_remade_and_uploaded(tmp_path: Path, s3: 
     spec = write_spec(tmp_path, input="s3://damaged/in.jsonl", output="s3://damaged/out/a.parquet",
                       api={"base_url": "mock://"})
     for i in (0, 1):
-        ran = run_cli("run", str(spec), "--shard", f"{i}/2", "--no-merge", "--no-progress", env=_env(s3, tmp_path / "w"))
+        ran = run_cli("run", str(spec), "--shard", f"{i}/2", "--no-merge", "--no-progress",
+                      env=_env(s3, tmp_path / "w"))
         assert ran.code == 0, ran.stderr
     with fs.open_output_stream("damaged/out/a.shards/00001-of-00002.parquet") as f:
         f.write(b"PAR1 not a part at all")
