@@ -160,6 +160,7 @@ def run_job(
     merge: str | None = "file",
     rate_limiter: RateLimiter | None = None,
     concurrency_control: Control | None = None,
+    grace_s: float = GRACE_S,
 ) -> Summary:
     """Run (or resume) a job to completion and write its output.
 
@@ -180,6 +181,8 @@ def run_job(
     `rate_limiter` replaces the run's own rate policy: one that shares a job-wide quota
     with other processes (see `_ray`) has the same methods as `RateLimiter`.
     `concurrency_control` likewise replaces the run's own control of requests in flight.
+    `grace_s`: how long requests in flight may finish once the job is asked to stop
+    (a scheduler that kills a task some seconds after SIGTERM wants less than that).
     """
     started = time.monotonic()
     spec = job if isinstance(job, JobSpec) else load_spec(job)
@@ -248,6 +251,7 @@ def run_job(
         output = OutputWriter(output_path, store, reader, rows=total, passthrough=passthrough,
                               extras=extra_columns(spec, asks), start=start)
         pool = _Pool(spec, client, store, output, reader, progress, done, total, start)
+        pool.grace_s = grace_s
         if client.budget is not None:
             client.hold_log = pool
         pool.remote = remote
@@ -545,6 +549,7 @@ class _Pool:
         self.token: object | None = None  # the event loop's, for `stop_from_outside`
         self.remote: Remote | None = None  # the store the state is uploaded to
         self.stop_request: JobAborted | None = None
+        self.grace_s = GRACE_S
         # Rows a server asked to wait (a long retry-after), by when they may go again; and
         # for rows set aside, (requests sent so far, times set aside)
         self.parked: list[tuple[float, int, Row]] = []
@@ -698,7 +703,7 @@ class _Pool:
             ))
 
     def _stop(self, reason: JobAborted) -> None:
-        """Start no new row; requests in flight get GRACE_S to bring their answers home."""
+        """Start no new row; requests in flight get `grace_s` to bring their answers home."""
         if self.aborted is None:
             self.aborted = reason
         self.stopping = True
@@ -708,7 +713,7 @@ class _Pool:
             return
         self.answered_once.set()  # waiting workers wake up, see `stopping` and leave
         scope = workers.cancel_scope
-        scope.deadline = min(scope.deadline, anyio.current_time() + GRACE_S)
+        scope.deadline = min(scope.deadline, anyio.current_time() + self.grace_s)
 
     # -- the writer: the only owner of the state -----------------------------------------
 

@@ -35,6 +35,7 @@ from ._status import job_status
 __all__ = ["BatchrunOperator"]
 
 XCOM_KEY = "return_value"  # where Airflow puts what execute returns: one key, run ok or not
+AIRFLOW_GRACE_S = 4.0  # Airflow's supervisor sends SIGKILL 5 s after SIGTERM
 
 
 class BatchrunOperator(BaseOperator):
@@ -95,7 +96,8 @@ class BatchrunOperator(BaseOperator):
         self._running_in = threading.get_ident()
         try:
             # a line every 5 s in the task's log, as the CLI writes when not on a terminal
-            return run_job(spec, shard=shard, progress=LogProgress(sys.stderr))
+            # Airflow kills a task 5 s after its SIGTERM: answers in flight get 4 s to come home
+            return run_job(spec, shard=shard, progress=LogProgress(sys.stderr), grace_s=AIRFLOW_GRACE_S)
         finally:
             self._running_in = None
 

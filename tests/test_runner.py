@@ -509,3 +509,36 @@ def test_a_restart_moves_the_previous_output_aside_at_once(tmp_path: Path) -> No
     assert (status["state"], status["ok"]) == ("stopped", 5)
     with pytest.raises(ConfigError, match="no output yet"):
         export_job(spec, "openai-batch", tmp_path / "export.jsonl")
+
+
+def test_grace_s_bounds_how_long_requests_in_flight_may_finish_after_a_stop(tmp_path: Path) -> None:
+    """A scheduler that kills 5 s after its SIGTERM (Airflow) asks for less than the 10 s grace."""
+    import time
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stop
+
+    async def first_then_hang(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["prompt"] != "p0":
+            await anyio.sleep(3600)
+        return answer(request)
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(20)])
+    spec = write_spec(tmp_path, concurrency=4, api={"base_url": "http://127.0.0.1:9/v1"})
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    began = time.monotonic()
+    try:
+        with pytest.raises(Stop):
+            run_job(spec, transport=httpx.MockTransport(first_then_hang), environ={"OPENAI_API_KEY": "k"},
+                    grace_s=0.2)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - began < 5  # 0.5 s, then 0.2 s of grace; the default would wait 10 s
+    store = StateStore.open(state_path(tmp_path / "out/result.parquet"))
+    assert store.row_states(20).count(1) == 1  # the one answer received is saved
+    store.close()
