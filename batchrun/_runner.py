@@ -266,7 +266,8 @@ def run_job(
                 _run_beside(pool)
         except BaseException as exc:  # raised into the caller's thread: every answer is saved
             status.write(pool.counts(), requests=client.requests_sent, state="stopped",
-                         reason=f"stopped by {type(exc).__name__} in the calling thread", exit_code=3)
+                         reason=str(exc) if isinstance(exc, BatchrunError) and str(exc) else
+                         f"stopped by {type(exc).__name__} in the calling thread", exit_code=3)
             if remote is not None:  # a stop like any other: the store gets the state
                 with contextlib.suppress(StorageError, OSError):
                     remote.push_state(store.path)
@@ -365,7 +366,8 @@ def _run_beside(pool: _Pool) -> None:
         while not finished.wait(0.1):  # short waits: a signal handler in this thread runs between them
             pass
     except BaseException as exc:
-        pool.stop_from_outside(Interrupted(f"stopped by {type(exc).__name__} in the calling thread"))
+        pool.stop_from_outside(exc if isinstance(exc, Interrupted) else
+                               Interrupted(f"stopped by {type(exc).__name__} in the calling thread"))
         finished.wait()
         raise
     if failure:

@@ -179,6 +179,7 @@ def test_sigterm_through_on_kill_stops_the_job_as_sigterm_stops_the_cli(
         rerun = operators.BatchrunOperator(task_id="answers", job=str(spec)).execute({"ti": TaskInstance()})
 
         assert (stopped["state"], stopped["exit_code"]) == ("stopped", 3)
+        assert stopped["reason"] == "interrupted by SIGTERM: Airflow stopped the task"
         assert 0 < stopped["ok"] == len(saved) < rows
         assert answered == {f"p{i}" for i in saved}  # every answer sent back before the stop was saved
         assert (rerun["state"], rerun["exit_code"], rerun["ok"]) == ("finished", 0, rows)
