@@ -3,7 +3,8 @@
 `input:` may name one file, a glob or a list of either; `expand_inputs` turns that into
 the files themselves, in sorted order, and `InputFile` reads one of them, whatever its
 format: JSONL (gzipped or not) line by line, Parquet and CSV through Arrow as typed
-record batches. Each file is pinned (`_source`) for the whole job.
+record batches (CSV's own rules are in `_csv`). Each file is pinned (`_source`) for the
+whole job.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import _csv
 from ._checks import MAX_DEPTH, SUSPECT, check_record
 from ._exceptions import InputError
 from ._source import PinnedFile
@@ -78,6 +80,13 @@ class InputFile:
     def error(self, where: str, message: str) -> InputError:
         return InputError(f"{self.path}: {where}: {message}")
 
+    def columns_place(self) -> str:
+        """Where a problem with the file's columns is named: a CSV's header line."""
+        if not self.is_csv:
+            return "row 0"
+        with self._pinned.open() as raw:
+            return f"line {_csv.header_line(raw)}"
+
     @property
     def digest(self) -> str | None:
         return self._pinned.digest
@@ -89,7 +98,9 @@ class InputFile:
         self._pinned.check()
 
     def records(self, *, checking: bool, batch_rows: int) -> Iterator[Record]:
-        return self._arrow_records(batch_rows) if self.is_arrow else self._jsonl_records(checking)
+        if self.is_csv:
+            return self._csv_records()
+        return self._parquet_records(batch_rows) if self.is_parquet else self._jsonl_records(checking)
 
     def _jsonl_records(self, checking: bool) -> Iterator[Record]:
         """Only a suspect record can hold what JSON cannot carry; `checking` looks for them."""
@@ -124,7 +135,7 @@ class InputFile:
 
         try:
             with self._pinned.open() as raw:
-                yield from (_csv_batches if self.is_csv else _parquet_batches)(raw, columns, batch_rows)
+                yield from _csv.batches(raw, columns) if self.is_csv else _parquet_batches(raw, columns, batch_rows)
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"{self.path}: cannot read as {self._kind()}: {exc}") from exc
 
@@ -136,18 +147,18 @@ class InputFile:
 
     def _read_schema(self) -> pa.Schema:
         import pyarrow as pa
-        import pyarrow.csv as csv
         import pyarrow.parquet as pq
 
         try:
             with self._pinned.open() as raw:
                 if self.is_csv:
-                    schema = csv.open_csv(raw, read_options=_csv_read_options()).schema
+                    schema = _csv.schema(raw)
                 else:
                     schema = pq.ParquetFile(raw).schema_arrow
             schema.names  # noqa: B018 (decodes every name)
         except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"{self.path}: cannot read as {self._kind()}: {exc}") from exc
+            found = self._csv_error(exc) if self.is_csv and isinstance(exc, pa.ArrowInvalid) else None
+            raise found or InputError(f"{self.path}: cannot read as {self._kind()}: {exc}") from exc
         except UnicodeDecodeError as exc:
             raise InputError(f"{self.path}: a column name is not UTF-8 ({exc.reason})") from None
         return schema
@@ -155,7 +166,47 @@ class InputFile:
     def _kind(self) -> str:
         return "CSV with a header row" if self.is_csv else "Parquet"
 
-    def _arrow_records(self, batch_rows: int) -> Iterator[Record]:
+    def _csv_records(self) -> Iterator[Record]:
+        """A CSV file's rows, each named by the line it starts on, which a scan of the same
+        bytes finds beside pyarrow's read (see `_csv`)."""
+        import pyarrow as pa
+
+        if any(pa.types.is_binary(field.type) for field in self.arrow_schema()):
+            self._scan_csv()  # text that is not UTF-8, in the first block: the scan names its line
+        with self._pinned.open() as raw, self._pinned.open() as scan:
+            skipped = _csv.skipped_lines(scan, self._at_line)
+            lines = _csv.row_lines(skipped)
+            next(lines)  # the header's
+            try:
+                for batch in _csv.batches(raw, None):
+                    for record in batch.to_pylist():
+                        yield f"line {next(lines)}", record, True
+            except pa.ArrowInvalid as exc:
+                raise self._csv_error(exc) or self.error(f"from line {next(lines)}",
+                                                         f"cannot read as {self._kind()}: {exc}") from exc
+            except (OSError, pa.ArrowException) as exc:
+                raise InputError(f"{self.path}: cannot read as {self._kind()}: {exc}") from exc
+            for _ in skipped:  # to the end: a quote still open there took in the rest of the file
+                pass
+
+    def _csv_error(self, exc: Exception) -> InputError | None:
+        """What pyarrow found wrong, named by its line, or None if the bytes do not show it.
+        A quote open to the end of the file, or bytes that are not UTF-8, come first: they
+        explain any error pyarrow gives about the rows after them."""
+        self._scan_csv()
+        with self._pinned.open() as raw:
+            found = _csv.locate(raw, exc)
+        return None if found is None else self._at_line(*found)
+
+    def _scan_csv(self) -> None:
+        with self._pinned.open() as scan:
+            for _ in _csv.skipped_lines(scan, self._at_line):
+                pass
+
+    def _at_line(self, line: int, message: str) -> InputError:
+        return self.error(f"line {line}", message)
+
+    def _parquet_records(self, batch_rows: int) -> Iterator[Record]:
         index = 0
         for batch in self.arrow_batches(None, batch_rows):
             try:
@@ -198,19 +249,3 @@ def _parquet_batches(raw: Any, columns: list[str] | None, batch_rows: int) -> It
     import pyarrow.parquet as pq
 
     yield from pq.ParquetFile(raw).iter_batches(batch_size=batch_rows, columns=columns)
-
-
-def _csv_read_options() -> Any:
-    import pyarrow.csv as csv
-
-    return csv.ReadOptions(block_size=1 << 20)  # types are inferred from the first block
-
-
-def _csv_batches(raw: Any, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """A CSV file with a header row, streamed in blocks. Column types are inferred from
-    the first block and hold for the rest (a later value that does not fit is an error)."""
-    import pyarrow.csv as csv
-
-    convert = csv.ConvertOptions(include_columns=columns) if columns is not None else None
-    yield from csv.open_csv(raw, read_options=_csv_read_options(), convert_options=convert)
-

@@ -82,7 +82,7 @@ class Row:
     id: str
     endpoint: str  # a name in `endpoints.ENDPOINTS`
     body: dict[str, Any]  # the row's own request fields; the spec's params fill the rest
-    where: str  # "line 12" or "row 11", for messages
+    where: str  # "line 12" (JSONL, CSV) or "row 11" (Parquet), for messages
 
 
 class InputReader:
@@ -182,8 +182,8 @@ class InputReader:
                 for field in f.arrow_schema():
                     if passes(field.name):
                         if field.name in self.reserved:
-                            raise f.error("row 0", f"column {field.name!r} clashes with the output column of "
-                                                   "that name; rename it in the input")
+                            raise f.error(f.columns_place(), f"column {field.name!r} clashes with the output "
+                                                             "column of that name; rename it in the input")
                         kinds.setdefault(field.name, set()).add(schema_kind(field.type))
         count = 0
         asks: set[str] = set()

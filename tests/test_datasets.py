@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
@@ -85,6 +86,22 @@ def test_a_template_naming_a_column_the_input_lacks_exits_2_before_any_request(
     assert result.code == 2
     assert "qa-2.parquet: row 37: template.messages[1].content uses column 'context'" in result.stderr
     assert server.requests == []
+
+
+@pytest.mark.slow
+def test_a_csv_whose_quote_never_closes_exits_2_before_any_request(tmp_path: Path, server: FakeServer) -> None:
+    lines = ["prompt,tag"] + [f"question {i},t{i}" for i in range(40)]
+    lines[6] = 'question 5,"t5'  # read as is, the job answered 6 rows and exited 0
+    (tmp_path / "input.csv").write_text("\n".join(lines) + "\n")
+    spec = write_spec(tmp_path, input="input.csv", api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 2
+    assert "input.csv: line 7: a quote opens here and never closes" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert server.requests == []
+    assert not (tmp_path / "out" / "result.parquet").exists()
 
 
 def test_a_glob_and_a_list_read_as_one_table_and_resume_across_files(tmp_path: Path, server: FakeServer) -> None:

@@ -241,21 +241,21 @@ def test_csv_with_a_header_row_gives_rows_and_typed_passthrough(tmp_path: Path) 
 def test_csv_messages_are_json_text_and_bad_rows_are_named(tmp_path: Path) -> None:
     path = tmp_path / "in.csv"
     path.write_text('messages,lang\n"[{""role"": ""user"", ""content"": ""hi""}]",en\n"[{""content"": ""x""}]",fr\n')
-    with pytest.raises(InputError, match="in.csv: row 1: messages\\[0\\] has no role"):
+    with pytest.raises(InputError, match="in.csv: line 3: messages\\[0\\] has no role"):
         InputReader(path).validate()
     path.write_text('messages,lang\n"[{""role"": ""user"", ""content"": ""hi""}]",en\n')
     reader = InputReader(path)
     assert reader.validate() == (1, {"lang": "string"})
     assert [row.body for row in reader.rows()] == [{"messages": [{"role": "user", "content": "hi"}]}]
     path.write_text("id,prompt\na,x\nb,y,extra\n")
-    with pytest.raises(InputError, match="in.csv: cannot read as CSV with a header row: .*Expected 2 columns"):
+    with pytest.raises(InputError, match="in.csv: line 3: 3 values, but the header names 2 columns"):
         InputReader(path).validate()
 
 
 def test_csv_json_text_is_held_to_the_row_checks(tmp_path: Path) -> None:
     path = tmp_path / "in.csv"
     path.write_text('messages\n"[{""role"": ""user"", ""content"": ""half a pair \\ud83d""}]"\n')
-    with pytest.raises(InputError, match=r"in.csv: row 0: messages\[0\].content holds a lone surrogate"):
+    with pytest.raises(InputError, match=r"in.csv: line 2: messages\[0\].content holds a lone surrogate"):
         InputReader(path).validate()
 
 
