@@ -8,7 +8,7 @@ it.  Requests are recorded, and every 200 body sent completely is kept in
 `answers`, so tests can check what a client wrote against what was served.
 
 Per request, in this order: require_key, status_for, first_attempt_status, one
-random draw choosing at most one fault, then latency, then the answer.
+random draw choosing at most one fault, then hold, then latency, then the answer.
 """
 
 from __future__ import annotations
@@ -78,6 +78,10 @@ class Faults:
     # window has left, per minute), and no reset.
     litellm_rpm: int | None = None
     litellm_window_s: float = 60.0
+    # body -> an event its answer waits for (None: answered as usual), so a test decides when
+    # a job may go on, whatever the load. The request is recorded, and in flight, meanwhile;
+    # a client that gives up is let go.
+    hold: Callable[[dict], threading.Event | None] | None = None
 
     def __post_init__(self) -> None:
         if self.usage_style not in ("fireworks", "openai"):
@@ -230,6 +234,7 @@ class FakeServer:
         key = request_key(body)
         # Decided before any await, so the random draws follow the arrival order.
         outcome, status, error = self._decide(faults, headers, body, key)
+        gate = faults.hold(body) if faults.hold is not None else None
         stated: dict[str, str] = {}  # rate-limit headers for the answer
         with self._cond:
             if faults.max_in_flight is not None and self.in_flight >= faults.max_in_flight and error is None:
@@ -252,6 +257,8 @@ class FakeServer:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self._cond.notify_all()
         try:
+            if gate is not None and not await _wait_while_connected(reader, gate):
+                return False
             delay = faults.latency_s + self._jitter.uniform(-faults.latency_jitter_s, faults.latency_jitter_s)
             if outcome == "hang":
                 delay += faults.hang_s
@@ -632,6 +639,15 @@ async def _sleep_while_connected(reader: asyncio.StreamReader, seconds: float) -
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         await asyncio.sleep(min(left, 0.05))
+        if reader.at_eof():
+            return False
+    return True
+
+
+async def _wait_while_connected(reader: asyncio.StreamReader, gate: threading.Event) -> bool:
+    """Wait for `gate`; return False early if the client closes its end."""
+    while not gate.is_set():
+        await asyncio.sleep(0.02)
         if reader.at_eof():
             return False
     return True
