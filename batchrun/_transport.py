@@ -9,17 +9,19 @@ aiohttp's errors onto httpx's, so the client maps errors in one place as before.
 Whatever the server sends, an answer is read within `timeout_s` and holds at most
 `max_answer_bytes` once decoded (a gzip bomb is stopped as it inflates, an endless
 stream at the limit), or the attempt fails with AnswerTooLarge. All the answers
-being read share one budget (`_Memory`), so what they hold together stays bounded
-at any concurrency: a reader over budget waits before reading more, and TCP holds
-its server back.
+being read share one budget (`_Memory`), reserved before the bytes are kept or
+inflated, so what they hold together stays within it at any concurrency: a reader
+over budget waits before reading more, and TCP holds its server back. An answer
+refused leaves nothing of itself in its error: a retry waiting keeps that error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+import traceback
 import zlib
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import aiohttp
 import anyio
@@ -28,92 +30,128 @@ import httpx
 __all__ = ["AiohttpTransport", "AnswerTooLarge", "BoundedTransport", "DEFAULT_MAX_ANSWER_BYTES"]
 
 DEFAULT_MAX_ANSWER_BYTES = 32 * 2**20
-ANSWERS_BUDGET_BYTES = 128 * 2**20  # what all answers being read hold together, give or take one
+ANSWERS_BUDGET_BYTES = 128 * 2**20  # what all answers being read hold together, at most
 READ_BUFFER_BYTES = 2**16
-INFLATE_STEP = 2**20
+INFLATE_STEP = 2**20  # the most one inflate call makes, whatever the compressed chunk holds
 
 
 class AnswerTooLarge(httpx.TransportError):
     """The answer grew past the limit; the rest of it was not read."""
 
 
-class _Body:
-    """One answer's body as it arrives: decoded, counted, and refused past `limit` bytes.
+class _Memory:
+    """The bytes held by the answers being read, against one budget never passed.
 
-    batchrun asks for no compression, but a server may send it anyway; gzip and
-    deflate are inflated here, a chunk at a time, never past the limit.
+    A reader reserves bytes before it holds them. Readers share the budget but
+    `one_answer` bytes; past their share, one reader at a time (the leader) may use
+    that last part, so one reader always goes on (to its end, or to the per-answer
+    limit) while the others wait for it, and none waits forever.
     """
 
-    def __init__(self, encoding: str | None, limit: int, request: httpx.Request) -> None:
+    def __init__(self, budget: int, one_answer: int) -> None:
+        self.budget = budget
+        self.shared = budget - one_answer  # the leader never holds more than one_answer
+        self.held = 0
+        self.peak = 0  # the most held at once
+        self._held_by: dict[object, int] = {}
+        self._leader: object | None = None
+        self._released = asyncio.Event()
+
+    async def hold(self, reader: object, total: int) -> None:
+        """Let `reader` hold `total` bytes, once the budget allows; less than it holds
+        gives the rest back at once."""
+        while (grow := total - self._held_by.get(reader, 0)) > 0 and reader is not self._leader:
+            led = self._held_by.get(self._leader, 0)
+            if self.held - led + grow <= self.shared:
+                break
+            if self._leader is None:
+                self._leader = reader
+                break
+            await self._released.wait()
+        self._held_by[reader] = total
+        self.held += grow
+        self.peak = max(self.peak, self.held)
+        if grow < 0:
+            self._wake()
+
+    def release(self, reader: object) -> None:
+        self.held -= self._held_by.pop(reader, 0)
+        if reader is self._leader:
+            self._leader = None
+        self._wake()
+
+    def _wake(self) -> None:
+        self._released.set()
+        self._released = asyncio.Event()
+
+
+def answers_budget(max_answer_bytes: int) -> _Memory:
+    """The budget the answers being read share: ANSWERS_BUDGET_BYTES, or more where
+    answers may be so large that fewer than two fit beside the leader's."""
+    one_answer = 2 * max_answer_bytes  # an answer at its limit, and the copy that joins its parts
+    return _Memory(max(ANSWERS_BUDGET_BYTES, 2 * one_answer), one_answer)
+
+
+class _Body:
+    """One answer's body as it arrives: decoded, counted, and refused past `limit` bytes,
+    every byte reserved from `memory` before it is kept or inflated.
+
+    batchrun asks for no compression, but a server may send it anyway; gzip and
+    deflate are inflated here, a step at a time, never past the limit.
+    """
+
+    def __init__(self, encoding: str | None, limit: int, request: httpx.Request, memory: _Memory) -> None:
         self.limit = limit
         self.request = request
         self.encoded = (encoding or "identity").strip().lower() not in ("", "identity")
         self._inflate = _decompressor(encoding, request) if self.encoded else None
+        self._memory = memory
         self._parts: list[bytes] = []
         self.received = 0  # bytes off the wire
         self.size = 0  # bytes decoded
 
-    def feed(self, chunk: bytes) -> None:
+    async def read(self, chunks: AsyncIterator[bytes]) -> bytes:
+        """The whole body, within the budget; what it holds goes back to the budget
+        when it is handed over (the caller parses it before it awaits anything) or refused."""
+        try:
+            async for chunk in chunks:
+                await self._feed(chunk)
+            if len(self._parts) > 1:
+                await self._memory.hold(self, 2 * self.size)  # the parts and their copy, for a moment
+                self._parts[:] = [b"".join(self._parts)]
+            return self._parts[0] if self._parts else b""
+        finally:
+            self._parts = []
+            self._memory.release(self)
+
+    async def _feed(self, chunk: bytes) -> None:
         self.received += len(chunk)
         if self._inflate is None:
-            self._add(chunk)
+            await self._keep(chunk)
             return
         if self.received > self.limit:
             raise self._too_large()
         while chunk:  # a step at a time: a kilobyte of gzip may hold a gigabyte of zeros
+            step = min(INFLATE_STEP, self.limit + 1 - self.size)  # a byte past the limit says it is passed
+            await self._memory.hold(self, self.size + step)
             try:
-                self._add(self._inflate.decompress(chunk, INFLATE_STEP))
+                data = self._inflate.decompress(chunk, step)
             except zlib.error as exc:
                 raise httpx.DecodingError(f"the compressed answer cannot be inflated: {exc}",
                                           request=self.request) from None
             chunk = self._inflate.unconsumed_tail
+            await self._keep(data)
 
-    def _add(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
+    async def _keep(self, data: bytes) -> None:
+        if self.size + len(data) > self.limit:
             raise self._too_large()
+        await self._memory.hold(self, self.size + len(data))  # inflated: gives back what the step did not use
+        self.size += len(data)
         self._parts.append(data)
 
-    def content(self) -> bytes:
-        return b"".join(self._parts)
-
     def _too_large(self) -> AnswerTooLarge:
-        self._parts.clear()
         return AnswerTooLarge(f"answer too large: more than {self.limit:,} bytes (api.max_answer_mb)",
                               request=self.request)
-
-
-class _Memory:
-    """The bytes held by the answers being read, against one budget.
-
-    A reader charges what it holds after each chunk; past the budget it waits for
-    others to finish, unless it holds the most, so one reader always goes on (to its
-    end, or to the per-answer limit) and none waits forever. A compressed answer
-    charges the whole per-answer limit before it reads anything: one small chunk of
-    gzip may inflate to the limit. Held at most: the budget plus one answer.
-    """
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.held = 0
-        self._held_by: dict[int, int] = {}
-        self._released = asyncio.Event()
-
-    async def hold(self, reader: int, total: int) -> None:
-        """Let `reader` hold `total` bytes, once the budget allows."""
-        grow = total - self._held_by.get(reader, 0)
-        if grow <= 0:
-            return
-        while self.held + grow > self.budget and self._held_by.get(reader, 0) < max(self._held_by.values(),
-                                                                                   default=0):
-            await self._released.wait()
-        self._held_by[reader] = total
-        self.held += grow
-
-    def release(self, reader: int) -> None:
-        self.held -= self._held_by.pop(reader, 0)
-        self._released.set()
-        self._released = asyncio.Event()
 
 
 def _decompressor(encoding: str | None, request: httpx.Request) -> zlib._Decompress:
@@ -127,15 +165,22 @@ def _decompressor(encoding: str | None, request: httpx.Request) -> zlib._Decompr
 
 
 def _response(status: int, headers: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]],
-              body: _Body, request: httpx.Request) -> httpx.Response:
+              content: bytes, encoded: bool, request: httpx.Request) -> httpx.Response:
     """The answer as read; once inflated, its length and encoding headers describe what is
     no longer there, and go."""
-    if body.encoded:
+    if encoded:
         headers = [(k, v) for k, v in headers
                    if (k.lower() if isinstance(k, str) else k.lower().decode("latin-1")) not in _DECODED]
-    response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body.content()), request=request)
+    response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(content), request=request)
     response.read()  # in memory already: the plain read costs half of `aread`'s async iteration
     return response
+
+
+def _forget(exc: BaseException) -> BaseException:
+    """`exc`, keeping none of the frames it came through: their locals hold the answer
+    read so far (and aiohttp's buffers), and an error is kept while its retry waits."""
+    traceback.clear_frames(exc.__traceback__)
+    return exc
 
 
 _DECODED = frozenset({"content-encoding", "content-length"})
@@ -174,7 +219,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             timeout=self._timeout,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
-        self._memory = _Memory(ANSWERS_BUDGET_BYTES)
+        self._memory = answers_budget(self._max_answer_bytes)
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -186,33 +231,25 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         """
         session = self._session or self._open()
         try:
-            async with session.request(
-                request.method,
-                str(request.url),
-                data=request.read(),
-                headers=request.headers.multi_items(),
-                allow_redirects=False,
-                proxy=self._proxy,
-            ) as response:
-                body = _Body(response.headers.get("content-encoding"), self._max_answer_bytes, request)
-                await self._read(response, body)
-                status, headers = response.status, response.raw_headers
+            return await self._exchange(session, request)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise _httpx_error(exc, request) from exc
-        return _response(status, headers, body, request)
+            raise _httpx_error(exc, request) from _forget(exc)
+        except BaseException as exc:
+            raise _forget(exc)
 
-    async def _read(self, response: aiohttp.ClientResponse, body: _Body) -> None:
-        """Read the body into `body`, within the budget all answers share."""
-        memory, reader = self._memory, id(body)
-        assert memory is not None
-        try:
-            if body.encoded:
-                await memory.hold(reader, body.limit)
-            while chunk := await response.content.readany():
-                body.feed(chunk)
-                await memory.hold(reader, body.size)
-        finally:
-            memory.release(reader)
+    async def _exchange(self, session: aiohttp.ClientSession, request: httpx.Request) -> httpx.Response:
+        assert self._memory is not None
+        async with session.request(
+            request.method,
+            str(request.url),
+            data=request.read(),
+            headers=request.headers.multi_items(),
+            allow_redirects=False,
+            proxy=self._proxy,
+        ) as response:
+            body = _Body(response.headers.get("content-encoding"), self._max_answer_bytes, request, self._memory)
+            content = await body.read(response.content.iter_any())
+        return _response(response.status, response.raw_headers, content, body.encoded, request)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -222,35 +259,46 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
 class BoundedTransport(httpx.AsyncBaseTransport):
     """Any other transport (MockTransport, mock://) held to AiohttpTransport's contract:
-    each answer read in full within `timeout_s`, or httpx.ReadTimeout."""
+    each answer read in full within `timeout_s` and the budget all answers share, or
+    httpx.ReadTimeout."""
 
     def __init__(self, transport: httpx.AsyncBaseTransport, *, timeout_s: float,
                  max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
         self._transport = transport
         self._timeout_s = timeout_s
         self._max_answer_bytes = max_answer_bytes
+        self._memory = answers_budget(max_answer_bytes)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
             with anyio.fail_after(self._timeout_s):
-                response = await self._transport.handle_async_request(request)
-                try:
-                    if response.is_stream_consumed:  # MockTransport reads (and decodes) answers itself
-                        body = _Body(None, self._max_answer_bytes, request)
-                        body.feed(response.content)
-                        body.encoded = "content-encoding" in response.headers  # decoded by httpx
-                    else:
-                        body = _Body(response.headers.get("content-encoding"), self._max_answer_bytes, request)
-                        async for chunk in response.aiter_raw():
-                            body.feed(chunk)
-                finally:
-                    await response.aclose()
+                return await self._exchange(request)
         except TimeoutError as exc:
-            raise httpx.ReadTimeout(f"no complete answer within {self._timeout_s:g} s", request=request) from exc
-        return _response(response.status_code, response.headers.raw, body, request)  # bytes: as they came
+            raise httpx.ReadTimeout(f"no complete answer within {self._timeout_s:g} s",
+                                    request=request) from _forget(exc)
+        except BaseException as exc:
+            raise _forget(exc)
+
+    async def _exchange(self, request: httpx.Request) -> httpx.Response:
+        response = await self._transport.handle_async_request(request)
+        try:
+            if response.is_stream_consumed:  # MockTransport reads (and decodes) answers itself
+                body = _Body(None, self._max_answer_bytes, request, self._memory)
+                content = await body.read(_one(response.content))
+                encoded = "content-encoding" in response.headers  # decoded by httpx
+            else:
+                body = _Body(response.headers.get("content-encoding"), self._max_answer_bytes, request, self._memory)
+                content, encoded = await body.read(response.aiter_raw()), body.encoded
+        finally:
+            await response.aclose()
+        return _response(response.status_code, response.headers.raw, content, encoded, request)  # bytes: as they came
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+async def _one(content: bytes) -> AsyncIterator[bytes]:
+    yield content
 
 
 def _httpx_error(exc: Exception, request: httpx.Request) -> httpx.TransportError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import socket
@@ -9,14 +10,14 @@ import threading
 import time
 import tracemalloc
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import anyio
 import httpx
 import pytest
 
 from batchrun import _transport
-from batchrun._transport import AiohttpTransport, AnswerTooLarge
+from batchrun._transport import AiohttpTransport, AnswerTooLarge, BoundedTransport
 from tests.fakeserver import FakeServer, Faults
 
 
@@ -171,18 +172,18 @@ def test_answers_over_the_shared_budget_take_turns_and_all_arrive(server: FakeSe
     big = json.dumps({"choices": [{"text": "x" * (3 << 20), "finish_reason": "stop"}]}).encode()
     server.faults = Faults(raw_answer=raw(
         f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(big)}\r\n\r\n", big))
-    monkeypatch.setattr(_transport, "ANSWERS_BUDGET_BYTES", 2 << 20)  # less than one answer
-    held: list[int] = []
+    monkeypatch.setattr(_transport, "ANSWERS_BUDGET_BYTES", 2 << 20)  # less than one answer: 4 x the limit it is
+    held: list[tuple[int, int]] = []
     real_hold = _transport._Memory.hold
 
-    async def hold(self: _transport._Memory, reader: int, total: int) -> None:
+    async def hold(self: _transport._Memory, reader: object, total: int) -> None:
         await real_hold(self, reader, total)
-        held.append(self.held)
+        held.append((self.held, self.budget))
 
     monkeypatch.setattr(_transport._Memory, "hold", hold)
 
     async def main() -> list[int]:
-        transport = AiohttpTransport(max_connections=8)
+        transport = AiohttpTransport(max_connections=8, max_answer_bytes=4 << 20)
         sizes: list[int] = []
 
         async def one() -> None:
@@ -198,25 +199,146 @@ def test_answers_over_the_shared_budget_take_turns_and_all_arrive(server: FakeSe
         return sizes
 
     assert anyio.run(main) == [len(big)] * 8
-    assert max(held) <= (2 << 20) + len(big)  # the budget, and the one answer that holds the most
+    [budget] = {budget for _, budget in held}
+    assert budget < 8 * len(big)  # so they took turns
+    assert max(total for total, _ in held) <= budget  # never past it, not even by one answer
 
 
-def test_the_reader_holding_the_most_never_waits_for_the_budget() -> None:
-    async def main() -> list[str]:
-        memory, order = _transport._Memory(budget=8), []
-        await memory.hold(1, 5)
-        await memory.hold(2, 3)
+def test_one_reader_at_a_time_may_take_the_last_answers_worth_of_the_budget() -> None:
+    async def main() -> tuple[list[str], int]:
+        memory, order = _transport._Memory(budget=8, one_answer=4), []  # shared by all: 4
+        await memory.hold(1, 3)
+        await memory.hold(2, 1)
+        await memory.hold(2, 3)  # past the shared 4: leads, in the last 4
+        await memory.hold(1, 4)  # 4 shared again
 
-        async def second_grows() -> None:
-            await memory.hold(2, 5)  # over budget, and not the largest: waits
-            order.append("2 grew")
+        async def first_grows() -> None:
+            await memory.hold(1, 5)  # past the shared 4, and another leads: waits
+            order.append("1 grew")
 
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(second_grows)
-            await anyio.sleep(0.01)
-            await memory.hold(1, 7)  # over budget too, but the largest: goes on
-            order.append("1 grew")
-            memory.release(1)
-        return order
+            tasks.start_soon(first_grows)
+            await anyio.wait_all_tasks_blocked()
+            await memory.hold(2, 4)  # the leader never waits
+            order.append("2 grew")
+            memory.release(2)
+        return order, memory.peak
 
-    assert anyio.run(main) == ["1 grew", "2 grew"]
+    assert anyio.run(main) == (["2 grew", "1 grew"], 8)
+
+
+class Chunks(httpx.AsyncByteStream):
+    """An answer's body arriving a chunk at a time, other readers going on in between."""
+
+    def __init__(self, chunks: Iterator[bytes] | list[bytes]) -> None:
+        self._chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self._chunks:
+            yield chunk
+            await anyio.sleep(0)
+
+
+def pieces(data: bytes, size: int = 1 << 16) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def exchange_all(handler: Callable[[httpx.Request], httpx.Response], count: int,
+                 max_answer_bytes: int) -> tuple[list[bytes | Exception], _transport._Memory]:
+    """`count` requests at once through BoundedTransport: their bodies (or errors) and the memory they shared."""
+    async def main() -> tuple[list[bytes | Exception], _transport._Memory]:
+        transport = BoundedTransport(httpx.MockTransport(handler), timeout_s=60, max_answer_bytes=max_answer_bytes)
+        answers: list[bytes | Exception] = [b""] * count
+
+        async def one(i: int) -> None:
+            request = httpx.Request("POST", f"http://api.test/v1/completions?{i}", content=b"{}")
+            try:
+                answers[i] = (await transport.handle_async_request(request)).content
+            except AnswerTooLarge as exc:
+                answers[i] = exc
+
+        async with anyio.create_task_group() as tasks:
+            for i in range(count):
+                tasks.start_soon(one, i)
+        return answers, transport._memory
+
+    return anyio.run(main)
+
+
+def test_answers_read_together_never_hold_more_than_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain and compressed answers, and bombs, 48 at once against a 4 MB budget."""
+    monkeypatch.setattr(_transport, "ANSWERS_BUDGET_BYTES", 4 << 20)
+    text = json.dumps({"choices": [{"text": "many words " * 60_000, "finish_reason": "stop"}]}).encode()
+    bomb = gzip_bomb(64 << 20)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        kind = int(request.url.query) % 3
+        if kind == 0:
+            return httpx.Response(200, stream=Chunks(pieces(text)))
+        packed = gzip.compress(text) if kind == 1 else bomb
+        return httpx.Response(200, headers={"content-encoding": "gzip"}, stream=Chunks(pieces(packed, 1 << 10)))
+
+    answers, memory = exchange_all(handler, 48, max_answer_bytes=1 << 20)
+
+    assert answers[0::3] == answers[1::3] == [text] * 16
+    assert {str(a) for a in answers[2::3]} == {"answer too large: more than 1,048,576 bytes (api.max_answer_mb)"}
+    assert memory.budget == 4 << 20
+    assert memory.budget / 2 < memory.peak <= memory.budget
+    assert memory.held == 0  # every answer gave its share back
+
+
+HOSTILE = {
+    "gzip-bomb": ({"content-encoding": "gzip"}, lambda: pieces(BOMB)),
+    "5-GB-body": ({"content-length": "5368709120"}, lambda: iter(lambda: bytes(1 << 20), None)),
+    "endless-stream": ({"content-type": "text/event-stream"},
+                       lambda: iter(lambda: b"data: {}\n\n".ljust(1 << 20, b"x"), None)),
+}
+
+
+def kept_by_errors(exchange_failing: Callable[[], Exception], count: int = 4) -> int:
+    """Bytes that `count` errors of refused answers keep alive, for as long as they are kept."""
+    tracemalloc.start()
+    try:
+        kept = [exchange_failing() for _ in range(count)]
+        gc.collect()
+        with_errors = tracemalloc.get_traced_memory()[0]
+        kept.clear()
+        gc.collect()
+        return with_errors - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_the_error_of_a_refused_answer_keeps_none_of_it(kind: str) -> None:
+    """A retry waiting keeps the last attempt's error: at 400 rows in flight, a megabyte
+    each of an answer refused was 400 MB."""
+    headers, chunks = HOSTILE[kind]
+
+    def failing() -> Exception:
+        [error] = exchange_all(lambda request: httpx.Response(200, headers=headers, stream=Chunks(chunks())), 1,
+                               max_answer_bytes=4 << 20)[0]
+        assert isinstance(error, AnswerTooLarge)
+        return error
+
+    assert kept_by_errors(failing) < 64 << 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("answer", [
+    raw(f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+        f"content-length: {len(BOMB)}\r\n\r\n", BOMB),
+    endless("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5368709120\r\n\r\n", MB),
+    endless("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"100000\r\n" + b"data: {}\n\n".ljust(1 << 20, b"x") + b"\r\n"),
+], ids=["gzip-bomb", "5-GB-body", "endless-stream"])
+def test_the_error_of_a_refused_answer_keeps_none_of_it_nor_of_aiohttps_buffers(server: FakeServer,
+                                                                                answer: Callable) -> None:
+    server.faults = Faults(raw_answer=answer)
+
+    def failing() -> Exception:
+        with pytest.raises(AnswerTooLarge) as caught:
+            exchange(f"{server.base_url}/completions", max_answer_bytes=4 << 20)
+        return caught.value
+
+    assert kept_by_errors(failing) < 64 << 10
