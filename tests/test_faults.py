@@ -40,10 +40,14 @@ def test_every_fault_and_six_kills_lose_nothing_and_repay_only_what_was_in_fligh
         sent_before = len(server.requests)
         proc = start_cli("run", str(spec), "--no-progress")
         server.wait_for_requests(sent_before + rng.randint(200, 800), timeout=120)
-        server_in_flight.append(server.in_flight)
+        with server._cond:
+            in_flight, arrived = server.in_flight, len(server.requests)
         proc.send_signal(signal.SIGKILL)
         logs += proc.communicate(timeout=10)
         assert proc.returncode == -signal.SIGKILL
+        # What the server was working on at the kill: in flight when the signal left, and
+        # what arrived before the process was gone (on a loaded machine, not nothing).
+        server_in_flight.append(in_flight + len(server.requests) - arrived)
         saved = {keys[row_id] for row_id in _saved_ids(tmp_path / "out/result.batchrun.sqlite")}
         in_progress.append({r.key for r in server.requests[sent_before:]} - saved)
 

@@ -165,7 +165,7 @@ def test_the_progress_line_shows_the_jobs_cost_so_far() -> None:
     progress = LogProgress(stream, every_s=5.0, clock=lambda: next(ticks))
     progress.start(10, 2, 1.5)  # what earlier runs spent
     progress.advance(1, 0, 5, 0.25)
-    assert "3/10 rows" in stream.getvalue() and "$1.7500" in stream.getvalue()
+    assert "3/10 rows" in stream.getvalue() and "$1.75," in stream.getvalue()
 
 
 def _json_answers(valid: list[bool]):
