@@ -129,15 +129,16 @@ def test_invalid_json(server):
 
 
 def test_max_in_flight_with_slow_requests(server):
-    # Long enough that all five overlap even when starting five clients is slow on a
-    # loaded machine (at 0.3 s, the first was once answered before the fifth arrived).
-    server.faults = Faults(latency_s=2.0)
+    # Held until all five are in: they overlap however slowly five clients start.
+    gate = threading.Event()
+    server.faults = Faults(hold=lambda body: gate)
     threads = [threading.Thread(target=httpx.post, args=(f"{server.base_url}/completions",),
                                 kwargs={"json": {"model": "m", "prompt": str(i)}}) for i in range(5)]
     for t in threads:
         t.start()
-    server.wait_for_requests(5)
-    assert server.in_flight == 5
+    with server._cond:
+        assert server._cond.wait_for(lambda: server.in_flight == 5, timeout=60)
+    gate.set()
     for t in threads:
         t.join()
 
