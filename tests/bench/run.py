@@ -19,6 +19,8 @@ Scenarios (default: zero latency memory; the minute-long ones only when named):
   embed-memory  peak RSS of batchrun embedding 20,000 vs 200,000 rows of dimension 1,024
   ray        2,700 rows, server admitting 50/s, spec limit 45/s: 4 Ray workers sharing the
              limit (a local cluster; pip install 'batchrun[ray]') vs 4 independent shards
+  bomb       peak RSS of batchrun at concurrency 400, every answer but one in 20 a gzip bomb
+             (1 GB of zeros), then an endless stream: about 5 minutes
 
 Every client runs in its own subprocess against a fresh server process, so its CPU and
 peak RSS are its own (os.wait4). The machine is shared and noisy: compare the ratios of
@@ -48,7 +50,7 @@ KEY_ENV = "BENCH_API_KEY"
 CLIENT_TIMEOUT_S = 20 * 60  # a hung client is killed, and its row says so
 
 SCENARIOS = ("zero", "latency", "ratelimit", "adapt", "adapt-blind", "inflight", "memory", "embeddings", "template",
-             "validate", "embed-memory", "ray", "ray-inflight")
+             "validate", "embed-memory", "ray", "ray-inflight", "bomb")
 DEFAULT_SCENARIOS = ("zero", "latency", "memory")
 
 
@@ -610,6 +612,66 @@ def scenario_embed_memory(workdir: Path, rows: int | None) -> None:
                   extra=EMBED, server_opts={"embed_dims": 1024})
 
 
+HOSTILE = """\
+import itertools, json, signal, sys, threading, zlib
+kind, stats = sys.argv[1], sys.argv[2]
+sys.path.insert(0, sys.argv[3])
+from tests.fakeserver import FakeServer, Faults
+if kind == "bomb":
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    body = b"".join(packer.compress(bytes(1 << 20)) for _ in range(1024)) + packer.flush()
+    head = (b"HTTP/1.1 200 OK\\r\\ncontent-type: application/json\\r\\ncontent-encoding: gzip\\r\\n"
+            b"content-length: %d\\r\\n\\r\\n" % len(body))
+    hostile = lambda: [head, body]
+else:
+    chunk = b"100000\\r\\n" + b": keep-alive\\n".ljust(1 << 20, b" ") + b"\\r\\n"
+    def hostile():
+        yield b"HTTP/1.1 200 OK\\r\\ncontent-type: text/event-stream\\r\\ntransfer-encoding: chunked\\r\\n\\r\\n"
+        while True:
+            yield chunk
+# The first request and every 20th are answered as usual: a job whose first row gets no
+# answer stops at once, and so does one whose 50 rows in a row fail alike.
+count = itertools.count()
+server = FakeServer(Faults(raw_answer=lambda request: None if next(count) % 20 == 0 else hostile())).start()
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+print("READY", server.base_url.split(":")[2].split("/")[0], flush=True)
+done.wait()
+json.dump({"requests": len(server.requests)}, open(stats, "w"))
+"""
+
+
+class HostileServer(Server):
+    """tests/fakeserver.py answering every request but one in 20 with `kind`: "bomb" or "endless"."""
+
+    def __init__(self, workdir: Path, label: str, kind: str) -> None:
+        super().__init__(workdir, label)
+        script = workdir / "hostile_server.py"
+        script.write_text(HOSTILE)
+        self.cmd = [PY, str(script), kind, str(self.stats_path), str(REPO)]
+
+
+def scenario_bomb(workdir: Path, rows: int | None) -> None:
+    """Every answer hostile, 400 in flight: what the process holds is the answers' shared
+    budget and aiohttp's buffer per connection, whatever the server sends."""
+    rows = rows or 400
+    data = make_input(workdir / "bomb.jsonl", rows)
+    retry = {"retry": {"max_attempts": 2, "backoff_initial_s": 0.01}}
+    runs = []
+    for kind in ("bomb", "endless"):
+        with HostileServer(workdir, kind, kind) as server:
+            run = batchrun(f"batchrun {kind}", workdir, data, rows, 400, server=server, extra=retry)
+        run.server = server.stats
+        runs.append(run)
+    body = table(["answers", "rows", "exit", "wall s", "requests", "peak RSS MB", "said first"],
+                 [[r.label, r.rows, r.rc, r.wall_s, r.server.get("requests", 0), r.maxrss_mb, r.log.split("\n")[0][:90]]
+                  for r in runs])
+    body += ("\n\nbomb: 1 GB of zeros gzipped (1 MB on the wire); endless: 1 MB chunks of keep-alive comments, never "
+             "ending; one answer in 20 as usual; api.max_answer_mb 32 (the default), 2 attempts a row. A job may stop "
+             "(exit 3) once 50 rows in a row failed alike, 400 in flight by then. The aim: at most 400 MB.")
+    report(f"bomb: {rows:,} rows, concurrency 400, every answer but one in 20 hostile", body, runs)
+
+
 def source_fingerprint() -> str:
     """A hash of batchrun's source: others may edit it while a benchmark runs, and a
     scenario that straddles an edit measured two different programs."""
@@ -636,7 +698,7 @@ RUNNERS = {"zero": scenario_zero, "latency": scenario_latency, "ratelimit": scen
            "adapt": scenario_adapt, "adapt-blind": scenario_adapt_blind, "memory": scenario_memory,
            "embeddings": scenario_embeddings, "template": scenario_template, "validate": scenario_validate,
            "embed-memory": scenario_embed_memory, "inflight": scenario_inflight, "ray": scenario_ray,
-           "ray-inflight": scenario_ray_inflight}
+           "ray-inflight": scenario_ray_inflight, "bomb": scenario_bomb}
 
 
 def main() -> None:
