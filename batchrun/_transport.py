@@ -21,7 +21,8 @@ import asyncio
 import ssl
 import traceback
 import zlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 
 import aiohttp
 import anyio
@@ -110,12 +111,14 @@ class _Body:
         self.received = 0  # bytes off the wire
         self.size = 0  # bytes decoded
 
-    async def read(self, chunks: AsyncIterator[bytes]) -> bytes:
-        """The whole body, within the budget; what it holds goes back to the budget
-        when it is handed over (the caller parses it before it awaits anything) or refused."""
+    async def read(self, next_chunk: Callable[[], Awaitable[bytes]]) -> bytes:
+        """The whole body, read with `next_chunk` (b"" at the end) within the budget; what
+        it holds goes back to the budget when it is refused, or handed over: the caller
+        parses it before it awaits anything."""
         try:
-            async for chunk in chunks:
-                await self._feed(chunk)
+            while chunk := await next_chunk():
+                self.received += len(chunk)
+                await (self._keep(chunk) if self._inflate is None else self._inflated(chunk, self._inflate))
             if len(self._parts) > 1:
                 await self._memory.hold(self, 2 * self.size)  # the parts and their copy, for a moment
                 self._parts[:] = [b"".join(self._parts)]
@@ -124,22 +127,18 @@ class _Body:
             self._parts = []
             self._memory.release(self)
 
-    async def _feed(self, chunk: bytes) -> None:
-        self.received += len(chunk)
-        if self._inflate is None:
-            await self._keep(chunk)
-            return
+    async def _inflated(self, chunk: bytes, inflate: zlib._Decompress) -> None:
         if self.received > self.limit:
             raise self._too_large()
         while chunk:  # a step at a time: a kilobyte of gzip may hold a gigabyte of zeros
             step = min(INFLATE_STEP, self.limit + 1 - self.size)  # a byte past the limit says it is passed
             await self._memory.hold(self, self.size + step)
             try:
-                data = self._inflate.decompress(chunk, step)
+                data = inflate.decompress(chunk, step)
             except zlib.error as exc:
                 raise httpx.DecodingError(f"the compressed answer cannot be inflated: {exc}",
                                           request=self.request) from None
-            chunk = self._inflate.unconsumed_tail
+            chunk = inflate.unconsumed_tail
             await self._keep(data)
 
     async def _keep(self, data: bytes) -> None:
@@ -248,7 +247,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             proxy=self._proxy,
         ) as response:
             body = _Body(response.headers.get("content-encoding"), self._max_answer_bytes, request, self._memory)
-            content = await body.read(response.content.iter_any())
+            content = await body.read(response.content.readany)
         return _response(response.status, response.raw_headers, content, body.encoded, request)
 
     async def aclose(self) -> None:
@@ -282,23 +281,17 @@ class BoundedTransport(httpx.AsyncBaseTransport):
     async def _exchange(self, request: httpx.Request) -> httpx.Response:
         response = await self._transport.handle_async_request(request)
         try:
-            if response.is_stream_consumed:  # MockTransport reads (and decodes) answers itself
-                body = _Body(None, self._max_answer_bytes, request, self._memory)
-                content = await body.read(_one(response.content))
-                encoded = "content-encoding" in response.headers  # decoded by httpx
-            else:
-                body = _Body(response.headers.get("content-encoding"), self._max_answer_bytes, request, self._memory)
-                content, encoded = await body.read(response.aiter_raw()), body.encoded
+            consumed = response.is_stream_consumed  # MockTransport reads (and decodes) answers itself
+            body = _Body(None if consumed else response.headers.get("content-encoding"), self._max_answer_bytes,
+                         request, self._memory)
+            content = await body.read(partial(anext, response.aiter_bytes() if consumed else response.aiter_raw(), b""))
         finally:
             await response.aclose()
+        encoded = "content-encoding" in response.headers if consumed else body.encoded  # decoded by httpx
         return _response(response.status_code, response.headers.raw, content, encoded, request)  # bytes: as they came
 
     async def aclose(self) -> None:
         await self._transport.aclose()
-
-
-async def _one(content: bytes) -> AsyncIterator[bytes]:
-    yield content
 
 
 def _httpx_error(exc: Exception, request: httpx.Request) -> httpx.TransportError:
