@@ -52,11 +52,13 @@ class HoldLog(Protocol):
 
 
 class Deferred(Exception):
-    """A row the server asked to wait `wait` seconds for, after `attempts` requests."""
+    """A row the server asked to wait `wait` seconds for, after `attempts` requests; `spent`:
+    the (failures, 429s) it met, which count against its retries when it goes again."""
 
     def __init__(self, wait: float, attempts: int) -> None:
         super().__init__(f"deferred {wait:g} s")
         self.wait, self.attempts = wait, attempts
+        self.spent = (0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,8 @@ class _Attempt:
     count: int = 0
     latency: float = 0.0
     pushed_back: bool = False  # a 429 (or a 503 naming a wait) answered it before
+    pushed_wait: float | None = None  # the wait the last answer's push-back asked for
+    spent: tuple[int, int] = (0, 0)  # (failures, 429s) before the row was set aside
 
 class Client:
     """Sends rows' requests; use as `async with Client(...) as client`.
@@ -149,13 +153,15 @@ class Client:
     async def __aexit__(self, *exc_info: object) -> None:
         await self._transport.aclose()
 
-    async def call(self, row: Row, *, park: bool = False, pushed_back: bool = False) -> Result:
+    async def call(self, row: Row, *, park: bool = False, pushed_back: bool = False,
+                   spent: tuple[int, int] = (0, 0)) -> Result:
         """Answer one row, retrying what is worth retrying; a failure is a failed Result.
 
         Raises JobFatalAPIError when the API refuses the job as a whole. With `park`,
         raises Deferred rather than wait a server's long retry-after while it answers
         other requests: the caller sets the row aside and goes on with others.
-        `pushed_back`: the row met a 429 before (it was set aside), so it never probes.
+        `pushed_back`: the row met a 429 before (it was set aside), so it never probes;
+        `spent`: the failures and 429s it met then, which count against its retries.
         """
         body = get_endpoint(row.endpoint).build_body(row.body, self.spec.model, self.spec.params)
         try:
@@ -172,6 +178,7 @@ class Client:
             # Only a tokens-per-minute limit needs the estimate.
             tokens=estimate_tokens(body) if self.limiter.tokens_per_s else 0,
             pushed_back=pushed_back,
+            spent=spent,
         )
         price = self.spec.pricing.get(body.get("model")) if self.spec.pricing else None
         key = None
@@ -399,12 +406,17 @@ class Client:
                 # it and waits as it would have; later ones send again.
                 replay: RetryableAPIError | None = failure
                 sleep = self._parking_sleep(attempt) if park else self._sleep
-                async for retry in retrying(self.spec.retry, sleep=sleep):
-                    with retry:
-                        if replay is not None:
-                            error, replay = replay, None
-                            raise error
-                        result = await self._send(attempt)
+                controller = retrying(self.spec.retry, sleep=sleep, spent=attempt.spent)
+                try:
+                    async for retry in controller:
+                        with retry:
+                            if replay is not None:
+                                error, replay = replay, None
+                                raise error
+                            result = await self._send(attempt)
+                except Deferred as deferred:  # its retries so far go aside with it
+                    deferred.spent = controller.stop.spent
+                    raise
         except APIError as exc:
             return Result(
                 row.index, row.id, "failed", attempts=attempt.count, latency_s=attempt.latency,
@@ -423,7 +435,8 @@ class Client:
         async def sleep(seconds: float) -> None:
             # The server is full, not closed (it answered others lately): the row waits
             # aside while its worker goes on. A server answering no one: the worker waits too.
-            if seconds >= PARK_S and await self.in_flight.admitting_lately():
+            # Only a wait the server asked for: a backoff after a 500 is no reason to set aside.
+            if seconds >= PARK_S and attempt.pushed_wait is not None and await self.in_flight.admitting_lately():
                 raise Deferred(seconds, attempt.count)
             await self._sleep(seconds)
 
@@ -442,11 +455,12 @@ class Client:
         sent = await self.in_flight.enter(cautious=attempt.pushed_back)
         started = time.monotonic()  # latency_s is the time on the wire, not the wait at the gate
         load, wait = None, None  # what the answer says about the server's load
+        attempt.pushed_wait = None
         try:
             response = await self._transport.handle_async_request(request)
             if pushed_back(response.status_code, response.headers):
                 load, attempt.pushed_back = "pushback", True
-                wait = retry_after(response.headers, now=time.time())
+                wait = attempt.pushed_wait = retry_after(response.headers, now=time.time())
             elif response.is_success:
                 load = "ok"
                 if (stated := header_number(response.headers.get(STATED_HEADER))) and stated.is_integer():

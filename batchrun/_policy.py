@@ -143,10 +143,14 @@ class _stop(tenacity.stop.stop_base):
     admits anything from holding a row forever.
     """
 
-    def __init__(self, spec: RetrySpec) -> None:
+    def __init__(self, spec: RetrySpec, failures: int = 0, rate_limited: int = 0) -> None:
         self.max_attempts = spec.max_attempts
-        self.failures = 0
-        self.rate_limited = 0
+        self.failures = failures
+        self.rate_limited = rate_limited
+
+    @property
+    def spent(self) -> tuple[int, int]:
+        return self.failures, self.rate_limited
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
@@ -162,10 +166,12 @@ def retrying(
     *,
     sleep: Callable[[float], Any],
     rand: Callable[[], float] = random.random,
+    spent: tuple[int, int] = (0, 0),
 ) -> tenacity.AsyncRetrying:
-    """A fresh tenacity controller for one row: retries RetryableAPIError only."""
+    """A tenacity controller for one row: retries RetryableAPIError only. `spent`: the
+    (failures, 429s) the row met before it was set aside; its `stop.spent` says them after."""
     return tenacity.AsyncRetrying(
-        stop=_stop(spec),
+        stop=_stop(spec, *spent),
         wait=_wait(spec, rand),
         retry=tenacity.retry_if_exception_type(RetryableAPIError),
         sleep=sleep,

@@ -63,6 +63,7 @@ __all__ = ["Summary", "read_api_key", "run_job"]
 
 GRACE_S = 10.0  # after SIGTERM/SIGINT, how long requests in flight may finish
 MAX_PARKS = 10  # times a row is set aside for a retry-after; then its worker waits with it
+_FRESH = (0, 0, (0, 0))  # a row never set aside: no requests, no parks, no failures
 PARKED_POLL_S = 0.5  # a worker waiting for rows set aside looks at `stopping` this often
 MIN_FREE_BYTES = 16 * 2**20  # in the output's folder, before any request
 
@@ -553,9 +554,9 @@ class _Pool:
         self.stop_request: JobAborted | None = None
         self.grace_s = GRACE_S
         # Rows a server asked to wait (a long retry-after), by when they may go again; and
-        # for rows set aside, (requests sent so far, times set aside)
+        # for rows set aside, (requests sent so far, times set aside, (failures, 429s) met)
         self.parked: list[tuple[float, int, Row]] = []
-        self.carried: dict[int, tuple[int, int]] = {}
+        self.carried: dict[int, tuple[int, int, tuple[int, int]]] = {}
         # Rows a worker takes at once: embeddings go several to a request (one, if so asked,
         # still as a group: the group's answer is what shares out the vectors)
         self.grouped = spec.endpoint is not None and get_endpoint(spec.endpoint).grouped
@@ -644,13 +645,14 @@ class _Pool:
                         return
                     try:
                         if not self.grouped:
-                            parks = self.carried.get(taken[0].index, (0, 0))[1]
-                            answers = [await self.client.call(taken[0], park=parks < MAX_PARKS, pushed_back=parks > 0)]
+                            _, parks, spent = self.carried.get(taken[0].index, _FRESH)
+                            answers = [await self.client.call(taken[0], park=parks < MAX_PARKS, pushed_back=parks > 0,
+                                                              spent=spent)]
                         else:
                             answers = await self.client.call_group(taken)
                     except Deferred as deferred:  # the server asked this row to wait: it waits aside
-                        attempts, parks = self.carried.get(taken[0].index, (0, 0))
-                        self.carried[taken[0].index] = (attempts + deferred.attempts, parks + 1)
+                        attempts, parks, _ = self.carried.get(taken[0].index, _FRESH)
+                        self.carried[taken[0].index] = (attempts + deferred.attempts, parks + 1, deferred.spent)
                         heapq.heappush(self.parked, (anyio.current_time() + deferred.wait, taken[0].index, taken[0]))
                         continue
                     except JobAborted as exc:  # the API refused the job, the budget is spent, ...

@@ -542,3 +542,34 @@ def test_grace_s_bounds_how_long_requests_in_flight_may_finish_after_a_stop(tmp_
     store = StateStore.open(state_path(tmp_path / "out/result.parquet"))
     assert store.row_states(20).count(1) == 1  # the one answer received is saved
     store.close()
+
+
+def test_a_row_never_gets_more_than_max_attempts_failures_however_often_it_is_set_aside(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchrun import _client
+
+    monkeypatch.setattr(_client, "PARK_S", 0.01)  # every wait is long enough to set a row aside
+    seen: dict[str, int] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        prompt = json.loads(request.content)["prompt"]
+        seen[prompt] = seen.get(prompt, 0) + 1
+        if prompt == "p1":  # always a 500: retried after a backoff, never set aside for it
+            return httpx.Response(500, json={"error": {"message": "boom"}})
+        if prompt == "p2":  # two 429s naming a wait (set aside), then only 500s
+            if seen[prompt] <= 2:
+                return httpx.Response(429, headers={"retry-after": "0.05"}, json={"error": {"message": "wait"}})
+            return httpx.Response(500, json={"error": {"message": "boom"}})
+        return answer(request)
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(30)])
+    spec = write_spec(tmp_path, concurrency=4, retry={"max_attempts": 6, "backoff_initial_s": 0.02,
+                                                      "backoff_max_s": 0.05}, api={"base_url": "http://127.0.0.1:9/v1"})
+
+    summary = run_job(spec, transport=httpx.MockTransport(handler), environ={"OPENAI_API_KEY": "k"})
+
+    assert summary.failed == 2
+    assert seen["p1"] == 6  # max_attempts
+    assert seen["p2"] == 2 + 6  # the 429s are no spent attempt; six failures are
+    rows = read_output(summary.output)
+    assert (rows[1]["attempts"], rows[2]["attempts"]) == (6, 8)
