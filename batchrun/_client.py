@@ -245,8 +245,10 @@ class Client:
         usd, tokens = (worst.usd or 0.0) * times, (worst.tokens or 0) * times
         while (hold := self.budget.reserve(usd, tokens)) is None:
             if self.closing or not self.budget.fits(usd, tokens, alone=True):
+                most = f"{format_usd(usd)} ({tokens:,} tokens)" if self.budget.max_usd is not None else \
+                    f"{tokens:,} tokens"
                 raise BudgetReached(f"the budget is reached: {self.budget.describe()}, and the next request could "
-                                    f"cost up to {format_usd(usd)} ({tokens:,} tokens). Every answer is saved; "
+                                    f"cost up to {most}. The requests in flight finish and every answer is saved; "
                                     f"raise the budget in {self.spec.name} and rerun to go on (the spend so far "
                                     "is remembered)")
             if self._settled is None:

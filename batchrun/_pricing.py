@@ -89,7 +89,8 @@ class Budget:
     def fits(self, worst_usd: float, worst_tokens: int, *, alone: bool = False) -> bool:
         """Whether a request of this worst case fits beside those held (or, `alone`, once they are settled)."""
         held_usd, held_tokens = (0.0, 0) if alone else (self.held_usd, self.held_tokens)
-        return (self.max_usd is None or self.spent_usd + held_usd + worst_usd <= self.max_usd) and \
+        # (a float sum may pass a limit it equals by a rounding: that is no passing)
+        return (self.max_usd is None or self.spent_usd + held_usd + worst_usd <= self.max_usd + 1e-12) and \
             (self.max_tokens is None or self.spent_tokens + held_tokens + worst_tokens <= self.max_tokens)
 
     def reserve(self, worst_usd: float, worst_tokens: int) -> Hold | None:
