@@ -217,3 +217,34 @@ def test_a_stated_parallel_limit_caps_requests_in_flight() -> None:
 
     anyio.run(main)
     assert client.in_flight.maximum == 3 and client.in_flight.limit == 3
+
+
+def test_a_failed_answer_is_not_kept_while_its_retry_waits() -> None:
+    """A kept error keeps the frames it came through: not the answer in them (200 rows
+    waiting to retry an 8 MB 500 once took 6 GB)."""
+    import tracemalloc
+
+    held: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, content=b'{"error": {"message": "' + b"x" * (8 << 20) + b'"}}')
+
+    async def sleep(seconds: float) -> None:
+        held.append(tracemalloc.get_traced_memory()[0])
+
+    raw = {"input": "i.jsonl", "output": "o.parquet", "model": "m", "api": {"base_url": "http://127.0.0.1:9/v1"},
+           "retry": {"max_attempts": 3}}
+    client = Client(parse_spec(raw, environ={}), api_key=KEY, transport=httpx.MockTransport(handler), sleep=sleep)
+    row = Row(0, "r0", "chat", {"messages": [{"role": "user", "content": "q"}]}, "line 1")
+
+    async def main() -> Result:
+        async with client:
+            return await client.call(row)
+
+    tracemalloc.start()
+    try:
+        result = anyio.run(main)
+    finally:
+        tracemalloc.stop()
+    assert result.status == "failed" and result.attempts == 3
+    assert len(held) == 2 and max(held) < 4 << 20, held
