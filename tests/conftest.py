@@ -24,6 +24,17 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_KEY = "sk-test-0123456789abcdef"  # a fake key; tests check it never leaks
 
 
+# Fixtures that start a server: a test that uses one is slow (`pytest -m "not slow"` is
+# the fast subset: no server, no subprocess). Tests that start a process mark themselves.
+SERVER_FIXTURES = {"server", "s3", "cluster"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test sees the developer's API keys or batchrun settings."""

@@ -39,6 +39,7 @@ def test_ctrl_c_while_the_command_loads_ends_quietly(monkeypatch: pytest.MonkeyP
     assert capsys.readouterr().err == "batchrun: interrupted while starting; nothing was sent\n"
 
 
+@pytest.mark.slow
 def test_importing_batchrun_loads_neither_pyarrow_nor_httpx() -> None:
     import subprocess
 

@@ -134,6 +134,7 @@ def test_a_glob_and_a_list_read_as_one_table_and_resume_across_files(tmp_path: P
     assert "content changed" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_template_example_job_runs_and_exports_with_the_mock_endpoint(tmp_path: Path) -> None:
     import shutil
 

@@ -148,6 +148,7 @@ def test_max_in_flight_with_slow_requests(server):
     assert (server.requests, server.answers, server.max_in_flight) == ([], {}, 0)
 
 
+@pytest.mark.slow
 def test_hang_outlasts_client_timeout_and_stop_does_not_wait():
     s = FakeServer(Faults(hang_rate=1.0, hang_s=30)).start()
     with pytest.raises(httpx.ReadTimeout):

@@ -131,6 +131,7 @@ def test_requests_go_through_http_proxy_unless_no_proxy_says_not(tmp_path: Path,
     assert len(proxy.forwarded) == 40 and len(server.requests) == 80  # none through the proxy
 
 
+@pytest.mark.slow
 def test_a_key_for_a_remote_plain_http_url_exits_2_naming_https(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
     spec = write_spec(tmp_path, api={"base_url": "http://192.0.2.10/v1"})  # TEST-NET: never reached
@@ -140,6 +141,7 @@ def test_a_key_for_a_remote_plain_http_url_exits_2_naming_https(tmp_path: Path) 
     assert not (tmp_path / "out" / "result.batchrun.sqlite").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["input", "output"])
 def test_a_store_no_library_opens_exits_2(tmp_path: Path, key: str) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
@@ -151,6 +153,7 @@ def test_a_store_no_library_opens_exits_2(tmp_path: Path, key: str) -> None:
     assert not (tmp_path / "nosuch:").exists()
 
 
+@pytest.mark.slow
 def test_a_url_for_the_response_cache_exits_2(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
     spec = write_spec(tmp_path, cache="s3://bucket/cache.sqlite")
@@ -159,6 +162,7 @@ def test_a_url_for_the_response_cache_exits_2(tmp_path: Path) -> None:
     assert "cache: 's3://bucket/cache.sqlite' is a URL" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_store_whose_library_cannot_start_exits_2(tmp_path: Path) -> None:
     """hdfs:// needs a JVM this machine lacks: said before any request, never a crash."""
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 from pathlib import Path
 
@@ -59,6 +61,7 @@ def test_a_resumed_job_plans_what_remains_with_the_answers_it_has_seen(tmp_path:
     assert left["completion_tokens_max"] == 60 * 16
 
 
+@pytest.mark.slow
 def test_a_tokenizer_json_counts_exactly(tmp_path: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -78,6 +81,7 @@ def test_a_tokenizer_json_counts_exactly(tmp_path: Path) -> None:
     assert "2 of 2 rows to do, in 2 requests" in text.stdout and "prompt tokens      12" in text.stdout
 
 
+@pytest.mark.slow
 def test_a_plan_of_a_bad_input_is_exit_2_like_a_run(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": "a"}, "not json"])
     spec = write_spec(tmp_path)

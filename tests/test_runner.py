@@ -319,6 +319,7 @@ def test_an_output_folder_that_refuses_the_final_rename_is_exit_3_and_a_rerun_wr
     assert (summary.requests, summary.ok, summary.output_written) == (0, 30, True)
 
 
+@pytest.mark.slow
 def test_answers_arriving_after_an_output_failure_are_still_saved(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
@@ -341,6 +342,7 @@ def test_answers_arriving_after_an_output_failure_are_still_saved(tmp_path: Path
     assert 8192 <= info.value.summary.ok == len(seen) < 20_000  # every answer received was saved
 
 
+@pytest.mark.slow
 def test_an_exception_raised_into_the_caller_saves_every_answer_received_first(tmp_path: Path) -> None:
     """As Airflow's execution_timeout does: a SIGALRM handler raises inside run_job."""
     import signal
