@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import traceback
@@ -152,7 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
-        return {"run": _run, "status": _status, "export": _export, "plan": _plan, "merge": _merge}[args.command](args)
+        code = {"run": _run, "status": _status, "export": _export, "plan": _plan, "merge": _merge}[args.command](args)
+        sys.stdout.flush()  # a closed pipe is met here, not at the interpreter's exit
+        return code
     except UsageError as exc:
         print(f"batchrun: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -164,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.rerun_resumes:
             print("batchrun: rerun the same command to resume", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `batchrun plan JOB | head`: the reader went away, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout at exit)
+        return 128 + signal.SIGPIPE
     except Exception:  # a bug, not a user error: show it all
         traceback.print_exc()
         print("batchrun: internal error; the saved progress is intact, rerun to resume", file=sys.stderr)

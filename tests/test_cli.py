@@ -46,3 +46,19 @@ def test_importing_batchrun_loads_neither_pyarrow_nor_httpx() -> None:
     code = "import sys, batchrun; print(sorted(m for m in ('pyarrow', 'httpx', 'anyio') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_output_piped_into_a_reader_that_leaves_early_is_no_internal_error(tmp_path) -> None:
+    import subprocess
+
+    from tests.conftest import REPO, write_jsonl, write_spec
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
+    spec = write_spec(tmp_path, api={"base_url": "mock://"})
+    # `true` reads nothing and leaves: the plan meets a closed pipe (or, if it was quicker, a
+    # pipe that takes it)
+    run = subprocess.run(f"{sys.executable} -m batchrun plan {spec} | true; echo \"${{PIPESTATUS[0]}}\"",
+                         shell=True, executable="/bin/bash", capture_output=True, text=True, cwd=REPO)
+    assert run.stdout.strip() in ("0", "141"), run
+    assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr
