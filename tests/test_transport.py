@@ -129,15 +129,16 @@ def endless(head: str, chunk: bytes) -> Callable[[dict], Iterator[bytes]]:
 
 BOMB = gzip_bomb(256 << 20)
 MB = bytes(1 << 20)
-
-
-@pytest.mark.parametrize("answer", [
+HOSTILE_ANSWERS = pytest.mark.parametrize("answer", [
     raw(f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
         f"content-length: {len(BOMB)}\r\n\r\n", BOMB),
     endless("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5368709120\r\n\r\n", MB),
     endless("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
             b"100000\r\n" + b"data: {}\n\n".ljust(1 << 20, b"x") + b"\r\n"),
 ], ids=["gzip-bomb", "5-GB-body", "endless-stream"])
+
+
+@HOSTILE_ANSWERS
 def test_an_answer_past_the_limit_fails_without_growing_memory(server: FakeServer, answer: Callable) -> None:
     server.faults = Faults(raw_answer=answer)
     limit = 4 << 20
@@ -325,13 +326,7 @@ def test_the_error_of_a_refused_answer_keeps_none_of_it(kind: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("answer", [
-    raw(f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
-        f"content-length: {len(BOMB)}\r\n\r\n", BOMB),
-    endless("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5368709120\r\n\r\n", MB),
-    endless("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
-            b"100000\r\n" + b"data: {}\n\n".ljust(1 << 20, b"x") + b"\r\n"),
-], ids=["gzip-bomb", "5-GB-body", "endless-stream"])
+@HOSTILE_ANSWERS
 def test_the_error_of_a_refused_answer_keeps_none_of_it_nor_of_aiohttps_buffers(server: FakeServer,
                                                                                 answer: Callable) -> None:
     server.faults = Faults(raw_answer=answer)
