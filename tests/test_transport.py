@@ -336,4 +336,6 @@ def test_the_error_of_a_refused_answer_keeps_none_of_it_nor_of_aiohttps_buffers(
             exchange(f"{server.base_url}/completions", max_answer_bytes=4 << 20)
         return caught.value
 
-    assert kept_by_errors(failing) < 64 << 10
+    # Four errors and their tracebacks alone hold about 70 KB through aiohttp; an answer
+    # kept with them held 0.5 to 5.9 MB
+    assert kept_by_errors(failing) < 256 << 10
