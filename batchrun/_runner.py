@@ -95,7 +95,7 @@ class Summary:
     set_aside: str | None = None  # where --restart moved the previous output
     uncacheable: int = 0  # with a cache: requests of this run it could not answer (not deterministic)
     unmetered: int = 0  # rows with answers that came without usage: charged at their worst case
-    lost: int = 0  # requests a kill -9 left unsettled: counted against the budget at their worst case
+    lost_requests: int = 0  # a kill -9 left them unsettled: counted against the budget at their worst case
     lost_usd: float = 0.0
 
     @property
@@ -128,9 +128,10 @@ class Summary:
         if self.unmetered:
             tokens += (f"; {self.unmetered:,} row{'s' if self.unmetered > 1 else ''} answered without usage, "
                        "charged at the worst case")
-        if self.lost:
-            tokens += (f"; {self.lost:,} request{'s' if self.lost > 1 else ''} in flight at a kill, counted at the "
-                       f"worst case ({usd(self.lost_usd)})")
+        if self.lost_requests:
+            lost = self.lost_requests
+            tokens += (f"; {lost:,} request{'s' if lost > 1 else ''} in flight at a kill, counted at the worst case "
+                       f"({usd(self.lost_usd)})")
         if self.cache_hits:
             tokens += f"; {self.cache_hits:,} from the cache"
             if self.saved_usd is not None:
@@ -324,8 +325,6 @@ def run_job(
         set_aside=set_aside,
         uncacheable=client.uncacheable,
         unmetered=spend.unmetered,
-        lost=spend.lost,
-        lost_usd=spend.lost_usd,
         **counts,
     )
     status.write(counts, requests=client.requests_sent, state="finished" if written else "stopped",

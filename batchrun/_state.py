@@ -96,8 +96,6 @@ class Spend:
     usd: float
     tokens: int
     unmetered: int  # rows with answers that came without usage, counted at their worst case
-    lost: int  # requests a kill left unsettled: counted at their worst case
-    lost_usd: float
     next_hold: int  # the id of the next hold: unique in the state
 
 
@@ -325,9 +323,11 @@ class StateStore:
             "FROM results WHERE row_index < ?",
             (limit,),
         ).fetchone()
+        # Requests a kill left unsettled (with a budget), at their worst case: not in any row
+        lost, lost_usd = self._db.execute("SELECT COUNT(*), TOTAL(usd) FROM holds").fetchone()
         return {"ok": ok, "failed": failed, "failed_for_good": for_good, "prompt_tokens": int(prompt),
                 "completion_tokens": int(completion), "total_tokens": int(total), "cost_usd": cost,
-                "cache_hits": hits, "saved_usd": saved}
+                "cache_hits": hits, "saved_usd": saved, "lost_requests": lost, "lost_usd": lost_usd}
 
     def spend(self) -> Spend:
         """What the job has spent over all its runs, as its budget counts it: the answers'
@@ -336,10 +336,10 @@ class StateStore:
         usd, tokens, unmetered_tokens, unmetered = self._db.execute(
             "SELECT TOTAL(cost_usd), TOTAL(total_tokens), TOTAL(json_extract(extra, '$.unmetered_tokens')), "
             "COALESCE(SUM(json_extract(extra, '$.unmetered') > 0), 0) FROM results").fetchone()
-        lost, lost_usd, lost_tokens, last = self._db.execute(
-            "SELECT COUNT(*), TOTAL(usd), TOTAL(tokens), COALESCE(MAX(id), 0) FROM holds").fetchone()
+        lost_usd, lost_tokens, last = self._db.execute(
+            "SELECT TOTAL(usd), TOTAL(tokens), COALESCE(MAX(id), 0) FROM holds").fetchone()
         return Spend(usd=usd + lost_usd, tokens=int(tokens + unmetered_tokens + lost_tokens), unmetered=unmetered,
-                     lost=lost, lost_usd=lost_usd, next_hold=last + 1)
+                     next_hold=last + 1)
 
     def means(self) -> tuple[float | None, float | None]:
         """Mean completion tokens and mean latency of the rows answered ok so far."""

@@ -8,6 +8,7 @@ every `EVERY_S` seconds while it runs and once at its end, so a scheduler, a sen
      "exit_code": null while running, then the CLI's exit code,
      "rows", "ok", "failed", "failed_for_good", "remaining",
      "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd",
+     "lost_requests", "lost_usd" (a kill's requests in flight, with a budget: at their worst case),
      "requests", "rows_per_s", "eta_s", "started_at", "updated_at", "pid", "version", ...}
 """
 
@@ -72,7 +73,8 @@ class StatusFile:
             "ok": counts["ok"], "failed": counts["failed"], "failed_for_good": counts.get("failed_for_good", 0),
             "remaining": remaining, "prompt_tokens": counts["prompt_tokens"],
             "completion_tokens": counts["completion_tokens"], "total_tokens": counts["total_tokens"],
-            "cost_usd": counts.get("cost_usd"), "requests": requests, "rows_per_s": round(rate, 3),
+            "cost_usd": counts.get("cost_usd"), "lost_requests": counts.get("lost_requests", 0),
+            "lost_usd": counts.get("lost_usd", 0.0), "requests": requests, "rows_per_s": round(rate, 3),
             "eta_s": round(remaining / rate, 1) if rate > 0 and state == "running" else None,
             "updated_at": _now(),
         }
@@ -119,7 +121,7 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
              "finished" if states == {"finished"} and len(parts) == count and merged else "stopped")
     total = {name: sum(part.get(name) or 0 for part in parts)
              for name in ("rows", "ok", "failed", "failed_for_good", "remaining", "prompt_tokens",
-                          "completion_tokens", "total_tokens")}
+                          "completion_tokens", "total_tokens", "lost_requests", "lost_usd")}
     rows = input_rows(shards)
     if rows is not None:  # the shards not started (or not begun) have their rows to go too
         total["rows"], total["remaining"] = rows, max(0, rows - total["ok"] - total["failed"])

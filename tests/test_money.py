@@ -314,3 +314,7 @@ def test_requests_in_flight_at_a_kill_9_count_against_the_budget(tmp_path: Path,
     assert result.code == 3 and "the budget is reached" in result.stderr, result.stderr
     assert bill() <= budget
     assert "24 requests in flight at a kill, counted at the worst case" in result.stderr
+    from batchrun import job_status, load_spec
+
+    status = job_status(load_spec(tmp_path / "job.yaml"))  # the lost requests, as the summary said
+    assert status["lost_requests"] == 24 and usd(status["lost_usd"]) in result.stderr
