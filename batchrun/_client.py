@@ -21,7 +21,7 @@ import httpx
 
 from ._version import __version__
 from ._exceptions import APIError, BudgetReached, JobFatalAPIError, RetryableAPIError
-from ._protocol import Result, StreamAssembler, storable_text
+from ._protocol import Result, StreamAssembler, map_texts, storable_text
 from .endpoints import ENDPOINTS, get_endpoint
 from .endpoints.embeddings import share
 from ._inputs import Row
@@ -515,7 +515,7 @@ class Client:
             if (text := getattr(result, name)) is not None:
                 setattr(result, name, self._redact(text))
         if result.extra is not None:
-            result.extra = _redacted(result.extra, self._redact)
+            result.extra = map_texts(result.extra, self._redact)
 
     def _error_text(self, text: str) -> str:
         """An error as it may be stored: servers echo the key they rejected, and it must
@@ -537,24 +537,16 @@ def _unburdened(error: RetryableAPIError) -> RetryableAPIError:
 
 
 def _holds(value: Any, key: str) -> bool:
-    """Whether any text in `value` (an answer's extra: choices, parsed JSON) holds `key`."""
+    """Whether any text in `value` (an answer's extra: choices, parsed JSON) holds `key`.
+    Log-probabilities are passed over: a token is far shorter than a key, and a long
+    answer's are thousands of texts."""
     if isinstance(value, str):
         return key in value
     if isinstance(value, dict):
-        return any(_holds(v, key) or isinstance(k, str) and key in k for k, v in value.items())
+        return any(k != "logprobs" and _holds(v, key) or isinstance(k, str) and key in k for k, v in value.items())
     if isinstance(value, list):
         return any(_holds(v, key) for v in value)
     return False
-
-
-def _redacted(value: Any, redact: Callable[[str], str]) -> Any:
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {redact(k) if isinstance(k, str) else k: _redacted(v, redact) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redacted(v, redact) for v in value]
-    return value
 
 
 def _unmetered_tokens(result: Result) -> int:

@@ -83,7 +83,6 @@ class Budget:
         self.spent_tokens = spent_tokens
         self.held_usd = 0.0
         self.held_tokens = 0
-        self.holds = 0  # requests held now
         self._ids = itertools.count(next_hold)
 
     def fits(self, worst_usd: float, worst_tokens: int, *, alone: bool = False) -> bool:
@@ -99,14 +98,12 @@ class Budget:
             return None
         self.held_usd += worst_usd
         self.held_tokens += worst_tokens
-        self.holds += 1
         return Hold(next(self._ids), worst_usd, worst_tokens)
 
     def settle(self, hold: Hold, spent_usd: float, spent_tokens: int) -> None:
         """A reserved request ended: let go of its worst case, count what it cost."""
         self.held_usd = max(0.0, self.held_usd - hold.usd)
         self.held_tokens = max(0, self.held_tokens - hold.tokens)
-        self.holds -= 1
         self.spent_usd += spent_usd
         self.spent_tokens += spent_tokens
 

@@ -7,14 +7,14 @@ the API can answer with is testable from literals.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ._exceptions import RetryableAPIError
 
-__all__ = ["Result", "StreamAssembler", "build_body", "endpoint_path", "parse_answer", "set_usage", "storable",
-           "storable_text", "storable_value", "text_of"]
+__all__ = ["Result", "StreamAssembler", "build_body", "endpoint_path", "map_texts", "parse_answer", "set_usage",
+           "storable", "storable_text", "storable_value", "text_of"]
 
 
 def endpoint_path(endpoint: str) -> str:
@@ -109,12 +109,17 @@ def storable(result: Result) -> Result:
 
 
 def storable_value(value: Any) -> Any:
+    return map_texts(value, storable_text)
+
+
+def map_texts(value: Any, change: Callable[[str], str]) -> Any:
+    """`value` (JSON-like) with `change` applied to every string in it, keys included."""
     if isinstance(value, str):
-        return storable_text(value)
+        return change(value)
     if isinstance(value, list):
-        return [storable_value(v) for v in value]
+        return [map_texts(v, change) for v in value]
     if isinstance(value, dict):
-        return {storable_text(k) if isinstance(k, str) else k: storable_value(v) for k, v in value.items()}
+        return {change(k) if isinstance(k, str) else k: map_texts(v, change) for k, v in value.items()}
     return value
 
 
