@@ -290,9 +290,11 @@ class Client:
         tokens = unmetered = unmetered_tokens = 0
         for answer in paid:
             if answer.prompt_tokens is None and answer.completion_tokens is None:
+                if worst is None:  # no price and no budget: nothing is charged, nothing to say
+                    continue
                 unmetered += 1
-                unmetered_tokens += (worst.tokens or 0) if worst is not None else 0
-                one = worst.usd if worst is not None else None
+                unmetered_tokens += worst.tokens or 0
+                one = worst.usd
             else:
                 tokens += answer.total_tokens or (answer.prompt_tokens or 0) + (answer.completion_tokens or 0)
                 one = cost(price, answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens)
