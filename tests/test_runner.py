@@ -474,11 +474,11 @@ def test_a_server_that_refuses_every_request_after_the_first_stops_the_job_and_a
         return httpx.Response(429, headers={"retry-after": "5"}, json={"error": {"message": "slow down"}})
 
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(20)])
-    spec = write_spec(tmp_path, concurrency=4, retry={"max_stall_s": 1, "backoff_initial_s": 0.01},
+    spec = write_spec(tmp_path, concurrency=4, retry={"max_stall_s": 3, "backoff_initial_s": 0.01},
                       api={"base_url": "http://127.0.0.1:9/v1"})
     env = {"OPENAI_API_KEY": "k"}
 
-    with pytest.raises(Stalled, match="no row was settled in 1 s.*raise retry.max_stall_s") as info:
+    with pytest.raises(Stalled, match="no row was settled in 3 s.*raise retry.max_stall_s") as info:
         run_job(spec, transport=httpx.MockTransport(refuse_after_the_first), environ=env)
     assert info.value.exit_code == 3 and info.value.summary.ok == 1
 
