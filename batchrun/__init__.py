@@ -29,21 +29,23 @@ from ._version import __version__
 # The rest loads on first use (PEP 562), so that `import batchrun` (and the command,
 # before it parses its arguments) does not wait for pyarrow and the HTTP stack.
 _LAZY = {
-    "BarProgress": "_progress", "LogProgress": "_progress", "NullProgress": "_progress", "Progress": "_progress",
-    "run_on_ray": "_ray",  # and Ray itself only when called
-    "Summary": "_runner", "run_job": "_runner",
-    "MergeSummary": "_shards", "Shard": "_shards", "merge_job": "_shards",
-    "ApiSpec": "_spec", "JobSpec": "_spec", "RetrySpec": "_spec", "load_spec": "_spec", "parse_spec": "_spec",
-    "job_status": "_status",
+    "BarProgress": "engine.progress", "LogProgress": "engine.progress",
+    "NullProgress": "engine.progress", "Progress": "engine.progress",
+    "run_on_ray": "backends.ray.driver",  # and Ray itself only when called
+    "Summary": "engine.run", "run_job": "engine.run",
+    "MergeSummary": "backends.shards", "Shard": "backends.shards", "merge_job": "backends.shards",
+    "ApiSpec": "spec.parse", "JobSpec": "spec.parse", "RetrySpec": "spec.parse",
+    "load_spec": "spec.parse", "parse_spec": "spec.parse",
+    "job_status": "tools.status",
 }
 
 if TYPE_CHECKING:
-    from ._progress import BarProgress, LogProgress, NullProgress, Progress
-    from ._ray import run_on_ray
-    from ._runner import Summary, run_job
-    from ._shards import MergeSummary, Shard, merge_job
-    from ._spec import ApiSpec, JobSpec, RetrySpec, load_spec, parse_spec
-    from ._status import job_status
+    from .backends.ray.driver import run_on_ray
+    from .backends.shards import MergeSummary, Shard, merge_job
+    from .engine.progress import BarProgress, LogProgress, NullProgress, Progress
+    from .engine.run import Summary, run_job
+    from .spec.parse import ApiSpec, JobSpec, RetrySpec, load_spec, parse_spec
+    from .tools.status import job_status
 
 
 def __getattr__(name: str) -> Any:

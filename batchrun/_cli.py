@@ -16,14 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._exceptions import ConfigError, Interrupted, JobAborted, UsageError
-from ._export import export_job
-from ._plan import plan_job
-from ._pricing import usd
-from ._progress import make_progress
-from ._runner import run_job
-from ._shards import Shard, merge_job
-from ._spec import load_spec
-from ._status import job_status
+from .backends.shards import Shard, merge_job
+from .engine.progress import make_progress
+from .engine.run import run_job
+from .policy.pricing import usd
+from .spec.parse import load_spec
+from .tools.export import export_job
+from .tools.plan import plan_job
+from .tools.status import job_status
 
 __all__ = ["main"]
 
@@ -224,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_ray(args: argparse.Namespace) -> int:
-    from ._ray import run_on_ray  # Ray is imported only when asked for
+    from .backends.ray.driver import run_on_ray  # Ray is imported only when asked for
 
     if args.shard is not None or args.limit is not None:
         raise ConfigError("--ray makes the shards itself and runs every row: drop --shard and --limit")

@@ -26,11 +26,11 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
 from ._exceptions import BatchrunError, ConfigError, Interrupted, UsageError
-from ._progress import LogProgress
-from ._runner import Summary, run_job
-from ._shards import Shard
-from ._spec import JobSpec, load_spec, parse_spec
-from ._status import job_status
+from .backends.shards import Shard
+from .engine.progress import LogProgress
+from .engine.run import Summary, run_job
+from .spec.parse import JobSpec, load_spec, parse_spec
+from .tools.status import job_status
 
 __all__ = ["BatchrunOperator"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from batchrun._cache import cacheable
+from batchrun.engine.cache import cacheable
 from tests.conftest import kill_9_during_runs, read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
 

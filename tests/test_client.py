@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from batchrun import JobFatalAPIError, parse_spec
-from batchrun._client import Client
-from batchrun._inputs import Row
-from batchrun._protocol import Result
+from batchrun.endpoints.protocol import Result
+from batchrun.http.client import Client
+from batchrun.inputs.reader import Row
 
 KEY = "sk-unit-secret"
 ANSWER = {"id": "r", "model": "m", "choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}],
@@ -194,7 +194,7 @@ def test_a_row_that_cannot_be_encoded_fails_alone_without_a_request() -> None:
 
 @pytest.mark.parametrize("stated", [b"\xb2", b"9" * 5000, b"-2", b"0", b"2.5", b"", b"nan"])
 def test_a_stated_parallel_limit_the_server_writes_oddly_is_ignored(stated: bytes) -> None:
-    from batchrun._concurrency import STATED_HEADER
+    from batchrun.policy.concurrency import STATED_HEADER
 
     result, _, _ = call([httpx.Response(200, json=ANSWER, headers={STATED_HEADER: stated})])
 
@@ -202,7 +202,7 @@ def test_a_stated_parallel_limit_the_server_writes_oddly_is_ignored(stated: byte
 
 
 def test_a_stated_parallel_limit_caps_requests_in_flight() -> None:
-    from batchrun._concurrency import STATED_HEADER
+    from batchrun.policy.concurrency import STATED_HEADER
 
     seen = []
     raw = {"input": "i.jsonl", "output": "o.parquet", "model": "m", "api": {"base_url": "http://127.0.0.1:9/v1"}}

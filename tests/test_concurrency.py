@@ -8,8 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from batchrun._concurrency import PROBE_FIRST_S, ConcurrencyLimit
-
+from batchrun.policy.concurrency import PROBE_FIRST_S, ConcurrencyLimit
 from tests.conftest import read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
 

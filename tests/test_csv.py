@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchrun import InputError, _csv
-from batchrun._inputs import InputReader
+from batchrun import InputError
+from batchrun.inputs import csv_lines as _csv
+from batchrun.inputs.reader import InputReader
 
 
 def write_csv(path: Path, lines: list[str]) -> Path:

@@ -13,7 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tests.conftest import (
-    TEST_KEY, cli_env, kill_9_during_runs, read_output, run_cli, start_cli, write_jsonl, write_spec,
+    TEST_KEY,
+    cli_env,
+    kill_9_during_runs,
+    read_output,
+    run_cli,
+    start_cli,
+    write_jsonl,
+    write_spec,
 )
 from tests.fakeserver import FakeServer, Faults, error_body, request_key
 

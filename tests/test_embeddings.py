@@ -116,8 +116,8 @@ def group(answer, rows: int = 8, **spec: object):
     import httpx
 
     from batchrun import parse_spec
-    from batchrun._client import Client
-    from batchrun._inputs import Row
+    from batchrun.http.client import Client
+    from batchrun.inputs.reader import Row
 
     seen: list[dict] = []
 

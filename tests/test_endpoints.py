@@ -7,7 +7,7 @@ import json
 import pytest
 
 from batchrun import RetryableAPIError, RowFatalAPIError
-from batchrun._protocol import build_body, parse_answer
+from batchrun.endpoints.protocol import build_body, parse_answer
 from tests.test_protocol import feed, sse
 
 CHAT_LOGPROBS = {"content": [

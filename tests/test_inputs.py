@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun import InputError
-from batchrun._inputs import InputReader
+from batchrun.inputs.reader import InputReader
 from tests.conftest import write_jsonl
 
 
@@ -260,7 +260,7 @@ def test_csv_json_text_is_held_to_the_row_checks(tmp_path: Path) -> None:
 
 
 def test_a_glob_reads_its_files_in_sorted_order_as_one_table(tmp_path: Path) -> None:
-    from batchrun._files import expand_inputs
+    from batchrun.inputs.files import expand_inputs
 
     (tmp_path / "data").mkdir()
     pq.write_table(pa.table({"prompt": ["c", "d"], "k": pa.array([3, 4], pa.int32())}), tmp_path / "data" / "p-2.parquet")
@@ -316,7 +316,7 @@ def test_files_whose_columns_cannot_be_one_table_are_named(tmp_path: Path) -> No
 
 
 def test_a_template_renders_each_row_and_every_column_passes_through(tmp_path: Path) -> None:
-    from batchrun._template import Template
+    from batchrun.inputs.template import Template
 
     pq.write_table(pa.table({"id": ["q1", "q2"], "question": ["why?", "how?"], "context": ["c1", None],
                              "max_tokens": [1, 2]}), tmp_path / "in.parquet")

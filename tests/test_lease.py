@@ -8,9 +8,9 @@ import threading
 import anyio
 import pytest
 
-from batchrun._concurrency import ConcurrencyLimit
-from batchrun._lease import EXPECT_S, GONE_S, HORIZON_S, STALE_S, Grant, LeasedLimiter, Quota, Report
-from batchrun._rate import RateLimiter
+from batchrun.backends.ray.quota import EXPECT_S, GONE_S, HORIZON_S, STALE_S, Grant, LeasedLimiter, Quota, Report
+from batchrun.policy.concurrency import ConcurrencyLimit
+from batchrun.policy.rate import RateLimiter
 
 
 def quota(workers: int = 4, rpm: float | None = 2700, tpm: float | None = None, **kw: float) -> Quota:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from batchrun import SpecError, parse_spec
-from batchrun._pricing import Budget, Price, cost, usd
+from batchrun.policy.pricing import Budget, Price, cost, usd
 from tests.conftest import read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
 

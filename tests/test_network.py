@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from batchrun import ConfigError
-from batchrun._network import check_key_route, proxy_for
-from tests.conftest import cli_env, TEST_KEY, read_output, run_cli, write_jsonl, write_spec
+from batchrun.http.network import check_key_route, proxy_for
+from tests.conftest import TEST_KEY, cli_env, read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer
 
 

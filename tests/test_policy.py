@@ -7,8 +7,8 @@ import anyio
 import pytest
 
 from batchrun import JobFatalAPIError, RetryableAPIError, RowFatalAPIError
-from batchrun._policy import FailureStreak, backoff, classify, error_message, retry_after, retrying
-from batchrun._spec import RetrySpec
+from batchrun.policy.retry import FailureStreak, backoff, classify, error_message, retry_after, retrying
+from batchrun.spec.parse import RetrySpec
 
 NOW = 1_700_000_000.0
 

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchrun import APIError, InputError, JobFatalAPIError, parse_spec
-from batchrun._client import Client
-from batchrun._inputs import InputReader, Row
-from batchrun._output import result_schema
-from batchrun._protocol import Result, StreamAssembler
-from batchrun._state import StateStore
+from batchrun.endpoints.protocol import Result, StreamAssembler
+from batchrun.http.client import Client
+from batchrun.inputs.reader import InputReader, Row
+from batchrun.storage.output import result_schema
+from batchrun.storage.state import StateStore
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

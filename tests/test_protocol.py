@@ -5,7 +5,7 @@ import json
 import pytest
 
 from batchrun import RetryableAPIError, RowFatalAPIError
-from batchrun._protocol import StreamAssembler, build_body, parse_answer
+from batchrun.endpoints.protocol import StreamAssembler, build_body, parse_answer
 
 
 def test_row_fields_override_params_which_override_the_model() -> None:

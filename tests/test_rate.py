@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from batchrun._rate import RATE_HEADERS, Allowance, RateLimiter, ServerLimits, estimate_tokens, parse_duration
+from batchrun.policy.rate import RATE_HEADERS, Allowance, RateLimiter, ServerLimits, estimate_tokens, parse_duration
 from tests.conftest import read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from batchrun._ray import limiter_name
-from batchrun._spec import load_spec
+from batchrun.backends.ray.driver import limiter_name
+from batchrun.spec.parse import load_spec
 from tests.conftest import REPO, TEST_KEY, CLIResult, cli_env, read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
 

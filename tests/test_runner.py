@@ -15,9 +15,18 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun import ConfigError, InputError, JobFatalAPIError, LogProgress, StateMismatchError, StorageError, Summary, run_job
-from batchrun._output import OutputWriter
-from batchrun._state import StateStore, state_path
+from batchrun import (
+    ConfigError,
+    InputError,
+    JobFatalAPIError,
+    LogProgress,
+    StateMismatchError,
+    StorageError,
+    Summary,
+    run_job,
+)
+from batchrun.storage.output import OutputWriter
+from batchrun.storage.state import StateStore, state_path
 from tests.conftest import read_output, write_jsonl, write_spec
 
 
@@ -276,8 +285,8 @@ def test_restart_with_a_bad_input_keeps_the_progress_it_would_discard(tmp_path: 
 def test_the_output_is_written_as_rows_settle_and_published_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("batchrun._runner.ROW_GROUP_ROWS", 10)
-    monkeypatch.setattr("batchrun._output.ROW_GROUP_ROWS", 10)
+    monkeypatch.setattr("batchrun.engine.run.ROW_GROUP_ROWS", 10)
+    monkeypatch.setattr("batchrun.storage.output.ROW_GROUP_ROWS", 10)
     rows = [{"prompt": f"p{i}", "tag": f"t{i}", "n_words": i} for i in range(95)]
     write_jsonl(tmp_path / "input.jsonl", rows)
     (tmp_path / "out").mkdir()
@@ -347,7 +356,7 @@ def test_an_exception_raised_into_the_caller_saves_every_answer_received_first(t
     """As Airflow's execution_timeout does: a SIGALRM handler raises inside run_job."""
     import signal
 
-    from batchrun import _client
+    from batchrun.http import client as _client
     from tests.fakeserver import FakeServer, Faults
 
     class TaskTimeout(Exception):
@@ -488,7 +497,7 @@ def test_a_server_that_refuses_every_request_after_the_first_stops_the_job_and_a
 
 def test_a_restart_moves_the_previous_output_aside_at_once(tmp_path: Path) -> None:
     from batchrun import job_status, load_spec
-    from batchrun._export import export_job
+    from batchrun.tools.export import export_job
 
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(60)])
     spec = write_spec(tmp_path, api={"base_url": "http://127.0.0.1:9/v1"})
@@ -548,7 +557,7 @@ def test_grace_s_bounds_how_long_requests_in_flight_may_finish_after_a_stop(tmp_
 
 def test_a_row_never_gets_more_than_max_attempts_failures_however_often_it_is_set_aside(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchrun import _client
+    from batchrun.http import client as _client
 
     monkeypatch.setattr(_client, "PARK_S", 0.01)  # every wait is long enough to set a row aside
     seen: dict[str, int] = {}

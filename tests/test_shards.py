@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun._shards import Shard
+from batchrun.backends.shards import Shard
 from tests.conftest import read_output, run_cli, start_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
 from tests.test_remote import _bucket, _env, _put_jsonl, s3  # noqa: F401 (s3: the fixture)
@@ -144,7 +144,7 @@ def test_limit_and_shard_do_not_go_together(sharded: Path) -> None:
 
 @pytest.mark.slow
 def test_a_shard_state_killed_before_it_began_is_waited_for(sharded: Path) -> None:
-    from batchrun._state import StateStore
+    from batchrun.storage.state import StateStore
 
     assert run_cli("run", str(sharded), "--shard", "0/2", "--no-progress").code == 0
     folder = sharded.parent / "out/result.shards"

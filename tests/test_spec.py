@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from batchrun import SpecError, load_spec, parse_spec
-from batchrun._spec import DEFAULT_BASE_URL
+from batchrun.spec.parse import DEFAULT_BASE_URL
 
 MINIMAL = {"input": "in.jsonl", "output": "out.parquet"}
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from batchrun import ConfigError, StateDamagedError, StateMismatchError, StorageError
-from batchrun._protocol import RESULT_FIELDS, Result
-from batchrun._lock import lock_holder
-from batchrun._state import StateStore
+from batchrun.endpoints.protocol import RESULT_FIELDS, Result
+from batchrun.storage.lock import lock_holder
+from batchrun.storage.state import StateStore
 
 META = {"input_digest": "abc", "rows": 3, "passthrough": [], "request": {"model": "m", "params": {"max_tokens": 5}}}
 

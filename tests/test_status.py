@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from batchrun import Shard, job_status, load_spec, run_job
-from batchrun._lock import JobLock
-from batchrun._state import StateStore
+from batchrun.storage.lock import JobLock
+from batchrun.storage.state import StateStore
 from tests.conftest import read_output, run_cli, start_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
 from tests.test_remote import _bucket, _env, _put_jsonl, s3  # noqa: F401 (s3: the fixture)

@@ -4,11 +4,12 @@ import string
 
 import jinja2
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from batchrun import SpecError, parse_spec
-from batchrun._template import Template, TemplateRowError, data_url
+from batchrun.inputs.template import Template, TemplateRowError, data_url
 
 MESSAGES = [
     {"role": "system", "content": "Answer from the context."},

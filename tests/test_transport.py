@@ -16,8 +16,8 @@ import anyio
 import httpx
 import pytest
 
-from batchrun import _transport
-from batchrun._transport import AiohttpTransport, AnswerTooLarge, BoundedTransport
+from batchrun.http import transport as _transport
+from batchrun.http.transport import AiohttpTransport, AnswerTooLarge, BoundedTransport
 from tests.fakeserver import FakeServer, Faults
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .._protocol import Result
+from .protocol import Result
 
 __all__ = ["Endpoint", "StreamReader"]
 

@@ -17,8 +17,8 @@ import json
 from typing import Any
 
 from .._exceptions import RetryableAPIError, RowFatalAPIError
-from .._protocol import Result, set_usage, storable, text_of
 from .base import StreamReader
+from .protocol import Result, set_usage, storable, text_of
 
 __all__ = ["ChoicesStream", "logprob_entries", "parse_choices"]
 

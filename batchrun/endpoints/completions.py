@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._protocol import Result
 from .base import Endpoint, StreamReader
 from .choices import ChoicesStream, parse_choices
+from .protocol import Result
 
 __all__ = ["Completions"]
 

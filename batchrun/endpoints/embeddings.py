@@ -22,8 +22,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._exceptions import JobFatalAPIError, RetryableAPIError, RowFatalAPIError
-from .._protocol import Result, set_usage, text_of
 from .base import Endpoint, StreamReader
+from .protocol import Result, set_usage, text_of
 
 __all__ = ["Embeddings", "share"]
 

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._exceptions import RetryableAPIError, RowFatalAPIError
-from .._protocol import Result, set_usage, storable, text_of
 from .base import Endpoint, StreamReader
+from .protocol import Result, set_usage, storable, text_of
 
 __all__ = ["Responses"]
 

@@ -14,7 +14,6 @@ import json
 import time
 
 import aiohttp
-
 import clientkit
 
 

@@ -13,9 +13,8 @@ import asyncio
 import json
 import time
 
-from openai import AsyncOpenAI
-
 import clientkit
+from openai import AsyncOpenAI
 
 
 async def run(path: str, base_url: str, concurrency: int, model: str) -> int:

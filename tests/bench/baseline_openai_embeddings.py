@@ -14,9 +14,8 @@ import json
 import sys
 import time
 
-from openai import AsyncOpenAI
-
 import clientkit
+from openai import AsyncOpenAI
 
 BATCH = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 64
 if "--batch" in sys.argv:

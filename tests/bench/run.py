@@ -576,9 +576,9 @@ def scenario_template(workdir: Path, rows: int | None) -> None:
 VALIDATE = """\
 import sys, time
 from pathlib import Path
-from batchrun._inputs import InputReader
-from batchrun._spec import load_spec
-from batchrun._template import Template
+from batchrun.inputs.reader import InputReader
+from batchrun.spec.parse import load_spec
+from batchrun.inputs.template import Template
 spec = load_spec(sys.argv[1])
 reader = InputReader(list(spec.input), endpoint=spec.endpoint, template=Template(spec.template))
 started = time.perf_counter()

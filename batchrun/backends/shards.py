@@ -1,0 +1,435 @@
+"""Shards: N runners share one job, each answering a contiguous 1/N of its rows.
+
+    answers.parquet                      the job's output, made by `merge`
+    answers.shards/00001-of-00004.parquet             shard 1's part (rows of its range)
+    answers.shards/00001-of-00004.batchrun.sqlite     its state, lock and status beside it
+
+A shard is a job of its own to the runner (its own state, lock, status and output
+part) whose state also records `[index, count]`. Its rows are
+`[rows * index // count, rows * (index + 1) // count)`, so the parts in index order are
+the input in order, and merging is concatenation. Every shard's state records the
+input's digest and the request configuration: shards of another N, or of a changed
+spec, are refused at the start of a run and at the merge, naming the difference.
+
+The merge is made by `batchrun merge JOB`, or by the last shard to finish: each
+shard, once its part is in place and its lock released, looks for the other parts,
+and the one that finds them all (and no shard running) merges.
+
+A part is derived from its shard's state (every answer) and the input (the passthrough
+columns), as the shard's run wrote it: the merge reads every part through first, and
+one that is missing, damaged or not the state's is written again from them. A part
+whose state is gone, or whose input changed since, cannot be: the merge names it and
+the command that remakes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._exceptions import ConfigError, InputError, JobAborted, StateMismatchError, StorageError, UsageError
+from ..inputs.reader import InputReader
+from ..storage.columns import extra_columns
+from ..storage.lock import lock_holder
+from ..storage.objects import Remote, job_inputs
+from ..storage.output import OutputWriter, fsync, parquet_writer
+from ..storage.state import StateStore, differences, state_path
+
+if TYPE_CHECKING:
+    from ..spec.parse import JobSpec
+
+__all__ = ["MergeSummary", "Shard", "check_siblings", "find_shards", "input_rows", "merge_job", "pull_shard_states",
+           "shard_output", "try_merge"]
+
+_NAME = re.compile(r"(\d{5})-of-(\d{5})\.batchrun\.sqlite")
+
+
+class NotReady(JobAborted):
+    """Shards are missing, unfinished or running: merge later (exit 3)."""
+
+    rerun_resumes = False
+
+
+@dataclass(frozen=True, order=True)
+class Shard:
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`I/N`: shard I (from 0) of N."""
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not match:
+            raise ValueError(f"{text!r}: write the shard as I/N, such as 0/4 (I counts from 0)")
+        index, count = int(match[1]), int(match[2])
+        if not 0 < count <= 99999 or index >= count:
+            raise ValueError(f"{text!r}: I must be 0 to N-1, and N 1 to 99999")
+        return cls(index, count)
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:05d}-of-{self.count:05d}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def bounds(self, rows: int) -> tuple[int, int]:
+        return rows * self.index // self.count, rows * (self.index + 1) // self.count
+
+
+def shard_folder(output: Path) -> Path:
+    return output.with_name(output.stem + ".shards")
+
+
+def shard_output(output: Path, shard: Shard) -> Path:
+    """The shard's output part; its state and status are named after it."""
+    return shard_folder(output) / f"{shard.name}{output.suffix}"
+
+
+def dataset_folder(output: Path) -> Path:
+    return output.with_suffix("")
+
+
+def find_shards(output: Path) -> dict[Shard, Path]:
+    """Every shard that has a state in the job's shard folder, with its state's path."""
+    folder = shard_folder(output)
+    found: dict[Shard, Path] = {}
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for path in folder.iterdir():
+            match = _NAME.fullmatch(path.name)
+            if match:
+                found[Shard(int(match[1]), int(match[2]))] = path
+    return dict(sorted(found.items()))
+
+
+def dataset_part(index: int, count: int) -> str:
+    """The name of part `index` of `count` in the dataset folder `merge --dataset` makes."""
+    return f"part-{index:05d}-of-{count:05d}.parquet"
+
+
+def pull_shard_states(remote: Remote, output: Path) -> set[str]:
+    """Bring the states of a sharded job's shards from the store, not their parts (for
+    `status`: the parts are the job's size); return the names the store's shard folder holds."""
+    import pyarrow.fs as pafs
+
+    folder = shard_folder(output)
+    try:
+        infos = remote.fs.get_file_info(pafs.FileSelector(remote.path_of(folder), allow_not_found=True))
+    except OSError as exc:  # pyarrow's IO errors
+        raise StorageError(f"{remote.url_of(folder)}: cannot list: {exc}") from exc
+    names = {info.base_name for info in infos if info.type == pafs.FileType.File}
+    for name in sorted(names):
+        if _NAME.fullmatch(name) and not lock_holder(folder / name):  # a shard running here has the newest
+            remote.pull_state(folder / name)
+    return names
+
+
+def input_rows(shards: dict[Shard, Path]) -> int | None:
+    """The input's row count, as the shards' states record it; None while none has begun."""
+    for path in shards.values():
+        with contextlib.suppress(FileNotFoundError, JobAborted, UsageError):  # gone, or damaged: the next
+            meta = _read_meta(path)
+            if "rows" in meta:
+                return int(meta["rows"])
+    return None
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    store = StateStore.open(path, lock=False)
+    try:
+        return store.meta()
+    finally:
+        store.close()
+
+
+def _same_job(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    ignored = ("shard", "version")
+    return differences({k: v for k, v in a.items() if k not in ignored}, {k: v for k, v in b.items() if k not in ignored})
+
+
+def check_siblings(output: Path, shard: Shard, meta: dict[str, Any]) -> None:
+    """Refuse to run a shard beside shards of another N, or of another input or spec."""
+    others = {s: p for s, p in find_shards(output).items() if s != shard}
+    counts = sorted({s.count for s in others} - {shard.count})
+    if counts:
+        raise ConfigError(
+            f"{shard_folder(output)} holds shards of {counts[0]} (not {shard.count}): shards of different N "
+            f"never mix. Run --shard I/{counts[0]}, or remove that folder to start over with {shard.count} shards"
+        )
+    for other, path in others.items():
+        try:
+            saved = _read_meta(path)
+        except (FileNotFoundError, JobAborted, ConfigError):
+            continue  # gone meanwhile, or unreadable: the merge checks again
+        if saved and (changes := _same_job(saved, meta)):
+            raise StateMismatchError(
+                f"shard {other} in {shard_folder(output)} ran another job ({'; '.join(changes)}); shards of a "
+                "changed spec or input never mix. Restore the spec and input it ran with, or remove that folder "
+                "to start every shard over"
+            )
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    output: Path | str  # a URL on object storage
+    shards: int
+    rows: int
+    ok: int
+    failed: int
+    remade: tuple[str, ...] = ()  # the shards (`I/N`) whose part was written again from their state
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def line(self) -> str:
+        line = (f"merged {self.shards} shard{'s' * (self.shards != 1)}: {self.rows:,} rows, {self.ok:,} ok, "
+                f"{self.failed:,} failed; output: {self.output}")
+        if self.remade:
+            many = len(self.remade) > 1
+            line += (f"; remade the part{'s' * many} of shard{'s' * many} {', '.join(self.remade)} from "
+                     f"{'their states' if many else 'its state'}")
+        return line
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """A shard whose every row is settled: its state, what that holds, and its part."""
+
+    shard: Shard
+    state: Path
+    part: Path
+    ok: int
+    failed: int
+
+
+def merge_job(spec: JobSpec, *, dataset: bool = False) -> MergeSummary:
+    """Make the job's output from its shards' parts: one Parquet file (or, with `dataset`,
+    a folder of the parts as `part-00000-of-00004.parquet`...), every row once, in order.
+
+    A part that is missing, damaged or not its state's is first written again from its
+    shard's state and the input. Raises ConfigError (exit 2) for shards that do not belong
+    together, or a part that cannot be remade here (naming the command that remakes it),
+    NotReady (exit 3) while a shard is missing, unfinished or running.
+    """
+    folder = shard_folder(spec.output)
+    remote = None
+    if spec.output_url:  # the shards ran on other machines: their states and parts are on the store
+        remote = Remote(spec.output_url, spec.output)
+        remote.pull_folder(folder)
+    shards = find_shards(spec.output)
+    if not shards:
+        raise ConfigError(f"{folder}: no shards of {spec.name} to merge; run it with --shard I/N first")
+    counts = sorted({s.count for s in shards})
+    if len(counts) > 1:
+        raise ConfigError(f"{folder} holds shards of {' and of '.join(map(str, counts))}: shards of different N "
+                          "never mix; remove the ones that do not belong")
+    count = counts[0]
+    # Two shards finishing at once: one checks, remakes and merges, then the other
+    with _merge_lock(folder):
+        finished = _finished_shards(spec, shards, count)
+        remade = []
+        for done in finished:
+            if (damage := _damage(done)) is not None:
+                _remake_part(spec, done, damage)
+                if remote is not None:
+                    remote.push_file(done.part)
+                remade.append(str(done.shard))
+        parts = [done.part for done in finished]
+        if dataset:
+            _link_parts(parts, dataset_folder(spec.output))
+        else:
+            _concatenate(parts, spec.output)
+        if remote is not None:
+            for made in sorted(dataset_folder(spec.output).iterdir()) if dataset else [spec.output]:
+                remote.push_file(made)
+    where = dataset_folder(spec.output) if dataset else spec.output
+    ok, failed = sum(done.ok for done in finished), sum(done.failed for done in finished)
+    return MergeSummary(remote.url_of(where) if remote else where, count, ok + failed, ok, failed, tuple(remade))
+
+
+def _finished_shards(spec: JobSpec, shards: dict[Shard, Path], count: int) -> list[_Finished]:
+    """Every shard of the job, in order, once each has finished and none runs; else NotReady
+    naming those that have not (or StateMismatchError: shards of different jobs)."""
+    folder = shard_folder(spec.output)
+    first: dict[str, Any] | None = None
+    waiting, finished = [], []
+    for shard, path in shards.items():
+        if pid := lock_holder(path):
+            waiting.append(f"{shard.index} (running, pid {pid})")
+            continue
+        store = StateStore.open(path, lock=False)
+        try:
+            meta, tally = store.meta(), store.counts()
+        finally:
+            store.close()
+        if not meta:  # made, then killed before it recorded what it is for
+            waiting.append(f"{shard.index} (not begun)")
+            continue
+        if first is None:
+            first, first_shard = meta, shard
+        elif changes := _same_job(first, meta):
+            raise StateMismatchError(f"shard {shard} and shard {first_shard} ran different jobs "
+                                     f"({'; '.join(changes)}): remove {folder} and run every shard again")
+        if meta.get("request") != spec.request_config():
+            changes = differences({"request": meta.get("request")}, {"request": spec.request_config()})
+            raise StateMismatchError(f"{spec.name} changed since shard {shard} ran ({'; '.join(changes)}); "
+                                     f"restore it, or remove {folder} and run every shard again")
+        start, stop = shard.bounds(meta["rows"])
+        if tally["ok"] + tally["failed"] != stop - start:
+            waiting.append(f"{shard.index} ({stop - start - tally['ok'] - tally['failed']:,} rows to go)")
+            continue
+        finished.append(_Finished(shard, path, shard_output(spec.output, shard), tally["ok"], tally["failed"]))
+    missing = [i for i in range(count) if Shard(i, count) not in shards]
+    for index in missing:
+        orphan = shard_output(spec.output, Shard(index, count))
+        if orphan.exists():  # nothing says it is whole, nor of this job
+            raise ConfigError(f"{orphan}: shard {index}/{count}'s part has no state beside it "
+                              f"({state_path(orphan).name} is gone), so it cannot be checked or remade; remake it "
+                              f"with `batchrun run {spec.name} --shard {index}/{count}` (its rows are sent again), "
+                              "then merge")
+    if missing:  # after the checks above: shards that do not belong together are said first
+        raise NotReady(f"shard{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} of {count} "
+                       "not started yet: run them, then merge")
+    if waiting:
+        raise NotReady(f"not every shard has finished: shard {', '.join(waiting)}; merge once they have")
+    return finished
+
+
+def _damage(done: _Finished) -> str | None:
+    """What is wrong with a finished shard's part, read through to its last page; None: nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not done.part.exists():
+        return "missing"
+    try:
+        with pq.ParquetFile(done.part) as file:
+            if file.metadata.num_rows != done.ok + done.failed:
+                return f"damaged ({file.metadata.num_rows:,} rows where its state has {done.ok + done.failed:,})"
+            for _ in file.iter_batches():  # every page decodes: a footer that reads is not enough
+                pass
+    except (OSError, pa.ArrowException) as exc:
+        return f"damaged ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+    return None
+
+
+def _remake_part(spec: JobSpec, done: _Finished, damage: str) -> None:
+    """Write a finished shard's part again from its state and the input, as its run wrote
+    it (under the shard's lock, to a temporary name renamed over the old one); sends nothing."""
+
+    def cannot(why: str) -> ConfigError:
+        return ConfigError(f"{done.part}: shard {done.shard}'s part is {damage}; it is remade from the shard's "
+                           f"state and the input, but {why}. Restore the input the shard ran with and merge again, "
+                           f"or remake the part with `batchrun run {spec.name} --shard {done.shard}`")
+
+    try:
+        store = StateStore.open(done.state)
+    except ConfigError:
+        if holder := lock_holder(done.state):
+            raise NotReady(f"shard {done.shard.index} began running again (pid {holder}); merge once it has "
+                           "finished") from None
+        raise
+    try:
+        meta = store.meta()
+        try:
+            reader = InputReader(job_inputs(spec))
+        except InputError as exc:
+            raise cannot(str(exc)) from exc
+        try:
+            try:
+                digest = reader.fingerprint()
+            except InputError as exc:
+                raise cannot(str(exc)) from exc
+            if digest != meta["input_digest"]:
+                raise cannot("the input is not the one the shard ran with")
+            start, stop = done.shard.bounds(meta["rows"])
+            output = OutputWriter(done.part, store, reader, rows=stop, passthrough=dict(meta["passthrough"]),
+                                  extras=extra_columns(spec, meta.get("asks", [])), start=start)
+            try:
+                output.write(stop)
+                reader.check_unchanged()  # the passthrough just copied is the fingerprinted one
+                output.finish()
+            except BaseException:
+                output.discard()
+                raise
+        finally:
+            reader.close()
+    finally:
+        store.close()
+
+
+def try_merge(spec: JobSpec, *, dataset: bool = False) -> MergeSummary | str:
+    """The merge a finishing shard makes if it is the last; else why not, in a few words."""
+    try:
+        return merge_job(spec, dataset=dataset)
+    except NotReady as exc:
+        return str(exc)
+    except (UsageError, StorageError) as exc:  # the shard's own run went well: said, not raised
+        return f"cannot merge: {exc}"
+
+
+@contextlib.contextmanager
+def _merge_lock(folder: Path):  # type: ignore[no-untyped-def]
+    """Two shards finishing at once both find every part: one merges, then the other."""
+    fd = os.open(folder / ".merge.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _concatenate(parts: list[Path], output: Path) -> None:
+    """The parts' row groups, in order, into one file under a temporary name; then renamed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = [pq.ParquetFile(part) for part in parts]
+    schema = pa.unify_schemas([f.schema_arrow for f in files], promote_options="permissive")
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.merge.tmp")
+    try:
+        writer = parquet_writer(tmp, schema)
+        with writer:
+            for f in files:
+                for group in range(f.num_row_groups):
+                    table = f.read_row_group(group)
+                    writer.write_table(table if table.schema == schema else table.cast(schema))
+        fsync(tmp)
+        os.replace(tmp, output)
+        fsync(output.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"{output}: cannot write the merged output: {exc.strerror or exc}") from exc
+
+
+def _link_parts(parts: list[Path], folder: Path) -> None:
+    """A folder of the parts (hard links where the file system allows: no copy), made
+    under another name and renamed into place: a reader never sees it half made (while
+    an older one is swapped out, for a moment it sees none)."""
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.merge.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(mode=0o700)
+        for n, part in enumerate(parts):
+            target = tmp / dataset_part(n, len(parts))
+            try:
+                os.link(part, target)
+            except OSError:
+                shutil.copyfile(part, target)
+        fsync(tmp)
+        old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        fsync(folder.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StorageError(f"{folder}: cannot write the merged dataset: {exc.strerror or exc}") from exc

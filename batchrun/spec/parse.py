@@ -1,0 +1,490 @@
+"""The job spec: a YAML (or JSON) file parsed into frozen dataclasses.
+
+One parser builds the whole spec and rejects anything it does not know, naming the
+key path and the key it probably meant: a misspelt `concurency` must never be
+silently ignored, because the run it would spoil is long and paid for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .._exceptions import SpecError
+from ..engine.cache import CacheSpec
+from ..inputs.files import INPUT_SUFFIXES
+from ..inputs.template import TEMPLATE_FIELDS, Template
+from ..policy.pricing import MAX_TOKENS_KEYS, Price
+from ..storage.objects import is_url, work_folder
+
+__all__ = ["ApiSpec", "BudgetSpec", "JobSpec", "RateLimitSpec", "RetrySpec", "load_spec", "parse_spec"]
+
+DEFAULT_BASE_URL = "https://api.fireworks.ai/inference/v1"
+ENDPOINTS = ("chat", "completions", "responses", "embeddings")
+INPUT_ENDPOINTS = ("embeddings", "responses")  # the endpoints rows give `input` to
+
+
+@dataclass(frozen=True)
+class RetrySpec:
+    max_attempts: int = 6
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    max_reasks: int = 2  # of an answer that is not valid JSON or breaks the schema
+    # With no row settled this long, the job stops (exit 3); None: 600 s, or twice
+    # api.timeout_s where that is longer (see `JobSpec.stall_s`)
+    max_stall_s: float | None = None
+
+
+@dataclass(frozen=True)
+class RateLimitSpec:
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    interval_s: float = 10.0  # with the state on object storage: the longest between uploads
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    max_usd: float | None = None
+    max_tokens: int | None = None
+    # the worst case of completion tokens for a request that sets no max_tokens
+    assume_max_tokens: int | None = None
+
+    @property
+    def is_set(self) -> bool:
+        return self.max_usd is not None or self.max_tokens is not None
+
+
+@dataclass(frozen=True)
+class ApiSpec:
+    base_url: str = DEFAULT_BASE_URL
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 300.0
+    max_answer_mb: float = 32.0  # one answer, decoded; past it the attempt fails
+    allow_insecure_http: bool = False  # a key over plain http:// to another machine
+
+    @property
+    def max_answer_bytes(self) -> int:
+        return int(self.max_answer_mb * 2**20)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    input: tuple[Path, ...]  # files or globs, absolute; see `_files.expand_inputs`
+    output: Path
+    model: str | None = None
+    endpoint: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    concurrency: int = 32
+    inputs_per_request: int = 64  # embeddings: rows sent in one request
+    retry: RetrySpec = field(default_factory=RetrySpec)
+    rate_limit: RateLimitSpec = field(default_factory=RateLimitSpec)
+    api: ApiSpec = field(default_factory=ApiSpec)
+    template: Mapping[str, Any] | None = None  # see `_template`
+    keep_request: bool = False  # the body as sent, in a `request` column
+    schema: Mapping[str, Any] | None = None  # answers are JSON valid against it: see `_structured`
+    pricing: Mapping[str, Price] = field(default_factory=dict)  # model -> USD per million tokens
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
+    max_failed_share: float | None = None  # failed rows up to this share of all rows: exit 0
+    tokenizer: Path | None = None  # a Hugging Face tokenizer.json, for `batchrun plan`
+    cache: CacheSpec | None = None  # a response cache shared by jobs: see `_cache`
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    # On object storage (see `_remote`): the URLs; `input` is then empty and `output` the
+    # local working copy of the output.
+    input_urls: tuple[str, ...] = ()
+    output_url: str | None = None
+    source: Path | None = None  # the spec file, for messages
+
+    @property
+    def name(self) -> str:
+        return str(self.source) if self.source else "job spec"
+
+    def request_config(self) -> dict[str, Any]:
+        """What shapes the answers: a resume must match it, or two jobs would mix."""
+        config = {
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "params": dict(self.params),
+            "base_url": self.api.base_url,  # answers from two servers must not mix
+        }
+        # Options added later join only when set, so that states saved before them resume.
+        if self.template is not None:
+            config["template"] = dict(self.template)
+        if self.schema is not None:
+            config["schema"] = dict(self.schema)
+        return config
+
+    @property
+    def stall_s(self) -> float:
+        """How long the job may go without settling a row before it stops."""
+        return self.retry.max_stall_s or max(600.0, 2 * self.api.timeout_s)
+
+    def answer_schema(self) -> Mapping[str, Any] | None:
+        """The schema answers are held to: `schema:`, else a json_schema response_format."""
+        from ..engine.structured import schema_of
+
+        return schema_of(self.schema, self.params)
+
+
+def load_spec(path: str | os.PathLike[str]) -> JobSpec:
+    """Read and validate the spec at `path`; relative paths resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the job spec: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_spec(raw, base_dir=path.parent, source=path)
+
+
+def parse_spec(
+    raw: Any,
+    *,
+    base_dir: str | os.PathLike[str] = ".",
+    source: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> JobSpec:
+    """Build a JobSpec from already-loaded YAML/JSON data."""
+    where = f"{source}: " if source else ""
+    env = os.environ if environ is None else environ
+    try:
+        return _build(_expand(raw, env, ""), Path(base_dir), source, env)
+    except SpecError as exc:
+        raise SpecError(f"{where}{exc}") from None
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, env: Mapping[str, str], path: str) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string, naming unset variables."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise SpecError(f"{path or 'spec'}: ${{{name}}} is not set; export it or write ${{{name}:-default}}")
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, env, _join(path, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> None:
+    for key in raw:
+        if key in allowed:
+            continue
+        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(allowed)}"
+        raise SpecError(f"{_join(path, str(key))}: unknown key{hint}")
+
+
+def _mapping(raw: Any, path: str) -> Mapping[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{path or 'spec'}: expected a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name != "source")
+
+
+def _number(raw: Mapping[str, Any], key: str, path: str, default: Any, *, kind: type, minimum: float) -> Any:
+    if key not in raw:
+        return default
+    value = raw[key]
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok or not minimum <= value < float("inf"):
+        what = "a whole number" if kind is int else "a number"
+        raise SpecError(f"{_join(path, key)}: expected {what} >= {minimum}, got {value!r}")
+    return kind(value)
+
+
+def _flag(raw: Mapping[str, Any], key: str, path: str, default: bool = False) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise SpecError(f"{_join(path, key)}: expected true or false, got {value!r}")
+    return value
+
+
+def _string(raw: Mapping[str, Any], key: str, path: str, default: str | None) -> str | None:
+    value = raw.get(key, default)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise SpecError(f"{_join(path, key)}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _check_json(value: Any, path: str) -> None:
+    """Params go into every request body as JSON: YAML's dates, `.nan` or `.inf` cannot,
+    nor a lone surrogate (`"\\ud800"` in a double-quoted YAML string)."""
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise SpecError(f"{path}: holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is "
+                        "not text; fix the text") from None
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{path}: cannot be sent as JSON ({exc}); quote dates, and use no .nan or .inf") from None
+
+
+def _not_a_url(value: str, key: str) -> None:
+    """`cache: s3://b/c.sqlite` would otherwise be a local folder named `s3:`."""
+    if is_url(value):
+        raise SpecError(f"{key}: {value!r} is a URL; the {key} must be a local file")
+
+
+def _input(raw: Any, base_dir: Path) -> tuple[tuple[Path, ...], tuple[str, ...]]:
+    """A file, a glob, or a list of them (globs are expanded when the job runs): local
+    paths, or URLs on object storage (a glob in their last part), not both."""
+    items = raw if isinstance(raw, list) else [raw]
+    if not items or not all(isinstance(item, str) and item for item in items):
+        raise SpecError(f"input: expected a file, a glob or a list of them, got {raw!r}")
+    paths, urls = [], []
+    for item in items:
+        if not glob.has_magic(item) and not item.endswith(INPUT_SUFFIXES):
+            raise SpecError(f"input: {item!r} must end in {', '.join(INPUT_SUFFIXES[:-1])} or {INPUT_SUFFIXES[-1]}")
+        if is_url(item):
+            urls.append(item)
+        else:
+            paths.append(Path(os.path.abspath(base_dir / item)))
+    if paths and urls:
+        raise SpecError("input: local files and URLs do not mix in one job; copy them to one place")
+    return tuple(paths), tuple(urls)
+
+
+def _schema(raw: Any, params: dict[str, Any], endpoint: str | None) -> Mapping[str, Any] | None:
+    """`schema:` is checked, and sent as the structured-output format unless params give one
+    (chat: response_format; responses: text.format; completions: validated only)."""
+    from ..engine.structured import Structure, schema_of
+
+    if raw is None:
+        found = schema_of(None, params)
+        if found is not None:
+            Structure(found, "params.response_format.json_schema.schema")
+        return None
+    schema = dict(_mapping(raw, "schema"))
+    _check_json(schema, "schema")
+    Structure(schema, "schema")
+    named = {"name": "answer", "schema": schema, "strict": True}
+    if endpoint == "responses":
+        text = params.setdefault("text", {})
+        if isinstance(text, dict):
+            text.setdefault("format", {"type": "json_schema", **named})
+    elif endpoint != "completions":
+        params.setdefault("response_format", {"type": "json_schema", "json_schema": named})
+    return schema
+
+
+def _share(raw: Mapping[str, Any], key: str) -> float | None:
+    value = _number(raw, key, "", None, kind=float, minimum=0)
+    if value is not None and value > 1:
+        raise SpecError(f"{key}: expected a share between 0 and 1 (0.01 is 1 %), got {value!r}")
+    return value
+
+
+def _pricing(raw: Any, base_dir: Path) -> dict[str, Price]:
+    """`pricing:` as a mapping, or the name of a YAML file holding one (shared by many jobs)."""
+    where = "pricing"
+    if isinstance(raw, str):
+        path = base_dir / raw
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SpecError(f"pricing: cannot read {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise SpecError(f"pricing: {path} is not valid YAML: {exc}") from None
+        where = f"pricing ({path})"
+    prices = {}
+    for model, entry in _mapping(raw, where).items():
+        path = f"{where}.{model}"
+        entry = _mapping(entry, path)
+        _check_keys(entry, ("input", "cached_input", "output"), path)
+        if "input" not in entry:
+            raise SpecError(f"{path}.input: required; USD per million input tokens")
+        prices[str(model)] = Price(
+            input=_number(entry, "input", path, None, kind=float, minimum=0),
+            output=_number(entry, "output", path, 0.0, kind=float, minimum=0),
+            cached_input=_number(entry, "cached_input", path, None, kind=float, minimum=0),
+        )
+    return prices
+
+
+def _cache(raw: Any, base_dir: Path) -> CacheSpec | None:
+    """`cache: path`, or `cache: {path: ..., everything: true}`."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"path": raw}
+    cache = _mapping(raw, "cache")
+    _check_keys(cache, ("path", "everything"), "cache")
+    path = _string(cache, "path", "cache", None)
+    if path is None:
+        raise SpecError("cache.path: required; name the cache file (several jobs may share it)")
+    _not_a_url(path, "cache")
+    return CacheSpec(Path(os.path.abspath(base_dir / path)), everything=_flag(cache, "everything", "cache"))
+
+
+def _budget(raw: Any) -> BudgetSpec:
+    budget = _mapping(raw, "budget")
+    _check_keys(budget, _fields(BudgetSpec), "budget")
+    return BudgetSpec(
+        max_usd=_number(budget, "max_usd", "budget", None, kind=float, minimum=0),
+        max_tokens=_number(budget, "max_tokens", "budget", None, kind=int, minimum=0),
+        assume_max_tokens=_number(budget, "assume_max_tokens", "budget", None, kind=int, minimum=1),
+    )
+
+
+def _template(raw: Any, endpoint: str | None) -> Mapping[str, Any] | None:
+    if raw is None:
+        return None
+    template = _mapping(raw, "template")
+    _check_keys(template, TEMPLATE_FIELDS, "template")
+    given = [key for key in ("messages", "prompt", "input") if key in template]
+    if len(given) != 1:
+        raise SpecError("template: give exactly one of messages (chat), prompt (completions) or input "
+                        f"(embeddings, responses){'; it has ' + ' and '.join(given) if given else ''}")
+    [kind] = given
+    _check_json(template, "template")
+    messages = template.get("messages")
+    if kind == "messages" and (not isinstance(messages, list) or not messages or not all(
+            isinstance(m, Mapping) and isinstance(m.get("role"), str) and "content" in m for m in messages)):
+        raise SpecError("template.messages: expected a list of {role, content} messages")
+    for key in ("prompt", "instructions"):
+        if key in template and not isinstance(template[key], str):
+            raise SpecError(f"template.{key}: expected a string")
+    wanted = {"messages": ("chat",), "prompt": ("completions", "chat"), "input": INPUT_ENDPOINTS}[kind]
+    if endpoint is not None and endpoint not in wanted or kind == "input" and endpoint is None:
+        raise SpecError(f"template.{kind} is for endpoint: {' or '.join(wanted)}"
+                        f"{'' if endpoint is None else f', but the spec sets endpoint: {endpoint}'}")
+    if "instructions" in template and endpoint != "responses":
+        raise SpecError("template.instructions is for endpoint: responses")
+    Template(template)  # a syntax error stops the job here, naming the string
+    return dict(template)
+
+
+def _base_url(url: str) -> str:
+    if not url.startswith(("http://", "https://", "mock://")):
+        raise SpecError(f"api.base_url: expected an http(s):// URL or mock://, got {url!r}")
+    return url if url == "mock://" else url.rstrip("/")
+
+
+def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]) -> JobSpec:
+    top = _mapping(raw, "")
+    _check_keys(top, _fields(JobSpec), "")
+    for key in ("input", "output"):
+        if not top.get(key):
+            raise SpecError(f"{key}: required; name the {key} file")
+
+    input_paths, input_urls = _input(top["input"], base_dir)
+    output_url = str(top["output"]) if is_url(str(top["output"])) else None
+    output_path = work_folder(output_url, env) / output_url.rsplit("/", 1)[-1] if output_url else \
+        Path(os.path.abspath(base_dir / str(top["output"])))
+    if output_path.suffix != ".parquet":
+        raise SpecError(f"output: {top['output']!r} must end in .parquet")
+    checkpoint_raw = _mapping(top.get("checkpoint"), "checkpoint")
+    _check_keys(checkpoint_raw, _fields(CheckpointSpec), "checkpoint")
+    checkpoint = CheckpointSpec(interval_s=_number(checkpoint_raw, "interval_s", "checkpoint",
+                                                   CheckpointSpec.interval_s, kind=float, minimum=0.1))
+
+    endpoint = _string(top, "endpoint", "", None)
+    if endpoint is not None and endpoint not in ENDPOINTS:
+        raise SpecError(f"endpoint: expected one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+    params = dict(_mapping(top.get("params"), "params"))
+    _check_json(params, "params")
+    schema = _schema(top.get("schema"), params, endpoint)
+
+    retry_raw = _mapping(top.get("retry"), "retry")
+    _check_keys(retry_raw, _fields(RetrySpec), "retry")
+    d = RetrySpec()
+    retry = RetrySpec(
+        max_attempts=_number(retry_raw, "max_attempts", "retry", d.max_attempts, kind=int, minimum=1),
+        backoff_initial_s=_number(retry_raw, "backoff_initial_s", "retry", d.backoff_initial_s, kind=float, minimum=0),
+        backoff_max_s=_number(retry_raw, "backoff_max_s", "retry", d.backoff_max_s, kind=float, minimum=0),
+        max_reasks=_number(retry_raw, "max_reasks", "retry", d.max_reasks, kind=int, minimum=0),
+        max_stall_s=_number(retry_raw, "max_stall_s", "retry", d.max_stall_s, kind=float, minimum=0.1),
+    )
+
+    rate_raw = _mapping(top.get("rate_limit"), "rate_limit")
+    _check_keys(rate_raw, _fields(RateLimitSpec), "rate_limit")
+    rate_limit = RateLimitSpec(
+        requests_per_minute=_number(rate_raw, "requests_per_minute", "rate_limit", None, kind=float, minimum=1),
+        tokens_per_minute=_number(rate_raw, "tokens_per_minute", "rate_limit", None, kind=float, minimum=1),
+    )
+
+    api_raw = _mapping(top.get("api"), "api")
+    _check_keys(api_raw, _fields(ApiSpec), "api")
+    default_base = env.get("OPENAI_API_BASE") or DEFAULT_BASE_URL
+    api = ApiSpec(
+        base_url=_base_url(_string(api_raw, "base_url", "api", default_base)),
+        api_key_env=_string(api_raw, "api_key_env", "api", ApiSpec.api_key_env),
+        timeout_s=_number(api_raw, "timeout_s", "api", ApiSpec.timeout_s, kind=float, minimum=0.001),
+        max_answer_mb=_number(api_raw, "max_answer_mb", "api", ApiSpec.max_answer_mb, kind=float, minimum=0.001),
+        allow_insecure_http=_flag(api_raw, "allow_insecure_http", "api"),
+    )
+
+    pricing = _pricing(top.get("pricing"), base_dir)
+    budget = _budget(top.get("budget"))
+    if budget.max_usd is not None:
+        model = _string(top, "model", "", None)
+        if model is not None and model not in pricing:
+            known = f" (priced: {', '.join(sorted(pricing))})" if pricing else ""
+            raise SpecError(f"budget.max_usd: model {model!r} has no price in pricing{known}; "
+                            "add its prices, USD per million tokens")
+    if budget.is_set and budget.assume_max_tokens is None and not any(
+            k in params for k in MAX_TOKENS_KEYS) \
+            and endpoint != "embeddings":
+        raise SpecError("budget: the worst case of a request needs its max_tokens: set params.max_tokens, "
+                        "or budget.assume_max_tokens for requests without one")
+
+    return JobSpec(
+        input=input_paths,
+        output=output_path,
+        model=_string(top, "model", "", None),
+        endpoint=endpoint,
+        params=dict(params),
+        concurrency=_number(top, "concurrency", "", JobSpec.concurrency, kind=int, minimum=1),
+        inputs_per_request=_number(top, "inputs_per_request", "", JobSpec.inputs_per_request, kind=int, minimum=1),
+        retry=retry,
+        rate_limit=rate_limit,
+        api=api,
+        template=_template(top.get("template"), endpoint),
+        keep_request=_flag(top, "keep_request", ""),
+        schema=schema,
+        pricing=pricing,
+        budget=budget,
+        max_failed_share=_share(top, "max_failed_share"),
+        cache=_cache(top.get("cache"), base_dir),
+        checkpoint=checkpoint,
+        input_urls=input_urls,
+        output_url=output_url,
+        tokenizer=Path(os.path.abspath(base_dir / tokenizer)) if (tokenizer := _string(top, "tokenizer", "", None))
+        else None,
+        source=source,
+    )

@@ -1,0 +1,229 @@
+"""The output writer: one Parquet file, in input order, written atomically.
+
+The file is assembled from the checkpoint store and the input's passthrough
+columns in row groups, so memory stays flat however long the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import json
+import os
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .._exceptions import InputChangedError, StorageError
+from ..endpoints.protocol import RESULT_FIELDS, STORED_ONLY
+from ..inputs.reader import InputReader
+from .columns import ExtraColumn
+from .state import StateStore
+
+if TYPE_CHECKING:
+    # Imported where used: loading pyarrow takes longer than everything else before
+    # the first request, and the first row group is written long after it.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+__all__ = ["OutputWriter", "fsync", "load_arrow", "parquet_writer", "result_schema"]
+
+ROW_GROUP_ROWS = 8192
+
+
+def load_arrow() -> None:
+    """Import pyarrow ahead of the first row group, at a moment when the loop is idle."""
+    import pyarrow.parquet  # noqa: F401
+
+    result_schema()
+
+
+@functools.cache
+def result_schema() -> pa.Schema:
+    """The answer's columns, in RESULT_FIELDS order (less `extra`, which becomes the
+    columns a job asks for: see `_columns`); the passthrough columns follow."""
+    import pyarrow as pa
+
+    string, int64 = pa.string(), pa.int64()
+    schema = pa.schema(
+        [
+            ("row_index", int64),
+            ("id", string),
+            ("status", string),
+            ("output_text", string),
+            ("reasoning_content", string),
+            ("tool_calls", string),
+            ("finish_reason", string),
+            ("model", string),
+            ("response_id", string),
+            ("prompt_tokens", int64),
+            ("completion_tokens", int64),
+            ("total_tokens", int64),
+            ("cached_tokens", int64),
+            ("reasoning_tokens", int64),
+            ("cost_usd", pa.float64()),
+            ("attempts", pa.int32()),
+            ("latency_s", pa.float64()),
+            ("error", string),
+        ]
+    )
+    assert tuple(schema.names) == RESULT_FIELDS[:-len(STORED_ONLY)] and RESULT_FIELDS[-len(STORED_ONLY):] == STORED_ONLY
+    return schema
+
+
+class OutputWriter:
+    """Writes the output as rows settle, in input order, and publishes it atomically.
+
+    Row groups are appended to a temporary file in the output's folder while the
+    job runs, so finishing a long job costs the last few rows, not a rewrite of
+    millions. `finish` fsyncs it and renames it over the target: a reader sees the
+    old file or the whole new one, never half of one.
+    """
+
+    def __init__(self, path: Path, store: StateStore, reader: InputReader, *, rows: int,
+                 passthrough: dict[str, str], extras: Sequence[ExtraColumn] = (), start: int = 0) -> None:
+        """Rows [start, rows) go to the file: a shard's part begins at its first row."""
+        self.path = path
+        self.extras = tuple(extras)
+        self.store = store
+        self.rows = rows
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # Left by runs of this job killed while writing; the job's lock, held now, says
+        # they are dead. Only this job's names: `.x.parquet.parquet.7.tmp` is another job's.
+        own = re.compile(rf"\.{re.escape(path.name)}\.\d+\.tmp")
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            if own.fullmatch(stale.name):
+                stale.unlink(missing_ok=True)
+        self._extras = reader.passthrough_batches(passthrough, batch_rows=ROW_GROUP_ROWS) if passthrough else None
+        self.reader_name = reader.name
+        self._pending: pa.Table | None = None  # passthrough rows read, not yet written
+        self._writer: pq.ParquetWriter | None = None
+        self.written = start  # rows [start, written) are in the file
+        self._to_skip = start  # passthrough rows before the first: read over at the first write
+
+    def write(self, stop: int) -> None:
+        """Append rows [written, stop) as one row group; each must be settled."""
+        if stop <= self.written:
+            return
+        with self._storage_errors():
+            table = _result_table(self.store, self.written, stop, self.extras)
+            if self._extras is not None:
+                extra = self._take(stop - self.written)
+                for name, column in zip(extra.column_names, extra.columns):
+                    table = table.append_column(name, column)
+            if self._writer is None:
+                self._writer = parquet_writer(self.tmp, table.schema)
+            self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+            self.written = stop
+
+    def finish(self) -> None:
+        """Write what is left and put the file in place."""
+        self.write(self.rows)
+        with self._storage_errors():
+            if self._writer is None:  # no rows at all: still a valid, empty file
+                self._writer = parquet_writer(self.tmp, _result_table(self.store, 0, 0, self.extras).schema)
+            self._writer.close()
+            fsync(self.tmp)
+            os.replace(self.tmp, self.path)
+            fsync(self.path.parent)
+
+    def discard(self) -> None:
+        """Drop the unfinished file; what cannot be removed now, the next run sweeps."""
+        with contextlib.suppress(OSError):
+            if self._writer is not None:
+                self._writer, writer = None, self._writer
+                writer.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
+
+    def _skip(self, n: int) -> None:
+        """Pass over the first n passthrough rows (those of the shards before this one)."""
+        while n > 0:
+            batch = self._next_batch()
+            self._pending = batch.slice(n)
+            n -= min(n, batch.num_rows)
+
+    def _next_batch(self) -> pa.Table:
+        if self._pending is None or self._pending.num_rows == 0:
+            assert self._extras is not None
+            self._pending = next(self._extras, None)
+            if self._pending is None:
+                raise InputChangedError(f"{self.reader_name}: the input has fewer rows than when the "
+                                        "job began; it was changed while the job ran")
+        return self._pending
+
+    def _take(self, n: int) -> pa.Table:
+        """The next n passthrough rows, across the reader's batches."""
+        import pyarrow as pa
+
+        assert self._extras is not None
+        if self._to_skip:
+            self._skip(self._to_skip)
+            self._to_skip = 0
+        parts = []
+        while n > 0:
+            part = self._next_batch().slice(0, n)
+            self._pending = self._pending.slice(part.num_rows)
+            parts.append(part)
+            n -= part.num_rows
+        return pa.concat_tables(parts)
+
+    @contextlib.contextmanager
+    def _storage_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (OSError, sqlite3.Error) as exc:  # ArrowIOError is an OSError
+            self.discard()
+            raise StorageError(
+                f"{self.path}: cannot write the output: {getattr(exc, 'strerror', None) or exc}; every answer "
+                "is saved, so a rerun writes it without sending a request"
+            ) from exc
+
+
+def _result_table(store: StateStore, start: int, stop: int, extras: Sequence[ExtraColumn] = ()) -> pa.Table:
+    import pyarrow as pa
+
+    stored = store.results(start, stop)
+    if len(stored) != stop - start:
+        raise RuntimeError(f"rows {start}..{stop - 1}: {stop - start - len(stored)} are not settled")
+    columns = list(zip(*stored)) if stored else [()] * len(RESULT_FIELDS)
+    schema = result_schema()
+    table = pa.Table.from_arrays([pa.array(col, type=field.type) for col, field in zip(columns, schema)],
+                                 schema=schema)
+    if extras:
+        rows = table.to_pylist() if any(extra.needs_row for extra in extras) else [None] * len(stored)
+        found = [json.loads(text) if text else {} for text in columns[_EXTRA]]
+        for extra in extras:
+            table = table.append_column(extra.name, extra.array(found, rows, columns[_EMBEDDING]))
+    return table
+
+
+_EXTRA, _EMBEDDING = RESULT_FIELDS.index("extra"), RESULT_FIELDS.index("embedding")
+
+
+def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    import pyarrow.parquet as pq
+
+    # Made first, readable by its owner only whatever the umask: it holds the answers.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    # Dictionary encoding helps text that repeats (status, model, finish_reason); on vectors
+    # of floats it never does, and it costs more than the rest of writing them. Nor does
+    # compression do much for them: zstd saves 7 % of a float32 embedding for half the time.
+    dictionary = [name for name in schema.names if name not in ("embedding", "logprobs")]
+    compression = {name: "none" if name == "embedding" else "zstd" for name in schema.names}
+    return pq.ParquetWriter(path, schema, compression=compression, use_dictionary=dictionary)
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

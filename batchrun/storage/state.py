@@ -1,0 +1,510 @@
+"""The checkpoint store: one SQLite file next to the output.
+
+It holds a `meta` table (what the state was written for: the input's digest, the
+request configuration, the row count) and a `results` table with one row per
+settled input row, keyed by row_index, so a row can never be stored twice.
+SQLite in WAL mode with synchronous=FULL makes each commit atomic and durable:
+a kill -9 loses only what was not yet committed, never a committed row, never
+half a row.
+
+Only the runner's writer task writes here; nobody else holds a write connection.
+The output writer reads committed rows through a second connection, so reading a
+row group never holds up a commit. The job's lock (`_lock`) keeps a second runner
+out.
+
+A state is made whole or not at all (built under a temporary name, then renamed),
+so a state file that is empty, unreadable, someone else's, or whose metadata does
+not parse is damage, never a fresh start: opening it raises StateDamagedError
+(exit 2), and `--restart` is the way to discard it. The files hold answers, so
+they are readable by their owner only.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._exceptions import ConfigError, StateDamagedError, StateMismatchError, StorageError
+from ..endpoints.protocol import RESULT_FIELDS, Result
+from ..policy.pricing import Hold
+from .lock import JobLock
+
+__all__ = ["Spend", "StateStore", "differences", "state_path"]
+
+SCHEMA_VERSION = "1"
+PRIVATE = 0o600
+_COMPANIONS = ("-wal", "-shm", "-journal")
+
+_COLUMNS = ", ".join(RESULT_FIELDS)
+# What adds up over runs: a row that failed before (an answer that broke the schema,
+# say) and succeeds now paid for both, in tokens as in money. A null is no count, and
+# so is a sum of tokens past int64 (SQLite would make it a float).
+_TOKENS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
+
+
+def _added(name: str, whole: bool) -> str:
+    both = f"results.{name} + excluded.{name}"
+    if whole:
+        both = f"CASE WHEN typeof({both}) = 'integer' THEN {both} END"
+    return (f"{name} = CASE WHEN results.{name} IS NULL THEN excluded.{name} WHEN excluded.{name} IS NULL "
+            f"THEN results.{name} ELSE {both} END")
+
+
+_UPSERT = (
+    f"INSERT INTO results ({_COLUMNS}) VALUES ({', '.join('?' * len(RESULT_FIELDS))}) "
+    "ON CONFLICT(row_index) DO UPDATE SET "
+    + ", ".join(f"{f} = excluded.{f}" for f in RESULT_FIELDS
+                if f not in ("row_index", "attempts", "cost_usd", *_TOKENS))
+    + ", attempts = results.attempts + excluded.attempts, "
+    + ", ".join([*(_added(f, True) for f in _TOKENS), _added("cost_usd", False)])
+)
+# A budget's holds: a request's worst case, recorded before it is sent and deleted with
+# its answer. One left by a kill -9 was paid for all anyone knows: it counts as spent.
+_HOLDS = "CREATE TABLE IF NOT EXISTS holds (id INTEGER PRIMARY KEY, usd REAL NOT NULL, tokens INTEGER NOT NULL)"
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE results ({})".format(
+        ", ".join("row_index INTEGER PRIMARY KEY" if f == "row_index" else f for f in RESULT_FIELDS)),
+    _HOLDS,
+)
+
+
+# Columns added since states were first written: a state without them gets them when
+# a runner opens it (SQLite adds a column without rewriting the table).
+_ADDED = ("extra", "embedding", "cost_usd", "transient")
+
+
+_EXTRA = RESULT_FIELDS.index("extra")
+
+
+def _stored(result: Result) -> tuple[Any, ...]:
+    row = tuple(getattr(result, f) for f in RESULT_FIELDS)
+    if result.extra is None:
+        return row
+    # allow_nan: a logprob may be -inf; batchrun reads it back, and Parquet holds it
+    return (*row[:_EXTRA], json.dumps(result.extra, ensure_ascii=False), *row[_EXTRA + 1:])
+
+
+@dataclass(frozen=True)
+class Spend:
+    usd: float
+    tokens: int
+    unmetered: int  # rows with answers that came without usage, counted at their worst case
+    next_hold: int  # the id of the next hold: unique in the state
+
+
+OK, FAILED, FAILED_FOR_GOOD = 1, 2, 3  # a row's state, as `row_states` gives it
+
+
+def done_rows(states: bytearray, *, retry_failed: bool = False) -> bytearray:
+    """1 for every row a run leaves alone (see `StateStore.ok_rows`)."""
+    table = bytearray(256)
+    table[OK] = 1
+    if not retry_failed:
+        table[FAILED_FOR_GOOD] = 1
+    return states.translate(table)
+
+
+def state_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".batchrun.sqlite")
+
+
+class StateStore:
+    """Open with `StateStore.open(path)`; `close()` when done."""
+
+    def __init__(self, path: Path, db: sqlite3.Connection, read_db: sqlite3.Connection,
+                 lock: JobLock | None) -> None:
+        self.path = path
+        self._db = db
+        self._read_db = read_db
+        self._lock = lock
+        self._inode = os.stat(path).st_ino
+        self._wal_inode: int | None = None  # known after the first commit made the -wal
+
+    @classmethod
+    def open(cls, path: Path, *, lock: bool = True, discard_damaged: bool = False) -> StateStore:
+        """Open or create the state; `lock` keeps other runners out.
+
+        Without `lock` (for `batchrun status`) the state must exist already.
+        Raises StateDamagedError for a state that is not whole, unless
+        `discard_damaged` (`--restart`): then a new one takes its place.
+        """
+        if not lock and not path.exists():
+            raise FileNotFoundError(path)
+        job_lock = JobLock.acquire(path) if lock else None
+        db: sqlite3.Connection | None = None
+        try:
+            if not path.exists():
+                _create(path)
+            try:
+                db = _connect_whole(path)
+            except StateDamagedError:
+                if not discard_damaged:
+                    raise
+                cls.discard(path)
+                _create(path)
+                db = _connect_whole(path)
+            for suffix in ("", *_COMPANIONS):
+                _make_private(path.with_name(path.name + suffix))
+            read_db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except BaseException as exc:
+            if db is not None:  # the reading connection is the last step: never half open
+                db.close()
+            if job_lock is not None:
+                job_lock.release()
+            if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise ConfigError(f"{path}: cannot open the job's state: {exc.strerror}") from exc
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise _storage_error(exc, f"{path}: cannot open the job's state") from exc
+            raise
+        return cls(path, db, read_db, job_lock)
+
+    @staticmethod
+    def discard(path: Path) -> None:
+        """Remove a state and its companion files (`--restart` of a damaged state; hold the lock)."""
+        for suffix in ("", *_COMPANIONS):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+    def close(self, *, remove: bool = False) -> None:
+        """Close; `remove` deletes the state too (while still holding the lock)."""
+        self._read_db.close()
+        self._db.close()
+        if remove:
+            self.discard(self.path)
+        if self._lock is not None:
+            self._lock.release(remove=remove)
+            self._lock = None
+
+    # -- what the state belongs to -------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every result and what the state was for (`--restart`), in one transaction."""
+        with self._transaction():
+            self._db.execute("DELETE FROM results")
+            self._db.execute("DELETE FROM meta")
+            self._db.execute("DELETE FROM holds")
+
+    def meta(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
+
+    def claim(self, meta: dict[str, Any], *, spec_name: str) -> None:
+        """Record what this state is for, or check that it is for this very job."""
+        saved = self.meta()
+        if not saved:
+            with self._transaction():
+                self._db.executemany(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    [(k, json.dumps(v, sort_keys=True)) for k, v in {"version": SCHEMA_VERSION, **meta}.items()],
+                )
+            return
+        self.check(saved, {"version": SCHEMA_VERSION, **meta}, spec_name=spec_name)
+
+    def check(self, saved: dict[str, Any], wanted: dict[str, Any], *, spec_name: str) -> None:
+        """StateMismatchError, naming what changed and the way out, unless `saved` (the
+        state's meta, or the part of it that `wanted` names) is `wanted`."""
+        changes = differences(saved, wanted)
+        if changes:
+            raise StateMismatchError(
+                f"{self.path} holds the progress of a different job ({'; '.join(changes)}). "
+                f"Rerun with --restart to discard it and start over, or restore the original "
+                f"input and {spec_name}."
+            )
+
+    # -- results ---------------------------------------------------------------------------
+
+    def save(self, results: Iterable[Result], holds: Iterable[Hold] = (), released: Iterable[int] = ()) -> None:
+        """Store results in one atomic, durable transaction, with the budget's new
+        `holds`; a result's own hold, and the `released` ones, go in the same one.
+
+        Raises StorageError when that is impossible: a full disk, or the state's
+        files removed or replaced under the running job (SQLite would go on
+        writing to the unlinked files, and a crash would lose every answer since).
+        """
+        results = list(results)
+        rows = [_stored(r) for r in results]
+        new = [(h.id, h.usd, h.tokens) for h in holds]
+        gone = [(i,) for i in (*released, *(r.hold for r in results if r.hold is not None))]
+        if not (rows or new or gone):
+            return
+        self._check_files()
+        try:
+            with self._transaction():
+                if rows:
+                    self._db.executemany(_UPSERT, rows)
+                if new:  # only with a budget
+                    self._db.executemany("INSERT INTO holds VALUES (?, ?, ?)", new)
+                if gone:
+                    self._db.executemany("DELETE FROM holds WHERE id = ?", gone)
+        except (OSError, sqlite3.Error) as exc:
+            raise _storage_error(exc, f"cannot save answers to {self.path}",
+                                 "what was saved before is intact. Fix the cause (free disk space, restore the "
+                                 "folder) and rerun to resume") from exc
+        if self._wal_inode is None:
+            self._wal_inode = _inode(self.path.with_name(self.path.name + "-wal"))
+
+    def _check_files(self) -> None:
+        """The state, its -wal and the lock must be the files this job opened."""
+        if _inode(self.path) != self._inode:
+            what, restored = self._restore()
+            error = StorageError(f"{self.path}: the job's state file was removed or replaced while the job ran; "
+                                 f"{what}")
+            error.rerun_resumes = restored  # type: ignore[misc]
+            raise error
+        wal = self.path.with_name(self.path.name + "-wal")
+        if self._wal_inode is not None and _inode(wal) != self._wal_inode:
+            try:  # SQLite still holds the removed -wal open: copy what it holds into the state
+                self._db.execute("PRAGMA wal_checkpoint(FULL)")
+                kept = "every answer saved so far was copied from it into the state"
+            except sqlite3.Error as exc:
+                kept = f"the answers it held could not be copied into the state ({exc})"
+            raise StorageError(f"{wal}: the state's write-ahead log was removed while the job ran; {kept}. "
+                               "Stopping; rerun to resume")
+        if self._lock is not None:
+            self._lock.check()
+
+    def _restore(self) -> tuple[str, bool]:
+        """Write what this job still holds open back to the state's path, if it is free
+        (its folder made again, if that went too); what happened, and whether it did."""
+        if self.path.exists():
+            return ("the file there now is not this job's progress: stopping. Put this job's state back, or "
+                    "rerun with --restart to start over (every answer is then paid again)"), False
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE)
+            os.close(fd)
+            self._db.execute("VACUUM INTO ?", (str(self.path),))
+        except (OSError, sqlite3.Error) as exc:
+            return (f"restoring it failed ({exc}), so the progress it held is lost: stopping. A rerun starts "
+                    "over"), False
+        return "batchrun wrote every answer saved so far back to it; stopping", True
+
+    def row_states(self, size: int) -> bytearray:
+        """A byte per row index (small even for millions): 0 not settled, then OK, FAILED
+        (for a reason a later attempt may not meet, or saved before batchrun told them
+        apart) or FAILED_FOR_GOOD (a 4xx, an answer invalid after its re-asks)."""
+        states = bytearray(size)
+        for index, status, transient in self._db.execute("SELECT row_index, status, transient FROM results"):
+            if index < size:
+                states[index] = OK if status == "ok" else FAILED_FOR_GOOD if transient == 0 else FAILED
+        return states
+
+    def ok_rows(self, size: int, *, retry_failed: bool = False) -> bytearray:
+        """A byte per row index, 1 where the row is settled and stays so: ok, or failed for
+        good (unless `retry_failed`). A row failed for a transient reason is redone."""
+        return done_rows(self.row_states(size), retry_failed=retry_failed)
+
+    def results(self, start: int, stop: int) -> list[tuple[Any, ...]]:
+        """Committed result tuples (in RESULT_FIELDS order) for row_index in [start, stop).
+
+        Safe to call from another thread while `save` runs: it reads through its
+        own connection, which sees whole commits only (WAL readers never block the
+        writer).
+        """
+        return self._read_db.execute(
+            f"SELECT {_COLUMNS} FROM results WHERE row_index >= ? AND row_index < ? ORDER BY row_index",
+            (start, stop),
+        ).fetchall()
+
+    def counts(self, below: int | None = None) -> dict[str, int]:
+        """ok, failed, and token sums over rows with row_index < below (all by default)."""
+        limit = below if below is not None else 2**62
+        # TOTAL, not SUM: a server's absurd usage must not overflow the count (SUM raises).
+        ok, failed, for_good, prompt, completion, total, cost, hits, saved = self._db.execute(
+            "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'failed'), 0), "
+            "COALESCE(SUM(status = 'failed' AND transient = 0), 0), "
+            "TOTAL(prompt_tokens), TOTAL(completion_tokens), TOTAL(total_tokens), SUM(cost_usd), "
+            "COALESCE(SUM(json_extract(extra, '$.cached') = 1), 0), SUM(json_extract(extra, '$.saved_usd')) "
+            "FROM results WHERE row_index < ?",
+            (limit,),
+        ).fetchone()
+        # Requests a kill left unsettled (with a budget), at their worst case: not in any row
+        lost, lost_usd = self._db.execute("SELECT COUNT(*), TOTAL(usd) FROM holds").fetchone()
+        return {"ok": ok, "failed": failed, "failed_for_good": for_good, "prompt_tokens": int(prompt),
+                "completion_tokens": int(completion), "total_tokens": int(total), "cost_usd": cost,
+                "cache_hits": hits, "saved_usd": saved, "lost_requests": lost, "lost_usd": lost_usd}
+
+    def spend(self) -> Spend:
+        """What the job has spent over all its runs, as its budget counts it: the answers'
+        cost and tokens (an answer without usage at its worst case), and the holds that
+        a kill left unsettled, at theirs."""
+        usd, tokens, unmetered_tokens, unmetered = self._db.execute(
+            "SELECT TOTAL(cost_usd), TOTAL(total_tokens), TOTAL(json_extract(extra, '$.unmetered_tokens')), "
+            "COALESCE(SUM(json_extract(extra, '$.unmetered') > 0), 0) FROM results").fetchone()
+        lost_usd, lost_tokens, last = self._db.execute(
+            "SELECT TOTAL(usd), TOTAL(tokens), COALESCE(MAX(id), 0) FROM holds").fetchone()
+        return Spend(usd=usd + lost_usd, tokens=int(tokens + unmetered_tokens + lost_tokens), unmetered=unmetered,
+                     next_hold=last + 1)
+
+    def means(self) -> tuple[float | None, float | None]:
+        """Mean completion tokens and mean latency of the rows answered ok so far."""
+        completion, latency = self._db.execute(
+            "SELECT AVG(completion_tokens), AVG(latency_s) FROM results WHERE status = 'ok'").fetchone()
+        return completion, latency
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _create(path: Path) -> None:
+    """A new, empty state, made under another name and renamed: whole or absent."""
+    building = path.with_name(path.name + ".new")
+    StateStore.discard(building)
+    try:
+        fd = os.open(building, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE)
+        os.fchmod(fd, PRIVATE)  # whatever the umask
+        os.close(fd)
+        db = sqlite3.connect(building, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            with _Transaction(db):
+                for statement in _SCHEMA:
+                    db.execute(statement)
+        finally:
+            db.close()
+        _fsync(building)
+        os.replace(building, path)
+        _fsync(path.parent)
+    except BaseException:
+        StateStore.discard(building)
+        raise
+
+
+def _connect_whole(path: Path) -> sqlite3.Connection:
+    """The write connection to a state that `_inspect` found whole."""
+    if path.stat().st_size == 0:
+        raise _damaged(path, "it is empty (0 bytes): it was truncated, or something other than batchrun made it")
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        _inspect(db, path)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        if isinstance(exc, sqlite3.OperationalError):
+            raise
+        raise _damaged(path, f"SQLite cannot read it ({exc})") from exc
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _inspect(db: sqlite3.Connection, path: Path) -> None:
+    """Raise StateDamagedError unless `db` is a whole batchrun state."""
+    tables = {name: [c[1] for c in db.execute(f"PRAGMA table_info({name})")]
+              for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    # Columns are read by name, so their order in the table does not matter: a column
+    # added to an older state (ALTER TABLE) comes last there.
+    found = set(tables.get("results") or ())
+    missing = set(RESULT_FIELDS) - found
+    if tables.get("meta") == ["key", "value"] and missing and found and missing <= set(_ADDED) \
+            and found <= set(RESULT_FIELDS):
+        with _Transaction(db):
+            for name in sorted(missing, key=RESULT_FIELDS.index):
+                db.execute(f"ALTER TABLE results ADD COLUMN {name}")
+        found = set(RESULT_FIELDS)
+    if tables.get("meta") != ["key", "value"] or found != set(RESULT_FIELDS):
+        raise _damaged(path, f"it is a SQLite database, but not a batchrun state (tables: "
+                             f"{', '.join(sorted(tables)) or 'none'})")
+    if "holds" not in tables:  # a state from before budgets' holds were recorded
+        db.execute(_HOLDS)
+    problems = [row[0] for row in db.execute("PRAGMA quick_check(5)") if row[0] != "ok"]
+    if problems:
+        raise _damaged(path, f"SQLite finds it damaged ({'; '.join(problems)})")
+    raw = dict(db.execute("SELECT key, value FROM meta"))
+    if not raw:
+        if db.execute("SELECT 1 FROM results LIMIT 1").fetchone():
+            raise _damaged(path, "it holds answers but no record of the job they belong to")
+        return  # made, then stopped before the input was checked: nothing was sent
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except ValueError:
+        raise _damaged(path, "its metadata was edited: a value is not JSON") from None
+    wrong = [key for key, ok in (
+        ("version", meta.get("version") == SCHEMA_VERSION),
+        ("input_digest", isinstance(meta.get("input_digest"), str)),
+        ("rows", type(meta.get("rows")) is int and meta["rows"] >= 0),
+        ("passthrough", isinstance(meta.get("passthrough"), list)
+         and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                 for p in meta["passthrough"])),
+        ("request", isinstance(meta.get("request"), dict)),
+    ) if not ok]
+    if wrong:
+        raise _damaged(path, f"its metadata was edited or damaged ({', '.join(wrong)})")
+
+
+def _damaged(path: Path, what: str) -> StateDamagedError:
+    return StateDamagedError(
+        f"{path} is not a usable batchrun state: {what}. batchrun will not guess what was done; "
+        "rerun with --restart to discard it and start over (or put back a copy of the state)"
+    )
+
+
+def _storage_error(exc: BaseException, what: str, then: str = "") -> StorageError:
+    reason = "the disk is full" if _disk_full(exc) else (getattr(exc, "strerror", None) or str(exc))
+    return StorageError(f"{what}: {reason}; {then or 'free space or fix the folder, then rerun'}")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.Error) and "full" in str(exc)
+
+
+def _make_private(path: Path) -> None:
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, PRIVATE)
+    except FileNotFoundError:
+        pass
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Human-readable differences: 'params.max_tokens was 64, now 128'."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+        elif a != b:
+            if path == "input_digest":
+                out.append("the input file's content changed")
+            else:
+                out.append(f"{path} was {json.dumps(a)}, now {json.dumps(b)}")
+
+    walk(saved, json.loads(json.dumps(wanted)), "")
+    return out
+

@@ -1,0 +1,316 @@
+"""Datasets out: a finished job's answers as a fine-tuning set or as OpenAI Batch API files.
+
+    sft           one {"messages": [...request messages, assistant answer]} per row that is ok
+                  and finished with `stop` (flags: truncated answers too, every choice, the
+                  answer's `weight`, 0 or 1, from a column)
+    openai-batch  the Batch API's output file ({custom_id, response: {status_code, body}})
+                  and, beside it, its error file for the failed rows; every body is what
+                  the openai SDK's types (ChatCompletion, Completion, Response,
+                  CreateEmbeddingResponse) read
+
+Export reads the finished output and, for the requests' messages, the input (through
+the job's template, where it has one). It sends no request, and writes its file whole
+or not at all.
+
+The output keeps no `created` of the server's: every body says the time the output
+file was written (its modification time), so the same output exports to the same file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from .._exceptions import ConfigError, InputError, StorageError
+from ..inputs.reader import InputReader, Row
+from ..inputs.template import Template
+from ..spec.parse import JobSpec, load_spec
+from ..storage.objects import job_inputs
+
+__all__ = ["ExportSummary", "export_job"]
+
+FORMATS = ("sft", "openai-batch")
+SFT_ENDPOINTS = ("chat", "completions", "responses")  # those that answer with a message
+# A Response's incomplete_details.reason from the row's finish_reason (see endpoints.responses)
+_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+_STATUS = re.compile(r"HTTP (\d{3})\b")
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    path: Path
+    written: int
+    skipped: int
+    errors_path: Path | None = None
+    errors: int = 0
+
+    def line(self) -> str:
+        text = f"{self.written:,} lines to {self.path} ({self.skipped:,} rows left out)"
+        if self.errors_path is not None:
+            text += f"; {self.errors:,} failed rows to {self.errors_path}"
+        return text
+
+
+def export_job(job: str | os.PathLike[str] | JobSpec, fmt: str, out: str | os.PathLike[str], *,
+               include_truncated: bool = False, all_choices: bool = False,
+               weight: str | None = None) -> ExportSummary:
+    """Write the finished job's answers to `out` in format `fmt` (see the module's doc)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    spec = job if isinstance(job, JobSpec) else load_spec(job)
+    out = Path(out)
+    errors_path = out.with_name(f"{out.name.removesuffix('.jsonl')}.errors.jsonl")
+    for path in (out, errors_path) if fmt == "openai-batch" else (out,):
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder; name the .jsonl file to write, such as "
+                              f"{path / ('train.jsonl' if fmt == 'sft' else 'results.jsonl')}")
+    if fmt == "sft" and spec.endpoint is not None and spec.endpoint not in SFT_ENDPOINTS:
+        raise ConfigError(f"--format sft: a job with endpoint: {spec.endpoint} has no answers to train on; "
+                          "export it with --format openai-batch")
+    if spec.output_url:  # from the store, unless the copy here is of the object it holds
+        from ..storage.objects import Remote
+
+        Remote(spec.output_url, spec.output).pull(spec.output)
+    if not spec.output.is_file():
+        raise ConfigError(f"{spec.output}: no output yet; run the job to the end first "
+                          f"(batchrun run {spec.name})")
+    created = int(spec.output.stat().st_mtime)
+    pairs = _answered_rows(spec)
+    if fmt == "sft":
+        with _atomic(out) as f:
+            written, skipped = _sft(pairs, f, include_truncated=include_truncated, all_choices=all_choices,
+                                    weight=weight)
+        return ExportSummary(out, written, skipped)
+    params = {"model": spec.model, **spec.params} if spec.model else dict(spec.params)
+    with _atomic(out) as f, _atomic(errors_path) as errors:
+        written, failed = _openai_batch(pairs, f, errors, params=params, created=created)
+    return ExportSummary(out, written, 0, errors_path, failed)
+
+
+def _answered_rows(spec: JobSpec) -> Iterator[tuple[Row, dict[str, Any]]]:
+    """(the row's request, its output row), in order, for every row of the output."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    template = Template(spec.template) if spec.template is not None else None
+    with InputReader(job_inputs(spec), endpoint=spec.endpoint, template=template) as reader:
+        rows = reader.rows()
+        try:
+            output = pq.ParquetFile(spec.output)
+        except (OSError, pa.ArrowException) as exc:
+            raise StorageError(f"{spec.output}: cannot read the output: {exc}") from exc
+        for batch in output.iter_batches(batch_size=1024):
+            for answer in batch.to_pylist():
+                row = next(rows, None)
+                if row is None or row.index != answer["row_index"]:
+                    raise InputError(f"{spec.output}: row {answer['row_index']} has no matching input row; the "
+                                     "input changed since the job ran")
+                yield row, answer
+
+
+def _sft(pairs: Iterator[tuple[Row, dict[str, Any]]], f: IO[str], *, include_truncated: bool,
+         all_choices: bool, weight: str | None) -> tuple[int, int]:
+    written = skipped = 0
+    finishes = ("stop", "length") if include_truncated else ("stop",)
+    for row, answer in pairs:
+        if answer["status"] != "ok" or row.endpoint not in SFT_ENDPOINTS:
+            skipped += 1
+            continue
+        if weight is not None and weight not in answer:
+            raise ConfigError(f"--weight {weight}: the output has no such column")
+        prompt = _messages(row)
+        choices = answer.get("choices") if all_choices and answer.get("choices") else [
+            {"text": answer["output_text"], "finish_reason": answer["finish_reason"],
+             "reasoning_content": answer["reasoning_content"], "tool_calls": answer["tool_calls"]}]
+        for choice in choices:
+            if choice["finish_reason"] not in finishes:
+                skipped += 1
+                continue
+            assistant: dict[str, Any] = {"role": "assistant", "content": choice["text"] or ""}
+            if choice.get("reasoning_content"):
+                assistant["reasoning_content"] = choice["reasoning_content"]
+            if choice.get("tool_calls"):
+                assistant["tool_calls"] = json.loads(choice["tool_calls"])
+            if weight is not None:
+                assistant["weight"] = _weight(answer, weight)
+            f.write(json.dumps({"messages": [*prompt, assistant]}, ensure_ascii=False) + "\n")
+            written += 1
+    return written, skipped
+
+
+def _weight(answer: dict[str, Any], column: str) -> int:
+    """The answer's weight in the fine-tuning format: 1 trains on it, 0 does not."""
+    value = answer[column]
+    if isinstance(value, (bool, int, float)) and value in (0, 1):
+        return int(value)
+    raise ConfigError(f"--weight {column}: row {answer['row_index']} ({answer['id']}) holds {value!r}, but an "
+                      "answer's weight is 0 (not trained on) or 1; give a column of 0s and 1s")
+
+
+def _messages(row: Row) -> list[dict[str, Any]]:
+    body = row.body
+    if "messages" in body:
+        return list(body["messages"])
+    if isinstance(body.get("input"), list):
+        return list(body["input"])
+    text = body.get("prompt", body.get("input"))
+    messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
+    return [*messages, {"role": "user", "content": text}]
+
+
+def _openai_batch(pairs: Iterator[tuple[Row, dict[str, Any]]], out: IO[str], errors: IO[str], *,
+                  params: Mapping[str, Any], created: int) -> tuple[int, int]:
+    written = failed = 0
+    for row, answer in pairs:
+        line = {"id": f"batch_req_{answer['row_index']}", "custom_id": answer["id"]}
+        if answer["status"] == "ok":
+            line["response"] = {"status_code": 200, "request_id": answer["response_id"],
+                                "body": _body(row, answer, {**params, **row.body}, created)}
+            line["error"] = None
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            written += 1
+            continue
+        found = _STATUS.match(answer["error"] or "")
+        if found:
+            status, message = int(found.group(1)), answer["error"][found.end():].lstrip(": ")
+            # The output keeps the API's message, not its error type: the type is the status's kind
+            kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
+            line["response"] = {"status_code": status, "request_id": None,
+                                "body": {"error": {"message": message, "type": kind, "param": None, "code": None}}}
+            line["error"] = None
+        else:
+            line["response"] = None
+            line["error"] = {"code": "request_failed", "message": answer["error"]}
+        errors.write(json.dumps(line, ensure_ascii=False) + "\n")
+        failed += 1
+    return written, failed
+
+
+def _body(row: Row, answer: dict[str, Any], request: dict[str, Any], created: int) -> dict[str, Any]:
+    """The endpoint's response body, rebuilt from the output's columns; `request` is the
+    body as sent (the spec's params, then the row's fields)."""
+    model = answer["model"] or request.get("model")
+    if row.endpoint == "embeddings":
+        body = {"object": "list", "model": model,
+                "data": [{"object": "embedding", "index": 0, "embedding": answer.get("embedding")}]}
+        if answer["prompt_tokens"] is not None and answer["total_tokens"] is not None:
+            body["usage"] = {"prompt_tokens": answer["prompt_tokens"], "total_tokens": answer["total_tokens"]}
+        return body
+    if row.endpoint == "responses":
+        return _response_body(answer, request, model, created)
+    choices = answer.get("choices") or [{
+        "index": 0, "text": answer["output_text"], "finish_reason": answer["finish_reason"],
+        "reasoning_content": answer["reasoning_content"], "tool_calls": answer["tool_calls"],
+        "logprobs": answer.get("logprobs")}]
+    counts = _counts(answer)
+    usage: dict[str, Any] | None = None
+    if counts is not None:
+        usage = dict(zip(("prompt_tokens", "completion_tokens", "total_tokens"), counts))
+        if answer["cached_tokens"] is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": answer["cached_tokens"]}
+        if answer["reasoning_tokens"] is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": answer["reasoning_tokens"]}
+    if row.endpoint == "completions":
+        body = {"id": _id(answer, "cmpl"), "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"],
+                             "logprobs": _legacy_logprobs(c.get("logprobs"))} for c in choices]}
+    else:
+        body = {"id": _id(answer, "chatcmpl"), "object": "chat.completion", "created": created, "model": model,
+                "choices": [_chat_choice(c) for c in choices]}
+    if usage is not None:  # a stream that was not asked for usage has none to give
+        body["usage"] = usage
+    return body
+
+
+def _chat_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": choice["text"]}
+    if choice.get("reasoning_content"):
+        message["reasoning_content"] = choice["reasoning_content"]
+    if choice.get("tool_calls"):
+        message["tool_calls"] = json.loads(choice["tool_calls"])
+    logprobs = choice.get("logprobs")
+    return {"index": choice["index"], "message": message, "finish_reason": choice["finish_reason"],
+            "logprobs": None if logprobs is None else {"content": [
+                {**entry, "top_logprobs": entry["top_logprobs"] or []} for entry in logprobs]}}
+
+
+def _counts(answer: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(prompt, completion, total) tokens, or None where the server did not count them."""
+    prompt, completion, total = answer["prompt_tokens"], answer["completion_tokens"], answer["total_tokens"]
+    if prompt is None or completion is None:
+        return None
+    return prompt, completion, prompt + completion if total is None else total
+
+
+def _id(answer: dict[str, Any], prefix: str) -> str:
+    """The server's id for the answer; one made from the row's index where it gave none."""
+    return answer["response_id"] or f"{prefix}_{answer['row_index']}"
+
+
+def _response_body(answer: dict[str, Any], request: dict[str, Any], model: str | None,
+                   created: int) -> dict[str, Any]:
+    # The output keeps no output item ids: each is made from the row's index and the item's place
+    at = answer["row_index"]
+    output: list[dict[str, Any]] = []
+    if answer["reasoning_content"]:
+        output.append({"type": "reasoning", "id": f"rs_{at}_{len(output)}",
+                       "summary": [{"type": "summary_text", "text": answer["reasoning_content"]}]})
+    if answer["output_text"] is not None:
+        output.append({"type": "message", "id": f"msg_{at}_{len(output)}", "role": "assistant",
+                       "status": "completed",
+                       "content": [{"type": "output_text", "text": answer["output_text"], "annotations": []}]})
+    for call in json.loads(answer["tool_calls"]) if answer["tool_calls"] else ():
+        function = call.get("function") or {}
+        output.append({"type": "function_call", "id": f"fc_{at}_{len(output)}",
+                       "call_id": call.get("id") or f"call_{at}_{len(output)}", "name": function.get("name") or "",
+                       "arguments": function.get("arguments") or "", "status": "completed"})
+    finish = answer["finish_reason"]
+    body: dict[str, Any] = {
+        "id": _id(answer, "resp"), "object": "response", "created_at": created, "model": model,
+        "status": "completed" if finish == "stop" else "incomplete",
+        "incomplete_details": None if finish == "stop" else {"reason": _INCOMPLETE.get(finish)},
+        "output": output,
+        # As the API does, the response repeats the request's tool settings (with its defaults)
+        "tools": request.get("tools") or [], "tool_choice": request.get("tool_choice", "auto"),
+        "parallel_tool_calls": request.get("parallel_tool_calls", True),
+    }
+    counts = _counts(answer)
+    if counts is not None:  # the API's usage always has its details: 0 where the server gave none
+        body["usage"] = {
+            "input_tokens": counts[0], "output_tokens": counts[1], "total_tokens": counts[2],
+            "input_tokens_details": {"cached_tokens": answer["cached_tokens"] or 0, "cache_write_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": answer["reasoning_tokens"] or 0}}
+    return body
+
+
+def _legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    if entries is None:
+        return None
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"] or []} for e in entries]}
+
+
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[IO[str]]:
+    """A file written under a temporary name and renamed over `path` once whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:  # nothing to resume: the export is written again from the start
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"{path}: cannot write the export ({exc.strerror or exc}); "
+                          "free some space or name another file") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,225 @@
+"""`batchrun plan JOB`: what a run would send, and what it could cost, before it sends anything.
+
+The input is validated as a run validates it (templates rendered); the rows a resumed
+run would skip are left out; every other row's prompt is counted with the best
+tokenizer at hand:
+
+- a Hugging Face `tokenizer.json` the spec names (`tokenizer:`; needs the `tokenizers`
+  package: `pip install 'batchrun[tokenizers]'`);
+- tiktoken for an OpenAI model, when tiktoken and its encoding are installed;
+- otherwise a stated heuristic: UTF-8 bytes / 4, plus 4 tokens a message.
+
+Completion tokens are counted at their worst (max_tokens x n) and, where the state has
+answers already, at their mean. Nothing here opens a connection or writes a file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .._exceptions import ConfigError
+from ..endpoints import get_endpoint
+from ..inputs.reader import InputReader, Row
+from ..inputs.template import Template
+from ..policy.pricing import completion_bound, usd
+from ..spec.parse import JobSpec, load_spec
+from ..storage.objects import job_inputs
+from ..storage.state import StateStore, done_rows, state_path
+
+__all__ = ["Plan", "plan_job"]
+
+ASSUMED_LATENCY_S = 2.0  # a request's duration when the state has none measured yet
+BATCH = 2048  # prompts counted at once (the tokenizers count a batch in parallel)
+
+
+@dataclass(frozen=True)
+class Plan:
+    job: str
+    rows: int  # still to do
+    rows_total: int
+    requests: int
+    prompt_tokens: int
+    completion_tokens_max: int | None  # None: max_tokens is unset, and the spec states no bound
+    completion_tokens_expected: int | None
+    cost_usd_max: float | None  # None without prices
+    cost_usd_expected: float | None
+    duration_s: float
+    tokenizer: str  # which counted the prompts
+    notes: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["notes"] = list(self.notes)
+        return data
+
+    def text(self) -> str:
+        def number(value: float | None, unit: str = "") -> str:
+            return "unknown" if value is None else usd(value) if unit else f"{value:,}"
+
+        lines = [
+            f"{self.job}: {self.rows:,} of {self.rows_total:,} rows to do, in {self.requests:,} requests",
+            f"  prompt tokens      {self.prompt_tokens:,} ({self.tokenizer})",
+            f"  completion tokens  {number(self.completion_tokens_max)} at most, "
+            f"{number(self.completion_tokens_expected)} expected",
+            f"  cost               {number(self.cost_usd_max, '$')} at most, {number(self.cost_usd_expected, '$')} "
+            "expected",
+            f"  duration           about {self.duration_s:,.0f} s",
+        ]
+        return "\n".join(lines + [f"  note: {note}" for note in self.notes])
+
+
+def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) -> Plan:
+    """What a run (with `restart`: `run --restart`) would send and could cost. Raises
+    as the run would for a spec, input or saved state it would refuse (exit 2)."""
+    spec = job if isinstance(job, JobSpec) else load_spec(job)
+    template = Template(spec.template) if spec.template is not None else None
+    notes: list[str] = []
+    with InputReader(job_inputs(spec), endpoint=spec.endpoint, require_model=spec.model is None,
+                     template=template) as reader:
+        digest = reader.fingerprint()
+        total, _ = reader.validate()
+        done, answered = _done(spec, digest, total, restart=restart)
+        count, tokenizer = _counter(spec)
+        endpoint = get_endpoint(spec.endpoint) if spec.endpoint else None
+        rows = prompt = completion_max = 0
+        completion_known = True
+        for batch in _batches((row for row in reader.rows() if not done[row.index]), BATCH):
+            rows += len(batch)
+            texts = []
+            for row in batch:
+                body = get_endpoint(row.endpoint).build_body(row.body, spec.model, spec.params)
+                texts.append(_prompt_parts(body))
+                most = completion_bound(body, spec.budget.assume_max_tokens)
+                if most is None:
+                    completion_known = False
+                else:
+                    completion_max += most
+            prompt += sum(count(parts) for parts in texts)
+    grouped = endpoint is not None and endpoint.grouped
+    requests = math.ceil(rows / spec.inputs_per_request) if grouped else rows
+    if grouped:
+        completion_max, completion_known = 0, True
+    mean_completion, mean_latency = answered
+    expected = (round(mean_completion * rows) if mean_completion is not None
+                else completion_max if completion_known else None)
+    if mean_completion is None and expected is not None and not grouped:
+        notes.append("no answers yet to learn the typical answer length from: expected completion tokens "
+                     "are the worst case")
+    price = spec.pricing.get(spec.model) if spec.model else None
+    if spec.pricing and price is None:
+        notes.append(f"model {spec.model!r} has no price in pricing: no cost")
+
+    def usd(completion: int | None) -> float | None:
+        if price is None or completion is None:
+            return None
+        return (prompt * price.input + completion * price.output) / 1e6
+
+    latency = mean_latency if mean_latency is not None else ASSUMED_LATENCY_S
+    if mean_latency is None:
+        notes.append(f"duration assumes {ASSUMED_LATENCY_S:g} s a request (no answers yet to measure)")
+    seconds = requests * latency / spec.concurrency
+    if spec.rate_limit.requests_per_minute:
+        seconds = max(seconds, requests / spec.rate_limit.requests_per_minute * 60)
+    if spec.rate_limit.tokens_per_minute:
+        seconds = max(seconds, (prompt + (completion_max if completion_known else 0))
+                      / spec.rate_limit.tokens_per_minute * 60)
+    if not completion_known:
+        notes.append("max_tokens is unset: the worst case of completion tokens is unknown; set params.max_tokens "
+                     "or budget.assume_max_tokens")
+    return Plan(
+        job=spec.name, rows=rows, rows_total=total, requests=requests, prompt_tokens=prompt,
+        completion_tokens_max=completion_max if completion_known else None,
+        completion_tokens_expected=expected, cost_usd_max=usd(completion_max if completion_known else None),
+        cost_usd_expected=usd(expected), duration_s=round(seconds, 1), tokenizer=tokenizer, notes=tuple(notes),
+    )
+
+
+def _done(spec: JobSpec, digest: str, total: int, *, restart: bool) -> tuple[bytearray, tuple[float | None, ...]]:
+    """Rows a resumed run would leave alone, and the state's mean completion tokens and
+    latency; nothing when there is no state (or `restart`). A state of another input or
+    request shape is refused as a run refuses it."""
+    path = state_path(spec.output)
+    if spec.output_url:  # the state on the store is the job's progress
+        from ..storage.lock import lock_holder
+        from ..storage.objects import Remote
+
+        if not lock_holder(path):
+            Remote(spec.output_url, spec.output).pull_state(path)
+    try:
+        store = StateStore.open(path, lock=False)
+    except FileNotFoundError:
+        return bytearray(total), (None, None)
+    try:
+        saved = store.meta()
+        if not saved or restart:  # a state made but never claimed, or one a run would discard
+            return bytearray(total), (None, None)
+        # What a run checks, and refuses as it would (exit 2, naming what changed)
+        wanted = {"input_digest": digest, "request": spec.request_config()}
+        store.check({key: saved.get(key) for key in wanted}, wanted, spec_name=spec.name)
+        return done_rows(store.row_states(total)), store.means()
+    finally:
+        store.close()
+
+
+def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
+    batch: list[Row] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _prompt_parts(body: dict[str, Any]) -> list[str]:
+    """The texts a request's prompt tokens come from, a message each."""
+    parts = []
+    for key in ("instructions", "prompt"):
+        if isinstance(body.get(key), str):
+            parts.append(body[key])
+    messages = body.get("messages")
+    inputs = body.get("input")
+    if isinstance(inputs, str):
+        parts.append(inputs)
+    elif isinstance(inputs, list):
+        messages = inputs
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else message
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.append("".join(p.get("text", "") for p in content if isinstance(p, dict)))
+    return parts
+
+
+def _counter(spec: JobSpec) -> tuple[Callable[[list[str]], int], str]:
+    """A function counting one request's prompt tokens, and what it is."""
+    if spec.tokenizer is not None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ConfigError("tokenizer: counting with a tokenizer.json needs the tokenizers package: "
+                              "pip install 'batchrun[tokenizers]'") from None
+        try:
+            hf = Tokenizer.from_file(str(spec.tokenizer))
+        except Exception as exc:  # the library raises its own Exception for a bad file
+            raise ConfigError(f"tokenizer: cannot load {spec.tokenizer}: {exc}") from exc
+        return (lambda parts: sum(len(e.ids) for e in hf.encode_batch(parts)) + 4 * len(parts),
+                f"tokenizer.json {spec.tokenizer}, plus 4 tokens a message")
+    if spec.model:
+        try:
+            import tiktoken
+
+            encoding = tiktoken.encoding_for_model(spec.model)
+        except Exception:  # not installed, not an OpenAI model, or its encoding not downloaded
+            encoding = None
+        if encoding is not None:
+            return (lambda parts: sum(len(encoding.encode(p)) for p in parts) + 4 * len(parts),
+                    f"tiktoken {encoding.name}, plus 4 tokens a message")
+    return (lambda parts: sum(len(p.encode()) for p in parts) // 4 + 4 * len(parts),
+            "heuristic: UTF-8 bytes / 4, plus 4 tokens a message; name a tokenizer.json in the spec for an exact count")
