@@ -25,7 +25,7 @@ from ..engine.cache import CacheSpec
 from ..inputs.files import INPUT_SUFFIXES
 from ..inputs.template import TEMPLATE_FIELDS, Template
 from ..policy.pricing import MAX_TOKENS_KEYS, Price
-from ..storage.objects import is_url, work_folder
+from ..storage.urls import is_url, work_folder
 
 __all__ = ["ApiSpec", "BudgetSpec", "JobSpec", "RateLimitSpec", "RetrySpec", "load_spec", "parse_spec"]
 

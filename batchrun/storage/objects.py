@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import hashlib
 import json
 import os
-import re
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .._exceptions import ConfigError, InputError, StorageError
+from .urls import is_url, work_folder
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -44,20 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Remote", "fetch_inputs", "is_url", "job_inputs", "work_folder"]
 
-_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _COPY_CHUNK = 8 << 20
-
-
-def is_url(text: str) -> bool:
-    match = _URL.match(text)
-    return bool(match) and match[1].lower() != "file"
-
-
-def work_folder(url: str, env: Mapping[str, str]) -> Path:
-    """The local folder mirroring the folder of output `url`."""
-    base = env.get("BATCHRUN_WORK_DIR") or os.path.join(
-        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "batchrun", "jobs")
-    return Path(os.path.abspath(base)) / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def open_store(url: str) -> tuple[pafs.FileSystem, str]:
