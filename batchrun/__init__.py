@@ -32,7 +32,7 @@ _LAZY = {
     "BarProgress": "engine.progress", "LogProgress": "engine.progress",
     "NullProgress": "engine.progress", "Progress": "engine.progress",
     "run_on_ray": "backends.ray.driver",  # and Ray itself only when called
-    "Summary": "engine.run", "run_job": "engine.run",
+    "Summary": "engine.summary", "run_job": "engine.run",
     "MergeSummary": "backends.shards", "Shard": "backends.shards", "merge_job": "backends.shards",
     "ApiSpec": "spec.parse", "JobSpec": "spec.parse", "RetrySpec": "spec.parse",
     "load_spec": "spec.parse", "parse_spec": "spec.parse",
@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from .backends.ray.driver import run_on_ray
     from .backends.shards import MergeSummary, Shard, merge_job
     from .engine.progress import BarProgress, LogProgress, NullProgress, Progress
-    from .engine.run import Summary, run_job
+    from .engine.run import run_job
+    from .engine.summary import Summary
     from .spec.parse import ApiSpec, JobSpec, RetrySpec, load_spec, parse_spec
     from .tools.status import job_status
 

@@ -28,7 +28,8 @@ from airflow.sdk.exceptions import AirflowException
 from ._exceptions import BatchrunError, ConfigError, Interrupted, UsageError
 from .backends.shards import Shard
 from .engine.progress import LogProgress
-from .engine.run import Summary, run_job
+from .engine.run import run_job
+from .engine.summary import Summary
 from .spec.parse import JobSpec, load_spec, parse_spec
 from .tools.status import job_status
 

@@ -37,7 +37,8 @@ from typing import Any
 
 from ..._exceptions import ConfigError, Interrupted, JobAborted, UsageError
 from ...engine.progress import Progress
-from ...engine.run import GRACE_S, Summary, read_api_key, run_job
+from ...engine.run import GRACE_S, read_api_key, run_job
+from ...engine.summary import Summary
 from ...policy.rate import estimate_tokens
 from ...spec.parse import JobSpec, load_spec
 from ...storage.lock import lock_holder

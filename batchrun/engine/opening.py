@@ -1,0 +1,82 @@
+"""The job's state, opened and checked against this input and spec before any request;
+and, for `--restart`, the outputs of the progress it discards moved aside."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .._exceptions import BatchrunError, InputError, StorageError
+from ..backends.shards import Shard, check_siblings, shard_output
+from ..inputs.reader import InputReader
+from ..spec.parse import JobSpec
+from ..storage.objects import Remote
+from ..storage.state import StateStore, state_path
+
+__all__ = ["open_state", "set_aside"]
+
+
+def open_state(spec: JobSpec, reader: InputReader, *, limit: int | None, restart: bool,
+                shard: Shard | None = None) -> tuple[StateStore, int, dict[str, str], list[str]]:
+    """Open (or make) the job's state and check it belongs to this input and spec.
+
+    The input is validated in full the first time; a resume whose input digest
+    matches the saved one trusts the saved row count, column types and the optional
+    columns its rows ask for (`InputReader.asks`).
+    """
+    path = state_path(spec.output if shard is None else shard_output(spec.output, shard))
+    if restart:  # checked before anything is discarded: a bad input must not cost the progress
+        digest = reader.fingerprint()
+        rows, passthrough = reader.validate()
+        asks = reader.asks
+    fresh = not path.exists()
+    store = StateStore.open(path, discard_damaged=restart)
+    try:
+        if restart:
+            store.reset()
+        else:
+            digest = reader.fingerprint()
+            saved = store.meta()
+            if saved.get("input_digest") == digest:
+                rows, passthrough, asks = saved["rows"], dict(saved["passthrough"]), saved.get("asks", [])
+            else:
+                rows, passthrough = reader.validate()
+                asks = reader.asks
+        clash = sorted(set(asks) & set(passthrough))
+        if clash:
+            raise InputError(f"{reader.name}: rows ask for {clash[0]}, an output column, and the input has a "
+                             f"column of that name; rename it in the input")
+        # passthrough as pairs: their order is the output's column order
+        meta = {"input_digest": digest, "rows": rows, "passthrough": list(map(list, passthrough.items())),
+                "request": spec.request_config()}
+        if asks:  # only when rows ask: states saved before this key still match
+            meta["asks"] = asks
+        if shard is not None:
+            meta["shard"] = [shard.index, shard.count]
+            check_siblings(spec.output, shard, meta)
+        store.claim(meta, spec_name=spec.name)
+    except BatchrunError as exc:
+        store.close(remove=fresh)
+        # A job that never began leaves nothing behind; one that did gets its status updated
+        exc.held_lock = not fresh  # type: ignore[attr-defined]
+        raise
+    return store, rows if limit is None else min(rows, limit), passthrough, asks
+
+
+def set_aside(outputs: list[Path], remote: Remote | None) -> str | None:
+    """Move the outputs of a job's discarded progress out of the way (`--restart`), here
+    and on the store: `x.parquet` becomes `x.parquet.before-restart`. Where the first
+    one went, if it was there."""
+    moved = None
+    for output in outputs:
+        aside = output.with_name(output.name + ".before-restart")
+        try:
+            if output.is_file():
+                os.replace(output, aside)
+                moved = moved or str(aside)
+            if remote is not None and remote.move(output, aside):
+                moved = moved or remote.url_of(aside)
+        except OSError as exc:
+            raise StorageError(f"{output}: cannot move the output of the discarded progress aside "
+                               f"({exc.strerror}); move or delete it, then rerun with --restart") from exc
+    return moved

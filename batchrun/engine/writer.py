@@ -1,0 +1,186 @@
+"""The writer: the only owner of the state and the output.
+
+Workers hand it their answers over a stream; it commits them a group at a time,
+appends the settled rows to the output in row groups, and records the budget's holds
+(the client's `HoldLog`) in the same commits. No lock guards a file: one task owns them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from .._exceptions import InputChangedError, JobAborted, StorageError
+from ..endpoints.result import Result
+from ..policy.pricing import Hold
+from ..storage.output import ROW_GROUP_ROWS, OutputWriter
+from ..storage.state import FAILED, FAILED_FOR_GOOD, OK, StateStore
+from .cache import ResponseCache
+from .progress import Progress
+
+__all__ = ["HoldNote", "Writer"]
+
+
+@dataclass(frozen=True)
+class HoldNote:
+    """For the writer: a budget's hold to record before its request goes (`sending`), or
+    to delete when its request was answered with nothing to save."""
+
+    hold: Hold
+    sending: bool
+
+
+class Writer:
+    """Group commit of the answers, the output's row groups, the budget's holds.
+
+    `states` and `totals`: the rows' states and the state's counts below `total` when the
+    run began; the writer keeps them up to date (`counts`) without asking the state.
+    """
+
+    def __init__(self, store: StateStore, output: OutputWriter, progress: Progress, cache: ResponseCache | None,
+                 *, done: bytearray, total: int, start: int, states: bytearray, totals: dict[str, object]) -> None:
+        self.store = store
+        self.output = output
+        self.progress = progress
+        self.cache = cache
+        self.total = total
+        self.states, self.totals = states, totals
+        # Rows settled so far (ok before this run, or saved in it) and the length of
+        # their unbroken run from row 0: the output can be written up to there.
+        self.settled = bytearray(done)
+        self.prefix = start
+        self.published = start  # rows [start, published) are written or being written to the output
+        self.fed_all = False  # every row has gone to a worker (the pool says so)
+        self.tail_written = False
+        self.state_failed = False  # nothing more can be saved
+        self.output_failed = False  # answers are still saved; the output waits for a rerun
+        self.progressed = (0.0, 0)  # when a row was last settled, and the requests sent by then
+
+    def begin(self, notes: ObjectSendStream[Result | HoldNote], *, stop: Callable[[JobAborted], None],
+              sent: Callable[[], int]) -> None:
+        """In the event loop, before the workers start: the stream the holds go by; `stop`
+        stops the run when nothing more can be saved; `sent` counts the requests sent so
+        far, for the stall watch (`progressed`)."""
+        self.notes = notes
+        self.stop = stop
+        self.sent = sent
+        self.saved = anyio.Event()  # set once the answers handed over so far are on disk
+
+    async def write(self, results: ObjectReceiveStream[Result | HoldNote], due: ObjectSendStream[None]) -> None:
+        """Commit answers as they arrive, a group at a time (group commit).
+
+        Each commit takes every answer that arrived while the previous one was
+        being written, without waiting for more: an answer is durable one commit
+        (well under a millisecond to a few) after it arrives, and under load the
+        groups grow rather than the commits multiply. Its worker waits for that
+        before taking another row, so a kill -9 costs at most the rows the workers
+        hold: `concurrency` answers.
+        """
+        async with results, due:
+            async for first in results:
+                group = [first]
+                while True:
+                    try:
+                        group.append(results.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                # Taken with the group, with no await between: answers handed over
+                # from here on wait for the next commit.
+                saved, self.saved = self.saved, anyio.Event()
+                try:
+                    await self._commit(group, due)
+                finally:
+                    saved.set()  # saved, or never to be: the workers go on either way
+
+    def _save(self, group: list[Result], notes: list[HoldNote]) -> None:
+        """In the writer's thread: the state first; then the cache may share the answers."""
+        self.store.save(group, holds=[n.hold for n in notes if n.sending],
+                        released=[n.hold.id for n in notes if not n.sending])
+        cache = self.cache
+        if cache is not None:
+            cache.put((r.cache_key, r) for r in group if r.cache_key is not None)
+
+    async def _commit(self, items: list[Result | HoldNote], due: ObjectSendStream[None]) -> None:
+        if self.state_failed:
+            return  # nothing more can be saved; the job is stopping
+        group = [item for item in items if isinstance(item, Result)]
+        notes = [item for item in items if not isinstance(item, Result)] if len(group) < len(items) else []
+        try:
+            # Shielded: an answer received is paid for, even during a hard stop.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._save, group, notes)
+        except StorageError as exc:
+            self.state_failed = True
+            self.stop(exc)
+            return
+        if not group:
+            return
+        self._count(group)
+        self.progressed = anyio.current_time(), self.sent()
+        failed = sum(r.status != "ok" for r in group)
+        tokens = sum(r.total_tokens or 0 for r in group)
+        self.progress.advance(len(group) - failed, failed, tokens, sum(r.cost_usd or 0.0 for r in group))
+        for result in group:
+            self.settled[result.row_index] = 1
+        while self.prefix < self.total and self.settled[self.prefix]:
+            self.prefix += 1
+        # A row group's worth of settled rows goes to the output; once every row has
+        # been sent, what is settled goes at once (a shorter group), so that the end
+        # of the job waits only for the last few rows.
+        ready = self.prefix - self.published
+        if ready >= ROW_GROUP_ROWS or (self.fed_all and ready > 0 and not self.tail_written):
+            self.tail_written = self.fed_all
+            with contextlib.suppress(anyio.WouldBlock):  # one is pending: it will take these too
+                due.send_nowait(None)
+
+    async def publish(self, due: ObjectReceiveStream[None]) -> None:
+        """Append settled rows to the output in a thread, off the commit path."""
+        async with due:
+            async for _ in due:
+                if self.output_failed:
+                    continue
+                stop = self.published = self.prefix
+                try:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(self.output.write, stop)
+                except (StorageError, InputChangedError) as exc:
+                    self.output_failed = True
+                    self.stop(exc)
+
+    # -- the budget's holds (see `http.client.HoldLog`) ----------------------------------
+
+    async def record(self, hold: Hold) -> None:
+        """In the state before its request goes, in the writer's next commit: a kill -9
+        from here on leaves it there, counted as spent by the next run."""
+        self.notes.send_nowait(HoldNote(hold, sending=True))
+        saved = self.saved  # the event of the commit that takes it (see `write`)
+        await saved.wait()
+        if self.state_failed:
+            raise StorageError("the budget's hold could not be saved; stopping")
+
+    def release(self, hold: Hold) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self.notes.send_nowait(HoldNote(hold, sending=False))
+
+    # -- counts --------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, object]:
+        """The state's counts as of the last commit, without asking the state."""
+        states = self.states
+        for_good = states.count(FAILED_FOR_GOOD)
+        return {**self.totals, "ok": states.count(OK), "failed": states.count(FAILED) + for_good,
+                "failed_for_good": for_good}
+
+    def _count(self, group: list[Result]) -> None:
+        totals = self.totals
+        for result in group:
+            self.states[result.row_index] = OK if result.status == "ok" else (
+                FAILED if result.transient else FAILED_FOR_GOOD)
+            for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                totals[name] += getattr(result, name) or 0  # type: ignore[operator]
+            if result.cost_usd is not None:
+                totals["cost_usd"] = (totals["cost_usd"] or 0.0) + result.cost_usd  # type: ignore[operator]
