@@ -72,6 +72,7 @@ def test_a_refused_connection_is_a_connect_error() -> None:
         exchange(f"http://127.0.0.1:{port}/v1/completions")
 
 
+@pytest.mark.slow  # a server of its own, on a socket
 def test_timeout_bounds_the_whole_exchange_not_each_read() -> None:
     """A server dripping keep-alive comments answers every read at once, and never ends."""
     listener = socket.create_server(("127.0.0.1", 0))
