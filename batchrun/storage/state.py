@@ -21,21 +21,22 @@ they are readable by their owner only.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._exceptions import ConfigError, StateDamagedError, StateMismatchError, StorageError
-from ..endpoints.protocol import RESULT_FIELDS, Result
+from ..endpoints.result import RESULT_FIELDS, Result
 from ..policy.pricing import Hold
 from .lock import JobLock
 
-__all__ = ["Spend", "StateStore", "differences", "state_path"]
+__all__ = ["Spend", "StateStore", "differences", "replace_state", "state_copy", "state_path"]
 
 SCHEMA_VERSION = "1"
 PRIVATE = 0o600
@@ -113,6 +114,37 @@ def done_rows(states: bytearray, *, retry_failed: bool = False) -> bytearray:
 
 def state_path(output: Path) -> Path:
     return output.with_name(output.stem + ".batchrun.sqlite")
+
+
+@contextlib.contextmanager
+def state_copy(path: Path) -> Iterator[Path]:
+    """A consistent copy of the state beside it, for as long as the `with` lasts (to upload
+    it): SQLite's backup API through connections of its own takes a reader's snapshot, so
+    the writer goes on meanwhile, and the copy holds every commit without a -wal."""
+    copy = path.with_name(f".{path.name}.{os.getpid()}.upload")
+    try:
+        try:
+            source = sqlite3.connect(path)
+            try:
+                target = sqlite3.connect(copy)
+                try:
+                    source.backup(target)
+                finally:
+                    target.close()
+            finally:
+                source.close()
+        except sqlite3.Error as exc:
+            raise StorageError(f"{path}: cannot snapshot the job's state for upload: {exc}") from exc
+        yield copy
+    finally:
+        copy.unlink(missing_ok=True)
+
+
+def replace_state(path: Path, new: Path) -> None:
+    """Put the state file `new` (a download) in the place of the state at `path`, whose
+    -wal goes first: an old log must never replay onto another state."""
+    StateStore.discard(path)
+    os.replace(new, path)
 
 
 class StateStore:

@@ -31,7 +31,7 @@ from .._exceptions import ConfigError, InputError, StorageError
 from ..inputs.reader import InputReader, Row
 from ..inputs.template import Template
 from ..spec.parse import JobSpec, load_spec
-from ..storage.objects import job_inputs
+from ..storage import Store, open_store
 
 __all__ = ["ExportSummary", "export_job"]
 
@@ -73,15 +73,13 @@ def export_job(job: str | os.PathLike[str] | JobSpec, fmt: str, out: str | os.Pa
     if fmt == "sft" and spec.endpoint is not None and spec.endpoint not in SFT_ENDPOINTS:
         raise ConfigError(f"--format sft: a job with endpoint: {spec.endpoint} has no answers to train on; "
                           "export it with --format openai-batch")
-    if spec.output_url:  # from the store, unless the copy here is of the object it holds
-        from ..storage.objects import Remote
-
-        Remote(spec.output_url, spec.output).pull(spec.output)
+    storage = open_store(spec)
+    storage.pull_file(spec.output)  # from the store, unless the copy here is of the object it holds
     if not spec.output.is_file():
         raise ConfigError(f"{spec.output}: no output yet; run the job to the end first "
                           f"(batchrun run {spec.name})")
     created = int(spec.output.stat().st_mtime)
-    pairs = _answered_rows(spec)
+    pairs = _answered_rows(spec, storage)
     if fmt == "sft":
         with _atomic(out) as f:
             written, skipped = _sft(pairs, f, include_truncated=include_truncated, all_choices=all_choices,
@@ -93,13 +91,13 @@ def export_job(job: str | os.PathLike[str] | JobSpec, fmt: str, out: str | os.Pa
     return ExportSummary(out, written, 0, errors_path, failed)
 
 
-def _answered_rows(spec: JobSpec) -> Iterator[tuple[Row, dict[str, Any]]]:
+def _answered_rows(spec: JobSpec, storage: Store) -> Iterator[tuple[Row, dict[str, Any]]]:
     """(the row's request, its output row), in order, for every row of the output."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     template = Template(spec.template) if spec.template is not None else None
-    with InputReader(job_inputs(spec), endpoint=spec.endpoint, template=template) as reader:
+    with InputReader(storage.inputs(), endpoint=spec.endpoint, template=template) as reader:
         rows = reader.rows()
         try:
             output = pq.ParquetFile(spec.output)

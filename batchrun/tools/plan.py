@@ -27,7 +27,8 @@ from ..inputs.reader import InputReader, Row
 from ..inputs.template import Template
 from ..policy.pricing import completion_bound, usd
 from ..spec.parse import JobSpec, load_spec
-from ..storage.objects import job_inputs
+from ..storage import Store, open_store
+from ..storage.lock import lock_holder
 from ..storage.state import StateStore, done_rows, state_path
 
 __all__ = ["Plan", "plan_job"]
@@ -76,36 +77,23 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
     """What a run (with `restart`: `run --restart`) would send and could cost. Raises
     as the run would for a spec, input or saved state it would refuse (exit 2)."""
     spec = job if isinstance(job, JobSpec) else load_spec(job)
+    storage = open_store(spec)
     template = Template(spec.template) if spec.template is not None else None
     notes: list[str] = []
-    with InputReader(job_inputs(spec), endpoint=spec.endpoint, require_model=spec.model is None,
+    with InputReader(storage.inputs(), endpoint=spec.endpoint, require_model=spec.model is None,
                      template=template) as reader:
         digest = reader.fingerprint()
         total, _ = reader.validate()
-        done, answered = _done(spec, digest, total, restart=restart)
+        done, answered = _done(spec, storage, digest, total, restart=restart)
         count, tokenizer = _counter(spec)
-        endpoint = get_endpoint(spec.endpoint) if spec.endpoint else None
-        rows = prompt = completion_max = 0
-        completion_known = True
-        for batch in _batches((row for row in reader.rows() if not done[row.index]), BATCH):
-            rows += len(batch)
-            texts = []
-            for row in batch:
-                body = get_endpoint(row.endpoint).build_body(row.body, spec.model, spec.params)
-                texts.append(_prompt_parts(body))
-                most = completion_bound(body, spec.budget.assume_max_tokens)
-                if most is None:
-                    completion_known = False
-                else:
-                    completion_max += most
-            prompt += sum(count(parts) for parts in texts)
+        rows, prompt, completion_max = _count(spec, (row for row in reader.rows() if not done[row.index]), count)
+    endpoint = get_endpoint(spec.endpoint) if spec.endpoint else None
     grouped = endpoint is not None and endpoint.grouped
     requests = math.ceil(rows / spec.inputs_per_request) if grouped else rows
     if grouped:
-        completion_max, completion_known = 0, True
+        completion_max = 0
     mean_completion, mean_latency = answered
-    expected = (round(mean_completion * rows) if mean_completion is not None
-                else completion_max if completion_known else None)
+    expected = round(mean_completion * rows) if mean_completion is not None else completion_max
     if mean_completion is None and expected is not None and not grouped:
         notes.append("no answers yet to learn the typical answer length from: expected completion tokens "
                      "are the worst case")
@@ -125,30 +113,46 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
     if spec.rate_limit.requests_per_minute:
         seconds = max(seconds, requests / spec.rate_limit.requests_per_minute * 60)
     if spec.rate_limit.tokens_per_minute:
-        seconds = max(seconds, (prompt + (completion_max if completion_known else 0))
-                      / spec.rate_limit.tokens_per_minute * 60)
-    if not completion_known:
+        seconds = max(seconds, (prompt + (completion_max or 0)) / spec.rate_limit.tokens_per_minute * 60)
+    if completion_max is None:
         notes.append("max_tokens is unset: the worst case of completion tokens is unknown; set params.max_tokens "
                      "or budget.assume_max_tokens")
     return Plan(
         job=spec.name, rows=rows, rows_total=total, requests=requests, prompt_tokens=prompt,
-        completion_tokens_max=completion_max if completion_known else None,
-        completion_tokens_expected=expected, cost_usd_max=usd(completion_max if completion_known else None),
-        cost_usd_expected=usd(expected), duration_s=round(seconds, 1), tokenizer=tokenizer, notes=tuple(notes),
+        completion_tokens_max=completion_max, completion_tokens_expected=expected,
+        cost_usd_max=usd(completion_max), cost_usd_expected=usd(expected), duration_s=round(seconds, 1),
+        tokenizer=tokenizer, notes=tuple(notes),
     )
 
 
-def _done(spec: JobSpec, digest: str, total: int, *, restart: bool) -> tuple[bytearray, tuple[float | None, ...]]:
+def _count(spec: JobSpec, rows: Iterator[Row], count: Callable[[list[str]], int]) -> tuple[int, int, int | None]:
+    """The rows, their prompt tokens, and their completion tokens at most (None: unbounded,
+    for a row with no max_tokens and no assumed bound)."""
+    n = prompt = completion_max = 0
+    bounded = True
+    for batch in _batches(rows, BATCH):
+        n += len(batch)
+        texts = []
+        for row in batch:
+            body = get_endpoint(row.endpoint).build_body(row.body, spec.model, spec.params)
+            texts.append(_prompt_parts(body))
+            most = completion_bound(body, spec.budget.assume_max_tokens)
+            if most is None:
+                bounded = False
+            else:
+                completion_max += most
+        prompt += sum(count(parts) for parts in texts)
+    return n, prompt, completion_max if bounded else None
+
+
+def _done(spec: JobSpec, storage: Store, digest: str, total: int, *,
+          restart: bool) -> tuple[bytearray, tuple[float | None, ...]]:
     """Rows a resumed run would leave alone, and the state's mean completion tokens and
     latency; nothing when there is no state (or `restart`). A state of another input or
     request shape is refused as a run refuses it."""
     path = state_path(spec.output)
-    if spec.output_url:  # the state on the store is the job's progress
-        from ..storage.lock import lock_holder
-        from ..storage.objects import Remote
-
-        if not lock_holder(path):
-            Remote(spec.output_url, spec.output).pull_state(path)
+    if not lock_holder(path):  # the newest state there is is the job's progress (a run here has it)
+        storage.pull_state(path)
     try:
         store = StateStore.open(path, lock=False)
     except FileNotFoundError:
