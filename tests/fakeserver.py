@@ -295,6 +295,7 @@ class FakeServer:
         finally:
             with self._cond:
                 self.in_flight -= 1
+                self._cond.notify_all()  # a test may wait for the last one to end
 
     def _use_faults(self, faults: Faults) -> None:
         """A new Faults object starts afresh: its own seeded draws, no key seen yet."""

@@ -141,6 +141,8 @@ def test_max_in_flight_with_slow_requests(server):
     gate.set()
     for t in threads:
         t.join()
+    with server._cond:  # a client has its answer a moment before the server is done with it
+        assert server._cond.wait_for(lambda: server.in_flight == 0, timeout=10)
 
     assert (server.in_flight, server.max_in_flight) == (0, 5)
     assert len(server.answers) == 5
