@@ -7,7 +7,7 @@ import json
 import pytest
 
 from batchrun import RetryableAPIError, RowFatalAPIError
-from batchrun.endpoints.protocol import build_body, parse_answer
+from batchrun.endpoints import ENDPOINTS
 from tests.test_protocol import feed, sse
 
 CHAT_LOGPROBS = {"content": [
@@ -26,7 +26,7 @@ def test_every_choice_is_kept_and_choice_0_fills_the_columns() -> None:
         {"index": 1, "message": {"content": "second", "reasoning_content": "r1"}, "finish_reason": "length"},
         {"index": 0, "message": {"content": "first"}, "finish_reason": "stop", "logprobs": CHAT_LOGPROBS},
     ], "usage": {"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12}}
-    result = parse_answer("chat", data)
+    result = ENDPOINTS["chat"].parse(data)
     assert (result.output_text, result.finish_reason, result.completion_tokens) == ("first", "stop", 9)
     assert result.extra["logprobs"] == NORMAL
     assert [(c["index"], c["text"], c["finish_reason"], c["reasoning_content"]) for c in result.extra["choices"]] == [
@@ -38,11 +38,11 @@ def test_completions_logprobs_take_the_same_shape_as_chat() -> None:
     data = {"choices": [{"text": "Hi!", "finish_reason": "stop", "logprobs": {
         "tokens": ["Hi", "!"], "token_logprobs": [-0.5, -0.25], "text_offset": [0, 2],
         "top_logprobs": [{"Hi": -0.5, "Hey": -1.5}, {"!": -0.25}]}}]}
-    assert parse_answer("completions", data).extra == {"logprobs": NORMAL}
+    assert ENDPOINTS["completions"].parse(data).extra == {"logprobs": NORMAL}
 
 
 def test_one_choice_without_logprobs_needs_no_extra() -> None:
-    assert parse_answer("chat", {"choices": [{"message": {"content": "a"}, "finish_reason": "stop"}]}).extra is None
+    assert ENDPOINTS["chat"].parse({"choices": [{"message": {"content": "a"}, "finish_reason": "stop"}]}).extra is None
 
 
 def test_a_stream_of_several_choices_joins_each_and_its_logprobs() -> None:
@@ -82,23 +82,23 @@ RESPONSE = {
 
 
 def test_a_response_maps_to_the_columns() -> None:
-    result = parse_answer("responses", RESPONSE)
+    result = ENDPOINTS["responses"].parse(RESPONSE)
     assert (result.output_text, result.reasoning_content, result.finish_reason) == ("Hello world", "thought", "stop")
     assert json.loads(result.tool_calls) == [{"id": "c1", "type": "function",
                                               "function": {"name": "f", "arguments": "{\"a\": 1}"}}]
     assert (result.prompt_tokens, result.completion_tokens, result.total_tokens,
             result.cached_tokens, result.reasoning_tokens) == (11, 7, 18, 4, 2)
     assert (result.response_id, result.model) == ("resp_1", "m")
-    cut = parse_answer("responses", {**RESPONSE, "status": "incomplete",
+    cut = ENDPOINTS["responses"].parse({**RESPONSE, "status": "incomplete",
                                      "incomplete_details": {"reason": "max_output_tokens"}})
     assert cut.finish_reason == "length"
 
 
 def test_a_failed_response_is_retried_and_no_output_fails_the_row() -> None:
     with pytest.raises(RetryableAPIError, match="the response failed: overloaded"):
-        parse_answer("responses", {**RESPONSE, "status": "failed", "error": {"message": "overloaded"}})
+        ENDPOINTS["responses"].parse({**RESPONSE, "status": "failed", "error": {"message": "overloaded"}})
     with pytest.raises(RowFatalAPIError, match="HTTP 200 without an answer: bad"):
-        parse_answer("responses", {"error": {"message": "bad"}})
+        ENDPOINTS["responses"].parse({"error": {"message": "bad"}})
 
 
 def test_a_responses_stream_is_read_from_its_terminal_event() -> None:
@@ -114,6 +114,6 @@ def test_a_responses_stream_is_read_from_its_terminal_event() -> None:
 
 
 def test_responses_bodies_send_store_false_unless_told() -> None:
-    assert build_body({"input": "hi"}, "m", {}, "responses") == {"model": "m", "store": False, "input": "hi"}
-    assert build_body({"input": "hi"}, "m", {"store": True, "stream": True}, "responses") == {
+    assert ENDPOINTS["responses"].build_body({"input": "hi"}, "m", {}) == {"model": "m", "store": False, "input": "hi"}
+    assert ENDPOINTS["responses"].build_body({"input": "hi"}, "m", {"store": True, "stream": True}) == {
         "model": "m", "store": True, "stream": True, "input": "hi"}  # no stream_options: usage comes anyway

@@ -5,20 +5,23 @@ import json
 import pytest
 
 from batchrun import RetryableAPIError, RowFatalAPIError
-from batchrun.endpoints.protocol import StreamAssembler, build_body, parse_answer
+from batchrun.endpoints import ENDPOINTS
+from batchrun.endpoints.sse import StreamAssembler
+
+CHAT = ENDPOINTS["chat"]
 
 
 def test_row_fields_override_params_which_override_the_model() -> None:
-    body = build_body({"prompt": "p", "max_tokens": 5, "model": "row-model"}, "spec-model",
-                      {"max_tokens": 100, "temperature": 0.2})
+    body = CHAT.build_body({"prompt": "p", "max_tokens": 5, "model": "row-model"}, "spec-model",
+                           {"max_tokens": 100, "temperature": 0.2})
     assert body == {"model": "row-model", "max_tokens": 5, "temperature": 0.2, "prompt": "p"}
 
 
 def test_streams_ask_for_usage_unless_the_user_said_otherwise() -> None:
-    assert build_body({"prompt": "p"}, "m", {"stream": True})["stream_options"] == {"include_usage": True}
+    assert CHAT.build_body({"prompt": "p"}, "m", {"stream": True})["stream_options"] == {"include_usage": True}
     mine = {"include_usage": False}
-    assert build_body({"prompt": "p"}, "m", {"stream": True, "stream_options": mine})["stream_options"] == mine
-    assert "stream_options" not in build_body({"prompt": "p"}, "m", {})
+    assert CHAT.build_body({"prompt": "p"}, "m", {"stream": True, "stream_options": mine})["stream_options"] == mine
+    assert "stream_options" not in CHAT.build_body({"prompt": "p"}, "m", {})
 
 
 def test_parse_chat_answer_with_reasoning_tools_and_usage_details() -> None:
@@ -30,7 +33,7 @@ def test_parse_chat_answer_with_reasoning_tools_and_usage_details() -> None:
         "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14,
                   "prompt_tokens_details": {"cached_tokens": 8}, "completion_tokens_details": {"reasoning_tokens": 3}},
     }
-    result = parse_answer("chat", data)
+    result = ENDPOINTS["chat"].parse(data)
     assert (result.output_text, result.reasoning_content, result.finish_reason) == (None, "think", "tool_calls")
     assert json.loads(result.tool_calls) == data["choices"][0]["message"]["tool_calls"]
     assert (result.prompt_tokens, result.completion_tokens, result.total_tokens) == (10, 4, 14)
@@ -39,7 +42,7 @@ def test_parse_chat_answer_with_reasoning_tools_and_usage_details() -> None:
 
 
 def test_parse_completion_answer() -> None:
-    result = parse_answer("completions", {"id": "c", "choices": [{"text": "hello", "finish_reason": "length"}],
+    result = ENDPOINTS["completions"].parse({"id": "c", "choices": [{"text": "hello", "finish_reason": "length"}],
                                           "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
     assert (result.output_text, result.finish_reason, result.total_tokens) == ("hello", "length", 3)
 
@@ -47,18 +50,18 @@ def test_parse_completion_answer() -> None:
 @pytest.mark.parametrize("data", [{}, {"choices": []}, {"choices": ["x"]}, [1], "text"])
 def test_json_that_is_no_answer_fails_the_row_rather_than_paying_again(data: object) -> None:
     with pytest.raises(RowFatalAPIError, match="HTTP 200 without an answer"):
-        parse_answer("chat", data)
+        ENDPOINTS["chat"].parse(data)
 
 
 def test_an_error_object_sent_with_200_keeps_its_message() -> None:
     with pytest.raises(RowFatalAPIError, match="HTTP 200 without an answer: model overloaded"):
-        parse_answer("chat", {"error": {"message": "model overloaded"}})
+        ENDPOINTS["chat"].parse({"error": {"message": "model overloaded"}})
 
 
 def test_unusual_field_types_become_text() -> None:
     data = {"id": 12345, "model": ["m"], "choices": [{"finish_reason": "stop", "message": {
         "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}}]}
-    result = parse_answer("chat", data)
+    result = ENDPOINTS["chat"].parse(data)
     assert (result.output_text, result.response_id, result.model) == ("Hello there", "12345", '["m"]')
 
 
@@ -126,7 +129,7 @@ def test_a_stream_without_done_is_complete_once_it_has_a_finish_reason() -> None
 def test_answers_with_lone_surrogates_are_stored_with_replacement_characters() -> None:
     data = json.loads('{"id": "r\\ud800", "choices": [{"message": {"content": "a\\ud800b", "tool_calls": '
                       '[{"function": {"arguments": "\\udfff"}}]}, "finish_reason": "stop"}]}')
-    result = parse_answer("chat", data)
+    result = ENDPOINTS["chat"].parse(data)
     assert (result.output_text, result.response_id) == ("a\ufffdb", "r\ufffd")
     assert json.loads(result.tool_calls) == [{"function": {"arguments": "\ufffd"}}]
     for value in (result.output_text, result.tool_calls, result.response_id):
@@ -148,10 +151,10 @@ def test_a_surrogate_pair_split_across_stream_chunks_is_joined() -> None:
 ])
 def test_usage_that_no_count_can_be_is_left_empty(usage: dict) -> None:
     data = {"choices": [{"text": "x", "finish_reason": "stop"}], "usage": usage}
-    result = parse_answer("completions", data)
+    result = ENDPOINTS["completions"].parse(data)
     assert (result.prompt_tokens, result.total_tokens, result.output_text) == (None, None, "x")
     assert result.completion_tokens in (1, None)
-    total = parse_answer("completions", {**data, "usage": {"prompt_tokens": 2**62, "completion_tokens": 2**62}})
+    total = ENDPOINTS["completions"].parse({**data, "usage": {"prompt_tokens": 2**62, "completion_tokens": 2**62}})
     assert total.total_tokens is None  # their sum is beyond int64
 
 

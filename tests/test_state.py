@@ -2,15 +2,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
 
 from batchrun import ConfigError, StateDamagedError, StateMismatchError, StorageError
-from batchrun.endpoints.protocol import RESULT_FIELDS, Result
+from batchrun.endpoints.result import RESULT_FIELDS, Result
 from batchrun.storage.lock import lock_holder
-from batchrun.storage.state import StateStore
+from batchrun.storage.state import StateStore, replace_state, state_copy
 
 META = {"input_digest": "abc", "rows": 3, "passthrough": [], "request": {"model": "m", "params": {"max_tokens": 5}}}
 
@@ -202,3 +203,46 @@ def test_a_state_replaced_mid_run_is_not_resumed_and_says_how_to_go_on(tmp_path:
         store.save([Result(1, "b", "ok", attempts=1)])
     assert not info.value.rerun_resumes and "resume" not in str(info.value)
     store.close()
+
+
+def test_a_copy_of_the_state_holds_every_commit_while_the_writer_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = StateStore.open(path)
+    store.claim(META, spec_name="job.yaml")
+    store.save([Result(0, "a", "ok", attempts=1), Result(2, "c", "failed", attempts=3, error="HTTP 500: x")])
+    assert path.with_name("s.sqlite-wal").stat().st_size > 0  # the commits are in the log, not the file yet
+    with state_copy(path) as copy:
+        store.save([Result(1, "b", "ok", attempts=1)])  # the writer is not held up, nor is this in the copy
+        db = sqlite3.connect(copy)
+        try:
+            assert db.execute("SELECT row_index, status FROM results ORDER BY row_index").fetchall() == \
+                [(0, "ok"), (2, "failed")]
+        finally:
+            db.close()
+    assert not copy.exists()
+    assert [r[0] for r in store.results(0, 3)] == [0, 1, 2]
+    store.close()
+
+
+def test_a_copy_of_a_state_that_is_not_sqlite_is_a_storage_error(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    path.write_bytes(b"not a database, just bytes" * 100)
+    with pytest.raises(StorageError, match=r"s\.sqlite: cannot snapshot the job's state for upload"):
+        with state_copy(path):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.sqlite"]
+
+
+def test_a_state_put_in_place_leaves_no_log_of_the_old_one(tmp_path: Path) -> None:
+    old, new = tmp_path / "s.sqlite", tmp_path / "download"
+    store = StateStore.open(new, lock=True)
+    store.claim(META, spec_name="job.yaml")
+    store.save([Result(1, "b", "ok", attempts=1)])
+    store.close()
+    old.write_bytes(b"the old state")
+    old.with_name("s.sqlite-wal").write_bytes(b"a log that must never replay onto another state")
+    replace_state(old, new)
+    assert not new.exists() and not old.with_name("s.sqlite-wal").exists()
+    again = StateStore.open(old)
+    assert again.meta()["input_digest"] == "abc" and list(again.ok_rows(3)) == [0, 1, 0]
+    again.close()

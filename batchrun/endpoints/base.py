@@ -1,13 +1,54 @@
-"""What an endpoint is to batchrun: a body out, an answer (whole or streamed) in."""
+"""What an endpoint is to batchrun: the seam every endpoint kind fills in.
+
+A kind is a subclass of `Endpoint`, one module each, with one instance in the
+registry (`endpoints.ENDPOINTS`). It says, as attributes:
+
+    name             the spec's `endpoint:` value, also the row's `Row.endpoint`
+    path             the URL path after the base URL; a batch line's `url` may give it
+                     with or without /v1 (`urls`)
+    field            the request field a row asks in: "messages", "prompt" or "input"
+    implied          True: a row with `field` goes here when the spec names no endpoint
+                     (messages -> chat, prompt -> completions); False where several
+                     kinds share the field (input: the spec must say which)
+    template_fields  the fields a `template:` may give for it
+    request_fields   the fields a flat row carries for the request (the rest pass through)
+    grouped          True: several rows go in one request (`build_group_body`)
+    generates        True: the answer is generated tokens, so a budget needs max_tokens
+    answers_with_message  True: its answer is a message a fine-tuning set can hold
+    output_columns   the optional output columns (`storage.columns`) every row of it has
+
+and, as methods, how it takes a row (`take`, `check`), where a schema goes in the
+request (`ask_for_schema`), its request body (`build_body`), its answer whole
+(`parse`) and streamed (`stream`), and the OpenAI Batch API body an exported answer
+is rebuilt as (`export_body`).
+
+To add one: a module with the subclass, and its line in `ENDPOINTS`. Nothing
+outside `endpoints/` asks which endpoint it is.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .protocol import Result
+from .result import Result
 
-__all__ = ["Endpoint", "StreamReader"]
+__all__ = ["INPUT_REQUEST_FIELDS", "REQUEST_FIELDS", "Endpoint", "StreamReader"]
+
+# Fields a flat row may carry for the request itself; any other column passes through.
+REQUEST_FIELDS = frozenset(
+    """prompt messages model max_tokens max_completion_tokens temperature top_p top_k min_p
+    n stop seed presence_penalty frequency_penalty repetition_penalty logit_bias logprobs
+    top_logprobs echo suffix best_of response_format tools tool_choice parallel_tool_calls
+    stream stream_options user reasoning_effort context_length_exceeded_behavior
+    prompt_cache_key prediction modalities""".split()
+)
+# ... and those of the endpoints that take `input` (responses, embeddings), only there:
+# a chat job's `input` column passes through as it always did.
+INPUT_REQUEST_FIELDS = REQUEST_FIELDS | frozenset(
+    """input instructions max_output_tokens text store reasoning truncation include metadata
+    previous_response_id dimensions encoding_format""".split()
+)
 
 
 class StreamReader:
@@ -23,9 +64,44 @@ class StreamReader:
 
 
 class Endpoint:
+    """One endpoint kind; the defaults are those of a chat-like endpoint."""
+
     name: str
     path: str  # after the base URL
+    field: str
+    implied = False
+    template_fields: tuple[str, ...] = ()
+    request_fields: frozenset[str] = REQUEST_FIELDS
     grouped = False  # True: several rows go in one request (see `embeddings`)
+    generates = True
+    answers_with_message = True
+    output_columns: tuple[str, ...] = ()
+
+    @property
+    def urls(self) -> tuple[str, str]:
+        """The `url`s a batch line may send to it: the OpenAI Batch API's, and without /v1."""
+        return f"/v1{self.path}", self.path
+
+    # -- rows ------------------------------------------------------------------------
+
+    def take(self, body: dict[str, Any], field: str | None) -> str | None:
+        """Make a row's request fields ones this endpoint takes, in place; or say why it
+        cannot. `field`: the field the row asks in (None: it gives none of them).
+        By default a row must ask in this endpoint's own field."""
+        if field is None or field == self.field:
+            return None
+        return f"the spec sets endpoint: {self.name}, but this row has {field}"
+
+    def check(self, body: Mapping[str, Any]) -> str | None:
+        """What makes a row's request one this endpoint cannot answer, or None."""
+        return None
+
+    # -- requests and answers ----------------------------------------------------------
+
+    def ask_for_schema(self, params: dict[str, Any], named: Mapping[str, Any]) -> None:
+        """Put the spec's `schema:` (`named`: {name, schema, strict}) into `params` as the
+        structured-output format, unless params give one. Answers are validated either way."""
+        params.setdefault("response_format", {"type": "json_schema", "json_schema": dict(named)})
 
     def build_body(self, row_body: Mapping[str, Any], model: str | None,
                    params: Mapping[str, Any]) -> dict[str, Any]:
@@ -43,4 +119,24 @@ class Endpoint:
         raise NotImplementedError
 
     def stream(self) -> StreamReader:
+        raise NotImplementedError
+
+    # -- several rows to a request (`grouped` kinds; see `engine.call`) ----------------------
+
+    def build_group_body(self, inputs: Sequence[Any], row_body: Mapping[str, Any], model: str | None,
+                         params: Mapping[str, Any]) -> dict[str, Any]:
+        """One request for rows that differ only in their `field`: `inputs`, in row order."""
+        raise NotImplementedError
+
+    def split(self, answer: Result, weights: Sequence[int]) -> list[Result]:
+        """The answer to one request for several rows, as one ok Result per row (row_index
+        and id left blank), its usage shared in proportion to `weights`; raises
+        RowFatalAPIError when the answer does not hold a part for each row."""
+        raise NotImplementedError
+
+    def export_body(self, answer: Mapping[str, Any], request: Mapping[str, Any], *, model: str | None,
+                    created: int) -> dict[str, Any]:
+        """The response body the OpenAI Batch API's output file holds for an answer, rebuilt
+        from its output row (`answer`); `request` is the body as sent (the spec's params,
+        then the row's fields)."""
         raise NotImplementedError

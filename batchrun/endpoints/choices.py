@@ -14,13 +14,14 @@ lists (`tokens`, `token_logprobs`, `top_logprobs` as {token: logprob} maps), tur
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from .._exceptions import RetryableAPIError, RowFatalAPIError
 from .base import StreamReader
-from .protocol import Result, set_usage, storable, text_of
+from .result import Result, answer_id, set_usage, storable, text_of, usage_counts
 
-__all__ = ["ChoicesStream", "logprob_entries", "parse_choices"]
+__all__ = ["ChoicesStream", "export_choices", "logprob_entries", "parse_choices"]
 
 
 def parse_choices(data: Any, *, chat: bool) -> Result:
@@ -211,3 +212,48 @@ class ChoicesStream(StreamReader):
         # Pieces are joined before they are made storable: a surrogate pair split
         # across two chunks becomes its one character again.
         return storable(result)
+
+
+def export_choices(answer: Mapping[str, Any], *, model: str | None, created: int, chat: bool) -> dict[str, Any]:
+    """A ChatCompletion (`chat`) or a Completion rebuilt from an output row, every choice
+    it kept (the `choices` column) or choice 0 from the row's own columns."""
+    choices = answer.get("choices") or [{
+        "index": 0, "text": answer["output_text"], "finish_reason": answer["finish_reason"],
+        "reasoning_content": answer["reasoning_content"], "tool_calls": answer["tool_calls"],
+        "logprobs": answer.get("logprobs")}]
+    if chat:
+        body = {"id": answer_id(answer, "chatcmpl"), "object": "chat.completion", "created": created,
+                "model": model, "choices": [_chat_choice(c) for c in choices]}
+    else:
+        body = {"id": answer_id(answer, "cmpl"), "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"],
+                             "logprobs": _legacy_logprobs(c.get("logprobs"))} for c in choices]}
+    counts = usage_counts(answer)
+    if counts is not None:  # a stream that was not asked for usage has none to give
+        usage: dict[str, Any] = dict(zip(("prompt_tokens", "completion_tokens", "total_tokens"), counts))
+        if answer["cached_tokens"] is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": answer["cached_tokens"]}
+        if answer["reasoning_tokens"] is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": answer["reasoning_tokens"]}
+        body["usage"] = usage
+    return body
+
+
+def _chat_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": choice["text"]}
+    if choice.get("reasoning_content"):
+        message["reasoning_content"] = choice["reasoning_content"]
+    if choice.get("tool_calls"):
+        message["tool_calls"] = json.loads(choice["tool_calls"])
+    logprobs = choice.get("logprobs")
+    return {"index": choice["index"], "message": message, "finish_reason": choice["finish_reason"],
+            "logprobs": None if logprobs is None else {"content": [
+                {**entry, "top_logprobs": entry["top_logprobs"] or []} for entry in logprobs]}}
+
+
+def _legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Completions' parallel lists, from the one shape the output keeps."""
+    if entries is None:
+        return None
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"] or []} for e in entries]}

@@ -7,9 +7,12 @@ read too.
 
 One request answers a group of rows, so its parts are split here: `parse` gives a
 Result whose `vectors` holds one float32 byte string per input, in input order, and
-the client makes each row's Result from it (see `Client.call_group`). Usage is per
+`split` makes each row's Result from it (see `engine.call.Caller.call_group`). Usage is per
 request: it is shared out among the rows in proportion to their input's length, so
 that the rows add up to exactly what the API reported.
+
+A row's input is one string (a prompt is taken as it); the vectors go to the
+`embedding` output column. Grouping rows needs the spec to name the endpoint.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._exceptions import JobFatalAPIError, RetryableAPIError, RowFatalAPIError
-from .base import Endpoint, StreamReader
-from .protocol import Result, set_usage, text_of
+from .base import INPUT_REQUEST_FIELDS, Endpoint, StreamReader
+from .result import Result, set_usage, text_of
 
 __all__ = ["Embeddings", "share"]
 
@@ -31,7 +34,26 @@ __all__ = ["Embeddings", "share"]
 class Embeddings(Endpoint):
     name = "embeddings"
     path = "/embeddings"
+    field = "input"
+    template_fields = ("input",)
+    request_fields = INPUT_REQUEST_FIELDS
     grouped = True
+    generates = False
+    answers_with_message = False
+    output_columns = ("embedding",)
+
+    def take(self, body: dict[str, Any], field: str | None) -> str | None:
+        if "input" in body or field is None:
+            return None
+        if "messages" in body:
+            return "the spec sets endpoint: embeddings, but this row has messages; give input or prompt"
+        body["input"] = body.pop("prompt")
+        return None
+
+    def check(self, body: Mapping[str, Any]) -> str | None:
+        if not isinstance(body.get("input"), str):
+            return f"input must be a string to embed, got {type(body.get('input')).__name__}"
+        return None
 
     def build_group_body(self, inputs: Sequence[Any], row_body: Mapping[str, Any], model: str | None,
                          params: Mapping[str, Any]) -> dict[str, Any]:
@@ -45,6 +67,14 @@ class Embeddings(Endpoint):
     def build_body(self, row_body: Mapping[str, Any], model: str | None,
                    params: Mapping[str, Any]) -> dict[str, Any]:
         return self.build_group_body([row_body.get("input")], row_body, model, params)
+
+    def split(self, answer: Result, weights: Sequence[int]) -> list[Result]:
+        vectors = answer.vectors or []
+        if len(vectors) != len(weights):
+            raise RowFatalAPIError(f"the answer has {len(vectors)} embeddings for {len(weights)} inputs")
+        usage = {name: share(getattr(answer, name), weights) for name in _USAGE}
+        return [Result(-1, "", "ok", model=answer.model, response_id=answer.response_id, embedding=vector,
+                       **{name: usage[name][i] for name in _USAGE}) for i, vector in enumerate(vectors)]
 
     def parse(self, data: Any) -> Result:
         items = data.get("data") if isinstance(data, dict) else None
@@ -71,6 +101,14 @@ class Embeddings(Endpoint):
 
     def stream(self) -> StreamReader:
         raise NotImplementedError("embeddings are not streamed")
+
+    def export_body(self, answer: Mapping[str, Any], request: Mapping[str, Any], *, model: str | None,
+                    created: int) -> dict[str, Any]:
+        body = {"object": "list", "model": model,
+                "data": [{"object": "embedding", "index": 0, "embedding": answer.get("embedding")}]}
+        if answer["prompt_tokens"] is not None and answer["total_tokens"] is not None:
+            body["usage"] = {"prompt_tokens": answer["prompt_tokens"], "total_tokens": answer["total_tokens"]}
+        return body
 
 
 def _float32(value: Any) -> bytes:
@@ -107,6 +145,9 @@ def _swapped(raw: bytes) -> bytes:
     packed = array.array("f", raw)
     packed.byteswap()
     return packed.tobytes()
+
+
+_USAGE = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 
 
 def share(total: int | None, weights: Sequence[int]) -> list[int | None]:

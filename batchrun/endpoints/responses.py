@@ -9,6 +9,9 @@
     status          completed -> finish_reason "stop"; incomplete -> "length" (max_output_tokens)
                     or the reason given
 
+A row with a prompt or messages instead of `input` sends it as the input (messages as
+input items). `schema:` goes to `text.format`.
+
 `store: false` is sent unless the spec or row says otherwise: the API keeps every
 response by default, and a batch job should not leave a million conversations behind.
 A stream's terminal event (`response.completed`, `response.incomplete`) carries the
@@ -22,18 +25,32 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._exceptions import RetryableAPIError, RowFatalAPIError
-from .base import Endpoint, StreamReader
-from .protocol import Result, set_usage, storable, text_of
+from .base import INPUT_REQUEST_FIELDS, Endpoint, StreamReader
+from .result import Result, answer_id, set_usage, storable, text_of, usage_counts
 
 __all__ = ["Responses"]
 
 _FINISH = {"max_output_tokens": "length", "content_filter": "content_filter"}
 _TERMINAL = ("response.completed", "response.incomplete")
+_INCOMPLETE = {finish: reason for reason, finish in _FINISH.items()}  # the other way, for export
 
 
 class Responses(Endpoint):
     name = "responses"
     path = "/responses"
+    field = "input"
+    template_fields = ("input", "instructions")
+    request_fields = INPUT_REQUEST_FIELDS
+
+    def take(self, body: dict[str, Any], field: str | None) -> str | None:
+        if "input" not in body and field is not None:
+            body["input"] = body.pop("prompt") if "prompt" in body else body.pop("messages")
+        return None
+
+    def ask_for_schema(self, params: dict[str, Any], named: Mapping[str, Any]) -> None:
+        text = params.setdefault("text", {})
+        if isinstance(text, dict):
+            text.setdefault("format", {"type": "json_schema", **named})
 
     def build_body(self, row_body: Mapping[str, Any], model: str | None,
                    params: Mapping[str, Any]) -> dict[str, Any]:
@@ -53,6 +70,10 @@ class Responses(Endpoint):
 
     def stream(self) -> StreamReader:
         return _ResponsesStream()
+
+    def export_body(self, answer: Mapping[str, Any], request: Mapping[str, Any], *, model: str | None,
+                    created: int) -> dict[str, Any]:
+        return _export_response(answer, request, model, created)
 
 
 def _read_response(data: dict[str, Any]) -> Result:
@@ -128,3 +149,39 @@ class _ResponsesStream(StreamReader):
         if self.final is None:
             raise RetryableAPIError("the event stream ended before response.completed", status=200)
         return _read_response(self.final)
+
+
+def _export_response(answer: Mapping[str, Any], request: Mapping[str, Any], model: str | None,
+                     created: int) -> dict[str, Any]:
+    # The output keeps no output item ids: each is made from the row's index and the item's place
+    at = answer["row_index"]
+    output: list[dict[str, Any]] = []
+    if answer["reasoning_content"]:
+        output.append({"type": "reasoning", "id": f"rs_{at}_{len(output)}",
+                       "summary": [{"type": "summary_text", "text": answer["reasoning_content"]}]})
+    if answer["output_text"] is not None:
+        output.append({"type": "message", "id": f"msg_{at}_{len(output)}", "role": "assistant",
+                       "status": "completed",
+                       "content": [{"type": "output_text", "text": answer["output_text"], "annotations": []}]})
+    for call in json.loads(answer["tool_calls"]) if answer["tool_calls"] else ():
+        function = call.get("function") or {}
+        output.append({"type": "function_call", "id": f"fc_{at}_{len(output)}",
+                       "call_id": call.get("id") or f"call_{at}_{len(output)}", "name": function.get("name") or "",
+                       "arguments": function.get("arguments") or "", "status": "completed"})
+    finish = answer["finish_reason"]
+    body: dict[str, Any] = {
+        "id": answer_id(answer, "resp"), "object": "response", "created_at": created, "model": model,
+        "status": "completed" if finish == "stop" else "incomplete",
+        "incomplete_details": None if finish == "stop" else {"reason": _INCOMPLETE.get(finish)},
+        "output": output,
+        # As the API does, the response repeats the request's tool settings (with its defaults)
+        "tools": request.get("tools") or [], "tool_choice": request.get("tool_choice", "auto"),
+        "parallel_tool_calls": request.get("parallel_tool_calls", True),
+    }
+    counts = usage_counts(answer)
+    if counts is not None:  # the API's usage always has its details: 0 where the server gave none
+        body["usage"] = {
+            "input_tokens": counts[0], "output_tokens": counts[1], "total_tokens": counts[2],
+            "input_tokens_details": {"cached_tokens": answer["cached_tokens"] or 0, "cache_write_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": answer["reasoning_tokens"] or 0}}
+    return body

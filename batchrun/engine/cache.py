@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .._exceptions import ConfigError
-from ..endpoints.protocol import Result
+from ..endpoints.result import Result
 
 __all__ = ["CacheSpec", "ResponseCache", "cacheable"]
 

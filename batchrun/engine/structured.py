@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import SpecError
-from ..endpoints.protocol import storable_value
+from ..endpoints.result import storable_value
 from ..inputs.checks import MAX_DEPTH, depth
 
 if TYPE_CHECKING:

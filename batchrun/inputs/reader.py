@@ -9,7 +9,11 @@ to the output beside the answer. These shapes are understood:
     {"input": ..., "instructions": "..."}               -> /responses or /embeddings (the spec says)
     {"custom_id": "...", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
 
-With a template (`_template`) every row is rendered from its columns instead, and all
+Which endpoint a row goes to, and how a row written for one is sent to another (a
+prompt to chat as one user message), are the endpoints' own rules (`endpoints`):
+this module asks the registry and the endpoint, never compares their names.
+
+With a template (`template`) every row is rendered from its columns instead, and all
 of them pass through.
 
 The input is read more than once (to validate, to run, to write the output), so the
@@ -25,35 +29,20 @@ import sqlite3
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import pyarrow as pa
 
 from .._exceptions import InputChangedError, InputError, StorageError
-from ..endpoints import ENDPOINTS
+from ..endpoints import ENDPOINTS, Endpoint, endpoint_at, field_of, implied_by, job_endpoint, taking
+from ..storage.columns import wants_choices, wants_logprobs
 from .checks import check_body, check_messages, check_record
 from .files import InputFile, check_all_unchanged, combined_fingerprint
 from .passthrough import coerce, column_kind, conform, jsonl_schema, schema_kind, unify, value_kind
 from .template import Template, TemplateRowError
 
-if TYPE_CHECKING:
-    import pyarrow as pa  # imported where used: a JSONL job needs it only for its output
-
 __all__ = ["InputReader", "Row", "OUTPUT_COLUMNS"]
 
-# Fields a flat row may carry for the request itself; any other column passes through.
-REQUEST_FIELDS = frozenset(
-    """prompt messages model max_tokens max_completion_tokens temperature top_p top_k min_p
-    n stop seed presence_penalty frequency_penalty repetition_penalty logit_bias logprobs
-    top_logprobs echo suffix best_of response_format tools tool_choice parallel_tool_calls
-    stream stream_options user reasoning_effort context_length_exceeded_behavior
-    prompt_cache_key prediction modalities""".split()
-)
-# ... and those of the endpoints that take `input` (responses, embeddings), only there:
-# a chat job's `input` column passes through as it always did.
-INPUT_REQUEST_FIELDS = REQUEST_FIELDS | frozenset(
-    """input instructions max_output_tokens text store reasoning truncation include metadata
-    previous_response_id dimensions encoding_format""".split()
-)
-INPUT_ENDPOINTS = ("responses", "embeddings")
 BATCH_FIELDS = frozenset({"custom_id", "method", "url", "body"})
 ID_FIELDS = ("id", "custom_id")
 
@@ -63,17 +52,6 @@ OUTPUT_COLUMNS = (
     "response_id prompt_tokens completion_tokens total_tokens cached_tokens "
     "reasoning_tokens cost_usd attempts latency_s error"
 ).split()
-
-_URL_ENDPOINTS = {
-    "/v1/chat/completions": "chat",
-    "/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/completions": "completions",
-    "/v1/responses": "responses",
-    "/responses": "responses",
-    "/v1/embeddings": "embeddings",
-    "/embeddings": "embeddings",
-}
 
 
 @dataclass(slots=True)
@@ -99,9 +77,13 @@ class InputReader:
     ) -> None:
         paths = [paths] if isinstance(paths, Path) else list(paths)
         self.endpoint = endpoint
+        self.named = ENDPOINTS.get(endpoint) if endpoint else None  # None: each row's field says
         self.require_model = require_model
         self.template = template
-        self.request_fields = INPUT_REQUEST_FIELDS if endpoint in INPUT_ENDPOINTS else REQUEST_FIELDS
+        # A template's rows go where its field says, or where the spec says
+        self.template_field = template.field if template is not None else None
+        self.template_endpoint = implied_by(self.template_field) or self.named if template is not None else None
+        self.request_fields = (self.named or job_endpoint(None)).request_fields
         self.priced = priced  # with a budget in USD: the models a row may name
         # The output's columns (the job's optional ones too): an input column must not take a name
         self.reserved = frozenset(OUTPUT_COLUMNS).union(reserved)
@@ -169,22 +151,8 @@ class InputReader:
                              "rerun once it is written in full") from None
 
     def _validate(self) -> tuple[int, dict[str, str]]:
-        try:
-            ids = sqlite3.connect("")  # "" is a private temporary database on disk
-            ids.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, place TEXT)")
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot check the input's ids for duplicates in a temporary file: {exc}; "
-                               "free space in the temporary folder (or point TMPDIR elsewhere) and rerun") from exc
-        kinds: dict[str, set[str]] = {}
-        passes = self._passes
-        for f in self.files:
-            if f.is_arrow:
-                for field in f.arrow_schema():
-                    if passes(field.name):
-                        if field.name in self.reserved:
-                            raise f.error(f.columns_place(), f"column {field.name!r} clashes with the output "
-                                                             "column of that name; rename it in the input")
-                        kinds.setdefault(field.name, set()).add(schema_kind(field.type))
+        ids = _id_table()
+        kinds = self._schema_kinds()
         count = 0
         asks: set[str] = set()
         duplicates: list[str] = []
@@ -196,36 +164,15 @@ class InputReader:
             for rows, extras in self._batches(collect_extras=True):
                 count += len(rows)
                 for name, values in extras.items():
-                    seen = kinds.setdefault(name, set())
-                    seen.update(value_kind(v) for v in values)
+                    kinds.setdefault(name, set()).update(value_kind(v) for v in values)
                 taken.extend(bytes(len(rows)))
-                given = []
                 if self.template is None:
-                    for row in rows:
-                        if "n" in row.body or "logprobs" in row.body:
-                            asks.update(_asks(row.body))
-                for row in rows:
-                    if row.id == str(row.index):
-                        taken[row.index] = 1
-                    else:
-                        given.append(row)
-                try:
-                    with ids:  # a batch at once; only a batch with a duplicate is redone row by row
-                        ids.executemany("INSERT INTO ids VALUES (?, ?)", [(row.id, row.where) for row in given])
-                except sqlite3.IntegrityError:
-                    duplicates += _duplicates(ids, given)
-                except sqlite3.Error as exc:
-                    raise StorageError(f"cannot check the input's ids for duplicates in a temporary file: {exc}; "
-                                       "free space in the temporary folder (or point TMPDIR elsewhere) and rerun"
-                                       ) from exc
+                    asks.update(*(_asks(row.body) for row in rows if "n" in row.body or "logprobs" in row.body))
+                duplicates += _insert_ids(ids, rows, taken)
                 if len(duplicates) >= 5:
                     break
-            else:  # a given id that is another row's position
-                for row_id, place in ids.execute("SELECT id, place FROM ids WHERE id GLOB '[0-9]*'"):
-                    if row_id.isascii() and row_id.isdigit() and str(int(row_id)) == row_id \
-                            and int(row_id) < len(taken) and taken[int(row_id)]:
-                        duplicates.append(f"{row_id!r} at {place} and at position {row_id}, a row without "
-                                          "an id (its id is its position)")
+            else:
+                duplicates += _ids_at_positions(ids, taken)
         finally:
             self._checking = False
             ids.close()
@@ -236,6 +183,21 @@ class InputReader:
             )
         self.asks = sorted(asks)
         return count, {name: column_kind(k) for name, k in kinds.items()}
+
+    def _schema_kinds(self) -> dict[str, set[str]]:
+        """The passthrough columns of the Parquet and CSV files, and their types' kinds
+        (JSONL's are found row by row)."""
+        kinds: dict[str, set[str]] = {}
+        for f in self.files:
+            if not f.is_arrow:
+                continue
+            for field in f.arrow_schema():
+                if self._passes(field.name):
+                    if field.name in self.reserved:
+                        raise f.error(f.columns_place(), f"column {field.name!r} clashes with the output "
+                                                         "column of that name; rename it in the input")
+                    kinds.setdefault(field.name, set()).add(schema_kind(field.type))
+        return kinds
 
     # -- streaming ------------------------------------------------------------------------
 
@@ -272,8 +234,6 @@ class InputReader:
             yield from self._passthrough_batches(types, batch_rows or self.batch_rows)
 
     def _passthrough_batches(self, types: dict[str, str], batch_rows: int) -> Iterator[pa.Table]:
-        import pyarrow as pa
-
         names = list(types)
         schema = self._passthrough_schema(types)
         for f in self.files:
@@ -297,9 +257,7 @@ class InputReader:
 
     def _passthrough_schema(self, types: dict[str, str]) -> pa.Schema:
         """One schema for the passthrough columns of every file: a Parquet or CSV file's own
-        types, JSONL's inferred ones (see `_passthrough.unify`)."""
-        import pyarrow as pa
-
+        types, JSONL's inferred ones (see `passthrough.unify`)."""
         names = list(types)
         schemas = []
         for f in self.files:
@@ -372,7 +330,7 @@ class InputReader:
             # No body check: the section's structure was checked with the spec, and a
             # row's values enter it only as text (a JSONL line's lone surrogates were
             # refused with the line; Arrow text is UTF-8).
-            return self._request(fail, index, row_id, self.template.endpoint or self.endpoint or "chat", body, place)
+            return self._request(fail, index, row_id, self.template_field, self.template_endpoint, body, place)
 
         if f.is_arrow:
             # An Arrow table gives every record every field (a Parquet struct, a CSV
@@ -380,85 +338,100 @@ class InputReader:
             # override the spec's params).
             record = _drop_nulls(record)
         if record.get("body") is not None:
-            body = _json_value(record["body"], fail, "body", check=self._checking)
-            if not isinstance(body, dict):
-                raise fail("body must be a JSON object")
-            method = record.get("method") or "POST"
-            if method != "POST":
-                raise fail(f"method {method!r} is not supported; batch lines must POST")
-            url = record.get("url")
-            if not url:
-                endpoint = _shape(body)
-            else:
-                endpoint = _URL_ENDPOINTS.get(url) if isinstance(url, str) else None
-            if endpoint is None:
-                raise fail(f"url {url!r} is not supported; use /v1/chat/completions, /v1/completions, "
-                           "/v1/responses or /v1/embeddings")
-            body = dict(body)
+            body, written_for = self._batch_line(record, fail)
+            field = field_of(body)
         else:
             body = {k: v for k, v in record.items() if k in self.request_fields and v is not None}
-            endpoint = _shape(body)
-            if endpoint is None:
+            field = field_of(body)
+            if field is None:
                 keys = ", ".join(sorted(record)) or "none"
-                needs = "input" if self.endpoint in INPUT_ENDPOINTS else "prompt, messages or body (an OpenAI batch line)"
+                needs = self.named.field if self.named and not self.named.implied \
+                    else "prompt, messages or body (an OpenAI batch line)"
                 raise fail(f"a row needs {needs}; its keys: {keys}")
+            written_for = implied_by(field)
+        self._read_fields(body, f.is_arrow, fail)
+        if check:
+            check_body(body, fail)
+        return self._request(fail, index, row_id, field, written_for, body, place)
 
+    def _batch_line(self, record: dict[str, Any], fail: Callable[[str], InputError]) -> tuple[dict[str, Any],
+                                                                                              Endpoint | None]:
+        """An OpenAI batch line's body, and the endpoint its `url` names (without one: the
+        one its body's field implies, None for a field the spec must place)."""
+        body = _json_value(record["body"], fail, "body", check=self._checking)
+        if not isinstance(body, dict):
+            raise fail("body must be a JSON object")
+        method = record.get("method") or "POST"
+        if method != "POST":
+            raise fail(f"method {method!r} is not supported; batch lines must POST")
+        url = record.get("url")
+        if url:
+            written_for = endpoint_at(url) if isinstance(url, str) else None
+            known = written_for is not None
+        else:
+            written_for = implied_by(field_of(body))
+            known = field_of(body) is not None
+        if not known:
+            urls = [e.urls[0] for e in ENDPOINTS.values()]
+            raise fail(f"url {url!r} is not supported; use {', '.join(urls[:-1])} or {urls[-1]}")
+        return dict(body), written_for
+
+    def _read_fields(self, body: dict[str, Any], arrow: bool, fail: Callable[[str], InputError]) -> None:
+        """The request fields as the API takes them: Parquet's and CSV's JSON text decoded."""
         if "messages" in body:
             messages = _json_value(body["messages"], fail, "messages", check=self._checking)
-            if f.is_arrow:
+            if arrow:
                 messages = _drop_nulls(messages)
             if self._checking:
                 check_messages(messages, fail)
             body["messages"] = messages
         if "input" in body:
             body["input"] = _json_value(body["input"], fail, "input", check=self._checking) \
-                if isinstance(body["input"], str) and body["input"].startswith("[") and f.is_arrow else body["input"]
+                if isinstance(body["input"], str) and body["input"].startswith("[") and arrow else body["input"]
         if "prompt" in body and not isinstance(body["prompt"], str):
             got = type(body["prompt"]).__name__
             hint = " (a Parquet binary column? cast it to string)" if got == "bytes" else ""
             raise fail(f"prompt must be a string, got {got}{hint}")
-        if check:
-            check_body(body, fail)
-        return self._request(fail, index, row_id, endpoint, body, place)
 
-    def _request(self, fail: Callable[[str], InputError], index: int, row_id: str | int, endpoint: str,
-                 body: dict[str, Any], place: str) -> Row:
+    def _request(self, fail: Callable[[str], InputError], index: int, row_id: str | int, field: str | None,
+                 written_for: Endpoint | None, body: dict[str, Any], place: str) -> Row:
         if self.require_model and not body.get("model"):
             raise fail("the row names no model and the spec sets none; add model: to the spec")
         if self.priced is not None and body.get("model") and body["model"] not in self.priced:
             raise fail(f"the row's model {body['model']!r} has no price in pricing, and the spec sets "
                        "budget.max_usd; add its prices")
-        wanted = self.endpoint or endpoint
-        if endpoint == "input":  # a row with input, which the spec's endpoint takes
-            if wanted not in INPUT_ENDPOINTS:
-                raise fail("this row has input: set endpoint: responses or embeddings in the spec" if wanted == "input"
-                           else f"this row has input, which is for endpoint: responses or embeddings; "
-                                f"the spec sets endpoint: {wanted}")
-        elif wanted in INPUT_ENDPOINTS:
-            if endpoint in INPUT_ENDPOINTS and endpoint != wanted:
-                raise fail(f"the spec sets endpoint: {wanted}, but this row is a batch line for {endpoint}")
-            if "input" not in body:  # a prompt is the input; so are messages, for the Responses API (as items)
-                if wanted == "embeddings" and "messages" in body:
-                    raise fail("the spec sets endpoint: embeddings, but this row has messages; give input or prompt")
-                body["input"] = body.pop("prompt") if "prompt" in body else body.pop("messages")
-        elif wanted != endpoint:
-            if endpoint in INPUT_ENDPOINTS:
-                raise fail(f"this row is a batch line for {endpoint}; the spec sets endpoint: {wanted}")
-            if wanted == "completions":
-                raise fail("the spec sets endpoint: completions, but this row has messages")
-            body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
-        if wanted not in ENDPOINTS:
-            raise fail(f"endpoint {wanted} is not supported; batchrun sends to {', '.join(ENDPOINTS)}")
-        if wanted == "embeddings" and not isinstance(body["input"], str):
-            raise fail(f"input must be a string to embed, got {type(body['input']).__name__}")
-        if wanted == "embeddings" and not self.endpoint:
-            raise fail("embeddings go several rows to a request: set endpoint: embeddings in the spec")
-        return Row(index, str(row_id), wanted, body, place)
+        endpoint = self._endpoint(field, written_for, fail)
+        problem = endpoint.take(body, field) or endpoint.check(body)
+        if problem:
+            raise fail(problem)
+        if endpoint.grouped and self.named is None:
+            raise fail(f"{endpoint.name} go several rows to a request: set endpoint: {endpoint.name} in the spec")
+        return Row(index, str(row_id), endpoint.name, body, place)
+
+    def _endpoint(self, field: str | None, written_for: Endpoint | None,
+                  fail: Callable[[str], InputError]) -> Endpoint:
+        """Where the row goes: the spec's endpoint, else the one it is written for (a batch
+        line's url, or what its field implies)."""
+        if self.endpoint and self.named is None:
+            raise fail(f"endpoint {self.endpoint} is not supported; batchrun sends to {', '.join(ENDPOINTS)}")
+        if written_for is None:  # a field several endpoints take (input): the spec says which
+            takers = " or ".join(taking(field or ""))
+            if self.named is None:
+                raise fail(f"this row has {field}: set endpoint: {takers} in the spec")
+            if self.named.field != field:
+                raise fail(f"this row has {field}, which is for endpoint: {takers}; "
+                           f"the spec sets endpoint: {self.named.name}")
+            return self.named
+        endpoint = self.named or written_for
+        if written_for is not endpoint and not written_for.implied:
+            # a batch line for an endpoint no field implies is written for it alone
+            raise fail(f"the spec sets endpoint: {endpoint.name}, but this row is a batch line for {written_for.name}"
+                       if endpoint.field == written_for.field else
+                       f"this row is a batch line for {written_for.name}; the spec sets endpoint: {endpoint.name}")
+        return endpoint
 
 
 def _asks(body: dict[str, Any]) -> set[str]:
-    from ..storage.columns import wants_choices, wants_logprobs
-
     return {name for name, wanted in (("choices", wants_choices(body)), ("logprobs", wants_logprobs(body)))
             if wanted}
 
@@ -478,6 +451,53 @@ def _fewer_collections() -> Iterator[None]:
 
 
 
+def _id_table() -> sqlite3.Connection:
+    """A table of the ids given in the input, in a private temporary database on disk
+    (""): memory does not grow with the input."""
+    try:
+        ids = sqlite3.connect("")
+        ids.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, place TEXT)")
+    except sqlite3.Error as exc:
+        raise _no_room(exc) from exc
+    return ids
+
+
+def _no_room(exc: sqlite3.Error) -> StorageError:
+    return StorageError(f"cannot check the input's ids for duplicates in a temporary file: {exc}; "
+                        "free space in the temporary folder (or point TMPDIR elsewhere) and rerun")
+
+
+def _insert_ids(ids: sqlite3.Connection, rows: list[Row], taken: bytearray) -> list[str]:
+    """Marks the rows whose id is their position in `taken`, inserts the others' ids;
+    returns the duplicates found. A batch goes in at once; only a batch with a
+    duplicate is redone row by row."""
+    given = []
+    for row in rows:
+        if row.id == str(row.index):
+            taken[row.index] = 1
+        else:
+            given.append(row)
+    try:
+        with ids:
+            ids.executemany("INSERT INTO ids VALUES (?, ?)", [(row.id, row.where) for row in given])
+    except sqlite3.IntegrityError:
+        return _duplicates(ids, given)
+    except sqlite3.Error as exc:
+        raise _no_room(exc) from exc
+    return []
+
+
+def _ids_at_positions(ids: sqlite3.Connection, taken: bytearray) -> list[str]:
+    """Given ids that are another row's position, that row having no id of its own."""
+    found = []
+    for row_id, place in ids.execute("SELECT id, place FROM ids WHERE id GLOB '[0-9]*'"):
+        if row_id.isascii() and row_id.isdigit() and str(int(row_id)) == row_id \
+                and int(row_id) < len(taken) and taken[int(row_id)]:
+            found.append(f"{row_id!r} at {place} and at position {row_id}, a row without "
+                         "an id (its id is its position)")
+    return found
+
+
 def _duplicates(ids: sqlite3.Connection, rows: list[Row]) -> list[str]:
     """Insert one by one, naming each id already there (earlier, or in this batch)."""
     found = []
@@ -489,16 +509,6 @@ def _duplicates(ids: sqlite3.Connection, rows: list[Row]) -> list[str]:
             (first,) = ids.execute("SELECT place FROM ids WHERE id = ?", (row.id,)).fetchone()
             found.append(f"{row.id!r} at {first} and {row.where}")
     return found
-
-
-def _shape(body: dict[str, Any]) -> str | None:
-    if body.get("messages") is not None:
-        return "chat"
-    if body.get("prompt") is not None:
-        return "completions"
-    if body.get("input") is not None:
-        return "input"  # responses or embeddings: the spec says which
-    return None
 
 
 def _json_value(value: Any, fail: Callable[[str], InputError], name: str, *, check: bool) -> Any:

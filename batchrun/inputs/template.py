@@ -25,11 +25,15 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jinja2
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from .._exceptions import SpecError
+from ..endpoints import field_of, implied_by
 
-__all__ = ["TEMPLATE_FIELDS", "Template", "TemplateRowError"]
+__all__ = ["Template", "TemplateRowError"]
 
-TEMPLATE_FIELDS = ("messages", "prompt", "input", "instructions")
 _MARKERS = ("{{", "{%", "{#")
 
 Render = Callable[[Mapping[str, Any]], Any]
@@ -47,13 +51,15 @@ class Template:
         self._fields: list[tuple[str, Render]] = [(key, _compile(value, key)) for key, value in raw.items()]
 
     @property
+    def field(self) -> str | None:
+        """The request field the template asks in (the spec allows one): messages, prompt or input."""
+        return field_of(self.raw)
+
+    @property
     def endpoint(self) -> str | None:
         """What the template sends to, unless the spec says: messages → chat, prompt → completions."""
-        if "messages" in self.raw:
-            return "chat"
-        if "prompt" in self.raw:
-            return "completions"
-        return None
+        implied = implied_by(self.field)
+        return implied.name if implied else None
 
     def render(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """The request fields for one row. Null values count as absent.
@@ -96,9 +102,6 @@ class _Constant:
 
 
 def _compile_string(source: str, path: str) -> Render:
-    import jinja2
-    from jinja2 import nodes
-
     env = _environment()
     try:
         tree = env.parse(source)
@@ -126,8 +129,6 @@ def _compile_string(source: str, path: str) -> Render:
 def _concatenation(parts: list[Any], path: str) -> Render:
     """Text and `{{ name }}`s only: `str.format` does what Jinja2 would, `format(value, "")`
     being `str(value)` for every type a row holds."""
-    from jinja2 import nodes
-
     names = [p.name for p in parts if isinstance(p, nodes.Name)]
     pattern = "".join("{}" if isinstance(p, nodes.Name) else p.data.replace("{", "{{").replace("}", "}}")
                       for p in parts)
@@ -153,9 +154,6 @@ def _undefined(path: str, message: str, record: Mapping[str, Any]) -> str:
 
 @functools.cache
 def _environment() -> Any:
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     env = ImmutableSandboxedEnvironment(
         undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
     env.filters["data_url"] = data_url

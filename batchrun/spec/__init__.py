@@ -1,5 +1,8 @@
 """The job spec: YAML parsed into frozen dataclasses, every unknown key refused.
 
-`parse.py` builds a `JobSpec` from a mapping; each section with kinds (endpoints,
-storage) asks the kind to check its own keys.
+    model.py  the dataclasses (`JobSpec` and its sections), with their defaults
+    parse.py  `load_spec` / `parse_spec`: a mapping checked and built into a `JobSpec`
+
+What depends on a kind is asked of the kind: the parser takes the endpoint names, the
+schema's place in a request and what a budget needs from `endpoints`.
 """

@@ -3,6 +3,10 @@
 One parser builds the whole spec and rejects anything it does not know, naming the
 key path and the key it probably meant: a misspelt `concurency` must never be
 silently ignored, because the run it would spoil is long and paid for.
+
+What an endpoint allows (its name, where a schema goes, what a budget needs, which
+fields a template may give) is asked of the endpoint (`endpoints`); the values are
+the dataclasses of `model`.
 """
 
 from __future__ import annotations
@@ -14,129 +18,24 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .._exceptions import SpecError
+from ..endpoints import ENDPOINTS, implied_by, job_endpoint, taking
 from ..engine.cache import CacheSpec
+from ..engine.structured import Structure, schema_of
 from ..inputs.files import INPUT_SUFFIXES
-from ..inputs.template import TEMPLATE_FIELDS, Template
+from ..inputs.template import Template
 from ..policy.pricing import MAX_TOKENS_KEYS, Price
 from ..storage.urls import is_url, work_folder
+from .model import DEFAULT_BASE_URL, ApiSpec, BudgetSpec, CheckpointSpec, JobSpec, RateLimitSpec, RetrySpec
 
-__all__ = ["ApiSpec", "BudgetSpec", "JobSpec", "RateLimitSpec", "RetrySpec", "load_spec", "parse_spec"]
-
-DEFAULT_BASE_URL = "https://api.fireworks.ai/inference/v1"
-ENDPOINTS = ("chat", "completions", "responses", "embeddings")
-INPUT_ENDPOINTS = ("embeddings", "responses")  # the endpoints rows give `input` to
-
-
-@dataclass(frozen=True)
-class RetrySpec:
-    max_attempts: int = 6
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 30.0
-    max_reasks: int = 2  # of an answer that is not valid JSON or breaks the schema
-    # With no row settled this long, the job stops (exit 3); None: 600 s, or twice
-    # api.timeout_s where that is longer (see `JobSpec.stall_s`)
-    max_stall_s: float | None = None
-
-
-@dataclass(frozen=True)
-class RateLimitSpec:
-    requests_per_minute: float | None = None
-    tokens_per_minute: float | None = None
-
-
-@dataclass(frozen=True)
-class CheckpointSpec:
-    interval_s: float = 10.0  # with the state on object storage: the longest between uploads
-
-
-@dataclass(frozen=True)
-class BudgetSpec:
-    max_usd: float | None = None
-    max_tokens: int | None = None
-    # the worst case of completion tokens for a request that sets no max_tokens
-    assume_max_tokens: int | None = None
-
-    @property
-    def is_set(self) -> bool:
-        return self.max_usd is not None or self.max_tokens is not None
-
-
-@dataclass(frozen=True)
-class ApiSpec:
-    base_url: str = DEFAULT_BASE_URL
-    api_key_env: str = "OPENAI_API_KEY"
-    timeout_s: float = 300.0
-    max_answer_mb: float = 32.0  # one answer, decoded; past it the attempt fails
-    allow_insecure_http: bool = False  # a key over plain http:// to another machine
-
-    @property
-    def max_answer_bytes(self) -> int:
-        return int(self.max_answer_mb * 2**20)
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    input: tuple[Path, ...]  # files or globs, absolute; see `_files.expand_inputs`
-    output: Path
-    model: str | None = None
-    endpoint: str | None = None
-    params: Mapping[str, Any] = field(default_factory=dict)
-    concurrency: int = 32
-    inputs_per_request: int = 64  # embeddings: rows sent in one request
-    retry: RetrySpec = field(default_factory=RetrySpec)
-    rate_limit: RateLimitSpec = field(default_factory=RateLimitSpec)
-    api: ApiSpec = field(default_factory=ApiSpec)
-    template: Mapping[str, Any] | None = None  # see `_template`
-    keep_request: bool = False  # the body as sent, in a `request` column
-    schema: Mapping[str, Any] | None = None  # answers are JSON valid against it: see `_structured`
-    pricing: Mapping[str, Price] = field(default_factory=dict)  # model -> USD per million tokens
-    budget: BudgetSpec = field(default_factory=BudgetSpec)
-    max_failed_share: float | None = None  # failed rows up to this share of all rows: exit 0
-    tokenizer: Path | None = None  # a Hugging Face tokenizer.json, for `batchrun plan`
-    cache: CacheSpec | None = None  # a response cache shared by jobs: see `_cache`
-    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
-    # On object storage (see `_remote`): the URLs; `input` is then empty and `output` the
-    # local working copy of the output.
-    input_urls: tuple[str, ...] = ()
-    output_url: str | None = None
-    source: Path | None = None  # the spec file, for messages
-
-    @property
-    def name(self) -> str:
-        return str(self.source) if self.source else "job spec"
-
-    def request_config(self) -> dict[str, Any]:
-        """What shapes the answers: a resume must match it, or two jobs would mix."""
-        config = {
-            "model": self.model,
-            "endpoint": self.endpoint,
-            "params": dict(self.params),
-            "base_url": self.api.base_url,  # answers from two servers must not mix
-        }
-        # Options added later join only when set, so that states saved before them resume.
-        if self.template is not None:
-            config["template"] = dict(self.template)
-        if self.schema is not None:
-            config["schema"] = dict(self.schema)
-        return config
-
-    @property
-    def stall_s(self) -> float:
-        """How long the job may go without settling a row before it stops."""
-        return self.retry.max_stall_s or max(600.0, 2 * self.api.timeout_s)
-
-    def answer_schema(self) -> Mapping[str, Any] | None:
-        """The schema answers are held to: `schema:`, else a json_schema response_format."""
-        from ..engine.structured import schema_of
-
-        return schema_of(self.schema, self.params)
+# The dataclasses are importable from here too: the parser and its values go together
+__all__ = ["DEFAULT_BASE_URL", "ApiSpec", "BudgetSpec", "CheckpointSpec", "JobSpec", "RateLimitSpec", "RetrySpec",
+           "load_spec", "parse_spec"]
 
 
 def load_spec(path: str | os.PathLike[str]) -> JobSpec:
@@ -281,9 +180,7 @@ def _input(raw: Any, base_dir: Path) -> tuple[tuple[Path, ...], tuple[str, ...]]
 
 def _schema(raw: Any, params: dict[str, Any], endpoint: str | None) -> Mapping[str, Any] | None:
     """`schema:` is checked, and sent as the structured-output format unless params give one
-    (chat: response_format; responses: text.format; completions: validated only)."""
-    from ..engine.structured import Structure, schema_of
-
+    (where the endpoint says: `Endpoint.ask_for_schema`)."""
     if raw is None:
         found = schema_of(None, params)
         if found is not None:
@@ -292,13 +189,7 @@ def _schema(raw: Any, params: dict[str, Any], endpoint: str | None) -> Mapping[s
     schema = dict(_mapping(raw, "schema"))
     _check_json(schema, "schema")
     Structure(schema, "schema")
-    named = {"name": "answer", "schema": schema, "strict": True}
-    if endpoint == "responses":
-        text = params.setdefault("text", {})
-        if isinstance(text, dict):
-            text.setdefault("format", {"type": "json_schema", **named})
-    elif endpoint != "completions":
-        params.setdefault("response_format", {"type": "json_schema", "json_schema": named})
+    job_endpoint(endpoint).ask_for_schema(params, {"name": "answer", "schema": schema, "strict": True})
     return schema
 
 
@@ -365,11 +256,14 @@ def _template(raw: Any, endpoint: str | None) -> Mapping[str, Any] | None:
     if raw is None:
         return None
     template = _mapping(raw, "template")
-    _check_keys(template, TEMPLATE_FIELDS, "template")
-    given = [key for key in ("messages", "prompt", "input") if key in template]
+    kinds = ENDPOINTS.values()
+    _check_keys(template, tuple(dict.fromkeys(f for e in kinds for f in e.template_fields)), "template")
+    fields = tuple(dict.fromkeys(e.field for e in kinds))  # what a request asks in: messages, prompt, input
+    given = [key for key in fields if key in template]
     if len(given) != 1:
-        raise SpecError("template: give exactly one of messages (chat), prompt (completions) or input "
-                        f"(embeddings, responses){'; it has ' + ' and '.join(given) if given else ''}")
+        ways = [f"{f} ({', '.join(taking(f))})" for f in fields]
+        raise SpecError(f"template: give exactly one of {', '.join(ways[:-1])} or {ways[-1]}"
+                        f"{'; it has ' + ' and '.join(given) if given else ''}")
     [kind] = given
     _check_json(template, "template")
     messages = template.get("messages")
@@ -379,12 +273,14 @@ def _template(raw: Any, endpoint: str | None) -> Mapping[str, Any] | None:
     for key in ("prompt", "instructions"):
         if key in template and not isinstance(template[key], str):
             raise SpecError(f"template.{key}: expected a string")
-    wanted = {"messages": ("chat",), "prompt": ("completions", "chat"), "input": INPUT_ENDPOINTS}[kind]
-    if endpoint is not None and endpoint not in wanted or kind == "input" and endpoint is None:
+    wanted = [e.name for e in kinds if kind in e.template_fields]
+    if endpoint is not None and endpoint not in wanted or endpoint is None and implied_by(kind) is None:
         raise SpecError(f"template.{kind} is for endpoint: {' or '.join(wanted)}"
                         f"{'' if endpoint is None else f', but the spec sets endpoint: {endpoint}'}")
-    if "instructions" in template and endpoint != "responses":
-        raise SpecError("template.instructions is for endpoint: responses")
+    for key in template.keys() - set(fields):  # what goes beside it (instructions)
+        takers = [e.name for e in kinds if key in e.template_fields]
+        if endpoint not in takers:
+            raise SpecError(f"template.{key} is for endpoint: {' or '.join(takers)}")
     Template(template)  # a syntax error stops the job here, naming the string
     return dict(template)
 
@@ -401,72 +297,22 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
     for key in ("input", "output"):
         if not top.get(key):
             raise SpecError(f"{key}: required; name the {key} file")
-
     input_paths, input_urls = _input(top["input"], base_dir)
-    output_url = str(top["output"]) if is_url(str(top["output"])) else None
-    output_path = work_folder(output_url, env) / output_url.rsplit("/", 1)[-1] if output_url else \
-        Path(os.path.abspath(base_dir / str(top["output"])))
-    if output_path.suffix != ".parquet":
-        raise SpecError(f"output: {top['output']!r} must end in .parquet")
-    checkpoint_raw = _mapping(top.get("checkpoint"), "checkpoint")
-    _check_keys(checkpoint_raw, _fields(CheckpointSpec), "checkpoint")
-    checkpoint = CheckpointSpec(interval_s=_number(checkpoint_raw, "interval_s", "checkpoint",
-                                                   CheckpointSpec.interval_s, kind=float, minimum=0.1))
-
-    endpoint = _string(top, "endpoint", "", None)
-    if endpoint is not None and endpoint not in ENDPOINTS:
-        raise SpecError(f"endpoint: expected one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+    output_path, output_url = _output(str(top["output"]), base_dir, env)
+    checkpoint = _checkpoint(top.get("checkpoint"))
+    endpoint = _endpoint(top)
     params = dict(_mapping(top.get("params"), "params"))
     _check_json(params, "params")
     schema = _schema(top.get("schema"), params, endpoint)
-
-    retry_raw = _mapping(top.get("retry"), "retry")
-    _check_keys(retry_raw, _fields(RetrySpec), "retry")
-    d = RetrySpec()
-    retry = RetrySpec(
-        max_attempts=_number(retry_raw, "max_attempts", "retry", d.max_attempts, kind=int, minimum=1),
-        backoff_initial_s=_number(retry_raw, "backoff_initial_s", "retry", d.backoff_initial_s, kind=float, minimum=0),
-        backoff_max_s=_number(retry_raw, "backoff_max_s", "retry", d.backoff_max_s, kind=float, minimum=0),
-        max_reasks=_number(retry_raw, "max_reasks", "retry", d.max_reasks, kind=int, minimum=0),
-        max_stall_s=_number(retry_raw, "max_stall_s", "retry", d.max_stall_s, kind=float, minimum=0.1),
-    )
-
-    rate_raw = _mapping(top.get("rate_limit"), "rate_limit")
-    _check_keys(rate_raw, _fields(RateLimitSpec), "rate_limit")
-    rate_limit = RateLimitSpec(
-        requests_per_minute=_number(rate_raw, "requests_per_minute", "rate_limit", None, kind=float, minimum=1),
-        tokens_per_minute=_number(rate_raw, "tokens_per_minute", "rate_limit", None, kind=float, minimum=1),
-    )
-
-    api_raw = _mapping(top.get("api"), "api")
-    _check_keys(api_raw, _fields(ApiSpec), "api")
-    default_base = env.get("OPENAI_API_BASE") or DEFAULT_BASE_URL
-    api = ApiSpec(
-        base_url=_base_url(_string(api_raw, "base_url", "api", default_base)),
-        api_key_env=_string(api_raw, "api_key_env", "api", ApiSpec.api_key_env),
-        timeout_s=_number(api_raw, "timeout_s", "api", ApiSpec.timeout_s, kind=float, minimum=0.001),
-        max_answer_mb=_number(api_raw, "max_answer_mb", "api", ApiSpec.max_answer_mb, kind=float, minimum=0.001),
-        allow_insecure_http=_flag(api_raw, "allow_insecure_http", "api"),
-    )
-
+    retry, rate_limit, api = _retry(top.get("retry")), _rate_limit(top.get("rate_limit")), _api(top.get("api"), env)
     pricing = _pricing(top.get("pricing"), base_dir)
     budget = _budget(top.get("budget"))
-    if budget.max_usd is not None:
-        model = _string(top, "model", "", None)
-        if model is not None and model not in pricing:
-            known = f" (priced: {', '.join(sorted(pricing))})" if pricing else ""
-            raise SpecError(f"budget.max_usd: model {model!r} has no price in pricing{known}; "
-                            "add its prices, USD per million tokens")
-    if budget.is_set and budget.assume_max_tokens is None and not any(
-            k in params for k in MAX_TOKENS_KEYS) \
-            and endpoint != "embeddings":
-        raise SpecError("budget: the worst case of a request needs its max_tokens: set params.max_tokens, "
-                        "or budget.assume_max_tokens for requests without one")
-
+    model = _string(top, "model", "", None)
+    _check_budget(budget, pricing, model, params, endpoint)
     return JobSpec(
         input=input_paths,
         output=output_path,
-        model=_string(top, "model", "", None),
+        model=model,
         endpoint=endpoint,
         params=dict(params),
         concurrency=_number(top, "concurrency", "", JobSpec.concurrency, kind=int, minimum=1),
@@ -488,3 +334,75 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         else None,
         source=source,
     )
+
+
+def _output(raw: str, base_dir: Path, env: Mapping[str, str]) -> tuple[Path, str | None]:
+    """The output's local path, and its URL where it is on object storage (the path is
+    then its local working copy)."""
+    output_url = raw if is_url(raw) else None
+    output_path = work_folder(output_url, env) / output_url.rsplit("/", 1)[-1] if output_url else \
+        Path(os.path.abspath(base_dir / raw))
+    if output_path.suffix != ".parquet":
+        raise SpecError(f"output: {raw!r} must end in .parquet")
+    return output_path, output_url
+
+
+def _endpoint(top: Mapping[str, Any]) -> str | None:
+    endpoint = _string(top, "endpoint", "", None)
+    if endpoint is not None and endpoint not in ENDPOINTS:
+        raise SpecError(f"endpoint: expected one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+    return endpoint
+
+
+def _checkpoint(raw: Any) -> CheckpointSpec:
+    checkpoint = _mapping(raw, "checkpoint")
+    _check_keys(checkpoint, _fields(CheckpointSpec), "checkpoint")
+    return CheckpointSpec(interval_s=_number(checkpoint, "interval_s", "checkpoint",
+                                             CheckpointSpec.interval_s, kind=float, minimum=0.1))
+
+
+def _retry(raw: Any) -> RetrySpec:
+    retry = _mapping(raw, "retry")
+    _check_keys(retry, _fields(RetrySpec), "retry")
+    d = RetrySpec()
+    return RetrySpec(
+        max_attempts=_number(retry, "max_attempts", "retry", d.max_attempts, kind=int, minimum=1),
+        backoff_initial_s=_number(retry, "backoff_initial_s", "retry", d.backoff_initial_s, kind=float, minimum=0),
+        backoff_max_s=_number(retry, "backoff_max_s", "retry", d.backoff_max_s, kind=float, minimum=0),
+        max_reasks=_number(retry, "max_reasks", "retry", d.max_reasks, kind=int, minimum=0),
+        max_stall_s=_number(retry, "max_stall_s", "retry", d.max_stall_s, kind=float, minimum=0.1),
+    )
+
+
+def _rate_limit(raw: Any) -> RateLimitSpec:
+    rate = _mapping(raw, "rate_limit")
+    _check_keys(rate, _fields(RateLimitSpec), "rate_limit")
+    return RateLimitSpec(
+        requests_per_minute=_number(rate, "requests_per_minute", "rate_limit", None, kind=float, minimum=1),
+        tokens_per_minute=_number(rate, "tokens_per_minute", "rate_limit", None, kind=float, minimum=1),
+    )
+
+
+def _api(raw: Any, env: Mapping[str, str]) -> ApiSpec:
+    api = _mapping(raw, "api")
+    _check_keys(api, _fields(ApiSpec), "api")
+    default_base = env.get("OPENAI_API_BASE") or DEFAULT_BASE_URL
+    return ApiSpec(
+        base_url=_base_url(_string(api, "base_url", "api", default_base)),
+        api_key_env=_string(api, "api_key_env", "api", ApiSpec.api_key_env),
+        timeout_s=_number(api, "timeout_s", "api", ApiSpec.timeout_s, kind=float, minimum=0.001),
+        max_answer_mb=_number(api, "max_answer_mb", "api", ApiSpec.max_answer_mb, kind=float, minimum=0.001),
+        allow_insecure_http=_flag(api, "allow_insecure_http", "api"),
+    )
+
+
+def _check_budget(budget: BudgetSpec, pricing: Mapping[str, Price], model: str | None,
+                  params: Mapping[str, Any], endpoint: str | None) -> None:
+    if budget.max_usd is not None and model is not None and model not in pricing:
+        known = f" (priced: {', '.join(sorted(pricing))})" if pricing else ""
+        raise SpecError(f"budget.max_usd: model {model!r} has no price in pricing{known}; "
+                        "add its prices, USD per million tokens")
+    if budget.is_set and budget.assume_max_tokens is None and not any(k in params for k in MAX_TOKENS_KEYS) \
+            and job_endpoint(endpoint).generates:
+        raise SpecError("budget: the worst case of a request needs its max_tokens: set params.max_tokens, "
+                        "or budget.assume_max_tokens for requests without one")

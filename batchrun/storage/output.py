@@ -15,19 +15,15 @@ import re
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .._exceptions import InputChangedError, StorageError
-from ..endpoints.protocol import RESULT_FIELDS, STORED_ONLY
+from ..endpoints.result import RESULT_FIELDS, STORED_ONLY
 from ..inputs.reader import InputReader
 from .columns import ExtraColumn
 from .state import StateStore
-
-if TYPE_CHECKING:
-    # Imported where used: loading pyarrow takes longer than everything else before
-    # the first request, and the first row group is written long after it.
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
 __all__ = ["OutputWriter", "fsync", "load_arrow", "parquet_writer", "result_schema"]
 
@@ -35,9 +31,7 @@ ROW_GROUP_ROWS = 8192
 
 
 def load_arrow() -> None:
-    """Import pyarrow ahead of the first row group, at a moment when the loop is idle."""
-    import pyarrow.parquet  # noqa: F401
-
+    """Build the output's schema ahead of the first row group, while the loop is idle."""
     result_schema()
 
 
@@ -45,8 +39,6 @@ def load_arrow() -> None:
 def result_schema() -> pa.Schema:
     """The answer's columns, in RESULT_FIELDS order (less `extra`, which becomes the
     columns a job asks for: see `_columns`); the passthrough columns follow."""
-    import pyarrow as pa
-
     string, int64 = pa.string(), pa.int64()
     schema = pa.schema(
         [
@@ -157,8 +149,6 @@ class OutputWriter:
 
     def _take(self, n: int) -> pa.Table:
         """The next n passthrough rows, across the reader's batches."""
-        import pyarrow as pa
-
         assert self._extras is not None
         if self._to_skip:
             self._skip(self._to_skip)
@@ -184,8 +174,6 @@ class OutputWriter:
 
 
 def _result_table(store: StateStore, start: int, stop: int, extras: Sequence[ExtraColumn] = ()) -> pa.Table:
-    import pyarrow as pa
-
     stored = store.results(start, stop)
     if len(stored) != stop - start:
         raise RuntimeError(f"rows {start}..{stop - 1}: {stop - start - len(stored)} are not settled")
@@ -205,8 +193,6 @@ _EXTRA, _EMBEDDING = RESULT_FIELDS.index("extra"), RESULT_FIELDS.index("embeddin
 
 
 def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
-    import pyarrow.parquet as pq
-
     # Made first, readable by its owner only whatever the umask: it holds the answers.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -14,6 +14,8 @@ or not at all.
 
 The output keeps no `created` of the server's: every body says the time the output
 file was written (its modification time), so the same output exports to the same file.
+Each endpoint rebuilds its own answers (`Endpoint.export_body`) and says whether they
+are messages to train on (`Endpoint.answers_with_message`).
 """
 
 from __future__ import annotations
@@ -27,18 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from .._exceptions import ConfigError, InputError, StorageError
+from ..endpoints import get_endpoint, job_endpoint
 from ..inputs.reader import InputReader, Row
 from ..inputs.template import Template
-from ..spec.parse import JobSpec, load_spec
+from ..spec.model import JobSpec
+from ..spec.parse import load_spec
 from ..storage import Store, open_store
 
 __all__ = ["ExportSummary", "export_job"]
 
 FORMATS = ("sft", "openai-batch")
-SFT_ENDPOINTS = ("chat", "completions", "responses")  # those that answer with a message
-# A Response's incomplete_details.reason from the row's finish_reason (see endpoints.responses)
-_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 _STATUS = re.compile(r"HTTP (\d{3})\b")
 
 
@@ -70,7 +74,7 @@ def export_job(job: str | os.PathLike[str] | JobSpec, fmt: str, out: str | os.Pa
         if path.is_dir():
             raise ConfigError(f"{path}: is a folder; name the .jsonl file to write, such as "
                               f"{path / ('train.jsonl' if fmt == 'sft' else 'results.jsonl')}")
-    if fmt == "sft" and spec.endpoint is not None and spec.endpoint not in SFT_ENDPOINTS:
+    if fmt == "sft" and not job_endpoint(spec.endpoint).answers_with_message:
         raise ConfigError(f"--format sft: a job with endpoint: {spec.endpoint} has no answers to train on; "
                           "export it with --format openai-batch")
     storage = open_store(spec)
@@ -93,9 +97,6 @@ def export_job(job: str | os.PathLike[str] | JobSpec, fmt: str, out: str | os.Pa
 
 def _answered_rows(spec: JobSpec, storage: Store) -> Iterator[tuple[Row, dict[str, Any]]]:
     """(the row's request, its output row), in order, for every row of the output."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     template = Template(spec.template) if spec.template is not None else None
     with InputReader(storage.inputs(), endpoint=spec.endpoint, template=template) as reader:
         rows = reader.rows()
@@ -117,7 +118,7 @@ def _sft(pairs: Iterator[tuple[Row, dict[str, Any]]], f: IO[str], *, include_tru
     written = skipped = 0
     finishes = ("stop", "length") if include_truncated else ("stop",)
     for row, answer in pairs:
-        if answer["status"] != "ok" or row.endpoint not in SFT_ENDPOINTS:
+        if answer["status"] != "ok" or not get_endpoint(row.endpoint).answers_with_message:
             skipped += 1
             continue
         if weight is not None and weight not in answer:
@@ -193,105 +194,8 @@ def _openai_batch(pairs: Iterator[tuple[Row, dict[str, Any]]], out: IO[str], err
 def _body(row: Row, answer: dict[str, Any], request: dict[str, Any], created: int) -> dict[str, Any]:
     """The endpoint's response body, rebuilt from the output's columns; `request` is the
     body as sent (the spec's params, then the row's fields)."""
-    model = answer["model"] or request.get("model")
-    if row.endpoint == "embeddings":
-        body = {"object": "list", "model": model,
-                "data": [{"object": "embedding", "index": 0, "embedding": answer.get("embedding")}]}
-        if answer["prompt_tokens"] is not None and answer["total_tokens"] is not None:
-            body["usage"] = {"prompt_tokens": answer["prompt_tokens"], "total_tokens": answer["total_tokens"]}
-        return body
-    if row.endpoint == "responses":
-        return _response_body(answer, request, model, created)
-    choices = answer.get("choices") or [{
-        "index": 0, "text": answer["output_text"], "finish_reason": answer["finish_reason"],
-        "reasoning_content": answer["reasoning_content"], "tool_calls": answer["tool_calls"],
-        "logprobs": answer.get("logprobs")}]
-    counts = _counts(answer)
-    usage: dict[str, Any] | None = None
-    if counts is not None:
-        usage = dict(zip(("prompt_tokens", "completion_tokens", "total_tokens"), counts))
-        if answer["cached_tokens"] is not None:
-            usage["prompt_tokens_details"] = {"cached_tokens": answer["cached_tokens"]}
-        if answer["reasoning_tokens"] is not None:
-            usage["completion_tokens_details"] = {"reasoning_tokens": answer["reasoning_tokens"]}
-    if row.endpoint == "completions":
-        body = {"id": _id(answer, "cmpl"), "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"],
-                             "logprobs": _legacy_logprobs(c.get("logprobs"))} for c in choices]}
-    else:
-        body = {"id": _id(answer, "chatcmpl"), "object": "chat.completion", "created": created, "model": model,
-                "choices": [_chat_choice(c) for c in choices]}
-    if usage is not None:  # a stream that was not asked for usage has none to give
-        body["usage"] = usage
-    return body
-
-
-def _chat_choice(choice: dict[str, Any]) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": choice["text"]}
-    if choice.get("reasoning_content"):
-        message["reasoning_content"] = choice["reasoning_content"]
-    if choice.get("tool_calls"):
-        message["tool_calls"] = json.loads(choice["tool_calls"])
-    logprobs = choice.get("logprobs")
-    return {"index": choice["index"], "message": message, "finish_reason": choice["finish_reason"],
-            "logprobs": None if logprobs is None else {"content": [
-                {**entry, "top_logprobs": entry["top_logprobs"] or []} for entry in logprobs]}}
-
-
-def _counts(answer: dict[str, Any]) -> tuple[int, int, int] | None:
-    """(prompt, completion, total) tokens, or None where the server did not count them."""
-    prompt, completion, total = answer["prompt_tokens"], answer["completion_tokens"], answer["total_tokens"]
-    if prompt is None or completion is None:
-        return None
-    return prompt, completion, prompt + completion if total is None else total
-
-
-def _id(answer: dict[str, Any], prefix: str) -> str:
-    """The server's id for the answer; one made from the row's index where it gave none."""
-    return answer["response_id"] or f"{prefix}_{answer['row_index']}"
-
-
-def _response_body(answer: dict[str, Any], request: dict[str, Any], model: str | None,
-                   created: int) -> dict[str, Any]:
-    # The output keeps no output item ids: each is made from the row's index and the item's place
-    at = answer["row_index"]
-    output: list[dict[str, Any]] = []
-    if answer["reasoning_content"]:
-        output.append({"type": "reasoning", "id": f"rs_{at}_{len(output)}",
-                       "summary": [{"type": "summary_text", "text": answer["reasoning_content"]}]})
-    if answer["output_text"] is not None:
-        output.append({"type": "message", "id": f"msg_{at}_{len(output)}", "role": "assistant",
-                       "status": "completed",
-                       "content": [{"type": "output_text", "text": answer["output_text"], "annotations": []}]})
-    for call in json.loads(answer["tool_calls"]) if answer["tool_calls"] else ():
-        function = call.get("function") or {}
-        output.append({"type": "function_call", "id": f"fc_{at}_{len(output)}",
-                       "call_id": call.get("id") or f"call_{at}_{len(output)}", "name": function.get("name") or "",
-                       "arguments": function.get("arguments") or "", "status": "completed"})
-    finish = answer["finish_reason"]
-    body: dict[str, Any] = {
-        "id": _id(answer, "resp"), "object": "response", "created_at": created, "model": model,
-        "status": "completed" if finish == "stop" else "incomplete",
-        "incomplete_details": None if finish == "stop" else {"reason": _INCOMPLETE.get(finish)},
-        "output": output,
-        # As the API does, the response repeats the request's tool settings (with its defaults)
-        "tools": request.get("tools") or [], "tool_choice": request.get("tool_choice", "auto"),
-        "parallel_tool_calls": request.get("parallel_tool_calls", True),
-    }
-    counts = _counts(answer)
-    if counts is not None:  # the API's usage always has its details: 0 where the server gave none
-        body["usage"] = {
-            "input_tokens": counts[0], "output_tokens": counts[1], "total_tokens": counts[2],
-            "input_tokens_details": {"cached_tokens": answer["cached_tokens"] or 0, "cache_write_tokens": 0},
-            "output_tokens_details": {"reasoning_tokens": answer["reasoning_tokens"] or 0}}
-    return body
-
-
-def _legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
-    if entries is None:
-        return None
-    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"] or []} for e in entries]}
+    return get_endpoint(row.endpoint).export_body(answer, request, model=answer["model"] or request.get("model"),
+                                                  created=created)
 
 
 @contextlib.contextmanager

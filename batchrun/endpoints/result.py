@@ -1,7 +1,8 @@
-"""The request/response protocol: request bodies out, `Result` rows in.
+"""A settled row, `Result`, and the helpers every endpoint reads answers with.
 
-Pure functions over dicts and lines; nothing here touches a socket, so every shape
-the API can answer with is testable from literals.
+Pure functions over dicts; nothing here touches a socket, and nothing here knows an
+endpoint by name, so the endpoint kinds, the client, the state and the output all
+import it without importing one another.
 """
 
 from __future__ import annotations
@@ -11,30 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._exceptions import RetryableAPIError
-
-__all__ = ["Result", "StreamAssembler", "build_body", "endpoint_path", "map_texts", "parse_answer", "set_usage",
-           "storable", "storable_text", "storable_value", "text_of"]
-
-
-def endpoint_path(endpoint: str) -> str:
-    from . import get_endpoint
-
-    return get_endpoint(endpoint).path
-
-
-def build_body(row_body: Mapping[str, Any], model: str | None, params: Mapping[str, Any],
-               endpoint: str = "chat") -> dict[str, Any]:
-    from . import get_endpoint
-
-    return get_endpoint(endpoint).build_body(row_body, model, params)
-
-
-def parse_answer(endpoint: str, data: Any) -> Result:
-    """A non-streaming response body as a Result (row_index and id left blank)."""
-    from . import get_endpoint
-
-    return get_endpoint(endpoint).parse(data)
+__all__ = ["RESULT_FIELDS", "STORED_ONLY", "Result", "answer_id", "map_texts", "set_usage", "storable",
+           "storable_text", "storable_value", "text_of", "usage_counts"]
 
 
 @dataclass(slots=True)
@@ -162,70 +141,15 @@ def _int(value: Any) -> int | None:
     return None
 
 
-class StreamAssembler:
-    """Reads a server-sent event stream and hands its events to the endpoint's reader.
+def usage_counts(answer: Mapping[str, Any]) -> tuple[int, int, int] | None:
+    """(prompt, completion, total) tokens of an output row, or None where the server did
+    not count them."""
+    prompt, completion, total = answer["prompt_tokens"], answer["completion_tokens"], answer["total_tokens"]
+    if prompt is None or completion is None:
+        return None
+    return prompt, completion, prompt + completion if total is None else total
 
-    Feed it every line of the stream, then ask for `result()`. Lines are read as the
-    event-stream standard says: `data:` lines accumulate and a blank line dispatches
-    them as one event, joined by newlines (so one JSON object may span several
-    lines, and two copies of a chunk in one event are no chunk at all); `event:`
-    names the event; comments (`: keep-alive`), `id:` and `retry:` carry no answer.
-    An event left open when the stream ends is dropped, as the standard says.
 
-    An answer is complete when the endpoint's reader says so, `[DONE]` or not:
-    llama.cpp's server ends a stream it interrupts with `[DONE]` and no
-    finish_reason, and some servers omit `[DONE]`.
-    """
-
-    def __init__(self, endpoint: str) -> None:
-        from . import get_endpoint
-
-        self.reader = get_endpoint(endpoint).stream()
-        self.done = False
-        self._data: list[str] = []  # the open event's data lines
-        self._event = ""  # and its name
-        self._first_line = True
-
-    def feed_line(self, line: str) -> None:
-        if self._first_line:
-            self._first_line = False
-            line = line.removeprefix("\ufeff")
-        if not line:
-            self._dispatch()
-            return
-        field, colon, value = line.partition(":")
-        if not field and colon:
-            return  # a comment
-        if value.startswith(" "):
-            value = value[1:]
-        if field == "data":
-            self._data.append(value)
-        elif field == "event":
-            self._event = value
-        # `id:`, `retry:` and unknown fields say nothing about the answer
-
-    def _dispatch(self) -> None:
-        data, event = self._data, self._event or "message"
-        self._data, self._event = [], ""
-        if data:
-            self._feed_event(event, "\n".join(data))
-
-    def _feed_event(self, event: str, payload: str) -> None:
-        if payload.strip() == "[DONE]":
-            self.done = True
-            return
-        try:
-            chunk = json.loads(payload)
-        except (ValueError, RecursionError):
-            raise RetryableAPIError("the event stream has an event whose data is not one JSON object",
-                                    status=200) from None
-        if event == "error" or isinstance(chunk, dict) and isinstance(chunk.get("error"), dict):
-            error = chunk.get("error", chunk) if isinstance(chunk, dict) else chunk
-            message = text_of(error.get("message") if isinstance(error, dict) else error) or "unknown error"
-            raise RetryableAPIError(f"the stream reported an error: {message}", status=200)
-        if not isinstance(chunk, dict):
-            raise RetryableAPIError("the event stream has a chunk that is not an object", status=200)
-        self.reader.feed(event, chunk)
-
-    def result(self) -> Result:
-        return self.reader.result(self.done)
+def answer_id(answer: Mapping[str, Any], prefix: str) -> str:
+    """The server's id for an output row's answer; one made from the row's index where it gave none."""
+    return answer["response_id"] or f"{prefix}_{answer['row_index']}"

@@ -1,0 +1,122 @@
+"""The job spec as values: frozen dataclasses, one per section, built by `parse`.
+
+Defaults live here, beside the fields; what a value may be is checked by the parser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..engine.cache import CacheSpec
+from ..engine.structured import schema_of
+from ..policy.pricing import Price
+
+__all__ = ["DEFAULT_BASE_URL", "ApiSpec", "BudgetSpec", "CheckpointSpec", "JobSpec", "RateLimitSpec", "RetrySpec"]
+
+DEFAULT_BASE_URL = "https://api.fireworks.ai/inference/v1"
+
+
+@dataclass(frozen=True)
+class RetrySpec:
+    max_attempts: int = 6
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    max_reasks: int = 2  # of an answer that is not valid JSON or breaks the schema
+    # With no row settled this long, the job stops (exit 3); None: 600 s, or twice
+    # api.timeout_s where that is longer (see `JobSpec.stall_s`)
+    max_stall_s: float | None = None
+
+
+@dataclass(frozen=True)
+class RateLimitSpec:
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    interval_s: float = 10.0  # with the state on object storage: the longest between uploads
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    max_usd: float | None = None
+    max_tokens: int | None = None
+    # the worst case of completion tokens for a request that sets no max_tokens
+    assume_max_tokens: int | None = None
+
+    @property
+    def is_set(self) -> bool:
+        return self.max_usd is not None or self.max_tokens is not None
+
+
+@dataclass(frozen=True)
+class ApiSpec:
+    base_url: str = DEFAULT_BASE_URL
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 300.0
+    max_answer_mb: float = 32.0  # one answer, decoded; past it the attempt fails
+    allow_insecure_http: bool = False  # a key over plain http:// to another machine
+
+    @property
+    def max_answer_bytes(self) -> int:
+        return int(self.max_answer_mb * 2**20)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    input: tuple[Path, ...]  # files or globs, absolute; see `_files.expand_inputs`
+    output: Path
+    model: str | None = None
+    endpoint: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    concurrency: int = 32
+    inputs_per_request: int = 64  # embeddings: rows sent in one request
+    retry: RetrySpec = field(default_factory=RetrySpec)
+    rate_limit: RateLimitSpec = field(default_factory=RateLimitSpec)
+    api: ApiSpec = field(default_factory=ApiSpec)
+    template: Mapping[str, Any] | None = None  # see `_template`
+    keep_request: bool = False  # the body as sent, in a `request` column
+    schema: Mapping[str, Any] | None = None  # answers are JSON valid against it: see `_structured`
+    pricing: Mapping[str, Price] = field(default_factory=dict)  # model -> USD per million tokens
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
+    max_failed_share: float | None = None  # failed rows up to this share of all rows: exit 0
+    tokenizer: Path | None = None  # a Hugging Face tokenizer.json, for `batchrun plan`
+    cache: CacheSpec | None = None  # a response cache shared by jobs: see `_cache`
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    # On object storage (see `_remote`): the URLs; `input` is then empty and `output` the
+    # local working copy of the output.
+    input_urls: tuple[str, ...] = ()
+    output_url: str | None = None
+    source: Path | None = None  # the spec file, for messages
+
+    @property
+    def name(self) -> str:
+        return str(self.source) if self.source else "job spec"
+
+    def request_config(self) -> dict[str, Any]:
+        """What shapes the answers: a resume must match it, or two jobs would mix."""
+        config = {
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "params": dict(self.params),
+            "base_url": self.api.base_url,  # answers from two servers must not mix
+        }
+        # Options added later join only when set, so that states saved before them resume.
+        if self.template is not None:
+            config["template"] = dict(self.template)
+        if self.schema is not None:
+            config["schema"] = dict(self.schema)
+        return config
+
+    @property
+    def stall_s(self) -> float:
+        """How long the job may go without settling a row before it stops."""
+        return self.retry.max_stall_s or max(600.0, 2 * self.api.timeout_s)
+
+    def answer_schema(self) -> Mapping[str, Any] | None:
+        """The schema answers are held to: `schema:`, else a json_schema response_format."""
+        return schema_of(self.schema, self.params)
