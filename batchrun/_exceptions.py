@@ -23,6 +23,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "APIError",
     "BatchrunError",
@@ -125,13 +127,16 @@ class APIError(BatchrunError):
 
 
 class RetryableAPIError(APIError):
-    """A failure worth retrying; `retry_after` is the server's requested wait in seconds."""
+    """A failure worth retrying; `retry_after` is the server's requested wait in seconds;
+    `verdict`: the retry policy's `policy.verdict.Verdict` on the attempt, which says
+    how long to wait before the next (None: an error raised outside the client)."""
 
     def __init__(
-        self, message: str, *, status: int | None = None, retry_after: float | None = None
+        self, message: str, *, status: int | None = None, retry_after: float | None = None, verdict: Any = None
     ) -> None:
         super().__init__(message, status=status)
         self.retry_after = retry_after
+        self.verdict = verdict
 
 
 class RowFatalAPIError(APIError):

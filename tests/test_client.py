@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from batchrun import JobFatalAPIError, parse_spec
-from batchrun.endpoints.protocol import Result
+from batchrun.endpoints.result import Result
+from batchrun.engine.call import Caller
 from batchrun.http.client import Client
 from batchrun.inputs.reader import Row
 
@@ -38,7 +39,7 @@ def call(responses: list[Callable[[httpx.Request], httpx.Response] | httpx.Respo
 
     async def main() -> Result:
         async with client:
-            return await client.call(row)
+            return await Caller(client.spec, client).call(row)
 
     return anyio.run(main), seen, sleeps
 
@@ -185,7 +186,7 @@ def test_a_row_that_cannot_be_encoded_fails_alone_without_a_request() -> None:
 
     async def main() -> Result:
         async with client:
-            return await client.call(row)
+            return await Caller(client.spec, client).call(row)
 
     result = anyio.run(main)
     assert (result.status, seen) == ("failed", [])
@@ -213,7 +214,7 @@ def test_a_stated_parallel_limit_caps_requests_in_flight() -> None:
 
     async def main() -> None:
         async with client:
-            await client.call(row)
+            await Caller(client.spec, client).call(row)
 
     anyio.run(main)
     assert client.in_flight.maximum == 3 and client.in_flight.limit == 3
@@ -239,7 +240,7 @@ def test_a_failed_answer_is_not_kept_while_its_retry_waits() -> None:
 
     async def main() -> Result:
         async with client:
-            return await client.call(row)
+            return await Caller(client.spec, client).call(row)
 
     tracemalloc.start()
     try:

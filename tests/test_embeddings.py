@@ -116,6 +116,7 @@ def group(answer, rows: int = 8, **spec: object):
     import httpx
 
     from batchrun import parse_spec
+    from batchrun.engine.call import Caller
     from batchrun.http.client import Client
     from batchrun.inputs.reader import Row
 
@@ -135,7 +136,7 @@ def group(answer, rows: int = 8, **spec: object):
 
     async def main() -> list:
         async with client:
-            return await client.call_group(batch)
+            return await Caller(client.spec, client).call_group(batch)
 
     return anyio.run(main), seen
 

@@ -6,8 +6,14 @@ from pathlib import Path
 import pytest
 
 from batchrun.policy.rate import RATE_HEADERS, Allowance, RateLimiter, ServerLimits, estimate_tokens, parse_duration
+from batchrun.policy.verdict import Verdict, judge
 from tests.conftest import read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
+
+
+def heard(status: int, headers: dict[str, str]) -> Verdict:
+    """The verdict on an answer, as the client judges it once and hands it on."""
+    return judge(status, headers, now=0.0, rand=lambda: 0.5)
 
 
 def send_times(limiter: RateLimiter, n: int, *, start: float = 0.0, tokens: int = 1) -> list[float]:
@@ -41,11 +47,11 @@ def test_a_429_lowers_the_rate_to_what_the_server_admitted() -> None:
         now += 0.05
         limiter.reserve(1, now)
         limiter.reserve(1, now)
-        limiter.observe(200, {}, now)
+        limiter.observe(heard(200, {}), now)
     for _ in range(15):
-        limiter.observe(429, {}, now)
+        limiter.observe(heard(429, {}), now)
     assert limiter.rate == pytest.approx(20 * 0.9, rel=0.05)
-    limiter.observe(429, {}, now + 0.5)  # within a second: answers to older requests
+    limiter.observe(heard(429, {}), now + 0.5)  # within a second: answers to older requests
     assert limiter.rate == pytest.approx(20 * 0.9, rel=0.05)
     assert limiter.pushbacks == 16
 
@@ -54,7 +60,7 @@ def test_a_few_429s_among_the_first_answers_are_no_verdict() -> None:
     limiter = RateLimiter()
     for i in range(100):  # 6 % of them, in a cluster at the start
         limiter.reserve(1, i * 0.01)
-        limiter.observe(429 if i in (1, 3, 4, 7, 9, 12) else 200, {}, i * 0.01)
+        limiter.observe(heard(429 if i in (1, 3, 4, 7, 9, 12) else 200, {}), i * 0.01)
     assert limiter.rate is None
 
 
@@ -62,20 +68,20 @@ def test_a_burst_allowance_is_not_taken_for_the_sustained_rate() -> None:
     limiter = RateLimiter()
     for i in range(60):  # a bucket's 60-request burst answered within 0.06 s ...
         limiter.reserve(1, i / 1000)
-        limiter.observe(200, {}, i / 1000)
+        limiter.observe(heard(200, {}), i / 1000)
     for i in range(60):  # ... then nothing but 429s
         limiter.reserve(1, 0.06 + i / 1000)
-        limiter.observe(429, {}, 0.06 + i / 1000)
+        limiter.observe(heard(429, {}), 0.06 + i / 1000)
     assert limiter.rate == pytest.approx(60 * 0.9)  # 60 in a second, not 1,000/s
 
 
 def test_a_429_below_the_verdict_still_holds_the_rate_for_a_second() -> None:
     limiter = RateLimiter(requests_per_minute=6000)
     limiter.rate = 20.0
-    limiter.observe(429, {}, 10.0)  # one: no verdict
-    limiter.observe(200, {}, 10.5)
+    limiter.observe(heard(429, {}), 10.0)  # one: no verdict
+    limiter.observe(heard(200, {}), 10.5)
     assert limiter.rate == 20.0
-    limiter.observe(200, {}, 11.1)
+    limiter.observe(heard(200, {}), 11.1)
     assert limiter.rate == 21.0
 
 
@@ -85,7 +91,7 @@ def test_stray_429s_do_not_starve_the_job() -> None:
     for i in range(6000):  # 60 s at 100 answers/s, one 429 in 50
         now += 0.01
         limiter.reserve(1, now)
-        limiter.observe(429 if i % 50 == 0 else 200, {}, now)
+        limiter.observe(heard(429 if i % 50 == 0 else 200, {}), now)
     assert limiter.rate is None  # never judged to be a limit
     assert limiter.pushbacks == 120
 
@@ -94,12 +100,12 @@ def test_quiet_spells_raise_the_rate_again_but_not_past_the_ceiling() -> None:
     limiter = RateLimiter(requests_per_minute=600)  # 10/s ceiling
     limiter.reserve(1, 0.0)
     for _ in range(50):
-        limiter.observe(429, {}, 0.0)
+        limiter.observe(heard(429, {}), 0.0)
     low = limiter.rate
     assert low < 10
     rates = []
     for second in range(60):
-        limiter.observe(200, {}, second + 0.5)
+        limiter.observe(heard(200, {}), second + 0.5)
         rates.append(limiter.rate)
     assert rates == sorted(rates) and rates[-1] == pytest.approx(10)
     assert rates[0] == pytest.approx(low)  # not raised before a quiet spell
@@ -108,25 +114,25 @@ def test_quiet_spells_raise_the_rate_again_but_not_past_the_ceiling() -> None:
 def test_a_plain_503_is_no_push_back_but_one_with_retry_after_is() -> None:
     limiter = RateLimiter()
     for _ in range(3):
-        limiter.observe(503, {}, 1.0)
+        limiter.observe(heard(503, {}), 1.0)
     assert limiter.rate is None and limiter.pushbacks == 0
     for _ in range(50):
-        limiter.observe(503, {"retry-after": "1"}, 2.0)
+        limiter.observe(heard(503, {"retry-after": "1"}), 2.0)
     assert limiter.rate is not None
 
 
 def test_the_servers_stated_limit_caps_the_rate_from_the_first_answer() -> None:
     limiter = RateLimiter()
-    limiter.observe(200, {"x-ratelimit-limit-requests": "1200"}, 0.0)
+    limiter.observe(heard(200, {"x-ratelimit-limit-requests": "1200"}), 0.0)
     assert limiter.rate == pytest.approx(20 * 0.95)
-    limiter.observe(200, {"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "1s"}, 0.1)
+    limiter.observe(heard(200, {"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "1s"}), 0.1)
     assert limiter.rate == pytest.approx(3.0)
 
 
 def test_a_spent_window_pauses_the_sends_without_slowing_the_rate() -> None:
     limiter = RateLimiter()
-    limiter.observe(200, {"x-ratelimit-limit-requests": "1200"}, 0.0)
-    limiter.observe(200, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "500ms"}, 1.0)
+    limiter.observe(heard(200, {"x-ratelimit-limit-requests": "1200"}), 0.0)
+    limiter.observe(heard(200, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "500ms"}), 1.0)
     assert limiter.rate == pytest.approx(20 * 0.95)  # not 0.2/s: 32 waiting requests would book 160 s ahead
     waits = [limiter.reserve(1, 1.0) for _ in range(32)]
     assert waits[0] == pytest.approx(0.5) and waits[-1] == pytest.approx(0.5 + 31 / 19)
@@ -136,7 +142,7 @@ def test_fireworks_over_limit_header_is_push_back() -> None:
     limiter = RateLimiter()
     limiter.reserve(1, 0.0)
     for _ in range(50):
-        limiter.observe(200, {"x-ratelimit-over-limit": "yes"}, 2.0)
+        limiter.observe(heard(200, {"x-ratelimit-over-limit": "yes"}), 2.0)
     assert limiter.pushbacks == 50 and limiter.rate is not None
 
 
@@ -214,40 +220,40 @@ def test_the_headers_passed_on_for_the_rate_policy_are_all_it_reads() -> None:
 
 def test_a_litellm_keys_requests_per_minute_cap_the_rate() -> None:
     limiter = RateLimiter()
-    limiter.observe(200, {"x-ratelimit-limit-requests": "10000", **LITELLM_KEY}, 0.0)
+    limiter.observe(heard(200, {"x-ratelimit-limit-requests": "10000", **LITELLM_KEY}), 0.0)
     assert limiter.rate == pytest.approx(5 / 60 * 0.95)  # the tighter of the two
     for second in range(1, 60):  # quiet spells raise the rate, but never past what the key allows
-        limiter.observe(200, LITELLM_KEY, float(second))
+        limiter.observe(heard(200, LITELLM_KEY), float(second))
     assert limiter.rate == pytest.approx(5 / 60 * 0.95)
     assert send_times(limiter, 3, start=60.0) == pytest.approx([60.0, 60 + 60 / 4.75, 60 + 120 / 4.75])
 
 
 def test_a_spent_litellm_window_pauses_the_sends() -> None:
     limiter = RateLimiter()
-    limiter.observe(200, {"x-ratelimit-api_key-limit-requests": "600"}, 0.0)
-    limiter.observe(200, {"x-ratelimit-api_key-remaining-requests": "0"}, 5.0)  # no reset: at most a second
+    limiter.observe(heard(200, {"x-ratelimit-api_key-limit-requests": "600"}), 0.0)
+    limiter.observe(heard(200, {"x-ratelimit-api_key-remaining-requests": "0"}), 5.0)  # no reset: at most a second
     assert limiter.reserve(1, 5.0) == pytest.approx(1.0)
-    limiter.observe(200, {"x-ratelimit-api_key-remaining-requests": "7"}, 9.0)  # a count left, no time: no rate
+    limiter.observe(heard(200, {"x-ratelimit-api_key-remaining-requests": "7"}), 9.0)  # a count left, no time: no rate
     assert limiter.rate == pytest.approx(600 / 60 * 0.95)
 
 
 def test_requests_sent_before_the_limit_was_known_count_against_it() -> None:
     limiter = RateLimiter()
     assert send_times(limiter, 4) == [0.0] * 4  # nothing known yet: all four leave
-    limiter.observe(200, {"x-ratelimit-api_key-limit-requests": "60"}, 0.01)  # the first answer
+    limiter.observe(heard(200, {"x-ratelimit-api_key-limit-requests": "60"}), 0.01)  # the first answer
     assert limiter.reserve(1, 0.02) == pytest.approx(4 / 0.95 - 0.02)  # the fifth goes as if all had been paced
 
 
 def test_a_debt_from_before_the_limit_is_forgotten_after_a_window() -> None:
     limiter = RateLimiter()
     send_times(limiter, 30)
-    limiter.observe(200, {"x-ratelimit-api_key-limit-requests": "5"}, 0.01)  # 30 sent: six minutes' worth
+    limiter.observe(heard(200, {"x-ratelimit-api_key-limit-requests": "5"}), 0.01)  # 30 sent: six minutes' worth
     assert limiter.reserve(1, 0.01) == pytest.approx(60.0)  # a windowed limit has forgotten them in one
 
 
 def test_server_stated_token_limits_are_read_but_do_not_pace() -> None:
     limiter = RateLimiter()
-    limiter.observe(200, {**FIREWORKS, "x-ratelimit-limit-tokens": "6000"}, 0.0)
+    limiter.observe(heard(200, {**FIREWORKS, "x-ratelimit-limit-tokens": "6000"}), 0.0)
     assert limiter.tokens_per_s is None and limiter.rate is None
 
 

@@ -356,7 +356,7 @@ def test_an_exception_raised_into_the_caller_saves_every_answer_received_first(t
     """As Airflow's execution_timeout does: a SIGALRM handler raises inside run_job."""
     import signal
 
-    from batchrun.http import client as _client
+    from batchrun.engine.call import Caller
     from tests.fakeserver import FakeServer, Faults
 
     class TaskTimeout(Exception):
@@ -366,7 +366,7 @@ def test_an_exception_raised_into_the_caller_saves_every_answer_received_first(t
         raise TaskTimeout("execution_timeout")
 
     received: list[int] = []
-    call = _client.Client.call
+    call = Caller.call
 
     async def counting(self, row, **options):  # type: ignore[no-untyped-def]
         result = await call(self, row, **options)
@@ -375,7 +375,7 @@ def test_an_exception_raised_into_the_caller_saves_every_answer_received_first(t
 
     with FakeServer(Faults(latency_s=0.05, latency_jitter_s=0.04)) as server, \
             pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_client.Client, "call", counting)
+        patch.setattr(Caller, "call", counting)
         write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(3000)])
         spec = write_spec(tmp_path, concurrency=32, api={"base_url": server.base_url})
         previous = signal.signal(signal.SIGALRM, timeout)

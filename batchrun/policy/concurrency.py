@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any
+from typing import ClassVar, Protocol
 
 import anyio
 
-__all__ = ["ConcurrencyLimit", "Control", "STATED_HEADER"]
+__all__ = ["ConcurrencyLimit", "Control", "InFlightControl", "STATED_HEADER"]
 
 EPOCH_S = 5.0  # "lately": successes are remembered for one to two of these
 PROBE_FIRST_S = 1.0
@@ -48,6 +48,30 @@ PROBE_MAX_S = 64.0
 STATED_HEADER = "x-ratelimit-api_key-limit-max_parallel_requests"  # LiteLLM's, per key
 POLL_S = 0.02  # how often a waiter looks again at a limit moved by another thread
 ASK_S = 0.1  # how long a remote control's owner takes to answer a worker's report, at most
+
+
+class InFlightControl(Protocol):
+    """What a `ConcurrencyLimit` asks of its control: a process's own `Control`, or a Ray
+    worker's lease of the job's (`backends.ray.quota.LeasedControl`).
+
+    `remote`: the limit moves in another thread (the worker's lease): the gate's waiters
+    look again every POLL_S, it tells the control when each request went (`entered`,
+    whose value `answered` gets back as `sent`) and reports every answer, and it hands
+    itself to the control as its `gate` (the lease reads what is in flight and waiting).
+    """
+
+    remote: ClassVar[bool]
+    limit: int
+    maximum: int
+    generation: int
+
+    def ceiling(self, cautious: bool) -> int: ...
+    def answered(self, k: int, held: int, generation: int, outcome: str | None, now: float,
+                 wait: float | None = None, sent: float = 0.0) -> None: ...
+    def admitting(self, now: float) -> bool: ...
+    def stated(self, limit: int) -> None: ...
+    def entered(self) -> float: ...
+    def attach(self, gate: ConcurrencyLimit) -> None: ...
 
 
 class Control:
@@ -58,6 +82,8 @@ class Control:
     of them were still in flight when it came back (the fewer of the two);
     `generation`: the limit's, when it left.
     """
+
+    remote: ClassVar[bool] = False  # the decisions are made here, in the gate's thread
 
     def __init__(self, maximum: int, *, fixed: bool = False) -> None:
         self.maximum = maximum
@@ -73,9 +99,10 @@ class Control:
         self._credit = 0.0  # fractional steps of the per-round-trip increase
         self._last_ok = float("-inf")  # when the server last answered well
 
-    def answered(self, k: int, held: int, generation: int, outcome: str, now: float,
-                 wait: float | None = None) -> None:
-        """`outcome`: `ok`, or `pushback` (a 429, a 503 naming a wait: `wait`, its retry-after)."""
+    def answered(self, k: int, held: int, generation: int, outcome: str | None, now: float,
+                 wait: float | None = None, sent: float = 0.0) -> None:
+        """`outcome`: `ok`, or `pushback` (a 429, a 503 naming a wait: `wait`, its retry-after);
+        `sent`: from `entered` (a remote control's)."""
         if outcome == "ok":
             self._last_ok = now
         if self.fixed:
@@ -102,6 +129,13 @@ class Control:
     def admitting(self, now: float) -> bool:
         """The server answered well lately: a 429 now says it is full, not closed."""
         return now - self._last_ok < EPOCH_S
+
+    def entered(self) -> float:
+        """(A remote control's: when a request went. A local one needs no note of it.)"""
+        return 0.0
+
+    def attach(self, gate: ConcurrencyLimit) -> None:
+        """(A remote control's: the gate it reads. A local one is read by its gate only.)"""
 
     def stated(self, limit: int) -> None:
         """The server says how many it holds: never more, and no probing past it."""
@@ -140,14 +174,15 @@ class ConcurrencyLimit:
     `Control` (the default), or a worker's lease of the job's (`_lease.LeasedControl`),
     whose limit moves in another thread: then waiters look again every `POLL_S`."""
 
-    def __init__(self, maximum: int, *, fixed: bool = False, control: Any = None) -> None:
-        self.control = Control(maximum, fixed=fixed) if control is None else control
+    def __init__(self, maximum: int, *, fixed: bool = False, control: InFlightControl | None = None) -> None:
+        self.control: InFlightControl = Control(maximum, fixed=fixed) if control is None else control
         self.in_flight = 0
         self._waiters: deque[list] = deque()  # [event, cautious, (k, generation)] waiting for a slot
-        self._remote = getattr(self.control, "remote", False)
+        self._remote = self.control.remote
         self._poll_s = None
         if self._remote:
-            self._poll_s, self.control.gate = POLL_S, self
+            self._poll_s = POLL_S
+            self.control.attach(self)
 
     @property
     def limit(self) -> int:

@@ -24,9 +24,10 @@ import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["RATE_HEADERS", "Allowance", "RateLimiter", "ServerLimits", "estimate_tokens", "header_number",
-           "parse_duration", "pushed_back"]
+__all__ = ["NOTHING_STATED", "RATE_HEADERS", "Allowance", "Heard", "Limiter", "RateLimiter", "ServerLimits",
+           "estimate_tokens", "header_number", "parse_duration"]
 
 DECREASE_FACTOR = 0.9  # of the rate the server admitted when it pushed back
 MIN_RATE = 0.2  # requests/s: never stall completely
@@ -41,6 +42,29 @@ HEADROOM = 0.95  # of a limit the server states
 EMPTY_WINDOW_WAIT_S = 1.0  # the longest pause for a window with nothing left
 MINUTE_S = 60.0  # the window of OpenAI's limits and of LiteLLM's rpm_limit / tpm_limit
 FIREWORKS_WINDOW_S = 1.0  # Fireworks states tokens per second
+
+
+class Heard(Protocol):
+    """What the rate policy reads of an answer: its `policy.verdict.Verdict`, judged once
+    by whoever received it (the client; a Ray worker, for the job's Quota)."""
+
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def pushed_back(self) -> bool: ...
+    @property
+    def limits(self) -> ServerLimits: ...
+
+
+class Limiter(Protocol):
+    """What a client asks of its rate limiter: a `RateLimiter`, or a Ray worker's lease of
+    the job's (`backends.ray.quota.LeasedLimiter`)."""
+
+    tokens_per_s: float | None
+
+    def reserve(self, tokens: int, now: float) -> float: ...
+    def observe(self, answer: Heard, now: float) -> None: ...
+    def correct_tokens(self, difference: int) -> None: ...
 
 
 class RateLimiter:
@@ -90,11 +114,11 @@ class RateLimiter:
 
     # -- adapting --------------------------------------------------------------------------
 
-    def observe(self, status: int, headers: Mapping[str, str], now: float, pushed: bool | None = None) -> None:
-        """Learn from one HTTP answer; `pushed`: `pushed_back(status, headers)`, if the caller has it."""
-        if 200 <= status < 300:
+    def observe(self, answer: Heard, now: float) -> None:
+        """Learn from one HTTP answer's verdict."""
+        if answer.ok:
             _record(self._admitted, now, now)
-        if pushed if pushed is not None else pushed_back(status, headers):
+        if answer.pushed_back:
             self.pushbacks += 1
             _record(self._pushed, now, now)
             _record(self._admitted, None, now)
@@ -103,7 +127,7 @@ class RateLimiter:
             if sample >= SAMPLE_MIN and pushed >= PUSHBACK_MIN and pushed >= PUSHBACK_SHARE * sample:
                 self._decrease(now)
         else:
-            self._follow(ServerLimits.read(headers), now)
+            self._follow(answer.limits, now)
             quiet_since = max(self._last_change, self._pushed[-1] if self._pushed else float("-inf"))
             if self.rate is not None and now - quiet_since >= QUIET_S:
                 self._set(self.rate + max(STEP_MIN, self.rate * STEP), now)
@@ -158,13 +182,6 @@ class RateLimiter:
             rate = min(rate, self.ceiling)
         self.rate = max(self._floor(), rate)
         self._last_change = now
-
-
-def pushed_back(status: int, headers: Mapping[str, str]) -> bool:
-    """The server says it is over a limit: a 429, a 503 naming a wait, or Fireworks'
-    `x-ratelimit-over-limit: yes` on an answer it still served."""
-    return status == 429 or (status == 503 and ("retry-after" in headers or "retry-after-ms" in headers)) or \
-        headers.get("x-ratelimit-over-limit", "").lower() == "yes"
 
 
 def _rate_of(times: deque[float], now: float) -> float:
@@ -271,7 +288,7 @@ class ServerLimits:
                 if (value := _READ_FIELD[field](text)) is not None:
                     found.setdefault((kind, place), {})[field] = value
         if not found:
-            return _NOTHING_STATED
+            return NOTHING_STATED
         scoped: dict[str, list[Allowance]] = {"requests": [], "tokens": []}
         budgets: dict[str, Allowance] = {}  # Fireworks'
         for (kind, _), fields in sorted(found.items()):
@@ -291,7 +308,7 @@ def _remaining(text: str) -> float | None:
     return max(0.0, value) if abs(value) < float("inf") else None
 
 
-_NOTHING_STATED = ServerLimits()
+NOTHING_STATED = ServerLimits()
 # OpenAI's names (scope ""), then LiteLLM's scopes, in the proxy's words
 _SCOPES = ("", "api_key", "user", "team", "team_member", "end_user", "model_per_key")
 _READ_FIELD = {"limit": header_number, "remaining": _remaining, "reset_s": parse_duration}
@@ -307,7 +324,7 @@ _LIMIT_HEADERS: dict[str, tuple[str, int, str]] = {
     for budget in ("prompt", "cache-adjusted-prompt", "generated")
     for field in ("limit", "remaining")
 }
-# Every header the rate policy reads, for whoever passes answers' headers on to it (`_lease`)
+# Every header the rate policy reads (from an answer's verdict: see `policy.verdict`)
 RATE_HEADERS = frozenset(_LIMIT_HEADERS) | {"x-ratelimit-over-limit", "retry-after", "retry-after-ms"}
 
 

@@ -1,8 +1,9 @@
-"""Retry policy: pure decisions over status codes, headers, attempt numbers and a clock.
+"""Retry policy: what to do with an answer's verdict, as a tenacity controller.
 
-`classify` says what an HTTP answer means for the row and the job; `retry_after`
-reads the server's requested wait; `backoff` is the wait when the server names none.
-`retrying` packs them into a tenacity controller whose `sleep` is injectable, so the
+An answer's `Verdict` (`policy.verdict`) says whether it is worth retrying and how
+long to wait first; `error_for` makes the error that stands for it, with the API's
+own words, and carries the verdict to `retrying`: a tenacity controller whose `wait`
+and `stop` read it (they judge nothing again), whose `sleep` is injectable, so the
 whole policy is tested without a server and without sleeping.
 """
 
@@ -11,25 +12,29 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Mapping
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import tenacity
 
 from .._exceptions import APIError, JobFatalAPIError, RetryableAPIError, RowFatalAPIError
 from ..spec.parse import RetrySpec
+from .verdict import JOB_FATAL, RETRY, Verdict, backoff, judge, retry_after, unanswered
 
-__all__ = ["FailureStreak", "backoff", "classify", "error_message", "retry_after", "retrying"]
+__all__ = ["FailureStreak", "backoff", "classify", "error_for", "error_message", "retry_after", "retrying"]
 
-RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
-JOB_FATAL_STATUS = frozenset({401, 403})
-RETRY_AFTER_MAX_S = 120.0  # a longer requested wait is capped, not ignored
 RATE_LIMITED_MAX = 50  # 429s one row may meet before it fails
 
 
 def classify(status: int, headers: Mapping[str, str], body: bytes, *, now: float) -> APIError:
     """The error an unsuccessful HTTP answer stands for; `now` is Unix time, for dates."""
-    if 300 <= status < 400:
+    return error_for(judge(status, headers, body, now=now), headers, body)
+
+
+def error_for(verdict: Verdict, headers: Mapping[str, str], body: bytes) -> APIError:
+    """The error that stands for an unsuccessful answer's `verdict`, in the API's words;
+    a retryable one carries the verdict on to `retrying`."""
+    status = verdict.status
+    if status is not None and 300 <= status < 400:
         # Not followed: the body and the key would go wherever the server says.
         where = headers.get("location")
         return JobFatalAPIError(
@@ -39,13 +44,12 @@ def classify(status: int, headers: Mapping[str, str], body: bytes, *, now: float
             status=status,
         )
     message = f"HTTP {status}: {error_message(body)}"
-    if status in JOB_FATAL_STATUS:
-        hint = "check the API key" if status == 401 else "check the key's permissions for this model"
+    if verdict.kind == JOB_FATAL:
+        hint = "check the API key" if status == 401 else "check the key's permissions for this model" \
+            if status == 403 else "the account is out of quota; retrying cannot help"
         return JobFatalAPIError(f"{message} ({hint})", status=status)
-    if status == 429 and _error_code(body) == "insufficient_quota":
-        return JobFatalAPIError(f"{message} (the account is out of quota; retrying cannot help)", status=status)
-    if status in RETRYABLE_STATUS:
-        return RetryableAPIError(message, status=status, retry_after=retry_after(headers, now=now))
+    if verdict.kind == RETRY:
+        return RetryableAPIError(message, status=status, retry_after=verdict.retry_after, verdict=verdict)
     return RowFatalAPIError(message, status=status)
 
 
@@ -69,70 +73,26 @@ def error_message(body: bytes, limit: int = 4000) -> str:
     return text[:limit] or "(empty body)"
 
 
-def _error_code(body: bytes) -> str | None:
-    try:
-        error = json.loads(body).get("error")
-    except (ValueError, RecursionError, AttributeError):
-        return None
-    if isinstance(error, dict):
-        return error.get("code") or error.get("type")
-    return None
-
-
-def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:
-    """Seconds the server asks us to wait: `retry-after-ms`, else `retry-after`.
-
-    `retry-after` is seconds or an HTTP date. Negative or unparsable values are
-    ignored; long ones are capped at RETRY_AFTER_MAX_S.
-    """
-    seconds: float | None = None
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms is not None:
-        seconds = _float(raw_ms)
-        seconds = None if seconds is None else seconds / 1000
-    if seconds is None and (raw := headers.get("retry-after")) is not None:
-        seconds = _float(raw)
-        if seconds is None:
-            try:
-                seconds = parsedate_to_datetime(raw).timestamp() - now
-            except (TypeError, ValueError, IndexError):
-                return None
-    if seconds is None or seconds < 0:
-        return None
-    return min(seconds, RETRY_AFTER_MAX_S)
-
-
-def _float(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if value == value and value not in (float("inf"), float("-inf")) else None
-
-
-def backoff(attempt: int, spec: RetrySpec, rand: Callable[[], float] = random.random) -> float:
-    """Wait after failed attempt `attempt` (1-based): doubling, capped, half of it jittered.
-
-    Keeping half fixed guarantees a real pause; jittering the other half spreads
-    the retries of many rows that failed together.
-    """
-    ceiling = min(spec.backoff_max_s, spec.backoff_initial_s * 2 ** (attempt - 1))
-    return ceiling / 2 + rand() * ceiling / 2
+def _verdict(retry_state: tenacity.RetryCallState, spec: RetrySpec, rand: Callable[[], float]) -> Verdict:
+    """The verdict the failure carries; one raised without (by a caller of `retrying`
+    other than the client) is judged as an attempt that got no answer."""
+    exc = retry_state.outcome.exception() if retry_state.outcome else None
+    if isinstance(exc, RetryableAPIError):
+        if exc.verdict is not None:
+            return exc.verdict
+        return unanswered(retry_state.attempt_number, spec, rand, retry_after=exc.retry_after)
+    return unanswered(retry_state.attempt_number, spec, rand)
 
 
 class _wait(tenacity.wait.wait_base):
-    """The server's Retry-After when it gave one, else our backoff."""
+    """The verdict's wait: the server's Retry-After when it gave one, else our backoff."""
 
     def __init__(self, spec: RetrySpec, rand: Callable[[], float]) -> None:
         self.spec = spec
         self.rand = rand
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        requested = getattr(exc, "retry_after", None)
-        if requested is not None:
-            return requested
-        return backoff(retry_state.attempt_number, self.spec, self.rand)
+        return _verdict(retry_state, self.spec, self.rand).wait
 
 
 class _stop(tenacity.stop.stop_base):
@@ -154,7 +114,8 @@ class _stop(tenacity.stop.stop_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
-        if getattr(exc, "status", None) == 429:
+        verdict = exc.verdict if isinstance(exc, RetryableAPIError) else None
+        if verdict.rate_limited if verdict is not None else getattr(exc, "status", None) == 429:
             self.rate_limited += 1
         else:
             self.failures += 1
