@@ -24,7 +24,7 @@ from ..endpoints.result import Result, map_texts
 from ..http.client import Client, Deferred, Request, Unsendable
 from ..inputs.reader import Row
 from ..policy.pricing import Budget, Price, cost
-from ..spec.parse import JobSpec
+from ..spec.model import JobSpec
 from .cache import ResponseCache, cacheable
 from .holds import Holds, HoldLog
 from .structured import Structure

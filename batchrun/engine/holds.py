@@ -22,7 +22,7 @@ from .._exceptions import BudgetReached
 from ..endpoints.result import Result
 from ..policy.pricing import Budget, Hold, Price, completion_bound, cost
 from ..policy.pricing import usd as format_usd
-from ..spec.parse import JobSpec
+from ..spec.model import JobSpec
 
 __all__ = ["HoldLog", "Holds", "Worst"]
 

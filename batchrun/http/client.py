@@ -33,7 +33,7 @@ from ..policy.concurrency import ConcurrencyLimit
 from ..policy.rate import Limiter, RateLimiter, estimate_tokens
 from ..policy.retry import error_for, retrying
 from ..policy.verdict import Verdict, judge, unanswered
-from ..spec.parse import JobSpec
+from ..spec.model import JobSpec
 from .network import proxy_for, ssl_context
 from .secrets import MIN_RUN, Redactor
 from .transport import AiohttpTransport, AnswerTooLarge, BoundedTransport

@@ -17,7 +17,7 @@ from typing import Any
 import tenacity
 
 from .._exceptions import APIError, JobFatalAPIError, RetryableAPIError, RowFatalAPIError
-from ..spec.parse import RetrySpec
+from ..spec.model import RetrySpec
 from .verdict import JOB_FATAL, RETRY, Verdict, backoff, judge, retry_after, unanswered
 
 __all__ = ["FailureStreak", "backoff", "classify", "error_for", "error_message", "retry_after", "retrying"]

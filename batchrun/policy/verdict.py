@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-from ..spec.parse import RetrySpec
+from ..spec.model import RetrySpec
 from .concurrency import STATED_HEADER
 from .rate import NOTHING_STATED, ServerLimits, header_number
 

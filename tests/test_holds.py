@@ -1,0 +1,113 @@
+"""The budget at the moment of a call (engine/holds.py): worst cases, holds, charges. No server."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from batchrun import BudgetReached, parse_spec
+from batchrun.endpoints.result import Result
+from batchrun.engine.holds import Holds, Worst
+from batchrun.policy.pricing import Budget, Hold, Price
+
+PRICE = Price(input=1.0, output=2.0)  # USD per million tokens
+
+
+def holds(budget: Budget | None, log: object = None, **raw: object) -> Holds:
+    spec = parse_spec({"input": "i.jsonl", "output": "o.parquet", "model": "m", **raw}, environ={})
+    return Holds(spec, budget, log)  # type: ignore[arg-type]
+
+
+def answer(prompt: int | None, completion: int | None) -> Result:
+    total = None if prompt is None and completion is None else (prompt or 0) + (completion or 0)
+    return Result(0, "r", "ok", prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+
+
+def test_the_worst_case_is_the_requests_bytes_and_its_max_tokens_times_n() -> None:
+    h = holds(Budget(1.0, None))
+    assert h.worst(PRICE, {"max_tokens": 10, "n": 2}, 100) == Worst(usd=(100 * 1.0 + 20 * 2.0) * 1e-6, tokens=120)
+    assert h.worst(PRICE, {}, 100) == Worst(usd=None, tokens=None)  # no max_tokens: no bound
+    assert holds(None).worst(None, {"max_tokens": 10}, 100) is None  # nothing asks for it
+
+
+def test_a_hold_that_would_not_fit_even_alone_stops_the_job_with_what_to_do() -> None:
+    h = holds(Budget(1e-5, None, spent_usd=0.9e-5))
+
+    async def main() -> None:
+        await h.hold(Worst(usd=5e-6, tokens=10), 1)
+
+    with pytest.raises(BudgetReached, match="raise the budget in .* and rerun"):
+        anyio.run(main)
+
+
+def test_a_hold_waits_for_the_requests_in_flight_to_settle() -> None:
+    budget = Budget(None, 100)
+    h = holds(budget)
+    order: list[str] = []
+
+    async def main() -> None:
+        first = await h.hold(Worst(None, 60), 1)
+        order.append("first held")
+
+        async def second() -> None:
+            await h.hold(Worst(None, 60), 1)  # 60 + 60 > 100: waits for the first
+            order.append("second held")
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(second)
+            await anyio.wait_all_tasks_blocked()
+            assert order == ["first held"]  # the second is waiting, not refused
+            order.append("first settles")
+            h.let_go(first, 0.0, 10, saved=True)
+
+    anyio.run(main)
+    assert order == ["first held", "first settles", "second held"]
+    assert (budget.spent_tokens, budget.held_tokens) == (10, 60)
+
+
+def test_re_asks_are_each_charged_and_their_usage_added_up() -> None:
+    budget = Budget(1.0, None)
+    h = holds(budget)
+    hold = budget.reserve(1e-4, 100)
+    first, second = answer(3, 2), answer(4, 1)
+    h.charge(second, [first, second], PRICE, Worst(1e-4, 100), hold)
+    assert (second.prompt_tokens, second.completion_tokens, second.total_tokens) == (7, 3, 10)
+    assert second.cost_usd == pytest.approx((7 * 1.0 + 3 * 2.0) * 1e-6)
+    assert second.hold == hold.id  # let go as the answer is saved
+    assert (budget.spent_usd, budget.spent_tokens, budget.held_usd) == (pytest.approx(13e-6), 10, 0.0)
+
+
+def test_an_answer_without_usage_is_charged_at_its_worst_case_never_free() -> None:
+    budget = Budget(1.0, None)
+    result = answer(None, None)
+    holds(budget).charge(result, [result], PRICE, Worst(5e-5, 50), budget.reserve(5e-5, 50))
+    assert result.cost_usd == 5e-5
+    assert result.extra == {"unmetered": 1, "unmetered_tokens": 50}
+    assert budget.spent_tokens == 50
+
+
+def test_a_hold_let_go_without_an_answer_to_save_is_released_from_the_state() -> None:
+    released: list[int] = []
+
+    class Log:
+        async def record(self, hold: Hold) -> None:
+            pass
+
+        def release(self, hold: Hold) -> None:
+            released.append(hold.id)
+
+    budget = Budget(1.0, None, next_hold=7)
+    h = holds(budget, Log())
+    h.let_go(budget.reserve(0.1, 1))
+    h.let_go(budget.reserve(0.1, 1), 0.1, 1, saved=True)
+    assert released == [7]
+
+
+def test_a_failed_groups_cost_is_shared_by_input_length() -> None:
+    request = Result(0, "r", "failed", cost_usd=3e-6)
+    rows = [Result(i, f"r{i}", "failed") for i in range(2)]
+    Holds.share_cost(rows, request, [2, 1], paid=True)
+    assert [r.cost_usd for r in rows] == [pytest.approx(2e-6), pytest.approx(1e-6)]
+    unpaid = [Result(i, f"r{i}", "failed") for i in range(2)]
+    Holds.share_cost(unpaid, request, [2, 1], paid=False)
+    assert [r.cost_usd for r in unpaid] == [None, None]
