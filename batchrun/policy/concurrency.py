@@ -12,7 +12,7 @@ sent, `leave` with its answer) and moves its limit, between 1 and the spec's
   lately went with as many, says the server holds at most `k`: the limit drops to one
   more than the most answered well beside each other lately (at most `k`). A 429 at a
   level that recently went through is not about concurrency (a rate limit, a stray):
-  the rate policy (`_rate`) has it.
+  the rate policy (`policy.rate`) has it.
 - **Increase while answers come back clean**, only while the limit is what holds
   requests back: one step per round trip up to just below the level that failed, then
   a probe of that level after a clean spell that doubles with each failed probe
@@ -26,8 +26,8 @@ sent, `leave` with its answer) and moves its limit, between 1 and the spec's
   `x-ratelimit-api_key-limit-max_parallel_requests` on every answer (see `stated`).
 
 `Control` makes the decisions; `ConcurrencyLimit` is a process's gate. In a Ray job the
-decisions are the job's (`_lease.Quota`, fed by every worker), and each worker's gate
-runs below the allotment it is granted (`_lease.LeasedControl`).
+decisions are the job's (`backends.ray.quota.Quota`, fed by every worker), and each worker's gate
+runs below the allotment it is granted (`backends.ray.quota.LeasedControl`).
 
 Bookkeeping over a clock the caller passes; only `enter` waits (anyio).
 """
@@ -76,7 +76,7 @@ class InFlightControl(Protocol):
 
 class Control:
     """The limit's decisions, from what answers said: for one process (inside its
-    `ConcurrencyLimit`), or for a whole job (in `_lease.Quota`, fed by every worker).
+    `ConcurrencyLimit`), or for a whole job (in `backends.ray.quota.Quota`, fed by every worker).
 
     `k`: how many other requests were in flight when a request left; `held`: how many
     of them were still in flight when it came back (the fewer of the two);
@@ -171,7 +171,7 @@ class Control:
 
 class ConcurrencyLimit:
     """A process's gate on requests in flight, below what its `control` allows: its own
-    `Control` (the default), or a worker's lease of the job's (`_lease.LeasedControl`),
+    `Control` (the default), or a worker's lease of the job's (`backends.ray.quota.LeasedControl`),
     whose limit moves in another thread: then waiters look again every `POLL_S`."""
 
     def __init__(self, maximum: int, *, fixed: bool = False, control: InFlightControl | None = None) -> None:
