@@ -21,9 +21,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import pyarrow as pa
+import pyarrow as pa
 
+from ..endpoints import job_endpoint
+from ..engine.structured import Structure
+
+if TYPE_CHECKING:
     from ..spec.parse import JobSpec
 
 __all__ = ["ExtraColumn", "extra_columns"]
@@ -40,8 +43,6 @@ class ExtraColumn:
 
     def array(self, extras: list[dict[str, Any]], rows: list[dict[str, Any] | None],
               blobs: Sequence[bytes | None]) -> pa.Array:
-        import pyarrow as pa
-
         if self.name == "embedding":
             return _float32_lists(blobs)
         values = [self.value(e, r) for e, r in zip(extras, rows)]
@@ -57,8 +58,6 @@ class ExtraColumn:
 
 @functools.cache
 def logprobs_type() -> pa.DataType:
-    import pyarrow as pa
-
     alternative = pa.struct([("token", pa.string()), ("logprob", pa.float64())])
     return pa.list_(pa.struct([("token", pa.string()), ("logprob", pa.float64()),
                                ("top_logprobs", pa.list_(alternative))]))
@@ -66,8 +65,6 @@ def logprobs_type() -> pa.DataType:
 
 @functools.cache
 def choices_type() -> pa.DataType:
-    import pyarrow as pa
-
     return pa.list_(pa.struct([
         ("index", pa.int64()), ("text", pa.string()), ("finish_reason", pa.string()),
         ("reasoning_content", pa.string()), ("tool_calls", pa.string()), ("logprobs", logprobs_type()),
@@ -75,8 +72,6 @@ def choices_type() -> pa.DataType:
 
 
 def _string() -> pa.DataType:
-    import pyarrow as pa
-
     return pa.string()
 
 
@@ -103,15 +98,11 @@ def wants_logprobs(params: dict[str, Any]) -> bool:
 
 @functools.cache
 def _float32_list() -> pa.DataType:
-    import pyarrow as pa
-
     return pa.list_(pa.float32())
 
 
 def _float32_lists(blobs: Sequence[bytes | None]) -> pa.Array:
     """Stored float32 vectors as a list<float32> column, straight from their bytes."""
-    import pyarrow as pa
-
     offsets = [0]
     for blob in blobs:
         offsets.append(offsets[-1] + (len(blob) // 4 if blob is not None else 0))
@@ -130,7 +121,7 @@ def extra_columns(spec: JobSpec, asks: Sequence[str] = ()) -> list[ExtraColumn]:
     if "logprobs" in asks and not wants_logprobs(params):
         params["logprobs"] = True
     columns = []
-    if spec.endpoint == "embeddings":
+    if "embedding" in job_endpoint(spec.endpoint).output_columns:
         columns.append(ExtraColumn("embedding", _float32_list, lambda extra, row: None))
     if wants_choices(params):
         columns.append(ExtraColumn("choices", choices_type, _choices, needs_row=True))
@@ -147,14 +138,10 @@ def extra_columns(spec: JobSpec, asks: Sequence[str] = ()) -> list[ExtraColumn]:
 
 
 def _bool() -> pa.DataType:
-    import pyarrow as pa
-
     return pa.bool_()
 
 
 def _parsed_column(schema: Any) -> ExtraColumn:
-    from ..engine.structured import Structure
-
     typed = Structure(schema).arrow_type()
     if typed is None:
         return ExtraColumn("parsed", _string, lambda extra, row: _json_text(extra.get("parsed", _ABSENT)))
@@ -172,8 +159,6 @@ def _fitting(value: Any, typed: pa.DataType) -> Any:
     """The value, if Arrow can hold it in the column's type: an integer past int64, valid
     JSON and valid against the schema, cannot; that row's `parsed` is null (its answer is
     in output_text)."""
-    import pyarrow as pa
-
     if value is None:
         return None
     try:
