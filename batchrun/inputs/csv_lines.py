@@ -23,12 +23,13 @@ import io
 import itertools
 import re
 from collections.abc import Callable, Iterator
-from typing import IO, TYPE_CHECKING
+from typing import IO
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
 
 from .._exceptions import InputError
 
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 __all__ = ["BLOCK", "batches", "header_line", "locate", "row_lines", "schema", "skipped_lines"]
 
@@ -67,8 +68,6 @@ def schema(raw: IO[bytes]) -> pa.Schema:
 
 
 def _open(raw: IO[bytes], columns: list[str] | None) -> pa.RecordBatchReader:
-    import pyarrow.csv as pcsv
-
     # newlines_in_values: without it, a quoted value with a line break that straddles two
     # blocks stops the read ("parser got out of sync with chunker").
     return pcsv.open_csv(raw, read_options=pcsv.ReadOptions(block_size=BLOCK),

@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import json
 import os
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .._exceptions import InputError
 from . import csv_lines
 from .checks import MAX_DEPTH, SUSPECT, check_record
 from .pinned import PinnedFile
 
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 __all__ = ["INPUT_SUFFIXES", "InputFile", "check_all_unchanged", "combined_fingerprint", "expand_inputs"]
 
@@ -131,8 +133,6 @@ class InputFile:
             raise InputError(f"{self.path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
 
     def arrow_batches(self, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
-        import pyarrow as pa
-
         try:
             with self._pinned.open() as raw:
                 yield from csv_lines.batches(raw, columns) if self.is_csv else _parquet_batches(raw, columns, batch_rows)
@@ -146,9 +146,6 @@ class InputFile:
         return self._schema
 
     def _read_schema(self) -> pa.Schema:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         try:
             with self._pinned.open() as raw:
                 if self.is_csv:
@@ -169,8 +166,6 @@ class InputFile:
     def _csv_records(self) -> Iterator[Record]:
         """A CSV file's rows, each named by the line it starts on, which a scan of the same
         bytes finds beside pyarrow's read (see `_csv`)."""
-        import pyarrow as pa
-
         if any(pa.types.is_binary(field.type) for field in self.arrow_schema()):
             self._scan_csv()  # text that is not UTF-8, in the first block: the scan names its line
         with self._pinned.open() as raw, self._pinned.open() as scan:
@@ -235,8 +230,6 @@ def combined_fingerprint(files: Sequence[InputFile]) -> str:
     digests = [f.fingerprint() for f in files]
     if len(digests) == 1:
         return digests[0]
-    import hashlib
-
     return "files:" + hashlib.blake2b("\n".join(digests).encode(), digest_size=16).hexdigest()
 
 
@@ -246,6 +239,4 @@ def check_all_unchanged(files: Sequence[InputFile]) -> None:
 
 
 def _parquet_batches(raw: Any, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    import pyarrow.parquet as pq
-
     yield from pq.ParquetFile(raw).iter_batches(batch_size=batch_rows, columns=columns)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import pyarrow as pa
+import pyarrow as pa
+import pyarrow.types as t
 
 __all__ = ["coerce", "column_kind", "conform", "jsonl_schema", "schema_kind", "unify", "value_kind"]
 
@@ -22,8 +22,6 @@ def unify(schemas: Sequence[tuple[str, pa.Schema]], names: list[str]) -> pa.Sche
     """One schema for (file, schema) pairs, widened where they differ (int32 and int64, a
     column one file lacks), in `names` order. Raises ValueError naming the column and the
     two files whose types cannot share it."""
-    import pyarrow as pa
-
     if len(schemas) == 1:
         return schemas[0][1]
     try:
@@ -41,15 +39,11 @@ def unify(schemas: Sequence[tuple[str, pa.Schema]], names: list[str]) -> pa.Sche
 
 
 def jsonl_schema(types: dict[str, str]) -> pa.Schema:
-    import pyarrow as pa
-
     return pa.schema([(name, arrow_type(kind)) for name, kind in types.items()])
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """`table` in `schema`: its columns in that order and type, absent ones null."""
-    import pyarrow as pa
-
     if table.schema.equals(schema):
         return table
     columns = [table.column(field.name).cast(field.type) if field.name in table.column_names
@@ -59,14 +53,10 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def arrow_type(kind: str) -> pa.DataType:
     """The Arrow type of a JSONL passthrough column of this kind (see `column_kind`)."""
-    import pyarrow as pa
-
     return {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64()}.get(kind) or pa.string()
 
 
 def schema_kind(type_: pa.DataType) -> str:
-    import pyarrow.types as t
-
     if t.is_boolean(type_):
         return "bool"
     if t.is_integer(type_):
