@@ -32,20 +32,21 @@ _LAZY = {
     "BarProgress": "engine.progress", "LogProgress": "engine.progress",
     "NullProgress": "engine.progress", "Progress": "engine.progress",
     "run_on_ray": "backends.ray.driver",  # and Ray itself only when called
-    "Summary": "engine.summary", "run_job": "engine.run",
+    "Summary": "engine.summary", "run_job": "backends",
     "MergeSummary": "backends.shards", "Shard": "backends.shards", "merge_job": "backends.shards",
-    "ApiSpec": "spec.parse", "JobSpec": "spec.parse", "RetrySpec": "spec.parse",
+    "ApiSpec": "spec.model", "JobSpec": "spec.model", "RetrySpec": "spec.model",
     "load_spec": "spec.parse", "parse_spec": "spec.parse",
     "job_status": "tools.status",
 }
 
 if TYPE_CHECKING:
+    from .backends import run_job
     from .backends.ray.driver import run_on_ray
     from .backends.shards import MergeSummary, Shard, merge_job
     from .engine.progress import BarProgress, LogProgress, NullProgress, Progress
-    from .engine.run import run_job
     from .engine.summary import Summary
-    from .spec.parse import ApiSpec, JobSpec, RetrySpec, load_spec, parse_spec
+    from .spec.model import ApiSpec, JobSpec, RetrySpec
+    from .spec.parse import load_spec, parse_spec
     from .tools.status import job_status
 
 

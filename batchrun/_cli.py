@@ -12,13 +12,13 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ._exceptions import ConfigError, Interrupted, JobAborted, UsageError
+from .backends import run_job
 from .backends.shards import Shard, merge_job
 from .engine.progress import make_progress
-from .engine.run import run_job
 from .policy.pricing import usd
 from .spec.parse import load_spec
 from .tools.export import export_job
@@ -75,6 +75,36 @@ examples:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Outside the worker pool (which handles signals itself), SIGTERM and Ctrl-C stop
+    # the run the same way: an exception that leaves the saved state as it was.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        code = COMMANDS[args.command][2](args)
+        sys.stdout.flush()  # a closed pipe is met here, not at the interpreter's exit
+        return code
+    except UsageError as exc:
+        print(f"batchrun: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except JobAborted as exc:
+        print(f"batchrun: aborted: {exc}", file=sys.stderr)
+        summary = getattr(exc, "summary", None)
+        if summary is not None:
+            print(f"batchrun: {summary.line()}", file=sys.stderr)
+        if exc.rerun_resumes:
+            print("batchrun: rerun the same command to resume", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:  # `batchrun plan JOB | head`: the reader went away, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout at exit)
+        return 128 + signal.SIGPIPE
+    except Exception:  # a bug, not a user error: show it all
+        traceback.print_exc()
+        print("batchrun: internal error; the saved progress is intact, rerun to resume", file=sys.stderr)
+        return INTERNAL_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchrun",
         description="Run batches of LLM requests against OpenAI-compatible APIs, resumably.",
@@ -82,11 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_, epilog, _, add_arguments) in COMMANDS.items():
+        command = commands.add_parser(name, help=help_, epilog=epilog,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_argument("job", metavar="JOB", help="the job spec (YAML)")
+        add_arguments(command)
+    return parser
 
-    run = commands.add_parser(
-        "run", help="run or resume a job", epilog=RUN_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    run.add_argument("job", metavar="JOB", help="the job spec (YAML)")
+
+def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--limit", type=_positive, metavar="N", help="settle only the first N input rows")
     run.add_argument("--restart", action="store_true", help="discard the saved progress and start over")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
@@ -109,71 +143,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--ray-workers", type=_positive, default=4, metavar="N",
                      help="with --ray: shards run at once, each with 1/N of concurrency (default 4)")
 
-    merge = commands.add_parser(
-        "merge", help="make a sharded job's output from its shards' parts, sending no request",
-        epilog=MERGE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    merge.add_argument("job", metavar="JOB", help="the job spec (YAML)")
+
+def _merge_arguments(merge: argparse.ArgumentParser) -> None:
     merge.add_argument("--dataset", action="store_true",
                        help="a Parquet dataset folder of the parts (no copy) instead of one file")
 
-    status = commands.add_parser(
-        "status",
-        help="show a job's progress from its saved state, sending no request",
-        epilog=STATUS_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    status.add_argument("job", metavar="JOB", help="the job spec (YAML)")
+
+def _status_arguments(status: argparse.ArgumentParser) -> None:
     status.add_argument("--json", action="store_true", help="one line of JSON (as the status file beside the output)")
 
-    plan = commands.add_parser(
-        "plan", help="what a run would send and could cost, sending nothing",
-        epilog=PLAN_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    plan.add_argument("job", metavar="JOB", help="the job spec (YAML)")
+
+def _plan_arguments(plan: argparse.ArgumentParser) -> None:
     plan.add_argument("--json", action="store_true", help="one line of JSON")
     plan.add_argument("--restart", action="store_true", help="plan `run --restart`: as if the saved progress "
                                                              "were discarded")
 
-    export = commands.add_parser(
-        "export", help="write a finished job's answers as a fine-tuning set or OpenAI Batch API files",
-        epilog=EXPORT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    export.add_argument("job", metavar="JOB", help="the job spec (YAML)")
+
+def _export_arguments(export: argparse.ArgumentParser) -> None:
     export.add_argument("out", metavar="OUT", help="the .jsonl file to write")
     export.add_argument("--format", required=True, choices=("sft", "openai-batch"),
                         help="sft: {messages} samples; openai-batch: the Batch API's output (and error) file")
     export.add_argument("--include-truncated", action="store_true", help="sft: answers cut by max_tokens too")
     export.add_argument("--all-choices", action="store_true", help="sft: a sample per choice of n")
     export.add_argument("--weight", metavar="COLUMN", help="sft: the answer's weight, 0 or 1, from this output column")
-
-    args = parser.parse_args(argv)
-    # Outside the worker pool (which handles signals itself), SIGTERM and Ctrl-C stop
-    # the run the same way: an exception that leaves the saved state as it was.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
-    try:
-        code = {"run": _run, "status": _status, "export": _export, "plan": _plan, "merge": _merge}[args.command](args)
-        sys.stdout.flush()  # a closed pipe is met here, not at the interpreter's exit
-        return code
-    except UsageError as exc:
-        print(f"batchrun: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except JobAborted as exc:
-        print(f"batchrun: aborted: {exc}", file=sys.stderr)
-        summary = getattr(exc, "summary", None)
-        if summary is not None:
-            print(f"batchrun: {summary.line()}", file=sys.stderr)
-        if exc.rerun_resumes:
-            print("batchrun: rerun the same command to resume", file=sys.stderr)
-        return exc.exit_code
-    except BrokenPipeError:  # `batchrun plan JOB | head`: the reader went away, which is no error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout at exit)
-        return 128 + signal.SIGPIPE
-    except Exception:  # a bug, not a user error: show it all
-        traceback.print_exc()
-        print("batchrun: internal error; the saved progress is intact, rerun to resume", file=sys.stderr)
-        return INTERNAL_ERROR
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -285,3 +277,17 @@ def _status(args: argparse.Namespace) -> int:
               + (f" (pid {shard['pid']})" if shard["state"] == "running" else "")
               + (f": {shard['reason']}" if shard.get("reason") else ""))
     return 0
+
+
+# Each command: its help, its examples, what runs it, and its arguments beside JOB
+COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], int],
+                          Callable[[argparse.ArgumentParser], None]]] = {
+    "run": ("run or resume a job", RUN_EXAMPLE, _run, _run_arguments),
+    "merge": ("make a sharded job's output from its shards' parts, sending no request", MERGE_EXAMPLE, _merge,
+              _merge_arguments),
+    "status": ("show a job's progress from its saved state, sending no request", STATUS_EXAMPLE, _status,
+               _status_arguments),
+    "plan": ("what a run would send and could cost, sending nothing", PLAN_EXAMPLE, _plan, _plan_arguments),
+    "export": ("write a finished job's answers as a fine-tuning set or OpenAI Batch API files", EXPORT_EXAMPLE,
+               _export, _export_arguments),
+}

@@ -9,7 +9,7 @@ only by calling the operator's `on_kill` from its signal handler, in the thread 
 `execute`. A PythonOperator calling `run_job` has nothing there: the job goes on sending
 requests until the supervisor's SIGKILL, and the answers then in flight are paid for and
 lost. Raised from the handler, an exception interrupts `run_job` the way any exception
-raised into its caller's thread does (`_runner._run_beside`).
+raised into its caller's thread does (`engine.bridge.run_beside`).
 
 Importing this module imports Airflow; `import batchrun` never does.
 """
@@ -26,9 +26,9 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
 from ._exceptions import BatchrunError, ConfigError, Interrupted, UsageError
+from .backends import run_job
 from .backends.shards import Shard
 from .engine.progress import LogProgress
-from .engine.run import run_job
 from .engine.summary import Summary
 from .spec.parse import JobSpec, load_spec, parse_spec
 from .tools.status import job_status

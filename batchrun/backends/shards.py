@@ -25,27 +25,32 @@ the command that remakes it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import re
 import shutil
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._exceptions import ConfigError, InputError, JobAborted, StateMismatchError, StorageError, UsageError
+from ..engine.limits import Limits
+from ..engine.run import RunOptions, run_part
+from ..engine.summary import Summary
 from ..inputs.reader import InputReader
 from ..storage.columns import extra_columns
+from ..storage import Store, open_store
 from ..storage.lock import lock_holder
-from ..storage.objects import Remote, job_inputs
 from ..storage.output import OutputWriter, fsync, parquet_writer
+from ..spec.parse import JobSpec
 from ..storage.state import StateStore, differences, state_path
+from .base import Backend
 
-if TYPE_CHECKING:
-    from ..spec.parse import JobSpec
-
-__all__ = ["MergeSummary", "Shard", "check_siblings", "find_shards", "input_rows", "merge_job", "pull_shard_states",
-           "shard_output", "try_merge"]
+__all__ = ["MergeSummary", "Shard", "ShardBackend", "ShardPart", "check_siblings", "find_shards", "input_rows",
+           "merge_job", "pull_shard_states", "shard_output", "shard_sums", "slice_of", "try_merge"]
 
 _NAME = re.compile(r"(\d{5})-of-(\d{5})\.batchrun\.sqlite")
 
@@ -80,7 +85,26 @@ class Shard:
         return f"{self.index}/{self.count}"
 
     def bounds(self, rows: int) -> tuple[int, int]:
-        return rows * self.index // self.count, rows * (self.index + 1) // self.count
+        """The shard's rows [start, stop) of a job of `rows` rows."""
+        return slice_of(rows, self.index, self.count)
+
+
+def slice_of(total: int, index: int, count: int) -> tuple[int, int]:
+    """Slice `index` of `count` of `total` things (a job's rows, its requests in flight,
+    its budget): [start, stop), contiguous and in order, their sizes at most one apart."""
+    return total * index // count, total * (index + 1) // count
+
+
+def shard_sums(parts: Iterable[Mapping[str, Any]], names: Iterable[str], *,
+               optional: Iterable[str] = ()) -> dict[str, Any]:
+    """The shards' counts added up: each of `names` (a count missing or None is 0), and
+    each of `optional` (a cost: None when no shard has one)."""
+    parts = list(parts)
+    sums: dict[str, Any] = {name: sum(part.get(name) or 0 for part in parts) for name in names}
+    for name in optional:
+        values = [part[name] for part in parts if part.get(name) is not None]
+        sums[name] = sum(values) if values else None
+    return sums
 
 
 def shard_folder(output: Path) -> Path:
@@ -113,20 +137,14 @@ def dataset_part(index: int, count: int) -> str:
     return f"part-{index:05d}-of-{count:05d}.parquet"
 
 
-def pull_shard_states(remote: Remote, output: Path) -> set[str]:
+def pull_shard_states(storage: Store, output: Path) -> set[str]:
     """Bring the states of a sharded job's shards from the store, not their parts (for
     `status`: the parts are the job's size); return the names the store's shard folder holds."""
-    import pyarrow.fs as pafs
-
     folder = shard_folder(output)
-    try:
-        infos = remote.fs.get_file_info(pafs.FileSelector(remote.path_of(folder), allow_not_found=True))
-    except OSError as exc:  # pyarrow's IO errors
-        raise StorageError(f"{remote.url_of(folder)}: cannot list: {exc}") from exc
-    names = {info.base_name for info in infos if info.type == pafs.FileType.File}
+    names = storage.names_in(folder)
     for name in sorted(names):
         if _NAME.fullmatch(name) and not lock_holder(folder / name):  # a shard running here has the newest
-            remote.pull_state(folder / name)
+            storage.pull_state(folder / name)
     return names
 
 
@@ -219,10 +237,8 @@ def merge_job(spec: JobSpec, *, dataset: bool = False) -> MergeSummary:
     NotReady (exit 3) while a shard is missing, unfinished or running.
     """
     folder = shard_folder(spec.output)
-    remote = None
-    if spec.output_url:  # the shards ran on other machines: their states and parts are on the store
-        remote = Remote(spec.output_url, spec.output)
-        remote.pull_folder(folder)
+    storage = open_store(spec)
+    storage.pull_folder(folder)  # the shards may have run on other machines: their states and parts
     shards = find_shards(spec.output)
     if not shards:
         raise ConfigError(f"{folder}: no shards of {spec.name} to merge; run it with --shard I/N first")
@@ -234,24 +250,34 @@ def merge_job(spec: JobSpec, *, dataset: bool = False) -> MergeSummary:
     # Two shards finishing at once: one checks, remakes and merges, then the other
     with _merge_lock(folder):
         finished = _finished_shards(spec, shards, count)
-        remade = []
-        for done in finished:
-            if (damage := _damage(done)) is not None:
-                _remake_part(spec, done, damage)
-                if remote is not None:
-                    remote.push_file(done.part)
-                remade.append(str(done.shard))
-        parts = [done.part for done in finished]
-        if dataset:
-            _link_parts(parts, dataset_folder(spec.output))
-        else:
-            _concatenate(parts, spec.output)
-        if remote is not None:
-            for made in sorted(dataset_folder(spec.output).iterdir()) if dataset else [spec.output]:
-                remote.push_file(made)
-    where = dataset_folder(spec.output) if dataset else spec.output
-    ok, failed = sum(done.ok for done in finished), sum(done.failed for done in finished)
-    return MergeSummary(remote.url_of(where) if remote else where, count, ok + failed, ok, failed, tuple(remade))
+        remade = _remake_damaged(spec, storage, finished)
+        where = _join_parts(spec, storage, [done.part for done in finished], dataset=dataset)
+    sums = shard_sums((vars(done) for done in finished), ("ok", "failed"))
+    return MergeSummary(storage.where(where), count, sums["ok"] + sums["failed"], sums["ok"], sums["failed"],
+                        tuple(remade))
+
+
+def _remake_damaged(spec: JobSpec, storage: Store, finished: list[_Finished]) -> list[str]:
+    """Write again every part that is missing, damaged or not its state's; the shards
+    (`I/N`) whose part was remade."""
+    remade = []
+    for done in finished:
+        if (damage := _damage(done)) is not None:
+            _remake_part(spec, storage, done, damage)
+            storage.push_file(done.part)
+            remade.append(str(done.shard))
+    return remade
+
+
+def _join_parts(spec: JobSpec, storage: Store, parts: list[Path], *, dataset: bool) -> Path:
+    """The job's output from its parts, in order: one file, or a dataset folder; published."""
+    if dataset:
+        _link_parts(parts, dataset_folder(spec.output))
+    else:
+        _concatenate(parts, spec.output)
+    for made in sorted(dataset_folder(spec.output).iterdir()) if dataset else [spec.output]:
+        storage.push_file(made)
+    return dataset_folder(spec.output) if dataset else spec.output
 
 
 def _finished_shards(spec: JobSpec, shards: dict[Shard, Path], count: int) -> list[_Finished]:
@@ -320,7 +346,7 @@ def _damage(done: _Finished) -> str | None:
     return None
 
 
-def _remake_part(spec: JobSpec, done: _Finished, damage: str) -> None:
+def _remake_part(spec: JobSpec, storage: Store, done: _Finished, damage: str) -> None:
     """Write a finished shard's part again from its state and the input, as its run wrote
     it (under the shard's lock, to a temporary name renamed over the old one); sends nothing."""
 
@@ -339,7 +365,7 @@ def _remake_part(spec: JobSpec, done: _Finished, damage: str) -> None:
     try:
         meta = store.meta()
         try:
-            reader = InputReader(job_inputs(spec))
+            reader = InputReader(storage.inputs())
         except InputError as exc:
             raise cannot(str(exc)) from exc
         try:
@@ -433,3 +459,41 @@ def _link_parts(parts: list[Path], folder: Path) -> None:
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise StorageError(f"{folder}: cannot write the merged dataset: {exc.strerror or exc}") from exc
+
+
+class ShardPart:
+    """A shard as the engine runs it (an `engine.part.Part`): its slice of the rows, into
+    its own output part, state and status; its state records `[index, count]`."""
+
+    def __init__(self, output: Path, shard: Shard) -> None:
+        self.shard, self.job_output = shard, output
+        self.output = shard_output(output, shard)
+        self.label = str(shard)
+        self.outputs = (self.output, output)  # --restart: the merged output is no longer the job's
+
+    def bounds(self, rows: int) -> tuple[int, int]:
+        return self.shard.bounds(rows)
+
+    def claim(self, meta: dict[str, Any]) -> None:
+        meta["shard"] = [self.shard.index, self.shard.count]
+        check_siblings(self.job_output, self.shard, meta)
+
+
+class ShardBackend(Backend):
+    """One shard of a job in this process; the last shard to finish merges the parts into
+    one file (`merge="file"`), a dataset folder (`"dataset"`), or none (None: `merge_job`
+    later). `limits`: shared ones, as a Ray worker's are."""
+
+    def __init__(self, shard: Shard, *, merge: str | None = "file", limits: Limits = Limits()) -> None:
+        self.shard, self.merge, self.limits = shard, merge, limits
+
+    def run(self, spec: JobSpec, options: RunOptions) -> Summary:
+        if options.limit is not None:
+            raise ConfigError("--limit and --shard do not go together: a shard's rows are a share of all the rows")
+        summary = run_part(spec, ShardPart(spec.output, self.shard), options, self.limits)
+        if not summary.output_written or self.merge is None:
+            return summary
+        began = time.monotonic()  # the last shard to finish merges
+        outcome = try_merge(spec, dataset=self.merge == "dataset")
+        merged = outcome.line() if isinstance(outcome, MergeSummary) else f"not merged: {outcome}"
+        return dataclasses.replace(summary, merged=merged, elapsed_s=summary.elapsed_s + time.monotonic() - began)

@@ -7,24 +7,24 @@ import os
 from pathlib import Path
 
 from .._exceptions import BatchrunError, InputError, StorageError
-from ..backends.shards import Shard, check_siblings, shard_output
 from ..inputs.reader import InputReader
 from ..spec.parse import JobSpec
-from ..storage.objects import Remote
+from ..storage import Store
 from ..storage.state import StateStore, state_path
+from .part import Part
 
 __all__ = ["open_state", "set_aside"]
 
 
-def open_state(spec: JobSpec, reader: InputReader, *, limit: int | None, restart: bool,
-                shard: Shard | None = None) -> tuple[StateStore, int, dict[str, str], list[str]]:
+def open_state(spec: JobSpec, reader: InputReader, part: Part, *, limit: int | None,
+               restart: bool) -> tuple[StateStore, int, dict[str, str], list[str]]:
     """Open (or make) the job's state and check it belongs to this input and spec.
 
     The input is validated in full the first time; a resume whose input digest
     matches the saved one trusts the saved row count, column types and the optional
     columns its rows ask for (`InputReader.asks`).
     """
-    path = state_path(spec.output if shard is None else shard_output(spec.output, shard))
+    path = state_path(part.output)
     if restart:  # checked before anything is discarded: a bad input must not cost the progress
         digest = reader.fingerprint()
         rows, passthrough = reader.validate()
@@ -51,9 +51,7 @@ def open_state(spec: JobSpec, reader: InputReader, *, limit: int | None, restart
                 "request": spec.request_config()}
         if asks:  # only when rows ask: states saved before this key still match
             meta["asks"] = asks
-        if shard is not None:
-            meta["shard"] = [shard.index, shard.count]
-            check_siblings(spec.output, shard, meta)
+        part.claim(meta)  # which part of the job this is, checked against the others
         store.claim(meta, spec_name=spec.name)
     except BatchrunError as exc:
         store.close(remove=fresh)
@@ -63,7 +61,7 @@ def open_state(spec: JobSpec, reader: InputReader, *, limit: int | None, restart
     return store, rows if limit is None else min(rows, limit), passthrough, asks
 
 
-def set_aside(outputs: list[Path], remote: Remote | None) -> str | None:
+def set_aside(outputs: list[Path], storage: Store) -> str | None:
     """Move the outputs of a job's discarded progress out of the way (`--restart`), here
     and on the store: `x.parquet` becomes `x.parquet.before-restart`. Where the first
     one went, if it was there."""
@@ -74,8 +72,8 @@ def set_aside(outputs: list[Path], remote: Remote | None) -> str | None:
             if output.is_file():
                 os.replace(output, aside)
                 moved = moved or str(aside)
-            if remote is not None and remote.move(output, aside):
-                moved = moved or remote.url_of(aside)
+            if storage.move(output, aside):  # where it is published (a local output has moved already)
+                moved = moved or str(storage.where(aside))
         except OSError as exc:
             raise StorageError(f"{output}: cannot move the output of the discarded progress aside "
                                f"({exc.strerror}); move or delete it, then rerun with --restart") from exc

@@ -26,13 +26,14 @@ if sys.version_info < (3, 11):  # anyio brings the backport there
 from .._exceptions import BatchrunError, InputChangedError, JobAborted, JobFatalAPIError
 from ..endpoints import get_endpoint
 from ..endpoints.result import Result
-from ..http.client import Client, Deferred
+from ..http.client import Deferred
 from ..inputs.reader import InputReader, Row
 from ..policy.retry import FailureStreak
 from ..spec.parse import JobSpec
-from ..storage.objects import Remote
+from ..storage import Store
 from ..storage.output import load_arrow
-from ..tools.status import StatusFile
+from .call import Caller
+from .status import StatusFile
 from .watch import report, upload, watch_progress, watch_signals
 from .writer import HoldNote, Writer
 
@@ -47,8 +48,8 @@ PARKED_POLL_S = 0.5  # a worker waiting for rows set aside looks at `stopping` t
 class Pool:
     """The workers of one run, and the loops beside them (see `watch`)."""
 
-    def __init__(self, spec: JobSpec, client: Client, writer: Writer, reader: InputReader, *, done: bytearray,
-                 total: int, status: StatusFile, remote: Remote | None = None, grace_s: float = GRACE_S) -> None:
+    def __init__(self, spec: JobSpec, client: Caller, writer: Writer, reader: InputReader, *, done: bytearray,
+                 total: int, status: StatusFile, storage: Store, grace_s: float = GRACE_S) -> None:
         self.spec = spec
         self.client = client
         self.writer = writer
@@ -56,7 +57,7 @@ class Pool:
         self.done = done
         self.total = total
         self.status = status
-        self.remote = remote  # the store the state is uploaded to
+        self.storage = storage  # where the state is published
         self.grace_s = grace_s
         self.aborted: JobAborted | None = None
         self.stopping = False
@@ -121,8 +122,7 @@ class Pool:
             outer.start_soon(watch_signals, self)
         outer.start_soon(report, self.status, self.writer, self.client)
         outer.start_soon(watch_progress, self.spec.stall_s, self.spec.name, self.writer, self.client, self)
-        if self.remote is not None:
-            outer.start_soon(upload, self.remote, self.writer, self.status, self.spec.checkpoint.interval_s, self)
+        outer.start_soon(upload, self.storage, self.writer, self.status, self.spec.checkpoint.interval_s, self)
 
     def _rows(self) -> Generator[Row, None, None]:
         """The rows still to do, in input order.

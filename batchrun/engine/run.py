@@ -17,158 +17,143 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import anyio
 import httpx
 
-from .._exceptions import BatchrunError, ConfigError, JobAborted, StorageError
-from ..backends.shards import MergeSummary, Shard, shard_output, try_merge
+from .._exceptions import BatchrunError, JobAborted, StorageError
 from ..http.client import Client
 from ..inputs.reader import InputReader
 from ..inputs.template import Template
-from ..policy.concurrency import ConcurrencyLimit, Control
+from ..policy.concurrency import ConcurrencyLimit
 from ..policy.pricing import Budget
-from ..policy.rate import RateLimiter
-from ..spec.parse import JobSpec, load_spec
+from ..spec.parse import JobSpec
 from ..storage.columns import extra_columns
-from ..storage.lock import lock_holder
-from ..storage.objects import Remote, job_inputs
+from ..storage import open_store
 from ..storage.output import OutputWriter
 from ..storage.state import StateStore, done_rows, state_path
-from ..tools.status import StatusFile, status_path
 from .bridge import run_beside
 from .cache import ResponseCache
+from .call import Caller, HoldLog
+from .limits import Limits
 from .opening import open_state, set_aside
+from .part import Part
 from .pool import GRACE_S, Pool
 from .preflight import check_free_space, check_output, check_sending, read_api_key
 from .progress import NullProgress, Progress
+from .status import StatusFile, status_path
 from .summary import Summary
 from .writer import Writer
 
-__all__ = ["GRACE_S", "Summary", "read_api_key", "run_job"]
+__all__ = ["GRACE_S", "RunOptions", "Summary", "read_api_key", "run_part"]
 
 
-def run_job(
-    job: str | os.PathLike[str] | JobSpec,
-    *,
-    limit: int | None = None,
-    restart: bool = False,
-    retry_failed: bool = False,
-    max_failed_share: float | None = None,
-    progress: Progress | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
-    environ: Mapping[str, str] | None = None,
-    handle_signals: bool = False,
-    shard: Shard | None = None,
-    merge: str | None = "file",
-    rate_limiter: RateLimiter | None = None,
-    concurrency_control: Control | None = None,
-    grace_s: float = GRACE_S,
-) -> Summary:
-    """Run (or resume) a job to completion and write its output.
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run goes, whatever part of the job it runs.
 
-    Returns the Summary when every row is settled (check `summary.failed`); raises
-    UsageError (exit 2) before any request for a bad spec, input, key or state, and
-    JobAborted (exit 3, with `.summary`) when the job stopped early: its progress
-    is saved and the same call resumes it.
+    `limit`: only the first rows; `restart`: discard the saved progress first;
+    `retry_failed`: redo rows failed for good (a 4xx, an invalid answer) too, not only
+    those failed for transient reasons; `max_failed_share` (else the spec's): that share
+    of failed rows still exits 0; `progress`: shown as it goes (none by default);
+    `transport`: the HTTP transport (tests); `environ`: where the key is read (else
+    os.environ); `handle_signals`: SIGINT and SIGTERM stop the run gracefully (the CLI),
+    else it runs beside the caller's thread (`bridge`); `grace_s`: how long requests in
+    flight may finish once the run is asked to stop.
+    """
 
-    A resumed job redoes rows that failed for transient reasons (retries spent on 5xx,
-    timeouts); rows failed for good (a 4xx, an invalid answer) only with `retry_failed`.
-    `max_failed_share` (else the spec's) lets that share of failed rows exit 0.
+    limit: int | None = None
+    restart: bool = False
+    retry_failed: bool = False
+    max_failed_share: float | None = None
+    progress: Progress | None = None
+    transport: httpx.AsyncBaseTransport | None = None
+    environ: Mapping[str, str] | None = None
+    handle_signals: bool = False
+    grace_s: float = GRACE_S
 
-    With `shard`, only that shard's rows are run, into its own state and output part
-    (see `backends.shards`). The shard that finishes last makes the job's output from
-    the parts: one file (`merge="file"`), a dataset folder (`"dataset"`), or none (None:
-    `merge_job` later).
 
-    `rate_limiter` replaces the run's own rate policy: one that shares a job-wide quota
-    with other processes (see `backends.ray`) has the same methods as `RateLimiter`.
-    `concurrency_control` likewise replaces the run's own control of requests in flight.
-    `grace_s`: how long requests in flight may finish once the job is asked to stop
-    (a scheduler that kills a task some seconds after SIGTERM wants less than that).
+def run_part(spec: JobSpec, part: Part, options: RunOptions = RunOptions(), limits: Limits = Limits()) -> Summary:
+    """Run (or resume) one part of a job to completion and write its output.
+
+    Returns the Summary when every row of the part is settled (check `summary.failed`);
+    raises UsageError (exit 2) before any request for a bad spec, input, key or state, and
+    JobAborted (exit 3, with `.summary`) when the run stopped early: its progress is saved
+    and the same call resumes it. `limits`: the rate limiter and control of requests in
+    flight to use instead of the run's own (a backend's, shared with other processes).
     """
     started = time.monotonic()
-    spec = job if isinstance(job, JobSpec) else load_spec(job)
-    env = os.environ if environ is None else environ
+    env = os.environ if options.environ is None else options.environ
     api_key = read_api_key(spec, env)
-    transport, base_url = check_sending(spec, env, api_key, transport)
-    if shard is not None and limit is not None:
-        raise ConfigError("--limit and --shard do not go together: a shard's rows are a share of all the rows")
-    run = _Run(spec, shard, progress or NullProgress())
-    run.open(limit=limit, restart=restart)
+    transport, base_url = check_sending(spec, env, api_key, options.transport)
+    run = _Run(spec, part, options.progress or NullProgress())
+    run.open(limit=options.limit, restart=options.restart)
     try:
-        run.wire(retry_failed=retry_failed, grace_s=grace_s, client=lambda cache: _client(
+        run.wire(retry_failed=options.retry_failed, grace_s=options.grace_s, client=lambda cache, hold_log: _caller(
             spec, run.store, api_key=api_key, transport=transport, base_url=base_url, environ=env,
-            rate_limiter=rate_limiter, concurrency_control=concurrency_control, cache=cache))
-        run.drive(handle_signals)
+            limits=limits, cache=cache, hold_log=hold_log))
+        run.drive(options.handle_signals)
         run.finish()
     finally:
         run.close()
     run.push()
-    merged = None
-    if shard is not None and run.written and merge is not None:  # the last shard to finish merges
-        outcome = try_merge(spec, dataset=merge == "dataset")
-        merged = outcome.line() if isinstance(outcome, MergeSummary) else f"not merged: {outcome}"
-    summary = run.summary(started, merged=merged,
-                          max_failed_share=spec.max_failed_share if max_failed_share is None else max_failed_share)
+    max_failed_share = spec.max_failed_share if options.max_failed_share is None else options.max_failed_share
+    summary = run.summary(started, max_failed_share=max_failed_share)
     if run.pool.aborted is not None:
         run.pool.aborted.summary = summary  # type: ignore[attr-defined]
         raise run.pool.aborted
     return summary
 
 
-def _client(spec: JobSpec, store: StateStore, *, api_key: str | None, transport: httpx.AsyncBaseTransport | None,
-            base_url: str | None, environ: Mapping[str, str], rate_limiter: RateLimiter | None,
-            concurrency_control: Control | None, cache: ResponseCache | None) -> Client:
-    """The run's client, with the limits it was given and the budget earlier runs left."""
-    client = Client(spec, api_key=api_key, transport=transport, base_url=base_url, environ=environ)
-    if rate_limiter is not None:
-        client.limiter = rate_limiter
-    if concurrency_control is not None:
-        client.in_flight = ConcurrencyLimit(spec.concurrency, control=concurrency_control)
-    if cache is not None:
-        client.cache = cache
+def _caller(spec: JobSpec, store: StateStore, *, api_key: str | None, transport: httpx.AsyncBaseTransport | None,
+            base_url: str | None, environ: Mapping[str, str], limits: Limits, cache: ResponseCache | None,
+            hold_log: HoldLog) -> Caller:
+    """The run's calls: its client with the limits it was given, the cache, and the budget
+    earlier runs left, its holds recorded by `hold_log`."""
+    control = limits.concurrency_control
+    in_flight = ConcurrencyLimit(spec.concurrency, control=control) if control is not None else None
+    client = Client(spec, api_key=api_key, transport=transport, base_url=base_url, environ=environ,
+                    limiter=limits.rate_limiter, in_flight=in_flight)
+    budget = None
     if spec.budget.is_set:  # what earlier runs spent counts against it, holds a kill left unsettled too
         spend = store.spend()
-        client.budget = Budget(spec.budget.max_usd, spec.budget.max_tokens, spent_usd=spend.usd,
-                               spent_tokens=spend.tokens, next_hold=spend.next_hold)
-    return client
+        budget = Budget(spec.budget.max_usd, spec.budget.max_tokens, spent_usd=spend.usd,
+                        spent_tokens=spend.tokens, next_hold=spend.next_hold)
+    return Caller(spec, client, cache=cache, budget=budget, hold_log=hold_log)
 
 
 class _Run:
     """One run's parts, from the opened state to the Summary: `open`, `wire`, `drive`,
     `finish`, `close`, `push`, `summary`, in that order."""
 
-    def __init__(self, spec: JobSpec, shard: Shard | None, progress: Progress) -> None:
-        self.spec, self.shard, self.progress = spec, shard, progress
-        self.output_path = spec.output if shard is None else shard_output(spec.output, shard)
+    def __init__(self, spec: JobSpec, part: Part, progress: Progress) -> None:
+        self.spec, self.part, self.progress = spec, part, progress
+        self.output_path = part.output
         self.cache: ResponseCache | None = None
         self.written = False
 
     def open(self, *, limit: int | None, restart: bool) -> None:
         """Check the output's folder, open the state; before any request."""
-        spec, shard, output_path = self.spec, self.shard, self.output_path
+        spec, part, output_path = self.spec, self.part, self.output_path
         check_output(output_path)
         check_free_space(output_path.parent)
-        # With the output on object storage: work in its local mirror, from the newest state
-        self.remote = remote = Remote(spec.output_url, spec.output) if spec.output_url else None
-        if remote is not None:
-            if holder := lock_holder(state_path(output_path)):
-                raise ConfigError(f"this job is already running (pid {holder}, in {output_path.parent})")
-            remote.pull_state(state_path(output_path))
+        # Work on local files, from the newest state there is (an object store's, say)
+        self.storage = storage = open_store(spec)
+        storage.pull_state(state_path(output_path))
         # One reader for the whole run: every pass sees the version of the input that
         # was fingerprinted, even if the file is replaced meanwhile.
         template = Template(spec.template) if spec.template is not None else None
         self.reader = reader = InputReader(
-            job_inputs(spec), endpoint=spec.endpoint, require_model=spec.model is None, template=template,
+            storage.inputs(), endpoint=spec.endpoint, require_model=spec.model is None, template=template,
             reserved=[column.name for column in extra_columns(spec)],
             priced=spec.pricing if spec.budget.max_usd is not None else None)
         self.status = status = StatusFile(status_path(output_path), job=spec.name, output=output_path, rows=0)
-        if shard is not None:
-            status.fixed["shard"] = str(shard)
+        if part.label is not None:
+            status.fixed["shard"] = part.label
         try:
-            self.store, total, self.passthrough, self.asks = open_state(spec, reader, limit=limit, restart=restart,
-                                                                        shard=shard)
+            self.store, total, self.passthrough, self.asks = open_state(spec, reader, part, limit=limit,
+                                                                        restart=restart)
         except BaseException as exc:
             reader.close()
             if getattr(exc, "held_lock", False):
@@ -177,12 +162,12 @@ class _Run:
                 status.stopped(str(exc), exc.exit_code)  # type: ignore[attr-defined]
             raise
         # The output of the progress just discarded must not pass for this run's (status, export)
-        outputs = [output_path, *([spec.output] if shard is not None else [])]
-        self.set_aside = set_aside(outputs, remote) if restart else None
-        # A shard runs rows [start, total): those before it count as done, and are not its to write
-        self.start, self.total = (0, total) if shard is None else shard.bounds(total)
+        self.set_aside = set_aside(list(part.outputs), storage) if restart else None
+        # A part runs rows [start, total): those before it count as done, and are not its to write
+        self.start, self.total = part.bounds(total)
 
-    def wire(self, *, retry_failed: bool, grace_s: float, client: Callable[[ResponseCache | None], Client]) -> None:
+    def wire(self, *, retry_failed: bool, grace_s: float,
+             client: Callable[[ResponseCache | None, HoldLog], Caller]) -> None:
         """The writer, the client and the pool, from the state's rows and counts."""
         spec, store, start, total = self.spec, self.store, self.start, self.total
         states = store.row_states(total)
@@ -192,15 +177,13 @@ class _Run:
         self.progress.start(total - start, done.count(1) - start, spent)
         self.status.fixed["rows"] = total - start
         self.cache = ResponseCache(spec.cache) if spec.cache is not None else None
-        self.client = made = client(self.cache)
         self.output = OutputWriter(self.output_path, store, self.reader, rows=total, passthrough=self.passthrough,
                                    extras=extra_columns(spec, self.asks), start=start)
         writer = Writer(store, self.output, self.progress, self.cache, done=done, total=total, start=start,
                         states=states, totals=store.counts(below=total))
-        if made.budget is not None:
-            made.hold_log = writer
+        self.client = made = client(self.cache, writer)
         self.pool = Pool(spec, made, writer, self.reader, done=done, total=total, status=self.status,
-                         remote=self.remote, grace_s=grace_s)
+                         storage=self.storage, grace_s=grace_s)
 
     def drive(self, handle_signals: bool) -> None:
         """Run the pool; an exception raised into the caller's thread leaves every answer saved."""
@@ -217,10 +200,9 @@ class _Run:
             status.write(pool.writer.counts(), requests=self.client.requests_sent, state="stopped",
                          reason=str(exc) if isinstance(exc, BatchrunError) and str(exc) else
                          f"stopped by {type(exc).__name__} in the calling thread", exit_code=3)
-            if self.remote is not None:  # a stop like any other: the store gets the state
-                with contextlib.suppress(StorageError, OSError):
-                    self.remote.push_state(self.store.path)
-                    self.remote.push_file(status.path)
+            with contextlib.suppress(StorageError, OSError):  # a stop like any other: the store gets the state
+                self.storage.push_state(self.store.path)
+                self.storage.push_file(status.path)
             raise
         finally:
             self.progress.close()
@@ -251,30 +233,27 @@ class _Run:
 
     def push(self) -> None:
         """Every stop: the output first, then the state that says it is done."""
-        if self.remote is None:
-            return
         try:
             if self.written:
-                self.remote.push_file(self.output_path)
-            self.remote.push_state(self.store.path)
+                self.storage.push_file(self.output_path)
+            self.storage.push_state(self.store.path)
         except StorageError as exc:  # every answer is saved here; a rerun on this machine uploads them
             self.written = False
             if self.pool.aborted is None:
                 self.pool.aborted = exc
 
-    def summary(self, started: float, *, merged: str | None, max_failed_share: float | None) -> Summary:
+    def summary(self, started: float, *, max_failed_share: float | None) -> Summary:
         """The Summary, also written to the status file (and pushed with it)."""
-        pool, remote, shard, client = self.pool, self.remote, self.shard, self.client
+        pool, storage, client = self.pool, self.storage, self.client
         summary = Summary(
-            job=self.spec.name, output=remote.url_of(self.output_path) if remote else self.output_path,
+            job=self.spec.name, output=storage.where(self.output_path),
             state=self.store.path, rows=self.total - self.start, requests=client.requests_sent,
             elapsed_s=time.monotonic() - started, output_written=self.written,
             aborted=str(pool.aborted) if pool.aborted else None, max_failed_share=max_failed_share,
-            shard=str(shard) if shard is not None else None, merged=merged, set_aside=self.set_aside,
+            shard=self.part.label, set_aside=self.set_aside,
             uncacheable=client.uncacheable, unmetered=self.spend.unmetered, **self.counts)
         self.status.write(self.counts, requests=client.requests_sent, state="finished" if self.written else "stopped",
                           reason=summary.aborted, exit_code=summary.exit_code)
-        if remote is not None:
-            with contextlib.suppress(StorageError):  # the state on the store holds the truth
-                remote.push_file(self.status.path)
+        with contextlib.suppress(StorageError):  # the state on the store holds the truth
+            storage.push_file(self.status.path)
         return summary

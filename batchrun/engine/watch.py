@@ -9,9 +9,9 @@ from typing import Protocol
 import anyio
 
 from .._exceptions import Interrupted, JobAborted, Stalled, StorageError
-from ..http.client import Client
-from ..storage.objects import Remote
-from ..tools.status import EVERY_S, StatusFile
+from ..storage import Store
+from .call import Caller
+from .status import EVERY_S, StatusFile
 from .writer import Writer
 
 __all__ = ["Stoppable", "report", "upload", "watch_progress", "watch_signals"]
@@ -29,27 +29,28 @@ class Stoppable(Protocol):
         """Cancel the requests in flight now (the writer still saves)."""
 
 
-async def report(status: StatusFile, writer: Writer, client: Client) -> None:
+async def report(status: StatusFile, writer: Writer, client: Caller) -> None:
     """The status file: now, then every EVERY_S seconds until the run ends."""
     while True:
         status.write(writer.counts(), requests=client.requests_sent)
         await anyio.sleep(EVERY_S)
 
 
-async def upload(remote: Remote, writer: Writer, status: StatusFile, interval_s: float, pool: Stoppable) -> None:
+async def upload(storage: Store, writer: Writer, status: StatusFile, interval_s: float, pool: Stoppable) -> None:
     """The state (and status) to the store every checkpoint.interval_s: a lost
-    machine costs at most the answers received since."""
+    machine costs at most the answers received since (a local output's store has
+    nothing to do)."""
     while True:
         await anyio.sleep(interval_s)
         try:
-            await anyio.to_thread.run_sync(remote.push_state, writer.store.path)
-            await anyio.to_thread.run_sync(remote.push_file, status.path)
+            await anyio.to_thread.run_sync(storage.push_state, writer.store.path)
+            await anyio.to_thread.run_sync(storage.push_file, status.path)
         except StorageError as exc:
             pool.stop(exc)
             return
 
 
-async def watch_progress(stall_s: float, spec_name: str, writer: Writer, client: Client, pool: Stoppable) -> None:
+async def watch_progress(stall_s: float, spec_name: str, writer: Writer, client: Caller, pool: Stoppable) -> None:
     """Stop a job that settles no row for retry.max_stall_s (a server that refuses every
     request with a retry-after would hold it forever): exit 3, a rerun resumes."""
     most = stall_s

@@ -1,12 +1,12 @@
 """`batchrun run JOB --ray`: one job across a Ray cluster, in shards.
 
-    driver ─┬─▶ limiter actor (named after the job, detached, made again if lost)
-            │        ▲  a worker's reports and leases, a few times a second (`_lease`)
-            ├─▶ task: run_job(shard 0/N, LeasedLimiter) ──────────────┐
+    driver ─┬─▶ limiter actor (named after the job, detached, made again if lost: actor.py)
+            │        ▲  a worker's reports and leases, a few times a second (quota.py)
+            ├─▶ task: shard 0/N, LeasedLimiter (worker.py) ─────────────┐
             ├─▶ task: ...                                             ├─▶ <stem>.shards/
             └─▶ once every task is done: merge_job(spec) ◀────────────┘
 
-Each task is batchrun's own engine on one shard (see `_shards`), with its share of
+Each task is batchrun's own engine on one shard (see `backends.shards`), with its slice of
 the budget and of `concurrency` (the most it may have in flight); the rate limits and
 the limit on requests in flight are the job's, held by the actor, which finds the
 server's limit from every worker's answers and allots it by demand. A task whose
@@ -16,13 +16,13 @@ same actor. An actor that is lost is made again by Ray (its pacing and the limit
 found start over, the rows are in the shards' states): meanwhile the workers go on
 alone, each at its share of the job's last rate and limit.
 
-Ray is imported only here, and only when `--ray` is used.
+This module is the driver; worker.py and actor.py run on the cluster. Ray is imported
+only inside functions, and only when `--ray` is used.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import signal
@@ -30,30 +30,31 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from ..._exceptions import ConfigError, Interrupted, JobAborted, UsageError
+from ...engine.pool import GRACE_S
+from ...engine.preflight import read_api_key
 from ...engine.progress import Progress
-from ...engine.run import GRACE_S, read_api_key, run_job
+from ...engine.run import RunOptions
 from ...engine.summary import Summary
-from ...policy.rate import estimate_tokens
 from ...spec.parse import JobSpec, load_spec
 from ...storage.lock import lock_holder
-from ...storage.state import state_path
 from ...tools.status import job_status
-from ..shards import Shard, find_shards, merge_job, shard_folder, shard_output
-from .quota import HORIZON_S, REFRESH_S, Grant, LeasedLimiter, Quota, Report
+from ..base import Backend
+from ..shards import Shard, find_shards, merge_job, shard_folder, shard_sums
+from .actor import QuotaActor
+from .worker import CALL_TIMEOUT_S, LOCK_WAIT_S, run_shard
 
-__all__ = ["run_on_ray"]
+__all__ = ["RayBackend", "run_on_ray"]
 
 NAMESPACE = "batchrun"  # named actors are found across drivers only within a namespace
 MAX_RETRIES = 5  # runs of a shard whose worker was lost, after the first
-LOCK_WAIT_S = 30.0  # for the processes of a killed attempt or driver to be gone
-CALL_TIMEOUT_S = 5.0  # a call to the actor; past it, the worker goes on alone and tries again
 POLL_S = 0.25  # the driver's look at its tasks and signals (the shards' progress: every second)
+SUMMED = ("rows", "ok", "failed", "prompt_tokens", "completion_tokens", "total_tokens", "requests", "failed_for_good",
+          "cache_hits")  # the job's Summary: its shards' added up
 
 
 def run_on_ray(
@@ -74,42 +75,61 @@ def run_on_ray(
     Returns the job's Summary; raises as `run_job` does (UsageError, JobAborted with
     `.summary`). The output folder must be one every node (and the driver) sees.
     """
-    started = time.monotonic()
     spec = job if isinstance(job, JobSpec) else load_spec(job)
-    workers = max(1, min(workers, spec.concurrency))  # each holds at least one request in flight
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    if address == "local":  # its workers have this environment: a missing key is said before Ray starts
-        read_api_key(spec, os.environ)
-    ray = _import_ray(local=address == "local")
-    progress = progress or Progress()
-    _wait_for_earlier_runs(spec)
-    with _Signals() as signals:
-        owned = _connect(ray, address, workers)
-        signals.install()
-        actor = None
-        try:
-            actor = _limiter(ray, spec, workers)
-            run_id = uuid.uuid4().hex  # --restart: each shard starts over once in this run, not on a retry
-            key_env = spec.api.api_key_env
-            forwarded = {key_env: os.environ[key_env]} if os.environ.get(key_env) else {}
-            task = ray.remote(_run_shard).options(max_retries=MAX_RETRIES, name=f"batchrun {spec.output.name}")
-            refs = [task.remote(spec, Shard(i, workers), actor, forwarded,
-                                {"restart": f"{run_id}/{i}" if restart else None, "retry_failed": retry_failed,
-                                 "max_failed_share": max_failed_share}) for i in range(workers)]
+    options = RunOptions(restart=restart, retry_failed=retry_failed, max_failed_share=max_failed_share,
+                         progress=progress)
+    return RayBackend(address=address, workers=workers, merge=merge).run(spec, options)
+
+
+class RayBackend(Backend):
+    """The job as `workers` shards, each a Ray task (`worker.run_shard`), sharing one
+    quota held by a named actor (`actor.QuotaActor`); the driver merges the parts."""
+
+    def __init__(self, *, address: str | None = None, workers: int = 4, merge: str | None = "file") -> None:
+        self.address, self.workers, self.merge = address, workers, merge
+
+    def run(self, spec: JobSpec, options: RunOptions) -> Summary:
+        started = time.monotonic()
+        workers = max(1, min(self.workers, spec.concurrency))  # each holds at least one request in flight
+        address = self.address or os.environ.get("RAY_ADDRESS") or "local"
+        if address == "local":  # its workers have this environment: a missing key is said before Ray starts
+            read_api_key(spec, os.environ)
+        ray = _import_ray(local=address == "local")
+        progress = options.progress or Progress()
+        _wait_for_earlier_runs(spec)
+        with _Signals() as signals:
+            owned = _connect(ray, address, workers)
+            signals.install()
+            actor = None
             try:
-                outcomes = _wait(ray, refs, spec, progress, signals)
-            except BaseException:  # Ctrl-C, SIGTERM: each shard stops as on SIGTERM, its answers saved
-                _cancel(ray, refs, signals)
-                raise
+                actor = _limiter(ray, spec, workers)
+                refs = _start(ray, spec, workers, actor, options)
+                try:
+                    outcomes = _wait(ray, refs, spec, progress, signals)
+                except BaseException:  # Ctrl-C, SIGTERM: each shard stops as on SIGTERM, its answers saved
+                    _cancel(ray, refs, signals)
+                    raise
+                finally:
+                    progress.close()
+                return _finish(ray, spec, outcomes, self.merge, time.monotonic() - started, options.max_failed_share)
             finally:
-                progress.close()
-            return _finish(ray, spec, outcomes, merge, time.monotonic() - started, max_failed_share)
-        finally:
-            if actor is not None:  # left only by a driver that was killed: its rerun finds it
-                with contextlib.suppress(Exception):  # nothing more to do about it here
-                    ray.kill(actor, no_restart=True)
-            if owned:
-                ray.shutdown()  # a local cluster stops with it
+                if actor is not None:  # left only by a driver that was killed: its rerun finds it
+                    with contextlib.suppress(Exception):  # nothing more to do about it here
+                        ray.kill(actor, no_restart=True)
+                if owned:
+                    ray.shutdown()  # a local cluster stops with it
+
+
+def _start(ray: ModuleType, spec: JobSpec, workers: int, actor: Any, options: RunOptions) -> list[Any]:
+    """One task per shard, each with the key's variable forwarded (a cluster's workers may not have it)."""
+    run_id = uuid.uuid4().hex  # --restart: each shard starts over once in this run, not on a retry
+    key_env = spec.api.api_key_env
+    forwarded = {key_env: os.environ[key_env]} if os.environ.get(key_env) else {}
+    task = ray.remote(run_shard).options(max_retries=MAX_RETRIES, name=f"batchrun {spec.output.name}")
+    return [task.remote(spec, Shard(i, workers), actor, forwarded,
+                        {"restart": f"{run_id}/{i}" if options.restart else None,
+                         "retry_failed": options.retry_failed, "max_failed_share": options.max_failed_share})
+            for i in range(workers)]
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -176,7 +196,7 @@ def _limiter(ray: ModuleType, spec: JobSpec, workers: int) -> Any:
     config = {"requests_per_minute": spec.rate_limit.requests_per_minute,
               "tokens_per_minute": spec.rate_limit.tokens_per_minute, "workers": workers,
               "concurrency": spec.concurrency}
-    actor_class = ray.remote(_QuotaActor).options(
+    actor_class = ray.remote(QuotaActor).options(
         name=limiter_name(spec.output), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
         max_restarts=-1, num_cpus=0)  # no CPU: made again at once, even while the shards hold them all
     actor = actor_class.remote(config)
@@ -316,137 +336,9 @@ def _finish(ray: ModuleType, spec: JobSpec, outcomes: list[Any], merge: str | No
         output_written=written, aborted=str(aborted) if aborted else None,
         max_failed_share=spec.max_failed_share if max_failed_share is None else max_failed_share,
         shard=None, merged=merged or f"{workers} shards on Ray",
-        **_sums([s for s in summaries if s is not None]),
+        **shard_sums((vars(s) for s in summaries if s is not None), SUMMED, optional=("cost_usd", "saved_usd")),
     )
     if aborted is not None:
         aborted.summary = total  # type: ignore[attr-defined]
         raise aborted
     return total
-
-
-def _sums(summaries: list[Summary]) -> dict[str, Any]:
-    names = ("rows", "ok", "failed", "prompt_tokens", "completion_tokens", "total_tokens", "requests",
-             "failed_for_good", "cache_hits")
-    sums: dict[str, Any] = {name: sum(getattr(s, name) for s in summaries) for name in names}
-    for name in ("cost_usd", "saved_usd"):
-        values = [getattr(s, name) for s in summaries if getattr(s, name) is not None]
-        sums[name] = sum(values) if values else None
-    return sums
-
-
-# -- on the cluster ------------------------------------------------------------------------
-
-
-class _QuotaActor:
-    """The job's Quota in a Ray actor. Made again by Ray when lost (its process killed,
-    its node gone); the new one leases nothing before the old one's leases have run out."""
-
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        import ray
-
-        self.config = dict(config)
-        remade = ray.get_runtime_context().was_current_actor_reconstructed
-        self.quota = Quota(**self.config, now=time.monotonic(), pause_s=HORIZON_S if remade else 0.0)
-        self.claimed: set[str] = set()
-
-    def matches(self, config: Mapping[str, Any]) -> bool:
-        return dict(config) == self.config
-
-    def exchange(self, report: Report) -> Grant:
-        return self.quota.exchange(report, time.monotonic())
-
-    def claim(self, key: str) -> bool:
-        """True the first time `key` is asked for: a shard's --restart is done once per run,
-        not again when Ray retries its task."""
-        first = key not in self.claimed
-        self.claimed.add(key)
-        return first
-
-
-def _run_shard(spec: JobSpec, shard: Shard, actor: Any, forwarded: Mapping[str, str],
-               options: Mapping[str, Any]) -> Summary:
-    """A Ray task: one shard of the job, run by batchrun's own engine."""
-    import ray
-
-    limiter = LeasedLimiter(requests_per_minute=spec.rate_limit.requests_per_minute,
-                            tokens_per_minute=spec.rate_limit.tokens_per_minute, workers=shard.count,
-                            tokens_each=estimate_tokens({"prompt": "", **spec.params}),
-                            concurrency=spec.concurrency, worker=shard.index)
-    exchanger = _Exchanger(limiter, actor)
-    try:
-        restart = options["restart"] is not None and ray.get(actor.claim.remote(options["restart"]),
-                                                             timeout=LOCK_WAIT_S)
-        state = state_path(shard_output(spec.output, shard))
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                return run_job(_share(spec, shard), shard=shard, merge=None, rate_limiter=limiter,
-                               concurrency_control=limiter.control,
-                               environ={**os.environ, **forwarded}, restart=restart,
-                               retry_failed=options["retry_failed"], max_failed_share=options["max_failed_share"])
-            except ConfigError:
-                # The attempt this one replaces may hold the lock a moment longer (its
-                # process being killed): wait for it, rather than fail the shard.
-                if lock_holder(state) is None or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.5)
-    finally:
-        exchanger.close()
-
-
-def _share(spec: JobSpec, shard: Shard) -> JobSpec:
-    """The shard's part of what the spec allows the job: requests in flight (the most it
-    may have; the limiter actor allots fewer while the server is full), and budget."""
-    index, count = shard.index, shard.count
-    concurrency = spec.concurrency * (index + 1) // count - spec.concurrency * index // count
-    budget = spec.budget
-    if budget.is_set:
-        budget = dataclasses.replace(
-            budget, max_usd=budget.max_usd / count if budget.max_usd is not None else None,
-            max_tokens=budget.max_tokens // count if budget.max_tokens is not None else None)
-    return dataclasses.replace(spec, concurrency=concurrency, budget=budget)
-
-
-class _Exchanger:
-    """Carries a worker's reports to the limiter actor and its grants back, in a thread:
-    the event loop never waits on the actor. An actor that cannot be reached (lost, being
-    made again) is tried again; meanwhile the worker goes on alone."""
-
-    def __init__(self, limiter: LeasedLimiter, actor: Any) -> None:
-        self.limiter, self.actor = limiter, actor
-        self._stopping = threading.Event()
-        self._send(final=False)  # the first lease, before the first request
-        self._thread = threading.Thread(target=self._loop, name="batchrun-lease", daemon=True)
-        self._thread.start()
-
-    def _send(self, *, final: bool) -> bool:
-        import ray
-
-        made = time.monotonic()
-        report = self.limiter.report(made, final=final)
-        try:
-            grant = ray.get(self.actor.exchange.remote(report), timeout=CALL_TIMEOUT_S)
-        except ray.exceptions.RayError:
-            self.limiter.returned(report, made)
-            return False
-        self.limiter.receive(grant, time.monotonic())
-        return True
-
-    def _loop(self) -> None:
-        last = float("-inf")
-        while not self._stopping.is_set():
-            self.limiter.due.wait(REFRESH_S)
-            now = time.monotonic()
-            if self._stopping.is_set() or not self.limiter.reporting_due(now, last):
-                continue
-            self.limiter.due.clear()
-            last = now
-            if not self._send(final=False):
-                self._stopping.wait(REFRESH_S)
-
-    def close(self) -> None:
-        """Stop, and give back the slots not used (best effort: the actor may be gone)."""
-        self._stopping.set()
-        self.limiter.due.set()
-        self._thread.join(timeout=CALL_TIMEOUT_S + 1)
-        self._send(final=True)

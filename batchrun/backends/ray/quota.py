@@ -50,10 +50,12 @@ from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any
+from typing import Any, ClassVar
 
 from ...policy.concurrency import EPOCH_S, Control
-from ...policy.rate import RATE_HEADERS, RateLimiter, pushed_back
+from ...policy.rate import RateLimiter
+from ...policy.verdict import Verdict
+from ..shards import slice_of
 
 __all__ = ["Grant", "LeasedControl", "LeasedLimiter", "Quota", "Report"]
 
@@ -75,7 +77,7 @@ class Report:
 
     want: bool = False  # another lease, please
     tokens_each: int = 0  # tokens to book with each slot: the worker's recent estimate per request
-    observations: list[tuple[float, int, dict[str, str]]] = field(default_factory=list)  # (ago, status, headers)
+    observations: list[tuple[float, Verdict]] = field(default_factory=list)  # (ago, an answer's verdict)
     tokens: int = 0  # token corrections (real usage against estimates)
     borrowed: list[tuple[float, int]] = field(default_factory=list)  # (seconds ago, tokens) of slots taken alone
     unused: tuple[int, int] = (0, 0)  # slots (and their tokens) given back by a worker that stopped
@@ -173,9 +175,9 @@ class Quota:
         allotment, cautious = self._in_flight(report, now)
         control = self.control
         limiter = self.limiter
-        for ago, status, headers in report.observations:  # (a worker's, some 0.1 s apart, barely out of order)
-            limiter.observe(status, headers, now - ago)
-            if 200 <= status < 300:
+        for ago, verdict in report.observations:  # (a worker's, some 0.1 s apart, barely out of order)
+            limiter.observe(verdict, now - ago)  # as the worker judged it: nothing is read again
+            if verdict.ok:
                 self._last_ok = max(self._last_ok, now - ago)
         limiter.correct_tokens(report.tokens)
         for ago, tokens in report.borrowed:  # booked as of when they were spent
@@ -311,7 +313,7 @@ class LeasedLimiter:
         self._slots: deque[tuple[float, int]] = deque()  # (when, tokens booked with it)
         self._chunk = 1
         self._tokens_each = float(tokens_each)
-        self._observations: deque[tuple[float, int, dict[str, str]]] = deque(maxlen=MAX_OBSERVED)  # (when, ...)
+        self._observations: deque[tuple[float, Verdict]] = deque(maxlen=MAX_OBSERVED)  # (when, verdict)
         self._tokens = 0
         self._borrowed: list[tuple[float, int]] = []  # (when, tokens)
         self._alone_request = self._alone_tokens = 0.0  # the schedule of slots taken without a lease
@@ -353,12 +355,11 @@ class LeasedLimiter:
             self._borrowed.append((start, tokens))
             return start - now
 
-    def observe(self, status: int, headers: Mapping[str, str], now: float, pushed: bool | None = None) -> None:
-        # What the Quota learns from: the headers RateLimiter.observe reads
-        kept = {lower: value for name, value in headers.items() if (lower := name.lower()) in RATE_HEADERS}
+    def observe(self, answer: Verdict, now: float) -> None:
+        # What the Quota learns from: the verdict, as the client judged it
         with self._lock:
-            self._observations.append((now, status, kept))
-        if pushed if pushed is not None else pushed_back(status, headers):
+            self._observations.append((now, answer))
+        if answer.pushed_back:
             self.due.set()  # the other workers should slow down now, not at the next report
 
     def correct_tokens(self, difference: int) -> None:
@@ -380,7 +381,7 @@ class LeasedLimiter:
             want = not final and not self.unlimited and len(self._slots) <= self._chunk and (
                 not self._slots or self._slots[-1][0] - now < HORIZON_S)
             report = Report(want=want, tokens_each=round(self._tokens_each),
-                            observations=[(now - at, status, headers) for at, status, headers in self._observations],
+                            observations=[(now - at, verdict) for at, verdict in self._observations],
                             tokens=self._tokens, borrowed=[(now - at, tokens) for at, tokens in self._borrowed],
                             unused=unused, worker=self.worker, final=final)
             self._observations.clear()
@@ -392,8 +393,7 @@ class LeasedLimiter:
     def returned(self, report: Report, made: float) -> None:
         """`report`, made at `made`, could not be delivered: what it carried goes into the next."""
         with self._lock:
-            self._observations.extendleft((made - ago, status, headers)
-                                          for ago, status, headers in reversed(report.observations))
+            self._observations.extendleft((made - ago, verdict) for ago, verdict in reversed(report.observations))
             self._tokens += report.tokens
             self._borrowed[:0] = [(made - ago, tokens) for ago, tokens in report.borrowed]
             self.control.returned(report, made)
@@ -424,17 +424,18 @@ class LeasedControl:
     the LeasedLimiter's lock, in the thread that talks to the Quota.
     """
 
-    remote = True  # the limit moves in another thread: the gate's waiters look again
+    remote: ClassVar[bool] = True  # the limit moves in another thread: the gate's waiters look again
     fixed = False
 
     def __init__(self, maximum: int, workers: int, worker: int, lock: threading.Lock,
                  due: threading.Event) -> None:
         self.maximum = maximum
         self.workers = workers
-        self.gate: Any = None  # the ConcurrencyLimit this is the control of: it sets itself
+        self.gate: Any = None  # the ConcurrencyLimit this is the control of: it attaches itself
         self._lock, self._due = lock, due
         # Before the first grant, and while the Quota cannot be reached: the worker's share
-        self.limit = self.share = maximum * (worker + 1) // workers - maximum * worker // workers
+        start, stop = slice_of(maximum, worker, workers)
+        self.limit = self.share = stop - start
         self.job_limit = maximum
         self._cautious: int | None = None
         self.generation = 0
@@ -450,6 +451,9 @@ class LeasedControl:
         if cautious and self._cautious is not None:
             return min(self._cautious, self.limit)
         return self.limit
+
+    def attach(self, gate: Any) -> None:
+        self.gate = gate
 
     def entered(self) -> float:
         """A request goes: return when, for `answered`."""
