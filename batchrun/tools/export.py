@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 
 from .._exceptions import ConfigError, InputError, StorageError
 from ..endpoints import get_endpoint, job_endpoint
-from ..inputs.reader import InputReader, Row
+from ..inputs.reader import InputReader
+from ..inputs.rows import Row
 from ..inputs.template import Template
 from ..spec.model import JobSpec
 from ..spec.parse import load_spec
