@@ -24,8 +24,8 @@ from ..engine.pool import GRACE_S
 from ..engine.progress import Progress
 from ..engine.run import RunOptions
 from ..engine.summary import Summary
-from ..policy.concurrency import Control
-from ..policy.rate import RateLimiter
+from ..policy.concurrency import InFlightControl
+from ..policy.rate import Limiter
 from ..spec.parse import JobSpec, load_spec
 from .base import Backend
 from .local import LocalBackend
@@ -47,8 +47,8 @@ def run_job(
     handle_signals: bool = False,
     shard: Shard | None = None,
     merge: str | None = "file",
-    rate_limiter: RateLimiter | None = None,
-    concurrency_control: Control | None = None,
+    rate_limiter: Limiter | None = None,
+    concurrency_control: InFlightControl | None = None,
     grace_s: float = GRACE_S,
 ) -> Summary:
     """Run (or resume) a job to completion and write its output.

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..policy.concurrency import Control
-from ..policy.rate import RateLimiter
+from ..policy.concurrency import InFlightControl
+from ..policy.rate import Limiter
 
 __all__ = ["Limits"]
 
@@ -22,5 +22,5 @@ class Limits:
     `RateLimiter`); `concurrency_control`: in place of its own control of requests in
     flight (the `InFlightControl` methods). None: the run's own, from the spec."""
 
-    rate_limiter: RateLimiter | None = None
-    concurrency_control: Control | None = None
+    rate_limiter: Limiter | None = None
+    concurrency_control: InFlightControl | None = None

@@ -40,7 +40,7 @@ from typing import ClassVar, Protocol
 
 import anyio
 
-__all__ = ["ConcurrencyLimit", "Control", "InFlightControl", "STATED_HEADER"]
+__all__ = ["ConcurrencyLimit", "Control", "InFlightControl", "STATED_HEADER", "answered_lately"]
 
 EPOCH_S = 5.0  # "lately": successes are remembered for one to two of these
 PROBE_FIRST_S = 1.0
@@ -48,6 +48,13 @@ PROBE_MAX_S = 64.0
 STATED_HEADER = "x-ratelimit-api_key-limit-max_parallel_requests"  # LiteLLM's, per key
 POLL_S = 0.02  # how often a waiter looks again at a limit moved by another thread
 ASK_S = 0.1  # how long a remote control's owner takes to answer a worker's report, at most
+
+
+def answered_lately(last_ok: float, now: float) -> bool:
+    """The server's last good answer (at `last_ok`) came within EPOCH_S of `now`: a 429
+    now says the server is full, not closed. The one reading of "lately" for a process's
+    Control, a Ray worker's lease of the job's and the job's Quota."""
+    return now - last_ok < EPOCH_S
 
 
 class InFlightControl(Protocol):
@@ -128,7 +135,7 @@ class Control:
 
     def admitting(self, now: float) -> bool:
         """The server answered well lately: a 429 now says it is full, not closed."""
-        return now - self._last_ok < EPOCH_S
+        return answered_lately(self._last_ok, now)
 
     def entered(self) -> float:
         """(A remote control's: when a request went. A local one needs no note of it.)"""

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, ClassVar
 
-from ...policy.concurrency import EPOCH_S, Control
+from ...policy.concurrency import Control, answered_lately
 from ...policy.rate import RateLimiter
 from ...policy.verdict import Verdict
 from ..shards import slice_of
@@ -184,7 +184,7 @@ class Quota:
             limiter.reserve(tokens, now - ago)
         limiter.release(*report.unused, now)
         lease = {"allotment": allotment, "cautious": cautious, "generation": control.generation,
-                 "limit": control.limit, "admitting": now - self._last_ok < EPOCH_S, "weighed_s": now - self._known}
+                 "limit": control.limit, "admitting": answered_lately(self._last_ok, now), "weighed_s": now - self._known}
         if limiter.rate is None and limiter.tokens_per_s is None:
             return Grant(None, **lease)
         tokens_each = max(1, report.tokens_each)
@@ -485,7 +485,7 @@ class LeasedControl:
     def admitting(self, now: float) -> bool:
         """The server answered this worker or another well lately: a 429 now says it is
         full (and the row waits aside), not closed."""
-        return self._admitting or now - self._last_ok < EPOCH_S
+        return self._admitting or answered_lately(self._last_ok, now)
 
     def stated(self, limit: int) -> None:
         self._stated = limit
