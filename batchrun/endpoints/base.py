@@ -20,7 +20,12 @@ registry (`endpoints.ENDPOINTS`). It says, as attributes:
 and, as methods, how it takes a row (`take`, `check`), where a schema goes in the
 request (`ask_for_schema`), its request body (`build_body`), its answer whole
 (`parse`) and streamed (`stream`), and the OpenAI Batch API body an exported answer
-is rebuilt as (`export_body`).
+is rebuilt as (`export_body`). A `grouped` kind also builds one request for several
+rows (`build_group_body`) and splits its answer into one Result per row (`split`).
+
+`name`, `path`, `field`, `parse` and `export_body` have no default; `stream` may
+raise NotImplementedError for a kind that is never streamed. The other defaults are
+a chat-like endpoint's.
 
 To add one: a module with the subclass, and its line in `ENDPOINTS`. Nothing
 outside `endpoints/` asks which endpoint it is.
@@ -64,7 +69,7 @@ class StreamReader:
 
 
 class Endpoint:
-    """One endpoint kind; the defaults are those of a chat-like endpoint."""
+    """One endpoint kind (see the module's notes for what a kind provides)."""
 
     name: str
     path: str  # after the base URL
