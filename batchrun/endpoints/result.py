@@ -48,7 +48,7 @@ class Result:
     transient: bool = False
     # Not stored: a grouped answer's vectors, one per row, until the client shares them out
     vectors: list[bytes] | None = None
-    # Not stored: where the response cache keeps this answer, once it is saved (see `_cache`)
+    # Not stored: where the response cache keeps this answer, once it is saved (see `engine.cache`)
     cache_key: str | None = None
     # Not stored: the budget's hold on the request that answered, let go when this is saved
     hold: int | None = None

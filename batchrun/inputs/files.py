@@ -3,7 +3,7 @@
 `input:` may name one file, a glob or a list of either; `expand_inputs` turns that into
 the files themselves, in sorted order, and `InputFile` reads one of them, whatever its
 format: JSONL (gzipped or not) line by line, Parquet and CSV through Arrow as typed
-record batches (CSV's own rules are in `_csv`). Each file is pinned (`_source`) for the
+record batches (CSV's own rules are in `csv_lines`). Each file is pinned (`pinned`) for the
 whole job.
 """
 
@@ -165,7 +165,7 @@ class InputFile:
 
     def _csv_records(self) -> Iterator[Record]:
         """A CSV file's rows, each named by the line it starts on, which a scan of the same
-        bytes finds beside pyarrow's read (see `_csv`)."""
+        bytes finds beside pyarrow's read (see `csv_lines`)."""
         if any(pa.types.is_binary(field.type) for field in self.arrow_schema()):
             self._scan_csv()  # text that is not UTF-8, in the first block: the scan names its line
         with self._pinned.open() as raw, self._pinned.open() as scan:

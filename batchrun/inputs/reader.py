@@ -42,7 +42,7 @@ class InputReader:
     """Streams rows from the input's files as one table, from the start each time it is asked.
 
     Every pass reads the version of each file that was there when the reader was
-    made (see `_source`); `close()` lets them go.
+    made (see `pinned`); `close()` lets them go.
     """
 
     def __init__(

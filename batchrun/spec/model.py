@@ -68,7 +68,7 @@ class ApiSpec:
 
 @dataclass(frozen=True)
 class JobSpec:
-    input: tuple[Path, ...]  # files or globs, absolute; see `_files.expand_inputs`
+    input: tuple[Path, ...]  # files or globs, absolute; see `inputs.files.expand_inputs`
     output: Path
     model: str | None = None
     endpoint: str | None = None
@@ -78,16 +78,16 @@ class JobSpec:
     retry: RetrySpec = field(default_factory=RetrySpec)
     rate_limit: RateLimitSpec = field(default_factory=RateLimitSpec)
     api: ApiSpec = field(default_factory=ApiSpec)
-    template: Mapping[str, Any] | None = None  # see `_template`
+    template: Mapping[str, Any] | None = None  # see `inputs.template`
     keep_request: bool = False  # the body as sent, in a `request` column
-    schema: Mapping[str, Any] | None = None  # answers are JSON valid against it: see `_structured`
+    schema: Mapping[str, Any] | None = None  # answers are JSON valid against it: see `engine.structured`
     pricing: Mapping[str, Price] = field(default_factory=dict)  # model -> USD per million tokens
     budget: BudgetSpec = field(default_factory=BudgetSpec)
     max_failed_share: float | None = None  # failed rows up to this share of all rows: exit 0
     tokenizer: Path | None = None  # a Hugging Face tokenizer.json, for `batchrun plan`
-    cache: CacheSpec | None = None  # a response cache shared by jobs: see `_cache`
+    cache: CacheSpec | None = None  # a response cache shared by jobs: see `engine.cache`
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
-    # On object storage (see `_remote`): the URLs; `input` is then empty and `output` the
+    # On object storage (see `storage.objects`): the URLs; `input` is then empty and `output` the
     # local working copy of the output.
     input_urls: tuple[str, ...] = ()
     output_url: str | None = None
