@@ -11,6 +11,12 @@ import pytest
 from batchrun.backends.ray.quota import EXPECT_S, GONE_S, HORIZON_S, STALE_S, Grant, LeasedLimiter, Quota, Report
 from batchrun.policy.concurrency import ConcurrencyLimit
 from batchrun.policy.rate import RateLimiter
+from batchrun.policy.verdict import Verdict, judge
+
+
+def judged(status: int, headers: dict[str, str]) -> Verdict:
+    """The verdict on an answer, as the client judges it once and hands it on."""
+    return judge(status, headers, now=0.0, rand=lambda: 0.5)
 
 
 def quota(workers: int = 4, rpm: float | None = 2700, tpm: float | None = None, **kw: float) -> Quota:
@@ -69,9 +75,9 @@ def test_one_workers_429s_slow_every_worker() -> None:
     now = 0.0
     for _ in range(100):  # 20/s admitted for 5 s, then the server pushes back
         now += 0.05
-        seen.observe(200, {}, now)
+        seen.observe(judged(200, {}), now)
     for _ in range(20):
-        seen.observe(429, {"retry-after": "1"}, now)
+        seen.observe(judged(429, {"retry-after": "1"}), now)
     assert seen.due.is_set()  # a push-back is reported at once, not at the next refresh
     exchange(q, seen, now)
     exchange(q, other, now)
@@ -83,9 +89,9 @@ def test_one_workers_429s_slow_every_worker() -> None:
 
 def test_a_stated_server_limit_seen_by_one_worker_caps_the_job() -> None:
     q, w = quota(rpm=None), worker(rpm=None)
-    w.observe(200, {"x-ratelimit-limit-requests": "600", "content-type": "application/json"}, 0.0)
-    assert w.report(0.0).observations == [(0.0, 200, {"x-ratelimit-limit-requests": "600"})]  # rate headers only
-    w.observe(200, {"x-ratelimit-limit-requests": "600"}, 0.0)
+    w.observe(judged(200, {"x-ratelimit-limit-requests": "600", "content-type": "application/json"}), 0.0)
+    assert w.report(0.0).observations == [(0.0, judged(200, {"x-ratelimit-limit-requests": "600"}))]  # the verdict
+    w.observe(judged(200, {"x-ratelimit-limit-requests": "600"}), 0.0)
     exchange(q, w, 0.0)
     assert q.limiter.rate == pytest.approx(600 / 60 * 0.95)
     assert not w.unlimited
@@ -93,7 +99,7 @@ def test_a_stated_server_limit_seen_by_one_worker_caps_the_job() -> None:
 
 def test_a_litellm_keys_limit_seen_by_one_worker_caps_the_job() -> None:
     q, w = quota(rpm=None), worker(rpm=None)
-    w.observe(200, {"x-ratelimit-api_key-limit-requests": "5", "x-ratelimit-api_key-remaining-requests": "4"}, 0.0)
+    w.observe(judged(200, {"x-ratelimit-api_key-limit-requests": "5", "x-ratelimit-api_key-remaining-requests": "4"}), 0.0)
     exchange(q, w, 0.0)
     assert q.limiter.rate == pytest.approx(5 / 60 * 0.95)
 
@@ -121,11 +127,11 @@ def test_a_worker_out_of_slots_waits_for_the_lease_on_its_way_rather_than_go_alo
 
 def test_a_report_the_actor_never_got_goes_with_the_next() -> None:
     w = worker(rpm=None)
-    w.observe(429, {}, 0.0)
+    w.observe(judged(429, {}), 0.0)
     lost = w.report(0.0)
-    w.observe(200, {}, 0.1)
+    w.observe(judged(200, {}), 0.1)
     w.returned(lost, 0.0)
-    assert w.report(0.2).observations == [(0.2, 429, {}), (pytest.approx(0.1), 200, {})]
+    assert w.report(0.2).observations == [(0.2, judged(429, {})), (pytest.approx(0.1), judged(200, {}))]
 
 
 def test_slots_given_back_by_a_stopping_worker_go_to_the_others() -> None:
@@ -338,7 +344,7 @@ def test_a_worker_hears_at_once_that_another_was_answered() -> None:
     q = quota(workers=2, rpm=None)
     assert not q.exchange(in_flight_report(1, 0, 32, 0), 0.0).admitting
     other = worker(workers=2, rpm=None)
-    other.observe(200, {}, 0.05)
+    other.observe(judged(200, {}), 0.05)
     q.exchange(other.report(0.06), 0.06)
     assert q.exchange(in_flight_report(1, 0, 32, 0), 0.07).admitting  # not only once the answers are weighed
 
