@@ -2,7 +2,7 @@
 
 Workers hand it their answers over a stream; it commits them a group at a time,
 appends the settled rows to the output in row groups, and records the budget's holds
-(the client's `HoldLog`) in the same commits. No lock guards a file: one task owns them.
+(the `HoldLog` of a row's call, engine/holds.py) in the same commits. No lock guards a file: one task owns them.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class Writer:
                     self.output_failed = True
                     self.stop(exc)
 
-    # -- the budget's holds (see `http.client.HoldLog`) ----------------------------------
+    # -- the budget's holds (see `engine.holds.HoldLog`) --------------------------------
 
     async def record(self, hold: Hold) -> None:
         """In the state before its request goes, in the writer's next commit: a kill -9
