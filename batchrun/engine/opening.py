@@ -12,17 +12,19 @@ from ..spec.parse import JobSpec
 from ..storage import Store
 from ..storage.state import StateStore, state_path
 from .part import Part
+from .status import StatusFile
 
 __all__ = ["open_state", "set_aside"]
 
 
-def open_state(spec: JobSpec, reader: InputReader, part: Part, *, limit: int | None,
+def open_state(spec: JobSpec, reader: InputReader, part: Part, status: StatusFile, *, limit: int | None,
                restart: bool) -> tuple[StateStore, int, dict[str, str], list[str]]:
     """Open (or make) the job's state and check it belongs to this input and spec.
 
     The input is validated in full the first time; a resume whose input digest
     matches the saved one trusts the saved row count, column types and the optional
-    columns its rows ask for (`InputReader.asks`).
+    columns its rows ask for (`InputReader.asks`). A refusal of a job that had begun
+    is written to its `status` (never a running job's: its lock was not ours to take).
     """
     path = state_path(part.output)
     if restart:  # checked before anything is discarded: a bad input must not cost the progress
@@ -56,7 +58,8 @@ def open_state(spec: JobSpec, reader: InputReader, part: Part, *, limit: int | N
     except BatchrunError as exc:
         store.close(remove=fresh)
         # A job that never began leaves nothing behind; one that did gets its status updated
-        exc.held_lock = not fresh  # type: ignore[attr-defined]
+        if not fresh:
+            status.stopped(str(exc), exc.exit_code)  # type: ignore[attr-defined]
         raise
     return store, rows if limit is None else min(rows, limit), passthrough, asks
 

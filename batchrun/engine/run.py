@@ -152,14 +152,10 @@ class _Run:
         if part.label is not None:
             status.fixed["shard"] = part.label
         try:
-            self.store, total, self.passthrough, self.asks = open_state(spec, reader, part, limit=limit,
+            self.store, total, self.passthrough, self.asks = open_state(spec, reader, part, status, limit=limit,
                                                                         restart=restart)
-        except BaseException as exc:
+        except BaseException:
             reader.close()
-            if getattr(exc, "held_lock", False):
-                # This run held the lock of a job that had begun: the status is its to write
-                # (never a running job's, nor one for a job that never began)
-                status.stopped(str(exc), exc.exit_code)  # type: ignore[attr-defined]
             raise
         # The output of the progress just discarded must not pass for this run's (status, export)
         self.set_aside = set_aside(list(part.outputs), storage) if restart else None
