@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tests.conftest import (
-    TEST_KEY,
+    assert_key_nowhere,
     cli_env,
     kill_9_during_runs,
+    paid_twice,
     read_output,
     run_cli,
     start_cli,
@@ -159,10 +160,9 @@ def test_kill_9_three_times_then_resume_loses_and_repeats_nothing(tmp_path: Path
     out = read_output(tmp_path / "out/result.parquet")
     assert len(out) == 4000
     assert_exact_answers(out, server, [r["prompt"] for r in rows])
-    paid_twice = sum(len(a) - 1 for a in server.answers.values())
     # A kill loses at most the rows the 32 workers held.
-    assert paid_twice <= 3 * 32, paid_twice
-    print(f"answers paid twice after 3 kills: {paid_twice}")
+    assert paid_twice(server) <= 3 * 32, paid_twice(server)
+    print(f"answers paid twice after 3 kills: {paid_twice(server)}")
 
 
 def test_rejected_rows_fail_with_the_api_message_and_are_not_retried(tmp_path: Path, server: FakeServer) -> None:
@@ -229,10 +229,7 @@ def test_wrong_key_aborts_within_a_handful_of_requests_and_never_leaks(tmp_path:
     assert result.code == 3
     assert "HTTP 401" in result.stderr and "check the API key" in result.stderr
     assert len(server.requests) == 1  # the first row goes alone
-    assert TEST_KEY not in result.stdout + result.stderr
-    for path in tmp_path.rglob("*"):
-        if path.is_file():
-            assert TEST_KEY.encode() not in path.read_bytes(), path
+    assert_key_nowhere(tmp_path, result.stdout, result.stderr)
 
 
 def test_concurrency_bounds_requests_in_flight(tmp_path: Path, server: FakeServer) -> None:

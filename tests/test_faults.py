@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import random
-import signal
 import sqlite3
 from pathlib import Path
 
-from tests.conftest import TEST_KEY, read_output, run_cli, start_cli, write_jsonl, write_spec
+from tests.conftest import (
+    assert_key_nowhere,
+    kill_9_mid_run,
+    paid_twice,
+    read_output,
+    run_cli,
+    start_cli,
+    write_jsonl,
+    write_spec,
+)
 from tests.fakeserver import FakeServer, Faults, request_key
 from tests.test_e2e import assert_exact_answers
 
@@ -32,24 +40,14 @@ def test_every_fault_and_six_kills_lose_nothing_and_repay_only_what_was_in_fligh
     spec = write_spec(tmp_path, concurrency=concurrency, retry={"max_attempts": 10, "backoff_initial_s": 0.01,
                       "backoff_max_s": 0.05}, api={"base_url": server.base_url, "timeout_s": 3})
     rng = random.Random(11)
-    server_in_flight = []  # what the server was working on at each kill
+    kills = []
     in_progress = []  # rows a run had sent and not saved when it was killed, as sets of request keys
-    logs = []
 
     for _ in range(6):
-        sent_before = len(server.requests)
-        proc = start_cli("run", str(spec), "--no-progress")
-        server.wait_for_requests(sent_before + rng.randint(200, 800), timeout=120)
-        with server._cond:
-            in_flight, arrived = server.in_flight, len(server.requests)
-        proc.send_signal(signal.SIGKILL)
-        logs += proc.communicate(timeout=10)
-        assert proc.returncode == -signal.SIGKILL
-        # What the server was working on at the kill: in flight when the signal left, and
-        # what arrived before the process was gone (on a loaded machine, not nothing).
-        server_in_flight.append(in_flight + len(server.requests) - arrived)
+        kill = kill_9_mid_run(spec, server, rng.randint(200, 800), timeout=120)
+        kills.append(kill)
         saved = {keys[row_id] for row_id in _saved_ids(tmp_path / "out/result.batchrun.sqlite")}
-        in_progress.append({r.key for r in server.requests[sent_before:]} - saved)
+        in_progress.append({r.key for r in server.requests[kill.sent_before:]} - saved)
 
     result = run_cli("run", str(spec), "--no-progress", timeout=300)
 
@@ -63,19 +61,16 @@ def test_every_fault_and_six_kills_lose_nothing_and_repay_only_what_was_in_fligh
     # server or on their way back and not yet saved. An answer paid twice is always
     # one of those; a saved answer is never asked for again.
     assert max(map(len, in_progress)) <= concurrency, list(map(len, in_progress))
-    paid_twice = {key: len(answers) - 1 for key, answers in server.answers.items() if len(answers) > 1}
-    assert set(paid_twice) <= set().union(*in_progress)
-    assert sum(paid_twice.values()) <= sum(map(len, in_progress))
+    twice = {key: len(answers) - 1 for key, answers in server.answers.items() if len(answers) > 1}
+    assert set(twice) <= set().union(*in_progress)
+    assert paid_twice(server) == sum(twice.values()) <= sum(map(len, in_progress))
     # The yardstick: the server's own count of requests in flight at the kills.
-    assert sum(paid_twice.values()) <= sum(server_in_flight)
+    server_in_flight = [kill.in_flight for kill in kills]
+    assert paid_twice(server) <= sum(server_in_flight)
     print(f"at the kills: {server_in_flight} requests in flight on the server, "
-          f"{list(map(len, in_progress))} rows sent and not saved; answers paid twice: {sum(paid_twice.values())}")
+          f"{list(map(len, in_progress))} rows sent and not saved; answers paid twice: {paid_twice(server)}")
 
-    for text in [result.stdout, result.stderr, *logs]:
-        assert TEST_KEY not in text
-    for path in tmp_path.rglob("*"):
-        if path.is_file():
-            assert TEST_KEY.encode() not in path.read_bytes(), path
+    assert_key_nowhere(tmp_path, result.stdout, result.stderr, *(text for k in kills for text in (k.stdout, k.stderr)))
 
 
 def _saved_ids(state: Path) -> list[str]:
@@ -114,5 +109,4 @@ def test_a_state_file_removed_under_a_running_job_stops_it_with_a_clear_message(
     assert result.code == 0, result.stderr
     assert len(read_output(tmp_path / "out/result.parquet")) == 2000
     # Only the answers that arrived while the state was gone are paid twice.
-    paid_twice = sum(len(answers) - 1 for answers in server.answers.values())
-    assert paid_twice <= 8, paid_twice
+    assert paid_twice(server) <= 8, paid_twice(server)

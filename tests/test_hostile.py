@@ -17,7 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TEST_KEY, cli_env, read_output, run_cli, start_cli, write_jsonl, write_spec
+from tests.conftest import (
+    REPO,
+    TEST_KEY,
+    assert_key_nowhere,
+    cli_env,
+    paid_twice,
+    read_output,
+    run_cli,
+    start_cli,
+    write_jsonl,
+    write_spec,
+)
 from tests.fakeserver import FakeServer, Faults
 
 
@@ -162,12 +173,7 @@ def test_no_piece_of_the_key_reaches_any_file_or_output(tmp_path: Path, server: 
     out = read_output(tmp_path / "out/result.parquet")
     assert [r["status"] for r in out] == ["ok", "failed", "failed", "failed", "failed", "ok"]
     assert out[4]["error"].startswith("HTTP 500: upstream said: Authorization: Bearer [redacted]")
-    pieces = {TEST_KEY[i:i + 8] for i in range(len(TEST_KEY) - 7)}
-    texts = [result.stdout, result.stderr] + [p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*")
-                                              if p.is_file()]
-    for text in texts:
-        squeezed = "".join(text.split())
-        assert not [p for p in pieces if p in text or p in squeezed]
+    assert_key_nowhere(tmp_path, result.stdout, result.stderr, piece=8)
 
 
 def versioned(version: str, n: int) -> list[dict]:
@@ -303,8 +309,7 @@ def test_a_state_companion_removed_under_a_running_job_is_noticed(tmp_path: Path
     result = run_cli("run", str(spec), "--no-progress")
     assert result.code == 0, result.stderr
     assert len(read_output(tmp_path / "out/result.parquet")) == 3000
-    paid_twice = sum(len(answers) - 1 for answers in server.answers.values())
-    assert paid_twice <= 16, paid_twice  # the rows the workers held when it was noticed
+    assert paid_twice(server) <= 16, paid_twice(server)  # the rows the workers held when it was noticed
 
 
 def test_files_that_hold_answers_are_private_whatever_the_umask(tmp_path: Path, server: FakeServer) -> None:

@@ -4,18 +4,23 @@ never a crash or a silent skip."""
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import httpx
 import pyarrow as pa
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchrun import APIError, InputError, JobFatalAPIError, parse_spec
-from batchrun.endpoints.protocol import Result, StreamAssembler
+from batchrun.endpoints.result import Result
+from batchrun.endpoints.sse import StreamAssembler
+from batchrun.engine.call import Caller
 from batchrun.http.client import Client
 from batchrun.inputs.reader import InputReader, Row
 from batchrun.storage.output import result_schema
@@ -137,10 +142,23 @@ bodies = st.one_of(
 )
 
 
+@pytest.fixture(scope="module")
+def state() -> Iterator[tuple[StateStore, itertools.count[int]]]:
+    """One state for every example, each example's answer on a row of its own: a fresh
+    SQLite file per example cost most of the test's time, and proved nothing more."""
+    with tempfile.TemporaryDirectory() as folder:
+        store = StateStore.open(Path(folder) / "s.sqlite")
+        try:
+            yield store, itertools.count()
+        finally:
+            store.close()
+
+
 @SETTINGS
 @given(bodies, st.sampled_from(["application/json", "text/event-stream"]), st.sampled_from(["chat", "completions"]),
        st.booleans())
-def test_any_answer_gives_a_stored_row_or_a_clear_failure(body: bytes, content_type: str, endpoint: str,
+def test_any_answer_gives_a_stored_row_or_a_clear_failure(state: tuple[StateStore, itertools.count[int]],
+                                                          body: bytes, content_type: str, endpoint: str,
                                                           stream: bool) -> None:
     spec = parse_spec({"input": "i.jsonl", "output": "o.parquet", "model": "m", "params": {"stream": stream},
                        "retry": {"max_attempts": 1}, "api": {"base_url": "http://127.0.0.1:9/v1"}}, environ={})
@@ -149,20 +167,18 @@ def test_any_answer_gives_a_stored_row_or_a_clear_failure(body: bytes, content_t
     client = Client(spec, api_key="sk-property-key", transport=transport)
     body_fields = {"messages": [{"role": "user", "content": "q"}]} if endpoint == "chat" else {"prompt": "q"}
 
+    store, rows = state
+    index = next(rows)
+
     async def main() -> Result:
         async with client:
-            return await client.call(Row(0, "r", endpoint, body_fields, "line 1"))
+            return await Caller(spec, client).call(Row(index, "r", endpoint, body_fields, "line 1"))
 
     result = anyio.run(main)
     assert result.status in ("ok", "failed")
     assert (result.error is None) == (result.status == "ok")
-    with tempfile.TemporaryDirectory() as folder:
-        store = StateStore.open(Path(folder) / "s.sqlite")
-        try:
-            store.save([result])  # SQLite takes it...
-            [row] = store.results(0, 1)
-        finally:
-            store.close()
+    store.save([result])  # SQLite takes it...
+    [row] = store.results(index, index + 1)
     pa.Table.from_arrays([pa.array([value], type=field.type) for value, field in zip(row, result_schema())],
                          schema=result_schema())  # ...and so does the Parquet output
 
@@ -187,7 +203,7 @@ def test_any_refusal_gives_a_failed_row_or_stops_the_job_with_a_message(status: 
 
     async def main() -> Result:
         async with client:
-            return await client.call(Row(0, "r", "completions", {"prompt": "q"}, "line 1"))
+            return await Caller(spec, client).call(Row(0, "r", "completions", {"prompt": "q"}, "line 1"))
 
     try:
         result = anyio.run(main)
