@@ -120,12 +120,3 @@ class ObjectStore(Store):
                 transfer.push_file(local, self.fs, self.path_of(local), local)
 
 
-
-class Remote(ObjectStore):
-    """The name the engine, the merge and `status` used; gone once they ask `open_store`."""
-
-    pull = ObjectStore.pull_file
-
-
-def job_inputs(spec: Any) -> list[Path]:
-    return transfer.input_files(spec.input, spec.input_urls)
