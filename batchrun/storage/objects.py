@@ -118,5 +118,3 @@ class ObjectStore(Store):
         if local.exists():
             with store_errors(f"{self.url_of(local)}: cannot upload {local.name}"):
                 transfer.push_file(local, self.fs, self.path_of(local), local)
-
-
