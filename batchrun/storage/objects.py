@@ -24,8 +24,8 @@ consistent copy of the state is, and how one replaces another, is `state.py`'s.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -46,8 +46,9 @@ def _sibling(url: str, name: str) -> str:
 class ObjectStore(Store):
     """The job's output folder on a store, mirrored by the local folder of `output`."""
 
-    def __init__(self, output_url: str, output: Path, **inputs: Any) -> None:
-        super().__init__(output, **inputs)
+    def __init__(self, output_url: str, output: Path, *, inputs: Sequence[Path] = (),
+                 input_urls: Sequence[str] = ()) -> None:
+        super().__init__(output, inputs=inputs, input_urls=input_urls)
         self.output_url = output_url
         self.local_root = output.parent
         self.fs, output_path = transfer.open_filesystem(output_url)
