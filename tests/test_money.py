@@ -272,10 +272,9 @@ def test_an_answer_without_usage_costs_its_worst_case_never_nothing(tmp_path: Pa
 
 @pytest.mark.slow
 def test_requests_in_flight_at_a_kill_9_count_against_the_budget(tmp_path: Path, server: FakeServer) -> None:
-    import signal
     import threading
 
-    from tests.conftest import start_cli
+    from tests.conftest import kill_9, start_cli
 
     gate, holding = threading.Event(), [False]
     server.faults = Faults(hold=lambda body: gate if holding[0] else None)
@@ -295,8 +294,7 @@ def test_requests_in_flight_at_a_kill_9_count_against_the_budget(tmp_path: Path,
         with server._cond:
             holding[0], mark = True, len(server.requests)
         server.wait_for_requests(mark + 8, timeout=60)  # every worker's request is held
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=10)
+        kill_9(proc)
         cut_off += server.requests[mark:]
         gate.set()  # the server lets go of them: their client is gone
     holding[0] = False

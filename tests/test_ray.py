@@ -32,7 +32,18 @@ import pytest
 
 from batchrun.backends.ray.driver import limiter_name
 from batchrun.spec.parse import load_spec
-from tests.conftest import REPO, TEST_KEY, CLIResult, cli_env, read_output, run_cli, write_jsonl, write_spec
+from tests.conftest import (
+    REPO,
+    TEST_KEY,
+    CLIResult,
+    cli_env,
+    kill_9,
+    paid_twice as answers_paid_twice,
+    read_output,
+    run_cli_process,
+    write_jsonl,
+    write_spec,
+)
 from tests.fakeserver import FakeServer, Faults
 
 pytestmark = pytest.mark.slow
@@ -77,7 +88,8 @@ def env() -> dict[str, str]:
 
 
 def run_ray_cli(spec: Path, address: str, *args: str) -> CLIResult:
-    return run_cli("run", str(spec), "--ray", address, *args, env=env(), timeout=HANG_S)
+    # A process of its own, as a user runs it: Ray keeps a driver's state for the life of its process
+    return run_cli_process("run", str(spec), "--ray", address, *args, env=env(), timeout=HANG_S)
 
 
 @contextlib.contextmanager
@@ -116,7 +128,7 @@ def assert_every_row_once_as_answered(spec: Path, server: FakeServer, rows: int,
         assert row["status"] == "ok"
         assert row["output_text"] in {a["choices"][0]["text"] for a in server.answers[f"row {row['row_index']}"]}
     assert len(server.answers) == rows
-    assert sum(len(answers) - 1 for answers in server.answers.values()) <= paid_twice
+    assert answers_paid_twice(server) <= paid_twice
 
 
 def row_of(body: dict) -> int:
@@ -211,9 +223,7 @@ def test_a_driver_killed_mid_run_then_run_again_finishes_the_job(
     spec = job(tmp_path, server, rows, rpm=6000)
     with started_ray_cli(spec, cluster) as driver:
         wait_for_requests(server, 200)
-        driver.send_signal(signal.SIGKILL)
-        driver.communicate(timeout=HANG_S)
-    assert driver.returncode == -signal.SIGKILL
+        kill_9(driver)
     assert not (tmp_path / "out/result.parquet").exists()
     rerun.set()
 
@@ -324,7 +334,7 @@ def test_ray_makes_its_own_shards(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": "hi"}])
     spec = write_spec(tmp_path, api={"base_url": "mock://"})
 
-    result = run_cli("run", str(spec), "--ray", "--shard", "0/2", env=env())
+    result = run_cli_process("run", str(spec), "--ray", "--shard", "0/2", env=env())
 
     assert result.code == 2
     assert "drop --shard" in result.stderr
@@ -337,7 +347,7 @@ def test_an_address_where_no_cluster_listens_is_said_at_once(tmp_path: Path) -> 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
 
-    result = run_cli("run", str(spec), "--ray", f"127.0.0.1:{port}", env=env(), timeout=30)
+    result = run_cli_process("run", str(spec), "--ray", f"127.0.0.1:{port}", env=env(), timeout=30)
 
     assert result.code == 2
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in result.stderr

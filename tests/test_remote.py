@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, TEST_KEY, cli_env, run_cli, write_spec
+from tests.conftest import TEST_KEY, cli_env, kill_9, run_cli, start_cli, write_spec
 from tests.fakeserver import FakeServer, Faults
 
 
@@ -84,15 +83,12 @@ def test_a_job_killed_on_one_machine_resumes_on_another_from_the_store(
     spec = write_spec(tmp_path, input="s3://kill/in/part-*.jsonl", output="s3://kill/out/answers.parquet",
                       concurrency=8, checkpoint={"interval_s": interval}, api={"base_url": server.base_url})
 
-    first = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--no-progress"], cwd=REPO,
-                             env=_env(s3, tmp_path / "machine-1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = start_cli("run", str(spec), "--no-progress", env=_env(s3, tmp_path / "machine-1"))
     started = time.monotonic()
     while len(server.requests) < 2500 or time.monotonic() - started < 2.5 * interval:
         assert first.poll() is None, first.communicate()
         time.sleep(0.01)
-    first.send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    first.communicate(timeout=10)
+    killed = kill_9(first).at
     answered_before = {r.key for r in list(server.requests) if r.outcome == "ok"}
     assert fs.get_file_info("kill/out/answers.batchrun.sqlite").type == pafs.FileType.File  # uploaded meanwhile
     assert fs.get_file_info("kill/out/answers.parquet").type == pafs.FileType.NotFound

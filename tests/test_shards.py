@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.backends.shards import Shard
-from tests.conftest import read_output, run_cli, start_cli, write_jsonl, write_spec
+from tests.conftest import kill_9, paid_twice, read_output, run_cli, start_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
 from tests.test_remote import _bucket, _env, _put_jsonl, s3  # noqa: F401 (s3: the fixture)
 
@@ -54,9 +53,7 @@ def test_four_shards_at_once_with_faults_and_kills_merge_every_row_once_in_order
         deadline = time.monotonic() + 60
         while sent_by_victim() < target and time.monotonic() < deadline:
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=10)
-        assert proc.returncode == -signal.SIGKILL
+        kill_9(proc)
     outs = [proc.communicate(timeout=120) for proc in others]
     assert [proc.returncode for proc in others] == [0, 0, 0], outs
     assert not (tmp_path / "out/result.parquet").exists()  # shard 2 has not finished
@@ -71,8 +68,7 @@ def test_four_shards_at_once_with_faults_and_kills_merge_every_row_once_in_order
     for row in out:
         assert row["status"] == "ok"
         assert row["output_text"] in {a["choices"][0]["text"] for a in server.answers[f"row {row['row_index']}"]}
-    paid_twice = sum(len(answers) - 1 for answers in server.answers.values())
-    assert paid_twice <= 2 * 16, paid_twice  # a kill costs at most the victim's requests in flight
+    assert paid_twice(server) <= 2 * 16, paid_twice(server)  # a kill costs at most the victim's requests in flight
     status = json.loads(run_cli("status", str(spec), "--json").stdout)
     assert status["state"] == "finished" and status["ok"] == rows and status["shard_count"] == 4
     assert status["exit_code"] == 0  # the job's, as for a run in one process
