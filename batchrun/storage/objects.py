@@ -14,7 +14,8 @@ A run on a fresh machine (an Airflow retry in a new pod) downloads the state and
 resumes: what it pays again is at most the answers received since the last upload.
 A run on the machine that uploaded last keeps its local state, which is as new or
 newer; a state on the store that another machine uploaded since wins. Input URLs
-are downloaded once per content (size and modification time) into the same folder.
+are downloaded into a local folder of their own, again only when the store holds
+other content (its ETag, else its size and time: see `transfer.py`).
 
 Credentials come from the store's usual environment and configuration
 (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, `AWS_ENDPOINT_URL`, `GOOGLE_APPLICATION_CREDENTIALS`,
