@@ -103,11 +103,11 @@ def test_a_hold_let_go_without_an_answer_to_save_is_released_from_the_state() ->
     assert released == [7]
 
 
-def test_a_failed_groups_cost_is_shared_by_input_length() -> None:
+def test_a_failed_groups_cost_is_split_by_input_length() -> None:
     request = Result(0, "r", "failed", cost_usd=3e-6)
     rows = [Result(i, f"r{i}", "failed") for i in range(2)]
-    Holds.share_cost(rows, request, [2, 1], paid=True)
+    Holds.split_cost(rows, request, [2, 1], paid=True)
     assert [r.cost_usd for r in rows] == [pytest.approx(2e-6), pytest.approx(1e-6)]
     unpaid = [Result(i, f"r{i}", "failed") for i in range(2)]
-    Holds.share_cost(unpaid, request, [2, 1], paid=False)
+    Holds.split_cost(unpaid, request, [2, 1], paid=False)
     assert [r.cost_usd for r in unpaid] == [None, None]

@@ -180,7 +180,7 @@ class Caller:
 
     async def call_group(self, rows: list[Row]) -> list[Result]:
         """Answer rows that go several to a request (a `grouped` endpoint): rows whose other
-        request fields agree share one. A request refused (4xx) for its content is split in
+        request fields agree go in one. A request refused (4xx) for its content is split in
         halves until the row it is about fails alone, with the API's message."""
         field = get_endpoint(rows[0].endpoint).field
         groups: dict[str, list[Row]] = {}
@@ -198,7 +198,7 @@ class Caller:
         field = endpoint.field
         rest = {k: v for k, v in rows[0].body.items() if k != field}
         body = endpoint.build_group_body([row.body[field] for row in rows], rest, self.spec.model, self.spec.params)
-        # Each row's part of the request, by the length of what it asks: its share of the usage
+        # Each row's part of the request, by the length of what it asks: its part of the usage
         weights = [len(str(row.body[field])) for row in rows]
         try:
             request = self.client.request(endpoint.name, body, tokens=sum(weights) // 4 + len(rows))
@@ -221,7 +221,7 @@ class Caller:
             half = len(rows) // 2
             return await self._group(rows[:half], attempts) + await self._group(rows[half:], attempts)
         results = self._parts(rows, answer, weights, price, attempts)
-        self.holds.share_cost(results, answer, weights, paid=bool(paid))
+        self.holds.split_cost(results, answer, weights, paid=bool(paid))
         return results
 
     def _parts(self, rows: list[Row], answer: Result, weights: list[int], price: Price | None,

@@ -145,9 +145,9 @@ class Holds:
         self.let_go(hold, usd or 0.0, tokens + unmetered_tokens, saved=True)
 
     @staticmethod
-    def share_cost(results: list[Result], answer: Result, weights: list[int], *, paid: bool) -> None:
+    def split_cost(results: list[Result], answer: Result, weights: list[int], *, paid: bool) -> None:
         """One request answered several rows (see `engine.call`): where its rows cannot each be
-        priced by their share of its usage (it failed, or reported none), its cost is shared
+        priced by their part of its usage (it failed, or reported none), its cost is split
         among them in proportion to `weights`."""
         unmetered = answer.extra.get("unmetered_tokens", 0) if answer.extra else 0
         if not paid or results[0].status == "ok" and not unmetered:

@@ -79,7 +79,7 @@ class Client:
     """Sends requests; use as `async with Client(...) as client`.
 
     `limiter` and `in_flight`: the rate limiter and the gate on requests in flight, by
-    default the process's own (from the spec); a backend that shares them among
+    default the process's own (from the spec); a backend that spreads one job over several
     processes passes its own. Requests go straight to an httpx transport: the
     AsyncClient layer above it (URL merging, cookies, redirects, auth flows) costs
     more per request than everything else batchrun does, and a batch job needs none of it.
