@@ -1,10 +1,10 @@
 """One job-wide rate limit and limit on requests in flight, shared by many processes,
 spent in small leases.
 
-A `Quota` (one per job: `_ray` keeps it in a named actor) holds the job's schedule:
-a `RateLimiter` booking send slots at the spec's requests/min and tokens/min, and
+A `Quota` (one per job: `actor.QuotaActor` keeps it in a named Ray actor) holds the
+job's schedule: a `RateLimiter` booking send slots at the spec's requests/min and tokens/min, and
 adapting to what every worker saw of the server, so one worker's 429s slow them all;
-and the job's `Control` of requests in flight (see `_concurrency`), fed by every
+and the job's `Control` of requests in flight (see `policy.concurrency`), fed by every
 worker's answers, so the server's limit found by one worker holds them all.
 Each worker's `LeasedLimiter` stands in for the Client's own RateLimiter: it hands
 out slots it leased a few at a time, so no request waits on the Quota; its
@@ -36,8 +36,8 @@ in its own exchange, and what it gives up goes to the others only once it report
 that fewer are in flight: the job holds no more than its limit (but for a moment
 while a Quota made again learns what the workers hold).
 
-Pure bookkeeping over a clock the caller passes; `_ray` supplies the actor and the
-thread that carries reports.
+Pure bookkeeping over a clock the caller passes; `actor.py` and `worker.py` supply the
+actor and the thread that carries reports.
 """
 
 from __future__ import annotations
