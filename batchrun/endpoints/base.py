@@ -91,8 +91,8 @@ class Endpoint:
 
     def take(self, body: dict[str, Any], field: str | None) -> str | None:
         """Make a row's request fields ones this endpoint takes, in place; or say why it
-        cannot. `field`: the field the row asks in (None: it gives none of them).
-        By default a row must ask in this endpoint's own field."""
+        cannot. Asked only of a row whose `field` (the one it asks in; None: it gives none
+        of them) is not this endpoint's own. By default such a row cannot be sent here."""
         if field is None or field == self.field:
             return None
         return f"the spec sets endpoint: {self.name}, but this row has {field}"

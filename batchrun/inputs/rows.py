@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._exceptions import InputError
-from ..endpoints import ENDPOINTS, Endpoint, endpoint_at, field_of, implied_by, job_endpoint, taking
+from ..endpoints import ENDPOINTS, Endpoint, endpoint_at, implied_by, job_endpoint, taking
 from .checks import check_body, check_messages, check_record
 from .files import InputFile
 from .template import Template, TemplateRowError
@@ -58,6 +58,10 @@ class RowReader:
         self.request_fields = (self.named or job_endpoint(None)).request_fields
         self.priced = priced  # with a budget in USD: the models a row may name
         self.several_files = several_files  # places then name the file too
+        # The registry read once: every row asks which field it gives and where it goes
+        self._fields = tuple(dict.fromkeys(e.field for e in ENDPOINTS.values()))  # in the order rows are read
+        self._implied = {f: implied_by(f) for f in self._fields}
+        self._routes: dict[tuple[str | None, Endpoint | None], Endpoint | str] = {}
 
     def read(self, f: InputFile, index: int, where: str, record: dict[str, Any], *, checking: bool = False,
              check: bool = False) -> Row:
@@ -89,16 +93,16 @@ class RowReader:
             record = _drop_nulls(record)
         if record.get("body") is not None:
             body, written_for = self._batch_line(record, fail, checking)
-            field = field_of(body)
+            field = self._field_of(body)
         else:
             body = {k: v for k, v in record.items() if k in self.request_fields and v is not None}
-            field = field_of(body)
+            field = self._field_of(body)
             if field is None:
                 keys = ", ".join(sorted(record)) or "none"
                 needs = self.named.field if self.named and not self.named.implied \
                     else "prompt, messages or body (an OpenAI batch line)"
                 raise fail(f"a row needs {needs}; its keys: {keys}")
-            written_for = implied_by(field)
+            written_for = self._implied[field]
         _read_fields(body, f.is_arrow, fail, checking)
         if check:
             check_body(body, fail)
@@ -119,8 +123,8 @@ class RowReader:
             written_for = endpoint_at(url) if isinstance(url, str) else None
             known = written_for is not None
         else:
-            written_for = implied_by(field_of(body))
-            known = field_of(body) is not None
+            field = self._field_of(body)
+            written_for, known = self._implied.get(field), field is not None
         if not known:
             urls = [e.urls[0] for e in ENDPOINTS.values()]
             raise fail(f"url {url!r} is not supported; use {', '.join(urls[:-1])} or {urls[-1]}")
@@ -133,34 +137,44 @@ class RowReader:
         if self.priced is not None and body.get("model") and body["model"] not in self.priced:
             raise fail(f"the row's model {body['model']!r} has no price in pricing, and the spec sets "
                        "budget.max_usd; add its prices")
-        endpoint = self._endpoint(field, written_for, fail)
-        problem = endpoint.take(body, field) or endpoint.check(body)
+        route = self._routes.get((field, written_for))
+        if route is None:
+            route = self._routes[field, written_for] = self._route(field, written_for)
+        if isinstance(route, str):
+            raise fail(route)
+        endpoint = route
+        problem = (endpoint.take(body, field) if field != endpoint.field else None) or endpoint.check(body)
         if problem:
             raise fail(problem)
         if endpoint.grouped and self.named is None:
             raise fail(f"{endpoint.name} go several rows to a request: set endpoint: {endpoint.name} in the spec")
         return Row(index, str(row_id), endpoint.name, body, place)
 
-    def _endpoint(self, field: str | None, written_for: Endpoint | None,
-                  fail: Callable[[str], InputError]) -> Endpoint:
-        """Where the row goes: the spec's endpoint, else the one it is written for (a batch
-        line's url, or what its field implies)."""
+    def _field_of(self, body: dict[str, Any]) -> str | None:
+        """The field the row asks in: the first it gives a value (see `endpoints.field_of`)."""
+        for field in self._fields:
+            if body.get(field) is not None:
+                return field
+        return None
+
+    def _route(self, field: str | None, written_for: Endpoint | None) -> Endpoint | str:
+        """Where a row asking in `field`, written for `written_for` (a batch line's url, or
+        what its field implies), goes: the spec's endpoint, else that one; or why it cannot."""
         if self.endpoint and self.named is None:
-            raise fail(f"endpoint {self.endpoint} is not supported; batchrun sends to {', '.join(ENDPOINTS)}")
+            return f"endpoint {self.endpoint} is not supported; batchrun sends to {', '.join(ENDPOINTS)}"
         if written_for is None:  # a field several endpoints take (input): the spec says which
             takers = " or ".join(taking(field or ""))
             if self.named is None:
-                raise fail(f"this row has {field}: set endpoint: {takers} in the spec")
+                return f"this row has {field}: set endpoint: {takers} in the spec"
             if self.named.field != field:
-                raise fail(f"this row has {field}, which is for endpoint: {takers}; "
-                           f"the spec sets endpoint: {self.named.name}")
+                return f"this row has {field}, which is for endpoint: {takers}; the spec sets endpoint: {self.named.name}"
             return self.named
         endpoint = self.named or written_for
         if written_for is not endpoint and not written_for.implied:
             # a batch line for an endpoint no field implies is written for it alone
-            raise fail(f"the spec sets endpoint: {endpoint.name}, but this row is a batch line for {written_for.name}"
-                       if endpoint.field == written_for.field else
-                       f"this row is a batch line for {written_for.name}; the spec sets endpoint: {endpoint.name}")
+            if endpoint.field == written_for.field:
+                return f"the spec sets endpoint: {endpoint.name}, but this row is a batch line for {written_for.name}"
+            return f"this row is a batch line for {written_for.name}; the spec sets endpoint: {endpoint.name}"
         return endpoint
 
 
