@@ -7,6 +7,7 @@ cause, and never crashes (exit 4) or writes the key anywhere.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import subprocess
@@ -112,8 +113,12 @@ def test_events_are_read_as_the_standard_says(tmp_path: Path, server: FakeServer
     assert "not one JSON object" in out[2]["error"]
 
 
-BOMB = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-BOMB = b"".join(BOMB.compress(bytes(1 << 20)) for _ in range(1024)) + BOMB.flush()  # 1 GB of zeros
+@functools.cache
+def bomb() -> bytes:
+    """1 GB of zeros, gzipped to 1 MB: made when first sent (seconds of work that every
+    process collecting the tests would pay otherwise), once per process."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return b"".join(packer.compress(bytes(1 << 20)) for _ in range(1024)) + packer.flush()
 
 
 def endless(head: bytes, chunk: bytes) -> Iterator[bytes]:
@@ -123,7 +128,7 @@ def endless(head: bytes, chunk: bytes) -> Iterator[bytes]:
 
 
 HUGE = {
-    "gzip-bomb": lambda: http_answer(BOMB, content_encoding="gzip"),
+    "gzip-bomb": lambda: http_answer(bomb(), content_encoding="gzip"),
     "5-GB-body": lambda: endless(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                                  b"content-length: 5368709120\r\n\r\n", b"[" * (1 << 20)),
     "endless-stream": lambda: endless(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
@@ -134,6 +139,7 @@ HUGE = {
 
 def test_huge_answers_fail_their_attempts_within_the_usual_memory(tmp_path: Path, server: FakeServer) -> None:
     """Every third row meets one of the three; 16 requests in flight."""
+    bomb()  # made now, not while the server answers
     kinds = list(HUGE)
     server.faults = Faults(raw_answer=for_prompts({f"p{i}": HUGE[kinds[i // 3 % 3]] for i in range(1, 60, 3)}))
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}", "stream": i % 2 == 0} for i in range(60)])
