@@ -29,7 +29,7 @@ from email.utils import parsedate_to_datetime
 
 from ..spec.model import RetrySpec
 from .concurrency import STATED_HEADER
-from .rate import NOTHING_STATED, ServerLimits, header_number
+from .rate import NOTHING_STATED, RATE_HEADERS, ServerLimits, header_number
 
 __all__ = ["JOB_FATAL", "OK", "RETRY", "ROW_FATAL", "Verdict", "backoff", "judge", "pushed_back", "retry_after",
            "unanswered"]
@@ -88,6 +88,9 @@ def judge(status: int, headers: Mapping[str, str], body: bytes = b"", *, now: fl
           retry: RetrySpec = _DEFAULT_RETRY, rand: Callable[[], float] = random.random) -> Verdict:
     """The verdict on one HTTP answer. `now`: Unix time (for a retry-after given as a date);
     `attempt`: 1-based, among the attempts of this request, for the backoff."""
+    # One pass over the answer's headers, for the few the verdict reads (httpx's lookups
+    # by name scan them all, each time)
+    headers = {lower: value for name, value in headers.items() if (lower := name.lower()) in _READ}
     pushed = pushed_back(status, headers)
     asked = retry_after(headers, now=now) if pushed or status in RETRYABLE_STATUS else None
     wait = asked if asked is not None else backoff(attempt, retry, rand)
@@ -113,6 +116,7 @@ def unanswered(attempt: int, retry: RetrySpec = _DEFAULT_RETRY, rand: Callable[[
 
 
 QUOTA_SPENT = "insufficient_quota"  # OpenAI's code on a 429 that no wait will help
+_READ = RATE_HEADERS | {STATED_HEADER}  # every header a verdict reads, by lower-case name
 
 
 def pushed_back(status: int, headers: Mapping[str, str]) -> bool:
