@@ -114,8 +114,8 @@ class _stop(tenacity.stop.stop_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
-        verdict = exc.verdict if isinstance(exc, RetryableAPIError) else None
-        if verdict.rate_limited if verdict is not None else getattr(exc, "status", None) == 429:
+        if isinstance(exc, RetryableAPIError) and (exc.verdict.rate_limited if exc.verdict is not None
+                                                   else exc.status == 429):  # (one raised outside the client)
             self.rate_limited += 1
         else:
             self.failures += 1
