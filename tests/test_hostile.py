@@ -117,7 +117,9 @@ def test_events_are_read_as_the_standard_says(tmp_path: Path, server: FakeServer
 def bomb() -> bytes:
     """1 GB of zeros, gzipped to 1 MB: made when first sent (seconds of work that every
     process collecting the tests would pay otherwise), once per process."""
-    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    # Run-length matching finds the same longest matches in zeros as the default search
+    # (the same 1 MB), in two thirds of the time
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS, 9, zlib.Z_RLE)
     return b"".join(packer.compress(bytes(1 << 20)) for _ in range(1024)) + packer.flush()
 
 
@@ -231,6 +233,7 @@ def test_an_input_rewritten_in_place_stops_the_job_and_no_answer_is_mispaired(tm
     assert saved
     assert_paired([{"tag": f"v1-{i}", "output_text": text} for i, text in saved])
 
+    server.faults = Faults()  # slow answers only kept the first run going until the rewrite
     result = run_cli("run", str(spec), "--no-progress")
     assert result.code == 2 and "the input file's content changed" in result.stderr
     result = run_cli("run", str(spec), "--no-progress", "--restart")
@@ -312,6 +315,7 @@ def test_a_state_companion_removed_under_a_running_job_is_noticed(tmp_path: Path
 
     assert proc.returncode == 3, stderr
     assert message in stderr and "Traceback" not in stderr
+    server.faults = Faults()  # slow answers only kept the first run going until the removal
     result = run_cli("run", str(spec), "--no-progress")
     assert result.code == 0, result.stderr
     assert len(read_output(tmp_path / "out/result.parquet")) == 3000
