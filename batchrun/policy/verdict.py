@@ -90,14 +90,14 @@ def judge(status: int, headers: Mapping[str, str], body: bytes = b"", *, now: fl
     `attempt`: 1-based, among the attempts of this request, for the backoff."""
     # One pass over the answer's headers, for the few the verdict reads (httpx's lookups
     # by name scan them all, each time)
-    headers = {lower: value for name, value in headers.items() if (lower := name.lower()) in _READ}
-    pushed = pushed_back(status, headers)
-    asked = retry_after(headers, now=now) if pushed or status in RETRYABLE_STATUS else None
+    named = {lower: value for name, value in headers.items() if (lower := name.lower()) in _READ}
+    pushed = pushed_back(status, named)
+    asked = retry_after(named, now=now) if pushed or status in RETRYABLE_STATUS else None
     wait = asked if asked is not None else backoff(attempt, retry, rand)
     stated = None
     if 200 <= status < 300:
         kind = OK
-        if not pushed and (number := header_number(headers.get(STATED_HEADER))) and number.is_integer():
+        if not pushed and (number := header_number(named.get(STATED_HEADER))) and number.is_integer():
             stated = int(number)
     elif 300 <= status < 400 or status in JOB_FATAL_STATUS or status == 429 and _error_code(body) == QUOTA_SPENT:
         kind = JOB_FATAL
@@ -105,7 +105,7 @@ def judge(status: int, headers: Mapping[str, str], body: bytes = b"", *, now: fl
         kind = RETRY
     else:
         kind = ROW_FATAL
-    return Verdict(status, kind, wait, asked, pushed, ServerLimits.read(headers), stated)
+    return Verdict(status, kind, wait, asked, pushed, ServerLimits.read(named), stated)
 
 
 def unanswered(attempt: int, retry: RetrySpec = _DEFAULT_RETRY, rand: Callable[[], float] = random.random,
