@@ -7,6 +7,7 @@ import json
 from email.utils import formatdate
 
 import anyio
+import httpx
 import pytest
 
 from batchrun import JobFatalAPIError, RetryableAPIError, RowFatalAPIError
@@ -151,3 +152,11 @@ def test_the_ray_quota_hears_the_workers_verdicts_and_reads_no_headers() -> None
     quota.exchange(Report(observations=[(0.0, pushed), (0.0, limits)]), 0.0)
     assert quota.limiter.pushbacks == 1
     assert quota.limiter.rate == pytest.approx(600 / 60 * 0.95)
+
+
+
+@pytest.mark.parametrize("make", [dict, httpx.Headers], ids=["dict", "httpx"])
+def test_header_names_are_read_in_any_case(make: type) -> None:
+    headers = make({"Retry-After": "2", "X-RateLimit-Limit-Requests": "60", "X-Ratelimit-Over-Limit": "Yes"})
+    v = verdict(200, headers)
+    assert (v.pushed_back, v.retry_after, v.limits.requests) == (True, 2.0, (Allowance(limit=60),))
