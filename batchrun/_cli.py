@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ._exceptions import ConfigError, Interrupted, JobAborted, UsageError
 from .backends import run_job
+from .backends.ray.driver import run_on_ray  # Ray itself is imported only when asked for
 from .backends.shards import Shard, merge_job
 from .engine.progress import make_progress
 from .policy.pricing import usd
@@ -216,8 +217,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_ray(args: argparse.Namespace) -> int:
-    from .backends.ray.driver import run_on_ray  # Ray is imported only when asked for
-
     if args.shard is not None or args.limit is not None:
         raise ConfigError("--ray makes the shards itself and runs every row: drop --shard and --limit")
     summary = run_on_ray(

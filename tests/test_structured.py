@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun import SpecError, parse_spec
-from batchrun.engine.structured import Structure
+from batchrun.spec.schema import Structure
 from tests.conftest import read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults, request_key
 

@@ -36,6 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from .._exceptions import ConfigError, InputError, JobAborted, StateMismatchError, StorageError, UsageError
 from ..engine.limits import Limits
 from ..engine.run import RunOptions, run_part
@@ -330,9 +333,6 @@ def _finished_shards(spec: JobSpec, shards: dict[Shard, Path], count: int) -> li
 
 def _damage(done: _Finished) -> str | None:
     """What is wrong with a finished shard's part, read through to its last page; None: nothing."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if not done.part.exists():
         return "missing"
     try:
@@ -414,9 +414,6 @@ def _merge_lock(folder: Path):  # type: ignore[no-untyped-def]
 
 def _concatenate(parts: list[Path], output: Path) -> None:
     """The parts' row groups, in order, into one file under a temporary name; then renamed."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     files = [pq.ParquetFile(part) for part in parts]
     schema = pa.unify_schemas([f.schema_arrow for f in files], promote_options="permissive")
     tmp = output.with_name(f".{output.name}.{os.getpid()}.merge.tmp")

@@ -15,7 +15,6 @@
     status.py      the status file a run writes for schedulers
     summary.py     what a run did, and its exit code
     cache.py       the response cache jobs share
-    structured.py  answers validated against the job's JSON schema
     progress.py    a bar, a log line or nothing
 
 What the engine knows: one spec, one `Part` of its rows, one store (storage/), one

@@ -27,7 +27,7 @@ from ..policy.pricing import Budget, Price, cost
 from ..spec.model import JobSpec
 from .cache import ResponseCache, cacheable
 from .holds import Holds, HoldLog
-from .structured import Structure
+from ..spec.schema import Structure
 
 __all__ = ["Caller", "HoldLog"]
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
+
+from tqdm import tqdm
 
 from ..policy.pricing import usd
-
-if TYPE_CHECKING:
-    from tqdm import tqdm
 
 __all__ = ["BarProgress", "LogProgress", "NullProgress", "Progress", "make_progress"]
 
@@ -44,8 +43,6 @@ class BarProgress(Progress):
         self.cost = 0.0  # the job's, so far
 
     def start(self, total: int, settled: int, cost_usd: float = 0.0) -> None:
-        from tqdm import tqdm  # imported here: only a terminal needs it, and it is slow to load
-
         self.cost = cost_usd
 
         self.bar = tqdm(total=total, initial=settled, unit="row", file=self.stream, dynamic_ncols=True,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.cache import CacheSpec
-from ..engine.structured import schema_of
+from .schema import schema_of
 from ..policy.pricing import Price
 
 __all__ = ["DEFAULT_BASE_URL", "ApiSpec", "BudgetSpec", "CheckpointSpec", "JobSpec", "RateLimitSpec", "RetrySpec"]

@@ -26,7 +26,7 @@ import yaml
 from .._exceptions import SpecError
 from ..endpoints import ENDPOINTS, implied_by, job_endpoint, taking
 from ..engine.cache import CacheSpec
-from ..engine.structured import Structure, schema_of
+from .schema import Structure, schema_of
 from ..inputs.files import INPUT_SUFFIXES
 from ..inputs.template import Template
 from ..policy.pricing import MAX_TOKENS_KEYS, Price

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from ..endpoints import job_endpoint
-from ..engine.structured import Structure
+from ..spec.schema import Structure
 
 if TYPE_CHECKING:
     from ..spec.parse import JobSpec

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import signal
 import socket
@@ -150,8 +151,6 @@ def _import_ray(*, local: bool) -> ModuleType:
 
 def _connect(ray: ModuleType, address: str, workers: int) -> bool:
     """Connect to the cluster (or start one here); False if the caller already had."""
-    import logging
-
     if ray.is_initialized():  # a library caller inside a Ray job: its connection is ours
         return False
     _check_reachable(address)

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import jsonschema
+import pyarrow as pa
 
 from .._exceptions import SpecError
 from ..endpoints.result import storable_value
 from ..inputs.checks import MAX_DEPTH, depth
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 __all__ = ["Structure", "schema_of"]
 
@@ -44,8 +44,6 @@ class Structure:
     """One schema, checked once and compiled; `parse(text)` gives the value or says what is wrong."""
 
     def __init__(self, schema: Mapping[str, Any], where: str = "schema") -> None:
-        import jsonschema
-
         cls = jsonschema.validators.validator_for(schema)
         try:
             cls.check_schema(schema)
@@ -82,8 +80,6 @@ class Structure:
 
 
 def _arrow_type(schema: Any) -> pa.DataType | None:
-    import pyarrow as pa
-
     if not isinstance(schema, Mapping) or any(k in schema for k in ("oneOf", "anyOf", "allOf", "$ref", "not")):
         return None
     kind = schema.get("type")
