@@ -27,7 +27,7 @@ from batchrun import (
 )
 from batchrun.storage.output import OutputWriter
 from batchrun.storage.state import StateStore, state_path
-from tests.conftest import read_output, write_jsonl, write_spec
+from tests.conftest import assert_key_nowhere, read_output, write_jsonl, write_spec
 
 
 def answer(request: httpx.Request) -> httpx.Response:
@@ -261,10 +261,7 @@ def test_the_key_reaches_no_log_even_at_debug_level(tmp_path: Path, caplog: pyte
     with caplog.at_level(logging.DEBUG), pytest.raises(JobFatalAPIError) as info:
         run_job(spec, transport=httpx.MockTransport(echo_key), environ={"OPENAI_API_KEY": key})
     assert "bad key Bearer [redacted]" in str(info.value)
-    assert key not in caplog.text and key not in str(info.value) and key not in info.value.summary.line()
-    for path in tmp_path.rglob("*"):
-        if path.is_file():
-            assert key.encode() not in path.read_bytes(), path
+    assert_key_nowhere(tmp_path, caplog.text, str(info.value), info.value.summary.line(), key=key)
 
 
 def test_restart_with_a_bad_input_keeps_the_progress_it_would_discard(tmp_path: Path) -> None:
@@ -442,9 +439,7 @@ def test_a_key_echoed_inside_an_answer_reaches_no_file(tmp_path: Path) -> None:
     assert row["output_text"] == "choice 0: your key is [redacted]."
     assert row["choices"][1]["text"] == "choice 1: your key is [redacted]."
     assert "[redacted]" in row["reasoning_content"] and "[redacted]" in row["tool_calls"]
-    for path in tmp_path.rglob("*"):
-        if path.is_file():
-            assert key.encode() not in path.read_bytes(), path
+    assert_key_nowhere(tmp_path, key=key)
 
 
 def test_a_state_sqlite_cannot_read_mid_run_stops_the_job_without_an_exception_group(
