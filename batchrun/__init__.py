@@ -33,7 +33,7 @@ _LAZY = {
     "NullProgress": "engine.progress", "Progress": "engine.progress",
     "run_on_ray": "backends.ray.driver",  # and Ray itself only when called
     "Summary": "engine.summary", "run_job": "backends",
-    "MergeSummary": "backends.shards", "Shard": "backends.shards", "merge_job": "backends.shards",
+    "MergeSummary": "backends.merge", "Shard": "backends.layout", "merge_job": "backends.merge",
     "ApiSpec": "spec.model", "JobSpec": "spec.model", "RetrySpec": "spec.model",
     "load_spec": "spec.parse", "parse_spec": "spec.parse",
     "job_status": "tools.status",
@@ -41,8 +41,9 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .backends import run_job
+    from .backends.layout import Shard
+    from .backends.merge import MergeSummary, merge_job
     from .backends.ray.driver import run_on_ray
-    from .backends.shards import MergeSummary, Shard, merge_job
     from .engine.progress import BarProgress, LogProgress, NullProgress, Progress
     from .engine.summary import Summary
     from .spec.model import ApiSpec, JobSpec, RetrySpec

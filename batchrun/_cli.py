@@ -17,8 +17,9 @@ from pathlib import Path
 
 from ._exceptions import ConfigError, Interrupted, JobAborted, UsageError
 from .backends import run_job
+from .backends.layout import Shard
+from .backends.merge import merge_job
 from .backends.ray.driver import run_on_ray  # Ray itself is imported only when asked for
-from .backends.shards import Shard, merge_job
 from .engine.progress import make_progress
 from .policy.pricing import usd
 from .spec.parse import load_spec

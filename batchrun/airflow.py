@@ -27,7 +27,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from ._exceptions import BatchrunError, ConfigError, Interrupted, UsageError
 from .backends import run_job
-from .backends.shards import Shard
+from .backends.layout import Shard
 from .engine.progress import LogProgress
 from .engine.summary import Summary
 from .spec.parse import JobSpec, load_spec, parse_spec

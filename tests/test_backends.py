@@ -13,9 +13,10 @@ import pytest
 
 from batchrun import ConfigError, load_spec, run_job
 from batchrun.backends import LocalBackend, ShardBackend
+from batchrun.backends.layout import Shard, shard_output, shard_sums, slice_of
 from batchrun.backends.ray.quota import LeasedLimiter
 from batchrun.backends.ray.worker import shard_spec
-from batchrun.backends.shards import Shard, ShardPart, shard_output, shard_sums, slice_of
+from batchrun.backends.shards import ShardPart
 from batchrun.engine.limits import Limits
 from batchrun.engine.part import WholeJob
 from batchrun.engine.run import RunOptions

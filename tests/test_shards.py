@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun.backends.shards import Shard
+from batchrun.backends.layout import Shard
 from tests.conftest import kill_9, paid_twice, read_output, run_cli, start_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
 from tests.test_remote import _bucket, _env, _put_jsonl, s3  # noqa: F401 (s3: the fixture)

@@ -28,8 +28,9 @@ from ..policy.concurrency import InFlightControl
 from ..policy.rate import Limiter
 from ..spec.parse import JobSpec, load_spec
 from .base import Backend
+from .layout import Shard
 from .local import LocalBackend
-from .shards import Shard, ShardBackend
+from .shards import ShardBackend
 
 __all__ = ["Backend", "LocalBackend", "ShardBackend", "run_job"]
 

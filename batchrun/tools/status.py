@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..backends.shards import (
+from ..backends.layout import (
     Shard,
     dataset_folder,
     dataset_part,

@@ -45,7 +45,8 @@ from ...spec.parse import JobSpec, load_spec
 from ...storage.lock import lock_holder
 from ...tools.status import job_status
 from ..base import Backend
-from ..shards import Shard, find_shards, merge_job, shard_folder, shard_sums
+from ..layout import Shard, find_shards, shard_folder, shard_sums
+from ..merge import merge_job
 from .actor import QuotaActor
 from .worker import CALL_TIMEOUT_S, LOCK_WAIT_S, run_shard
 

@@ -55,7 +55,7 @@ from typing import Any, ClassVar
 from ...policy.concurrency import Control, answered_lately
 from ...policy.rate import RateLimiter
 from ...policy.verdict import Verdict
-from ..shards import slice_of
+from ..layout import slice_of
 
 __all__ = ["Grant", "LeasedControl", "LeasedLimiter", "Quota", "Report"]
 

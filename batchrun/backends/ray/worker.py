@@ -23,7 +23,8 @@ from ...policy.rate import estimate_tokens
 from ...spec.parse import JobSpec
 from ...storage.lock import lock_holder
 from ...storage.state import state_path
-from ..shards import Shard, ShardBackend, shard_output, slice_of
+from ..layout import Shard, shard_output, slice_of
+from ..shards import ShardBackend
 from .quota import REFRESH_S, LeasedLimiter
 
 __all__ = ["CALL_TIMEOUT_S", "LOCK_WAIT_S", "run_shard", "shard_spec"]
