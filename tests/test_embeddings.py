@@ -10,17 +10,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun.endpoints.embeddings import share
+from batchrun.endpoints.embeddings import apportion
 from tests.conftest import read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults, error_body, fake_vector
 
 
 @pytest.mark.parametrize(("total", "weights"), [(100, [1, 1, 1]), (7, [10, 0, 3]), (0, [5, 5]), (3, [0, 0]),
                                                 (1_000_003, [17, 4, 99, 1])])
-def test_usage_is_shared_out_in_whole_tokens_that_add_up(total: int, weights: list[int]) -> None:
-    parts = share(total, weights)
+def test_usage_is_apportioned_in_whole_tokens_that_add_up(total: int, weights: list[int]) -> None:
+    parts = apportion(total, weights)
     assert sum(parts) == total and all(p >= 0 for p in parts)
-    assert share(None, weights) == [None] * len(weights)
+    assert apportion(None, weights) == [None] * len(weights)
 
 
 def float32(values: list[float]) -> list[float]:

@@ -8,7 +8,7 @@ read too.
 One request answers a group of rows, so its parts are split here: `parse` gives a
 Result whose `vectors` holds one float32 byte string per input, in input order, and
 `split` makes each row's Result from it (see `engine.call.Caller.call_group`). Usage is per
-request: it is shared out among the rows in proportion to their input's length, so
+request: it is apportioned among the rows in proportion to their input's length, so
 that the rows add up to exactly what the API reported.
 
 A row's input is one string (a prompt is taken as it); the vectors go to the
@@ -28,7 +28,7 @@ from .._exceptions import JobFatalAPIError, RetryableAPIError, RowFatalAPIError
 from .base import INPUT_REQUEST_FIELDS, Endpoint, StreamReader
 from .result import Result, set_usage, text_of
 
-__all__ = ["Embeddings", "share"]
+__all__ = ["Embeddings", "apportion"]
 
 
 class Embeddings(Endpoint):
@@ -72,7 +72,7 @@ class Embeddings(Endpoint):
         vectors = answer.vectors or []
         if len(vectors) != len(weights):
             raise RowFatalAPIError(f"the answer has {len(vectors)} embeddings for {len(weights)} inputs")
-        usage = {name: share(getattr(answer, name), weights) for name in _USAGE}
+        usage = {name: apportion(getattr(answer, name), weights) for name in _USAGE}
         return [Result(-1, "", "ok", model=answer.model, response_id=answer.response_id, embedding=vector,
                        **{name: usage[name][i] for name in _USAGE}) for i, vector in enumerate(vectors)]
 
@@ -150,7 +150,7 @@ def _swapped(raw: bytes) -> bytes:
 _USAGE = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 
 
-def share(total: int | None, weights: Sequence[int]) -> list[int | None]:
+def apportion(total: int | None, weights: Sequence[int]) -> list[int | None]:
     """`total` split in proportion to `weights`, as whole numbers that add up to it exactly
     (largest remainders first)."""
     if total is None:

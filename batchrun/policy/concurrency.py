@@ -47,7 +47,7 @@ PROBE_FIRST_S = 1.0
 PROBE_MAX_S = 64.0
 STATED_HEADER = "x-ratelimit-api_key-limit-max_parallel_requests"  # LiteLLM's, per key
 POLL_S = 0.02  # how often a waiter looks again at a limit moved by another thread
-ASK_S = 0.1  # how long a remote control's owner takes to answer a worker's report, at most
+ASK_S = 0.1  # how long a leased control's owner takes to answer a worker's report, at most
 
 
 def answered_lately(last_ok: float, now: float) -> bool:
@@ -61,13 +61,13 @@ class InFlightControl(Protocol):
     """What a `ConcurrencyLimit` asks of its control: a process's own `Control`, or a Ray
     worker's lease of the job's (`backends.ray.quota.LeasedControl`).
 
-    `remote`: the limit moves in another thread (the worker's lease): the gate's waiters
+    `leased`: the limit moves in another thread (the worker's lease): the gate's waiters
     look again every POLL_S, it tells the control when each request went (`entered`,
     whose value `answered` gets back as `sent`) and reports every answer, and it hands
     itself to the control as its `gate` (the lease reads what is in flight and waiting).
     """
 
-    remote: ClassVar[bool]
+    leased: ClassVar[bool]
     limit: int
     maximum: int
     generation: int
@@ -90,7 +90,7 @@ class Control:
     `generation`: the limit's, when it left.
     """
 
-    remote: ClassVar[bool] = False  # the decisions are made here, in the gate's thread
+    leased: ClassVar[bool] = False  # the decisions are made here, in the gate's thread
 
     def __init__(self, maximum: int, *, fixed: bool = False) -> None:
         self.maximum = maximum
@@ -109,7 +109,7 @@ class Control:
     def answered(self, k: int, held: int, generation: int, outcome: str | None, now: float,
                  wait: float | None = None, sent: float = 0.0) -> None:
         """`outcome`: `ok`, or `pushback` (a 429, a 503 naming a wait: `wait`, its retry-after);
-        `sent`: from `entered` (a remote control's)."""
+        `sent`: from `entered` (a leased control's)."""
         if outcome == "ok":
             self._last_ok = now
         if self.fixed:
@@ -138,11 +138,11 @@ class Control:
         return answered_lately(self._last_ok, now)
 
     def entered(self) -> float:
-        """(A remote control's: when a request went. A local one needs no note of it.)"""
+        """(A leased control's: when a request went. A local one needs no note of it.)"""
         return 0.0
 
     def attach(self, gate: ConcurrencyLimit) -> None:
-        """(A remote control's: the gate it reads. A local one is read by its gate only.)"""
+        """(A leased control's: the gate it reads. A local one is read by its gate only.)"""
 
     def stated(self, limit: int) -> None:
         """The server says how many it holds: never more, and no probing past it."""
@@ -185,9 +185,9 @@ class ConcurrencyLimit:
         self.control: InFlightControl = Control(maximum, fixed=fixed) if control is None else control
         self.in_flight = 0
         self._waiters: deque[list] = deque()  # [event, cautious, (k, generation)] waiting for a slot
-        self._remote = self.control.remote
+        self._leased = self.control.leased
         self._poll_s = None
-        if self._remote:
+        if self._leased:
             self._poll_s = POLL_S
             self.control.attach(self)
 
@@ -205,11 +205,11 @@ class ConcurrencyLimit:
 
     async def enter(self, *, cautious: bool = False) -> tuple:
         """Wait for a slot; return how many other requests are in flight (`k`) and the
-        limit's generation, both for `leave` (with a remote control, when it went too).
+        limit's generation, both for `leave` (with a leased control, when it went too).
         `cautious`: the request met a 429 before, and goes only below the level that failed."""
         if self.in_flight < self.control.ceiling(cautious) and not self._waiters:
             self.in_flight += 1
-            if self._remote:
+            if self._leased:
                 return self.in_flight - 1, self.control.generation, self.control.entered()
             return self.in_flight - 1, self.control.generation
         waiter = [anyio.Event(), cautious, (0, 0)]
@@ -234,7 +234,7 @@ class ConcurrencyLimit:
     def leave(self, sent: tuple, outcome: str | None, now: float, wait: float | None = None) -> None:
         """A request `enter` let go is answered: `ok`, `pushback` (a 429, a 503 naming a
         wait: `wait`, its retry-after), or None (anything else, which says nothing about load)."""
-        if self._remote:  # every request, before a waiter takes its slot: its worker holds back at once
+        if self._leased:  # every request, before a waiter takes its slot: its worker holds back at once
             self.control.answered(sent[0], min(sent[0], self.in_flight - 1), sent[1], outcome, now, wait, sent[2])
             self._release()
             return
@@ -250,11 +250,11 @@ class ConcurrencyLimit:
 
     async def admitting_lately(self) -> bool:
         """The server answered well lately (see `Control.admitting`), as far as anyone
-        knows: a remote control's owner hears of every worker's answers, and is asked
+        knows: a leased control's owner hears of every worker's answers, and is asked
         (a push-back has its worker report at once)."""
         if self.control.admitting(time.monotonic()):
             return True
-        if self._remote:
+        if self._leased:
             await anyio.sleep(ASK_S)
             return self.control.admitting(time.monotonic())
         return False
@@ -278,7 +278,7 @@ class ConcurrencyLimit:
             if self.in_flight < self.control.ceiling(waiter[1]):
                 self._waiters.remove(waiter)
                 waiter[2] = (self.in_flight, self.control.generation)  # as of the hand-over
-                if self._remote:
+                if self._leased:
                     waiter[2] += (self.control.entered(),)
                 self.in_flight += 1
                 waiter[0].set()

@@ -24,14 +24,14 @@ A lease is a quarter second's worth of the job's rate divided among the workers 
 least one slot): the workers' slots interleave, and the schedule runs about half a
 second ahead of the clock. A worker out of slots waits for the lease on its way (a
 few milliseconds; at most LATE_S); one that cannot reach the Quota (being made again,
-say) goes on alone at its share of the last rate it was told, and its next report books
+say) goes on alone at its slice of the last rate it was told, and its next report books
 those slots as debt. A worker that stops gives back the slots it did not use.
 
 The job's first request goes alone (as one process's does). Then its limit on
-requests in flight is shared by demand (what a worker has in flight and waiting):
+requests in flight is allotted by demand (what a worker has in flight and waiting):
 evenly, but no more to one than it wants while others want more; what none wants,
 evenly; the odd ones in turn. A worker not heard from yet
-keeps its share for the Quota's first EXPECT_S. A worker's allotment is changed only
+keeps its allotment for the Quota's first EXPECT_S. A worker's allotment is changed only
 in its own exchange, and what it gives up goes to the others only once it reports
 that fewer are in flight: the job holds no more than its limit (but for a moment
 while a Quota made again learns what the workers hold).
@@ -65,9 +65,9 @@ REFRESH_S = 0.1  # how often a worker reports at least (a limit may have appeare
 STALE_S = 0.1  # a slot this far past, unused, is dropped: sending on it now would make a burst
 LATE_S = 0.25  # how long a worker out of slots waits for its lease before it goes on alone
 MAX_OBSERVED = 10_000  # observations (and answers) kept while the Quota cannot be reached
-TURN_S = 5.0  # an allotment the workers cannot share evenly goes round this often
+TURN_S = 5.0  # an allotment the workers cannot split evenly goes round this often
 GONE_S = 3.0  # a worker not heard from for this long holds nothing (its process is gone)
-EXPECT_S = 10.0  # for this long, a Quota keeps their share for the workers not heard from yet
+EXPECT_S = 10.0  # for this long, a Quota keeps their allotment for the workers not heard from yet
 WINDOW_S = 2.0  # answers are weighed within this (a worker's report may be late), and kept as long
 
 
@@ -218,14 +218,14 @@ class Quota:
             me.bound = max(first, report.allotment, report.in_flight)
             return first, first
         demands = {i: h.demand for i, h in holders.items()}
-        if now < self.expect_until:  # a worker not heard from yet will want its share
+        if now < self.expect_until:  # a worker not heard from yet will want its allotment
             demands.update((i, -(-control.limit // self.workers)) for i in range(self.workers)
                            if i not in holders and i not in self.finished)
-        shares = _shares(control.limit, demands, now)
-        held = sum(holders[i].bound if i in holders else shares[i] for i in demands if i != report.worker)
-        # Its fair share, of what the others do not hold
-        allotment = min(shares[report.worker], max(0, control.limit - held))
-        cautious = min(allotment, _shares(control.ceiling(True), demands, now)[report.worker])
+        allotted = _allot(control.limit, demands, now)
+        held = sum(holders[i].bound if i in holders else allotted[i] for i in demands if i != report.worker)
+        # Its fair allotment, of what the others do not hold
+        allotment = min(allotted[report.worker], max(0, control.limit - held))
+        cautious = min(allotment, _allot(control.ceiling(True), demands, now)[report.worker])
         # Until its next report the worker may hold what it was allotted before (it may have
         # sent more since this report), or what it still has in flight
         me.bound = max(allotment, report.allotment, report.in_flight)
@@ -268,28 +268,28 @@ class Quota:
         return max(1, math.ceil(LEASE_S / interval / self.workers))
 
 
-def _shares(total: int, demands: Mapping[int, int], now: float) -> dict[int, int]:
-    """`total` shared by demand (requests in flight and waiting): evenly, but no more
+def _allot(total: int, demands: Mapping[int, int], now: float) -> dict[int, int]:
+    """`total` allotted by demand (requests in flight and waiting): evenly, but no more
     to a worker than it wants while others want more; what none wants, evenly (room
     for the next burst). The odd ones go round every TURN_S."""
     order = sorted(demands)
     if order:
         turn = int(now / TURN_S) % len(order)
         order = order[turn:] + order[:turn]
-    shares = dict.fromkeys(order, 0)
+    allotted = dict.fromkeys(order, 0)
     wanting, left = [i for i in order if demands[i] > 0], total
     while left > 0 and wanting:
         each, odd = divmod(left, len(wanting))
         for place, index in enumerate(wanting):
-            given = min(demands[index] - shares[index], each + (place < odd))
-            shares[index] += given
+            given = min(demands[index] - allotted[index], each + (place < odd))
+            allotted[index] += given
             left -= given
-        wanting = [i for i in wanting if shares[i] < demands[i]]
+        wanting = [i for i in wanting if allotted[i] < demands[i]]
     if left > 0 and order:
         each, odd = divmod(left, len(order))
         for place, index in enumerate(order):
-            shares[index] += each + (place < odd)
-    return shares
+            allotted[index] += each + (place < odd)
+    return allotted
 
 
 class LeasedLimiter:
@@ -344,7 +344,7 @@ class LeasedLimiter:
                 if self.tokens_per_s:
                     self._tokens += tokens - booked
                 return max(0.0, at - now)
-            # No lease yet: alone, at this worker's share of the job's rate, booked later
+            # No lease yet: alone, at this worker's slice of the job's rate, booked later
             start = now
             if self.rate:
                 start = self._alone_request = max(start, self._alone_request)
@@ -424,7 +424,7 @@ class LeasedControl:
     the LeasedLimiter's lock, in the thread that talks to the Quota.
     """
 
-    remote: ClassVar[bool] = True  # the limit moves in another thread: the gate's waiters look again
+    leased: ClassVar[bool] = True  # the limit moves in another thread: the gate's waiters look again
     fixed = False
 
     def __init__(self, maximum: int, workers: int, worker: int, lock: threading.Lock,
@@ -433,9 +433,9 @@ class LeasedControl:
         self.workers = workers
         self.gate: Any = None  # the ConcurrencyLimit this is the control of: it attaches itself
         self._lock, self._due = lock, due
-        # Before the first grant, and while the Quota cannot be reached: the worker's share
+        # Before the first grant, and while the Quota cannot be reached: the worker's slice
         start, stop = slice_of(maximum, worker, workers)
-        self.limit = self.share = stop - start
+        self.limit = self.alone = stop - start
         self.job_limit = maximum
         self._cautious: int | None = None
         self.generation = 0
@@ -501,15 +501,15 @@ class LeasedControl:
         report.allotment = self.limit
         if report.final:
             return
-        if gate is None:  # not running yet (nothing sent): it will want its share at once
-            report.allotment, report.waiting = 0, self.share
+        if gate is None:  # not running yet (nothing sent): it will want its slice at once
+            report.allotment, report.waiting = 0, self.alone
         else:
             report.in_flight, report.waiting = gate.in_flight, gate.waiting
 
     def returned(self, report: Report, made: float) -> None:
         self._answers.extendleft((made - sent, made - answered, *rest)
                                  for sent, answered, *rest in reversed(report.answers))
-        # Alone: no less than its share of the job's limit, as last told (and never nothing)
+        # Alone: no less than its slice of the job's limit, as last told (and never nothing)
         self.limit = max(self.limit, self.job_limit // self.workers, 1)
         self._cautious, self._admitting = None, False
 
