@@ -2,7 +2,9 @@
 
     base.py       the `Backend` seam: what a kind must provide, and how to add one
     local.py      one process, every row (the default)
-    shards.py     one shard: a contiguous slice of the rows, its own state and part; the merge
+    shards.py     one shard: a contiguous slice of the rows, its own state and part
+    layout.py     what a shard is: its slice of the rows, where its files lie, its siblings
+    merge.py      the parts made one output, by the last shard or `batchrun merge`
     ray/          the shards as Ray tasks sharing one quota (Ray imported only when chosen)
 
 Each kind runs the engine (`engine.run.run_part`) for each process's part of the job,
