@@ -46,12 +46,12 @@ def test_the_status_file_and_status_json_follow_a_running_job(tmp_path: Path, se
     released = threading.Event()
 
     def hold(body: dict) -> None:
-        """Rows from 1000 on wait for the test (the server with them): the job runs meanwhile."""
-        if int(body["prompt"][1:]) >= 1000:
+        """Rows from 500 on wait for the test (the server with them): the job runs meanwhile."""
+        if int(body["prompt"][1:]) >= 500:
             released.wait(60)
 
     server.faults = Faults(latency_s=0.03, raw_answer=hold)
-    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(2000)])
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(1000)])
     spec = write_spec(tmp_path, concurrency=8, pricing={"test-model": {"input": 1.0, "output": 2.0}},
                       api={"base_url": server.base_url})
     path = tmp_path / "out" / "result.status.json"
@@ -70,8 +70,8 @@ def test_the_status_file_and_status_json_follow_a_running_job(tmp_path: Path, se
 
     assert proc.returncode == 0
     assert first["state"] == second["state"] == while_running["state"] == "running"
-    assert first["exit_code"] is None and first["pid"] == proc.pid and first["rows"] == 2000
-    assert second["ok"] > first["ok"] and second["remaining"] < 2000 and second["rows_per_s"] > 0
+    assert first["exit_code"] is None and first["pid"] == proc.pid and first["rows"] == 1000
+    assert second["ok"] > first["ok"] and second["remaining"] < 1000 and second["rows_per_s"] > 0
     assert second["eta_s"] is not None and second["updated_at"] >= first["updated_at"]
     assert while_running["ok"] >= second["ok"] and while_running["pid"] == proc.pid  # an integer, as in the file
     assert while_running["started_at"] == first["started_at"]
@@ -79,11 +79,11 @@ def test_the_status_file_and_status_json_follow_a_running_job(tmp_path: Path, se
     assert {"rows_per_s", "eta_s"} <= while_running.keys()
     end = json.loads(path.read_text())
     rows = read_output(tmp_path / "out/result.parquet")
-    assert (end["state"], end["exit_code"], end["ok"], end["failed"], end["remaining"]) == ("finished", 0, 2000, 0, 0)
+    assert (end["state"], end["exit_code"], end["ok"], end["failed"], end["remaining"]) == ("finished", 0, 1000, 0, 0)
     assert end["total_tokens"] == sum(r["total_tokens"] for r in rows)
     assert abs(end["cost_usd"] - sum(r["cost_usd"] for r in rows)) < 1e-9
     after = status_json(spec)  # from the state, with the last run's exit code
-    assert (after["state"], after["exit_code"], after["ok"], after["remaining"]) == ("finished", 0, 2000, 0)
+    assert (after["state"], after["exit_code"], after["ok"], after["remaining"]) == ("finished", 0, 1000, 0)
     assert after["pid"] is None
 
 
