@@ -243,11 +243,10 @@ def test_copy_up_and_down_through_fsspec(memory: tuple[pafs.FileSystem, str], tm
     down.parent.mkdir()
     assert pull_file(fs, f"{root}/up.jsonl", down) is True
     assert down.read_bytes() == source.read_bytes()
-    assert pull_file(fs, f"{root}/up.jsonl", down) is False
+    # The memory store gives neither ETag nor time: nothing proves the copy current
+    assert pull_file(fs, f"{root}/up.jsonl", down) is True
 
 
-@pytest.mark.xfail(strict=True, reason="a store with neither ETag nor modification time (fsspec's memory, "
-                   "http) stamps only the size: an object rewritten with as many bytes is not pulled again")
 def test_a_same_size_rewrite_on_a_store_without_times_is_pulled_again(memory: tuple[pafs.FileSystem, str],
                                                                       tmp_path: Path) -> None:
     fs, root = memory

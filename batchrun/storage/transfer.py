@@ -112,7 +112,9 @@ def pull_file(fs: pafs.FileSystem, path: str, local: Path,
     """Download unless the local copy is of the object the store holds now; say whether
     it did. `replace(local, download)` puts the download in the local copy's place."""
     stamp = _stamp(fs, path)
-    if local.exists() and _read_stamp(local) == stamp:
+    # A size alone (a store that gives neither ETag nor time: fsspec's memory, http)
+    # cannot tell a rewrite of as many bytes: such an object is always downloaded
+    if local.exists() and stamp[-1] is not None and _read_stamp(local) == stamp:
         return False
     tmp = local.with_name(f".{local.name}.{os.getpid()}.download")
     _copy_down(fs, path, tmp)
