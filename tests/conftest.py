@@ -38,16 +38,10 @@ TEST_KEY = "sk-test-0123456789abcdef"  # a fake key; tests check it never leaks
 SERVER_FIXTURES = {"server", "s3", "cluster"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if SERVER_FIXTURES & fixtures:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        if "cluster" in fixtures:
-            # One Ray head per module is heavy (seconds to start, a gigabyte of memory):
-            # under `--dist loadgroup` every test on the cluster runs on one worker.
-            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(autouse=True)
