@@ -64,9 +64,11 @@ def test_every_fault_and_six_kills_lose_nothing_and_repay_only_what_was_in_fligh
     twice = {key: len(answers) - 1 for key, answers in server.answers.items() if len(answers) > 1}
     assert set(twice) <= set().union(*in_progress)
     assert paid_twice(server) == sum(twice.values()) <= sum(map(len, in_progress))
-    # The yardstick: the server's own count of requests in flight at the kills.
+    # The server's own count of requests in flight at a kill is no bound: an answer it
+    # has finished writing may still be in the socket or in the writer's commit window,
+    # in flight for the run and paid again after the kill (99 > 83 on a loaded machine).
+    # The rows sent and not saved, above, are the bound; the server's count is reported.
     server_in_flight = [kill.in_flight for kill in kills]
-    assert paid_twice(server) <= sum(server_in_flight)
     print(f"at the kills: {server_in_flight} requests in flight on the server, "
           f"{list(map(len, in_progress))} rows sent and not saved; answers paid twice: {paid_twice(server)}")
 
