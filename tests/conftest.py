@@ -38,6 +38,13 @@ TEST_KEY = "sk-test-0123456789abcdef"  # a fake key; tests check it never leaks
 SERVER_FIXTURES = {"server", "s3", "cluster"}
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: the whole suite mostly waits (on servers, processes, kills), so two
+    workers a core; the fast subset is all CPU, so one."""
+    cores = os.cpu_count() or 1
+    return cores if "not slow" in (config.getoption("markexpr") or "") else 2 * cores
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
