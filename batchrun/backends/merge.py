@@ -31,7 +31,8 @@ from ..spec.parse import JobSpec
 from ..storage import Store, open_store
 from ..storage.columns import extra_columns
 from ..storage.lock import lock_holder
-from ..storage.output import OutputWriter, fsync, parquet_writer
+from ..storage.durable import fsync
+from ..storage.output import OutputWriter, parquet_writer
 from ..storage.state import StateStore, differences, state_path
 from .layout import (
     NotReady,

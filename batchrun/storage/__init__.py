@@ -10,6 +10,7 @@ they are published to.
     output.py    the Parquet writer, in input order, atomic
     columns.py   the output columns only some jobs have
     lock.py      one runner per job
+    durable.py   fsync of a file or a folder's entries
 
 A job's store is chosen once, from its spec, by `open_store`; nothing else asks where
 the output is.

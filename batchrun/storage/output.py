@@ -23,9 +23,10 @@ from .._exceptions import InputChangedError, StorageError
 from ..endpoints.result import RESULT_FIELDS, STORED_ONLY
 from ..inputs.reader import InputReader
 from .columns import ExtraColumn
+from .durable import fsync
 from .state import StateStore
 
-__all__ = ["OutputWriter", "fsync", "load_arrow", "parquet_writer", "result_schema"]
+__all__ = ["OutputWriter", "load_arrow", "parquet_writer", "result_schema"]
 
 ROW_GROUP_ROWS = 8192
 
@@ -206,10 +207,3 @@ def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     compression = {name: "none" if name == "embedding" else "zstd" for name in schema.names}
     return pq.ParquetWriter(path, schema, compression=compression, use_dictionary=dictionary)
 
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -34,6 +34,7 @@ from typing import Any
 from .._exceptions import ConfigError, StateDamagedError, StateMismatchError, StorageError
 from ..endpoints.result import RESULT_FIELDS, Result
 from ..policy.pricing import Hold
+from .durable import fsync
 from .lock import JobLock
 
 __all__ = ["Spend", "StateStore", "differences", "replace_state", "state_copy", "state_path"]
@@ -410,9 +411,9 @@ def _create(path: Path) -> None:
                     db.execute(statement)
         finally:
             db.close()
-        _fsync(building)
+        fsync(building)
         os.replace(building, path)
-        _fsync(path.parent)
+        fsync(path.parent)
     except BaseException:
         StateStore.discard(building)
         raise
@@ -514,13 +515,6 @@ def _inode(path: Path) -> int | None:
     except FileNotFoundError:
         return None
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

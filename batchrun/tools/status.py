@@ -1,13 +1,6 @@
 """`batchrun status`: a job's status, from the status file each run writes beside its
-output (`engine.status`) and, where none is running, from its state:
-
-    {"state": "running" | "finished" | "stopped", "reason": null | "why it stopped",
-     "exit_code": null while running, then the CLI's exit code,
-     "rows", "ok", "failed", "failed_for_good", "remaining",
-     "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd",
-     "lost_requests", "lost_usd" (a kill's requests in flight, with a budget: at their worst case),
-     "requests", "rows_per_s", "eta_s", "started_at", "updated_at", "pid", "version", ...}
-"""
+output (its fields: `engine.status`) and, where none is running, from its state; for a
+sharded job, the shards' own statuses and their sums."""
 
 from __future__ import annotations
 
