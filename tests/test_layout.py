@@ -114,6 +114,8 @@ def test_every_function_reads_on_one_screen() -> None:
 @pytest.mark.parametrize("folder, unknown", [
     ("engine", ("batchrun.backends", "batchrun.tools", "batchrun._cli")),
     ("storage", ("batchrun.engine", "batchrun.backends", "batchrun.tools")),
+    ("spec", ("batchrun.storage", "batchrun.engine", "batchrun.http", "batchrun.backends", "batchrun.tools")),
+    ("inputs", ("batchrun.storage", "batchrun.engine", "batchrun.http", "batchrun.backends", "batchrun.tools")),
     ("policy", ("batchrun.engine", "batchrun.http", "batchrun.storage", "batchrun.backends")),
     ("endpoints", ("batchrun.engine", "batchrun.http", "batchrun.storage", "batchrun.backends")),
 ])

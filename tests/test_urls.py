@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from batchrun.storage.urls import is_url, work_folder
+from batchrun.spec.urls import is_url, work_folder
 
 
 @pytest.mark.parametrize("text", [

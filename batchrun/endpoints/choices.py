@@ -21,7 +21,19 @@ from .._exceptions import RetryableAPIError, RowFatalAPIError
 from .base import StreamReader
 from .result import Result, answer_id, set_usage, storable, text_of, usage_counts
 
-__all__ = ["ChoicesStream", "export_choices", "logprob_entries", "parse_choices"]
+__all__ = ["ChoicesStream", "export_choices", "logprob_entries", "parse_choices", "wants_choices", "wants_logprobs"]
+
+
+def wants_choices(params: Mapping[str, Any]) -> bool:
+    """Every choice is asked for (`n` > 1): the output keeps them all."""
+    n = params.get("n")
+    return type(n) is int and n > 1
+
+
+def wants_logprobs(params: Mapping[str, Any]) -> bool:
+    """Log-probabilities are asked for (`logprobs` set, and not false)."""
+    value = params.get("logprobs")
+    return value is not None and value is not False
 
 
 def parse_choices(data: Any, *, chat: bool) -> Result:

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from .._exceptions import InputChangedError, InputError, StorageError
-from ..storage.columns import wants_choices, wants_logprobs
+from ..endpoints.choices import wants_choices, wants_logprobs
 from .files import InputFile, check_all_unchanged, combined_fingerprint
 from .passthrough import coerce, column_kind, conform, jsonl_schema, schema_kind, unify, value_kind
 from .rows import BATCH_FIELDS, ID_FIELDS, Row, RowReader

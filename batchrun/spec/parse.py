@@ -30,7 +30,7 @@ from .schema import Structure, schema_of
 from ..inputs.files import INPUT_SUFFIXES
 from ..inputs.template import Template
 from ..policy.pricing import MAX_TOKENS_KEYS, Price
-from ..storage.urls import is_url, work_folder
+from .urls import is_url, work_folder
 from .model import DEFAULT_BASE_URL, ApiSpec, BudgetSpec, CheckpointSpec, JobSpec, RateLimitSpec, RetrySpec
 
 # The dataclasses are importable from here too: the parser and its values go together

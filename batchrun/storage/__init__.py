@@ -5,7 +5,6 @@ they are published to.
     local.py     a local output: the files are where they are written
     objects.py   an output on object storage (s3://, gs://, ...), mirrored locally
     transfer.py  moving files between this disk and a file system pyarrow.fs opens
-    urls.py      which texts are URLs; the local folder mirroring an output URL
     state.py     the checkpoint store (SQLite)
     output.py    the Parquet writer, in input order, atomic
     columns.py   the output columns only some jobs have

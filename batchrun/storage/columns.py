@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from ..endpoints import job_endpoint
+from ..endpoints.choices import wants_choices, wants_logprobs
 from ..spec.schema import Structure
 
 if TYPE_CHECKING:
@@ -84,16 +85,6 @@ def _choices(extra: dict[str, Any], row: dict[str, Any] | None) -> Any:
     return [{"index": 0, "text": row["output_text"], "finish_reason": row["finish_reason"],
              "reasoning_content": row["reasoning_content"], "tool_calls": row["tool_calls"],
              "logprobs": extra.get("logprobs")}]
-
-
-def wants_choices(params: dict[str, Any]) -> bool:
-    n = params.get("n")
-    return type(n) is int and n > 1
-
-
-def wants_logprobs(params: dict[str, Any]) -> bool:
-    value = params.get("logprobs")
-    return value is not None and value is not False
 
 
 @functools.cache

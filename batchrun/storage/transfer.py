@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 
 from .._exceptions import ConfigError, InputError, StorageError
 from ..inputs.files import INPUT_SUFFIXES, expand_inputs
-from .urls import work_folder
+from ..spec.urls import work_folder
 
 __all__ = ["fetch_inputs", "input_files", "open_filesystem", "pull_file", "push_file", "store_errors"]
 
