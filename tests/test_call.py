@@ -14,7 +14,7 @@ import pytest
 
 from batchrun import parse_spec
 from batchrun.endpoints.result import Result
-from batchrun.engine.cache import CacheSpec, ResponseCache
+from batchrun.engine.cache import ResponseCache
 from batchrun.engine.call import Caller
 from batchrun.http import client as client_module
 from batchrun.http.client import Client
@@ -23,6 +23,7 @@ from batchrun.policy.concurrency import ConcurrencyLimit, Control
 from batchrun.policy.pricing import Budget, Hold
 from batchrun.policy.rate import RateLimiter
 from batchrun.policy.verdict import Verdict
+from batchrun.spec.model import CacheSpec
 
 KEY = "sk-call-secret-123"
 ROW = Row(0, "r0", "chat", {"messages": [{"role": "user", "content": "q"}]}, "line 1")

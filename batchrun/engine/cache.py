@@ -20,14 +20,14 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._exceptions import ConfigError
 from ..endpoints.result import Result
+from ..spec.model import CacheSpec
 
-__all__ = ["CacheSpec", "ResponseCache", "cacheable"]
+__all__ = ["ResponseCache", "cacheable"]
 
 # What a cached answer keeps: the answer itself, not the row it answered
 _KEPT = ("output_text", "reasoning_content", "tool_calls", "finish_reason", "model", "response_id", "prompt_tokens",
@@ -35,12 +35,6 @@ _KEPT = ("output_text", "reasoning_content", "tool_calls", "finish_reason", "mod
 # extra's keys that belong to the row, not the answer
 _ROW_ONLY = ("request", "cached", "saved_usd", "unmetered", "unmetered_tokens")
 BUSY_TIMEOUT_S = 60.0
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    path: Path
-    everything: bool = False  # cache requests that are not deterministic too
 
 
 def cacheable(body: Mapping[str, Any], *, everything: bool) -> bool:

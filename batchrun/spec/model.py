@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine.cache import CacheSpec
-from .schema import schema_of
 from ..policy.pricing import Price
+from .schema import schema_of
 
 __all__ = ["DEFAULT_BASE_URL", "ApiSpec", "BudgetSpec", "CheckpointSpec", "JobSpec", "RateLimitSpec", "RetrySpec"]
 
@@ -64,6 +63,14 @@ class ApiSpec:
     @property
     def max_answer_bytes(self) -> int:
         return int(self.max_answer_mb * 2**20)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A response cache shared by jobs (see `engine.cache`)."""
+
+    path: Path
+    everything: bool = False  # cache requests that are not deterministic too
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,21 @@ import yaml
 
 from .._exceptions import SpecError
 from ..endpoints import ENDPOINTS, implied_by, job_endpoint, taking
-from ..engine.cache import CacheSpec
-from .schema import Structure, schema_of
 from ..inputs.files import INPUT_SUFFIXES
 from ..inputs.template import Template
 from ..policy.pricing import MAX_TOKENS_KEYS, Price
+from .model import (
+    DEFAULT_BASE_URL,
+    ApiSpec,
+    BudgetSpec,
+    CacheSpec,
+    CheckpointSpec,
+    JobSpec,
+    RateLimitSpec,
+    RetrySpec,
+)
+from .schema import Structure, schema_of
 from .urls import is_url, work_folder
-from .model import DEFAULT_BASE_URL, ApiSpec, BudgetSpec, CheckpointSpec, JobSpec, RateLimitSpec, RetrySpec
 
 # The dataclasses are importable from here too: the parser and its values go together
 __all__ = ["DEFAULT_BASE_URL", "ApiSpec", "BudgetSpec", "CheckpointSpec", "JobSpec", "RateLimitSpec", "RetrySpec",
