@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import httpx
 
+from .._exceptions import ConfigError
 from ..engine.limits import Limits
 from ..engine.pool import GRACE_S
 from ..engine.progress import Progress
@@ -77,6 +78,9 @@ def run_job(
     (a scheduler that kills a task some seconds after SIGTERM wants less than that).
     """
     spec = job if isinstance(job, JobSpec) else load_spec(job)
+    if spec.batch_api is not None:  # where the batch backend will be chosen
+        raise ConfigError(f"batch_api: {spec.name} asks for the provider's batch API, which this version of "
+                          "batchrun cannot send to yet; drop batch_api to send the rows live")
     options = RunOptions(limit=limit, restart=restart, retry_failed=retry_failed, max_failed_share=max_failed_share,
                          progress=progress, transport=transport, environ=environ, handle_signals=handle_signals,
                          grace_s=grace_s)

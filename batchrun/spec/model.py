@@ -13,9 +13,12 @@ from typing import Any
 from ..policy.pricing import Price
 from .schema import schema_of
 
-__all__ = ["DEFAULT_BASE_URL", "ApiSpec", "BudgetSpec", "CheckpointSpec", "JobSpec", "RateLimitSpec", "RetrySpec"]
+__all__ = ["BATCH_KINDS", "DEFAULT_BASE_URL", "ApiSpec", "BatchApiSpec", "BudgetSpec", "CheckpointSpec", "JobSpec",
+           "RateLimitSpec", "RetrySpec"]
 
 DEFAULT_BASE_URL = "https://api.fireworks.ai/inference/v1"
+BATCH_KINDS = ("fireworks", "openai")  # Fireworks' batch inference jobs; OpenAI's Files + Batches API
+FALLBACKS = ("live", "none")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,21 @@ class ApiSpec:
 
 
 @dataclass(frozen=True)
+class BatchApiSpec:
+    """`batch_api:`: the rows go to the provider's batch API, at about half the live price,
+    answered within a day; what it does not answer goes live (`fallback: live`) or fails."""
+
+    kind: str  # one of BATCH_KINDS
+    base_url: str  # the batch API's, which is not always the live API's (Fireworks)
+    api_key_env: str
+    account_id: str | None = None  # Fireworks: the account the datasets and jobs belong to
+    poll_interval_s: float = 60.0
+    rows_per_batch: int | None = None  # None: as many as the provider takes in one batch
+    max_wait_h: float = 24.0  # after this, what the batches have not answered goes live
+    fallback: str = "live"  # or "none": rows the batches did not answer stay failed
+
+
+@dataclass(frozen=True)
 class CacheSpec:
     """A response cache shared by jobs (see `engine.cache`)."""
 
@@ -94,6 +112,7 @@ class JobSpec:
     tokenizer: Path | None = None  # a Hugging Face tokenizer.json, for `batchrun plan`
     cache: CacheSpec | None = None  # a response cache shared by jobs: see `engine.cache`
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    batch_api: BatchApiSpec | None = None  # how the rows are sent, not what they ask: no part of request_config
     # On object storage (see `storage.objects`): the URLs; `input` is then empty and `output` the
     # local working copy of the output.
     input_urls: tuple[str, ...] = ()

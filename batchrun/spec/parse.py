@@ -25,12 +25,16 @@ import yaml
 
 from .._exceptions import SpecError
 from ..endpoints import ENDPOINTS, implied_by, job_endpoint, taking
+from ..endpoints.chat import Chat
 from ..inputs.files import INPUT_SUFFIXES
 from ..inputs.template import Template
 from ..policy.pricing import MAX_TOKENS_KEYS, Price
 from .model import (
+    BATCH_KINDS,
     DEFAULT_BASE_URL,
+    FALLBACKS,
     ApiSpec,
+    BatchApiSpec,
     BudgetSpec,
     CacheSpec,
     CheckpointSpec,
@@ -336,6 +340,7 @@ def _build(raw: Any, base_dir: Path, source: Path | None, env: Mapping[str, str]
         max_failed_share=_share(top, "max_failed_share"),
         cache=_cache(top.get("cache"), base_dir),
         checkpoint=checkpoint,
+        batch_api=_batch_api(top.get("batch_api"), api, model, endpoint),
         input_urls=input_urls,
         output_url=output_url,
         tokenizer=Path(os.path.abspath(base_dir / tokenizer)) if (tokenizer := _string(top, "tokenizer", "", None))
@@ -402,6 +407,66 @@ def _api(raw: Any, env: Mapping[str, str]) -> ApiSpec:
         max_answer_mb=_number(api, "max_answer_mb", "api", ApiSpec.max_answer_mb, kind=float, minimum=0.001),
         allow_insecure_http=_flag(api, "allow_insecure_http", "api"),
     )
+
+
+FIREWORKS_BATCH_URL = "https://api.fireworks.ai/v1"  # datasets and batch jobs: not under /inference
+# What each provider's batch API answers: the endpoints (by kind, never by name) and the
+# most requests one batch takes
+_BATCH_ENDPOINTS = {"fireworks": (Chat,), "openai": tuple(type(e) for e in ENDPOINTS.values())}
+_BATCH_ROWS = {"fireworks": None, "openai": 50_000}
+_BATCH_NAMES = {"fireworks": "Fireworks'", "openai": "OpenAI's"}
+
+
+def _batch_api(raw: Any, api: ApiSpec, model: str | None, endpoint: str | None) -> BatchApiSpec | None:
+    """`batch_api:` (a mapping, or `true` for every default); None when absent or false."""
+    if raw is None or raw is False:
+        return None
+    section = {} if raw is True else _mapping(raw, "batch_api")
+    _check_keys(section, _fields(BatchApiSpec), "batch_api")
+    kind = _string(section, "kind", "batch_api", "fireworks" if _on_fireworks(api.base_url) else "openai")
+    if kind not in BATCH_KINDS:
+        raise SpecError(f"batch_api.kind: {kind!r} is not a batch API batchrun knows; one of {', '.join(BATCH_KINDS)}")
+    fallback = _string(section, "fallback", "batch_api", BatchApiSpec.fallback)
+    if fallback not in FALLBACKS:
+        raise SpecError(f"batch_api.fallback: expected live (send what the batches did not answer through the "
+                        f"live API) or none (leave it failed), got {fallback!r}")
+    account = _string(section, "account_id", "batch_api", None)
+    _check_batch_kind(kind, account, model, endpoint)
+    rows = _number(section, "rows_per_batch", "batch_api", None, kind=int, minimum=1)
+    if rows is not None and (most := _BATCH_ROWS[kind]) is not None and rows > most:
+        raise SpecError(f"batch_api.rows_per_batch: {_BATCH_NAMES[kind]} batch API takes at most {most:,} requests "
+                        f"a batch, got {rows:,}")
+    return BatchApiSpec(
+        kind=kind,
+        base_url=_base_url(_string(section, "base_url", "batch_api",
+                                   FIREWORKS_BATCH_URL if kind == "fireworks" else api.base_url)),
+        api_key_env=_string(section, "api_key_env", "batch_api", api.api_key_env),
+        account_id=account,
+        poll_interval_s=_number(section, "poll_interval_s", "batch_api", BatchApiSpec.poll_interval_s, kind=float,
+                                minimum=0.001),
+        rows_per_batch=rows,
+        max_wait_h=_number(section, "max_wait_h", "batch_api", BatchApiSpec.max_wait_h, kind=float, minimum=0.001),
+        fallback=fallback,
+    )
+
+
+def _on_fireworks(url: str) -> bool:
+    host = url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0].lower()
+    return host == "fireworks.ai" or host.endswith(".fireworks.ai")
+
+
+def _check_batch_kind(kind: str, account: str | None, model: str | None, endpoint: str | None) -> None:
+    """What one provider's batch API needs that the other does not: refused before any request."""
+    if not isinstance(job_endpoint(endpoint), _BATCH_ENDPOINTS[kind]):
+        raise SpecError(f"batch_api: {_BATCH_NAMES[kind]} batch API does not answer the {job_endpoint(endpoint).name} "
+                        "endpoint; drop batch_api to send these rows live")
+    if kind == "fireworks" and account is None:
+        raise SpecError("batch_api.account_id: required for Fireworks' batch API; write "
+                        "account_id: ${FIREWORKS_ACCOUNT_ID} and export it")
+    if kind == "fireworks" and model is None:
+        raise SpecError("batch_api: Fireworks runs one model a batch job; set model: in the spec")
+    if kind == "openai" and account is not None:
+        raise SpecError("batch_api.account_id: only Fireworks' batch API takes an account; drop it")
 
 
 def _check_budget(budget: BudgetSpec, pricing: Mapping[str, Price], model: str | None,
