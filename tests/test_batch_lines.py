@@ -7,12 +7,14 @@ import json
 
 import pytest
 
-from batchrun.backends.batch.lines import FIREWORKS, OPENAI, batch_line, chunks, custom_id, row_of
-from batchrun.backends.batch.results import read_line
+from batchrun.backends.batch import PROVIDERS
+from batchrun.backends.batch.lines import batch_line, chunks, custom_id, read_line, row_of
 from batchrun.endpoints import get_endpoint
 from batchrun.inputs.rows import Row
+from batchrun.spec.parse import _BATCH_ROWS  # the spec's check, which runs below the backends
 
 JOB, OTHER = "0123456789abcdef", "fedcba9876543210"
+OPENAI, FIREWORKS = PROVIDERS["openai"], PROVIDERS["fireworks"]
 CHAT = Row(index=7, id="r7", endpoint="chat", body={"messages": [{"role": "user", "content": "hi"}]}, where="line 8")
 
 
@@ -22,8 +24,8 @@ def answer(text: str = "hello") -> dict:
         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
 
 
-def read(kind: str, line: dict, **kw: bool):  # type: ignore[no-untyped-def]
-    return read_line(kind, json.dumps(line).encode(), JOB, lambda _: get_endpoint("chat"), **kw)
+def read(provider, line: dict, **kw: bool):  # type: ignore[no-untyped-def]
+    return read_line(provider, json.dumps(line).encode(), JOB, lambda _: get_endpoint("chat"), **kw)
 
 
 def test_a_custom_id_names_its_job_and_row_and_no_other_jobs() -> None:
@@ -109,3 +111,7 @@ def test_an_answer_the_endpoint_cannot_read_fails_its_row() -> None:
                                  b'{"response": null}'])
 def test_a_line_of_no_row_of_this_job_is_skipped(raw: bytes) -> None:
     assert read_line(OPENAI, raw, JOB, lambda _: get_endpoint("chat")) is None
+
+
+def test_the_spec_holds_each_provider_to_the_limit_the_provider_states() -> None:
+    assert _BATCH_ROWS == {name: provider.max_rows for name, provider in PROVIDERS.items()}

@@ -1,11 +1,20 @@
 """The providers' batch APIs (about half the live price, answered within a day).
 
-    lines.py    rows -> the lines of a batch's input file, split within the provider's
-                limits; a request's `custom_id` names its job and its row
-    results.py  the lines of a batch's output and error files -> each row's `Result`, or
-                the word that it is still to be answered (expired, cancelled)
+    base.py       the `Provider` seam: a row's request as an input line, a line read back
+    openai.py     OpenAI's Files + Batches (also vLLM, LiteLLM, Together, Groq)
+    fireworks.py  Fireworks' datasets + batch inference jobs
+    lines.py      the same for every provider: the `custom_id` (the job and the row),
+                  files split within the provider's limits, lines joined to their rows
 
-Each provider (`openai`: Files + Batches, also served by vLLM, LiteLLM, Together and
-Groq; `fireworks`: datasets + batch inference jobs) writes and reads its own shape of
-line; the spec's `batch_api.kind` says which (see `spec.model.BatchApiSpec`).
+The spec's `batch_api.kind` names the provider (see `spec.model.BatchApiSpec`).
 """
+
+from __future__ import annotations
+
+from .base import Outcome, Provider
+from .fireworks import FireworksBatches
+from .openai import OpenAIBatches
+
+__all__ = ["PROVIDERS", "Outcome", "Provider"]
+
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (OpenAIBatches(), FireworksBatches())}

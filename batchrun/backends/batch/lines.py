@@ -1,30 +1,27 @@
-"""A batch's input file: one line a row, split within the provider's limits.
-
-    openai     {"custom_id": "<job>-<row>", "method": "POST", "url": "/v1/chat/completions",
-                "body": {...}}
-    fireworks  {"custom_id": "<job>-<row>", "body": {...}}   (the model is the job's)
+"""A batch's files, the same for every provider: rows as input lines split within the
+provider's limits, and the lines that come back joined to their rows.
 
 A `custom_id` holds the job's fingerprint and the row's index: a line that comes back
 is joined to its row by it, and a batch of another job (or of this job with another
-input or configuration) is known by it and never mistaken for this one's.
+input or configuration) is known by it and never mistaken for this one's. Lines come
+back in any order; one that names no row of this job, or is not readable, is skipped:
+its row, without an answer, stays to be answered, never lost.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from ...endpoints import get_endpoint
+from ...endpoints.base import Endpoint
 from ...inputs.rows import Row
+from .base import Outcome, Provider
 
-__all__ = ["FIREWORKS", "MAX_BYTES", "OPENAI", "batch_line", "chunks", "custom_id", "row_of"]
+__all__ = ["batch_line", "chunks", "custom_id", "read_line", "row_of"]
 
-OPENAI, FIREWORKS = "openai", "fireworks"
-# The most bytes one input file may hold: OpenAI's 200 MB; Fireworks' one-request
-# upload (larger files take a signed URL, not used here)
-MAX_BYTES = {OPENAI: 200_000_000, FIREWORKS: 150_000_000}
 _ID = re.compile(r"([0-9a-f]{16})-(\d+)")
 
 
@@ -39,16 +36,10 @@ def row_of(custom: Any, job: str) -> int | None:
     return int(match.group(2)) if match and match.group(1) == job else None
 
 
-def batch_line(kind: str, job: str, row: Row, model: str | None, params: Mapping[str, Any]) -> bytes:
-    """The row's request as a line of `kind`'s input file, with its newline."""
+def batch_line(provider: Provider, job: str, row: Row, model: str | None, params: Mapping[str, Any]) -> bytes:
+    """The row's request (as the live path would send it) as a line of the input file."""
     endpoint = get_endpoint(row.endpoint)
-    body = endpoint.build_body(row.body, model, params)
-    line: dict[str, Any] = {"custom_id": custom_id(job, row.index)}
-    if kind == OPENAI:
-        line.update(method="POST", url=endpoint.urls[0])
-    else:  # Fireworks sets the model on the job, once for every line
-        body.pop("model", None)
-    line["body"] = body
+    line = provider.line(custom_id(job, row.index), endpoint, endpoint.build_body(row.body, model, params))
     return (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
@@ -66,3 +57,16 @@ def chunks(lines: Iterable[tuple[int, bytes]], *, max_rows: int, max_bytes: int)
         size += len(line)
     if chunk:
         yield chunk
+
+
+def read_line(provider: Provider, line: bytes, job: str, endpoint_of: Callable[[int], Endpoint], *,
+              from_errors: bool = False) -> Outcome | None:
+    """The outcome a line of a batch's output or error file (`from_errors`) gives its row;
+    None for a line that names no row of this job."""
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or (index := row_of(data.get("custom_id"), job)) is None:
+        return None
+    return provider.outcome(index, data, endpoint_of(index), from_errors=from_errors)

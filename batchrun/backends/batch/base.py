@@ -1,0 +1,82 @@
+"""The `Provider` seam: one provider's batch API, as the batch backend uses it.
+
+A provider says how a row's request is written in its input file and how a line of its
+output or error file is read. The files' splitting, the `custom_id` (the job's
+fingerprint and the row) and the joining of lines to rows are the same for every
+provider (`lines.py`).
+
+To add a provider: a module beside `openai.py` with a `Provider` subclass, and one line
+in `PROVIDERS` (backends/batch/__init__.py); its spec-level needs (an account, the
+endpoints it batches, its limit on requests) join the `batch_api` checks in
+spec/parse.py.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+from ..._exceptions import RetryableAPIError, RowFatalAPIError
+from ...endpoints.base import Endpoint
+from ...endpoints.result import Result
+from ...policy.retry import error_message
+
+__all__ = ["Outcome", "Provider"]
+
+
+class Outcome:
+    """One line's word on its row: `result` when the batch answered it (ok, or failed for
+    good as a live 4xx would be), else `unanswered` says why it is still to be answered."""
+
+    __slots__ = ("result", "row_index", "unanswered")
+
+    def __init__(self, row_index: int, result: Result | None = None, unanswered: str | None = None) -> None:
+        self.row_index, self.result, self.unanswered = row_index, result, unanswered
+
+
+class Provider(ABC):
+    name: str
+    max_rows: int | None  # requests in one batch; None: no limit of its own
+    max_bytes: int  # bytes in one input file
+
+    @abstractmethod
+    def line(self, custom_id: str, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+        """A row's request (its body as the live path sends it) as a line of the input file."""
+
+    @abstractmethod
+    def outcome(self, index: int, data: Mapping[str, Any], endpoint: Endpoint, *, from_errors: bool) -> Outcome:
+        """What a line of the output (or error) file, naming row `index`, says of it."""
+
+    # Shared by the providers: a response, read as the live path reads it
+
+    @staticmethod
+    def answered(index: int, status: Any, body: Any, endpoint: Endpoint) -> Outcome:
+        """An HTTP answer in a batch: 200 is the row's answer, a 4xx refuses it for good,
+        anything else leaves it to be answered again."""
+        if status == 200:
+            return Outcome(index, result=_answer(endpoint, body, index))
+        if isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429):
+            text = error_message(json.dumps(body).encode()) if body is not None else f"HTTP {status}"
+            return Outcome(index, result=Result(index, "", "failed",
+                                                error=f"the batch refused it: HTTP {status}: {text}"))
+        return Outcome(index, unanswered=f"HTTP {status} in the batch")
+
+    @staticmethod
+    def why(error: Any) -> str:
+        """Why a line holds no answer, in the provider's words."""
+        if isinstance(error, Mapping):
+            code, message = error.get("code"), error.get("message")
+            return ": ".join(str(part) for part in (code, message) if part) or "no answer"
+        return "no answer"
+
+
+def _answer(endpoint: Endpoint, body: Any, index: int) -> Result:
+    """The answer as the live path reads it; one it cannot read fails the row."""
+    try:
+        result = endpoint.parse(body)
+    except (RowFatalAPIError, RetryableAPIError) as exc:
+        return Result(index, "", "failed", error=f"the batch's answer: {exc}")
+    result.row_index = index
+    return result
