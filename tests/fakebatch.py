@@ -57,6 +57,10 @@ class BatchFaults:
     cancel_error_lines: bool = False
 
 
+class NotFound(LookupError):
+    """An id the fake does not hold: answered 404."""
+
+
 @dataclass
 class Upload:
     file_id: str
@@ -118,7 +122,7 @@ class FakeBatchAPI:
     def start(self) -> FakeBatchAPI:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fakebatch", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), name="fakebatch", daemon=True)
         self._thread.start()
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
         return self
@@ -180,6 +184,16 @@ class FakeBatchAPI:
         """A file's lines as JSON, for assertions."""
         with self.lock:
             return [json.loads(line) for line in self.files[file_id]["data"].decode().splitlines() if line]
+
+    def file(self, file_id: str) -> dict:
+        if file_id not in self.files:
+            raise NotFound(f"No such File object: {file_id}")
+        return self.files[file_id]
+
+    def batch(self, batch_id: str) -> _Batch:
+        if batch_id not in self.batches:
+            raise NotFound(f"No such Batch object: {batch_id}")
+        return self.batches[batch_id]
 
     # ---- the state machine, under self.lock ----
 
@@ -328,7 +342,7 @@ class FakeBatchAPI:
         return fate
 
     def retrieve_batch(self, batch_id: str) -> dict:
-        batch = self.batches[batch_id]
+        batch = self.batch(batch_id)
         batch.polls += 1
         if self.polls_to_finish is not None and batch.polls >= self.polls_to_finish:
             while batch.obj["status"] not in TERMINAL:
@@ -336,7 +350,7 @@ class FakeBatchAPI:
         return batch.obj
 
     def cancel_batch(self, batch_id: str) -> tuple[int, dict]:
-        batch = self.batches[batch_id]
+        batch = self.batch(batch_id)
         status = batch.obj["status"]
         if status in TERMINAL:
             return 409, _invalid(f"Cannot cancel a batch with status '{status}'.", None)
@@ -505,8 +519,8 @@ class _Handler(BaseHTTPRequestHandler):
                 with self.api.lock:
                     try:
                         status, payload = getattr(self, name)(*match.groups(), raw=raw, query=parse_qs(url.query))
-                    except KeyError as exc:  # an id that is not there
-                        status, payload = 404, _invalid(f"No such object: {exc.args[0]}", None)
+                    except NotFound as exc:
+                        status, payload = 404, _invalid(str(exc), None)
                 return self._send(status, payload)
         self._send(404, _invalid(f"Invalid URL ({method} {url.path})", None))
 
@@ -538,14 +552,15 @@ class _Handler(BaseHTTPRequestHandler):
         return 200, _page(files, query, 10_000)
 
     def get_file(self, file_id: str, *, raw: bytes, query: dict) -> tuple[int, dict]:
-        return 200, self.api.files[file_id]["obj"]
+        return 200, self.api.file(file_id)["obj"]
 
     def delete_file(self, file_id: str, *, raw: bytes, query: dict) -> tuple[int, dict]:
+        self.api.file(file_id)  # 404 when it is not there
         del self.api.files[file_id]
         return 200, {"id": file_id, "object": "file", "deleted": True}
 
     def get_content(self, file_id: str, *, raw: bytes, query: dict) -> tuple[int, bytes]:
-        return 200, self.api.files[file_id]["data"]
+        return 200, self.api.file(file_id)["data"]
 
     def post_batch(self, *, raw: bytes, query: dict) -> tuple[int, dict]:
         try:

@@ -179,7 +179,8 @@ def test_refused_rows_are_400s_in_the_error_file_and_the_batch_completes(client_
 
 def test_status_for_refuses_chosen_rows(client_for) -> None:
     def refuse_seven(line: dict):
-        return (400, {"error": {"message": "bad", "type": "invalid_request_error"}}) if line["custom_id"] == "row-7" else None
+        refused = (400, {"error": {"message": "bad", "type": "invalid_request_error"}})
+        return refused if line["custom_id"] == "row-7" else None
 
     with FakeBatchAPI(BatchFaults(status_for=refuse_seven)) as fake:
         client = client_for(fake)
@@ -293,7 +294,7 @@ def test_create_refuses_a_wrong_window_a_missing_file_and_a_non_batch_file(clien
         with pytest.raises(openai.BadRequestError):
             client.batches.create(input_file_id=tuned.id, endpoint=CHAT, completion_window="24h")
         with pytest.raises(openai.BadRequestError):
-            client.batches.create(input_file_id=tuned.id, endpoint=CHAT, completion_window="1h")  # type: ignore[arg-type]
+            client.batches.create(input_file_id=tuned.id, endpoint=CHAT, completion_window="1h")  # type: ignore
         assert fake.created == []
 
 
@@ -325,3 +326,26 @@ def test_custom_ids_in_two_batches_counts_only_rows_two_batches_may_answer(clien
         assert fake.custom_ids_in_two_batches() == set()
         submit(client, [chat_line(1)])
         assert fake.custom_ids_in_two_batches() == {"row-1"}
+
+
+def test_responses_batches_answer_with_response_objects(client_for) -> None:
+    with FakeBatchAPI(polls_to_finish=1) as fake:
+        client = client_for(fake)
+        line = {"custom_id": "r1", "method": "POST", "url": "/v1/responses", "body": {"model": "m", "input": "hi"}}
+        batch = poll(client, submit(client, [line], endpoint="/v1/responses").id)
+        [answered] = lines_of(client, batch.output_file_id)
+        assert answered["response"]["body"]["object"] == "response"
+        assert batch.usage.output_tokens == answered["response"]["body"]["usage"]["output_tokens"]
+
+
+def test_unknown_ids_are_404s(client_for) -> None:
+    with FakeBatchAPI() as fake:
+        client = client_for(fake)
+        with pytest.raises(openai.NotFoundError):
+            client.batches.retrieve("batch_missing")
+        with pytest.raises(openai.NotFoundError):
+            client.batches.cancel("batch_missing")
+        with pytest.raises(openai.NotFoundError):
+            client.files.content("file-missing")
+        with pytest.raises(openai.NotFoundError):
+            client.files.delete("file-missing")
