@@ -349,3 +349,27 @@ def test_unknown_ids_are_404s(client_for) -> None:
             client.files.content("file-missing")
         with pytest.raises(openai.NotFoundError):
             client.files.delete("file-missing")
+
+
+def test_every_object_validates_against_the_sdk_types_with_every_field(client_for) -> None:
+    # The SDK builds its objects without validating them, so a missing or mistyped field
+    # would pass unseen: validate the fake's objects strictly, in every state they reach.
+    with FakeBatchAPI(BatchFaults(fail_batches=1, rows_per_step=1)) as fake:
+        client = client_for(fake)
+        failed = submit(client, [chat_line(1)]).id
+        batch_id = submit(client, [chat_line(1), chat_line(2)]).id
+        cancelled = submit(client, [chat_line(3)]).id
+        client.batches.cancel(cancelled)
+        seen = set()
+        for _ in range(6):
+            for stored in fake.batches.values():
+                openai.types.Batch.model_validate(stored.obj, strict=True)
+                assert set(stored.obj) == set(openai.types.Batch.model_fields)
+                seen.add(stored.obj["status"])
+            fake.advance()
+        assert seen >= {"validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled"}
+        for stored in fake.files.values():
+            openai.types.FileObject.model_validate(stored["obj"], strict=True)
+            assert set(stored["obj"]) == set(openai.types.FileObject.model_fields)
+        assert (client.batches.retrieve(failed).status, client.batches.retrieve(batch_id).status) == (
+            "failed", "completed")
