@@ -16,14 +16,17 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from ..._exceptions import RetryableAPIError, RowFatalAPIError
+import httpx
+
+from ..._exceptions import ConfigError, JobFatalAPIError, RetryableAPIError, RowFatalAPIError
 from ...endpoints.base import Endpoint
 from ...endpoints.result import Result
 from ...policy.retry import error_message
 
-__all__ = ["Outcome", "Provider"]
+__all__ = ["Batch", "BatchAPI", "Outcome", "Provider", "checked"]
 
 
 class Outcome:
@@ -34,6 +37,36 @@ class Outcome:
 
     def __init__(self, row_index: int, result: Result | None = None, unanswered: str | None = None) -> None:
         self.row_index, self.result, self.unanswered = row_index, result, unanswered
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch as the provider reports it. `done`: it will change no more (completed,
+    expired, failed, cancelled); its output and error files then hold what it answered."""
+
+    id: str
+    state: str
+    done: bool
+    counts: Mapping[str, int] = field(default_factory=dict)
+    output_file: str | None = None
+    error_file: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    errors: tuple[str, ...] = ()  # why the batch as a whole failed, in the provider's words
+
+
+def checked(response: httpx.Response, what: str) -> httpx.Response:
+    """The response of a call to the batch API, or the error it stands for: a refused key
+    stops the job (exit 3), a server error or a 429 is worth another try, any other
+    refusal is the spec's or the account's to fix (exit 2)."""
+    if response.is_success:
+        return response
+    words = error_message(response.content, limit=500)
+    if response.status_code in (401, 403):
+        raise JobFatalAPIError(f"{what}: the batch API refused the key (HTTP {response.status_code}: {words}); "
+                               "check batch_api.api_key_env", status=response.status_code)
+    if response.status_code in (408, 409, 429) or response.status_code >= 500:
+        raise RetryableAPIError(f"{what}: HTTP {response.status_code}: {words}", status=response.status_code)
+    raise ConfigError(f"{what}: the batch API refused it (HTTP {response.status_code}: {words})")
 
 
 class Provider(ABC):
@@ -70,6 +103,25 @@ class Provider(ABC):
             code, message = error.get("code"), error.get("message")
             return ": ".join(str(part) for part in (code, message) if part) or "no answer"
         return "no answer"
+
+
+class BatchAPI(Protocol):
+    """A provider's remote calls, over a client whose base URL and key are the batch API's.
+    (OpenAI's in openai.py; Fireworks' datasets and jobs are to come.)"""
+
+    def upload(self, http: httpx.Client, name: str, data: bytes) -> str:
+        """Upload an input file named `name`; its id."""
+
+    def create(self, http: httpx.Client, file: str, url: str, metadata: Mapping[str, str]) -> Batch:
+        """Start a batch of the uploaded file's requests, to `url` (an endpoint's batch URL)."""
+
+    def get(self, http: httpx.Client, batch: str) -> Batch: ...
+
+    def tagged(self, http: httpx.Client, key: str, value: str) -> list[Batch]:
+        """Every batch whose metadata holds `key: value`, newest first: what a rerun finds of
+        the batches an earlier run created, whatever it managed to record."""
+
+    def download(self, http: httpx.Client, file: str) -> bytes: ...
 
 
 def _answer(endpoint: Endpoint, body: Any, index: int) -> Result:
