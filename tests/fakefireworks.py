@@ -180,7 +180,9 @@ class FakeFireworks:
     def __enter__(self) -> FakeFireworks:
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._http.daemon_threads = True
-        self._thread = threading.Thread(target=self._http.serve_forever, name="fakefireworks", daemon=True)
+        # a short poll interval: shutdown() waits for it, once per test
+        self._thread = threading.Thread(target=self._http.serve_forever, args=(0.05,), name="fakefireworks",
+                                        daemon=True)
         self._thread.start()
         self.origin = f"http://127.0.0.1:{self._http.server_address[1]}"
         self.base_url = f"{self.origin}/v1"
@@ -323,7 +325,8 @@ class FakeFireworks:
         token = secrets.token_urlsafe(12)
         expiry = self.clock - 1 if method == "GET" and self.faults.urls_expired else self.clock + URL_TTL_S
         self._signed[token] = (method, dataset_id, filename, expiry)
-        return f"{self.origin}/signed/{token}/{filename}?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Expires={int(URL_TTL_S)}"
+        query = f"X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Expires={int(URL_TTL_S)}"
+        return f"{self.origin}/signed/{token}/{filename}?{query}"
 
     def _storage(self, method: str, rest: str, headers: dict[str, str], raw: bytes) -> tuple[int, bytes, str]:
         """The object store behind signed URLs: no API key, and one sent is refused, as a
@@ -454,11 +457,14 @@ class FakeFireworks:
     def _answer(self, job: FakeJob, row: dict) -> None:
         custom_id, body = row["custom_id"], _request_body(job, row["body"])
         if custom_id in job.failing:
-            job.errors[custom_id] = {"custom_id": custom_id, "error": {"code": 500, "message": "inference failed (injected)"}}
+            job.errors[custom_id] = {"custom_id": custom_id,
+                                     "error": {"code": 500, "message": "inference failed (injected)"}}
         elif not isinstance(body.get("messages"), list):
-            job.errors[custom_id] = {"custom_id": custom_id, "error": {"code": 400, "message": "body.messages is required"}}
+            job.errors[custom_id] = {"custom_id": custom_id,
+                                     "error": {"code": 400, "message": "body.messages is required"}}
         else:
-            job.results[custom_id] = {"custom_id": custom_id, "response": self._maker._build_answer(body, request_key(body))}
+            answer = self._maker._build_answer(body, request_key(body))
+            job.results[custom_id] = {"custom_id": custom_id, "response": answer}
 
     def _write_output(self, job: FakeJob) -> None:
         rng = random.Random(f"order:{job.faults.seed}:{job.job_id}")
@@ -569,6 +575,7 @@ def _read_chunked(stream) -> bytes:
 def _handler_for(fake: FakeFireworks) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # head and body go out as two writes; no 40 ms wait between
 
         def _serve(self) -> None:
             raw = _read_chunked(self.rfile) if "chunked" in self.headers.get("Transfer-Encoding", "") \
