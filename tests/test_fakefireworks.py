@@ -251,3 +251,17 @@ def test_lists_page_and_filter(fake: FakeFireworks, api: httpx.Client) -> None:
     assert [j["displayName"] for j in waiting.json()["batchInferenceJobs"]] == ["batchrun c", "batchrun b"]
     assert api.get("/batchInferenceJobs", params={"filter": "state ~ x"}).status_code == 400
     assert create_job(api, "a", "in").status_code == 409
+
+
+def test_a_row_the_model_cannot_answer_is_an_error_line_and_is_rerun_by_a_continuation(
+        fake: FakeFireworks, api: httpx.Client) -> None:
+    lines = rows(3)
+    lines[1]["body"] = {"prompt": "not a chat request"}
+    upload_input(api, "in", lines)
+    create_job(api, "job", "in")
+    assert poll(api, "job", 4)["jobProgress"]["failedRequests"] == 1
+    errors = download(api, "job-out")[ERRORS_FILE]
+    assert errors == [{"custom_id": "row-1", "error": {"code": 400, "message": "body.messages is required"}}]
+    create_job(api, "again", "in", continuedFromJobName="accounts/test-account/batchInferenceJobs/job")
+    fake.advance("again", steps=4)
+    assert fake.jobs["again"].custom_ids == ["row-1"] and fake.jobs["again"].display_name == "batchrun again"
