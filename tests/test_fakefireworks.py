@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 
 import httpx
+import fireworks
 import pytest
 
 from tests.fakefireworks import ERRORS_FILE, RESULTS_FILE, FakeFireworks, Faults
@@ -69,7 +70,6 @@ def download(api: httpx.Client, dataset_id: str) -> dict[str, list[dict]]:
 
 
 def test_the_official_client_runs_a_job_end_to_end(fake: FakeFireworks) -> None:
-    fireworks = pytest.importorskip("fireworks")
     client = fireworks.Fireworks(api_key=fake.api_key, account_id=fake.account_id, base_url=fake.origin,
                                  max_retries=0)
     client.datasets.create(dataset_id="in", dataset={"user_uploaded": {}, "example_count": "3"})
@@ -104,7 +104,6 @@ def test_the_official_client_runs_a_job_end_to_end(fake: FakeFireworks) -> None:
 
 
 def test_the_official_client_is_refused_another_account(fake: FakeFireworks) -> None:
-    fireworks = pytest.importorskip("fireworks")
     client = fireworks.Fireworks(api_key=fake.api_key, account_id="someone-else", base_url=fake.origin,
                                  max_retries=0)
     with pytest.raises(fireworks.PermissionDeniedError, match="someone-else"):
