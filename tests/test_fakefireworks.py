@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-import httpx
 import fireworks
+import httpx
 import pytest
 
 from tests.fakefireworks import ERRORS_FILE, RESULTS_FILE, FakeFireworks, Faults
