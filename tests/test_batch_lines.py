@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
+from batchrun import RetryableAPIError
 from batchrun.backends.batch import PROVIDERS
 from batchrun.backends.batch.lines import batch_line, chunks, custom_id, read_line, row_of
 from batchrun.endpoints import get_endpoint
@@ -115,3 +117,19 @@ def test_a_line_of_no_row_of_this_job_is_skipped(raw: bytes) -> None:
 
 def test_the_spec_holds_each_provider_to_the_limit_the_provider_states() -> None:
     assert _BATCH_ROWS == {name: provider.max_rows for name, provider in PROVIDERS.items()}
+
+
+@pytest.mark.parametrize("answer", [b"not json", b"[]", b'{"id": 1}', b'{"status": "completed"}',
+                                    b'{"id": "b", "status": "failed", "errors": []}',
+                                    b'{"id": "b", "status": "failed", "errors": {"data": [1]}}',
+                                    b'{"data": {"id": "b"}}', b'{"data": [{"id": "b", "status": "x", "metadata": []}]}'])
+def test_any_answer_the_batch_api_may_send_is_an_error_worth_another_try_never_a_crash(answer: bytes) -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=answer))
+    with httpx.Client(transport=transport, base_url="http://127.0.0.1:9/v1") as http:
+        for call in (lambda: OPENAI.upload(http, "f.jsonl", b"{}\n"), lambda: OPENAI.get(http, "b"),
+                     lambda: OPENAI.create(http, "f", "/v1/chat/completions", {}),
+                     lambda: OPENAI.tagged(http, "batchrun_job", JOB)):
+            try:
+                call()
+            except RetryableAPIError as exc:
+                assert "the batch API's answer (HTTP 200) is not what it should be" in str(exc)

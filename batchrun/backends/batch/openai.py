@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import httpx
 
+from ..._exceptions import RetryableAPIError
 from ...endpoints.base import Endpoint
 from .base import Batch, Outcome, Provider, checked
 
@@ -37,29 +38,51 @@ class OpenAIBatches(Provider):
         return self.answered(index, response.get("status_code"), response.get("body"), endpoint)
 
     def upload(self, http: httpx.Client, name: str, data: bytes) -> str:
+        what = f"uploading {name}"
         response = checked(http.post("/files", data={"purpose": "batch"},
-                                     files={"file": (name, data, "application/jsonl")}), f"uploading {name}")
-        return str(response.json()["id"])
+                                     files={"file": (name, data, "application/jsonl")}), what)
+        return _read(response, what, lambda data: str(data["id"]))
 
     def create(self, http: httpx.Client, file: str, url: str, metadata: Mapping[str, str]) -> Batch:
+        what = f"creating a batch of {file}"
         body = {"input_file_id": file, "endpoint": url, "completion_window": "24h", "metadata": dict(metadata)}
-        return _batch(checked(http.post("/batches", json=body), f"creating a batch of {file}").json())
+        return _read(checked(http.post("/batches", json=body), what), what, _batch)
 
     def get(self, http: httpx.Client, batch: str) -> Batch:
-        return _batch(checked(http.get(f"/batches/{batch}"), f"reading batch {batch}").json())
+        what = f"reading batch {batch}"
+        return _read(checked(http.get(f"/batches/{batch}"), what), what, _batch)
 
     def tagged(self, http: httpx.Client, key: str, value: str) -> list[Batch]:
-        found, after = [], None
+        found: list[Batch] = []
+        after = None
         while True:
             params = {"limit": PAGE, **({"after": after} if after else {})}
-            page = checked(http.get("/batches", params=params), "listing the batches").json()
-            found += [_batch(b) for b in page.get("data", []) if (b.get("metadata") or {}).get(key) == value]
-            if not page.get("has_more") or not page.get("data"):
+            page = checked(http.get("/batches", params=params), "listing the batches")
+            batches, more = _read(page, "listing the batches", _page)
+            found += [b for b in batches if b.metadata.get(key) == value]
+            if not more or not batches:
                 return found
-            after = page["data"][-1]["id"]
+            after = batches[-1].id
 
     def download(self, http: httpx.Client, file: str) -> bytes:
         return checked(http.get(f"/files/{file}/content"), f"downloading {file}").content
+
+
+T = TypeVar("T")
+
+
+def _read(response: httpx.Response, what: str, read: Callable[[Any], T]) -> T:
+    """What an answer holds; one that does not hold it (any bytes a server may send) is
+    worth asking again, never a crash."""
+    try:
+        return read(response.json())
+    except (ValueError, LookupError, TypeError, AttributeError) as exc:
+        raise RetryableAPIError(f"{what}: the batch API's answer (HTTP {response.status_code}) is not what it "
+                                f"should be ({type(exc).__name__}: {exc})", status=response.status_code) from None
+
+
+def _page(data: Mapping[str, Any]) -> tuple[list[Batch], bool]:
+    return [_batch(b) for b in data["data"]], bool(data.get("has_more"))
 
 
 def _batch(data: Mapping[str, Any]) -> Batch:
