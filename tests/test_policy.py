@@ -6,12 +6,18 @@ from email.utils import formatdate
 import anyio
 import pytest
 
-from batchrun import JobFatalAPIError, RetryableAPIError, RowFatalAPIError
-from batchrun.policy.retry import FailureStreak, backoff, classify, error_message, retry_after, retrying
+from batchrun import APIError, JobFatalAPIError, RetryableAPIError, RowFatalAPIError
+from batchrun.policy.retry import FailureStreak, error_for, error_message, retrying
+from batchrun.policy.verdict import backoff, judge, retry_after
 from batchrun.spec.parse import RetrySpec
 
 NOW = 1_700_000_000.0
 
+
+
+def classify(status: int, headers: dict[str, str], body: bytes, *, now: float) -> APIError:
+    """The error an unsuccessful answer stands for, as the client makes it: judged, then raised."""
+    return error_for(judge(status, headers, body, now=now), headers, body)
 
 def body(message: str = "nope", code: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": "x", "code": code}}).encode()

@@ -18,16 +18,11 @@ import tenacity
 
 from .._exceptions import APIError, JobFatalAPIError, RetryableAPIError, RowFatalAPIError
 from ..spec.model import RetrySpec
-from .verdict import JOB_FATAL, RETRY, Verdict, backoff, judge, retry_after, unanswered
+from .verdict import JOB_FATAL, RETRY, Verdict, unanswered
 
-__all__ = ["FailureStreak", "backoff", "classify", "error_for", "error_message", "retry_after", "retrying"]
+__all__ = ["FailureStreak", "error_for", "error_message", "retrying"]
 
 RATE_LIMITED_MAX = 50  # 429s one row may meet before it fails
-
-
-def classify(status: int, headers: Mapping[str, str], body: bytes, *, now: float) -> APIError:
-    """The error an unsuccessful HTTP answer stands for; `now` is Unix time, for dates."""
-    return error_for(judge(status, headers, body, now=now), headers, body)
 
 
 def error_for(verdict: Verdict, headers: Mapping[str, str], body: bytes) -> APIError:

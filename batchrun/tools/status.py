@@ -19,7 +19,7 @@ from ..backends.layout import (
     shard_output,
     shard_sums,
 )
-from ..engine.status import EVERY_S, StatusFile, read, status_path
+from ..engine.status import read, status_path
 from ..storage import Store, open_store
 from ..storage.lock import lock_holder, lock_path
 from ..storage.state import StateStore, state_path
@@ -27,7 +27,7 @@ from ..storage.state import StateStore, state_path
 if TYPE_CHECKING:
     from ..spec.parse import JobSpec
 
-__all__ = ["EVERY_S", "StatusFile", "job_status", "status_path"]  # the first, second and last: engine.status's
+__all__ = ["job_status"]
 
 
 def job_status(spec: JobSpec) -> dict[str, Any]:
