@@ -13,7 +13,7 @@ from batchrun.backends.batch import PROVIDERS
 from batchrun.backends.batch.lines import batch_line, chunks, custom_id, read_line, row_of
 from batchrun.endpoints import get_endpoint
 from batchrun.inputs.rows import Row
-from batchrun.spec.parse import _BATCH_ROWS  # the spec's check, which runs below the backends
+from batchrun.spec.parse import _BATCH_KINDS  # the spec's check, which runs below the backends
 
 JOB, OTHER = "0123456789abcdef", "fedcba9876543210"
 OPENAI, FIREWORKS = PROVIDERS["openai"], PROVIDERS["fireworks"]
@@ -116,7 +116,8 @@ def test_a_line_of_no_row_of_this_job_is_skipped(raw: bytes) -> None:
 
 
 def test_the_spec_holds_each_provider_to_the_limit_the_provider_states() -> None:
-    assert _BATCH_ROWS == {name: provider.max_rows for name, provider in PROVIDERS.items()}
+    assert {name: kind.max_rows for name, kind in _BATCH_KINDS.items()} == \
+        {name: provider.max_rows for name, provider in PROVIDERS.items()}
 
 
 @pytest.mark.parametrize("answer", [b"not json", b"[]", b'{"id": 1}', b'{"status": "completed"}',

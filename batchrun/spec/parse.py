@@ -18,6 +18,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import yaml
 
 from .._exceptions import SpecError
 from ..endpoints import ENDPOINTS, implied_by, job_endpoint, taking
+from ..endpoints.base import Endpoint
 from ..endpoints.chat import Chat
 from ..inputs.files import INPUT_SUFFIXES
 from ..inputs.template import Template
@@ -410,12 +412,24 @@ def _api(raw: Any, env: Mapping[str, str]) -> ApiSpec:
 
 
 FIREWORKS_BATCH_URL = "https://api.fireworks.ai/v1"  # datasets and batch jobs: not under /inference
-# What each provider's batch API answers: the endpoints (by kind, never by name) and the
-# most requests one batch takes
-_BATCH_ENDPOINTS = {"fireworks": (Chat,), "openai": tuple(type(e) for e in ENDPOINTS.values())}
-_BATCH_ROWS = {"fireworks": None, "openai": 50_000}
-_BATCH_NAMES = {"fireworks": "Fireworks'", "openai": "OpenAI's"}
+@dataclass(frozen=True)
+class _BatchKind:
+    """What the spec must hold for one provider's batch API; the provider's own module
+    (backends/batch/) states the same limits, and a test keeps the two equal."""
 
+    name: str  # as messages say it
+    endpoints: tuple[type[Endpoint], ...]  # the endpoints its batches answer (by kind, never by name)
+    max_rows: int | None  # requests one batch takes; None: no limit of its own
+    account: bool  # its datasets and jobs belong to an account (batch_api.account_id)
+    one_model: bool  # a batch runs one model, the spec's
+    base_url: str | None  # its batch API's URL; None: the live API's
+
+
+_BATCH_KINDS = {
+    "fireworks": _BatchKind("Fireworks", (Chat,), None, account=True, one_model=True, base_url=FIREWORKS_BATCH_URL),
+    "openai": _BatchKind("OpenAI", tuple(type(e) for e in ENDPOINTS.values()), 50_000, account=False,
+                         one_model=False, base_url=None),
+}
 
 def _batch_api(raw: Any, api: ApiSpec, model: str | None, endpoint: str | None) -> BatchApiSpec | None:
     """`batch_api:` (a mapping, or `true` for every default); None when absent or false."""
@@ -433,13 +447,13 @@ def _batch_api(raw: Any, api: ApiSpec, model: str | None, endpoint: str | None) 
     account = _string(section, "account_id", "batch_api", None)
     _check_batch_kind(kind, account, model, endpoint)
     rows = _number(section, "rows_per_batch", "batch_api", None, kind=int, minimum=1)
-    if rows is not None and (most := _BATCH_ROWS[kind]) is not None and rows > most:
-        raise SpecError(f"batch_api.rows_per_batch: {_BATCH_NAMES[kind]} batch API takes at most {most:,} requests "
+    if rows is not None and (most := _BATCH_KINDS[kind].max_rows) is not None and rows > most:
+        raise SpecError(f"batch_api.rows_per_batch: {_possessive(kind)} batch API takes at most {most:,} requests "
                         f"a batch, got {rows:,}")
     return BatchApiSpec(
         kind=kind,
         base_url=_base_url(_string(section, "base_url", "batch_api",
-                                   FIREWORKS_BATCH_URL if kind == "fireworks" else api.base_url)),
+                                   _BATCH_KINDS[kind].base_url or api.base_url)),
         api_key_env=_string(section, "api_key_env", "batch_api", api.api_key_env),
         account_id=account,
         poll_interval_s=_number(section, "poll_interval_s", "batch_api", BatchApiSpec.poll_interval_s, kind=float,
@@ -456,18 +470,24 @@ def _on_fireworks(url: str) -> bool:
 
 
 def _check_batch_kind(kind: str, account: str | None, model: str | None, endpoint: str | None) -> None:
-    """What one provider's batch API needs that the other does not: refused before any request."""
-    if not isinstance(job_endpoint(endpoint), _BATCH_ENDPOINTS[kind]):
-        raise SpecError(f"batch_api: {_BATCH_NAMES[kind]} batch API does not answer the {job_endpoint(endpoint).name} "
+    """What one provider's batch API needs that another does not: refused before any request."""
+    needs = _BATCH_KINDS[kind]
+    if not isinstance(job_endpoint(endpoint), needs.endpoints):
+        raise SpecError(f"batch_api: {_possessive(kind)} batch API does not answer the {job_endpoint(endpoint).name} "
                         "endpoint; drop batch_api to send these rows live")
-    if kind == "fireworks" and account is None:
-        raise SpecError("batch_api.account_id: required for Fireworks' batch API; write "
-                        "account_id: ${FIREWORKS_ACCOUNT_ID} and export it")
-    if kind == "fireworks" and model is None:
-        raise SpecError("batch_api: Fireworks runs one model a batch job; set model: in the spec")
-    if kind == "openai" and account is not None:
-        raise SpecError("batch_api.account_id: only Fireworks' batch API takes an account; drop it")
+    if needs.account and account is None:
+        raise SpecError(f"batch_api.account_id: required for {_possessive(kind)} batch API; write "
+                        f"account_id: ${{{needs.name.upper()}_ACCOUNT_ID}} and export it")
+    if needs.one_model and model is None:
+        raise SpecError(f"batch_api: {needs.name} runs one model a batch job; set model: in the spec")
+    if not needs.account and account is not None:
+        takers = " or ".join(_possessive(name) for name, other in _BATCH_KINDS.items() if other.account)
+        raise SpecError(f"batch_api.account_id: only {takers} batch API takes an account; drop it")
 
+
+def _possessive(kind: str) -> str:
+    name = _BATCH_KINDS[kind].name
+    return f"{name}'" if name.endswith("s") else f"{name}'s"
 
 def _check_budget(budget: BudgetSpec, pricing: Mapping[str, Price], model: str | None,
                   params: Mapping[str, Any], endpoint: str | None) -> None:
