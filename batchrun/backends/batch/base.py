@@ -25,6 +25,7 @@ from ..._exceptions import ConfigError, JobFatalAPIError, RetryableAPIError, Row
 from ...endpoints.base import Endpoint
 from ...endpoints.result import Result
 from ...policy.retry import error_message
+from ...spec.model import BatchApiSpec
 
 __all__ = ["Batch", "BatchAPI", "Outcome", "Provider", "checked"]
 
@@ -74,6 +75,10 @@ class Provider(ABC):
     max_rows: int | None  # requests in one batch; None: no limit of its own
     max_bytes: int  # bytes in one input file
 
+    def base_url(self, spec: BatchApiSpec) -> str:
+        """Where the batch API's calls go (a client's base URL)."""
+        return spec.base_url.rstrip("/")
+
     @abstractmethod
     def line(self, custom_id: str, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
         """A row's request (its body as the live path sends it) as a line of the input file."""
@@ -106,16 +111,26 @@ class Provider(ABC):
 
 
 class BatchAPI(Protocol):
-    """A provider's remote calls, over a client whose base URL and key are the batch API's.
-    (OpenAI's in openai.py; Fireworks' datasets and jobs are to come.)"""
+    """A provider's remote calls, over a client whose base URL is `Provider.base_url`'s and
+    whose key is the batch API's."""
+
+    def check(self, http: httpx.Client, model: str | None) -> None:
+        """Before anything is uploaded: ConfigError when the account or the model cannot
+        take a batch (Fireworks: a wrong account, `batch_inference_supported` false)."""
 
     def upload(self, http: httpx.Client, name: str, data: bytes) -> str:
         """Upload an input file named `name`; its id."""
 
-    def create(self, http: httpx.Client, file: str, url: str, metadata: Mapping[str, str]) -> Batch:
-        """Start a batch of the uploaded file's requests, to `url` (an endpoint's batch URL)."""
+    def create(self, http: httpx.Client, file: str, url: str, metadata: Mapping[str, str],
+               model: str | None) -> Batch:
+        """Start a batch of the uploaded file's requests, to `url` (an endpoint's batch URL),
+        tagged with `metadata` (the job's fingerprint and the batch's key); `model`: the
+        job's, for a provider whose batch has one model (Fireworks)."""
 
     def get(self, http: httpx.Client, batch: str) -> Batch: ...
+
+    def cancel(self, http: httpx.Client, batch: str) -> Batch:
+        """Ask the provider to stop a batch; what it answered stays in its files."""
 
     def tagged(self, http: httpx.Client, key: str, value: str) -> list[Batch]:
         """Every batch whose metadata holds `key: value`, newest first: what a rerun finds of

@@ -43,7 +43,11 @@ class OpenAIBatches(Provider):
                                      files={"file": (name, data, "application/jsonl")}), what)
         return _read(response, what, lambda data: str(data["id"]))
 
-    def create(self, http: httpx.Client, file: str, url: str, metadata: Mapping[str, str]) -> Batch:
+    def check(self, http: httpx.Client, model: str | None) -> None:
+        """Any model the server serves live, it batches (or refuses its lines one by one)."""
+
+    def create(self, http: httpx.Client, file: str, url: str, metadata: Mapping[str, str],
+               model: str | None = None) -> Batch:
         what = f"creating a batch of {file}"
         body = {"input_file_id": file, "endpoint": url, "completion_window": "24h", "metadata": dict(metadata)}
         return _read(checked(http.post("/batches", json=body), what), what, _batch)
@@ -51,6 +55,10 @@ class OpenAIBatches(Provider):
     def get(self, http: httpx.Client, batch: str) -> Batch:
         what = f"reading batch {batch}"
         return _read(checked(http.get(f"/batches/{batch}"), what), what, _batch)
+
+    def cancel(self, http: httpx.Client, batch: str) -> Batch:
+        what = f"cancelling batch {batch}"
+        return _read(checked(http.post(f"/batches/{batch}/cancel"), what), what, _batch)
 
     def tagged(self, http: httpx.Client, key: str, value: str) -> list[Batch]:
         found: list[Batch] = []
