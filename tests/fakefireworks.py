@@ -8,6 +8,8 @@ official `fireworks-ai` client calls, with its camelCase JSON:
   (multipart `file`, up to `upload_limit` bytes), `:getUploadEndpoint` (signed PUT URLs on
   this fake) then `:validateUpload`, `:getDownloadEndpoint` (signed GET URLs that need no
   key, refuse one, and expire on the fake clock: `expire_urls()`);
+- models: get, of the account's or the public `fireworks` account's, with
+  `batchInferenceSupported` false for those in `models_without_batch`;
 - batchInferenceJobs: create (`?batchInferenceJobId=`), get, list, delete, with `state`,
   `status` and `jobProgress`, and `continuedFromJobName` rerunning only the rows a previous
   job has no answer for.
@@ -43,7 +45,7 @@ ERRORS_FILE = "error-data.jsonl"
 UPLOAD_LIMIT = 150 * 1024 * 1024  # `:upload` takes up to 150 MB; larger files go by signed URL
 URL_TTL_S = 600.0  # signed download URLs live about ten minutes
 
-_ROUTE = re.compile(r"^/v1/accounts/([^/]+)/(datasets|batchInferenceJobs)(?:/([^/:]+))?(?::(\w+))?$")
+_ROUTE = re.compile(r"^/v1/accounts/([^/]+)/(datasets|batchInferenceJobs|models)(?:/([^/:]+))?(?::(\w+))?$")
 _GRPC_CODES = {400: (3, "INVALID_ARGUMENT"), 401: (16, "UNAUTHENTICATED"), 403: (7, "PERMISSION_DENIED"),
                404: (5, "NOT_FOUND"), 409: (6, "ALREADY_EXISTS"),
                413: (3, "INVALID_ARGUMENT"), 503: (14, "UNAVAILABLE")}
@@ -242,6 +244,8 @@ class FakeFireworks:
         if match is None:
             raise ApiError(404, f"no route {path}")
         account, kind, ident, verb = match.groups()
+        if kind == "models" and method == "GET" and ident is not None and verb is None:
+            return self.get_model(account, ident)
         if account != self.account_id:
             raise ApiError(403, f"permission denied on account {account!r}")
         params = {k: v[-1] for k, v in query.items()}
@@ -250,6 +254,18 @@ class FakeFireworks:
             raise ApiError(404, f"no route {method} {path}")
         body = json.loads(raw) if raw and not headers.get("content-type", "").startswith("multipart/") else {}
         return handler(self, ident, params, body, headers, raw)
+
+    # ---- models ----
+
+    def get_model(self, account: str, ident: str) -> dict:
+        """A model of this account or a public one (account `fireworks`); any name is one,
+        since the fake serves every model its answer maker is asked for."""
+        name = f"accounts/{account}/models/{ident}"
+        if account not in (self.account_id, "fireworks"):
+            raise ApiError(404, f"model {name} not found")
+        return {"name": name, "displayName": ident, "state": "READY", "kind": "HF_BASE_MODEL",
+                "public": account == "fireworks", "supportsServerless": True,
+                "batchInferenceSupported": name not in self.models_without_batch, "createTime": _now()}
 
     # ---- datasets ----
 

@@ -264,3 +264,13 @@ def test_a_row_the_model_cannot_answer_is_an_error_line_and_is_rerun_by_a_contin
     create_job(api, "again", "in", continuedFromJobName="accounts/test-account/batchInferenceJobs/job")
     fake.advance("again", steps=4)
     assert fake.jobs["again"].custom_ids == ["row-1"] and fake.jobs["again"].display_name == "batchrun again"
+
+
+def test_a_model_says_whether_it_can_be_batched(fake: FakeFireworks, api: httpx.Client) -> None:
+    client = fireworks.Fireworks(api_key=fake.api_key, account_id=fake.account_id, base_url=fake.origin,
+                                 max_retries=0)
+    public = client.models.get("llama-v3p1-8b-instruct", account_id="fireworks").to_dict()
+    assert public["name"] == MODEL and public["batchInferenceSupported"] is True
+    assert client.models.get("no-batch", account_id="fireworks").to_dict()["batchInferenceSupported"] is False
+    assert api.get(f"{fake.base_url}/accounts/someone-else/models/x").status_code == 404
+    assert httpx.get(f"{fake.base_url}/accounts/fireworks/models/no-batch").status_code == 401
