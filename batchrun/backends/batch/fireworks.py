@@ -2,7 +2,8 @@
 
     input    {"custom_id", "body": {...}}           (the model is the job's, set once)
     results  {"custom_id", "response": {answer}}    (no status: a line here is an answer)
-    errors   a line of the error file says what went wrong: the row is asked again
+    errors   {"custom_id", "error": {"code", "message"}}: a 4xx code fails the row as a
+             live 4xx would; any other, the row is asked again
 
 The calls, under https://api.fireworks.ai/v1/accounts/{account}:
 
@@ -66,9 +67,12 @@ class FireworksBatches(Provider):
         return {"custom_id": custom_id, "body": {k: v for k, v in body.items() if k != "model"}}
 
     def outcome(self, index: int, data: Mapping[str, Any], endpoint: Endpoint, *, from_errors: bool) -> Outcome:
-        response = data.get("response")
+        response, error = data.get("response"), data.get("error")
         if from_errors or response is None:
-            return Outcome(index, unanswered=self.why(data.get("error") or response))
+            code = error.get("code") if isinstance(error, Mapping) else None
+            if isinstance(code, int) and 400 <= code < 500:  # refused, as a live 4xx would be
+                return self.answered(index, code, {"error": error}, endpoint)
+            return Outcome(index, unanswered=self.why(error or response))
         return self.answered(index, 200, response, endpoint)
 
     # ---- the remote calls (the `BatchAPI` protocol) ----
