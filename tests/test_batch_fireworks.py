@@ -225,6 +225,29 @@ def test_cancelling_deletes_the_job_and_keeps_what_it_wrote(fake: FakeFireworks)
         assert FIREWORKS.cancel(http, done.id) == done and not fake.jobs[done.id].deleted
 
 
+@pytest.mark.parametrize("call", [
+    lambda http: FIREWORKS.get(http, "job"),
+    lambda http: FIREWORKS.tagged(http, "batchrun_job", JOB),
+    lambda http: FIREWORKS.check(http, MODEL),
+    lambda http: FIREWORKS.download(http, "out/x.jsonl"),
+    lambda http: FIREWORKS.create(http, "in", "/v1/chat/completions", TAG, MODEL),
+])
+@pytest.mark.parametrize("answer", [httpx.Response(200, content=b"<html>"), httpx.Response(200, json=[1]),
+                                    httpx.Response(502, text="bad gateway")])
+def test_an_answer_that_is_not_what_it_should_be_is_worth_another_try(call, answer: httpx.Response) -> None:
+    transport = httpx.MockTransport(lambda request: answer)
+    with httpx.Client(transport=transport, base_url="https://api.example/v1/accounts/me") as http, \
+            pytest.raises(RetryableAPIError):
+        call(http)
+
+
+def test_a_listed_job_without_its_name_is_worth_another_try() -> None:
+    transport = httpx.MockTransport(lambda _: httpx.Response(200, json={"batchInferenceJobs": [{"state": "x"}]}))
+    with httpx.Client(transport=transport, base_url="https://api.example/v1/accounts/me") as http, \
+            pytest.raises(RetryableAPIError, match="KeyError: 'name'"):
+        FIREWORKS.tagged(http, "batchrun_job", JOB)
+
+
 def test_ids_and_tags_are_what_fireworks_takes_and_read_back_exactly() -> None:
     assert dataset_id(f"batchrun-{JOB}-12.jsonl") == f"batchrun-{JOB}-12"
     assert dataset_id("Batchrun_Job__X.JSONL") == "batchrun-job-x" and dataset_id("9.jsonl") == "b-9"
@@ -233,3 +256,16 @@ def test_ids_and_tags_are_what_fireworks_takes_and_read_back_exactly() -> None:
     tag = {"batchrun_job": JOB, "batchrun_batch": "a b&c=d"}
     assert metadata_of(display_name(tag)) == tag
     assert metadata_of("my own job") == {} and metadata_of("") == {}
+
+
+def test_a_model_that_says_in_snake_case_it_cannot_batch_is_refused_too() -> None:
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(200, json={"batch_inference_supported": False} if "/models/" in request.url.path else {})
+
+    with httpx.Client(transport=httpx.MockTransport(answer), base_url="https://api.example/v1/accounts/me") as http, \
+            pytest.raises(ConfigError, match="cannot run it in a batch inference job"):
+        FIREWORKS.check(http, MODEL)
+    assert seen == ["/v1/accounts/me/batchInferenceJobs", f"/v1/{MODEL}"]

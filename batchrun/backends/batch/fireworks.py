@@ -96,7 +96,7 @@ class FireworksBatches(Provider):
             raise ConfigError(f"model {model!r}: Fireworks has no such model this key can use (HTTP "
                               f"{found.status_code}); check model: in the spec")
         what = f"reading model {model}"
-        if _read(checked(found, what), what, lambda data: data.get("batchInferenceSupported", True)) is False:
+        if _read(checked(found, what), what, _batchable) is False:
             raise ConfigError(f"model {model!r}: Fireworks cannot run it in a batch inference job "
                               "(batchInferenceSupported is false); choose a model that supports batch inference, "
                               "or remove batch_api: from the spec to run it live")
@@ -222,6 +222,12 @@ def metadata_of(name: str) -> dict[str, str]:
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _batchable(model: Mapping[str, Any]) -> Any:
+    """The model's word on batch inference; a model that says nothing is taken at its
+    word-less best, as the service then decides (the documented model has no such field)."""
+    return model.get("batchInferenceSupported", model.get("batch_inference_supported", True))
 
 
 def _account(http: httpx.Client) -> str:
