@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import fireworks
 import httpx
 import pytest
 
@@ -210,6 +211,17 @@ def test_a_rerun_finds_its_job_by_its_tag_having_recorded_nothing(fake: FakeFire
         found = FIREWORKS.tagged(http, "batchrun_job", JOB)
         assert [(b.id, b.metadata) for b in found] == [(ours.id, TAG)]
         assert len(FIREWORKS.tagged(http, "batchrun_job", "another")) == 210
+
+
+def test_the_official_client_reads_the_dataset_and_job_as_made(fake: FakeFireworks) -> None:
+    with client(fake) as http:
+        batch = submit(http, 2)
+    sdk = fireworks.Fireworks(api_key=fake.api_key, account_id=fake.account_id, base_url=fake.origin, max_retries=0)
+    job = sdk.batch_inference_jobs.get(batch.id)
+    assert (job.display_name, job.model, job.input_dataset_id) == (
+        "batchrun_job=0123456789abcdef&batchrun_batch=0", MODEL, f"accounts/test-account/datasets/batchrun-{JOB}-0")
+    assert job.output_dataset_id == f"accounts/test-account/datasets/{batch.id}-out"
+    assert sdk.datasets.get(f"batchrun-{JOB}-0").example_count == "2"
 
 
 def test_cancelling_deletes_the_job_and_keeps_what_it_wrote(fake: FakeFireworks) -> None:
