@@ -26,7 +26,7 @@ import errno
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from .._exceptions import ConfigError, StateDamagedError, StateMismatchError, St
 from ..endpoints.result import RESULT_FIELDS, Result
 from ..policy.pricing import Hold
 from .durable import fsync
+from .ledger import LEDGER_SCHEMA, LEDGER_TABLES, Ledger
 from .lock import JobLock
 
 __all__ = ["Spend", "StateStore", "differences", "replace_state", "state_copy", "state_path"]
@@ -74,6 +75,7 @@ _SCHEMA = (
     "CREATE TABLE results ({})".format(
         ", ".join("row_index INTEGER PRIMARY KEY" if f == "row_index" else f for f in RESULT_FIELDS)),
     _HOLDS,
+    *LEDGER_SCHEMA,
 )
 
 
@@ -159,6 +161,7 @@ class StateStore:
         self._lock = lock
         self._inode = os.stat(path).st_ino
         self._wal_inode: int | None = None  # known after the first commit made the -wal
+        self.ledger = Ledger(db, self._transaction)  # the rows sent to a provider's batch API
 
     @classmethod
     def open(cls, path: Path, *, lock: bool = True, discard_damaged: bool = False) -> StateStore:
@@ -222,6 +225,8 @@ class StateStore:
             self._db.execute("DELETE FROM results")
             self._db.execute("DELETE FROM meta")
             self._db.execute("DELETE FROM holds")
+            for table in LEDGER_TABLES:
+                self._db.execute(f"DELETE FROM {table}")
 
     def meta(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
@@ -251,9 +256,11 @@ class StateStore:
 
     # -- results ---------------------------------------------------------------------------
 
-    def save(self, results: Iterable[Result], holds: Iterable[Hold] = (), released: Iterable[int] = ()) -> None:
+    def save(self, results: Iterable[Result], holds: Iterable[Hold] = (), released: Iterable[int] = (),
+             also: Callable[[sqlite3.Connection], None] | None = None) -> None:
         """Store results in one atomic, durable transaction, with the budget's new
-        `holds`; a result's own hold, and the `released` ones, go in the same one.
+        `holds`; a result's own hold, and the `released` ones, go in the same one, and so
+        does `also` (a batch's collection: `Ledger.collecting`).
 
         Raises StorageError when that is impossible: a full disk, or the state's
         files removed or replaced under the running job (SQLite would go on
@@ -263,7 +270,7 @@ class StateStore:
         rows = [_stored(r) for r in results]
         new = [(h.id, h.usd, h.tokens) for h in holds]
         gone = [(i,) for i in (*released, *(r.hold for r in results if r.hold is not None))]
-        if not (rows or new or gone):
+        if not (rows or new or gone or also):
             return
         self._check_files()
         try:
@@ -274,6 +281,8 @@ class StateStore:
                     self._db.executemany("INSERT INTO holds VALUES (?, ?, ?)", new)
                 if gone:
                     self._db.executemany("DELETE FROM holds WHERE id = ?", gone)
+                if also is not None:
+                    also(self._db)
         except (OSError, sqlite3.Error) as exc:
             raise _storage_error(exc, f"cannot save answers to {self.path}",
                                  "what was saved before is intact. Fix the cause (free disk space, restore the "
@@ -357,7 +366,10 @@ class StateStore:
             (limit,),
         ).fetchone()
         # Requests a kill left unsettled (with a budget), at their worst case: not in any row
-        lost, lost_usd = self._db.execute("SELECT COUNT(*), TOTAL(usd) FROM holds").fetchone()
+        # (a batch's hold is not one: the batch is out, not lost)
+        lost, lost_usd = self._db.execute(
+            "SELECT COUNT(*), TOTAL(usd) FROM holds WHERE id NOT IN (SELECT hold FROM batches WHERE hold IS NOT NULL)"
+        ).fetchone()
         return {"ok": ok, "failed": failed, "failed_for_good": for_good, "prompt_tokens": int(prompt),
                 "completion_tokens": int(completion), "total_tokens": int(total), "cost_usd": cost,
                 "cache_hits": hits, "saved_usd": saved, "lost_requests": lost, "lost_usd": lost_usd}
@@ -458,6 +470,8 @@ def _inspect(db: sqlite3.Connection, path: Path) -> None:
                              f"{', '.join(sorted(tables)) or 'none'})")
     if "holds" not in tables:  # a state from before budgets' holds were recorded
         db.execute(_HOLDS)
+    for statement in LEDGER_SCHEMA:  # a state from before the batch ledger
+        db.execute(statement)
     problems = [row[0] for row in db.execute("PRAGMA quick_check(5)") if row[0] != "ok"]
     if problems:
         raise _damaged(path, f"SQLite finds it damaged ({'; '.join(problems)})")

@@ -1,0 +1,143 @@
+"""The state's record of the rows sent to a provider's batch API: the batch ledger.
+
+    batches     key, endpoint, file_id, batch_id, state, counts, hold, since, collected
+    batch_rows  row_index (PRIMARY KEY: no row is ever in two batches), key
+    unbatched   row_index, reason: rows a batch gave back unanswered (expired, cancelled,
+                failed as a whole), to go live (`fallback: live`)
+
+It lives in the job's state, in the state's own transactions, because a provider's
+batch is a request like any other, only slower: a kill -9 at any moment must leave
+the record of what was sent and what came back consistent.
+
+Intent is recorded before each remote call: a batch's rows (and its budget hold) before
+its file is uploaded, the file's id before the batch is created, the batch's id as soon
+as the provider gives it. A row joins `batch_rows` in the transaction that plans its
+batch, so a row already in one can never be planned into another (the primary key
+refuses it). A batch is collected in one transaction with its answers (see
+`StateStore.save(also=)`): its rows leave `batch_rows`, those it did not answer join
+`unbatched`, its hold goes, and the answers are saved, all or nothing. A kill before
+that commit collects the batch again, from the provider's files; after it, never.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LEDGER_SCHEMA", "Entry", "Ledger"]
+
+LEDGER_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS batches (key TEXT PRIMARY KEY, endpoint TEXT NOT NULL, file_id TEXT, batch_id TEXT, "
+    "state TEXT NOT NULL, counts TEXT, hold INTEGER, since REAL NOT NULL, collected INTEGER NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS batch_rows (row_index INTEGER PRIMARY KEY, key TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS unbatched (row_index INTEGER PRIMARY KEY, reason TEXT NOT NULL)",
+)
+LEDGER_TABLES = ("batches", "batch_rows", "unbatched")
+
+PLANNED = "planned"  # rows recorded; the file may or may not be uploaded (file_id says)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One batch as the ledger knows it. `since`: when it was planned (seconds since the
+    epoch), from which its wait is counted."""
+
+    key: str
+    endpoint: str  # the endpoint's name: every row of a batch goes to one
+    state: str
+    since: float
+    file_id: str | None = None
+    batch_id: str | None = None
+    counts: Mapping[str, int] = field(default_factory=dict)
+    hold: int | None = None
+    collected: bool = False
+
+
+class Ledger:
+    """The batch ledger in a state's connection; writes go through `transaction`, the
+    state's own (so they are as durable as its answers)."""
+
+    def __init__(self, db: sqlite3.Connection, transaction: Callable[[], Any]) -> None:
+        self._db = db
+        self._transaction = transaction
+
+    def plan(self, key: str, endpoint: str, rows: Iterable[int], since: float,
+             hold: tuple[int, float, int] | None = None) -> None:
+        """Record a batch's rows (and its budget hold: id, usd, tokens) before anything is
+        sent. Raises sqlite3.IntegrityError, recording nothing, if a row is in a batch."""
+        with self._transaction():
+            self._db.execute("INSERT INTO batches (key, endpoint, state, hold, since) VALUES (?, ?, ?, ?, ?)",
+                             (key, endpoint, PLANNED, hold[0] if hold else None, since))
+            self._db.executemany("INSERT INTO batch_rows VALUES (?, ?)", ((row, key) for row in rows))
+            self._db.execute("DELETE FROM unbatched WHERE row_index IN (SELECT row_index FROM batch_rows WHERE key = ?)",
+                             (key,))
+            if hold is not None:
+                self._db.execute("INSERT INTO holds VALUES (?, ?, ?)", hold)
+
+    def uploaded(self, key: str, file_id: str) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE batches SET file_id = ? WHERE key = ?", (file_id, key))
+
+    def seen(self, key: str, state: str, counts: Mapping[str, int], batch_id: str | None = None) -> None:
+        """The provider's word on a batch: its state and counts (and its id, once created)."""
+        with self._transaction():
+            self._db.execute("UPDATE batches SET state = ?, counts = ?, batch_id = COALESCE(?, batch_id) "
+                             "WHERE key = ?", (state, json.dumps(dict(counts)), batch_id, key))
+
+    def forget(self, key: str) -> None:
+        """A batch that never reached the provider (its upload or creation refused for
+        good): its rows are free again, its hold let go."""
+        with self._transaction():
+            self._db.execute("DELETE FROM holds WHERE id = (SELECT hold FROM batches WHERE key = ?)", (key,))
+            self._db.execute("DELETE FROM batch_rows WHERE key = ?", (key,))
+            self._db.execute("DELETE FROM batches WHERE key = ?", (key,))
+
+    def collecting(self, key: str, unanswered: Mapping[int, str]) -> Callable[[sqlite3.Connection], None]:
+        """What collecting a batch changes in the ledger, to run in the transaction that
+        saves its answers: `unanswered` rows (row -> why) are to be answered elsewhere."""
+
+        def collect(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM holds WHERE id = (SELECT hold FROM batches WHERE key = ?)", (key,))
+            db.execute("DELETE FROM batch_rows WHERE key = ?", (key,))
+            db.executemany("INSERT OR REPLACE INTO unbatched VALUES (?, ?)", unanswered.items())
+            db.execute("UPDATE batches SET collected = 1 WHERE key = ?", (key,))
+
+        return collect
+
+    def entries(self, *, outstanding: bool = False) -> list[Entry]:
+        """The batches, oldest first; `outstanding`: only those not yet collected."""
+        where = " WHERE collected = 0" if outstanding else ""
+        return [Entry(key, endpoint, state, since, file_id, batch_id, json.loads(counts) if counts else {}, hold,
+                      bool(collected))
+                for key, endpoint, file_id, batch_id, state, counts, hold, since, collected in self._db.execute(
+                    "SELECT key, endpoint, file_id, batch_id, state, counts, hold, since, collected FROM batches"
+                    f"{where} ORDER BY since, rowid")]
+
+    def rows(self, key: str) -> list[int]:
+        return [row for (row,) in self._db.execute(
+            "SELECT row_index FROM batch_rows WHERE key = ? ORDER BY row_index", (key,))]
+
+    def rows_out(self) -> int:
+        """Rows in batches not yet collected: a live run must not send them."""
+        return self._db.execute("SELECT COUNT(*) FROM batch_rows").fetchone()[0]
+
+    def unbatched(self) -> dict[int, str]:
+        return dict(self._db.execute("SELECT row_index, reason FROM unbatched"))
+
+    def taken(self, size: int) -> bytearray:
+        """A byte per row: 1 where the row is in a batch, or came back from one unanswered."""
+        marks = bytearray(size)
+        for (row,) in self._db.execute("SELECT row_index FROM batch_rows UNION ALL SELECT row_index FROM unbatched"):
+            if row < size:
+                marks[row] = 1
+        return marks
+
+
+def counts_text(counts: Mapping[str, Any]) -> str:
+    """'1,200 of 2,000 done, 12 failed', from a provider's counts."""
+    total, done, failed = (counts.get(k) for k in ("total", "completed", "failed"))
+    words = f"{done or 0:,} of {total:,} done" if isinstance(total, int) else f"{done or 0:,} done"
+    return words + (f", {failed:,} failed" if failed else "")
