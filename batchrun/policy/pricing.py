@@ -2,10 +2,12 @@
 
     pricing:                      # USD per million tokens, per model (or a YAML file of this)
       accounts/fireworks/models/llama-v3p1-8b-instruct: {input: 0.20, cached_input: 0.10, output: 0.20}
+      gpt-4o-mini: {input: 0.15, output: 0.60, batch: {input: 0.075, output: 0.30}}
     budget: {max_usd: 25.00, max_tokens: 5000000}
 
 A row's cost is its usage at its model's prices: uncached prompt tokens at `input`,
 cached ones at `cached_input` (else `input`), completion tokens at `output`. The
+batch API's answers (`batch_api:`) cost the `batch:` prices, else half the live ones. The
 budget is kept as the runner goes: a request starts only if the spend so far, plus
 the worst case of every request in flight, plus its own worst case, stays within it.
 """
@@ -38,6 +40,14 @@ class Price:
     input: float
     output: float = 0.0  # embeddings: input only
     cached_input: float | None = None
+    batch: Price | None = None  # through a provider's batch API; None: half of this
+
+    def batched(self) -> Price:
+        """The price of an answer from a provider's batch API: the spec's `batch:` prices,
+        else half the live ones (OpenAI's and Fireworks' discount)."""
+        if self.batch is not None:
+            return self.batch
+        return Price(self.input / 2, self.output / 2, None if self.cached_input is None else self.cached_input / 2)
 
     def worst(self, prompt_tokens: int, completion_tokens: int) -> float:
         """The most a request of these sizes can cost: no prompt token cached."""

@@ -230,15 +230,25 @@ def _pricing(raw: Any, base_dir: Path) -> dict[str, Price]:
     for model, entry in _mapping(raw, where).items():
         path = f"{where}.{model}"
         entry = _mapping(entry, path)
-        _check_keys(entry, ("input", "cached_input", "output"), path)
-        if "input" not in entry:
-            raise SpecError(f"{path}.input: required; USD per million input tokens")
-        prices[str(model)] = Price(
-            input=_number(entry, "input", path, None, kind=float, minimum=0),
-            output=_number(entry, "output", path, 0.0, kind=float, minimum=0),
-            cached_input=_number(entry, "cached_input", path, None, kind=float, minimum=0),
-        )
+        _check_keys(entry, ("input", "cached_input", "output", "batch"), path)
+        batch = None
+        if "batch" in entry:  # through a provider's batch API (else half the live prices)
+            batch = _mapping(entry["batch"], f"{path}.batch")
+            _check_keys(batch, ("input", "cached_input", "output"), f"{path}.batch")
+            batch = _price(batch, f"{path}.batch")
+        prices[str(model)] = dataclasses.replace(_price(entry, path), batch=batch)
     return prices
+
+
+def _price(entry: Mapping[str, Any], path: str) -> Price:
+    """One price: {input, cached_input, output}, USD per million tokens."""
+    if "input" not in entry:
+        raise SpecError(f"{path}.input: required; USD per million input tokens")
+    return Price(
+        input=_number(entry, "input", path, None, kind=float, minimum=0),
+        output=_number(entry, "output", path, 0.0, kind=float, minimum=0),
+        cached_input=_number(entry, "cached_input", path, None, kind=float, minimum=0),
+    )
 
 
 def _cache(raw: Any, base_dir: Path) -> CacheSpec | None:
