@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from batchrun import ConfigError, SpecError, parse_spec, run_job
+from batchrun.backends.layout import Shard
 from batchrun.spec.model import BatchApiSpec
 from tests.conftest import write_jsonl, write_spec
 
@@ -82,9 +83,17 @@ def test_the_batch_api_is_no_part_of_what_a_resume_must_match() -> None:
     assert batched.request_config() == live.request_config()
 
 
-def test_a_run_refuses_a_batch_api_it_cannot_send_to_before_any_request(tmp_path: Path) -> None:
+def test_a_batch_api_job_is_not_run_in_shards(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
     spec = write_spec(tmp_path, api=LOCAL, batch_api=True)
-    with pytest.raises(ConfigError, match="batch_api: .* cannot send to yet; drop batch_api to send the rows live"):
+    with pytest.raises(ConfigError, match="batch_api and --shard do not go together"):
+        run_job(spec, environ={"OPENAI_API_KEY": "sk-test-0123456789abcdef"}, shard=Shard(0, 2))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_api_job_without_its_key_is_refused_before_any_file(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
+    spec = write_spec(tmp_path, api=LOCAL, batch_api={"api_key_env": "BATCH_KEY"})
+    with pytest.raises(ConfigError, match="BATCH_KEY is not set; export it or set batch_api.api_key_env in"):
         run_job(spec, environ={"OPENAI_API_KEY": "sk-test-0123456789abcdef"})
     assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@
     layout.py     what a shard is: its slice of the rows, where its files lie, its siblings
     merge.py      the parts made one output, by the last shard or `batchrun merge`
     ray/          the shards as Ray tasks sharing one quota (Ray imported only when chosen)
+    batch/        the provider's batch API (about half price), then live what it did not answer
 
 Each kind runs the engine (`engine.run.run_part`) for each process's part of the job,
 handing it that part (`engine.part.Part`) and any limits shared between processes
@@ -31,6 +32,7 @@ from ..policy.concurrency import InFlightControl
 from ..policy.rate import Limiter
 from ..spec.parse import JobSpec, load_spec
 from .base import Backend
+from .batch.backend import BatchBackend
 from .layout import Shard
 from .local import LocalBackend
 from .shards import ShardBackend
@@ -54,6 +56,7 @@ def run_job(
     rate_limiter: Limiter | None = None,
     concurrency_control: InFlightControl | None = None,
     grace_s: float = GRACE_S,
+    submit: bool = False,
 ) -> Summary:
     """Run (or resume) a job to completion and write its output.
 
@@ -76,14 +79,21 @@ def run_job(
     `concurrency_control` likewise replaces the run's own control of requests in flight.
     `grace_s`: how long requests in flight may finish once the job is asked to stop
     (a scheduler that kills a task some seconds after SIGTERM wants less than that).
+
+    A spec with `batch_api:` sends the rows through the provider's batch API (see
+    `backends.batch`); `submit` then returns once they are sent, the Summary counting
+    them `in_batches` (exit 0), and a later call without it collects them.
     """
     spec = job if isinstance(job, JobSpec) else load_spec(job)
-    if spec.batch_api is not None:  # where the batch backend will be chosen
-        raise ConfigError(f"batch_api: {spec.name} asks for the provider's batch API, which this version of "
-                          "batchrun cannot send to yet; drop batch_api to send the rows live")
     options = RunOptions(limit=limit, restart=restart, retry_failed=retry_failed, max_failed_share=max_failed_share,
                          progress=progress, transport=transport, environ=environ, handle_signals=handle_signals,
                          grace_s=grace_s)
     limits = Limits(rate_limiter, concurrency_control)
-    backend = LocalBackend(limits) if shard is None else ShardBackend(shard, merge=merge, limits=limits)
+    if spec.batch_api is not None:
+        if shard is not None:
+            raise ConfigError(f"{spec.name}: batch_api and --shard do not go together: a provider's batch API "
+                              "takes the whole job at once; drop one of them")
+        backend: Backend = BatchBackend(limits, wait=not submit)
+    else:
+        backend = LocalBackend(limits) if shard is None else ShardBackend(shard, merge=merge, limits=limits)
     return backend.run(spec, options)

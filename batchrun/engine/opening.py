@@ -8,13 +8,24 @@ from pathlib import Path
 
 from .._exceptions import BatchrunError, InputError, StorageError
 from ..inputs.reader import InputReader
+from ..inputs.template import Template
 from ..spec.parse import JobSpec
 from ..storage import Store
+from ..storage.columns import extra_columns
 from ..storage.state import StateStore, state_path
 from .part import Part
 from .status import StatusFile
 
-__all__ = ["open_state", "set_aside"]
+__all__ = ["open_reader", "open_state", "set_aside"]
+
+
+def open_reader(spec: JobSpec, storage: Store) -> InputReader:
+    """The job's input: one reader for the whole run, so that every pass sees the version
+    of the input that was fingerprinted, even if a file is replaced meanwhile."""
+    template = Template(spec.template) if spec.template is not None else None
+    return InputReader(storage.inputs(), endpoint=spec.endpoint, require_model=spec.model is None, template=template,
+                       reserved=[column.name for column in extra_columns(spec)],
+                       priced=spec.pricing if spec.budget.max_usd is not None else None)
 
 
 def open_state(spec: JobSpec, reader: InputReader, part: Part, status: StatusFile, *, limit: int | None,

@@ -15,7 +15,7 @@ from ..http.mock import MOCK_BASE_URL, MOCK_SCHEME, mock_transport
 from ..http.network import check_key_route, proxy_for
 from ..spec.parse import JobSpec
 
-__all__ = ["MIN_FREE_BYTES", "check_free_space", "check_output", "check_sending", "read_api_key"]
+__all__ = ["MIN_FREE_BYTES", "check_free_space", "check_output", "check_sending", "read_api_key", "read_key"]
 
 MIN_FREE_BYTES = 16 * 2**20  # in the output's folder, before any request
 
@@ -37,10 +37,14 @@ def read_api_key(spec: JobSpec, env: Mapping[str, str]) -> str | None:
     (exit 2) when it is unset or holds what no key can."""
     if spec.api.base_url.startswith(MOCK_SCHEME):
         return None
-    name = spec.api.api_key_env
+    return read_key(spec.api.api_key_env, env, f"api.api_key_env in {spec.name}")
+
+
+def read_key(name: str, env: Mapping[str, str], setting: str) -> str:
+    """The key in the variable `name`, which `setting` (a spec key, in words) names."""
     key = env.get(name, "").strip()  # a key read from a file often ends in a newline
     if not key:
-        raise ConfigError(f"{name} is not set; export it or set api.api_key_env in {spec.name}")
+        raise ConfigError(f"{name} is not set; export it or set {setting}")
     if not all("!" <= c <= "~" for c in key):
         # Never echo it: the point is that the key reaches no output.
         raise ConfigError(f"{name} holds characters an API key cannot have (a space, a quote, a line break?)")

@@ -22,22 +22,20 @@ from dataclasses import dataclass
 import anyio
 import httpx
 
-from .._exceptions import BatchrunError, JobAborted, StorageError
+from .._exceptions import BatchrunError, ConfigError, JobAborted, StorageError
 from ..http.client import Client
-from ..inputs.reader import InputReader
-from ..inputs.template import Template
 from ..policy.concurrency import ConcurrencyLimit
 from ..policy.pricing import Budget
 from ..spec.parse import JobSpec
-from ..storage.columns import extra_columns
 from ..storage import open_store
+from ..storage.columns import extra_columns
 from ..storage.output import OutputWriter
 from ..storage.state import StateStore, done_rows, state_path
 from .bridge import run_beside
 from .cache import ResponseCache
 from .call import Caller, HoldLog
 from .limits import Limits
-from .opening import open_state, set_aside
+from .opening import open_reader, open_state, set_aside
 from .part import Part
 from .pool import GRACE_S, Pool
 from .preflight import check_free_space, check_output, check_sending, read_api_key
@@ -141,20 +139,21 @@ class _Run:
         # Work on local files, from the newest state there is (an object store's, say)
         self.storage = storage = open_store(spec)
         storage.pull_state(state_path(output_path))
-        # One reader for the whole run: every pass sees the version of the input that
-        # was fingerprinted, even if the file is replaced meanwhile.
-        template = Template(spec.template) if spec.template is not None else None
-        self.reader = reader = InputReader(
-            storage.inputs(), endpoint=spec.endpoint, require_model=spec.model is None, template=template,
-            reserved=[column.name for column in extra_columns(spec)],
-            priced=spec.pricing if spec.budget.max_usd is not None else None)
+        self.reader = reader = open_reader(spec, storage)
         self.status = status = StatusFile(status_path(output_path), job=spec.name, output=output_path, rows=0)
         if part.label is not None:
             status.fixed["shard"] = part.label
         try:
             self.store, total, self.passthrough, self.asks = open_state(spec, reader, part, status, limit=limit,
                                                                         restart=restart)
+            if out := self.store.ledger.rows_out():
+                raise ConfigError(
+                    f"{out:,} rows of {spec.name} are in the provider's batches (`batchrun status` lists them): "
+                    "sending them live too would pay for them twice. Keep batch_api in the spec and run it "
+                    "to collect them (or submit, to leave them there)")
         except BaseException:
+            if hasattr(self, "store"):
+                self.store.close()
             reader.close()
             raise
         # The output of the progress just discarded must not pass for this run's (status, export)

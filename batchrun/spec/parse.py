@@ -52,6 +52,13 @@ __all__ = ["DEFAULT_BASE_URL", "ApiSpec", "BudgetSpec", "CheckpointSpec", "JobSp
            "load_spec", "parse_spec"]
 
 
+def with_batch_api(spec: JobSpec) -> JobSpec:
+    """The spec with `batch_api:` on (`--batch-api`): its own section, else every default."""
+    if spec.batch_api is not None:
+        return spec
+    return dataclasses.replace(spec, batch_api=_batch_api(True, spec.api, spec.model, spec.endpoint))
+
+
 def load_spec(path: str | os.PathLike[str]) -> JobSpec:
     """Read and validate the spec at `path`; relative paths resolve against its folder."""
     path = Path(path)

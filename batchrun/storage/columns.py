@@ -8,6 +8,7 @@
     parsed     with a schema: the answer's JSON, typed from the schema (see `_structured`)
     embedding  with `endpoint: embeddings`: the vector, list<float32>, from its stored bytes
     cached     with `cache`: whether the answer came from the response cache (no request, nothing paid)
+    backend    with `batch_api`: the path that answered, "batch" (the provider's batch API) or "live"
 
 A job's columns follow from its spec, so that every row group has the same schema;
 a row without the value (failed, or answered before the option was set) holds null.
@@ -125,6 +126,8 @@ def extra_columns(spec: JobSpec, asks: Sequence[str] = ()) -> list[ExtraColumn]:
         columns.append(_parsed_column(schema))
     if spec.cache is not None:
         columns.append(ExtraColumn("cached", _bool, lambda extra, row: bool(extra.get("cached"))))
+    if spec.batch_api is not None:
+        columns.append(ExtraColumn("backend", _string, lambda extra, row: extra.get("backend", "live")))
     return columns
 
 

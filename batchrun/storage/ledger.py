@@ -55,6 +55,10 @@ class Entry:
     hold: int | None = None
     collected: bool = False
 
+    def status(self) -> dict[str, Any]:
+        """As `batchrun status --json` lists it: {id, state, counts} (id None until created)."""
+        return {"id": self.batch_id, "state": self.state, "counts": dict(self.counts)}
+
 
 class Ledger:
     """The batch ledger in a state's connection; writes go through `transaction`, the
@@ -134,10 +138,3 @@ class Ledger:
             if row < size:
                 marks[row] = 1
         return marks
-
-
-def counts_text(counts: Mapping[str, Any]) -> str:
-    """'1,200 of 2,000 done, 12 failed', from a provider's counts."""
-    total, done, failed = (counts.get(k) for k in ("total", "completed", "failed"))
-    words = f"{done or 0:,} of {total:,} done" if isinstance(total, int) else f"{done or 0:,} done"
-    return words + (f", {failed:,} failed" if failed else "")

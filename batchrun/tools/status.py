@@ -102,6 +102,7 @@ def _status_of(job: str, output: Path, *, published: bool) -> dict[str, Any]:
         return {**base, "state": "not started", "reason": None, "exit_code": None}
     try:
         meta, counts = store.meta(), store.counts()
+        out = store.ledger.entries(outstanding=True)
     finally:
         store.close()
     rows = meta.get("rows", 0)
@@ -109,12 +110,16 @@ def _status_of(job: str, output: Path, *, published: bool) -> dict[str, Any]:
         start, stop = Shard(*meta["shard"]).bounds(rows)
         rows = stop - start
     remaining = max(0, rows - counts["ok"] - counts["failed"])
-    state = "running" if holder else ("finished" if remaining == 0 and published else "stopped")
+    # Batches out at the provider: submitted, whether or not a run is waiting for them
+    state = "submitted" if out else "running" if holder else (
+        "finished" if remaining == 0 and published else "stopped")
     last_run = saved if saved.get("state") != "running" else {}
     # A run that has not written its status yet (it is still checking its input): what is known
     running = {"started_at": _lock_taken(path), "requests": None, "rows_per_s": None, "eta_s": None} if holder else {}
     return {**base, "state": state, "reason": last_run.get("reason"), "exit_code": last_run.get("exit_code"),
-            "rows": rows, **counts, "remaining": remaining, **running, "updated_at": saved.get("updated_at")}
+            "rows": rows, **counts, "remaining": remaining, **running, "updated_at": saved.get("updated_at"),
+            **({"batches": [e.status() for e in out]}
+               if out else {})}
 
 
 def _lock_taken(state: Path) -> str | None:

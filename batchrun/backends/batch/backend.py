@@ -1,0 +1,196 @@
+"""The batch backend: a job's rows through the provider's batch API, then live what it
+did not answer.
+
+    run     check the account and model ─▶ see through what an earlier run began
+            ─▶ collect the batches that finished ─▶ send the rows no batch holds
+            ─▶ poll with backoff, collecting each batch as it finishes (cancelling one
+               past max_wait_h) ─▶ the rows handed on, live (`fallback: live`), and the
+               output, by the engine (`LocalBackend`)
+    submit  the same up to the sending, then exit 0: a scheduler does not hold a worker
+            for a day; a later `run` (or `submit`) picks the same batches up
+
+Every answer goes into the same state and output as a live run's, marked `backend`
+"batch" (cost at batch prices); the live engine runs only when no row is in a batch
+(it refuses to, otherwise), so no row is ever paid for twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+
+from ..._exceptions import BatchrunError, JobAborted
+from ...engine.limits import Limits
+from ...engine.opening import open_reader, open_state
+from ...engine.part import WholeJob
+from ...engine.preflight import check_free_space, check_output, read_key
+from ...engine.run import RunOptions
+from ...engine.status import StatusFile, status_path
+from ...engine.summary import Summary
+from ...http.network import check_key_route
+from ...policy.pricing import Budget
+from ...spec.model import JobSpec
+from ...storage import Store, open_store
+from ...storage.state import done_rows, state_path
+from ..base import Backend
+from ..local import LocalBackend
+from . import PROVIDERS
+from .collect import collect
+from .remote import call, pause
+from .send import send, send_planned
+from .session import Session, fingerprint
+
+__all__ = ["BatchBackend"]
+
+
+class BatchBackend(Backend):
+    """`wait`: poll until every batch is collected and finish the job (`run`), or return
+    once the rows are sent (`submit`); `limits`: for the live part, as `LocalBackend`'s."""
+
+    def __init__(self, limits: Limits = Limits(), *, wait: bool = True) -> None:
+        self.limits, self.wait = limits, wait
+
+    def run(self, spec: JobSpec, options: RunOptions) -> Summary:
+        started = time.monotonic()
+        with _opened(spec, options) as (session, status, storage):
+            try:
+                with _stoppable(session, options.handle_signals):
+                    _batches(session, status, wait=self.wait, retry_failed=options.retry_failed)
+            except JobAborted as exc:
+                exc.summary = _summary(session, storage, started, str(exc))  # type: ignore[attr-defined]
+                _write(session, status, state="stopped", reason=str(exc), exit_code=3)
+                raise
+            out = session.store.ledger.rows_out()
+            summary = _summary(session, storage, started, None)
+            if out or not self.wait:
+                _write(session, status, state="submitted" if out else "stopped", exit_code=summary.exit_code)
+                return summary
+        # Every batch is collected: what they did not answer goes live, and the output is written
+        return LocalBackend(self.limits).run(spec, dataclasses.replace(options, restart=False, retry_failed=False))
+
+
+@contextlib.contextmanager
+def _opened(spec: JobSpec, options: RunOptions) -> Iterator[tuple[Session, StatusFile, Store]]:
+    """The job's state and input opened as a run opens them, and a client of the batch
+    API; the state goes back to the store on every way out."""
+    batch = spec.batch_api
+    assert batch is not None
+    env = os.environ if options.environ is None else options.environ
+    key = read_key(batch.api_key_env, env, f"batch_api.api_key_env in {spec.name}")
+    provider = PROVIDERS[batch.kind]
+    base_url = provider.base_url(batch)
+    check_key_route(base_url, has_key=True, allowed=spec.api.allow_insecure_http, spec_name=spec.name)
+    check_output(spec.output)
+    check_free_space(spec.output.parent)
+    storage = open_store(spec)
+    storage.pull_state(state_path(spec.output))
+    reader = open_reader(spec, storage)
+    status = StatusFile(status_path(spec.output), job=spec.name, output=spec.output, rows=0)
+    try:
+        store, total, _, _ = open_state(spec, reader, WholeJob(spec.output), status, limit=options.limit,
+                                        restart=options.restart)
+    except BaseException:
+        reader.close()
+        raise
+    status.fixed["rows"] = total
+    http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"},
+                        timeout=httpx.Timeout(spec.api.timeout_s, connect=30.0))
+    try:
+        yield Session(spec, store, reader, provider, http, fingerprint(store.meta()), total), status, storage
+    finally:
+        http.close()
+        store.close()
+        reader.close()
+        with contextlib.suppress(BatchrunError):
+            storage.push_state(state_path(spec.output))
+            storage.push_file(status.path)
+
+
+@contextlib.contextmanager
+def _stoppable(session: Session, handle_signals: bool) -> Iterator[None]:
+    """SIGINT and SIGTERM (with `handle_signals`: the CLI) ask the job to stop: the call
+    under way ends, nothing more is sent, and the batches stay with the provider."""
+    if not handle_signals:
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        session.stopped_by = signal.Signals(signum).name
+        session.stop.set()
+
+    saved = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def _batches(session: Session, status: StatusFile, *, wait: bool, retry_failed: bool) -> None:
+    """The batch part of the job: see through, collect, send, and (`wait`) poll to the end."""
+    store, provider = session.store, session.provider
+    call(session, provider.check, session.http, session.spec.model)
+    send_planned(session, store.ledger.entries(outstanding=True))
+    _poll(session, status, wait=False)
+    done = done_rows(store.row_states(session.total), retry_failed=retry_failed)
+    taken = store.ledger.taken(session.total)
+    wanted = [index for index in range(session.total) if not done[index] and not taken[index]]
+    if wanted:
+        send(session, wanted, _budget(session))
+    _write(session, status, state="submitted")
+    if wait:
+        _poll(session, status, wait=True)
+
+
+def _poll(session: Session, status: StatusFile, *, wait: bool) -> None:
+    """Ask after every batch out, collecting those that finished and cancelling those past
+    max_wait_h; with `wait`, again and again (every poll_interval_s, sooner at first)
+    until none is out."""
+    ledger, provider, http = session.store.ledger, session.provider, session.http
+    delay = session.batch.poll_interval_s / 8
+    while True:
+        for entry in ledger.entries(outstanding=True):
+            if entry.batch_id is None:
+                continue
+            batch = call(session, provider.get, http, entry.batch_id)
+            ledger.seen(entry.key, batch.state, batch.counts)
+            if batch.done:
+                collect(session, entry, batch)
+            elif time.time() - entry.since > session.batch.max_wait_h * 3600 and batch.state != "cancelling":
+                batch = call(session, provider.cancel, http, entry.batch_id)  # what it answered stays
+                ledger.seen(entry.key, batch.state, batch.counts)
+        if not wait or not ledger.rows_out():
+            return
+        _write(session, status, state="submitted")
+        pause(session, delay)
+        delay = min(delay * 2, session.batch.poll_interval_s)
+
+
+def _budget(session: Session) -> Budget | None:
+    spec = session.spec
+    if not spec.budget.is_set:
+        return None
+    spend = session.store.spend()  # what was spent, and every batch out at its worst case
+    return Budget(spec.budget.max_usd, spec.budget.max_tokens, spent_usd=spend.usd, spent_tokens=spend.tokens,
+                  next_hold=spend.next_hold)
+
+
+def _write(session: Session, status: StatusFile, *, state: str, reason: str | None = None,
+           exit_code: int | None = None) -> None:
+    status.fixed["batches"] = [e.status() for e in session.store.ledger.entries(outstanding=True)]
+    status.write(session.store.counts(below=session.total), requests=0, state=state, reason=reason,
+                 exit_code=exit_code)
+
+
+def _summary(session: Session, storage: Store, started: float, aborted: str | None) -> Summary:
+    counts = session.store.counts(below=session.total)
+    spec = session.spec
+    return Summary(job=spec.name, output=storage.where(spec.output), state=session.store.path, rows=session.total,
+                   requests=0, elapsed_s=time.monotonic() - started, output_written=False, aborted=aborted,
+                   max_failed_share=spec.max_failed_share, in_batches=session.store.ledger.rows_out(), **counts)

@@ -1,0 +1,46 @@
+"""One call to a provider's batch API, retried while it is worth retrying (a 429, a
+5xx, a connection lost), with exponential backoff; and a stop asked for (SIGTERM)
+ends the waiting at once.
+
+A call that fails for good raises what `base.checked` made of it: JobFatalAPIError for
+a refused key, ConfigError for a refusal of what was asked; one still failing after
+`ATTEMPTS` raises JobAborted (exit 3): what was sent stays with the provider, and
+the state knows it, so a rerun goes on from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import httpx
+from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
+
+from ..._exceptions import Interrupted, JobAborted, RetryableAPIError
+from .session import Session
+
+__all__ = ["ATTEMPTS", "call", "pause"]
+
+ATTEMPTS = 8
+T = TypeVar("T")
+
+
+def call(session: Session, fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)`, retried; see the module's docstring."""
+    first = min(1.0, session.batch.poll_interval_s)
+    retrying = Retrying(retry=retry_if_exception_type((RetryableAPIError, httpx.TransportError)),
+                        wait=wait_exponential(multiplier=first, max=max(60.0, first)) + wait_random(0, first),
+                        stop=stop_after_attempt(ATTEMPTS), sleep=lambda s: pause(session, s))
+    try:
+        return retrying(fn, *args)
+    except RetryError as exc:
+        last = exc.last_attempt.exception()
+        raise JobAborted(f"the batch API still fails after {ATTEMPTS} attempts ({last}); what was sent stays "
+                         "with the provider and the state knows it: rerun to go on") from None
+
+
+def pause(session: Session, seconds: float) -> None:
+    """Wait `seconds`, or less if the job is asked to stop: then Interrupted (exit 3)."""
+    if session.stop.wait(seconds):
+        raise Interrupted(f"stopped by {session.stopped_by or 'request'}; the batches sent stay with the provider "
+                          "and the state knows them: rerun (`batchrun run` or `submit`) to go on")

@@ -1,0 +1,121 @@
+"""Rows to the provider: planned into batches in the ledger, then uploaded, then created;
+and the batches an earlier run planned but did not see through, seen through.
+
+Each step's intent is in the state before its remote call (see `storage.ledger`), so a
+kill -9 anywhere leaves a batch whose next step a rerun knows: a batch the provider
+lists under the job's fingerprint and the batch's key is adopted, never created twice;
+a file uploaded is used; rows planned are uploaded again (the file is rebuilt from the
+same rows, which no other batch can hold).
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+
+from ..._exceptions import BudgetReached, ConfigError
+from ...endpoints import get_endpoint
+from ...engine.holds import Holds
+from ...inputs.rows import Row
+from ...policy.pricing import Budget
+from ...policy.pricing import usd as format_usd
+from ...storage.ledger import Entry
+from .lines import batch_line, chunks
+from .remote import call
+from .session import KEY_TAG, TAG, Session
+
+__all__ = ["send", "send_planned"]
+
+
+def send(session: Session, wanted: Iterable[int], budget: Budget | None) -> int:
+    """Send the `wanted` rows in batches within the provider's limits; the rows sent.
+    Raises BudgetReached before the upload of a batch whose worst case the budget cannot
+    hold (the batches before it are sent: a sent batch cannot be stopped from spending)."""
+    wanted = set(wanted)
+    sent = 0
+    worst: dict[int, tuple[float, int]] | None = {} if budget is not None else None
+    for endpoint, rows in itertools.groupby(session.rows(wanted), key=lambda row: row.endpoint):
+        for chunk in chunks(_lines(session, rows, worst), max_rows=_most_rows(session),
+                            max_bytes=session.provider.max_bytes):
+            key = secrets.token_hex(6)
+            hold = _hold(session, budget, worst, len(chunk), [index for index, _ in chunk])
+            session.store.ledger.plan(key, endpoint, (index for index, _ in chunk), time.time(), hold)
+            _upload_and_create(session, key, endpoint, b"".join(line for _, line in chunk), None)
+            sent += len(chunk)
+    return sent
+
+
+def send_planned(session: Session, entries: list[Entry]) -> None:
+    """See through the batches an earlier run planned but has no batch id for: adopt the
+    batch the provider lists under their key, else create it (uploading first if need be)."""
+    missing = [entry for entry in entries if entry.batch_id is None]
+    if not missing:
+        return
+    provider, http = session.provider, session.http
+    found = {batch.metadata.get(KEY_TAG): batch for batch in call(session, provider.tagged, http, TAG, session.job)}
+    for entry in missing:
+        if (batch := found.get(entry.key)) is not None:
+            session.store.ledger.seen(entry.key, batch.state, batch.counts, batch.id)
+            continue
+        rows = session.store.ledger.rows(entry.key)
+        data = b"" if entry.file_id else b"".join(
+            line for _, line in _lines(session, session.rows(set(rows))))
+        _upload_and_create(session, entry.key, entry.endpoint, data, entry.file_id)
+
+
+def _upload_and_create(session: Session, key: str, endpoint: str, data: bytes, file_id: str | None) -> None:
+    """Upload a planned batch's file (unless `file_id`: it is uploaded), then create the
+    batch; each id recorded as soon as it is known. A refusal for good forgets the batch
+    (its rows are free again) before it is raised."""
+    provider, http, ledger = session.provider, session.http, session.store.ledger
+    try:
+        if file_id is None:
+            file_id = call(session, provider.upload, http, f"batchrun-{session.job}-{key}.jsonl", data)
+            ledger.uploaded(key, file_id)
+        batch = call(session, provider.create, http, file_id, get_endpoint(endpoint).urls[0],
+                     {TAG: session.job, KEY_TAG: key}, session.spec.model)
+    except ConfigError as exc:
+        ledger.forget(key)
+        raise ConfigError(f"{exc}. Nothing of it was sent; fix the cause (batch_api.rows_per_batch for a file "
+                          "too large, the account, the model) and rerun") from None
+    ledger.seen(key, batch.state, batch.counts, batch.id)
+
+
+def _most_rows(session: Session) -> int:
+    limits = [n for n in (session.batch.rows_per_batch, session.provider.max_rows) if n]
+    return min(limits) if limits else 1_000_000
+
+
+def _lines(session: Session, rows: Iterable[Row],
+           worst: dict[int, tuple[float, int]] | None = None) -> Iterator[tuple[int, bytes]]:
+    """(row index, input line) for each row, as the live path would send it; with `worst`,
+    each row's worst case is put there (usd, tokens): a live request's at batch prices."""
+    spec, provider = session.spec, session.provider
+    holds = Holds(spec, Budget(None, None), None)
+    for row in rows:
+        line = batch_line(provider, session.job, row, spec.model, spec.params)
+        if worst is not None:
+            body = get_endpoint(row.endpoint).build_body(row.body, spec.model, spec.params)
+            price = spec.pricing.get(body.get("model") or "") if spec.pricing else None
+            most = holds.worst(price.batched() if price else None, body, len(line))
+            worst[row.index] = (most.usd or 0.0, most.tokens or 0) if most is not None else (0.0, 0)
+        yield row.index, line
+
+
+def _hold(session: Session, budget: Budget | None, worst: dict[int, tuple[float, int]] | None, count: int,
+          rows: list[int]) -> tuple[int, float, int] | None:
+    """The batch's worst case held against the budget (id, usd, tokens); BudgetReached
+    when it does not fit."""
+    if budget is None or worst is None:
+        return None
+    usd = sum(worst[row][0] for row in rows)
+    tokens = sum(worst.pop(row)[1] for row in rows)
+    hold = budget.reserve(usd, tokens)
+    if hold is None:
+        most = f"{format_usd(usd)} ({tokens:,} tokens)" if budget.max_usd is not None else f"{tokens:,} tokens"
+        raise BudgetReached(f"the budget is reached: {budget.describe()}, and the next batch ({count:,} rows) "
+                            f"could cost up to {most}; a batch cannot be stopped once sent, so it was not sent. "
+                            f"Raise the budget in {session.spec.name} (or lower batch_api.rows_per_batch) and rerun")
+    return hold.id, hold.usd, hold.tokens
