@@ -1,0 +1,115 @@
+"""The batch backend end to end: a job through the fake of OpenAI's Files + Batches API
+(tests/fakebatch.py), what it does not answer through the fake live API, every row
+stored exactly once."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from batchrun import run_job
+from tests.conftest import TEST_KEY, cli_env, read_output, run_cli, write_jsonl, write_spec
+from tests.fakebatch import BatchFaults, FakeBatchAPI
+from tests.fakeserver import FakeServer, Faults
+
+pytestmark = pytest.mark.slow  # servers on 127.0.0.1
+
+ENV = {"OPENAI_API_KEY": TEST_KEY}
+PRICES = {"test-model": {"input": 1.0, "output": 2.0}}
+
+
+@pytest.fixture
+def live() -> Iterator[FakeServer]:
+    with FakeServer(Faults()) as s:
+        yield s
+
+
+@pytest.fixture
+def batches() -> Iterator[FakeBatchAPI]:
+    with FakeBatchAPI(BatchFaults(seed=7), polls_to_finish=2, api_key=TEST_KEY) as f:
+        yield f
+
+
+def job(tmp_path: Path, live: FakeServer, batches: FakeBatchAPI, rows: int, **spec: object) -> Path:
+    write_jsonl(tmp_path / "input.jsonl", ({"id": f"r{i}", "prompt": f"question {i}"} for i in range(rows)))
+    batch = {"kind": "openai", "base_url": batches.base_url, "poll_interval_s": 0.01, **spec.pop("batch", {})}
+    return write_spec(tmp_path, api={"base_url": live.base_url}, pricing=PRICES, batch_api=batch, **spec)
+
+
+def test_expired_rows_go_live_refused_rows_fail_and_every_row_is_stored_once(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    batches.faults = BatchFaults(seed=11, expire_share=0.10, refuse_share=0.02)
+    spec = job(tmp_path, live, batches, 2000, batch={"rows_per_batch": 700})
+    summary = run_job(spec, environ=ENV)
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["row_index"] for r in out] == list(range(2000)) and [r["id"] for r in out][:3] == ["r0", "r1", "r2"]
+    assert len(batches.created) == 3 and batches.custom_ids_in_two_batches() == set()
+    by_path = Counter((r["backend"], r["status"]) for r in out)
+    refused = [r for r in out if r["status"] == "failed"]
+    assert refused and all("the batch refused it: HTTP 400" in r["error"] for r in refused)
+    assert all(r["backend"] == "batch" for r in refused)
+    went_live = {r["row_index"] for r in out if r["backend"] == "live"}
+    assert by_path[("live", "ok")] == len(went_live) > 100  # about 10 % expired
+    assert len(live.requests) == len(went_live)  # nothing paid twice: only those went live
+    assert summary.ok == by_path[("batch", "ok")] + len(went_live) and summary.failed == len(refused)
+    for row in out:
+        if row["status"] == "ok":
+            rate = 0.5 if row["backend"] == "batch" else 1.0
+            expected = (row["prompt_tokens"] * 1.0 + row["completion_tokens"] * 2.0) * 1e-6 * rate
+            assert row["cost_usd"] == pytest.approx(expected), row
+
+
+def test_submit_returns_at_once_status_lists_the_batches_and_run_collects_them(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    batches.polls_to_finish = None  # nothing moves until the test says so
+    spec = job(tmp_path, live, batches, 300, batch={"rows_per_batch": 200})
+    submitted = run_cli("submit", str(spec), env=cli_env(**ENV))
+    assert submitted.code == 0, submitted.stderr
+    assert "300 in the provider's batches" in submitted.stdout
+    assert [len(c.custom_ids) for c in batches.created] == [200, 100] and not live.requests
+    status = json.loads(run_cli("status", str(spec), "--json").stdout)
+    assert status["state"] == "submitted" and status["remaining"] == 300
+    assert [(b["id"], b["state"]) for b in status["batches"]] == [(c.batch_id, "validating") for c in batches.created]
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0  # again: nothing new is sent
+    assert len(batches.created) == 2
+    batches.finish()
+    done = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert done.code == 0, done.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["status"] for r in out] == ["ok"] * 300 and {r["backend"] for r in out} == {"batch"}
+    assert not live.requests and len(batches.created) == 2 and batches.custom_ids_in_two_batches() == set()
+    status = json.loads(run_cli("status", str(spec), "--json").stdout)
+    assert status["state"] == "finished" and "batches" not in status
+
+
+def test_a_live_run_of_a_job_with_rows_out_is_refused_before_any_request(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    batches.polls_to_finish = None
+    spec = job(tmp_path, live, batches, 20)
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0
+    text = spec.read_text()
+    spec.write_text(text[:text.index("batch_api:")])  # the section dropped
+    refused = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert refused.code == 2 and "20 rows of" in refused.stderr and "in the provider's batches" in refused.stderr
+    assert not live.requests
+
+
+def test_fallback_none_leaves_what_the_batch_did_not_answer_failed_and_retry_failed_sends_it_again(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    batches.faults = BatchFaults(seed=3, expire_share=0.2)
+    spec = job(tmp_path, live, batches, 100, batch={"fallback": "none"})
+    first = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert first.code == 1, first.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    expired = [r for r in out if r["status"] == "failed"]
+    assert 5 < len(expired) < 40 and not live.requests
+    assert all("the batch did not answer it (expired)" in r["error"] and "batch_expired" in r["error"] for r in expired)
+    batches.faults = BatchFaults(seed=4)
+    again = run_cli("run", str(spec), "--retry-failed", env=cli_env(**ENV))
+    assert again.code == 0, again.stderr
+    assert sorted(int(c.split("-")[1]) for c in batches.created[1].custom_ids) == sorted(r["row_index"] for r in expired)
+    assert [r["status"] for r in read_output(tmp_path / "out/result.parquet")] == ["ok"] * 100
