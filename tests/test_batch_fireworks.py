@@ -3,6 +3,7 @@ fake in tests/fakefireworks.py: a whole job's cycle, its lines joined back to th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import fireworks
@@ -96,7 +97,7 @@ def test_an_expired_job_keeps_its_answers_and_leaves_the_rest_unanswered(fake: F
 
 def test_a_row_refused_fails_and_one_that_failed_inside_is_asked_again(fake: FakeFireworks) -> None:
     data = b"".join(batch_line(FIREWORKS, JOB, row, MODEL, {}) for row in rows(30))
-    refusing = data + batch_line(FIREWORKS, JOB, Row(30, "r30", "completions", {"prompt": "x"}, "line 31"), MODEL, {})
+    refusing = data + json.dumps({"custom_id": f"{JOB}-30", "body": {"prompt": "x"}}).encode() + b"\n"
     with client(fake) as http:
         file = FIREWORKS.upload(http, f"batchrun-{JOB}-0.jsonl", refusing)
         batch, outcomes = collect(http, FIREWORKS.create(http, file, "/v1/chat/completions", TAG, MODEL))
@@ -281,3 +282,9 @@ def test_a_model_that_says_in_snake_case_it_cannot_batch_is_refused_too() -> Non
             pytest.raises(ConfigError, match="cannot run it in a batch inference job"):
         FIREWORKS.check(http, MODEL)
     assert seen == ["/v1/accounts/me/batchInferenceJobs", f"/v1/{MODEL}"]
+
+
+def test_a_row_for_another_endpoint_than_chat_is_refused_naming_the_fix() -> None:
+    row = Row(0, "r0", "completions", {"prompt": "x"}, "line 1")
+    with pytest.raises(ConfigError, match="answer chat completions only; set endpoint: chat"):
+        batch_line(FIREWORKS, JOB, row, MODEL, {})

@@ -35,6 +35,7 @@ import httpx
 
 from ..._exceptions import ConfigError, RetryableAPIError
 from ...endpoints.base import Endpoint
+from ...endpoints.chat import Chat
 from ...spec.model import BatchApiSpec
 from .base import Batch, Outcome, Provider, checked
 
@@ -64,6 +65,14 @@ class FireworksBatches(Provider):
         return f"{spec.base_url.rstrip('/')}/accounts/{spec.account_id}"
 
     def line(self, custom_id: str, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+        """The spec's checks hold the job's endpoint to chat, but a spec that names none
+        sends a row with only a prompt to completions, which a job would refuse row by row:
+        refused here, before anything of the job is uploaded."""
+        if not isinstance(endpoint, Chat):
+            raise ConfigError(f"batch_api: rows asking in {endpoint.field} go to the {endpoint.name} endpoint, and "
+                              "Fireworks' batch inference jobs answer chat completions only; set endpoint: chat in "
+                              "the spec (a prompt is then the user's message), or drop batch_api to send these "
+                              "rows live")
         return {"custom_id": custom_id, "body": {k: v for k, v in body.items() if k != "model"}}
 
     def outcome(self, index: int, data: Mapping[str, Any], endpoint: Endpoint, *, from_errors: bool) -> Outcome:
