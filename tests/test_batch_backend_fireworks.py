@@ -1,0 +1,129 @@
+"""The batch backend end to end on Fireworks: a job through the fake of Fireworks' datasets
+and batch inference jobs (tests/fakefireworks.py), what it does not answer through the
+fake live API (tests/fakeserver.py), every row stored exactly once."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchrun import run_job
+from tests.conftest import TEST_KEY, cli_env, read_output, run_cli, write_jsonl, write_spec
+from tests.fakefireworks import FakeFireworks, FakeJob, Faults
+from tests.fakeserver import FakeServer
+from tests.fakeserver import Faults as LiveFaults
+
+pytestmark = pytest.mark.slow  # servers on 127.0.0.1
+
+FW_KEY = "fw-test-key-0123456789"
+ENV = {"OPENAI_API_KEY": TEST_KEY, "FIREWORKS_API_KEY": FW_KEY}
+MODEL = "accounts/fireworks/models/llama-v3p1-8b-instruct"
+LIVE_PRICE = {"input": 1.0, "cached_input": 0.5, "output": 2.0}
+BATCH_PRICE = {"input": 0.3, "cached_input": 0.1, "output": 0.7}
+
+
+class RefusingFireworks(FakeFireworks):
+    """The fake, refusing a seeded share of rows with a 4xx error line (a request the model
+    cannot take), and handing out download URLs that expire before they are used."""
+
+    refuse_share = 0.0
+    expiring_urls = 0  # the next this many getDownloadEndpoint answers are stale on arrival
+
+    def _answer(self, job: FakeJob, row: dict) -> None:
+        custom_id = row["custom_id"]
+        if random.Random(f"refuse:{custom_id}").random() < self.refuse_share:
+            job.errors[custom_id] = {"custom_id": custom_id,
+                                     "error": {"code": 400, "message": "prompt is too long (injected)"}}
+            return
+        super()._answer(job, row)
+
+    def get_download_endpoint(self, *args: Any) -> dict:
+        answer = super().get_download_endpoint(*args)
+        if self.expiring_urls > 0:
+            self.expiring_urls -= 1
+            self.expire_urls()
+        return answer
+
+    def downloads(self) -> tuple[int, int]:
+        """(download URLs asked for, signed GETs)."""
+        asked = sum(path.endswith(":getDownloadEndpoint") for _, path, _ in self.requests)
+        return asked, sum(method == "GET" and path.startswith("/signed/") for method, path, _ in self.requests)
+
+
+@pytest.fixture
+def live() -> Iterator[FakeServer]:
+    with FakeServer(LiveFaults()) as s:
+        yield s
+
+
+@pytest.fixture
+def fw() -> Iterator[RefusingFireworks]:
+    with RefusingFireworks(api_key=FW_KEY, faults=Faults(seed=7), polls_to_finish=4) as f:
+        yield f
+
+
+def job(tmp_path: Path, live: FakeServer, fw: FakeFireworks, rows: int, **spec: Any) -> Path:
+    write_jsonl(tmp_path / "input.jsonl", ({"id": f"r{i}", "messages": asked(i)} for i in range(rows)))
+    batch = {"kind": "fireworks", "base_url": fw.base_url, "account_id": fw.account_id, "poll_interval_s": 0.01,
+             "api_key_env": "FIREWORKS_API_KEY", **spec.pop("batch", {})}
+    spec.setdefault("pricing", {MODEL: LIVE_PRICE})
+    spec.setdefault("model", MODEL)
+    return write_spec(tmp_path, api={"base_url": live.base_url}, batch_api=batch, **spec)
+
+
+def asked(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"question {i}"}]
+
+
+def cost(row: dict, price: dict) -> float:
+    cached = row["cached_tokens"] or 0
+    return ((row["prompt_tokens"] - cached) * price["input"] + cached * price["cached_input"]
+            + row["completion_tokens"] * price["output"]) * 1e-6
+
+
+def uploads(fw: FakeFireworks) -> list[str]:
+    return [path for method, path, _ in fw.requests if method in ("POST", "PUT")
+            and (path.endswith(":upload") or path.startswith("/signed/"))]
+
+
+def in_two_jobs(fw: FakeFireworks) -> dict[str, list[str]]:
+    return {custom_id: jobs for custom_id, jobs in fw.sent().items() if len(jobs) > 1}
+
+
+@pytest.mark.parametrize("batch_prices", [False, True], ids=["half-price", "batch-prices"])
+def test_expired_rows_go_live_refused_rows_fail_and_every_row_is_stored_once(
+        tmp_path: Path, live: FakeServer, fw: RefusingFireworks, batch_prices: bool) -> None:
+    fw.faults, fw.refuse_share = Faults(seed=11, expire_at=0.9), 0.02
+    pricing = {MODEL: {**LIVE_PRICE, "batch": BATCH_PRICE} if batch_prices else LIVE_PRICE}
+    spec = job(tmp_path, live, fw, 2000, batch={"rows_per_batch": 700}, pricing=pricing)
+    summary = run_job(spec, environ=ENV)
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["row_index"] for r in out] == list(range(2000)) and [r["id"] for r in out][:3] == ["r0", "r1", "r2"]
+    assert sorted(len(j.rows) for j in fw.jobs.values()) == [600, 700, 700] and in_two_jobs(fw) == {}
+    assert {j.model for j in fw.jobs.values()} == {MODEL} and {j.state for j in fw.jobs.values()} == {
+        "JOB_STATE_EXPIRED"}
+    refused = [r for r in out if r["status"] == "failed"]
+    assert 20 < len(refused) < 70 and all(r["backend"] == "batch" for r in refused)
+    assert all(r["error"] == "the batch refused it: HTTP 400: prompt is too long (injected)" for r in refused)
+    answered = {int(c.split("-")[1]) for c in fw.answered()}
+    went_live = {r["row_index"] for r in out if r["backend"] == "live"}
+    assert went_live == set(range(2000)) - answered - {r["row_index"] for r in refused}
+    assert 150 < len(went_live) < 250  # a tenth of each job expired
+    live_prompts = Counter(json.dumps(request.body["messages"]) for request in live.requests)
+    assert len(live.requests) == len(went_live) and max(live_prompts.values()) == 1  # only those went live, once
+    assert live_prompts.keys() == {json.dumps(asked(i)) for i in went_live}
+    assert Counter((r["backend"], r["status"]) for r in out) == {
+        ("batch", "ok"): len(answered), ("batch", "failed"): len(refused), ("live", "ok"): len(went_live)}
+    assert summary.ok == 2000 - len(refused) and summary.failed == len(refused)
+    batch_price = BATCH_PRICE if batch_prices else {k: v / 2 for k, v in LIVE_PRICE.items()}
+    for row in out:
+        if row["status"] == "ok":
+            price = batch_price if row["backend"] == "batch" else LIVE_PRICE
+            assert row["cost_usd"] == pytest.approx(cost(row, price)), row
+    assert any(r["cached_tokens"] for r in out if r["backend"] == "batch")  # the cached price was used too
