@@ -110,6 +110,8 @@ class FakeBatchAPI:
         self.files: dict[str, dict] = {}  # id -> {"obj": file object, "data": bytes}
         self.batches: dict[str, _Batch] = {}  # in creation order
         self.lock = threading.RLock()
+        self.calls = 0  # requests answered (any route): what a test waits on, say to kill a client mid-job
+        self._called = threading.Condition(self.lock)
         self._ids = itertools.count(1)
         self._id_rng = random.Random("ids")  # apart from the fault draws, so ids never shift them
         self._answers = FakeServer(Faults())  # never started: only its answer-making is used
@@ -162,6 +164,11 @@ class FakeBatchAPI:
             batch = self.batches[batch_id]
             if batch.obj["status"] not in TERMINAL:
                 self._end_expired(batch)
+
+    def wait_for_calls(self, count: int, timeout: float) -> bool:
+        """Wait up to `timeout` until `count` requests were answered in all; whether they were."""
+        with self._called:
+            return self._called.wait_for(lambda: self.calls >= count, timeout)
 
     def custom_ids_in_two_batches(self) -> set[str]:
         """custom_ids that two batches may both have answered, and so both be paid for: a
@@ -521,7 +528,11 @@ class _Handler(BaseHTTPRequestHandler):
                         status, payload = getattr(self, name)(*match.groups(), raw=raw, query=parse_qs(url.query))
                     except NotFound as exc:
                         status, payload = 404, _invalid(str(exc), None)
-                return self._send(status, payload)
+                self._send(status, payload)
+                with self.api.lock:
+                    self.api.calls += 1
+                    self.api._called.notify_all()
+                return None
         self._send(404, _invalid(f"Invalid URL ({method} {url.path})", None))
 
     def _send(self, status: int, payload: dict | bytes) -> None:

@@ -5,6 +5,7 @@ stored exactly once."""
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from batchrun import run_job
-from tests.conftest import TEST_KEY, cli_env, read_output, run_cli, write_jsonl, write_spec
+from tests.conftest import TEST_KEY, cli_env, kill_9, read_output, run_cli, start_cli, write_jsonl, write_spec
 from tests.fakebatch import BatchFaults, FakeBatchAPI
 from tests.fakeserver import FakeServer, Faults
 
@@ -113,3 +114,43 @@ def test_fallback_none_leaves_what_the_batch_did_not_answer_failed_and_retry_fai
     assert again.code == 0, again.stderr
     assert sorted(int(c.split("-")[1]) for c in batches.created[1].custom_ids) == sorted(r["row_index"] for r in expired)
     assert [r["status"] for r in read_output(tmp_path / "out/result.parquet")] == ["ok"] * 100
+
+
+def test_ten_kill_9s_across_submit_poll_and_collect_send_no_row_twice_and_lose_no_answer(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    batches.faults = BatchFaults(seed=21, expire_share=0.05, refuse_share=0.02)
+    batches.polls_to_finish = 3
+    spec = job(tmp_path, live, batches, 1000, batch={"rows_per_batch": 100})
+    rng = random.Random(20)
+    kills = 0
+    created: list[int] = []  # batches created at each kill
+    while kills < 10:
+        target = batches.calls + rng.randint(1, 6)  # a moment: after that many more calls of the batch API
+        command = ("submit",) if kills % 3 == 0 else ("run", "--no-progress")
+        proc = start_cli(*command, str(spec), env=cli_env(**ENV))
+        while not batches.wait_for_calls(target, timeout=0.05) and proc.poll() is None:
+            pass
+        assert proc.poll() is None, f"the job ended before kill {kills + 1}: {proc.communicate()}"
+        kill_9(proc)
+        kills += 1
+        created.append(len(batches.created))
+    # The kills fell while sending (some batches created, not all) and while polling and collecting
+    assert any(0 < n < 10 for n in created) and created.count(10) >= 3, created
+    done = run_cli("run", str(spec), "--no-progress", env=cli_env(**ENV))
+    assert done.code == 1, done.stderr  # the refused rows failed
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["row_index"] for r in out] == list(range(1000))
+    assert batches.custom_ids_in_two_batches() == set()
+    # Every answer a batch gave is the row's, and no row it answered was sent live
+    answered = {}
+    for batch in batches.batches.values():
+        if batch.obj.get("output_file_id"):
+            for line in batches.content(batch.obj["output_file_id"]):
+                answered[int(line["custom_id"].rsplit("-", 1)[1])] = line["response"]["body"]["id"]
+    assert len(answered) > 800
+    for index, response_id in answered.items():
+        assert (out[index]["backend"], out[index]["response_id"]) == ("batch", response_id), out[index]
+    sent_live = [int(r.body["prompt"].split()[-1]) for r in live.requests]
+    assert len(sent_live) == len(set(sent_live)) and not set(sent_live) & set(answered)
+    assert {r["row_index"] for r in out if r["backend"] == "live"} == set(sent_live)
+    assert all(r["status"] == "ok" for r in out if r["backend"] == "live")

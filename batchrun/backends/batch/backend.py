@@ -2,7 +2,7 @@
 did not answer.
 
     run     check the account and model ─▶ see through what an earlier run began
-            ─▶ collect the batches that finished ─▶ send the rows no batch holds
+            ─▶ send the rows no batch holds ─▶ collect the batches that finished
             ─▶ poll with backoff, collecting each batch as it finishes (cancelling one
                past max_wait_h) ─▶ the rows handed on, live (`fallback: live`), and the
                output, by the engine (`LocalBackend`)
@@ -133,19 +133,19 @@ def _stoppable(session: Session, handle_signals: bool) -> Iterator[None]:
 
 
 def _batches(session: Session, status: StatusFile, *, wait: bool, retry_failed: bool) -> None:
-    """The batch part of the job: see through, collect, send, and (`wait`) poll to the end."""
+    """The batch part of the job: see through what an earlier run began, send the rows no
+    batch holds, then collect what finished and (`wait`) poll to the end. Sending comes
+    before polling: a row's batch never waits on another's, and `submit` returns sooner."""
     store, provider = session.store, session.provider
     call(session, provider.check, session.http, session.spec.model)
     send_planned(session, store.ledger.entries(outstanding=True))
-    _poll(session, status, wait=False)
     done = done_rows(store.row_states(session.total), retry_failed=retry_failed)
     taken = store.ledger.taken(session.total)
     wanted = [index for index in range(session.total) if not done[index] and not taken[index]]
     if wanted:
         send(session, wanted, _budget(session))
     _write(session, status, state="submitted")
-    if wait:
-        _poll(session, status, wait=True)
+    _poll(session, status, wait=wait)
 
 
 def _poll(session: Session, status: StatusFile, *, wait: bool) -> None:
