@@ -127,3 +127,48 @@ def test_expired_rows_go_live_refused_rows_fail_and_every_row_is_stored_once(
             price = batch_price if row["backend"] == "batch" else LIVE_PRICE
             assert row["cost_usd"] == pytest.approx(cost(row, price)), row
     assert any(r["cached_tokens"] for r in out if r["backend"] == "batch")  # the cached price was used too
+
+
+def test_submit_returns_at_once_status_lists_the_jobs_and_run_collects_them(
+        tmp_path: Path, live: FakeServer, fw: RefusingFireworks) -> None:
+    fw.advance_on_poll = False  # nothing moves until the test says so
+    spec = job(tmp_path, live, fw, 300, batch={"rows_per_batch": 200})
+    submitted = run_cli("submit", str(spec), env=cli_env(**ENV))
+    assert submitted.code == 0, submitted.stderr
+    assert "300 in the provider's batches" in submitted.stdout
+    jobs = list(fw.jobs.values())
+    assert [len(fw.datasets[j.input_dataset_id.rsplit("/", 1)[-1]].lines()) for j in jobs] == [200, 100]
+    assert not live.requests and {j.state for j in jobs} == {"JOB_STATE_VALIDATING"}
+    status = json.loads(run_cli("status", str(spec), "--json").stdout)
+    assert status["state"] == "submitted" and status["remaining"] == 300
+    assert [(b["id"], b["state"]) for b in status["batches"]] == [(j.job_id, "validating") for j in jobs]
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0  # again: nothing new is sent
+    assert len(fw.jobs) == 2 and len(uploads(fw)) == 2
+    fw.advance(steps=2)
+    status = json.loads(run_cli("status", str(spec), "--json").stdout)  # status reads the state, not the provider
+    assert [b["state"] for b in status["batches"]] == ["validating"] * 2
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0  # a submit polls once, and says so
+    status = json.loads(run_cli("status", str(spec), "--json").stdout)
+    assert [(b["state"], b["counts"]["total"]) for b in status["batches"]] == [("running", 200), ("running", 100)]
+    fw.advance(steps=2)
+    assert {j.state for j in jobs} == {"JOB_STATE_COMPLETED"}
+    done = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert done.code == 0, done.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["status"] for r in out] == ["ok"] * 300 and {r["backend"] for r in out} == {"batch"}
+    assert [r["id"] for r in out] == [f"r{i}" for i in range(300)]
+    assert not live.requests and len(fw.jobs) == 2 and in_two_jobs(fw) == {}
+    status = json.loads(run_cli("status", str(spec), "--json").stdout)
+    assert status["state"] == "finished" and "batches" not in status
+
+
+def test_a_job_that_fails_whole_is_answered_live(tmp_path: Path, live: FakeServer, fw: RefusingFireworks) -> None:
+    fw.faults = Faults(seed=5, fail_at=0.5)
+    spec = job(tmp_path, live, fw, 120, batch={"rows_per_batch": 50})
+    done = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert done.code == 0, done.stderr
+    assert len(fw.jobs) == 3 and {j.state for j in fw.jobs.values()} == {"JOB_STATE_FAILED"}
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [(r["status"], r["backend"]) for r in out] == [("ok", "live")] * 120
+    assert sorted(json.dumps(r.body["messages"]) for r in live.requests) == sorted(json.dumps(asked(i)) for i in range(120))
+    assert all(r["cost_usd"] == pytest.approx(cost(r, LIVE_PRICE)) for r in out)
