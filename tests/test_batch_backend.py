@@ -154,3 +154,20 @@ def test_ten_kill_9s_across_submit_poll_and_collect_send_no_row_twice_and_lose_n
     assert len(sent_live) == len(set(sent_live)) and not set(sent_live) & set(answered)
     assert {r["row_index"] for r in out if r["backend"] == "live"} == set(sent_live)
     assert all(r["status"] == "ok" for r in out if r["backend"] == "live")
+
+
+def test_the_budget_holds_each_batch_at_its_worst_case_before_its_upload(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    batches.polls_to_finish = None
+    spec = job(tmp_path, live, batches, 400, batch={"rows_per_batch": 100}, params={"max_tokens": 10},
+               budget={"max_usd": 0.03})
+    stopped = run_cli("submit", str(spec), env=cli_env(**ENV))
+    assert stopped.code == 3 and "the budget is reached" in stopped.stderr, stopped.stderr
+    assert "a batch cannot be stopped once sent, so it was not sent" in stopped.stderr
+    sent = len(batches.created)
+    assert 1 <= sent < 4 and len(batches.uploads) == sent  # the one that did not fit was not even uploaded
+    # Each sent batch's worst case: its bytes as prompt tokens, 10 completion tokens a row, at half price
+    worst = sum((len(line.encode()) + 1 + 10) * 0.5e-6 for upload in batches.uploads for line in upload.lines)
+    assert worst <= 0.03 < worst * (sent + 1) / sent  # (the batches are alike)
+    status = json.loads(run_cli("status", str(spec), "--json").stdout)
+    assert status["state"] == "submitted" and len(status["batches"]) == sent and not status["lost_requests"]

@@ -106,3 +106,18 @@ def test_a_plan_refuses_a_state_of_other_params_as_the_run_does(tmp_path: Path, 
 
     assert main(["plan", str(spec), "--json", "--restart"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 200
+
+
+def test_a_plan_shows_the_cost_through_the_batch_api_beside_the_live_one(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"question {i}"} for i in range(100)])
+    prices = {"test-model": {"input": 2.0, "output": 8.0}, "other": {"input": 1.0, "output": 1.0,
+                                                                   "batch": {"input": 0.1, "output": 0.3}}}
+    spec = write_spec(tmp_path, pricing=prices, params={"max_tokens": 10}, api={"base_url": "mock://"})
+    halved = plan(spec)
+    assert halved["batch_cost_usd_max"] == pytest.approx(halved["cost_usd_max"] / 2)
+    assert halved["cost_usd_max"] == pytest.approx((halved["prompt_tokens"] * 2.0 + 1000 * 8.0) / 1e6)
+    spec = write_spec(tmp_path, model="other", pricing=prices, params={"max_tokens": 10}, api={"base_url": "mock://"})
+    own = plan(spec)
+    assert own["batch_cost_usd_max"] == pytest.approx((own["prompt_tokens"] * 0.1 + 1000 * 0.3) / 1e6)
+    text = run_cli("plan", str(spec)).stdout
+    assert "cost, batch API" in text and "at most" in text

@@ -25,7 +25,7 @@ from .._exceptions import ConfigError
 from ..endpoints import get_endpoint
 from ..inputs.reader import InputReader, Row
 from ..inputs.template import Template
-from ..policy.pricing import completion_bound, usd
+from ..policy.pricing import Price, completion_bound, usd
 from ..spec.parse import JobSpec, load_spec
 from ..storage import Store, open_store
 from ..storage.lock import lock_holder
@@ -51,6 +51,9 @@ class Plan:
     duration_s: float
     tokenizer: str  # which counted the prompts
     notes: tuple[str, ...] = ()
+    # The same rows through the provider's batch API (`batch_api`): its prices, else half
+    batch_cost_usd_max: float | None = None
+    batch_cost_usd_expected: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -70,6 +73,9 @@ class Plan:
             "expected",
             f"  duration           about {self.duration_s:,.0f} s",
         ]
+        if self.batch_cost_usd_max is not None or self.batch_cost_usd_expected is not None:
+            lines.insert(4, f"  cost, batch API    {number(self.batch_cost_usd_max, '$')} at most, "
+                            f"{number(self.batch_cost_usd_expected, '$')} expected (batch_api: answered within a day)")
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
 
 
@@ -101,11 +107,6 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
     if spec.pricing and price is None:
         notes.append(f"model {spec.model!r} has no price in pricing: no cost")
 
-    def usd(completion: int | None) -> float | None:
-        if price is None or completion is None:
-            return None
-        return (prompt * price.input + completion * price.output) / 1e6
-
     latency = mean_latency if mean_latency is not None else ASSUMED_LATENCY_S
     if mean_latency is None:
         notes.append(f"duration assumes {ASSUMED_LATENCY_S:g} s a request (no answers yet to measure)")
@@ -120,9 +121,18 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
     return Plan(
         job=spec.name, rows=rows, rows_total=total, requests=requests, prompt_tokens=prompt,
         completion_tokens_max=completion_max, completion_tokens_expected=expected,
-        cost_usd_max=usd(completion_max), cost_usd_expected=usd(expected), duration_s=round(seconds, 1),
-        tokenizer=tokenizer, notes=tuple(notes),
+        cost_usd_max=_cost(price, prompt, completion_max), cost_usd_expected=_cost(price, prompt, expected),
+        duration_s=round(seconds, 1), tokenizer=tokenizer, notes=tuple(notes),
+        batch_cost_usd_max=_cost(price and price.batched(), prompt, completion_max),
+        batch_cost_usd_expected=_cost(price and price.batched(), prompt, expected),
     )
+
+
+def _cost(price: Price | None, prompt: int, completion: int | None) -> float | None:
+    """At these prices, with no prompt token cached (the worst case of the prompt)."""
+    if price is None or completion is None:
+        return None
+    return (prompt * price.input + completion * price.output) / 1e6
 
 
 def _count(spec: JobSpec, rows: Iterator[Row], count: Callable[[list[str]], int]) -> tuple[int, int, int | None]:
