@@ -171,3 +171,35 @@ def test_the_budget_holds_each_batch_at_its_worst_case_before_its_upload(
     assert worst <= 0.03 < worst * (sent + 1) / sent  # (the batches are alike)
     status = json.loads(run_cli("status", str(spec), "--json").stdout)
     assert status["state"] == "submitted" and len(status["batches"]) == sent and not status["lost_requests"]
+
+
+@pytest.mark.parametrize("endpoint,params,rows,check", [
+    ("chat", {"n": 2, "logprobs": True, "top_logprobs": 2}, [{"prompt": "q"}],
+     lambda r: len(r["choices"]) == 2 and r["logprobs"] and r["output_text"]),
+    ("completions", {"max_tokens": 8}, [{"prompt": "q"}], lambda r: r["output_text"]),
+    ("responses", {}, [{"input": "q"}], lambda r: r["output_text"]),
+    ("embeddings", {}, [{"input": "q"}], lambda r: len(r["embedding"]) > 2 and r["prompt_tokens"]),
+])
+def test_each_endpoint_through_the_batch_api_fills_the_same_columns_as_live(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI, endpoint: str, params: dict, rows: list,
+        check: object) -> None:
+    spec = job(tmp_path, live, batches, 0, endpoint=endpoint, params=params)
+    write_jsonl(tmp_path / "input.jsonl", [{**rows[0], "id": f"r{i}"} for i in range(30)])
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["backend"] for r in out] == ["batch"] * 30 and not live.requests
+    assert all(check(r) for r in out), out[0]  # type: ignore[operator]
+    assert {c.endpoint for c in batches.created} == {f"/v1/{endpoint}" if endpoint != "chat" else
+                                                     "/v1/chat/completions"}
+
+
+def test_an_answer_that_breaks_the_schema_is_asked_again_live(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    batches._answers.faults = Faults(invalid_answer_rate=0.5, seed=2)  # the batch's answers, half broken
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    spec = job(tmp_path, live, batches, 40, schema=schema)
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0
+    out = read_output(tmp_path / "out/result.parquet")
+    assert all(r["status"] == "ok" and set(r["parsed"]) == {"answer"} for r in out), out[0]
+    went_live = [r["row_index"] for r in out if r["backend"] == "live"]
+    assert 5 < len(went_live) < 35 and len(live.requests) == len(went_live)

@@ -143,6 +143,8 @@ def _answer(endpoint: Endpoint, body: Any, index: int) -> Result:
     """The answer as the live path reads it; one it cannot read fails the row."""
     try:
         result = endpoint.parse(body)
+        if endpoint.grouped:  # one input a line: the answer's one part (an embedding's vector)
+            [result] = endpoint.split(result, [1])
     except (RowFatalAPIError, RetryableAPIError) as exc:
         return Result(index, "", "failed", error=f"the batch's answer: {exc}")
     result.row_index = index
