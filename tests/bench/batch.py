@@ -1,6 +1,7 @@
 """Benchmark: rows through the batch path on the fakes against the same rows live.
 
-    python tests/bench/batch.py [--rows 100000] [--submit-rows 10000] [--live-server bench|fake] [--keep]
+    python tests/bench/batch.py [--rows 100000] [--rows-per-batch 50000] [--submit-rows 10000]
+                                [--live-server bench|fake] [--keep]
 
 The same N chat rows run twice through `batchrun run`, each in its own process:
   batch  `batch_api` (kind openai) against tests/fakebatch.py's FakeBatchAPI, which ends a
@@ -94,7 +95,8 @@ class Measured:
     problems: list[str] = field(default_factory=list)
 
 
-def write_job(jobdir: Path, input_path: Path, live_url: str, batch_url: str | None) -> Path:
+def write_job(jobdir: Path, input_path: Path, live_url: str, batch_url: str | None,
+              rows_per_batch: int = ROWS_PER_BATCH) -> Path:
     jobdir.mkdir(parents=True)
     spec = {
         "input": str(input_path),
@@ -107,7 +109,7 @@ def write_job(jobdir: Path, input_path: Path, live_url: str, batch_url: str | No
     }
     if batch_url is not None:
         spec["batch_api"] = {"kind": "openai", "base_url": batch_url, "poll_interval_s": POLL_INTERVAL_S,
-                             "rows_per_batch": ROWS_PER_BATCH}
+                             "rows_per_batch": rows_per_batch}
     job = jobdir / "job.yaml"
     job.write_text(json.dumps(spec, indent=2))  # JSON is valid YAML, and a valid spec
     return job
@@ -122,12 +124,13 @@ def timed_run(label: str, workdir: Path, job: Path, rows: int, server: Fakes | S
     return Measured(run, stages)
 
 
-def batch_path(workdir: Path, data: Path, rows: int) -> Measured:
+def batch_path(workdir: Path, data: Path, rows: int, rows_per_batch: int) -> Measured:
     with Fakes(workdir, "batch") as fakes:
-        job = write_job(workdir / "batch", data, fakes.live_url, fakes.batch_url)
+        job = write_job(workdir / "batch", data, fakes.live_url, fakes.batch_url, rows_per_batch)
         measured = timed_run("batch", workdir, job, rows, fakes)
     measured.server_cpu_s = fakes.stats.get("cpu_s", 0.0)
-    measured.problems = output_problems(measured.run, rows, "batch") + batch_problems(fakes.stats, rows)
+    measured.problems = output_problems(measured.run, rows, "batch") + batch_problems(fakes.stats, rows,
+                                                                                         rows_per_batch)
     return measured
 
 
@@ -188,7 +191,8 @@ def output_problems(run: Run, rows: int, backend: str) -> list[str]:
     return problems
 
 
-def batch_problems(stats: dict, rows: int, states: tuple[str, ...] = ("completed",)) -> list[str]:
+def batch_problems(stats: dict, rows: int, rows_per_batch: int = ROWS_PER_BATCH,
+                   states: tuple[str, ...] = ("completed",)) -> list[str]:
     """What the batch fake received, against what it should have: every row once."""
     problems = []
     if stats.get("custom_ids") != rows:
@@ -197,7 +201,7 @@ def batch_problems(stats: dict, rows: int, states: tuple[str, ...] = ("completed
         problems.append(f"{stats['custom_ids_in_two_batches']} custom ids in two batches")
     if stats.get("live_requests"):
         problems.append(f"{stats['live_requests']} rows went live")
-    wanted = -(-rows // ROWS_PER_BATCH)
+    wanted = -(-rows // rows_per_batch)
     if stats.get("batches") != wanted or set(stats.get("states", [])) - set(states):
         problems.append(f"batches: {stats.get('batches')} ({stats.get('states')}), not {wanted} {'/'.join(states)}")
     return problems
@@ -210,13 +214,13 @@ def batch_problems(stats: dict, rows: int, states: tuple[str, ...] = ("completed
 STAGE_TREE = (
     ("start-up (Python and imports)", ()),
     ("open the state (validate the input)", ()),
-    ("send", ("upload (HTTP)", "create (HTTP)")),
+    ("send", ("read the input: send", "upload (HTTP)", "create (HTTP)")),
     ("poll (HTTP)", ()),
     ("wait between polls", ()),
-    ("collect", ("download (HTTP)", "download + parse", "save to the state")),
-    ("live engine", ("engine: open the state", "write the Parquet output")),
+    ("collect", ("download (HTTP)", "download + parse", "read the input: collect", "save to the state")),
+    ("live engine", ("engine: open the state", "read the input: live engine", "write the Parquet output")),
 )
-DERIVED = {"send": "build the lines (rest)", "download + parse": None}
+REST = {"send": "build the lines (rest)", "collect": "settle the rows (rest)", "live engine": "the rest"}  # a stage less what is inside
 
 
 def stage_rows(stages: dict, rows: int) -> list[list[object]]:
@@ -224,32 +228,36 @@ def stage_rows(stages: dict, rows: int) -> list[list[object]]:
     then what no stage holds ("other") and the total."""
 
     def line(name: str, wall: float, cpu: float, calls: object, indent: int = 0) -> list[object]:
-        return ["  " * indent + ("└ " if indent else "") + name, wall, cpu, 1000 * cpu / rows * 1000, calls]
+        return ["  " * indent + ("└ " if indent else "") + name, wall, cpu, cpu / rows * 1e6, calls]
+
+    def time_of(name: str) -> tuple[float, float]:
+        stage = stages.get(name, {})
+        return stage.get("wall_s", 0.0), stage.get("cpu_s", 0.0)
 
     out: list[list[object]] = []
     top_wall = top_cpu = 0.0
     for name, inner in STAGE_TREE:
-        stage = stages.get(name)
-        if stage is None:
+        if name not in stages:
             continue
-        top_wall, top_cpu = top_wall + stage["wall_s"], top_cpu + stage["cpu_s"]
-        out.append(line(name, stage["wall_s"], stage["cpu_s"], stage["calls"]))
+        wall, cpu = time_of(name)
+        top_wall, top_cpu = top_wall + wall, top_cpu + cpu
+        out.append(line(name, wall, cpu, stages[name]["calls"]))
+        inner_wall = inner_cpu = 0.0
         for sub in inner:
-            part = stages.get(sub)
-            if part is None:
+            if sub not in stages:
                 continue
-            if sub == "download + parse":  # shown as its parse, the download being its own line
-                got = stages.get("download (HTTP)", {"wall_s": 0.0, "cpu_s": 0.0})
-                part = {**part, "wall_s": part["wall_s"] - got["wall_s"], "cpu_s": part["cpu_s"] - got["cpu_s"]}
-                sub = "parse the lines"
-            out.append(line(sub, part["wall_s"], part["cpu_s"], part["calls"], 1))
-        if name == "send":
-            rest = [stage[k] - sum(stages.get(s, {}).get(k, 0.0) for s in inner) for k in ("wall_s", "cpu_s")]
-            out.append(line("build the lines (rest)", *rest, "", 1))
-    total = stages.get("total")
-    if total:
-        out.append(line("other (spec, status, closing)", total["wall_s"] - top_wall, total["cpu_s"] - top_cpu, ""))
-        out.append(line("total (in process)", total["wall_s"], total["cpu_s"], ""))
+            (sub_wall, sub_cpu), calls = time_of(sub), stages[sub]["calls"]
+            if sub == "download + parse":  # shown as its parse: the download is a line of its own
+                got_wall, got_cpu = time_of("download (HTTP)")
+                sub, sub_wall, sub_cpu = "parse the lines", sub_wall - got_wall, sub_cpu - got_cpu
+            inner_wall, inner_cpu = inner_wall + sub_wall, inner_cpu + sub_cpu
+            out.append(line(sub, sub_wall, sub_cpu, calls, 1))
+        if name in REST:
+            out.append(line(REST[name], wall - inner_wall, cpu - inner_cpu, "", 1))
+    if "total" in stages:
+        wall, cpu = time_of("total")
+        out.append(line("other (spec, status, closing)", wall - top_wall, cpu - top_cpu, ""))
+        out.append(line("total (in process)", wall, cpu, ""))
     return out
 
 
@@ -268,24 +276,27 @@ def as_json(m: Measured, rows: int) -> dict:
             "problems": m.problems}
 
 
-def report(rows: int, batch: Measured, live: Measured, submitted: Measured | None, live_server: str) -> dict:
+def report(rows: int, batch: Measured, live: Measured, submitted: Measured | None, live_server: str,
+           rows_per_batch: int) -> dict:
     headers = ["path", "rows", "exit", "wall s", "rows/s (wall)", "batchrun CPU s", "CPU s / 1k rows",
                "peak RSS MB", "fakes' CPU s", "check"]
     lines = [summary_row("batch (FakeBatchAPI)", batch, rows), summary_row(f"live, zero latency ({live_server})",
                                                                           live, rows)]
     if submitted is not None:
         lines.append(summary_row("`batchrun submit` alone", submitted, submitted.run.rows))
-    print(f"\n### batch path vs live: {rows:,} chat rows\n\n{table(headers, lines)}\n")
-    stage_headers = ["stage", "wall s", "CPU s", "CPU ms / 1k rows", "calls"]
+    print(f"\n### batch path vs live: {rows:,} chat rows, {-(-rows // rows_per_batch)} batches\n\n"
+          f"{table(headers, lines)}\n")
+    stage_headers = ["stage", "wall s", "CPU s", "CPU ms / 1k rows", "calls (rows, reading the input)"]
     print(f"batch path, by stage (batchclient.py):\n\n{table(stage_headers, stage_rows(batch.stages, rows))}\n")
-    print(f"live path, by stage:\n\n{table(stage_headers, stage_rows(live.stages, rows))}\n")
-    ratio = batch.run.cpu_s / live.run.cpu_s if live.run.cpu_s else 0.0
-    print(f"batchrun CPU, batch path / live path: {ratio:.2f}")
+    print(f"live path, by stage (the workers run beside the output's writing and the state's saving, so "
+          f"their CPU is at most what is shown):\n\n{table(stage_headers, stage_rows(live.stages, rows))}\n")
+    ratio = batch.run.cpu_s / live.run.cpu_s if live.run.cpu_s and not batch.problems + live.problems else None
+    print(f"batchrun CPU, batch path / live path: {f'{ratio:.2f}' if ratio else 'n/a (a run is broken)'}")
     runs = [batch.run, live.run] + ([submitted.run] if submitted is not None else [])
     print("commands:\n" + "\n".join(f"  {r.label}: {shlex.join(r.cmd)}\n    fakes/server: {shlex.join(r.server_cmd)}"
                                     for r in runs))
-    result = {"bench": "batch", "rows": rows, "live_server": live_server, "batch": as_json(batch, rows),
-              "live": as_json(live, rows), "cpu_ratio_batch_over_live": round(ratio, 3)}
+    result = {"bench": "batch", "rows": rows, "rows_per_batch": rows_per_batch, "live_server": live_server, "batch": as_json(batch, rows),
+              "live": as_json(live, rows), "cpu_ratio_batch_over_live": round(ratio, 3) if ratio else None}
     if submitted is not None:
         result["submit"] = as_json(submitted, submitted.run.rows)
     return result
@@ -295,6 +306,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000, help="rows in each run (default 100,000)")
+    parser.add_argument("--rows-per-batch", type=int, default=ROWS_PER_BATCH,
+                        help="batch_api.rows_per_batch of the batch run (default 50,000)")
     parser.add_argument("--submit-rows", type=int, default=10_000, help="rows for `batchrun submit`; 0: skip it")
     parser.add_argument("--live-server", choices=("bench", "fake"), default="bench",
                         help="the live run's server: tests/bench/server.py (default) or tests/fakeserver.py")
@@ -308,10 +321,10 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="batchrun-bench-batch-"))
     try:
         data = make_chat_input(workdir / "input.jsonl", args.rows)
-        batch = batch_path(workdir, data, args.rows)
+        batch = batch_path(workdir, data, args.rows, args.rows_per_batch)
         live = live_path(workdir, data, args.rows, args.live_server)
         submitted = submit(workdir, args.submit_rows) if args.submit_rows else None
-        result = report(args.rows, batch, live, submitted, args.live_server)
+        result = report(args.rows, batch, live, submitted, args.live_server, args.rows_per_batch)
         if source_fingerprint() != before:
             print("\nWARNING: batchrun's source changed during the benchmark: rerun it")
         print("\n" + json.dumps(result))

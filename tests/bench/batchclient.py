@@ -7,7 +7,9 @@ around the functions that make each stage (only here: the product has no timers)
 writes to STAGES_JSON each stage's wall time, CPU time and calls. CPU time is the
 process's (every thread's): the fakes run in another process, so it is batchrun's own.
 Stages nest (an upload is part of sending); a stage entered again inside itself (the
-Parquet writer's `finish` calls its `write`) is counted once.
+Parquet writer's `finish` calls its `write`) is counted once. Reading the input's rows
+(a generator) is timed step by step and counted under the outermost stage under way
+("read the input: collect"), so the work its consumer does between rows is not.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import time
 
 STARTED = time.perf_counter()  # before the imports: they are part of what a run costs
 
-import functools  # noqa: E402 - after the clock is read
+import contextlib  # noqa: E402 - after the clock is read
+import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from collections import defaultdict  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import batchrun._cli as cli  # noqa: E402
@@ -29,6 +32,7 @@ import batchrun.backends.batch.collect as batch_collect  # noqa: E402
 import batchrun.engine.run as engine_run  # noqa: E402
 from batchrun.backends.batch.openai import OpenAIBatches  # noqa: E402
 from batchrun.backends.local import LocalBackend  # noqa: E402
+from batchrun.inputs.reader import InputReader  # noqa: E402
 from batchrun.storage.output import OutputWriter  # noqa: E402
 from batchrun.storage.state import StateStore  # noqa: E402
 
@@ -51,6 +55,10 @@ PATCHES = (
     (OutputWriter, "write", "write the Parquet output"),
     (OutputWriter, "finish", "write the Parquet output"),
 )
+READ = (InputReader, "rows", "read the input")  # a generator: timed a step at a time
+
+
+_END = object()
 
 
 class Stages:
@@ -59,26 +67,56 @@ class Stages:
         self.cpu: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self._depth: dict[str, int] = defaultdict(int)
+        self._stack: list[str] = []  # the stages under way, outermost first
+
+    @contextlib.contextmanager
+    def _timing(self, stage: str, record_as: str) -> Iterator[None]:
+        """Time what runs inside as `record_as`, unless `stage` is already being timed."""
+        if self._depth[stage]:
+            yield
+            return
+        self._depth[stage] += 1
+        self._stack.append(stage)
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[record_as] += time.perf_counter() - wall
+            self.cpu[record_as] += time.process_time() - cpu
+            self.calls[record_as] += 1
+            self._depth[stage] -= 1
+            self._stack.pop()
 
     def timed(self, stage: str, fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            if self._depth[stage]:
+            with self._timing(stage, stage):
                 return fn(*args, **kwargs)
-            self._depth[stage] += 1
-            wall, cpu = time.perf_counter(), time.process_time()
+        return wrapper
+
+    def timed_steps(self, stage: str, fn: Callable) -> Callable:
+        """A generator function timed while it makes each item, not while its consumer
+        works on one; counted under the outermost stage under way when it starts."""
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            steps = fn(*args, **kwargs)
+            record_as = f"{stage}: {self._stack[0]}" if self._stack else stage
             try:
-                return fn(*args, **kwargs)
+                while True:
+                    with self._timing(stage, record_as):
+                        item = next(steps, _END)
+                    if item is _END:
+                        return
+                    yield item
             finally:
-                self.wall[stage] += time.perf_counter() - wall
-                self.cpu[stage] += time.process_time() - cpu
-                self.calls[stage] += 1
-                self._depth[stage] -= 1
+                steps.close()
         return wrapper
 
     def install(self) -> None:
         for owner, name, stage in PATCHES:
             setattr(owner, name, self.timed(stage, getattr(owner, name)))
+        owner, name, stage = READ
+        setattr(owner, name, self.timed_steps(stage, getattr(owner, name)))
 
     def report(self) -> dict[str, dict[str, float]]:
         out = {"start-up (Python and imports)": {"wall_s": IMPORTED[0] - STARTED, "cpu_s": IMPORTED[1], "calls": 1}}
