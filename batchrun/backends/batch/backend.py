@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from ..._exceptions import BatchrunError, JobAborted
+from ..._exceptions import BatchrunError, ConfigError, JobAborted
 from ...engine.limits import Limits
 from ...engine.opening import open_reader, open_state
 from ...engine.part import WholeJob
@@ -90,6 +90,7 @@ def _opened(spec: JobSpec, options: RunOptions) -> Iterator[tuple[Session, Statu
     check_free_space(spec.output.parent)
     storage = open_store(spec)
     storage.pull_state(state_path(spec.output))
+    fresh = not state_path(spec.output).exists()
     reader = open_reader(spec, storage)
     status = StatusFile(status_path(spec.output), job=spec.name, output=spec.output, rows=0)
     try:
@@ -101,15 +102,24 @@ def _opened(spec: JobSpec, options: RunOptions) -> Iterator[tuple[Session, Statu
     status.fixed["rows"] = total
     http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"},
                         timeout=httpx.Timeout(spec.api.timeout_s, connect=30.0))
+    unbegun = False
     try:
         yield Session(spec, store, reader, provider, http, fingerprint(store.meta()), total), status, storage
+    except ConfigError:
+        # Refused before a row was sent or answered (a wrong account, a model that cannot
+        # batch): the job never began, so it leaves no state, which would hold the
+        # corrected spec (another model) to --restart
+        counts = store.counts()
+        unbegun = fresh and not store.ledger.entries() and counts["ok"] + counts["failed"] == 0
+        raise
     finally:
         http.close()
-        store.close()
+        store.close(remove=unbegun)
         reader.close()
         with contextlib.suppress(BatchrunError):
-            storage.push_state(state_path(spec.output))
-            storage.push_file(status.path)
+            if not unbegun:
+                storage.push_state(state_path(spec.output))
+                storage.push_file(status.path)
 
 
 @contextlib.contextmanager
