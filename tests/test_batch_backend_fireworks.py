@@ -172,3 +172,47 @@ def test_a_job_that_fails_whole_is_answered_live(tmp_path: Path, live: FakeServe
     assert [(r["status"], r["backend"]) for r in out] == [("ok", "live")] * 120
     assert sorted(json.dumps(r.body["messages"]) for r in live.requests) == sorted(json.dumps(asked(i)) for i in range(120))
     assert all(r["cost_usd"] == pytest.approx(cost(r, LIVE_PRICE)) for r in out)
+
+
+@pytest.mark.parametrize(("wrong", "fix"), [
+    ({"batch": {"account_id": "someone-else"}}, "set batch_api.account_id"),
+    ({"model": "accounts/fireworks/models/no-batch"}, "choose a model that supports batch inference"),
+], ids=["account", "model"])
+def test_a_wrong_account_or_a_model_without_batch_names_the_fix_and_a_corrected_rerun_runs(
+        tmp_path: Path, live: FakeServer, fw: RefusingFireworks, wrong: dict, fix: str) -> None:
+    spec = job(tmp_path, live, fw, 30, **wrong)
+    refused = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert refused.code == 2 and fix in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    assert fw.datasets == {} and fw.jobs == {} and uploads(fw) == [] and not live.requests
+    job(tmp_path, live, fw, 30)  # the spec fixed
+    done = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert done.code == 0, done.stderr
+    assert [(r["status"], r["backend"]) for r in read_output(tmp_path / "out/result.parquet")] == [("ok", "batch")] * 30
+    assert len(fw.jobs) == 1 and not live.requests
+
+
+def test_prompt_rows_without_an_endpoint_are_refused_before_upload_and_run_with_endpoint_chat(
+        tmp_path: Path, live: FakeServer, fw: RefusingFireworks) -> None:
+    spec = job(tmp_path, live, fw, 10)
+    write_jsonl(tmp_path / "input.jsonl", ({"id": f"r{i}", "prompt": f"question {i}"} for i in range(10)))
+    refused = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert refused.code == 2 and "set endpoint: chat in the spec" in refused.stderr, refused.stderr
+    assert fw.datasets == {} and not live.requests
+    spec = job(tmp_path, live, fw, 0, endpoint="chat")
+    write_jsonl(tmp_path / "input.jsonl", ({"id": f"r{i}", "prompt": f"question {i}"} for i in range(10)))
+    done = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert done.code == 0, done.stderr
+    assert [r["status"] for r in read_output(tmp_path / "out/result.parquet")] == ["ok"] * 10
+    [sent] = fw.jobs.values()
+    assert [row["body"]["messages"] for row in sent.rows] == [asked(i) for i in range(10)]
+
+
+def test_spec_with_embeddings_and_fireworks_batches_is_refused_naming_the_fix(
+        tmp_path: Path, live: FakeServer, fw: RefusingFireworks) -> None:
+    spec = job(tmp_path, live, fw, 5, endpoint="embeddings", model="accounts/fireworks/models/nomic-embed-text-v1")
+    write_jsonl(tmp_path / "input.jsonl", ({"id": f"r{i}", "input": f"text {i}"} for i in range(5)))
+    for command in ("run", "submit"):
+        refused = run_cli(command, str(spec), env=cli_env(**ENV))
+        assert refused.code == 2 and "does not answer the embeddings endpoint" in refused.stderr, refused.stderr
+        assert "drop batch_api" in refused.stderr
+    assert fw.requests == [] and not live.requests
