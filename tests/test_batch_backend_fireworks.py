@@ -33,7 +33,7 @@ class RefusingFireworks(FakeFireworks):
     cannot take), and handing out download URLs that expire before they are used."""
 
     refuse_share = 0.0
-    expiring_urls = 0  # the next this many getDownloadEndpoint answers are stale on arrival
+    expiring_urls = 0  # the next this many signed download URLs are stale on arrival
 
     def _answer(self, job: FakeJob, row: dict) -> None:
         custom_id = row["custom_id"]
@@ -43,12 +43,13 @@ class RefusingFireworks(FakeFireworks):
             return
         super()._answer(job, row)
 
-    def get_download_endpoint(self, *args: Any) -> dict:
-        answer = super().get_download_endpoint(*args)
-        if self.expiring_urls > 0:
+    def _sign(self, method: str, dataset_id: str, filename: str) -> str:
+        url = super()._sign(method, dataset_id, filename)
+        if method == "GET" and self.expiring_urls > 0:
             self.expiring_urls -= 1
-            self.expire_urls()
-        return answer
+            token = url.split("/signed/", 1)[1].split("/", 1)[0]
+            self._signed[token] = (*self._signed[token][:3], self.clock - 1)
+        return url
 
     def downloads(self) -> tuple[int, int]:
         """(download URLs asked for, signed GETs)."""
@@ -216,3 +217,17 @@ def test_spec_with_embeddings_and_fireworks_batches_is_refused_naming_the_fix(
         assert refused.code == 2 and "does not answer the embeddings endpoint" in refused.stderr, refused.stderr
         assert "drop batch_api" in refused.stderr
     assert fw.requests == [] and not live.requests
+
+
+def test_an_upload_5xx_is_retried_and_an_expired_download_url_is_asked_for_again(
+        tmp_path: Path, live: FakeServer, fw: RefusingFireworks) -> None:
+    fw.faults, fw.expiring_urls = Faults(seed=9, upload_errors=2), 1
+    spec = job(tmp_path, live, fw, 100, batch={"rows_per_batch": 50})
+    done = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert done.code == 0, done.stderr
+    assert [(r["status"], r["backend"]) for r in read_output(tmp_path / "out/result.parquet")] == [("ok", "batch")] * 100
+    assert len(uploads(fw)) == 4 and len(fw.datasets) == 4  # two refused, then two taken; two inputs, two outputs
+    assert sorted(len(j.rows) for j in fw.jobs.values()) == [50, 50] and in_two_jobs(fw) == {}
+    asked, fetched = fw.downloads()
+    assert (asked, fetched) == (3, 3)  # one URL stale on arrival, asked for again; one per finished job
+    assert not live.requests
