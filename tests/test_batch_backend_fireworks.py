@@ -171,7 +171,8 @@ def test_a_job_that_fails_whole_is_answered_live(tmp_path: Path, live: FakeServe
     assert len(fw.jobs) == 3 and {j.state for j in fw.jobs.values()} == {"JOB_STATE_FAILED"}
     out = read_output(tmp_path / "out/result.parquet")
     assert [(r["status"], r["backend"]) for r in out] == [("ok", "live")] * 120
-    assert sorted(json.dumps(r.body["messages"]) for r in live.requests) == sorted(json.dumps(asked(i)) for i in range(120))
+    sent_live = sorted(json.dumps(r.body["messages"]) for r in live.requests)
+    assert sent_live == sorted(json.dumps(asked(i)) for i in range(120))
     assert all(r["cost_usd"] == pytest.approx(cost(r, LIVE_PRICE)) for r in out)
 
 
@@ -225,7 +226,8 @@ def test_an_upload_5xx_is_retried_and_an_expired_download_url_is_asked_for_again
     spec = job(tmp_path, live, fw, 100, batch={"rows_per_batch": 50})
     done = run_cli("run", str(spec), env=cli_env(**ENV))
     assert done.code == 0, done.stderr
-    assert [(r["status"], r["backend"]) for r in read_output(tmp_path / "out/result.parquet")] == [("ok", "batch")] * 100
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [(r["status"], r["backend"]) for r in out] == [("ok", "batch")] * 100
     assert len(uploads(fw)) == 4 and len(fw.datasets) == 4  # two refused, then two taken; two inputs, two outputs
     assert sorted(len(j.rows) for j in fw.jobs.values()) == [50, 50] and in_two_jobs(fw) == {}
     asked, fetched = fw.downloads()
