@@ -203,3 +203,19 @@ def test_an_answer_that_breaks_the_schema_is_asked_again_live(
     assert all(r["status"] == "ok" and set(r["parsed"]) == {"answer"} for r in out), out[0]
     went_live = [r["row_index"] for r in out if r["backend"] == "live"]
     assert 5 < len(went_live) < 35 and len(live.requests) == len(went_live)
+
+
+def test_the_response_cache_answers_rows_before_any_batch_and_keeps_what_the_batches_answer(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    spec = job(tmp_path, live, batches, 30, cache="cache.sqlite", params={"temperature": 0})
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0
+    first = read_output(tmp_path / "out/result.parquet")
+    assert {(r["backend"], r["cached"]) for r in first} == {("batch", False)} and len(batches.created) == 1
+    write_jsonl(tmp_path / "input.jsonl", ({"id": f"r{i}", "prompt": f"question {i}"} for i in range(40)))
+    assert run_cli("run", str(spec), "--restart", env=cli_env(**ENV)).code == 0
+    again = read_output(tmp_path / "out/result.parquet")
+    assert [(r["cached"], r["backend"]) for r in again] == [(True, None)] * 30 + [(False, "batch")] * 10
+    assert [r["output_text"] for r in again[:30]] == [r["output_text"] for r in first]
+    assert all(r["cost_usd"] == 0 for r in again[:30]) and all(r["cost_usd"] > 0 for r in again[30:])
+    # only the ten new rows went to a batch
+    assert len(batches.created) == 2 and len(batches.created[1].custom_ids) == 10 and not live.requests

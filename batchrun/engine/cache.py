@@ -25,21 +25,34 @@ from typing import Any
 
 from .._exceptions import ConfigError
 from ..endpoints.result import Result
+from ..policy.pricing import Price, cost
 from ..spec.model import CacheSpec
 
-__all__ = ["ResponseCache", "cacheable"]
+__all__ = ["ResponseCache", "cacheable", "from_cache"]
 
 # What a cached answer keeps: the answer itself, not the row it answered
 _KEPT = ("output_text", "reasoning_content", "tool_calls", "finish_reason", "model", "response_id", "prompt_tokens",
          "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 # extra's keys that belong to the row, not the answer
-_ROW_ONLY = ("request", "cached", "saved_usd", "unmetered", "unmetered_tokens")
+_ROW_ONLY = ("request", "cached", "saved_usd", "unmetered", "unmetered_tokens", "backend")
 BUSY_TIMEOUT_S = 60.0
 
 
 def cacheable(body: Mapping[str, Any], *, everything: bool) -> bool:
     """A request whose answer may be reused: deterministic (temperature 0 or a seed), or any with `everything`."""
     return everything or body.get("temperature") == 0 or body.get("seed") is not None
+
+
+def from_cache(hit: Result, row_index: int, row_id: str, price: Price | None, request: bytes | None) -> Result:
+    """A row answered from the cache: no request, nothing paid, and what that saved;
+    `request`: the body it would have sent (`keep_request`)."""
+    hit.row_index, hit.id = row_index, row_id
+    saved = cost(price, hit.prompt_tokens, hit.completion_tokens, hit.cached_tokens)
+    hit.cost_usd = 0.0 if price is not None else None
+    hit.extra = {**(hit.extra or {}), "cached": True, **({"saved_usd": saved} if saved is not None else {})}
+    if request is not None:
+        hit.extra["request"] = request.decode()
+    return hit
 
 
 class ResponseCache:

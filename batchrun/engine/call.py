@@ -25,9 +25,9 @@ from ..http.client import Client, Deferred, Request, Unsendable
 from ..inputs.reader import Row
 from ..policy.pricing import Budget, Price, cost
 from ..spec.model import JobSpec
-from .cache import ResponseCache, cacheable
-from .holds import Holds, HoldLog
 from ..spec.schema import Structure
+from .cache import ResponseCache, cacheable, from_cache
+from .holds import HoldLog, Holds
 
 __all__ = ["Caller", "HoldLog"]
 
@@ -121,15 +121,8 @@ class Caller:
         return self.cache.key(str(request.url), body)
 
     def _from_cache(self, row: Row, hit: Result, price: Price | None, payload: bytes) -> Result:
-        """A row answered from the cache: no request, nothing paid, and what that saved."""
-        hit.row_index, hit.id = row.index, row.id
-        saved = cost(price, hit.prompt_tokens, hit.completion_tokens, hit.cached_tokens)
-        hit.cost_usd = 0.0 if price is not None else None
-        hit.extra = {**(hit.extra or {}), "cached": True, **({"saved_usd": saved} if saved is not None else {})}
-        if self.spec.keep_request:
-            hit.extra["request"] = payload.decode()
         self.cache_hits += 1
-        return hit
+        return from_cache(hit, row.index, row.id, price, payload if self.spec.keep_request else None)
 
     async def _send(self, row: Row, request: Request, *, park: bool = False) -> Result:
         result = await self.client.send(request, park=park)

@@ -41,7 +41,7 @@ from .transport import AiohttpTransport, AnswerTooLarge, BoundedTransport
 ERROR_CHARS = 500  # of an error message, kept in the state and the output
 PARK_S = 2.0  # a server's retry-after this long sets the row aside (see `Client.send`)
 
-__all__ = ["Client", "Deferred", "Request", "Unsendable"]
+__all__ = ["Client", "Deferred", "Request", "Unsendable", "endpoint_url"]
 
 
 class Deferred(Exception):
@@ -75,6 +75,11 @@ class Request:
     spent: tuple[int, int] = (0, 0)  # (failures, 429s) before the row was set aside
 
 
+def endpoint_url(base_url: str, endpoint: str) -> httpx.URL:
+    """Where a request to `endpoint` (a name) goes, from the API's base URL: its cache key's URL too."""
+    return httpx.URL(str(httpx.URL(base_url.rstrip("/"))) + ENDPOINTS[endpoint].path)
+
+
 class Client:
     """Sends requests; use as `async with Client(...) as client`.
 
@@ -96,7 +101,7 @@ class Client:
         url = (base_url or spec.api.base_url).rstrip("/")
         self._transport = _transport(spec, url, transport, os.environ if environ is None else environ)
         base = httpx.URL(url)
-        self._urls = {name: httpx.URL(str(base) + endpoint.path) for name, endpoint in ENDPOINTS.items()}
+        self._urls = {name: endpoint_url(url, name) for name in ENDPOINTS}
         headers = [
             ("host", base.netloc.decode("ascii")),
             ("content-type", "application/json"),

@@ -9,6 +9,7 @@
     embedding  with `endpoint: embeddings`: the vector, list<float32>, from its stored bytes
     cached     with `cache`: whether the answer came from the response cache (no request, nothing paid)
     backend    with `batch_api`: the path that answered, "batch" (the provider's batch API) or "live"
+               (null for an answer from the response cache)
 
 A job's columns follow from its spec, so that every row group has the same schema;
 a row without the value (failed, or answered before the option was set) holds null.
@@ -127,8 +128,14 @@ def extra_columns(spec: JobSpec, asks: Sequence[str] = ()) -> list[ExtraColumn]:
     if spec.cache is not None:
         columns.append(ExtraColumn("cached", _bool, lambda extra, row: bool(extra.get("cached"))))
     if spec.batch_api is not None:
-        columns.append(ExtraColumn("backend", _string, lambda extra, row: extra.get("backend", "live")))
+        columns.append(ExtraColumn("backend", _string, _backend))
     return columns
+
+
+def _backend(extra: dict[str, Any], row: dict[str, Any] | None) -> str | None:
+    """The path that answered the row: the batch's answers say so; an answer from the
+    response cache took neither (null)."""
+    return extra.get("backend") or (None if extra.get("cached") else "live")
 
 
 def _bool() -> pa.DataType:

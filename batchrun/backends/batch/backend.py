@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import httpx
 
 from ..._exceptions import BatchrunError, ConfigError, JobAborted
+from ...engine.cache import ResponseCache
 from ...engine.limits import Limits
 from ...engine.opening import open_reader, open_state
 from ...engine.part import WholeJob
@@ -41,6 +42,7 @@ from ...storage.state import done_rows, state_path
 from ..base import Backend
 from ..local import LocalBackend
 from . import PROVIDERS
+from .cached import answer_from_cache
 from .collect import collect
 from .remote import call, pause
 from .send import send, send_planned
@@ -102,9 +104,10 @@ def _opened(spec: JobSpec, options: RunOptions) -> Iterator[tuple[Session, Statu
     status.fixed["rows"] = total
     http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"},
                         timeout=httpx.Timeout(spec.api.timeout_s, connect=30.0))
+    cache = ResponseCache(spec.cache) if spec.cache is not None else None
     unbegun = False
     try:
-        yield Session(spec, store, reader, provider, http, fingerprint(store.meta()), total), status, storage
+        yield Session(spec, store, reader, provider, http, fingerprint(store.meta()), total, cache), status, storage
     except ConfigError:
         # Refused before a row was sent or answered (a wrong account, a model that cannot
         # batch): the job never began, so it leaves no state, which would hold the
@@ -114,6 +117,8 @@ def _opened(spec: JobSpec, options: RunOptions) -> Iterator[tuple[Session, Statu
         raise
     finally:
         http.close()
+        if cache is not None:
+            cache.close()
         store.close(remove=unbegun)
         reader.close()
         with contextlib.suppress(BatchrunError):
@@ -152,6 +157,7 @@ def _batches(session: Session, status: StatusFile, *, wait: bool, retry_failed: 
     done = done_rows(store.row_states(session.total), retry_failed=retry_failed)
     taken = store.ledger.taken(session.total)
     wanted = [index for index in range(session.total) if not done[index] and not taken[index]]
+    wanted = answer_from_cache(session, wanted)
     if wanted:
         send(session, wanted, _budget(session))
     _write(session, status, state="submitted")

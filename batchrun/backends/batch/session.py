@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from ...engine.cache import ResponseCache
 from ...inputs.reader import InputReader
 from ...inputs.rows import Row
 from ...spec.model import BatchApiSpec, JobSpec
@@ -42,6 +43,7 @@ class Session:
     http: httpx.Client
     job: str
     total: int
+    cache: ResponseCache | None = None  # the spec's response cache, if it names one
     stop: threading.Event = field(default_factory=threading.Event)
     stopped_by: str | None = None  # the signal's name, when one asked the job to stop
 
