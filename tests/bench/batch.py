@@ -284,7 +284,8 @@ def report(rows: int, batch: Measured, live: Measured, submitted: Measured | Non
                                                                           live, rows)]
     if submitted is not None:
         lines.append(summary_row("`batchrun submit` alone", submitted, submitted.run.rows))
-    print(f"\n### batch path vs live: {rows:,} chat rows, {-(-rows // rows_per_batch)} batches\n\n"
+    count = -(-rows // rows_per_batch)
+    print(f"\n### batch path vs live: {rows:,} chat rows, {count} batch{'es' if count != 1 else ''}\n\n"
           f"{table(headers, lines)}\n")
     stage_headers = ["stage", "wall s", "CPU s", "CPU ms / 1k rows", "calls (rows, reading the input)"]
     print(f"batch path, by stage (batchclient.py):\n\n{table(stage_headers, stage_rows(batch.stages, rows))}\n")
