@@ -233,3 +233,13 @@ def test_an_upload_5xx_is_retried_and_an_expired_download_url_is_asked_for_again
     asked, fetched = fw.downloads()
     assert (asked, fetched) == (3, 3)  # one URL stale on arrival, asked for again; one per finished job
     assert not live.requests
+
+
+def test_rows_naming_another_model_are_refused_before_upload(
+        tmp_path: Path, live: FakeServer, fw: RefusingFireworks) -> None:
+    spec = job(tmp_path, live, fw, 0)
+    write_jsonl(tmp_path / "input.jsonl", [{"id": "a", "messages": asked(0), "model": "accounts/x/models/other"}])
+    refused = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert refused.code == 2 and "row 1 asks for model 'accounts/x/models/other'" in refused.stderr, refused.stderr
+    assert "a fireworks batch runs one model, the spec's" in refused.stderr
+    assert fw.datasets == {} and not live.requests

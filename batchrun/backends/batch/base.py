@@ -74,6 +74,7 @@ class Provider(ABC):
     name: str
     max_rows: int | None  # requests in one batch; None: no limit of its own
     max_bytes: int  # bytes in one input file
+    one_model = False  # a batch runs one model, the job's (its lines name none)
 
     def base_url(self, spec: BatchApiSpec) -> str:
         """Where the batch API's calls go (a client's base URL)."""

@@ -57,6 +57,7 @@ class FireworksBatches(Provider):
     name = "fireworks"
     max_rows = None
     max_bytes = 150_000_000  # one upload request; larger files take a signed URL
+    one_model = True  # a batch inference job's model is the job's, its lines name none
 
     def __init__(self, upload_limit: int = UPLOAD_LIMIT) -> None:
         self.upload_limit = upload_limit

@@ -95,6 +95,10 @@ def _lines(session: Session, rows: Iterable[Row],
     spec, provider = session.spec, session.provider
     holds = Holds(spec, Budget(None, None), None)
     for row in rows:
+        if provider.one_model and row.body.get("model", spec.model) != spec.model:
+            raise ConfigError(f"batch_api: row {row.index + 1} asks for model {row.body['model']!r}, and a "
+                              f"{provider.name} batch runs one model, the spec's ({spec.model!r}); drop the rows' "
+                              "model, or drop batch_api to send them live")
         line = batch_line(provider, session.job, row, spec.model, spec.params)
         if worst is not None:
             body = get_endpoint(row.endpoint).build_body(row.body, spec.model, spec.params)
