@@ -219,3 +219,31 @@ def test_the_response_cache_answers_rows_before_any_batch_and_keeps_what_the_bat
     assert all(r["cost_usd"] == 0 for r in again[:30]) and all(r["cost_usd"] > 0 for r in again[30:])
     # only the ten new rows went to a batch
     assert len(batches.created) == 2 and len(batches.created[1].custom_ids) == 10 and not live.requests
+
+
+def test_an_upload_refused_for_good_names_the_fix_and_leaves_its_rows_free_for_the_rerun(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    upload = batches.upload
+    monkeypatch.setattr(batches, "upload", lambda *a: (413, {"error": {"message": "File is too large.",
+                                                                      "type": "invalid_request_error"}}))
+    spec = job(tmp_path, live, batches, 50)
+    refused = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert refused.code == 2, refused.stderr
+    assert "HTTP 413: File is too large." in refused.stderr and "batch_api.rows_per_batch" in refused.stderr
+    status = json.loads(run_cli("status", str(spec), "--json").stdout)
+    assert status["state"] == "not started" and not live.requests  # nothing began: no state to --restart
+    monkeypatch.setattr(batches, "upload", upload)
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0
+    assert [r["backend"] for r in read_output(tmp_path / "out/result.parquet")] == ["batch"] * 50
+
+
+def test_a_batch_that_fails_whole_is_answered_live_and_a_refused_key_stops_the_job(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    batches.faults = BatchFaults(seed=1, fail_batches=1)
+    spec = job(tmp_path, live, batches, 60, batch={"rows_per_batch": 40})
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["backend"] for r in out] == ["live"] * 40 + ["batch"] * 20 and len(live.requests) == 40
+    wrong = run_cli("submit", str(spec), "--restart", env=cli_env(OPENAI_API_KEY="sk-wrong-0123456789abcdef"))
+    assert wrong.code == 3 and "the batch API refused the key (HTTP 401" in wrong.stderr, wrong.stderr
+    assert "sk-wrong" not in wrong.stderr + wrong.stdout
