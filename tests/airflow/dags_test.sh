@@ -2,8 +2,10 @@
 # Runs examples/airflow_dag.py under Airflow 3 with `airflow dags test`, in an environment
 # of its own (Airflow is no batchrun dependency: 477 MB, kept out of the README's test
 # command). Every task runs a job on batchrun's mock endpoint; the checks below read what
-# Airflow logged and stored and what the jobs wrote. Then kill_test.py stops a task under
-# `airflow tasks test` with SIGTERM, as Airflow's supervisor does, and reruns it.
+# Airflow logged and stored and what the jobs wrote. Then examples/airflow_batch_dag.py,
+# its job sent to fakes of OpenAI's Batch API and live API (fake_batch_api.py). Then
+# kill_test.py stops a task under `airflow tasks test` with SIGTERM, as Airflow's
+# supervisor does, and reruns it.
 # Called by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -13,7 +15,12 @@ VENV=$REPO/.venv-airflow
 "$VENV/bin/pip" install -q -e "$REPO"
 
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+FAKES=
+cleanup() {
+    [ -z "$FAKES" ] || kill "$FAKES" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
 export AIRFLOW_HOME=$WORK/airflow AIRFLOW__CORE__DAGS_FOLDER=$REPO/examples AIRFLOW__CORE__LOAD_EXAMPLES=False
 export BATCHRUN_HOME=$REPO BATCHRUN_BIN=$VENV/bin/batchrun BATCHRUN_OUT=$WORK/out
 export BATCHRUN_CLI_JOB=$REPO/jobs/example.yaml BATCHRUN_LIBRARY_JOB=$REPO/jobs/template-example.yaml
@@ -49,4 +56,55 @@ rows = pq.read_table(sys.argv[1]).to_pylist()
 assert [r["row_index"] for r in rows] == list(range(10)) and all(r["status"] == "ok" for r in rows), rows
 PY
 echo "airflow dags test: batchrun_example ran under Airflow 3.3.2; all four tasks (two of them mapped shards) pushed their status to XCom"
+
+# The batch DAG. Its tasks are processes of their own, so the fakes are one too; a batch
+# ends at its third poll: `submit` polls the batch it made, the sensor's first poke finds
+# it still out, its second collects it.
+"$VENV/bin/python" tests/airflow/fake_batch_api.py "$WORK/fakes.json" "$WORK/fakes-report.json" 3 \
+    >"$WORK/fakes.log" 2>&1 &
+FAKES=$!
+for _ in $(seq 100); do [ -f "$WORK/fakes.json" ] && break; sleep 0.1; done
+[ -f "$WORK/fakes.json" ] || { cat "$WORK/fakes.log" >&2; echo "airflow dags test: the fake APIs did not start" >&2; exit 1; }
+read -r batch_url live_url key < <("$VENV/bin/python" -c \
+    'import json, sys; f = json.load(open(sys.argv[1])); print(f["batch_url"], f["live_url"], f["api_key"])' \
+    "$WORK/fakes.json")
+BATCHRUN_BATCH_JOB=$REPO/jobs/batch-example.yaml BATCHRUN_POKE_S=2 OPENAI_API_KEY=$key \
+    BATCHRUN_BATCH_API_URL=$batch_url BATCHRUN_API_URL=$live_url \
+    "$VENV/bin/airflow" dags test batchrun_batch_example >"$WORK/batch.log" 2>&1 \
+    || { tail -50 "$WORK/batch.log"; exit 1; }
+kill "$FAKES" && wait "$FAKES" && FAKES=  # it writes its report on the way out
+
+batch_fail() { echo "airflow dags test: $1" >&2; tail -40 "$WORK/batch.log" >&2; exit 1; }
+grep -q "DagRun Finished: dag_id=batchrun_batch_example.*state=success" "$WORK/batch.log" \
+    || batch_fail "the batch DAG run did not succeed"
+"$VENV/bin/python" - "$AIRFLOW_HOME/airflow.db" "$WORK/out" "$WORK/fakes-report.json" <<'PY' \
+    || batch_fail "submit, poke, collect did not go as they should"
+import json, sqlite3, sys
+from pathlib import Path
+import pyarrow.parquet as pq
+db_path, out, report = sys.argv[1], Path(sys.argv[2]), json.loads(Path(sys.argv[3]).read_text())
+with sqlite3.connect(db_path) as db:
+    pushed = {task: json.loads(value) for task, value in db.execute(
+        "SELECT task_id, value FROM xcom WHERE dag_id = 'batchrun_batch_example' AND key = 'return_value'")}
+    # every poke but the last leaves a reschedule behind: at least two pokes, the first too early
+    tries = dict(db.execute("SELECT task_id, try_number FROM task_instance WHERE dag_id = 'batchrun_batch_example'"))
+    rescheduled = db.execute("SELECT count(*) FROM task_reschedule r JOIN task_instance t ON r.ti_id = t.id "
+                             "WHERE t.dag_id = 'batchrun_batch_example' AND t.task_id = 'wait_for_batches'").fetchone()[0]
+assert sorted(pushed) == ["collect", "submit", "wait_for_batches"], pushed
+assert set(tries.values()) == {1}, f"a task needed a retry: {tries}"  # pokes are one try
+submitted, waited, collected = pushed["submit"], pushed["wait_for_batches"], pushed["collect"]
+assert submitted["state"] == "submitted" and [b["state"] for b in submitted["batches"]] == ["validating"], submitted
+assert rescheduled >= 1, f"the sensor was done at its first poke ({rescheduled} reschedules)"
+assert waited["state"] != "submitted" and "batches" not in waited and waited["ok"] == 20, waited
+assert (collected["state"], collected["exit_code"], collected["ok"], collected["failed"]) == ("finished", 0, 20, 0), collected
+(day,) = [p for p in out.iterdir() if p.name.startswith("batch-")]  # one output a day
+rows = pq.read_table(day / "batch-answers.parquet").to_pylist()
+assert [r["row_index"] for r in rows] == list(range(20)), rows
+assert all((r["status"], r["backend"]) == ("ok", "batch") for r in rows), rows
+# one batch of every row, polled by submit and the two pokes; nothing went live, no row sent twice
+assert [(b["rows"], b["polls"], b["state"]) for b in report["batches"]] == [(20, 3, "completed")], report
+assert report["live_requests"] == 0 and report["in_two_batches"] == [], report
+print(f"airflow dags test: batchrun_batch_example: submit, {rescheduled + 1} pokes (rescheduled between them), "
+      f"collect; 20 rows answered by one batch, none live; the finished status in collect's XCom")
+PY
 "$VENV/bin/python" tests/airflow/kill_test.py "$WORK/kill" "$VENV/bin/airflow"

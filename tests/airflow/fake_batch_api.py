@@ -6,9 +6,9 @@ must be reachable from all of them and remember every batch across the DAG run.
 
 Writes URLS (JSON: `batch_url`, `live_url`, `api_key`) once both listen on 127.0.0.1, then
 serves until SIGTERM, when it writes REPORT (JSON: what each batch saw, what went live)
-and exits. A batch ends after POLLS retrievals (default 2): the first `batchrun submit`
-creates it without asking after it, so the sensor's first poke finds it still out and
-its second collects it.
+and exits. A batch ends at its POLLS-th retrieval (default 3): `batchrun submit` asks
+after the batch it has just made, the sensor's first poke finds it still out, and its
+second collects it.
 """
 
 from __future__ import annotations
@@ -50,4 +50,4 @@ def _write(path: Path, data: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 2)
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 3)
