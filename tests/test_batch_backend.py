@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -247,3 +248,18 @@ def test_a_batch_that_fails_whole_is_answered_live_and_a_refused_key_stops_the_j
     wrong = run_cli("submit", str(spec), "--restart", env=cli_env(OPENAI_API_KEY="sk-wrong-0123456789abcdef"))
     assert wrong.code == 3 and "the batch API refused the key (HTTP 401" in wrong.stderr, wrong.stderr
     assert "sk-wrong" not in wrong.stderr + wrong.stdout
+
+
+def test_sigterm_while_waiting_for_the_batches_stops_at_once_and_leaves_them_out(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    batches.polls_to_finish = None  # the batch never ends by itself
+    spec = job(tmp_path, live, batches, 50, batch={"poll_interval_s": 30})
+    proc = start_cli("run", "--no-progress", str(spec), env=cli_env(**ENV))
+    assert batches.wait_for_calls(3, timeout=60)  # upload, create, a first poll: it waits now
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=20)  # not the 30 s of its next poll
+    assert proc.returncode == 3 and "stopped by SIGTERM" in stderr, stderr
+    status = json.loads(run_cli("status", str(spec), "--json").stdout)
+    assert status["state"] == "submitted" and [b["id"] for b in status["batches"]] == [batches.created[0].batch_id]
+    batches.finish()
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0 and len(batches.created) == 1
