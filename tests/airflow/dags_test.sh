@@ -64,7 +64,8 @@ echo "airflow dags test: batchrun_example ran under Airflow 3.3.2; all four task
     >"$WORK/fakes.log" 2>&1 &
 FAKES=$!
 for _ in $(seq 100); do [ -f "$WORK/fakes.json" ] && break; sleep 0.1; done
-[ -f "$WORK/fakes.json" ] || { cat "$WORK/fakes.log" >&2; echo "airflow dags test: the fake APIs did not start" >&2; exit 1; }
+[ -f "$WORK/fakes.json" ] \
+    || { cat "$WORK/fakes.log" >&2; echo "airflow dags test: the fake APIs did not start" >&2; exit 1; }
 read -r batch_url live_url key < <("$VENV/bin/python" -c \
     'import json, sys; f = json.load(open(sys.argv[1])); print(f["batch_url"], f["live_url"], f["api_key"])' \
     "$WORK/fakes.json")
@@ -88,15 +89,17 @@ with sqlite3.connect(db_path) as db:
         "SELECT task_id, value FROM xcom WHERE dag_id = 'batchrun_batch_example' AND key = 'return_value'")}
     # every poke but the last leaves a reschedule behind: at least two pokes, the first too early
     tries = dict(db.execute("SELECT task_id, try_number FROM task_instance WHERE dag_id = 'batchrun_batch_example'"))
-    rescheduled = db.execute("SELECT count(*) FROM task_reschedule r JOIN task_instance t ON r.ti_id = t.id "
-                             "WHERE t.dag_id = 'batchrun_batch_example' AND t.task_id = 'wait_for_batches'").fetchone()[0]
+    (rescheduled,) = db.execute(
+        "SELECT count(*) FROM task_reschedule r JOIN task_instance t ON r.ti_id = t.id "
+        "WHERE t.dag_id = 'batchrun_batch_example' AND t.task_id = 'wait_for_batches'").fetchone()
 assert sorted(pushed) == ["collect", "submit", "wait_for_batches"], pushed
 assert set(tries.values()) == {1}, f"a task needed a retry: {tries}"  # pokes are one try
 submitted, waited, collected = pushed["submit"], pushed["wait_for_batches"], pushed["collect"]
 assert submitted["state"] == "submitted" and [b["state"] for b in submitted["batches"]] == ["validating"], submitted
 assert rescheduled >= 1, f"the sensor was done at its first poke ({rescheduled} reschedules)"
 assert waited["state"] != "submitted" and "batches" not in waited and waited["ok"] == 20, waited
-assert (collected["state"], collected["exit_code"], collected["ok"], collected["failed"]) == ("finished", 0, 20, 0), collected
+finished = (collected["state"], collected["exit_code"], collected["ok"], collected["failed"])
+assert finished == ("finished", 0, 20, 0), collected
 (day,) = [p for p in out.iterdir() if p.name.startswith("batch-")]  # one output a day
 rows = pq.read_table(day / "batch-answers.parquet").to_pylist()
 assert [r["row_index"] for r in rows] == list(range(20)), rows

@@ -35,8 +35,9 @@ def main(urls: Path, report: Path, polls: int) -> None:
         _write(urls, {"batch_url": batches.base_url, "live_url": live.base_url, "api_key": API_KEY})
         stop.wait()
         with batches.lock:
-            seen = {"batches": [{"id": c.batch_id, "rows": len(c.custom_ids), "polls": batches.batches[c.batch_id].polls,
-                                 "state": batches.batches[c.batch_id].obj["status"]} for c in batches.created],
+            made = [batches.batches[c.batch_id] for c in batches.created]
+            seen = {"batches": [{"id": b.obj["id"], "rows": len(b.rows), "polls": b.polls, "state": b.obj["status"]}
+                                for b in made],
                     "in_two_batches": sorted(batches.custom_ids_in_two_batches()),
                     "live_requests": len(live.requests)}
     _write(report, seen)
