@@ -1,7 +1,9 @@
 """The state's record of the rows sent to a provider's batch API: the batch ledger.
 
     batches     key, endpoint, file_id, batch_id, state, counts, hold, since, collected
-    batch_rows  row_index (PRIMARY KEY: no row is ever in two batches), key
+    batch_rows  row_index (PRIMARY KEY: no row is ever in two batches), key, and what its
+                answer needs of the row (its id, the model it asked for, its cache key), so
+                that collecting a batch reads no input
     unbatched   row_index, reason: rows a batch gave back unanswered (expired, cancelled,
                 failed as a whole), to go live (`fallback: live`)
 
@@ -27,17 +29,21 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LEDGER_SCHEMA", "Entry", "Ledger"]
+__all__ = ["LEDGER_SCHEMA", "BatchRow", "Entry", "Ledger"]
 
 LEDGER_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS batches (key TEXT PRIMARY KEY, endpoint TEXT NOT NULL, file_id TEXT, batch_id TEXT, "
     "state TEXT NOT NULL, counts TEXT, hold INTEGER, since REAL NOT NULL, collected INTEGER NOT NULL DEFAULT 0)",
-    "CREATE TABLE IF NOT EXISTS batch_rows (row_index INTEGER PRIMARY KEY, key TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS batch_rows (row_index INTEGER PRIMARY KEY, key TEXT NOT NULL, row_id TEXT NOT NULL, "
+    "model TEXT, cache_key TEXT)",
     "CREATE TABLE IF NOT EXISTS unbatched (row_index INTEGER PRIMARY KEY, reason TEXT NOT NULL)",
 )
 LEDGER_TABLES = ("batches", "batch_rows", "unbatched")
 
 PLANNED = "planned"  # rows recorded; the file may or may not be uploaded (file_id says)
+
+# A row of a batch: (row_index, row_id, model, cache_key); the model None where the spec names it
+BatchRow = tuple[int, str, "str | None", "str | None"]
 
 
 @dataclass(frozen=True)
@@ -68,14 +74,15 @@ class Ledger:
         self._db = db
         self._transaction = transaction
 
-    def plan(self, key: str, endpoint: str, rows: Iterable[int], since: float,
+    def plan(self, key: str, endpoint: str, rows: Iterable[BatchRow], since: float,
              hold: tuple[int, float, int] | None = None) -> None:
         """Record a batch's rows (and its budget hold: id, usd, tokens) before anything is
         sent. Raises sqlite3.IntegrityError, recording nothing, if a row is in a batch."""
         with self._transaction():
             self._db.execute("INSERT INTO batches (key, endpoint, state, hold, since) VALUES (?, ?, ?, ?, ?)",
                              (key, endpoint, PLANNED, hold[0] if hold else None, since))
-            self._db.executemany("INSERT INTO batch_rows VALUES (?, ?)", ((row, key) for row in rows))
+            self._db.executemany("INSERT INTO batch_rows VALUES (?, ?, ?, ?, ?)",
+                                 ((index, key, row_id, model, cache_key) for index, row_id, model, cache_key in rows))
             self._db.execute("DELETE FROM unbatched WHERE row_index IN (SELECT row_index FROM batch_rows WHERE key = ?)",
                              (key,))
             if hold is not None:
@@ -123,6 +130,11 @@ class Ledger:
     def rows(self, key: str) -> list[int]:
         return [row for (row,) in self._db.execute(
             "SELECT row_index FROM batch_rows WHERE key = ? ORDER BY row_index", (key,))]
+
+    def asked(self, key: str) -> dict[int, BatchRow]:
+        """A batch's rows, as `plan` recorded them, by row index."""
+        return {row[0]: row for row in self._db.execute(
+            "SELECT row_index, row_id, model, cache_key FROM batch_rows WHERE key = ?", (key,))}
 
     def rows_out(self) -> int:
         """Rows in batches not yet collected: a live run must not send them."""

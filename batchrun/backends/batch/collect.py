@@ -24,7 +24,7 @@ from ...policy.pricing import cost
 from ...spec.schema import Structure
 from ...storage.ledger import Entry
 from .base import Batch, Outcome
-from .cached import cache_key, remember
+from .cached import remember
 from .lines import read_line
 from .remote import call
 from .session import Session
@@ -36,11 +36,9 @@ BACKEND = "backend"  # the output column, and its key in a result's extra
 
 def collect(session: Session, entry: Entry, batch: Batch) -> tuple[int, int]:
     """Save what `batch` (entry's, finished) answered; (rows answered, rows handed on)."""
-    rows = session.store.ledger.rows(entry.key)
-    outcomes = _outcomes(session, batch, get_endpoint(entry.endpoint), set(rows))
-    # Each row's id, the model it asked for (its price), and its key in the cache
-    asked = {row.index: (row.id, row.body.get("model") or session.spec.model, cache_key(session, row))
-             for row in session.rows(set(rows))}
+    asked = session.store.ledger.asked(entry.key)  # each row's id, model (its price) and cache key
+    rows = sorted(asked)
+    outcomes = _outcomes(session, batch, get_endpoint(entry.endpoint), set(asked))
     schema = session.spec.answer_schema()
     structure = Structure(schema) if schema is not None else None
     live = session.batch.fallback == "live"
@@ -64,11 +62,11 @@ def collect(session: Session, entry: Entry, batch: Batch) -> tuple[int, int]:
             continue
         if result is None:
             result = Result(index, "", "failed", error=f"the batch did not answer it ({batch.state}): {why}")
-        row_id, model, _ = asked.get(index, ("", None, None))
-        results.append(_settled(session, result, row_id, model))
+        _, row_id, model, _ = asked[index]
+        results.append(_settled(session, result, row_id, model or session.spec.model))
     session.store.save(results, released=[entry.hold] if entry.hold is not None else [],
                        also=session.store.ledger.collecting(entry.key, unanswered))
-    remember(session, ((asked.get(r.row_index, (None, None, None))[2], r) for r in results))
+    remember(session, ((asked[r.row_index][3], r) for r in results))
     return len(results), len(unanswered)
 
 

@@ -14,6 +14,7 @@ import itertools
 import secrets
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from ..._exceptions import BudgetReached, ConfigError
 from ...endpoints import get_endpoint
@@ -21,7 +22,8 @@ from ...engine.holds import Holds
 from ...inputs.rows import Row
 from ...policy.pricing import Budget
 from ...policy.pricing import usd as format_usd
-from ...storage.ledger import Entry
+from ...storage.ledger import BatchRow, Entry
+from .cached import cache_key
 from .lines import batch_line, chunks
 from .remote import call
 from .session import KEY_TAG, TAG, Session
@@ -35,13 +37,14 @@ def send(session: Session, wanted: Iterable[int], budget: Budget | None) -> int:
     hold (the batches before it are sent: a sent batch cannot be stopped from spending)."""
     wanted = set(wanted)
     sent = 0
-    worst: dict[int, tuple[float, int]] | None = {} if budget is not None else None
+    facts: dict[int, _Facts] = {}
     for endpoint, rows in itertools.groupby(session.rows(wanted), key=lambda row: row.endpoint):
-        for chunk in chunks(_lines(session, rows, worst), max_rows=_most_rows(session),
-                            max_bytes=session.provider.max_bytes):
+        for chunk in chunks(_lines(session, rows, facts, priced=budget is not None),
+                            max_rows=_most_rows(session), max_bytes=session.provider.max_bytes):
             key = secrets.token_hex(6)
-            hold = _hold(session, budget, worst, len(chunk), [index for index, _ in chunk])
-            session.store.ledger.plan(key, endpoint, (index for index, _ in chunk), time.time(), hold)
+            these = [facts.pop(index) for index, _ in chunk]
+            hold = _hold(session, budget, these)
+            session.store.ledger.plan(key, endpoint, (fact.row for fact in these), time.time(), hold)
             _upload_and_create(session, key, endpoint, b"".join(line for _, line in chunk), None)
             sent += len(chunk)
     return sent
@@ -88,10 +91,20 @@ def _most_rows(session: Session) -> int:
     return min(limits) if limits else 1_000_000
 
 
-def _lines(session: Session, rows: Iterable[Row],
-           worst: dict[int, tuple[float, int]] | None = None) -> Iterator[tuple[int, bytes]]:
-    """(row index, input line) for each row, as the live path would send it; with `worst`,
-    each row's worst case is put there (usd, tokens): a live request's at batch prices."""
+@dataclass(frozen=True)
+class _Facts:
+    """What a batch keeps of a row (`row`: as the ledger records it) and its worst case."""
+
+    row: BatchRow
+    usd: float = 0.0
+    tokens: int = 0
+
+
+def _lines(session: Session, rows: Iterable[Row], facts: dict[int, _Facts] | None = None, *,
+           priced: bool = False) -> Iterator[tuple[int, bytes]]:
+    """(row index, input line) for each row, as the live path would send it; what the
+    batch keeps of each row goes in `facts`, with (`priced`) its worst case: a live
+    request's at batch prices."""
     spec, provider = session.spec, session.provider
     holds = Holds(spec, Budget(None, None), None)
     for row in rows:
@@ -100,26 +113,30 @@ def _lines(session: Session, rows: Iterable[Row],
                               f"{provider.name} batch runs one model, the spec's ({spec.model!r}); drop the rows' "
                               "model, or drop batch_api to send them live")
         line = batch_line(provider, session.job, row, spec.model, spec.params)
-        if worst is not None:
-            body = get_endpoint(row.endpoint).build_body(row.body, spec.model, spec.params)
-            price = spec.pricing.get(body.get("model") or "") if spec.pricing else None
-            most = holds.worst(price.batched() if price else None, body, len(line))
-            worst[row.index] = (most.usd or 0.0, most.tokens or 0) if most is not None else (0.0, 0)
+        if facts is not None:
+            model = row.body.get("model")
+            worst = None
+            if priced:
+                body = get_endpoint(row.endpoint).build_body(row.body, spec.model, spec.params)
+                price = spec.pricing.get(model or spec.model or "") if spec.pricing else None
+                worst = holds.worst(price.batched() if price else None, body, len(line))
+            facts[row.index] = _Facts((row.index, row.id, model if isinstance(model, str) else None,
+                                       cache_key(session, row)),
+                                      (worst.usd or 0.0) if worst else 0.0, (worst.tokens or 0) if worst else 0)
         yield row.index, line
 
 
-def _hold(session: Session, budget: Budget | None, worst: dict[int, tuple[float, int]] | None, count: int,
-          rows: list[int]) -> tuple[int, float, int] | None:
+def _hold(session: Session, budget: Budget | None, facts: list[_Facts]) -> tuple[int, float, int] | None:
     """The batch's worst case held against the budget (id, usd, tokens); BudgetReached
     when it does not fit."""
-    if budget is None or worst is None:
+    if budget is None:
         return None
-    usd = sum(worst[row][0] for row in rows)
-    tokens = sum(worst.pop(row)[1] for row in rows)
+    usd = sum(fact.usd for fact in facts)
+    tokens = sum(fact.tokens for fact in facts)
     hold = budget.reserve(usd, tokens)
     if hold is None:
         most = f"{format_usd(usd)} ({tokens:,} tokens)" if budget.max_usd is not None else f"{tokens:,} tokens"
-        raise BudgetReached(f"the budget is reached: {budget.describe()}, and the next batch ({count:,} rows) "
+        raise BudgetReached(f"the budget is reached: {budget.describe()}, and the next batch ({len(facts):,} rows) "
                             f"could cost up to {most}; a batch cannot be stopped once sent, so it was not sent. "
                             f"Raise the budget in {session.spec.name} (or lower batch_api.rows_per_batch) and rerun")
     return hold.id, hold.usd, hold.tokens
