@@ -263,3 +263,20 @@ def test_sigterm_while_waiting_for_the_batches_stops_at_once_and_leaves_them_out
     assert status["state"] == "submitted" and [b["id"] for b in status["batches"]] == [batches.created[0].batch_id]
     batches.finish()
     assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0 and len(batches.created) == 1
+
+
+def test_submit_again_collects_what_ended_and_leaves_what_the_batch_did_not_answer_to_run(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    batches.faults = BatchFaults(seed=5, expire_share=0.2)
+    batches.polls_to_finish = 1
+    spec = job(tmp_path, live, batches, 100)
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0
+    again = run_cli("submit", str(spec), env=cli_env(**ENV))  # its poll ends the batch: collected
+    assert again.code == 0, again.stderr
+    status = json.loads(run_cli("status", str(spec), "--json").stdout)
+    expired = status["remaining"]
+    assert 5 < expired < 40 and f"{expired} they did not answer, to answer live" in again.stdout
+    assert status["state"] == "stopped" and "`batchrun run` finishes the job" in status["reason"]
+    assert len(batches.created) == 1 and not live.requests
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0
+    assert len(live.requests) == expired and len(batches.created) == 1

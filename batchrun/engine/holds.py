@@ -23,8 +23,9 @@ from ..endpoints.result import Result
 from ..policy.pricing import Budget, Hold, Price, completion_bound, cost
 from ..policy.pricing import usd as format_usd
 from ..spec.model import JobSpec
+from ..storage.state import Spend
 
-__all__ = ["HoldLog", "Holds", "Worst"]
+__all__ = ["HoldLog", "Holds", "Worst", "job_budget"]
 
 USAGE = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 
@@ -37,6 +38,15 @@ class HoldLog(Protocol):
 
     def release(self, hold: Hold) -> None:
         """`hold` ended without an answer to save (set aside, or refused as a whole)."""
+
+
+def job_budget(spec: JobSpec, spend: Spend) -> Budget | None:
+    """The job's budget (None without one), with what its earlier runs spent: the answers,
+    the holds a kill left unsettled, and every provider batch out, at their worst case."""
+    if not spec.budget.is_set:
+        return None
+    return Budget(spec.budget.max_usd, spec.budget.max_tokens, spent_usd=spend.usd, spent_tokens=spend.tokens,
+                  next_hold=spend.next_hold)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,6 @@ import httpx
 from .._exceptions import BatchrunError, ConfigError, JobAborted, StorageError
 from ..http.client import Client
 from ..policy.concurrency import ConcurrencyLimit
-from ..policy.pricing import Budget
 from ..spec.parse import JobSpec
 from ..storage import open_store
 from ..storage.columns import extra_columns
@@ -34,6 +33,7 @@ from ..storage.state import StateStore, done_rows, state_path
 from .bridge import run_beside
 from .cache import ResponseCache
 from .call import Caller, HoldLog
+from .holds import job_budget
 from .limits import Limits
 from .opening import open_reader, open_state, set_aside
 from .part import Part
@@ -113,11 +113,7 @@ def _caller(spec: JobSpec, store: StateStore, *, api_key: str | None, transport:
     in_flight = ConcurrencyLimit(spec.concurrency, control=control) if control is not None else None
     client = Client(spec, api_key=api_key, transport=transport, base_url=base_url, environ=environ,
                     limiter=limits.rate_limiter, in_flight=in_flight)
-    budget = None
-    if spec.budget.is_set:  # what earlier runs spent counts against it, holds a kill left unsettled too
-        spend = store.spend()
-        budget = Budget(spec.budget.max_usd, spec.budget.max_tokens, spent_usd=spend.usd,
-                        spent_tokens=spend.tokens, next_hold=spend.next_hold)
+    budget = job_budget(spec, store.spend()) if spec.budget.is_set else None
     return Caller(spec, client, cache=cache, budget=budget, hold_log=hold_log)
 
 

@@ -40,7 +40,10 @@ class Summary:
     unmetered: int = 0  # rows with answers that came without usage: charged at their worst case
     lost_requests: int = 0  # a kill -9 left them unsettled: counted against the budget at their worst case
     lost_usd: float = 0.0
-    in_batches: int = 0  # rows in a provider's batches, to be collected by a later run (`batchrun submit`)
+    # `batchrun submit`: rows a later run settles, in the provider's batches or handed back
+    # by them unanswered, to go live
+    in_batches: int = 0
+    for_live: int = 0
 
     @property
     def remaining(self) -> int:
@@ -53,7 +56,7 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        if self.aborted or self.remaining > self.in_batches:
+        if self.aborted or self.remaining > self.in_batches + self.for_live:
             return 3
         return 1 if self.failed and not self.tolerated else 0
 
@@ -66,8 +69,10 @@ class Summary:
             head += f" ({', '.join(parts)}{'; within max_failed_share' if self.tolerated else ''})"
         if self.remaining:
             head += f", {self.remaining:,} remaining"
-        if self.in_batches:
-            head += f" ({self.in_batches:,} in the provider's batches: `batchrun run` collects them)"
+        if self.in_batches or self.for_live:
+            later = [f"{self.in_batches:,} in the provider's batches"] if self.in_batches else []
+            later += [f"{self.for_live:,} they did not answer, to answer live"] if self.for_live else []
+            head += f" ({' and '.join(later)}: `batchrun run` finishes the job)"
         tokens = f"{self.total_tokens:,} tokens ({self.prompt_tokens:,} prompt, {self.completion_tokens:,} completion)"
         if self.cost_usd is not None:
             tokens += f", {usd(self.cost_usd)}"

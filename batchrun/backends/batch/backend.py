@@ -27,6 +27,7 @@ import httpx
 
 from ..._exceptions import BatchrunError, ConfigError, JobAborted
 from ...engine.cache import ResponseCache
+from ...engine.holds import job_budget
 from ...engine.limits import Limits
 from ...engine.opening import open_reader, open_state
 from ...engine.part import WholeJob
@@ -35,7 +36,6 @@ from ...engine.run import RunOptions
 from ...engine.status import StatusFile, status_path
 from ...engine.summary import Summary
 from ...http.network import check_key_route
-from ...policy.pricing import Budget
 from ...spec.model import JobSpec
 from ...storage import Store, open_store
 from ...storage.state import done_rows, state_path
@@ -71,7 +71,9 @@ class BatchBackend(Backend):
             out = session.store.ledger.rows_out()
             summary = _summary(session, storage, started, None)
             if out or not self.wait:
-                _write(session, status, state="submitted" if out else "stopped", exit_code=summary.exit_code)
+                done = None if out else "no rows are in the provider's batches: `batchrun run` finishes the job"
+                _write(session, status, state="submitted" if out else "stopped", reason=done,
+                       exit_code=summary.exit_code)
                 return summary
         # Every batch is collected: what they did not answer goes live, and the output is written
         return LocalBackend(self.limits).run(spec, dataclasses.replace(options, restart=False, retry_failed=False))
@@ -159,7 +161,7 @@ def _batches(session: Session, status: StatusFile, *, wait: bool, retry_failed: 
     wanted = [index for index in range(session.total) if not done[index] and not taken[index]]
     wanted = answer_from_cache(session, wanted)
     if wanted:
-        send(session, wanted, _budget(session))
+        send(session, wanted, job_budget(session.spec, store.spend()) if session.spec.budget.is_set else None)
     _write(session, status, state="submitted")
     _poll(session, status, wait=wait)
 
@@ -188,15 +190,6 @@ def _poll(session: Session, status: StatusFile, *, wait: bool) -> None:
         delay = min(delay * 2, session.batch.poll_interval_s)
 
 
-def _budget(session: Session) -> Budget | None:
-    spec = session.spec
-    if not spec.budget.is_set:
-        return None
-    spend = session.store.spend()  # what was spent, and every batch out at its worst case
-    return Budget(spec.budget.max_usd, spec.budget.max_tokens, spent_usd=spend.usd, spent_tokens=spend.tokens,
-                  next_hold=spend.next_hold)
-
-
 def _write(session: Session, status: StatusFile, *, state: str, reason: str | None = None,
            exit_code: int | None = None) -> None:
     status.fixed["batches"] = [e.status() for e in session.store.ledger.entries(outstanding=True)]
@@ -205,8 +198,12 @@ def _write(session: Session, status: StatusFile, *, state: str, reason: str | No
 
 
 def _summary(session: Session, storage: Store, started: float, aborted: str | None) -> Summary:
-    counts = session.store.counts(below=session.total)
-    spec = session.spec
-    return Summary(job=spec.name, output=storage.where(spec.output), state=session.store.path, rows=session.total,
+    """What the batch part did, the rows it leaves to a later run counted apart."""
+    store, spec = session.store, session.spec
+    counts = store.counts(below=session.total)
+    settled = store.ok_rows(session.total)
+    for_live = sum(1 for index in store.ledger.unbatched() if index < session.total and not settled[index])
+    return Summary(job=spec.name, output=storage.where(spec.output), state=store.path, rows=session.total,
                    requests=0, elapsed_s=time.monotonic() - started, output_written=False, aborted=aborted,
-                   max_failed_share=spec.max_failed_share, in_batches=session.store.ledger.rows_out(), **counts)
+                   max_failed_share=spec.max_failed_share, in_batches=store.ledger.rows_out(),
+                   for_live=for_live if spec.batch_api and spec.batch_api.fallback == "live" else 0, **counts)
