@@ -39,7 +39,8 @@ def batches() -> Iterator[FakeBatchAPI]:
 def job(tmp_path: Path, live: FakeServer, batches: FakeBatchAPI, rows: int, **spec: object) -> Path:
     write_jsonl(tmp_path / "input.jsonl", ({"id": f"r{i}", "prompt": f"question {i}"} for i in range(rows)))
     batch = {"kind": "openai", "base_url": batches.base_url, "poll_interval_s": 0.01, **spec.pop("batch", {})}
-    return write_spec(tmp_path, api={"base_url": live.base_url}, pricing=PRICES, batch_api=batch, **spec)
+    api = {"base_url": live.base_url, **spec.pop("api", {})}
+    return write_spec(tmp_path, api=api, pricing=PRICES, batch_api=batch, **spec)
 
 
 def test_expired_rows_go_live_refused_rows_fail_and_every_row_is_stored_once(
@@ -280,3 +281,26 @@ def test_submit_again_collects_what_ended_and_leaves_what_the_batch_did_not_answ
     assert len(batches.created) == 1 and not live.requests
     assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0
     assert len(live.requests) == expired and len(batches.created) == 1
+
+
+def test_hostile_output_files_cost_no_memory_and_no_double_count(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    batches.polls_to_finish = None
+    spec = job(tmp_path, live, batches, 20, api={"max_answer_mb": 1})
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0
+    batches.finish()
+    [batch] = batches.batches.values()
+    stored = batches.files[batch.obj["output_file_id"]]
+    lines = stored["data"].splitlines(keepends=True)
+    first = json.loads(lines[0])
+    giant = dict(first, response={"status_code": 200, "body": {"padding": "x" * (3 << 20)}})
+    other_job = dict(first, custom_id="ffffffffffffffff-3")
+    # row of lines[0]: a 3 MB line, then its own answer again; lines[1] twice; a line of another job
+    stored["data"] = b"".join([json.dumps(giant).encode() + b"\n", *lines, lines[1], lines[0],
+                               json.dumps(other_job).encode() + b"\n"])
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0
+    out = read_output(tmp_path / "out/result.parquet")
+    twice = int(json.loads(lines[1])["custom_id"].rsplit("-", 1)[1])
+    body = json.loads(lines[1])["response"]["body"]
+    assert (out[twice]["response_id"], out[twice]["total_tokens"]) == (body["id"], body["usage"]["total_tokens"])
+    assert [r["backend"] for r in out] == ["batch"] * 20 and not live.requests  # the giant line was passed over

@@ -3,6 +3,7 @@ fake in tests/fakefireworks.py: a whole job's cycle, its lines joined back to th
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 
@@ -26,6 +27,13 @@ assert isinstance(FIREWORKS, FireworksBatches)  # its remote calls, not only its
 JOB = "0123456789abcdef"
 MODEL = "accounts/fireworks/models/llama-v3p1-8b-instruct"
 TAG = {"batchrun_job": JOB, "batchrun_batch": "0"}
+
+
+def fetched(http: httpx.Client, file: str) -> bytes:
+    """A file's bytes, as the backend downloads them (into a file)."""
+    into = io.BytesIO()
+    FIREWORKS.download(http, file, into)
+    return into.getvalue()
 
 
 @pytest.fixture
@@ -60,7 +68,7 @@ def collect(http: httpx.Client, batch: Batch) -> tuple[Batch, dict[int, Outcome]
     outcomes = {}
     for name, from_errors in ((batch.output_file, False), (batch.error_file, True)):
         if name is not None:
-            for line in FIREWORKS.download(http, name).splitlines():
+            for line in fetched(http, name).splitlines():
                 outcome = read_line(FIREWORKS, line, JOB, lambda _: get_endpoint("chat"), from_errors=from_errors)
                 assert outcome is not None
                 outcomes[outcome.row_index] = outcome
@@ -81,7 +89,7 @@ def test_every_row_of_a_completed_job_comes_back_answered_whatever_the_order(fak
     assert job.custom_ids == [f"{JOB}-{i}" for i in range(50)]
     assert all(len(jobs) == 1 for jobs in fake.sent().values())
     with client(fake) as http:
-        order = [row.decode() for row in FIREWORKS.download(http, batch.output_file).splitlines()]  # type: ignore[arg-type]
+        order = [row.decode() for row in fetched(http, batch.output_file).splitlines()]  # type: ignore[arg-type]
     assert order != sorted(order, key=lambda line: int(line.split(f"{JOB}-")[1].split('"')[0]))  # shuffled
 
 
@@ -175,11 +183,11 @@ def test_an_expired_download_url_is_asked_for_again(fake: FakeFireworks) -> None
         assert sorted(outcomes) == list(range(5)) and expired
         asked = [path for _, path, _ in fake.requests if path.endswith(":getDownloadEndpoint")]
         assert len(asked) == 2  # one expired, one fresh
-        assert FIREWORKS.download(http, f"{batch.output_file.split('/')[0]}/{ERRORS_FILE}") == b""  # type: ignore[union-attr]
-        assert FIREWORKS.download(http, "no-such-dataset/x.jsonl") == b""
+        assert fetched(http, f"{batch.output_file.split('/')[0]}/{ERRORS_FILE}") == b""  # type: ignore[union-attr]
+        assert fetched(http, "no-such-dataset/x.jsonl") == b""
         fake.faults = Faults(urls_expired=True)  # never a URL that works: said, not looped on
         with pytest.raises(RetryableAPIError, match="signed URL"):
-            FIREWORKS.download(http, batch.output_file)  # type: ignore[arg-type]
+            fetched(http, batch.output_file)  # type: ignore[arg-type]
 
 
 def test_a_wrong_account_or_a_model_that_cannot_batch_names_the_fix(fake: FakeFireworks) -> None:
@@ -233,7 +241,7 @@ def test_cancelling_deletes_the_job_and_keeps_what_it_wrote(fake: FakeFireworks)
         assert fake.jobs[batch.id].deleted
         gone = FIREWORKS.get(http, batch.id)  # a rerun that died after cancelling
         assert (gone.state, gone.done) == ("deleted", True)
-        assert FIREWORKS.download(http, gone.output_file) == b""  # type: ignore[arg-type]
+        assert fetched(http, gone.output_file) == b""  # type: ignore[arg-type]
         done, _ = collect(http, submit(http, 2))
         assert FIREWORKS.cancel(http, done.id) == done and not fake.jobs[done.id].deleted
 
@@ -242,7 +250,7 @@ def test_cancelling_deletes_the_job_and_keeps_what_it_wrote(fake: FakeFireworks)
     lambda http: FIREWORKS.get(http, "job"),
     lambda http: FIREWORKS.tagged(http, "batchrun_job", JOB),
     lambda http: FIREWORKS.check(http, MODEL),
-    lambda http: FIREWORKS.download(http, "out/x.jsonl"),
+    lambda http: fetched(http, "out/x.jsonl"),
     lambda http: FIREWORKS.create(http, "in", "/v1/chat/completions", TAG, MODEL),
 ])
 @pytest.mark.parametrize("answer", [httpx.Response(200, content=b"<html>"), httpx.Response(200, json=[1]),

@@ -3,6 +3,7 @@ tests/fakebatch.py: a whole batch's cycle, its lines joined back to their rows."
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
 import httpx
@@ -19,6 +20,13 @@ pytestmark = pytest.mark.slow  # a server on 127.0.0.1
 OPENAI = PROVIDERS["openai"]
 JOB = "0123456789abcdef"
 KEY = "sk-test-0123456789abcdef"
+
+
+def fetched(http: httpx.Client, file: str) -> bytes:
+    """A file's bytes, as the backend downloads them (into a file)."""
+    into = io.BytesIO()
+    OPENAI.download(http, file, into)
+    return into.getvalue()
 
 
 @pytest.fixture
@@ -46,7 +54,7 @@ def run_batch(fake: FakeBatchAPI, http: httpx.Client, n: int) -> dict[int, objec
     outcomes = {}
     for name, from_errors in ((batch.output_file, False), (batch.error_file, True)):
         if name is not None:
-            for line in OPENAI.download(http, name).splitlines():
+            for line in fetched(http, name).splitlines():
                 outcome = read_line(OPENAI, line, JOB, lambda _: get_endpoint("chat"), from_errors=from_errors)
                 assert outcome is not None
                 outcomes[outcome.row_index] = outcome

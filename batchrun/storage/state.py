@@ -38,7 +38,7 @@ from .durable import fsync
 from .ledger import LEDGER_SCHEMA, LEDGER_TABLES, Ledger
 from .lock import JobLock
 
-__all__ = ["Spend", "StateStore", "differences", "replace_state", "state_copy", "state_path"]
+__all__ = ["Spend", "StateStore", "differences", "replace_state", "state_copy", "state_path", "upsert"]
 
 SCHEMA_VERSION = "1"
 PRIVATE = 0o600
@@ -93,6 +93,12 @@ def _stored(result: Result) -> tuple[Any, ...]:
         return row
     # allow_nan: a logprob may be -inf; batchrun reads it back, and Parquet holds it
     return (*row[:_EXTRA], json.dumps(result.extra, ensure_ascii=False), *row[_EXTRA + 1:])
+
+
+def upsert(db: sqlite3.Connection, results: Iterable[Result]) -> None:
+    """Store results (an iterator is stored as it goes) in the transaction open on `db`:
+    `StateStore.save(also=)` runs this inside its own."""
+    db.executemany(_UPSERT, (_stored(result) for result in results))
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import httpx
 
@@ -27,7 +27,7 @@ from ...endpoints.result import Result
 from ...policy.retry import error_message
 from ...spec.model import BatchApiSpec
 
-__all__ = ["Batch", "BatchAPI", "Outcome", "Provider", "checked"]
+__all__ = ["Batch", "BatchAPI", "Outcome", "Provider", "checked", "stream_into"]
 
 
 class Outcome:
@@ -137,7 +137,25 @@ class BatchAPI(Protocol):
         """Every batch whose metadata holds `key: value`, newest first: what a rerun finds of
         the batches an earlier run created, whatever it managed to record."""
 
-    def download(self, http: httpx.Client, file: str) -> bytes: ...
+    def download(self, http: httpx.Client, file: str, into: BinaryIO) -> None:
+        """Write the file's bytes into `into` as they arrive (a batch's answers may be
+        larger than memory); a file the provider does not have writes nothing."""
+
+
+def stream_into(http: httpx.Client, request: httpx.Request, into: BinaryIO, what: str,
+                check: Callable[[httpx.Response, str], httpx.Response] = checked) -> None:
+    """Send `request` and write its answer's body into `into` as it arrives; an answer
+    that is not a success raises what `check` makes of it."""
+    response = http.send(request, stream=True)
+    try:
+        if not response.is_success:
+            response.read()
+            check(response, what)
+            return
+        for chunk in response.iter_bytes():
+            into.write(chunk)
+    finally:
+        response.close()
 
 
 def _answer(endpoint: Endpoint, body: Any, index: int) -> Result:

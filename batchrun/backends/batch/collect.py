@@ -17,13 +17,19 @@ again from the provider's files, and after it never.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
 from ...endpoints import get_endpoint
-from ...endpoints.base import Endpoint
 from ...endpoints.result import Result
 from ...policy.pricing import cost
 from ...spec.schema import Structure
 from ...storage.ledger import Entry
-from .base import Batch, Outcome
+from ...storage.state import upsert
+from .base import Batch
 from .cached import remember
 from .lines import read_line
 from .remote import call
@@ -32,59 +38,124 @@ from .session import Session
 __all__ = ["BACKEND", "collect"]
 
 BACKEND = "backend"  # the output column, and its key in a result's extra
+LINE_OVERHEAD = 64 * 1024  # a line's bytes beside its answer (custom_id, status, JSON around it)
+MAX_WHY = 500  # characters kept of a line's word on a row it did not answer
 
 
 def collect(session: Session, entry: Entry, batch: Batch) -> tuple[int, int]:
-    """Save what `batch` (entry's, finished) answered; (rows answered, rows handed on)."""
-    asked = session.store.ledger.asked(entry.key)  # each row's id, model (its price) and cache key
-    rows = sorted(asked)
-    outcomes = _outcomes(session, batch, get_endpoint(entry.endpoint), set(asked))
-    schema = session.spec.answer_schema()
-    structure = Structure(schema) if schema is not None else None
-    live = session.batch.fallback == "live"
-    results: list[Result] = []
-    unanswered: dict[int, str] = {}
-    for index in rows:
-        outcome = outcomes.get(index)
-        result = outcome.result if outcome is not None else None
-        why = (outcome.unanswered if outcome is not None else None) or _why(batch)
-        if result is not None and result.status == "ok" and structure is not None:
-            parsed, problem = structure.problem(result.output_text)
+    """Save what `batch` (entry's, finished) answered; (rows settled, rows handed on).
+
+    The files go to disk as they arrive, and their lines into the state as they are
+    read, in the one transaction: a batch's answers never need to fit in memory."""
+    reading = _Reading(session, entry, batch)
+    with _downloaded(session, batch) as files:
+        session.store.save((), released=[entry.hold] if entry.hold is not None else [],
+                           also=lambda db: reading.commit(db, files))
+    remember(session, reading.cached)
+    return reading.settled, len(reading.unanswered)
+
+
+@contextlib.contextmanager
+def _downloaded(session: Session, batch: Batch) -> Iterator[list[tuple[Path, bool]]]:
+    """The batch's output and error files (path, from_errors) downloaded beside the state
+    (private, like it), for as long as the `with` lasts."""
+    files: list[tuple[Path, bool]] = []
+    try:
+        for file, from_errors in ((batch.output_file, False), (batch.error_file, True)):
+            if file:
+                path = session.store.path.with_name(f".{session.store.path.name}.{len(files)}.download")
+                files.append((path, from_errors))
+                call(session, _fetch, session, file, path)
+        yield files
+    finally:
+        for path, _ in files:
+            path.unlink(missing_ok=True)
+
+
+def _fetch(session: Session, file: str, path: Path) -> None:
+    """One try at the download: the file starts empty each time."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as into:
+        session.provider.download(session.http, file, into)
+
+
+class _Reading:
+    """A batch's lines, read into Results in the transaction that collects it."""
+
+    def __init__(self, session: Session, entry: Entry, batch: Batch) -> None:
+        self.session, self.entry, self.batch = session, entry, batch
+        self.asked = session.store.ledger.asked(entry.key)  # each row's id, model (its price) and cache key
+        schema = session.spec.answer_schema()
+        self.structure = Structure(schema) if schema is not None else None
+        self.live = session.batch.fallback == "live"
+        self.unanswered: dict[int, str] = {}  # row -> why: handed on
+        self.cached: list[tuple[str | None, Result]] = []  # (cache key, answer), with a cache
+        self.settled = 0
+
+    def commit(self, db: sqlite3.Connection, files: list[tuple[Path, bool]]) -> None:
+        upsert(db, self._results(files))
+        self.session.store.ledger.collecting(self.entry.key, self.unanswered)(db)
+
+    def _results(self, files: list[tuple[Path, bool]]) -> Iterator[Result]:
+        """Each row's Result, as its lines say (an answer beats a line that says none),
+        then those of the rows no line answered; the rows to hand on go to `unanswered`."""
+        decided: set[int] = set()
+        no_answer: dict[int, str] = {}  # what a line said of a row it did not answer
+        endpoint = get_endpoint(self.entry.endpoint)
+        limit = self.session.spec.api.max_answer_bytes + LINE_OVERHEAD
+        for path, from_errors in files:
+            for line in _lines_of(path, limit):
+                outcome = read_line(self.session.provider, line, self.session.job, lambda _: endpoint,
+                                    from_errors=from_errors) if line is not None else None
+                if outcome is None or outcome.row_index not in self.asked or outcome.row_index in decided:
+                    continue
+                if outcome.result is None:
+                    no_answer[outcome.row_index] = (outcome.unanswered or "")[:MAX_WHY]
+                    continue
+                decided.add(outcome.row_index)
+                if (result := self._judged(outcome.result)) is not None:
+                    yield result
+        for index in self.asked.keys() - decided:
+            why = no_answer.get(index) or _why(self.batch)
+            if (result := self._judged(Result(index, "", "failed"), why)) is not None:
+                yield result
+
+    def _judged(self, result: Result, why: str | None = None) -> Result | None:
+        """The row's Result as the state keeps it, or None when it goes live (`unanswered`):
+        no answer (`why`), or one that breaks the schema (re-asks are the live path's)."""
+        index = result.row_index
+        if why is None and result.status == "ok" and self.structure is not None:
+            parsed, problem = self.structure.problem(result.output_text)
             if problem is None:
                 result.extra = {**(result.extra or {}), "parsed": parsed}
-            elif live:  # re-asks are the live path's
-                result, why = None, f"its answer breaks the schema ({problem})"
+            elif self.live:
+                why = f"its answer breaks the schema ({problem})"
             else:
                 result = Result(index, "", "failed", error=f"the batch's answer breaks the schema: {problem}",
                                 output_text=result.output_text, model=result.model)
-        if result is None and live:
-            unanswered[index] = why
-            continue
-        if result is None:
-            result = Result(index, "", "failed", error=f"the batch did not answer it ({batch.state}): {why}")
-        _, row_id, model, _ = asked[index]
-        results.append(_settled(session, result, row_id, model or session.spec.model))
-    session.store.save(results, released=[entry.hold] if entry.hold is not None else [],
-                       also=session.store.ledger.collecting(entry.key, unanswered))
-    remember(session, ((asked[r.row_index][3], r) for r in results))
-    return len(results), len(unanswered)
+        if why is not None and self.live:
+            self.unanswered[index] = why
+            return None
+        if why is not None:
+            result = Result(index, "", "failed", error=f"the batch did not answer it ({self.batch.state}): {why}")
+        _, row_id, model, key = self.asked[index]
+        settled = _settled(self.session, result, row_id, model or self.session.spec.model)
+        self.settled += 1
+        if self.session.cache is not None and key is not None and settled.status == "ok":
+            self.cached.append((key, settled))
+        return settled
 
 
-def _outcomes(session: Session, batch: Batch, endpoint: Endpoint, rows: set[int]) -> dict[int, Outcome]:
-    """Each row's word from the batch's files; an answer beats a line that says none."""
-    outcomes: dict[int, Outcome] = {}
-    for file, from_errors in ((batch.output_file, False), (batch.error_file, True)):
-        if not file:
-            continue
-        data = call(session, session.provider.download, session.http, file)
-        for line in data.splitlines():
-            outcome = read_line(session.provider, line, session.job, lambda _: endpoint, from_errors=from_errors)
-            if outcome is None or outcome.row_index not in rows:
+def _lines_of(path: Path, limit: int) -> Iterator[bytes | None]:
+    """The file's lines; None for one longer than `limit` (not read into memory: its row
+    has no answer from it)."""
+    with open(path, "rb") as f:
+        while line := f.readline(limit + 1):
+            if len(line) > limit:
+                while (rest := f.readline(limit)) and not rest.endswith(b"\n"):
+                    pass
+                yield None
                 continue
-            known = outcomes.get(outcome.row_index)
-            if known is None or known.result is None:
-                outcomes[outcome.row_index] = outcome
-    return outcomes
+            yield line
 
 
 def _why(batch: Batch) -> str:

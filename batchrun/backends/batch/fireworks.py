@@ -28,7 +28,7 @@ import hashlib
 import re
 import secrets
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 import httpx
@@ -37,7 +37,7 @@ from ..._exceptions import ConfigError, RetryableAPIError
 from ...endpoints.base import Endpoint
 from ...endpoints.chat import Chat
 from ...spec.model import BatchApiSpec
-from .base import Batch, Outcome, Provider, checked
+from .base import Batch, Outcome, Provider, checked, stream_into
 
 __all__ = ["FireworksBatches"]
 
@@ -137,9 +137,9 @@ class FireworksBatches(Provider):
         asked = checked(http.post(f"/datasets/{dataset}:getUploadEndpoint",
                                   json={"filenameToSize": {name: str(len(data))}}), what)
         url = _read(asked, what, lambda data: str(data["filenameToSignedUrls"][name]))
-        _stored(_unsigned(http, "PUT", url, content=data, headers={
-            "Content-Type": "application/octet-stream", "X-Goog-Content-Length-Range": f"{len(data)},{len(data)}"}),
-            what)
+        headers = {"Content-Type": "application/octet-stream",
+                   "X-Goog-Content-Length-Range": f"{len(data)},{len(data)}"}
+        _stored(http.send(_unsigned(http, "PUT", url, content=data, headers=headers)), what)
         checked(http.post(f"/datasets/{dataset}:validateUpload", json={}), what)
 
     def create(self, http: httpx.Client, file: str, url: str, metadata: Mapping[str, str],
@@ -188,23 +188,24 @@ class FireworksBatches(Provider):
             if not token or not jobs:
                 return found
 
-    def download(self, http: httpx.Client, file: str) -> bytes:
+    def download(self, http: httpx.Client, file: str, into: BinaryIO) -> None:
         """`file`: "{dataset}/{file name}"; a file (or dataset) that is not there holds
         nothing. A signed URL refused (expired) is asked for again."""
         dataset, _, name = file.partition("/")
         what = f"downloading {file}"
-        tries = 1
-        while True:
+        for tries in range(1, SIGNED_TRIES + 1):
             asked = http.get(f"/datasets/{dataset}:getDownloadEndpoint")
             if asked.status_code == 404:
-                return b""
+                return
             urls = _read(checked(asked, what), what, lambda data: dict(data.get("filenameToSignedUrls") or {}))
             if name not in urls:
-                return b""
-            fetched = _unsigned(http, "GET", str(urls[name]))
-            if fetched.status_code not in (400, 403) or tries == SIGNED_TRIES:
-                return _stored(fetched, what).content
-            tries += 1
+                return
+            try:
+                stream_into(http, _unsigned(http, "GET", str(urls[name])), into, what,
+                            check=_stored if tries == SIGNED_TRIES else _signed)
+                return
+            except _Expired:
+                continue
 
 
 def dataset_id(name: str) -> str:
@@ -268,12 +269,23 @@ def _read(response: httpx.Response, what: str, read: Callable[[Any], T]) -> T:
                                 f"should be ({type(exc).__name__}: {exc})", status=response.status_code) from None
 
 
-def _unsigned(http: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Response:
+def _unsigned(http: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Request:
     """A request to a signed URL, through the client's transport but without its key: the
     signature is the credential, and the store refuses a second one."""
     request = http.build_request(method, url, **kwargs)
     request.headers.pop("Authorization", None)
-    return http.send(request)
+    return request
+
+
+class _Expired(Exception):
+    """A signed URL refused: another is asked for."""
+
+
+def _signed(response: httpx.Response, what: str) -> httpx.Response:
+    """A signed URL's refusal (400/403: expired, most likely) is worth a fresh URL at once."""
+    if response.status_code in (400, 403):
+        raise _Expired
+    return _stored(response, what)
 
 
 def _stored(response: httpx.Response, what: str) -> httpx.Response:

@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import httpx
 
 from ..._exceptions import RetryableAPIError
 from ...endpoints.base import Endpoint
-from .base import Batch, Outcome, Provider, checked
+from .base import Batch, Outcome, Provider, checked, stream_into
 
 __all__ = ["OpenAIBatches"]
 
@@ -72,8 +72,8 @@ class OpenAIBatches(Provider):
                 return found
             after = batches[-1].id
 
-    def download(self, http: httpx.Client, file: str) -> bytes:
-        return checked(http.get(f"/files/{file}/content"), f"downloading {file}").content
+    def download(self, http: httpx.Client, file: str, into: BinaryIO) -> None:
+        stream_into(http, http.build_request("GET", f"/files/{file}/content"), into, f"downloading {file}")
 
 
 T = TypeVar("T")
