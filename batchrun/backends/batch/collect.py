@@ -40,6 +40,7 @@ __all__ = ["BACKEND", "collect"]
 BACKEND = "backend"  # the output column, and its key in a result's extra
 LINE_OVERHEAD = 64 * 1024  # a line's bytes beside its answer (custom_id, status, JSON around it)
 MAX_WHY = 500  # characters kept of a line's word on a row it did not answer
+CACHE_EVERY = 1000  # answers added to the response cache at once
 
 
 def collect(session: Session, entry: Entry, batch: Batch) -> tuple[int, int]:
@@ -88,7 +89,10 @@ class _Reading:
         self.structure = Structure(schema) if schema is not None else None
         self.live = session.batch.fallback == "live"
         self.unanswered: dict[int, str] = {}  # row -> why: handed on
-        self.cached: list[tuple[str | None, Result]] = []  # (cache key, answer), with a cache
+        # (cache key, answer), with a cache: added to it a thousand at a time as they are
+        # read (an answer in the cache and not in the state, should the commit fail, was
+        # paid for all the same: a rerun may take it from there)
+        self.cached: list[tuple[str | None, Result]] = []
         self.settled = 0
 
     def commit(self, db: sqlite3.Connection, files: list[tuple[Path, bool]]) -> None:
@@ -142,6 +146,9 @@ class _Reading:
         self.settled += 1
         if self.session.cache is not None and key is not None and settled.status == "ok":
             self.cached.append((key, settled))
+            if len(self.cached) >= CACHE_EVERY:
+                remember(self.session, self.cached)
+                self.cached = []
         return settled
 
 
