@@ -304,3 +304,54 @@ def test_hostile_output_files_cost_no_memory_and_no_double_count(
     body = json.loads(lines[1])["response"]["body"]
     assert (out[twice]["response_id"], out[twice]["total_tokens"]) == (body["id"], body["usage"]["total_tokens"])
     assert [r["backend"] for r in out] == ["batch"] * 20 and not live.requests  # the giant line was passed over
+
+
+def test_a_create_whose_answer_was_lost_is_not_made_twice(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    create = batches.create_batch
+    lost = iter([True])
+
+    def made_then_500(body: dict) -> tuple[int, dict]:
+        status, made = create(body)
+        return (500, {"error": {"message": "upstream timed out"}}) if next(lost, False) else (status, made)
+
+    monkeypatch.setattr(batches, "create_batch", made_then_500)
+    spec = job(tmp_path, live, batches, 30)
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0
+    assert len(batches.created) == 1 and batches.custom_ids_in_two_batches() == set()
+    assert [r["backend"] for r in read_output(tmp_path / "out/result.parquet")] == ["batch"] * 30
+
+
+def test_a_batch_a_proxy_made_twice_is_cancelled_and_its_rows_answered_once(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    batches.polls_to_finish = None
+    create = batches.create_batch
+    monkeypatch.setattr(batches, "create_batch", lambda body: (create(body), create(body))[1])  # its own retry
+    spec = job(tmp_path, live, batches, 30)
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0
+    first, second = batches.created
+    recorded = json.loads(run_cli("status", str(spec), "--json").stdout)["batches"]
+    assert [b["id"] for b in recorded] == [second.batch_id]
+    assert batches.batch(first.batch_id).obj["status"] == "cancelling"  # the one the state does not know
+    batches.finish()
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0
+    out = read_output(tmp_path / "out/result.parquet")
+    answers = {line["response"]["body"]["id"] for line in batches.content(batches.batch(second.batch_id)
+                                                                          .obj["output_file_id"])}
+    assert {r["response_id"] for r in out} == answers and not live.requests
+
+
+def test_a_file_the_provider_no_longer_has_is_uploaded_again(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    create = batches.create_batch
+    monkeypatch.setattr(batches, "create_batch", lambda body: (503, {"error": {"message": "overloaded"}}))
+    spec = job(tmp_path, live, batches, 30)
+    stopped = run_cli("submit", str(spec), env=cli_env(**ENV))
+    assert stopped.code == 3 and "still fails after 8 attempts" in stopped.stderr, stopped.stderr
+    [upload] = batches.uploads
+    del batches.files[upload.file_id]  # expired, or deleted by someone
+    monkeypatch.setattr(batches, "create_batch", create)
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0
+    assert len(batches.uploads) == 2 and len(batches.created) == 1
+    assert batches.created[0].input_file_id == batches.uploads[1].file_id
+    assert [r["backend"] for r in read_output(tmp_path / "out/result.parquet")] == ["batch"] * 30

@@ -45,7 +45,7 @@ from . import PROVIDERS
 from .cached import answer_from_cache
 from .collect import collect
 from .remote import call, pause
-from .send import send, send_planned
+from .send import cancel_duplicates, send, send_planned
 from .session import Session, fingerprint
 
 __all__ = ["BatchBackend"]
@@ -155,13 +155,15 @@ def _batches(session: Session, status: StatusFile, *, wait: bool, retry_failed: 
     before polling: a row's batch never waits on another's, and `submit` returns sooner."""
     store, provider = session.store, session.provider
     call(session, provider.check, session.http, session.spec.model)
-    send_planned(session, store.ledger.entries(outstanding=True))
+    made = send_planned(session, store.ledger.entries(outstanding=True))
     done = done_rows(store.row_states(session.total), retry_failed=retry_failed)
     taken = store.ledger.taken(session.total)
     wanted = [index for index in range(session.total) if not done[index] and not taken[index]]
     wanted = answer_from_cache(session, wanted)
     if wanted:
-        send(session, wanted, job_budget(session.spec, store.spend()) if session.spec.budget.is_set else None)
+        made += send(session, wanted, job_budget(session.spec, store.spend()) if session.spec.budget.is_set else None)
+    if made:  # a batch made twice (a retry whose first answer was lost) would answer its rows twice
+        cancel_duplicates(session)
     _write(session, status, state="submitted")
     _poll(session, status, wait=wait)
 

@@ -1,4 +1,4 @@
-"""OpenAI's Files + Batches API (also vLLM's, LiteLLM's, Together's and Groq's).
+"""OpenAI's Files + Batches API (also the LiteLLM proxy's, Together's and Groq's; vLLM's server has none).
 
     input   {"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
     output  {"custom_id", "response": {"status_code": 200, "body": {answer}}, "error": null}

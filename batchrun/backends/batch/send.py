@@ -10,10 +10,11 @@ same rows, which no other batch can hold).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ..._exceptions import BudgetReached, ConfigError
@@ -23,12 +24,13 @@ from ...inputs.rows import Row
 from ...policy.pricing import Budget
 from ...policy.pricing import usd as format_usd
 from ...storage.ledger import BatchRow, Entry
+from .base import Batch
 from .cached import cache_key
 from .lines import batch_line, chunks
 from .remote import call
 from .session import KEY_TAG, TAG, Session
 
-__all__ = ["send", "send_planned"]
+__all__ = ["cancel_duplicates", "send", "send_planned"]
 
 
 def send(session: Session, wanted: Iterable[int], budget: Budget | None) -> int:
@@ -45,45 +47,94 @@ def send(session: Session, wanted: Iterable[int], budget: Budget | None) -> int:
             these = [facts.pop(index) for index, _ in chunk]
             hold = _hold(session, budget, these)
             session.store.ledger.plan(key, endpoint, (fact.row for fact in these), time.time(), hold)
-            _upload_and_create(session, key, endpoint, b"".join(line for _, line in chunk), None)
+            _upload_and_create(session, key, endpoint, lambda chunk=chunk: b"".join(line for _, line in chunk), None)
             sent += len(chunk)
     return sent
 
 
-def send_planned(session: Session, entries: list[Entry]) -> None:
+def send_planned(session: Session, entries: list[Entry]) -> int:
     """See through the batches an earlier run planned but has no batch id for: adopt the
-    batch the provider lists under their key, else create it (uploading first if need be)."""
+    batch the provider lists under their key, else create it (uploading first if need be).
+    How many there were."""
     missing = [entry for entry in entries if entry.batch_id is None]
     if not missing:
-        return
-    provider, http = session.provider, session.http
-    found = {batch.metadata.get(KEY_TAG): batch for batch in call(session, provider.tagged, http, TAG, session.job)}
+        return 0
+    found = _tagged(session)
     for entry in missing:
         if (batch := found.get(entry.key)) is not None:
             session.store.ledger.seen(entry.key, batch.state, batch.counts, batch.id)
             continue
-        rows = session.store.ledger.rows(entry.key)
-        data = b"" if entry.file_id else b"".join(
-            line for _, line in _lines(session, session.rows(set(rows))))
-        _upload_and_create(session, entry.key, entry.endpoint, data, entry.file_id)
+        _upload_and_create(session, entry.key, entry.endpoint, lambda key=entry.key: _file_of(session, key),
+                           entry.file_id)
+    return len(missing)
 
 
-def _upload_and_create(session: Session, key: str, endpoint: str, data: bytes, file_id: str | None) -> None:
-    """Upload a planned batch's file (unless `file_id`: it is uploaded), then create the
-    batch; each id recorded as soon as it is known. A refusal for good forgets the batch
-    (its rows are free again) before it is raised."""
+def cancel_duplicates(session: Session) -> int:
+    """Cancel the batches the provider lists under a key of this job's other than the one
+    the state records: made twice by a retry whose first answer was lost on the way (a
+    proxy's own retries, say), they would answer their rows twice. How many."""
+    recorded = {entry.key: entry.batch_id for entry in session.store.ledger.entries(outstanding=True)}
+    twice = [batch for batch in call(session, session.provider.tagged, session.http, TAG, session.job)
+             if batch.metadata.get(KEY_TAG) in recorded and batch.id != recorded[batch.metadata[KEY_TAG]]
+             and not batch.done]
+    for batch in twice:
+        call(session, session.provider.cancel, session.http, batch.id)
+    return len(twice)
+
+
+def _tagged(session: Session) -> dict[str, Batch]:
+    """The job's batches the provider lists, by their key (the newest of any key twice)."""
+    found: dict[str, Batch] = {}
+    for batch in call(session, session.provider.tagged, session.http, TAG, session.job):
+        found.setdefault(batch.metadata.get(KEY_TAG, ""), batch)
+    return found
+
+
+def _file_of(session: Session, key: str) -> bytes:
+    """A planned batch's input file, made again from its rows (which no other batch holds)."""
+    rows = set(session.store.ledger.rows(key))
+    return b"".join(line for _, line in _lines(session, session.rows(rows)))
+
+
+def _upload_and_create(session: Session, key: str, endpoint: str, data: Callable[[], bytes],
+                       file_id: str | None) -> None:
+    """Upload a planned batch's file (unless `file_id`: an earlier run uploaded it), then
+    create the batch; each id recorded as soon as it is known. A file the provider no
+    longer has is uploaded again; a refusal for good forgets the batch (its rows are free
+    again) before it is raised."""
     provider, http, ledger = session.provider, session.http, session.store.ledger
     try:
-        if file_id is None:
-            file_id = call(session, provider.upload, http, f"batchrun-{session.job}-{key}.jsonl", data)
+        batch = None
+        if file_id is not None:
+            with contextlib.suppress(ConfigError):  # not there any more (deleted, expired)
+                batch = _create(session, key, endpoint, file_id)
+        if batch is None:
+            file_id = call(session, provider.upload, http, f"batchrun-{session.job}-{key}.jsonl", data())
             ledger.uploaded(key, file_id)
-        batch = call(session, provider.create, http, file_id, get_endpoint(endpoint).urls[0],
-                     {TAG: session.job, KEY_TAG: key}, session.spec.model)
+            batch = _create(session, key, endpoint, file_id)
     except ConfigError as exc:
         ledger.forget(key)
         raise ConfigError(f"{exc}. Nothing of it was sent; fix the cause (batch_api.rows_per_batch for a file "
                           "too large, the account, the model) and rerun") from None
     ledger.seen(key, batch.state, batch.counts, batch.id)
+
+
+def _create(session: Session, key: str, endpoint: str, file_id: str) -> Batch:
+    """Create the batch, retried as any call is; but a try after one whose answer was lost
+    (a timeout, a 5xx: the provider may have made the batch all the same) first looks for
+    the batch under its key, so that none is made twice."""
+    provider, http = session.provider, session.http
+    tries = 0
+
+    def attempt() -> Batch:
+        nonlocal tries
+        tries += 1
+        if tries > 1 and (made := _tagged(session).get(key)) is not None:
+            return made
+        return provider.create(http, file_id, get_endpoint(endpoint).urls[0], {TAG: session.job, KEY_TAG: key},
+                               session.spec.model)
+
+    return call(session, attempt)
 
 
 def _most_rows(session: Session) -> int:
