@@ -355,3 +355,33 @@ def test_a_file_the_provider_no_longer_has_is_uploaded_again(
     assert len(batches.uploads) == 2 and len(batches.created) == 1
     assert batches.created[0].input_file_id == batches.uploads[1].file_id
     assert [r["backend"] for r in read_output(tmp_path / "out/result.parquet")] == ["batch"] * 30
+
+
+def test_a_batch_stuck_past_max_wait_is_cancelled_and_its_rows_fail_with_the_reason(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    batches.polls_to_finish = None  # stuck in validation, until cancelled: then the next poll ends it
+    retrieve = batches.retrieve_batch
+
+    def ends_once_cancelled(batch_id: str) -> dict:
+        if batches.batch(batch_id).obj["status"] == "cancelling":
+            batches.advance(batch_id)
+        return retrieve(batch_id)
+
+    monkeypatch.setattr(batches, "retrieve_batch", ends_once_cancelled)
+    spec = job(tmp_path, live, batches, 10, batch={"max_wait_h": 0.001, "poll_interval_s": 0.5, "fallback": "none"})
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 1
+    out = read_output(tmp_path / "out/result.parquet")
+    assert batches.batch(batches.created[0].batch_id).obj["status"] == "cancelled"
+    assert all(r["status"] == "failed" and "cancelled by batchrun past batch_api.max_wait_h (0.001 h)" in r["error"]
+               for r in out), out[0]["error"]
+
+
+def test_run_with_the_batch_api_flag_sends_a_spec_without_the_section_through_the_batch_api(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    write_jsonl(tmp_path / "input.jsonl", ({"id": f"r{i}", "prompt": f"question {i}"} for i in range(12)))
+    spec = write_spec(tmp_path, api={"base_url": batches.base_url})  # batch_api.base_url: api.base_url's
+    text = spec.read_text()
+    done = run_cli("run", str(spec), "--batch-api", env=cli_env(**ENV))
+    assert done.code == 0, done.stderr
+    assert [r["backend"] for r in read_output(tmp_path / "out/result.parquet")] == ["batch"] * 12
+    assert len(batches.created) == 1 and spec.read_text() == text

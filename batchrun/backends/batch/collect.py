@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,9 +120,18 @@ class _Reading:
                 if (result := self._judged(outcome.result)) is not None:
                     yield result
         for index in self.asked.keys() - decided:
-            why = no_answer.get(index) or _why(self.batch)
+            why = no_answer.get(index) or self._why()
             if (result := self._judged(Result(index, "", "failed"), why)) is not None:
                 yield result
+
+    def _why(self) -> str:
+        """Why a row of the batch has no line at all."""
+        batch, waited_h = self.batch, (time.time() - self.entry.since) / 3600
+        errors = "; ".join(batch.errors[:3])
+        why = f"the batch {batch.state} without an answer for it" + (f" ({errors})" if errors else "")
+        if batch.state in ("cancelled", "deleted") and waited_h > self.session.batch.max_wait_h:
+            why += f", cancelled by batchrun past batch_api.max_wait_h ({self.session.batch.max_wait_h:g} h)"
+        return why
 
     def _judged(self, result: Result, why: str | None = None) -> Result | None:
         """The row's Result as the state keeps it, or None when it goes live (`unanswered`):
@@ -163,11 +173,6 @@ def _lines_of(path: Path, limit: int) -> Iterator[bytes | None]:
                 yield None
                 continue
             yield line
-
-
-def _why(batch: Batch) -> str:
-    errors = "; ".join(batch.errors[:3])
-    return f"the batch {batch.state} without an answer for it" + (f" ({errors})" if errors else "")
 
 
 def _settled(session: Session, result: Result, row_id: str, model: str | None) -> Result:
