@@ -171,6 +171,7 @@ class FakeFireworks:
         self.clock = 0.0  # the fake time signed URLs expire on
         self._signed: dict[str, tuple[str, str, str, float]] = {}  # token -> method, dataset, file, expiry
         self._lock = threading.RLock()
+        self._arrived = threading.Condition(self._lock)  # a request arrived: what a test may wait on
         self._maker = FakeServer()  # never started: only its answer-making is used
         self._maker._path = "/v1/chat/completions"
         self._http: ThreadingHTTPServer | None = None
@@ -202,6 +203,11 @@ class FakeFireworks:
                 for job in [self.jobs[job_id]] if job_id else list(self.jobs.values()):
                     self._step(job)
 
+    def wait_for_requests(self, count: int, timeout: float) -> bool:
+        """Wait up to `timeout` until `count` requests arrived in all; whether they did."""
+        with self._arrived:
+            return self._arrived.wait_for(lambda: len(self.requests) >= count, timeout)
+
     def expire_urls(self) -> None:
         """Every signed URL handed out so far is now past its expiry."""
         with self._lock:
@@ -229,6 +235,7 @@ class FakeFireworks:
         url = urlsplit(target)
         with self._lock:
             self.requests.append((method, url.path, headers))
+            self._arrived.notify_all()
             try:
                 if url.path.startswith("/signed/"):
                     return self._storage(method, url.path.removeprefix("/signed/"), headers, raw)

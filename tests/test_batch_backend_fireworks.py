@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from batchrun import run_job
-from tests.conftest import TEST_KEY, cli_env, read_output, run_cli, write_jsonl, write_spec
+from tests.conftest import TEST_KEY, cli_env, kill_9, read_output, run_cli, start_cli, write_jsonl, write_spec
 from tests.fakefireworks import FakeFireworks, FakeJob, Faults
 from tests.fakeserver import FakeServer
 from tests.fakeserver import Faults as LiveFaults
@@ -243,3 +243,32 @@ def test_rows_naming_another_model_are_refused_before_upload(
     assert refused.code == 2 and "row 1 asks for model 'accounts/x/models/other'" in refused.stderr, refused.stderr
     assert "a fireworks batch runs one model, the spec's" in refused.stderr
     assert fw.datasets == {} and not live.requests
+
+
+def test_kill_9s_across_submit_poll_and_collect_send_no_row_twice_and_lose_no_answer(
+        tmp_path: Path, live: FakeServer, fw: RefusingFireworks) -> None:
+    fw.faults = Faults(seed=9, expire_at=0.9)
+    fw.polls_to_finish = 10  # (each poll moves a job on: the kills must come before the end)
+    spec = job(tmp_path, live, fw, 600, batch={"rows_per_batch": 200})
+    rng = random.Random(9)
+    jobs_at_kills = []
+    for kill in range(10):
+        target = len(fw.requests) + rng.randint(2, 8)  # a moment: that many more requests to the batch API
+        command = ("submit",) if kill in (0, 3) else ("run", "--no-progress")  # submit while sending
+        proc = start_cli(*command, str(spec), env=cli_env(**ENV))
+        while not fw.wait_for_requests(target, timeout=0.05) and proc.poll() is None:
+            pass
+        assert proc.poll() is None, f"the job ended before kill {kill + 1}: {proc.communicate()}"
+        kill_9(proc)
+        jobs_at_kills.append(len(fw.jobs))
+    # The kills fell while sending (some jobs made, not all) and while polling and collecting
+    assert any(0 < n < 3 for n in jobs_at_kills) and jobs_at_kills.count(3) >= 3, jobs_at_kills
+    done = run_cli("run", "--no-progress", str(spec), env=cli_env(**ENV))
+    assert done.code in (0, 1), done.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["row_index"] for r in out] == list(range(600)) and not in_two_jobs(fw)
+    answered = {int(custom_id.rsplit("-", 1)[1]) for custom_id in fw.answered()}
+    assert all(out[i]["backend"] == "batch" for i in answered)  # no answer a job gave was lost
+    sent_live = [int(r.body["messages"][0]["content"].split()[-1]) for r in live.requests]
+    assert len(sent_live) == len(set(sent_live)) and not set(sent_live) & answered
+    assert {r["row_index"] for r in out if r["backend"] == "live"} == set(sent_live)

@@ -155,13 +155,14 @@ def _batches(session: Session, status: StatusFile, *, wait: bool, retry_failed: 
     before polling: a row's batch never waits on another's, and `submit` returns sooner."""
     store, provider = session.store, session.provider
     call(session, provider.check, session.http, session.spec.model)
-    made = send_planned(session, store.ledger.entries(outstanding=True))
+    made = send_planned(session, store.ledger.entries(outstanding=True)) > 0
     done = done_rows(store.row_states(session.total), retry_failed=retry_failed)
     taken = store.ledger.taken(session.total)
     wanted = [index for index in range(session.total) if not done[index] and not taken[index]]
     wanted = answer_from_cache(session, wanted)
     if wanted:
-        made += send(session, wanted, job_budget(session.spec, store.spend()) if session.spec.budget.is_set else None)
+        budget = job_budget(session.spec, store.spend()) if session.spec.budget.is_set else None
+        made = send(session, wanted, budget) > 0 or made
     if made:  # a batch made twice (a retry whose first answer was lost) would answer its rows twice
         cancel_duplicates(session)
     _write(session, status, state="submitted")
