@@ -378,6 +378,7 @@ def test_a_batch_stuck_past_max_wait_is_cancelled_and_its_rows_fail_with_the_rea
 
 def test_run_with_the_batch_api_flag_sends_a_spec_without_the_section_through_the_batch_api(
         tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    batches.polls_to_finish = 1  # done at the first poll: no wait of the default poll_interval_s
     write_jsonl(tmp_path / "input.jsonl", ({"id": f"r{i}", "prompt": f"question {i}"} for i in range(12)))
     spec = write_spec(tmp_path, api={"base_url": batches.base_url})  # batch_api.base_url: api.base_url's
     text = spec.read_text()
