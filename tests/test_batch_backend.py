@@ -85,8 +85,9 @@ def test_submit_returns_at_once_status_lists_the_batches_and_run_collects_them(
     out = read_output(tmp_path / "out/result.parquet")
     assert [r["status"] for r in out] == ["ok"] * 300 and {r["backend"] for r in out} == {"batch"}
     assert not live.requests and len(batches.created) == 2 and batches.custom_ids_in_two_batches() == set()
+    assert "300 answered by the provider's batches, 0 requests" in done.stdout
     status = json.loads(run_cli("status", str(spec), "--json").stdout)
-    assert status["state"] == "finished" and "batches" not in status
+    assert status["state"] == "finished" and "batches" not in status and status["from_batches"] == 300
 
 
 def test_a_live_run_of_a_job_with_rows_out_is_refused_before_any_request(

@@ -121,3 +121,6 @@ def test_a_plan_shows_the_cost_through_the_batch_api_beside_the_live_one(tmp_pat
     assert own["batch_cost_usd_max"] == pytest.approx((own["prompt_tokens"] * 0.1 + 1000 * 0.3) / 1e6)
     text = run_cli("plan", str(spec)).stdout
     assert "cost, batch API" in text and "at most" in text
+    spec = write_spec(tmp_path, model="other", pricing=prices, params={"max_tokens": 10}, api={"base_url": "mock://"},
+                      batch_api={"base_url": "https://batches.example/v1"})
+    assert "answered within batch_api.max_wait_h (24 h)" in run_cli("plan", str(spec)).stdout

@@ -9,6 +9,7 @@ every `EVERY_S` seconds while it runs and once at its end, so a scheduler, a sen
      "rows", "ok", "failed", "failed_for_good", "remaining",
      "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd",
      "lost_requests", "lost_usd" (a kill's requests in flight, with a budget: at their worst case),
+     "from_batches" (rows answered through a provider's batch API), "batches" (with batch_api),
      "requests", "rows_per_s", "eta_s", "started_at", "updated_at", "pid", "version", ...}
 
 The engine writes it (`StatusFile`); tools/status.py reads it, with the job's states,
@@ -68,7 +69,8 @@ class StatusFile:
             "remaining": remaining, "prompt_tokens": counts["prompt_tokens"],
             "completion_tokens": counts["completion_tokens"], "total_tokens": counts["total_tokens"],
             "cost_usd": counts.get("cost_usd"), "lost_requests": counts.get("lost_requests", 0),
-            "lost_usd": counts.get("lost_usd", 0.0), "requests": requests, "rows_per_s": round(rate, 3),
+            "lost_usd": counts.get("lost_usd", 0.0), "from_batches": counts.get("from_batches", 0),
+            "requests": requests, "rows_per_s": round(rate, 3),
             "eta_s": round(remaining / rate, 1) if rate > 0 and state == "running" else None,
             "updated_at": now_iso(),
         }

@@ -44,6 +44,7 @@ class Summary:
     # by them unanswered, to go live
     in_batches: int = 0
     for_live: int = 0
+    from_batches: int = 0  # rows answered through a provider's batch API, over all runs
 
     @property
     def remaining(self) -> int:
@@ -92,6 +93,8 @@ class Summary:
                        "cache: not deterministic (no temperature: 0 or seed; cache: {everything: true} caches all)")
         tail = f"output: {self.output}" if self.output_written else f"progress saved in {self.state}"
         sent = f"{self.requests:,} request{'' if self.requests == 1 else 's'}"
+        if self.from_batches:
+            sent = f"{self.from_batches:,} answered by the provider's batches, {sent}"
         shard = f"shard {self.shard}: " if self.shard else ""
         merged = f"; {self.merged}" if self.merged else ""
         aside = f"; the output before --restart was moved to {self.set_aside}" if self.set_aside else ""

@@ -363,11 +363,12 @@ class StateStore:
         """ok, failed, and token sums over rows with row_index < below (all by default)."""
         limit = below if below is not None else 2**62
         # TOTAL, not SUM: a server's absurd usage must not overflow the count (SUM raises).
-        ok, failed, for_good, prompt, completion, total, cost, hits, saved = self._db.execute(
+        ok, failed, for_good, prompt, completion, total, cost, hits, saved, batched = self._db.execute(
             "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'failed'), 0), "
             "COALESCE(SUM(status = 'failed' AND transient = 0), 0), "
             "TOTAL(prompt_tokens), TOTAL(completion_tokens), TOTAL(total_tokens), SUM(cost_usd), "
-            "COALESCE(SUM(json_extract(extra, '$.cached') = 1), 0), SUM(json_extract(extra, '$.saved_usd')) "
+            "COALESCE(SUM(json_extract(extra, '$.cached') = 1), 0), SUM(json_extract(extra, '$.saved_usd')), "
+            "COALESCE(SUM(json_extract(extra, '$.backend') = 'batch'), 0) "
             "FROM results WHERE row_index < ?",
             (limit,),
         ).fetchone()
@@ -378,7 +379,8 @@ class StateStore:
         ).fetchone()
         return {"ok": ok, "failed": failed, "failed_for_good": for_good, "prompt_tokens": int(prompt),
                 "completion_tokens": int(completion), "total_tokens": int(total), "cost_usd": cost,
-                "cache_hits": hits, "saved_usd": saved, "lost_requests": lost, "lost_usd": lost_usd}
+                "cache_hits": hits, "saved_usd": saved, "lost_requests": lost, "lost_usd": lost_usd,
+                "from_batches": batched}
 
     def spend(self) -> Spend:
         """What the job has spent over all its runs, as its budget counts it: the answers'

@@ -107,6 +107,9 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
     if spec.pricing and price is None:
         notes.append(f"model {spec.model!r} has no price in pricing: no cost")
 
+    if spec.batch_api is not None:
+        notes.append(f"batch_api: the rows go to the provider's batch API, answered within "
+                     f"batch_api.max_wait_h ({spec.batch_api.max_wait_h:g} h); the duration is the live path's")
     latency = mean_latency if mean_latency is not None else ASSUMED_LATENCY_S
     if mean_latency is None:
         notes.append(f"duration assumes {ASSUMED_LATENCY_S:g} s a request (no answers yet to measure)")

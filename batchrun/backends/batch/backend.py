@@ -76,7 +76,8 @@ class BatchBackend(Backend):
                        exit_code=summary.exit_code)
                 return summary
         # Every batch is collected: what they did not answer goes live, and the output is written
-        return LocalBackend(self.limits).run(spec, dataclasses.replace(options, restart=False, retry_failed=False))
+        summary = LocalBackend(self.limits).run(spec, dataclasses.replace(options, restart=False, retry_failed=False))
+        return dataclasses.replace(summary, elapsed_s=time.monotonic() - started)
 
 
 @contextlib.contextmanager
