@@ -387,3 +387,20 @@ def test_run_with_the_batch_api_flag_sends_a_spec_without_the_section_through_th
     assert done.code == 0, done.stderr
     assert [r["backend"] for r in read_output(tmp_path / "out/result.parquet")] == ["batch"] * 12
     assert len(batches.created) == 1 and spec.read_text() == text
+
+
+def test_restart_cancels_the_batches_it_discards_and_a_live_restart_is_refused_while_they_are_out(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    batches.polls_to_finish = None
+    spec = job(tmp_path, live, batches, 20)
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0
+    text = spec.read_text()
+    spec.write_text(text[:text.index("batch_api:")])  # the section dropped: a live restart
+    refused = run_cli("run", "--restart", str(spec), env=cli_env(**ENV))
+    assert refused.code == 2 and "1 batch of" in refused.stderr and "its --restart cancels them" in refused.stderr
+    assert not live.requests
+    spec.write_text(text)
+    assert run_cli("submit", "--restart", str(spec), env=cli_env(**ENV)).code == 0
+    old, new = batches.created
+    assert batches.batch(old.batch_id).obj["status"] == "cancelling" and old.custom_ids == new.custom_ids
+    assert batches.batch(new.batch_id).obj["status"] == "validating"

@@ -29,7 +29,7 @@ from ..spec.parse import JobSpec
 from ..storage import open_store
 from ..storage.columns import extra_columns
 from ..storage.output import OutputWriter
-from ..storage.state import StateStore, done_rows, state_path
+from ..storage.state import StateStore, batches_out, done_rows, state_path
 from .bridge import run_beside
 from .cache import ResponseCache
 from .call import Caller, HoldLog
@@ -135,6 +135,11 @@ class _Run:
         # Work on local files, from the newest state there is (an object store's, say)
         self.storage = storage = open_store(spec)
         storage.pull_state(state_path(output_path))
+        if restart and (out := batches_out(state_path(output_path))):
+            raise ConfigError(
+                f"{len(out):,} batch{'es' if len(out) > 1 else ''} of {spec.name} {'are' if len(out) > 1 else 'is'} "
+                "out at the provider: --restart would leave them answering "
+                "(and billing) rows nobody collects. Run it with batch_api (--batch-api): its --restart cancels them")
         self.reader = reader = open_reader(spec, storage)
         self.status = status = StatusFile(status_path(output_path), job=spec.name, output=output_path, rows=0)
         if part.label is not None:

@@ -35,10 +35,10 @@ from .._exceptions import ConfigError, StateDamagedError, StateMismatchError, St
 from ..endpoints.result import RESULT_FIELDS, Result
 from ..policy.pricing import Hold
 from .durable import fsync
-from .ledger import LEDGER_SCHEMA, LEDGER_TABLES, Ledger
+from .ledger import LEDGER_SCHEMA, LEDGER_TABLES, Entry, Ledger
 from .lock import JobLock
 
-__all__ = ["Spend", "StateStore", "differences", "replace_state", "state_copy", "state_path", "upsert"]
+__all__ = ["Spend", "StateStore", "batches_out", "differences", "replace_state", "state_copy", "state_path", "upsert"]
 
 SCHEMA_VERSION = "1"
 PRIVATE = 0o600
@@ -147,6 +147,19 @@ def state_copy(path: Path) -> Iterator[Path]:
         yield copy
     finally:
         copy.unlink(missing_ok=True)
+
+
+def batches_out(path: Path) -> list[Entry]:
+    """The batches a state records as out at the provider, read without the job's lock
+    (before a `--restart` discards them); none for a state that is absent or not whole."""
+    try:
+        store = StateStore.open(path, lock=False)
+    except (FileNotFoundError, StateMismatchError, StorageError, ConfigError):
+        return []
+    try:
+        return [entry for entry in store.ledger.entries(outstanding=True) if entry.batch_id is not None]
+    finally:
+        store.close()
 
 
 def replace_state(path: Path, new: Path) -> None:

@@ -38,7 +38,8 @@ from ...engine.summary import Summary
 from ...http.network import check_key_route
 from ...spec.model import JobSpec
 from ...storage import Store, open_store
-from ...storage.state import done_rows, state_path
+from ...storage.ledger import Entry
+from ...storage.state import batches_out, done_rows, state_path
 from ..base import Backend
 from ..local import LocalBackend
 from . import PROVIDERS
@@ -96,6 +97,7 @@ def _opened(spec: JobSpec, options: RunOptions) -> Iterator[tuple[Session, Statu
     storage = open_store(spec)
     storage.pull_state(state_path(spec.output))
     fresh = not state_path(spec.output).exists()
+    abandoned = batches_out(state_path(spec.output)) if options.restart else []  # cancelled once the state is ours
     reader = open_reader(spec, storage)
     status = StatusFile(status_path(spec.output), job=spec.name, output=spec.output, rows=0)
     try:
@@ -110,7 +112,9 @@ def _opened(spec: JobSpec, options: RunOptions) -> Iterator[tuple[Session, Statu
     cache = ResponseCache(spec.cache) if spec.cache is not None else None
     unbegun = False
     try:
-        yield Session(spec, store, reader, provider, http, fingerprint(store.meta()), total, cache), status, storage
+        session = Session(spec, store, reader, provider, http, fingerprint(store.meta()), total, cache)
+        _cancel(session, abandoned)
+        yield session, status, storage
     except ConfigError:
         # Refused before a row was sent or answered (a wrong account, a model that cannot
         # batch): the job never began, so it leaves no state, which would hold the
@@ -128,6 +132,14 @@ def _opened(spec: JobSpec, options: RunOptions) -> Iterator[tuple[Session, Statu
             if not unbegun:
                 storage.push_state(state_path(spec.output))
                 storage.push_file(status.path)
+
+
+def _cancel(session: Session, abandoned: list[Entry]) -> None:
+    """Cancel the batches a `--restart` discarded: nobody would collect what they answer.
+    One that has ended (a 4xx for the cancel) needs nothing."""
+    for entry in abandoned:
+        with contextlib.suppress(ConfigError):
+            call(session, session.provider.cancel, session.http, entry.batch_id)
 
 
 @contextlib.contextmanager
