@@ -78,6 +78,11 @@ class Faults:
     # window has left, per minute), and no reset.
     litellm_rpm: int | None = None
     litellm_window_s: float = 60.0
+    # Fireworks' serverless limits: tokens per second on three budgets (prompt, uncached
+    # prompt, generated), each a bucket of a second's tokens taken from as requests are
+    # admitted; one that would take more than is left is answered 429. Every answer states
+    # the budgets (x-ratelimit-limit-tokens-*) and what is left (x-ratelimit-remaining-tokens-*).
+    fireworks_budgets: tuple[float, float, float] | None = None
     # body -> an event its answer waits for (None: answered as usual), so a test decides when
     # a job may go on, whatever the load. The request is recorded, and in flight, meanwhile;
     # a client that gives up is let go.
@@ -125,6 +130,10 @@ class FakeServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.litellm_windows = 0  # windows of litellm_rpm begun
+        # fireworks_budgets: what is left of each, and every request admitted: (when, prompt, uncached, generated)
+        self.budget_levels: list[float] | None = None
+        self._budget_at = 0.0
+        self.budget_used: list[tuple[float, int, int, int]] = []
         self._cond = threading.Condition()  # guards the recorded state above, shared with test threads
         self._n = 0  # normal answers built so far, over the server's life
         self._path = ""  # of the request being answered
@@ -245,12 +254,18 @@ class FakeServer:
                 if not stated:
                     outcome, status, error = "limited", 429, error_body(
                         "rate limit exceeded for api_key (injected)", "rate_limit_error", "rate_limit_exceeded")
+            elif faults.fireworks_budgets is not None and error is None:
+                stated = self._fireworks_budgets(faults.fireworks_budgets, key)
+                if "x-ratelimit-over-limit" in stated:
+                    outcome, status, error = "limited", 429, error_body(
+                        "token budget exceeded (injected)", "rate_limit_error", "rate_limit_exceeded")
             self.requests.append(Recorded(path, headers, body, key, outcome))
             if outcome in ("busy", "limited"):
                 self._cond.notify_all()
         if outcome in ("busy", "limited"):
-            wait = faults.retry_after if outcome == "busy" else f"{faults.litellm_window_s:g}"
-            await _send(writer, 429, error, headers={"Retry-After": wait}, close=close)
+            wait = faults.retry_after if outcome == "busy" else "1" if faults.fireworks_budgets else \
+                f"{faults.litellm_window_s:g}"
+            await _send(writer, 429, error, headers={"Retry-After": wait, **stated}, close=close)
             return not close
         with self._cond:
             self.in_flight += 1
@@ -306,6 +321,28 @@ class FakeServer:
         self._answered_keys: set[str] = set()
         self._invalid_rng = random.Random(f"invalid-{faults.seed}")
         self._window_began, self._window_count = float("-inf"), 0
+
+    def _fireworks_budgets(self, limits: tuple[float, float, float], key: str) -> dict[str, str]:
+        """Take a request's tokens from the three budgets as it is admitted: its answer's
+        headers; with x-ratelimit-over-limit when one has not enough left (refused). Each
+        budget is a bucket of a second's tokens, refilled at its rate: what a second of no
+        use saves may be spent at once, and no more."""
+        now = time.monotonic()
+        if self.budget_levels is None:
+            self.budget_levels, self._budget_at = list(limits), now
+        elapsed, self._budget_at = now - self._budget_at, now
+        levels = [min(limit, level + elapsed * limit) for level, limit in zip(self.budget_levels, limits)]
+        prompt = len(key) // 4 + 1
+        asked = (prompt, prompt, len(f"answer-0 to {key[:20]!r}".split()))  # (the cached tokens are few)
+        over = any(a > level for a, level in zip(asked, levels))
+        if not over:
+            levels = [level - a for level, a in zip(levels, asked)]
+            self.budget_used.append((now, *asked))
+        self.budget_levels = levels
+        names = ("prompt", "cache-adjusted-prompt", "generated")
+        stated = {f"x-ratelimit-limit-tokens-{n}": f"{limit:g}" for n, limit in zip(names, limits)}
+        stated |= {f"x-ratelimit-remaining-tokens-{n}": f"{level:.0f}" for n, level in zip(names, levels)}
+        return {**stated, "x-ratelimit-over-limit": "yes"} if over else stated
 
     def _litellm_window(self, faults: Faults) -> dict[str, str]:
         """Count a request in litellm_rpm's window: its answer's headers, or {} when it is one over."""

@@ -179,3 +179,19 @@ def test_hang_outlasts_client_timeout_and_stop_does_not_wait():
     assert time.monotonic() - started < 2
     assert [type(e) for e in failures] == [httpx.RemoteProtocolError]
     assert [r.outcome for r in s.requests] == ["hang", "hang"]
+
+
+@pytest.mark.slow
+def test_fireworks_budgets_refuse_what_a_second_of_tokens_cannot_hold_and_state_what_is_left():
+    with FakeServer(Faults(fireworks_budgets=(10_000, 10_000, 20))) as fake:
+        with httpx.Client(base_url=fake.base_url) as client:
+            answers = [client.post("/chat/completions", json={"model": "m", "messages": [
+                {"role": "user", "content": f"q{i}"}]}) for i in range(8)]
+    codes = [a.status_code for a in answers]
+    generated = len(f"answer-0 to {request_key({'messages': [{'role': 'user', 'content': 'q0'}]})[:20]!r}".split())
+    assert codes[:20 // generated] == [200] * (20 // generated) and 429 in codes  # the generated budget ran out
+    first, refused = answers[0], answers[codes.index(429)]
+    assert first.headers["x-ratelimit-limit-tokens-generated"] == "20"
+    assert int(first.headers["x-ratelimit-remaining-tokens-generated"]) == 20 - generated
+    assert refused.headers["x-ratelimit-over-limit"] == "yes" and refused.headers["retry-after"] == "1"
+    assert len(fake.budget_used) == codes.count(200)

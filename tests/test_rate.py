@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from batchrun.policy.rate import RATE_HEADERS, Allowance, RateLimiter, ServerLimits, estimate_tokens, parse_duration
+from batchrun.policy.rate import (
+    RATE_HEADERS,
+    Allowance,
+    RateLimiter,
+    ServerLimits,
+    Usage,
+    estimate_tokens,
+    parse_duration,
+)
 from batchrun.policy.verdict import Verdict, judge
 from tests.conftest import read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
@@ -251,10 +259,55 @@ def test_a_debt_from_before_the_limit_is_forgotten_after_a_window() -> None:
     assert limiter.reserve(1, 0.01) == pytest.approx(60.0)  # a windowed limit has forgotten them in one
 
 
-def test_server_stated_token_limits_are_read_but_do_not_pace() -> None:
+def budgets(prompt: int, uncached: int, generated: int) -> dict[str, str]:
+    """Fireworks' three token budgets, per second, as its answers state them."""
+    return {"x-ratelimit-limit-tokens-prompt": str(prompt),
+            "x-ratelimit-limit-tokens-cache-adjusted-prompt": str(uncached),
+            "x-ratelimit-limit-tokens-generated": str(generated)}
+
+
+def test_token_budgets_cap_the_rate_by_what_a_request_uses_of_each() -> None:
     limiter = RateLimiter()
-    limiter.observe(heard(200, {**FIREWORKS, "x-ratelimit-limit-tokens": "6000"}), 0.0)
-    assert limiter.tokens_per_s is None and limiter.rate is None
+    limiter.observe(heard(200, budgets(10_000, 6_000, 500)), 0.0)
+    assert limiter.rate is None and limiter.wants_usage  # no usage seen yet: nothing to divide by
+    limiter.used(Usage.of(prompt=100, cached=20, completion=10))  # type: ignore[arg-type]
+    limiter.observe(heard(200, budgets(10_000, 6_000, 500)), 0.1)
+    # prompt 10,000/100 = 100/s, uncached 6,000/80 = 75/s, generated 500/10 = 50/s: the tightest, less 5 %
+    assert limiter.rate == pytest.approx(50 * 0.95)
+    limiter.observe(heard(200, budgets(10_000, 1_600, 500)), 0.2)  # the uncached budget shrank: 20/s now binds
+    assert limiter.rate == pytest.approx(20 * 0.95)
+
+
+def test_a_budget_that_grows_lifts_the_ceiling_and_the_rate_climbs_to_it() -> None:
+    limiter = RateLimiter()
+    limiter.used(Usage.of(prompt=100, cached=0, completion=10))  # type: ignore[arg-type]
+    limiter.observe(heard(200, budgets(100_000, 100_000, 200)), 0.0)
+    assert limiter.rate == pytest.approx(20 * 0.95)
+    now = 0.0
+    for _ in range(40):  # Fireworks' budgets grow as they are used: 400 generated tokens/s now
+        now += 0.5
+        limiter.observe(heard(200, budgets(100_000, 100_000, 400)), now)
+    assert limiter.ceiling == pytest.approx(40 * 0.95) and limiter.rate == pytest.approx(40 * 0.95)
+
+
+def test_openai_and_litellm_tokens_per_minute_cap_the_rate_by_a_requests_total_tokens() -> None:
+    limiter = RateLimiter()
+    limiter.used(Usage.of(prompt=80, cached=None, completion=40))  # type: ignore[arg-type]
+    limiter.observe(heard(200, {"x-ratelimit-limit-tokens": "60000", "x-ratelimit-api_key-limit-tokens": "36000"}),
+                    0.0)
+    assert limiter.rate == pytest.approx(36_000 / 60 * 0.95 / 120)  # the key's 600 tokens/s over 120 a request
+
+
+def test_a_requests_usage_is_a_running_mean_that_follows_the_latest_answers() -> None:
+    usage = Usage()
+    usage.add(Usage.of(prompt=100, cached=40, completion=10))  # type: ignore[arg-type]
+    assert (usage.prompt, usage.uncached, usage.completion, usage.total) == (100, 60, 10, 110)
+    for _ in range(200):
+        usage.add(Usage.of(prompt=200, cached=0, completion=20))  # type: ignore[arg-type]
+    assert usage.prompt == pytest.approx(200, rel=1e-3) and usage.uncached == pytest.approx(200, rel=1e-3)
+    several = Usage.of(10, 0, 1).plus(Usage.of(30, 0, 3))  # type: ignore[union-attr, arg-type]
+    assert (several.prompt, several.count) == (40, 2)
+    assert Usage.of(None, None, None) is None
 
 
 @pytest.mark.slow
@@ -274,3 +327,23 @@ def test_a_job_paced_by_litellm_headers_meets_at_most_one_429(tmp_path: Path) ->
         assert len(server.requests) == rows + len(limited)
         # About the time the limit allows: no more windows than the rows need, and one to spare
         assert server.litellm_windows <= math.ceil(rows / per_window) + 1, server.litellm_windows
+
+
+@pytest.mark.slow
+def test_a_job_fills_fireworks_tightest_token_budget_with_no_429(tmp_path: Path) -> None:
+    """Three budgets a second, the generated one tightest (250 tokens/s, about 50 answers):
+    paced by what a request uses of each, the job keeps to it from its second answer on."""
+    rows = 200
+    with FakeServer(Faults(fireworks_budgets=(40_000, 40_000, 250), latency_s=0.01)) as server:
+        write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"question {i:04d}: " + "tell me more " * 20}
+                                               for i in range(rows)])
+        spec = write_spec(tmp_path, api={"base_url": server.base_url}, endpoint="chat", concurrency=16)
+        result = run_cli("run", str(spec), "--no-progress")
+        assert result.code == 0, result.stderr
+        assert [r["status"] for r in read_output(tmp_path / "out/result.parquet")] == ["ok"] * rows
+        assert [r for r in server.requests if r.outcome == "limited"] == []  # no 429
+        admitted = server.budget_used
+    # The generated tokens a second, from the first second on (the first answer goes alone)
+    start, end = admitted[0][0] + 1.0, admitted[-1][0]
+    generated = sum(tokens for at, _, _, tokens in admitted if start <= at <= end)
+    assert generated / (end - start) >= 0.9 * 250, generated / (end - start)

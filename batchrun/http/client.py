@@ -30,7 +30,7 @@ from ..endpoints import ENDPOINTS, get_endpoint
 from ..endpoints.result import Result, storable_text
 from ..endpoints.sse import StreamAssembler
 from ..policy.concurrency import ConcurrencyLimit
-from ..policy.rate import Limiter, RateLimiter, estimate_tokens
+from ..policy.rate import Limiter, RateLimiter, Usage, estimate_tokens
 from ..policy.retry import error_for, retrying
 from ..policy.verdict import Verdict, judge, unanswered
 from ..spec.model import JobSpec
@@ -164,6 +164,9 @@ class Client:
         result.attempts, result.latency_s = request.count, request.latency
         if request.tokens and result.total_tokens is not None:
             self.limiter.correct_tokens(result.total_tokens - request.tokens)
+        if self.limiter.wants_usage and (used := Usage.of(result.prompt_tokens, result.cached_tokens,
+                                                          result.completion_tokens)) is not None:
+            self.limiter.used(used)
         return result
 
     async def _retry(self, request: Request, failure: RetryableAPIError, park: bool) -> Result:

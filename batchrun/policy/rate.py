@@ -16,6 +16,11 @@ Two mechanisms share one schedule:
   OpenAI's, LiteLLM's or Fireworks' names): the tightest request limit caps the rate, and
   the requests sent before it was known count against it; a window with nothing left
   pauses the sends, and what is left of one with a stated reset bounds the rate.
+- **Token budgets** the server states (Fireworks' three per second: prompt, uncached
+  prompt, generated; OpenAI's and LiteLLM's tokens per minute) cap the rate too, as
+  requests: each budget over what a request of this job has used of it lately (`used`,
+  from every answer's usage). A budget stated anew (Fireworks' grow with use) moves the
+  cap with it, up as well as down.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["NOTHING_STATED", "RATE_HEADERS", "Allowance", "Heard", "Limiter", "RateLimiter", "ServerLimits",
+__all__ = ["NOTHING_STATED", "RATE_HEADERS", "Allowance", "Heard", "Limiter", "RateLimiter", "ServerLimits", "Usage",
            "estimate_tokens", "header_number", "parse_duration"]
 
 DECREASE_FACTOR = 0.9  # of the rate the server admitted when it pushed back
@@ -42,6 +47,7 @@ HEADROOM = 0.95  # of a limit the server states
 EMPTY_WINDOW_WAIT_S = 1.0  # the longest pause for a window with nothing left
 MINUTE_S = 60.0  # the window of OpenAI's limits and of LiteLLM's rpm_limit / tpm_limit
 FIREWORKS_WINDOW_S = 1.0  # Fireworks states tokens per second
+USAGE_WEIGHT = 0.05  # of the latest answer in a request's mean usage (the last ~20 answers weigh most)
 
 
 class Heard(Protocol):
@@ -61,18 +67,24 @@ class Limiter(Protocol):
     the job's (`backends.ray.quota.LeasedLimiter`)."""
 
     tokens_per_s: float | None
+    wants_usage: bool  # whether `used` is worth calling (a token budget is stated)
 
     def reserve(self, tokens: int, now: float) -> float: ...
     def observe(self, answer: Heard, now: float) -> None: ...
     def correct_tokens(self, difference: int) -> None: ...
+    def used(self, usage: Usage) -> None: ...
 
 
 class RateLimiter:
     """Books send times; `rate` is requests/s, None while nothing limits it."""
 
     def __init__(self, *, requests_per_minute: float | None = None, tokens_per_minute: float | None = None) -> None:
-        self.ceiling = requests_per_minute / 60 if requests_per_minute else None
+        self._spec_ceiling = requests_per_minute / 60 if requests_per_minute else None
+        self._request_ceiling: float | None = None  # the tightest request limit the server stated
+        self._token_ceiling: float | None = None  # its token budgets, as requests/s (see `_follow_tokens`)
         self.rate = self.ceiling
+        self.usage = Usage()  # what a request has used lately
+        self.wants_usage = False  # once the server states a token budget
         self.tokens_per_s = tokens_per_minute / 60 if tokens_per_minute else None
         self._next_request = 0.0
         self._next_tokens = 0.0
@@ -81,6 +93,12 @@ class RateLimiter:
         self._pushed: deque[float] = deque()  # times of recent push-backs
         self._last_change = float("-inf")
         self.pushbacks = 0
+
+    @property
+    def ceiling(self) -> float | None:
+        """The highest rate: the spec's, or the tightest limit the server states."""
+        limits = [c for c in (self._spec_ceiling, self._request_ceiling, self._token_ceiling) if c is not None]
+        return min(limits) if limits else None
 
     # -- pacing ------------------------------------------------------------------------------
 
@@ -112,6 +130,11 @@ class RateLimiter:
             difference = min(difference, int(self.tokens_per_s * 60))
             self._next_tokens += difference / self.tokens_per_s
 
+    def used(self, usage: Usage) -> None:
+        """An answer's usage (or several answers': see `Usage.mean`): what the token budgets
+        the server states come to in requests."""
+        self.usage.add(usage)
+
     # -- adapting --------------------------------------------------------------------------
 
     def observe(self, answer: Heard, now: float) -> None:
@@ -142,16 +165,15 @@ class RateLimiter:
         self._set(min(current, target) * DECREASE_FACTOR, now)
 
     def _follow(self, stated: ServerLimits, now: float) -> None:
-        """Keep within the request limits the server states (its token limits are not paced by)."""
+        """Keep within the request limits and the token budgets the server states."""
         limits = [a for a in stated.requests if a.per_s]
         if limits:
             tightest = min(limits, key=lambda a: a.per_s)
             limit = tightest.per_s * HEADROOM
-            if self.ceiling is None or limit < self.ceiling:
-                self.ceiling = limit
-                if self.rate is None or self.rate > limit:
-                    self.rate = limit
-                    self._count_earlier(now, tightest.window_s)
+            if self._request_ceiling is None or limit < self._request_ceiling:
+                self._request_ceiling = limit
+                self._cap(now, tightest.window_s)
+        self._follow_tokens(stated, now)
         if self.rate is None:
             return
         for allowance in stated.requests:
@@ -163,6 +185,36 @@ class RateLimiter:
             elif allowance.remaining is not None and allowance.reset_s:
                 # A count left says how fast only with the time it must last (LiteLLM gives none)
                 self.rate = min(self.rate, max(self._floor(), allowance.remaining / allowance.reset_s))
+
+    def _follow_tokens(self, stated: ServerLimits, now: float) -> None:
+        """The token budgets stated, as requests/s: each budget over a request's mean use of
+        it (Fireworks: prompt, uncached prompt, generated; OpenAI and LiteLLM: all tokens).
+        Stated anew with every answer, a budget moves the cap down and up."""
+        usage = self.usage
+        budgets = [(a, usage.prompt) for a in (stated.prompt_tokens,) if a is not None] + \
+            [(a, usage.uncached) for a in (stated.cache_adjusted_prompt_tokens,) if a is not None] + \
+            [(a, usage.completion) for a in (stated.generated_tokens,) if a is not None] + \
+            [(a, usage.total) for a in stated.tokens]
+        if budgets:
+            self.wants_usage = True
+        rates = [(a.per_s * HEADROOM / each, a.window_s) for a, each in budgets if a.per_s and each]
+        if not rates:
+            return
+        limit, window_s = min(rates)
+        tighter = self._token_ceiling is None or limit < self._token_ceiling
+        self._token_ceiling = limit
+        if tighter:
+            self._cap(now, window_s)
+        elif self.rate is not None and self.ceiling is not None and self.rate > self.ceiling:
+            self.rate = self.ceiling
+
+    def _cap(self, now: float, window_s: float) -> None:
+        """A lower ceiling: the rate comes down to it at once, and the requests sent before
+        it was known count against it."""
+        ceiling = self.ceiling
+        if ceiling is not None and (self.rate is None or self.rate > ceiling):
+            self.rate = ceiling
+            self._count_earlier(now, window_s)
 
     def _count_earlier(self, now: float, window_s: float) -> None:
         """The requests booked lately, before this rate held, count against it (the job's
@@ -227,6 +279,43 @@ def header_number(text: str | None) -> float | None:
     return value if value is not None and 0 <= value < float("inf") else None
 
 
+@dataclass
+class Usage:
+    """Tokens per request, as running means (`add` the answers' usage as they come):
+    `prompt`, `uncached` (the prompt less its cached tokens), `completion`, `total`.
+    `count` answers' sums, for a report that carries several (a Ray worker's)."""
+
+    prompt: float = 0.0
+    uncached: float = 0.0
+    completion: float = 0.0
+    total: float = 0.0
+    count: int = 0
+
+    @classmethod
+    def of(cls, prompt: int | None, cached: int | None, completion: int | None) -> Usage | None:
+        """One answer's usage; None for an answer that states none."""
+        if prompt is None and completion is None:
+            return None
+        prompt, completion = prompt or 0, completion or 0
+        uncached = max(0, prompt - min(cached or 0, prompt))
+        return cls(prompt, uncached, completion, prompt + completion, 1)
+
+    def add(self, more: Usage) -> None:
+        """Fold `more` (sums over `more.count` answers) into the means."""
+        if more.count <= 0:
+            return
+        weight = 1.0 if self.count == 0 else 1 - (1 - USAGE_WEIGHT) ** more.count
+        for name in ("prompt", "uncached", "completion", "total"):
+            mean = getattr(more, name) / more.count
+            setattr(self, name, getattr(self, name) + weight * (mean - getattr(self, name)))
+        self.count += more.count
+
+    def plus(self, more: Usage) -> Usage:
+        """Sums: this and `more` together (to carry in one report)."""
+        return Usage(self.prompt + more.prompt, self.uncached + more.uncached, self.completion + more.completion,
+                     self.total + more.total, self.count + more.count)
+
+
 # -- what servers state ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -268,9 +357,10 @@ class ServerLimits:
       tokens per second on three budgets that grow as usage ramps.
 
     `requests` and `tokens` hold an Allowance for each scope present, OpenAI's names first;
-    the tightest binds. Token limits are kept but not paced by: OpenAI counts a request's
-    max_tokens, LiteLLM by default only the tokens generated, and Fireworks' budgets grow
-    only when used, so no one booking fits them all.
+    the tightest binds. Token limits cap the request rate by a request's mean usage (see
+    `RateLimiter._follow_tokens`); they are not booked token by token: OpenAI counts a
+    request's max_tokens, LiteLLM by default only the tokens generated, and Fireworks'
+    budgets grow only when used, so no one booking fits them all.
     """
 
     requests: tuple[Allowance, ...] = ()

@@ -53,7 +53,7 @@ from operator import itemgetter
 from typing import Any, ClassVar
 
 from ...policy.concurrency import Control, answered_lately
-from ...policy.rate import RateLimiter
+from ...policy.rate import RateLimiter, Usage
 from ...policy.verdict import Verdict
 from ..layout import slice_of
 
@@ -79,6 +79,7 @@ class Report:
     tokens_each: int = 0  # tokens to book with each slot: the worker's recent estimate per request
     observations: list[tuple[float, Verdict]] = field(default_factory=list)  # (ago, an answer's verdict)
     tokens: int = 0  # token corrections (real usage against estimates)
+    usage: Usage = field(default_factory=Usage)  # the answers' usage, summed: what token budgets come to
     borrowed: list[tuple[float, int]] = field(default_factory=list)  # (seconds ago, tokens) of slots taken alone
     unused: tuple[int, int] = (0, 0)  # slots (and their tokens) given back by a worker that stopped
     worker: int = 0  # which worker (its shard's index)
@@ -180,6 +181,7 @@ class Quota:
             if verdict.ok:
                 self._last_ok = max(self._last_ok, now - ago)
         limiter.correct_tokens(report.tokens)
+        limiter.used(report.usage)
         for ago, tokens in report.borrowed:  # booked as of when they were spent
             limiter.reserve(tokens, now - ago)
         limiter.release(*report.unused, now)
@@ -315,6 +317,8 @@ class LeasedLimiter:
         self._tokens_each = float(tokens_each)
         self._observations: deque[tuple[float, Verdict]] = deque(maxlen=MAX_OBSERVED)  # (when, verdict)
         self._tokens = 0
+        self._usage = Usage()  # the answers' usage since the last report, summed
+        self.wants_usage = True  # the Quota follows the token budgets the server states
         self._borrowed: list[tuple[float, int]] = []  # (when, tokens)
         self._alone_request = self._alone_tokens = 0.0  # the schedule of slots taken without a lease
         self.worker = worker
@@ -367,6 +371,10 @@ class LeasedLimiter:
             with self._lock:
                 self._tokens += difference
 
+    def used(self, usage: Usage) -> None:
+        with self._lock:
+            self._usage = self._usage.plus(usage)
+
     # -- in the thread that talks to the Quota -------------------------------------------
 
     def report(self, now: float, *, final: bool = False) -> Report:
@@ -382,10 +390,12 @@ class LeasedLimiter:
                 not self._slots or self._slots[-1][0] - now < HORIZON_S)
             report = Report(want=want, tokens_each=round(self._tokens_each),
                             observations=[(now - at, verdict) for at, verdict in self._observations],
-                            tokens=self._tokens, borrowed=[(now - at, tokens) for at, tokens in self._borrowed],
+                            tokens=self._tokens, usage=self._usage,
+                            borrowed=[(now - at, tokens) for at, tokens in self._borrowed],
                             unused=unused, worker=self.worker, final=final)
             self._observations.clear()
             self._tokens = 0
+            self._usage = Usage()
             self._borrowed.clear()
             self.control.report(report, now)
             return report
@@ -395,6 +405,7 @@ class LeasedLimiter:
         with self._lock:
             self._observations.extendleft((made - ago, verdict) for ago, verdict in reversed(report.observations))
             self._tokens += report.tokens
+            self._usage = self._usage.plus(report.usage)
             self._borrowed[:0] = [(made - ago, tokens) for ago, tokens in report.borrowed]
             self.control.returned(report, made)
             self._answering = False
