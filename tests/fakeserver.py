@@ -83,6 +83,12 @@ class Faults:
     # admitted; one that would take more than is left is answered 429. Every answer states
     # the budgets (x-ratelimit-limit-tokens-*) and what is left (x-ratelimit-remaining-tokens-*).
     fireworks_budgets: tuple[float, float, float] | None = None
+    # Replicas with prompt caches of their own: a chat request goes to the replica its
+    # x-session-affinity header names (else one drawn at random), and its messages before
+    # the last are cached tokens there if that replica served them lately (its last
+    # `replica_cache` prefixes); then its usage says so.
+    replicas: int | None = None
+    replica_cache: int = 16
     # body -> an event its answer waits for (None: answered as usual), so a test decides when
     # a job may go on, whatever the load. The request is recorded, and in flight, meanwhile;
     # a client that gives up is let go.
@@ -134,6 +140,9 @@ class FakeServer:
         self.budget_levels: list[float] | None = None
         self._budget_at = 0.0
         self.budget_used: list[tuple[float, int, int, int]] = []
+        self.replica_caches: dict[int, list[str]] = {}  # replicas: each one's prompt prefixes, the newest last
+        # replicas: (replica, x-session-affinity, prompt prefix) of each request answered
+        self.replica_served: list[tuple[int, str | None, str]] = []
         self._cond = threading.Condition()  # guards the recorded state above, shared with test threads
         self._n = 0  # normal answers built so far, over the server's life
         self._path = ""  # of the request being answered
@@ -295,6 +304,8 @@ class FakeServer:
                 return not close
             self._path = path
             answer = self._build_answer(body, key)
+            if faults.replicas is not None and "messages" in body:
+                answer["usage"]["prompt_tokens_details"]["cached_tokens"] = self._prefix_cached(faults, headers, body)
             stream = body.get("stream") is True
             sent_completely = outcome not in ("truncated_body", "truncated_stream")
             if sent_completely:
@@ -320,7 +331,23 @@ class FakeServer:
         self._seen_keys: set[str] = set()
         self._answered_keys: set[str] = set()
         self._invalid_rng = random.Random(f"invalid-{faults.seed}")
+        self._replica_rng = random.Random(f"replica-{faults.seed}")
         self._window_began, self._window_count = float("-inf"), 0
+
+    def _prefix_cached(self, faults: Faults, headers: dict[str, str], body: dict) -> int:
+        """The request's cached prompt tokens on the replica it reaches (see Faults.replicas)."""
+        affinity = headers.get("x-session-affinity")
+        with self._cond:
+            replica = int(affinity, 16) % faults.replicas if affinity else self._replica_rng.randrange(faults.replicas)
+            prefix = json.dumps(body["messages"][:-1], sort_keys=True)
+            cache = self.replica_caches.setdefault(replica, [])
+            hit = prefix in cache
+            if hit:
+                cache.remove(prefix)
+            cache.append(prefix)
+            del cache[:-faults.replica_cache]
+            self.replica_served.append((replica, affinity, prefix))
+        return len(prefix) // 4 if hit and len(body["messages"]) > 1 else 0
 
     def _fireworks_budgets(self, limits: tuple[float, float, float], key: str) -> dict[str, str]:
         """Take a request's tokens from the three budgets as it is admitted: its answer's

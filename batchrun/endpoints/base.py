@@ -33,6 +33,7 @@ outside `endpoints/` asks which endpoint it is.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -54,6 +55,9 @@ INPUT_REQUEST_FIELDS = REQUEST_FIELDS | frozenset(
     """input instructions max_output_tokens text store reasoning truncation include metadata
     previous_response_id dimensions encoding_format""".split()
 )
+
+
+PREFIX_CHARS = 512  # of a one-message prompt: rows whose first characters agree share a replica
 
 
 class StreamReader:
@@ -118,6 +122,19 @@ class Endpoint:
             # Fireworks puts usage in the last chunk anyway; OpenAI only when asked.
             body.setdefault("stream_options", {"include_usage": True})
         return body
+
+    def shared_prefix(self, body: Mapping[str, Any]) -> str | None:
+        """What this request's prompt may share with other rows' (a template's system
+        message, a few-shot block), for the prompt cache's affinity (`api.affinity`): the
+        messages before the last, else the first PREFIX_CHARS of a long prompt; None when
+        there is nothing worth sharing."""
+        messages = body.get("messages", body.get("input"))
+        if isinstance(messages, list) and len(messages) > 1:
+            return json.dumps(messages[:-1], sort_keys=True, ensure_ascii=False, default=str)
+        text = body.get("prompt", body.get("input"))
+        if isinstance(messages, list) and messages and isinstance(messages[0], Mapping):
+            text = messages[0].get("content")
+        return text[:PREFIX_CHARS] if isinstance(text, str) and len(text) >= PREFIX_CHARS else None
 
     def parse(self, data: Any) -> Result:
         """A whole (non-streamed) answer as a Result, row_index and id left blank."""

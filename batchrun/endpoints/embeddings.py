@@ -76,6 +76,10 @@ class Embeddings(Endpoint):
         return [Result(-1, "", "ok", model=answer.model, response_id=answer.response_id, embedding=vector,
                        **{name: usage[name][i] for name in _USAGE}) for i, vector in enumerate(vectors)]
 
+    def shared_prefix(self, body: Mapping[str, Any]) -> str | None:
+        """Embeddings are not generated from a prompt: no prefix cache to share."""
+        return None
+
     def parse(self, data: Any) -> Result:
         items = data.get("data") if isinstance(data, dict) else None
         if not isinstance(items, list):

@@ -13,6 +13,7 @@ re-ask) is the engine's (`engine.call`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -73,6 +74,7 @@ class Request:
     pushed_back: bool = False  # a 429 (or a 503 naming a wait) answered it before: it never probes
     verdict: Verdict | None = None  # on the last answer
     spent: tuple[int, int] = (0, 0)  # (failures, 429s) before the row was set aside
+    affinity: str | None = None  # `x-session-affinity`: requests sharing a prompt prefix share it
 
 
 def endpoint_url(base_url: str, endpoint: str) -> httpx.URL:
@@ -138,7 +140,16 @@ class Client:
         elif tokens is None:
             tokens = estimate_tokens(body)
         return Request(url=self._urls[endpoint], payload=payload, endpoint=endpoint, stream=bool(body.get("stream")),
-                       tokens=tokens, pushed_back=pushed_back, spent=spent)
+                       tokens=tokens, pushed_back=pushed_back, spent=spent,
+                       affinity=self._affinity(endpoint, body) if self.spec.api.affinity else None)
+
+    def _affinity(self, endpoint: str, body: Mapping[str, Any]) -> str | None:
+        """The key of the replica whose prompt cache may hold this request's prefix: the
+        same for every request that shares it (and the model)."""
+        prefix = ENDPOINTS[endpoint].shared_prefix(body)
+        if prefix is None:
+            return None
+        return hashlib.blake2b(f"{body.get('model')}\n{prefix}".encode(), digest_size=8).hexdigest()
 
     async def send(self, request: Request, *, park: bool = False) -> Result:
         """One answer, retried as the policy says; a failure the row bears is a failed Result.
@@ -229,6 +240,8 @@ class Client:
         came. `timeout_s` bounds the whole answer, not each read: a server dripping keep-alive
         comments must not hold a worker."""
         headers = [*self._headers, ("content-length", str(len(request.payload)))]
+        if request.affinity is not None:
+            headers.append(("x-session-affinity", request.affinity))
         sent_request = httpx.Request("POST", request.url, headers=headers, stream=httpx.ByteStream(request.payload))
         sent = await self.in_flight.enter(cautious=request.pushed_back)
         started = time.monotonic()  # latency_s is the time on the wire, not the wait at the gate

@@ -62,6 +62,9 @@ class ApiSpec:
     timeout_s: float = 300.0
     max_answer_mb: float = 32.0  # one answer, decoded; past it the attempt fails
     allow_insecure_http: bool = False  # a key over plain http:// to another machine
+    # Rows sharing a prompt's beginning go to one replica (`x-session-affinity`), where its
+    # prefix cache serves them; by default on for Fireworks, whose cached tokens cost half
+    affinity: bool = False
 
     @property
     def max_answer_bytes(self) -> int:

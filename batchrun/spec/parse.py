@@ -419,16 +419,20 @@ def _api(raw: Any, env: Mapping[str, str]) -> ApiSpec:
     api = _mapping(raw, "api")
     _check_keys(api, _fields(ApiSpec), "api")
     default_base = env.get("OPENAI_API_BASE") or DEFAULT_BASE_URL
+    base_url = _base_url(_string(api, "base_url", "api", default_base))
     return ApiSpec(
-        base_url=_base_url(_string(api, "base_url", "api", default_base)),
+        base_url=base_url,
         api_key_env=_string(api, "api_key_env", "api", ApiSpec.api_key_env),
         timeout_s=_number(api, "timeout_s", "api", ApiSpec.timeout_s, kind=float, minimum=0.001),
         max_answer_mb=_number(api, "max_answer_mb", "api", ApiSpec.max_answer_mb, kind=float, minimum=0.001),
         allow_insecure_http=_flag(api, "allow_insecure_http", "api"),
+        affinity=_flag(api, "affinity", "api", _on_fireworks(base_url)),
     )
 
 
 FIREWORKS_BATCH_URL = "https://api.fireworks.ai/v1"  # datasets and batch jobs: not under /inference
+
+
 @dataclass(frozen=True)
 class _BatchKind:
     """What the spec must hold for one provider's batch API; the provider's own module
