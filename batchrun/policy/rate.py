@@ -191,25 +191,19 @@ class RateLimiter:
         it (Fireworks: prompt, uncached prompt, generated; OpenAI and LiteLLM: all tokens).
         Stated anew with every answer, a budget moves the cap down and up."""
         usage = self.usage
-        budgets = [(a, usage.prompt) for a in (stated.prompt_tokens,) if a is not None] + \
-            [(a, usage.uncached) for a in (stated.cache_adjusted_prompt_tokens,) if a is not None] + \
-            [(a, usage.completion) for a in (stated.generated_tokens,) if a is not None] + \
-            [(a, usage.total) for a in stated.tokens]
+        budgets = [(budget, each) for budget, each in (
+            (stated.prompt_tokens, usage.prompt), (stated.cache_adjusted_prompt_tokens, usage.uncached),
+            (stated.generated_tokens, usage.completion), *((budget, usage.total) for budget in stated.tokens),
+        ) if budget is not None]
         if budgets:
             self.wants_usage = True
-        rates = [(a.per_s * HEADROOM / each, a.window_s) for a, each in budgets if a.per_s and each]
-        if not rates:
-            return
-        limit, window_s = min(rates)
-        tighter = self._token_ceiling is None or limit < self._token_ceiling
-        self._token_ceiling = limit
-        if tighter:
-            self._cap(now, window_s)
-        elif self.rate is not None and self.ceiling is not None and self.rate > self.ceiling:
-            self.rate = self.ceiling
+        rates = [(budget.per_s * HEADROOM / each, budget.window_s) for budget, each in budgets if budget.per_s and each]
+        if rates:
+            self._token_ceiling, window_s = min(rates)
+            self._cap(now, window_s)  # (a ceiling that rose leaves the rate to climb to it)
 
     def _cap(self, now: float, window_s: float) -> None:
-        """A lower ceiling: the rate comes down to it at once, and the requests sent before
+        """A rate above the ceiling comes down to it at once, and the requests sent before
         it was known count against it."""
         ceiling = self.ceiling
         if ceiling is not None and (self.rate is None or self.rate > ceiling):
