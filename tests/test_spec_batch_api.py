@@ -11,6 +11,7 @@ import pytest
 
 from batchrun import ConfigError, SpecError, parse_spec, run_job
 from batchrun.backends.layout import Shard
+from batchrun.backends.ray.driver import run_on_ray
 from batchrun.spec.model import BatchApiSpec
 from tests.conftest import write_jsonl, write_spec
 
@@ -96,4 +97,12 @@ def test_a_batch_api_job_without_its_key_is_refused_before_any_file(tmp_path: Pa
     spec = write_spec(tmp_path, api=LOCAL, batch_api={"api_key_env": "BATCH_KEY"})
     with pytest.raises(ConfigError, match="BATCH_KEY is not set; export it or set batch_api.api_key_env in"):
         run_job(spec, environ={"OPENAI_API_KEY": "sk-test-0123456789abcdef"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_api_job_is_not_run_on_ray(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
+    spec = write_spec(tmp_path, api=LOCAL, batch_api=True)
+    with pytest.raises(ConfigError, match="batch_api and --ray do not go together"):
+        run_on_ray(spec, workers=2)
     assert not (tmp_path / "out").exists()

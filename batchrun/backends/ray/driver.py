@@ -92,6 +92,9 @@ class RayBackend(Backend):
 
     def run(self, spec: JobSpec, options: RunOptions) -> Summary:
         started = time.monotonic()
+        if spec.batch_api is not None:  # its shards would send live what the batch API would answer at half price
+            raise ConfigError(f"{spec.name}: batch_api and --ray do not go together: a provider's batch API takes "
+                              "the whole job at once; drop one of them")
         workers = max(1, min(self.workers, spec.concurrency))  # each holds at least one request in flight
         address = self.address or os.environ.get("RAY_ADDRESS") or "local"
         if address == "local":  # its workers have this environment: a missing key is said before Ray starts
