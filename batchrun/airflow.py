@@ -50,6 +50,11 @@ class BatchrunOperator(BaseOperator):
     Airflow's name for a task's XCom.) `job`, `output_path` and `shard` are templated;
     `.partial(...).expand(shard=["0/2", "1/2"])` runs a job as mapped shards.
 
+    `submit=True`, for a spec with `batch_api:`: send the rows to the provider's batch API
+    and return at once (state "submitted"), as `batchrun submit` does, so that no worker is
+    held for the day the provider may take; a sensor then waits for the batches and a
+    task without it collects them (examples/airflow_batch_dag.py).
+
     The status is the JSON of `batchrun status JOB --json` (a shard's own, for a shard).
     The task fails when rows failed beyond the spec's `max_failed_share` or the job
     stopped early (SIGTERM, execution_timeout, budget, bad key...), and then pushes the
@@ -60,11 +65,13 @@ class BatchrunOperator(BaseOperator):
 
     template_fields = ("job", "output_path", "shard")
 
-    def __init__(self, *, job: str, output_path: str | None = None, shard: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, job: str, output_path: str | None = None, shard: str | None = None, submit: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.job = job
         self.output_path = output_path
         self.shard = shard
+        self.submit = submit
         self._running_in: int | None = None  # the thread inside run_job, which on_kill stops
 
     def execute(self, context: Any) -> dict[str, Any]:
@@ -98,7 +105,11 @@ class BatchrunOperator(BaseOperator):
         try:
             # a line every 5 s in the task's log, as the CLI writes when not on a terminal
             # Airflow kills a task 5 s after its SIGTERM: answers in flight get 4 s to come home
-            return run_job(spec, shard=shard, progress=LogProgress(sys.stderr), grace_s=AIRFLOW_GRACE_S)
+            if self.submit and spec.batch_api is None:
+                raise ConfigError(f"{self.task_id}: submit=True sends a job's rows to the provider's batch API, and "
+                                  f"{spec.name} has no batch_api: section; add one, or drop submit")
+            return run_job(spec, shard=shard, progress=LogProgress(sys.stderr), grace_s=AIRFLOW_GRACE_S,
+                           submit=self.submit)
         finally:
             self._running_in = None
 

@@ -22,6 +22,7 @@ import pytest
 import batchrun
 from batchrun import ConfigError, Interrupted
 from tests.conftest import read_output, write_jsonl, write_spec
+from tests.fakebatch import FakeBatchAPI
 from tests.fakeserver import FakeServer, Faults, error_body
 
 
@@ -186,3 +187,19 @@ def test_sigterm_through_on_kill_stops_the_job_as_sigterm_stops_the_cli(
         assert [r["row_index"] for r in read_output(tmp_path / "out" / "result.parquet")] == list(range(rows))
         assert all(server.count(f"p{i}") == 1 for i in range(rows))  # no row was requested (and paid) twice
         assert set(saved_rows(tmp_path / "out" / "result.batchrun.sqlite").values()) == {1}
+
+
+@pytest.mark.slow
+def test_submit_sends_the_rows_to_the_batch_api_and_returns_the_submitted_status(
+        tmp_path: Path, operators: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(12)])
+    monkeypatch.setenv("BATCH_KEY", "sk-test-batch")
+    with FakeBatchAPI() as batches:
+        spec = write_spec(tmp_path, api={"base_url": "mock://"},
+                          batch_api={"kind": "openai", "base_url": batches.base_url, "api_key_env": "BATCH_KEY"})
+        status = operators.BatchrunOperator(task_id="submit", job=str(spec), submit=True).execute({})
+        assert (status["state"], status["remaining"], len(status["batches"])) == ("submitted", 12, 1)
+        assert len(batches.created) == 1 and len(batches.created[0].custom_ids) == 12
+    live = write_spec(tmp_path, name="live.yaml", api={"base_url": "mock://"})
+    with pytest.raises(ConfigError, match="submit=True sends a job's rows to the provider's batch API"):
+        operators.BatchrunOperator(task_id="submit", job=str(live), submit=True).execute({})
