@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from batchrun._cli import main
+from tests.fakebatch import BatchFaults, FakeBatchAPI
 from tests.fakeserver import FakeServer, Faults
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,6 +87,20 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 def server() -> Iterator[FakeServer]:
     with FakeServer(Faults()) as s:
         yield s
+
+
+@pytest.fixture
+def live() -> Iterator[FakeServer]:
+    """The live API's fake, beside a batch API's (`batches`)."""
+    with FakeServer(Faults()) as s:
+        yield s
+
+
+@pytest.fixture
+def batches() -> Iterator[FakeBatchAPI]:
+    """The fake of OpenAI's Files + Batches API; a batch ends at its second poll."""
+    with FakeBatchAPI(BatchFaults(seed=7), polls_to_finish=2, api_key=TEST_KEY) as f:
+        yield f
 
 
 def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
