@@ -271,8 +271,10 @@ def test_token_budgets_cap_the_rate_by_what_a_request_uses_of_each() -> None:
     limiter.observe(heard(200, budgets(10_000, 6_000, 500)), 0.0)
     assert limiter.rate is None and limiter.wants_usage  # no usage seen yet: nothing to divide by
     limiter.used(Usage.of(prompt=100, cached=20, completion=10))  # type: ignore[arg-type]
+    # at once, before the rest of the first round goes: prompt 10,000/100 = 100/s, uncached
+    # 6,000/80 = 75/s, generated 500/10 = 50/s: the tightest, less 5 %
+    assert limiter.rate == pytest.approx(50 * 0.95)
     limiter.observe(heard(200, budgets(10_000, 6_000, 500)), 0.1)
-    # prompt 10,000/100 = 100/s, uncached 6,000/80 = 75/s, generated 500/10 = 50/s: the tightest, less 5 %
     assert limiter.rate == pytest.approx(50 * 0.95)
     limiter.observe(heard(200, budgets(10_000, 1_600, 500)), 0.2)  # the uncached budget shrank: 20/s now binds
     assert limiter.rate == pytest.approx(20 * 0.95)

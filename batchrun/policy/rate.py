@@ -85,6 +85,7 @@ class RateLimiter:
         self.rate = self.ceiling
         self.usage = Usage()  # what a request has used lately
         self.wants_usage = False  # once the server states a token budget
+        self._budgets: tuple[ServerLimits, float] | None = None  # the token budgets stated last, and when
         self.tokens_per_s = tokens_per_minute / 60 if tokens_per_minute else None
         self._next_request = 0.0
         self._next_tokens = 0.0
@@ -131,9 +132,12 @@ class RateLimiter:
             self._next_tokens += difference / self.tokens_per_s
 
     def used(self, usage: Usage) -> None:
-        """An answer's usage (or several answers': see `Usage.mean`): what the token budgets
-        the server states come to in requests."""
+        """An answer's usage (or several answers': see `Usage.add`): what the token budgets
+        the server states come to in requests. The budgets stated last apply at once: the
+        first answer's usage caps the rate before the rest of the first round goes."""
         self.usage.add(usage)
+        if self._budgets is not None:
+            self._follow_tokens(*self._budgets)
 
     # -- adapting --------------------------------------------------------------------------
 
@@ -197,6 +201,7 @@ class RateLimiter:
         ) if budget is not None]
         if budgets:
             self.wants_usage = True
+            self._budgets = (stated, now)
         rates = [(budget.per_s * HEADROOM / each, budget.window_s) for budget, each in budgets if budget.per_s and each]
         if rates:
             self._token_ceiling, window_s = min(rates)
@@ -346,15 +351,18 @@ class ServerLimits:
       `x-ratelimit-{scope}-{limit,remaining}-{requests,tokens}` for each limit it keeps: the
       key's rpm_limit / tpm_limit (scope `api_key`), and a user's, team's, team member's,
       end user's, or a model's for the key. Counted per minute, in fixed windows (60 s
-      unless the proxy is set otherwise); no reset, and `remaining` goes below 0 once over.
+      unless the proxy is set otherwise), tokens after each answer; no reset, `remaining`
+      may go below 0 once over (seen on a model's `tpm`, which the proxy states but does
+      not enforce), and a 429 carries none of them.
     - Fireworks: `x-ratelimit-{limit,remaining}-tokens-{prompt,cache-adjusted-prompt,generated}`,
       tokens per second on three budgets that grow as usage ramps.
 
     `requests` and `tokens` hold an Allowance for each scope present, OpenAI's names first;
     the tightest binds. Token limits cap the request rate by a request's mean usage (see
     `RateLimiter._follow_tokens`); they are not booked token by token: OpenAI counts a
-    request's max_tokens, LiteLLM by default only the tokens generated, and Fireworks'
-    budgets grow only when used, so no one booking fits them all.
+    request's max_tokens as it is admitted, LiteLLM the prompt and completion (less cached
+    tokens) once answered, and Fireworks' budgets grow only when used, so no one booking
+    fits them all.
     """
 
     requests: tuple[Allowance, ...] = ()
