@@ -334,12 +334,13 @@ def test_a_job_paced_by_litellm_headers_meets_at_most_one_429(tmp_path: Path) ->
 @pytest.mark.slow
 def test_a_job_fills_fireworks_tightest_token_budget_with_no_429(tmp_path: Path) -> None:
     """Three budgets a second, the generated one tightest (250 tokens/s, about 50 answers):
-    paced by what a request uses of each, the job keeps to it from its second answer on."""
+    paced by what a request uses of each, the job keeps to it from its first answer on:
+    the first round (128 in flight, two seconds of the budget) goes paced too."""
     rows = 200
     with FakeServer(Faults(fireworks_budgets=(40_000, 40_000, 250), latency_s=0.01)) as server:
         write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"question {i:04d}: " + "tell me more " * 20}
                                                for i in range(rows)])
-        spec = write_spec(tmp_path, api={"base_url": server.base_url}, endpoint="chat", concurrency=16)
+        spec = write_spec(tmp_path, api={"base_url": server.base_url}, endpoint="chat", concurrency=128)
         result = run_cli("run", str(spec), "--no-progress")
         assert result.code == 0, result.stderr
         assert [r["status"] for r in read_output(tmp_path / "out/result.parquet")] == ["ok"] * rows
