@@ -5,12 +5,13 @@ prompt cache of its own, reached by `x-session-affinity` or at random."""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from batchrun.endpoints import get_endpoint
+from batchrun.http.client import Client
 from batchrun.spec.parse import parse_spec
 from tests.conftest import read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer, Faults
@@ -61,16 +62,26 @@ def test_rows_sharing_a_prefix_reach_one_replica_and_its_cache_serves_them(tmp_p
     assert sum(r["cost_usd"] for r in with_out) < 0.85 * sum(r["cost_usd"] for r in without_out)
 
 
+def affinity(endpoint: str, body: dict) -> str | None:
+    """The key a request of `body` carries, from its JSON as the client encodes it."""
+    return Client._affinity(endpoint, body, json.dumps(body, ensure_ascii=False, allow_nan=False).encode())
+
+
 def test_a_template_system_message_or_a_long_prompt_is_the_shared_prefix() -> None:
-    chat = get_endpoint("chat")
-    few_shot = [{"role": "system", "content": "s"}, {"role": "user", "content": "example"}]
-    assert chat.shared_prefix({"messages": [*few_shot, {"role": "user", "content": "q1"}]}) == \
-        chat.shared_prefix({"messages": [*few_shot, {"role": "user", "content": "q2"}]}) is not None
-    assert chat.shared_prefix({"messages": [{"role": "user", "content": "short"}]}) is None
-    long = "a shared preamble " * 40
-    completions = get_endpoint("completions")
-    assert completions.shared_prefix({"prompt": long + "one"}) == completions.shared_prefix({"prompt": long + "two"})
-    assert get_endpoint("embeddings").shared_prefix({"input": [long]}) is None
+    few_shot = [{"role": "system", "content": "s"}, {"role": "user", "content": "example \u00e9 \"quoted\""}]
+    first = affinity("chat", {"model": "m", "messages": [*few_shot, {"role": "user", "content": "q1"}]})
+    assert first == affinity("chat", {"model": "m", "messages": [*few_shot, {"role": "user", "content": "q2"}]})
+    assert first is not None
+    assert first != affinity("chat", {"model": "other", "messages": [*few_shot, {"role": "user", "content": "q1"}]})
+    other_shots = [few_shot[0], {"role": "user", "content": "another example"}]
+    assert first != affinity("chat", {"model": "m", "messages": [*other_shots, {"role": "user", "content": "q1"}]})
+    assert affinity("chat", {"model": "m", "messages": [{"role": "user", "content": "short"}]}) is None
+    long = "a shared \"preamble\" " * 40
+    assert affinity("completions", {"model": "m", "prompt": long + "one"}) == \
+        affinity("completions", {"model": "m", "prompt": long + "two"}) is not None
+    assert affinity("completions", {"model": "m", "prompt": "a different start " * 40}) != \
+        affinity("completions", {"model": "m", "prompt": long})
+    assert affinity("embeddings", {"model": "m", "input": [long]}) is None
 
 
 def test_affinity_is_on_by_default_for_fireworks_only(tmp_path: Path) -> None:
