@@ -215,3 +215,22 @@ def test_run_with_the_batch_api_flag_sends_a_spec_without_the_section_through_th
     assert done.code == 0, done.stderr
     assert [r["backend"] for r in read_output(tmp_path / "out/result.parquet")] == ["batch"] * 12
     assert len(batches.created) == 1 and spec.read_text() == text
+
+
+def test_rows_handed_back_for_live_fail_instead_once_the_spec_says_fallback_none(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    batches.faults = BatchFaults(seed=5, expire_share=0.2)
+    batches.polls_to_finish = 1
+    spec = job(tmp_path, live, batches, 60)
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0  # collected: some handed back to go live
+    spec.write_text(spec.read_text().replace("batch_api:\n", "batch_api:\n  fallback: none\n"))
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 1
+    out = read_output(tmp_path / "out/result.parquet")
+    failed = [r for r in out if r["status"] == "failed"]
+    assert failed and all(r["error"].startswith("the batch did not answer it: batch_expired") for r in failed)
+    assert not live.requests  # none went live
+    batches.faults = BatchFaults(seed=6)  # nothing expires now
+    again = run_cli("run", str(spec), "--retry-failed", env=cli_env(**ENV))  # they go to a batch again
+    assert again.code == 0, again.stderr
+    assert sorted(int(c.split("-")[1]) for c in batches.created[1].custom_ids) == [r["row_index"] for r in failed]

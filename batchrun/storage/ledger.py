@@ -118,6 +118,16 @@ class Ledger:
 
         return collect
 
+    def answered_elsewhere(self, rows: Iterable[int]) -> Callable[[sqlite3.Connection], None]:
+        """Rows handed back by a batch that are settled now (failed, with `fallback: none`),
+        to run in the transaction that saves them: they are no batch's any more."""
+        rows = [(row,) for row in rows]
+
+        def forget(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM unbatched WHERE row_index = ?", rows)
+
+        return forget
+
     def entries(self, *, outstanding: bool = False) -> list[Entry]:
         """The batches, oldest first; `outstanding`: only those not yet collected."""
         where = " WHERE collected = 0" if outstanding else ""

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import httpx
 
 from ..._exceptions import BatchrunError, ConfigError, JobAborted
+from ...endpoints.result import Result
 from ...engine.cache import ResponseCache
 from ...engine.holds import job_budget
 from ...engine.limits import Limits
@@ -44,7 +45,7 @@ from ..base import Backend
 from ..local import LocalBackend
 from . import PROVIDERS
 from .cached import answer_from_cache
-from .collect import collect
+from .collect import BACKEND, collect
 from .remote import call, pause
 from .send import cancel_duplicates, send, send_planned
 from .session import Session, fingerprint
@@ -169,6 +170,8 @@ def _batches(session: Session, status: StatusFile, *, wait: bool, retry_failed: 
     store, provider = session.store, session.provider
     call(session, provider.check, session.http, session.spec.model)
     made = send_planned(session, store.ledger.entries(outstanding=True)) > 0
+    if session.batch.fallback == "none":
+        _fail_handed_back(session)
     done = done_rows(store.row_states(session.total), retry_failed=retry_failed)
     taken = store.ledger.taken(session.total)
     wanted = [index for index in range(session.total) if not done[index] and not taken[index]]
@@ -180,6 +183,18 @@ def _batches(session: Session, status: StatusFile, *, wait: bool, retry_failed: 
         cancel_duplicates(session)
     _write(session, status, state="submitted")
     _poll(session, status, wait=wait)
+
+
+def _fail_handed_back(session: Session) -> None:
+    """Rows an earlier run's batches handed back to go live (`fallback: live` then) fail
+    with the batch's word now that the spec says `fallback: none`: never sent live."""
+    settled = session.store.ok_rows(session.total)
+    back = {index: why for index, why in session.store.ledger.unbatched().items()
+            if index < session.total and not settled[index]}
+    if back:
+        failed = [Result(row.index, row.id, "failed", error=f"the batch did not answer it: {back[row.index]}",
+                         extra={BACKEND: "batch"}) for row in session.rows(set(back))]
+        session.store.save(failed, also=session.store.ledger.answered_elsewhere(back))
 
 
 def _poll(session: Session, status: StatusFile, *, wait: bool) -> None:
