@@ -95,7 +95,9 @@ def test_a_state_file_removed_under_a_running_job_stops_it_with_a_clear_message(
     spec = write_spec(tmp_path, concurrency=8, api={"base_url": server.base_url})
     proc = start_cli("run", str(spec), "--no-progress")
     server.wait_for_requests(50, timeout=30)
-    for path in (tmp_path / "out").glob("result.batchrun.sqlite*"):
+    # The state first: a commit between two removals must find the state gone, whatever
+    # the order the folder lists its files in (with the -wal first, it finds the log gone)
+    for path in sorted((tmp_path / "out").glob("result.batchrun.sqlite*"), key=lambda p: len(p.name)):
         path.unlink()
     _, stderr = proc.communicate(timeout=60)
 
