@@ -134,3 +134,9 @@ def test_any_answer_the_batch_api_may_send_is_an_error_worth_another_try_never_a
                 call()
             except RetryableAPIError as exc:
                 assert "the batch API's answer (HTTP 200) is not what it should be" in str(exc)
+
+
+def test_a_spec_that_streams_live_sends_its_batch_lines_unstreamed() -> None:
+    row = Row(0, "r0", "chat", {"messages": [{"role": "user", "content": "q"}]}, "line 1")
+    line = json.loads(batch_line(PROVIDERS["openai"], "0123456789abcdef", row, "m", {"stream": True, "max_tokens": 8}))
+    assert line["body"] == {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "q"}]}

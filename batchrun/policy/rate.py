@@ -134,9 +134,10 @@ class RateLimiter:
     def used(self, usage: Usage) -> None:
         """An answer's usage (or several answers': see `Usage.add`): what the token budgets
         the server states come to in requests. The budgets stated last apply at once: the
-        first answer's usage caps the rate before the rest of the first round goes."""
+        first answer's usage caps the rate before the rest of the first round goes (then
+        each answer's own statement moves the cap: not computed twice an answer)."""
         self.usage.add(usage)
-        if self._budgets is not None:
+        if self._budgets is not None and self._token_ceiling is None:
             self._follow_tokens(*self._budgets)
 
     # -- adapting --------------------------------------------------------------------------

@@ -5,7 +5,8 @@ that live runs and batch runs of any job share it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from ...endpoints import get_endpoint
 from ...endpoints.result import Result
@@ -20,14 +21,16 @@ __all__ = ["answer_from_cache", "cache_key", "remember"]
 SAVE_EVERY = 1000  # answers from the cache saved in one transaction
 
 
-def cache_key(session: Session, row: Row) -> str | None:
-    """The row's request's key in the cache; None without a cache, or for a request the
-    cache may not answer (not deterministic; embeddings, which go several to a request)."""
+def cache_key(session: Session, row: Row, body: Mapping[str, Any] | None = None) -> str | None:
+    """The row's request's key in the cache (`body`: the request, if built already); None
+    without a cache, or for a request the cache may not answer (not deterministic;
+    embeddings, which go several to a request)."""
     cache, spec = session.cache, session.spec
     endpoint = get_endpoint(row.endpoint)
     if cache is None or endpoint.grouped:
         return None
-    body = endpoint.build_body(row.body, spec.model, spec.params)
+    if body is None:
+        body = endpoint.build_body(row.body, spec.model, spec.params)
     if not cacheable(body, everything=cache.spec.everything):
         return None
     base = MOCK_BASE_URL if spec.api.base_url.startswith(MOCK_SCHEME) else spec.api.base_url

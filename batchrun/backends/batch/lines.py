@@ -36,10 +36,16 @@ def row_of(custom: Any, job: str) -> int | None:
     return int(match.group(2)) if match and match.group(1) == job else None
 
 
-def batch_line(provider: Provider, job: str, row: Row, model: str | None, params: Mapping[str, Any]) -> bytes:
-    """The row's request (as the live path would send it) as a line of the input file."""
+def batch_line(provider: Provider, job: str, row: Row, model: str | None, params: Mapping[str, Any],
+               body: dict[str, Any] | None = None) -> bytes:
+    """The row's request (as the live path would send it; `body`, if its caller built it
+    already) as a line of the input file."""
     endpoint = get_endpoint(row.endpoint)
-    line = provider.line(custom_id(job, row.index), endpoint, endpoint.build_body(row.body, model, params))
+    if body is None:
+        body = endpoint.build_body(row.body, model, params)
+    if "stream" in body:  # a batch's answers are files: never streamed (a spec's `stream: true` is the live path's)
+        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    line = provider.line(custom_id(job, row.index), endpoint, body)
     return (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 

@@ -163,16 +163,16 @@ def _lines(session: Session, rows: Iterable[Row], facts: dict[int, _Facts] | Non
             raise ConfigError(f"batch_api: row {row.index + 1} asks for model {row.body['model']!r}, and a "
                               f"{provider.name} batch runs one model, the spec's ({spec.model!r}); drop the rows' "
                               "model, or drop batch_api to send them live")
-        line = batch_line(provider, session.job, row, spec.model, spec.params)
+        body = get_endpoint(row.endpoint).build_body(row.body, spec.model, spec.params)  # once a row
+        line = batch_line(provider, session.job, row, spec.model, spec.params, body)
         if facts is not None:
             model = row.body.get("model")
             worst = None
             if priced:
-                body = get_endpoint(row.endpoint).build_body(row.body, spec.model, spec.params)
                 price = spec.pricing.get(model or spec.model or "") if spec.pricing else None
                 worst = holds.worst(price.batched() if price else None, body, len(line))
             facts[row.index] = _Facts((row.index, row.id, model if isinstance(model, str) else None,
-                                       cache_key(session, row)),
+                                       cache_key(session, row, body)),
                                       (worst.usd or 0.0) if worst else 0.0, (worst.tokens or 0) if worst else 0)
         yield row.index, line
 
