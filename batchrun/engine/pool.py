@@ -27,7 +27,7 @@ from .._exceptions import BatchrunError, InputChangedError, JobAborted, JobFatal
 from ..endpoints import get_endpoint
 from ..endpoints.result import Result
 from ..http.client import Deferred
-from ..inputs.reader import InputReader, Row
+from ..inputs.reader import InputReader, Row, fewer_collections
 from ..policy.retry import FailureStreak
 from ..spec.parse import JobSpec
 from ..storage import Store
@@ -97,21 +97,22 @@ class Pool:
         self.answered_once = anyio.Event()
         rows = self._rows()
         try:
-            async with anyio.create_task_group() as outer:
-                self._start_loops(outer, handle_signals)
-                async with anyio.create_task_group() as saving:
-                    saving.start_soon(self.writer.write, results_receive, due_send)
-                    saving.start_soon(self.writer.publish, due_receive)
-                    async with notes, self.client, anyio.create_task_group() as self.workers:
-                        for n in range(self.spec.concurrency):
-                            self.workers.start_soon(self._work, n == 0, rows, results_send.clone())
-                        results_send.close()
-                        # Started after the workers, this runs once the first row's request
-                        # is on its way: the loop then idles until its answer.
-                        saving.start_soon(anyio.to_thread.run_sync, load_arrow)
-                # The workers closed their result streams, the writer made its last
-                # commit and the output its last write: stop the signal watcher.
-                outer.cancel_scope.cancel()
+            with fewer_collections():  # a request's objects are many, and short-lived
+                async with anyio.create_task_group() as outer:
+                    self._start_loops(outer, handle_signals)
+                    async with anyio.create_task_group() as saving:
+                        saving.start_soon(self.writer.write, results_receive, due_send)
+                        saving.start_soon(self.writer.publish, due_receive)
+                        async with notes, self.client, anyio.create_task_group() as self.workers:
+                            for n in range(self.spec.concurrency):
+                                self.workers.start_soon(self._work, n == 0, rows, results_send.clone())
+                            results_send.close()
+                            # Started after the workers, this runs once the first row's request
+                            # is on its way: the loop then idles until its answer.
+                            saving.start_soon(anyio.to_thread.run_sync, load_arrow)
+                    # The workers closed their result streams, the writer made its last
+                    # commit and the output its last write: stop the signal watcher.
+                    outer.cancel_scope.cancel()
         except BaseExceptionGroup as group:  # anyio's task groups wrap what a task raised: unwrap it
             raise leading(group)  # (the group stays its context, for a bug's traceback)
         finally:
