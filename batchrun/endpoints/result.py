@@ -80,7 +80,7 @@ def storable(result: Result) -> Result:
     """`result` with every text the server filled in made storable (see `storable_text`)."""
     for name in _TEXT_FIELDS:
         value = getattr(result, name)
-        if value is not None:
+        if value is not None and not value.isascii():  # (ASCII is storable: see `storable_text`)
             setattr(result, name, storable_text(value))
     if result.extra is not None:
         result.extra = storable_value(result.extra)

@@ -160,8 +160,8 @@ class Caller:
         key goes from every text of the answer."""
         key, redact = self.client.echoed_key, self.client.redact
         assert key is not None
-        texts = (result.output_text, result.reasoning_content, result.tool_calls)
-        if not any(key in text for text in texts if text) and not _holds(result.extra, key):
+        if key not in (result.output_text or "") and key not in (result.reasoning_content or "") \
+                and key not in (result.tool_calls or "") and not _holds(result.extra, key):
             return
         for name in ("output_text", "reasoning_content", "tool_calls"):
             if (text := getattr(result, name)) is not None:

@@ -131,6 +131,9 @@ class Holds:
                hold: Hold | None) -> None:
         """The row's cost: every answer paid for at its model's price, one without usage
         at its worst case (never free); the budget lets go of the hold."""
+        if price is None and worst is None and hold is None:  # no budget, no price: the usual row
+            _add_usage(result, paid)
+            return
         usd: float | None = None
         tokens = unmetered = unmetered_tokens = 0
         for answer in paid:

@@ -119,13 +119,9 @@ class Writer:
             return
         if not group:
             return
-        self._count(group)
+        failed, tokens, usd = self._count(group)
         self.progressed = anyio.current_time(), self.sent()
-        failed = sum(r.status != "ok" for r in group)
-        tokens = sum(r.total_tokens or 0 for r in group)
-        self.progress.advance(len(group) - failed, failed, tokens, sum(r.cost_usd or 0.0 for r in group))
-        for result in group:
-            self.settled[result.row_index] = 1
+        self.progress.advance(len(group) - failed, failed, tokens, usd)
         while self.prefix < self.total and self.settled[self.prefix]:
             self.prefix += 1
         # A row group's worth of settled rows goes to the output; once every row has
@@ -175,12 +171,27 @@ class Writer:
         return {**self.totals, "ok": states.count(OK), "failed": states.count(FAILED) + for_good,
                 "failed_for_good": for_good}
 
-    def _count(self, group: list[Result]) -> None:
-        totals = self.totals
+    def _count(self, group: list[Result]) -> tuple[int, int, float]:
+        """The saved rows settled, in the counts; the group's failed rows, tokens and cost,
+        for the progress. (One pass: it runs for every row.)"""
+        totals, states, settled = self.totals, self.states, self.settled
+        failed = prompt = completion = total = 0
+        usd = 0.0
         for result in group:
-            self.states[result.row_index] = OK if result.status == "ok" else (
-                FAILED if result.transient else FAILED_FOR_GOOD)
-            for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-                totals[name] += getattr(result, name) or 0  # type: ignore[operator]
+            index = result.row_index
+            settled[index] = 1
+            if result.status == "ok":
+                states[index] = OK
+            else:
+                failed += 1
+                states[index] = FAILED if result.transient else FAILED_FOR_GOOD
+            prompt += result.prompt_tokens or 0
+            completion += result.completion_tokens or 0
+            total += result.total_tokens or 0
             if result.cost_usd is not None:
+                usd += result.cost_usd
                 totals["cost_usd"] = (totals["cost_usd"] or 0.0) + result.cost_usd  # type: ignore[operator]
+        totals["prompt_tokens"] += prompt  # type: ignore[operator]
+        totals["completion_tokens"] += completion  # type: ignore[operator]
+        totals["total_tokens"] += total  # type: ignore[operator]
+        return failed, total, usd

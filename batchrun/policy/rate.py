@@ -155,7 +155,8 @@ class RateLimiter:
             if sample >= SAMPLE_MIN and pushed >= PUSHBACK_MIN and pushed >= PUSHBACK_SHARE * sample:
                 self._decrease(now)
         else:
-            self._follow(answer.limits, now)
+            if answer.limits is not NOTHING_STATED:  # (most answers state nothing: nothing to follow)
+                self._follow(answer.limits, now)
             quiet_since = max(self._last_change, self._pushed[-1] if self._pushed else float("-inf"))
             if self.rate is not None and now - quiet_since >= QUIET_S:
                 self._set(self.rate + max(STEP_MIN, self.rate * STEP), now)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import operator
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
@@ -87,8 +88,11 @@ _ADDED = ("extra", "embedding", "cost_usd", "transient")
 _EXTRA = RESULT_FIELDS.index("extra")
 
 
+_FIELDS_OF = operator.attrgetter(*RESULT_FIELDS)  # a Result's stored values, as a tuple
+
+
 def _stored(result: Result) -> tuple[Any, ...]:
-    row = tuple(getattr(result, f) for f in RESULT_FIELDS)
+    row = _FIELDS_OF(result)
     if result.extra is None:
         return row
     # allow_nan: a logprob may be -inf; batchrun reads it back, and Parquet holds it
