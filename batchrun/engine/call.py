@@ -89,8 +89,10 @@ class Caller:
         if key is not None and (hit := self.cache.get(key)) is not None:  # type: ignore[union-attr]
             return self._from_cache(row, hit, price, request.payload)
         worst = self.holds.worst(price, body, len(request.payload))
-        # Re-asks may follow the first answer: all of them are held against the budget.
-        held = await self.holds.hold(worst, 1 + (self.spec.retry.max_reasks if self._structure else 0))
+        held = None  # (no budget and no price: nothing to hold, not even an await's worth)
+        if worst is not None:
+            # Re-asks may follow the first answer: all of them are held against the budget.
+            held = await self.holds.hold(worst, 1 + (self.spec.retry.max_reasks if self._structure else 0))
         try:
             result = await self._send(row, request, park=park)  # (nothing is paid before its answer)
         except (Deferred, JobFatalAPIError):  # no answer came: nothing was paid

@@ -71,7 +71,11 @@ class RowReader:
         def fail(message: str) -> InputError:
             return f.error(where, message)
 
-        row_id = next((record[k] for k in ID_FIELDS if record.get(k) is not None), index)
+        row_id = index
+        for name in ID_FIELDS:  # (a loop, not a generator: this runs twice a row)
+            if (given := record.get(name)) is not None:
+                row_id = given
+                break
         if not isinstance(row_id, (str, int)) or isinstance(row_id, bool):
             raise fail(f"id must be a string or an integer, got {row_id!r}")
         place = f"{f.path.name} {where}" if self.several_files else where

@@ -105,7 +105,7 @@ def judge(status: int, headers: Mapping[str, str], body: bytes = b"", *, now: fl
         kind = RETRY
     else:
         kind = ROW_FATAL
-    return Verdict(status, kind, wait, asked, pushed, ServerLimits.read(named), stated)
+    return Verdict(status, kind, wait, asked, pushed, ServerLimits.read(named) if named else NOTHING_STATED, stated)
 
 
 def unanswered(attempt: int, retry: RetrySpec = _DEFAULT_RETRY, rand: Callable[[], float] = random.random,
