@@ -91,7 +91,10 @@ class Pool:
         results_send, results_receive = anyio.create_memory_object_stream[Result | HoldNote](
             self.spec.concurrency * (self.group + 2))
         notes = results_send.clone()  # the budget's holds, from the client (see `Writer.record`)
-        self.writer.begin(notes, stop=self.stop, sent=lambda: self.client.requests_sent)
+        # A commit's group lingers while it holds less than a quarter of what the workers
+        # can hand over at once: one worker's answers never wait for others'.
+        self.writer.begin(notes, stop=self.stop, sent=lambda: self.client.requests_sent,
+                          gather=self.spec.concurrency * self.group // 4)
         # At most one output write waits while another runs: each writes all that is ready.
         due_send, due_receive = anyio.create_memory_object_stream[None](1)
         self.answered_once = anyio.Event()

@@ -22,7 +22,14 @@ from ..storage.state import FAILED, FAILED_FOR_GOOD, OK, StateStore
 from .cache import ResponseCache
 from .progress import Progress
 
-__all__ = ["HoldNote", "Writer"]
+__all__ = ["HoldNote", "LINGER_S", "Writer"]
+
+# How long a small group waits for more answers before its commit. A commit costs
+# ~0.15 ms of CPU whatever its size (its fsync's share among it): with answers arriving
+# evenly (400 in flight at 200 ms) each found one or two waiting. A millisecond's wait
+# took a quarter off a request's CPU there (stages.py --scenario latency: 430 -> 306 µs)
+# at the same throughput; 5 ms took more (261 µs), and 2 % off the throughput.
+LINGER_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -61,10 +68,12 @@ class Writer:
         self.progressed = (0.0, 0)  # when a row was last settled, and the requests sent by then
 
     def begin(self, notes: ObjectSendStream[Result | HoldNote], *, stop: Callable[[JobAborted], None],
-              sent: Callable[[], int]) -> None:
+              sent: Callable[[], int], gather: int = 1) -> None:
         """In the event loop, before the workers start: the stream the holds go by; `stop`
         stops the run when nothing more can be saved; `sent` counts the requests sent so
-        far, for the stall watch (`progressed`)."""
+        far, for the stall watch (`progressed`); a group smaller than `gather` waits
+        `LINGER_S` for more before its commit."""
+        self.gather = gather
         self.notes = notes
         self.stop = stop
         self.sent = sent
@@ -74,20 +83,21 @@ class Writer:
         """Commit answers as they arrive, a group at a time (group commit).
 
         Each commit takes every answer that arrived while the previous one was
-        being written, without waiting for more: an answer is durable one commit
-        (well under a millisecond to a few) after it arrives, and under load the
-        groups grow rather than the commits multiply. Its worker waits for that
-        before taking another row, so a kill -9 costs at most the rows the workers
-        hold: `concurrency` answers.
+        being written; a group smaller than `gather` waits `LINGER_S` for more. An
+        answer is durable one commit (a few milliseconds) after it arrives, and under
+        load the groups grow rather than the commits multiply. Its worker waits for
+        that before taking another row, so a kill -9 costs at most the rows the
+        workers hold: `concurrency` answers.
         """
         async with results, due:
             async for first in results:
                 group = [first]
-                while True:
-                    try:
-                        group.append(results.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
+                _take_waiting(results, group)
+                if len(group) < self.gather:
+                    # Shielded: what it took is paid for, and is saved even in a hard stop
+                    with anyio.CancelScope(shield=True):
+                        await anyio.sleep(LINGER_S)
+                    _take_waiting(results, group)
                 # Taken with the group, with no await between: answers handed over
                 # from here on wait for the next commit.
                 saved, self.saved = self.saved, anyio.Event()
@@ -195,3 +205,12 @@ class Writer:
         totals["completion_tokens"] += completion  # type: ignore[operator]
         totals["total_tokens"] += total  # type: ignore[operator]
         return failed, total, usd
+
+
+def _take_waiting(results: ObjectReceiveStream[Result | HoldNote], group: list[Result | HoldNote]) -> None:
+    """Add to `group` what `results` holds now, without waiting."""
+    while True:
+        try:
+            group.append(results.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            return
