@@ -135,6 +135,7 @@ class FakeServer:
         self.answers: dict[str, list[dict]] = {}
         self.in_flight = 0
         self.max_in_flight = 0
+        self.connections = 0  # accepted, over the server's life
         self.litellm_windows = 0  # windows of litellm_rpm begun
         # fireworks_budgets: what is left of each, and every request admitted: (when, prompt, uncached, generated)
         self.budget_levels: list[float] | None = None
@@ -224,6 +225,7 @@ class FakeServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._tasks.add(task)
+        self.connections += 1
         try:
             while (request := await _read_request(reader)) is not None:
                 if not await self._respond(reader, writer, *request):

@@ -1,4 +1,5 @@
-"""The aiohttp-backed transport speaks httpx: requests, responses and errors."""
+"""The transports behind the seam: the wire transport (the default) and aiohttp's (for proxies)
+against a real server on 127.0.0.1, held to one contract; BoundedTransport for httpx's."""
 
 from __future__ import annotations
 
@@ -17,63 +18,79 @@ import httpx
 import pytest
 
 from batchrun.http import transport as _transport
-from batchrun.http.transport import AiohttpTransport, AnswerTooLarge, BoundedTransport
+from batchrun.http.aio import AiohttpTransport
+from batchrun.http.transport import Answer, AnswerTooLarge, BoundedTransport
+from batchrun.http.wire import WireTransport
 from tests.fakeserver import FakeServer, Faults
 
+TRANSPORTS = {"wire": WireTransport, "aiohttp": AiohttpTransport}
 
-def exchange(url: str, body: bytes = b'{"model": "m", "prompt": "hi"}', timeout_s: float | None = None,
-             max_answer_bytes: int = 32 << 20, **headers: str) -> httpx.Response:
-    async def main() -> httpx.Response:
-        transport = AiohttpTransport(max_connections=4, timeout_s=timeout_s, max_answer_bytes=max_answer_bytes)
+
+@pytest.fixture(params=TRANSPORTS)
+def kind(request: pytest.FixtureRequest) -> str:
+    """A test of the transports runs on each."""
+    return request.param
+
+
+def transport(kind: str, **options: object) -> WireTransport | AiohttpTransport:
+    return TRANSPORTS[kind](**{"timeout_s": 60.0, **options})  # type: ignore[arg-type]
+
+
+def headers_for(url: str, body: bytes, **more: str) -> list[tuple[str, str]]:
+    """What the client sends with every request."""
+    return [("host", httpx.URL(url).netloc.decode()), ("content-type", "application/json"),
+            ("content-length", str(len(body))), *more.items()]
+
+
+def exchange(kind: str, url: str, body: bytes = b'{"model": "m", "prompt": "hi"}', timeout_s: float = 60.0,
+             max_answer_bytes: int = 32 << 20, **headers: str) -> Answer:
+    async def main() -> Answer:
+        sender = transport(kind, max_connections=4, timeout_s=timeout_s, max_answer_bytes=max_answer_bytes)
         try:
-            request = httpx.Request("POST", url, content=body, headers={"content-type": "application/json", **headers})
-            response = await transport.handle_async_request(request)
-            await response.aread()
-            await response.aclose()
-            return response
+            return await sender.exchange(url, headers_for(url, body, **headers), body)
         finally:
-            await transport.aclose()
+            await sender.aclose()
 
     return anyio.run(main)
 
 
-def test_request_and_response_pass_through(server: FakeServer) -> None:
-    response = exchange(f"{server.base_url}/completions", authorization="Bearer sk-abcdefgh")
-    assert response.status_code == 200
-    assert response.headers["content-type"] == "application/json"
-    assert response.json()["choices"][0]["text"] == "answer-1 to 'hi'"
+def test_request_and_response_pass_through(kind: str, server: FakeServer) -> None:
+    answer = exchange(kind, f"{server.base_url}/completions", authorization="Bearer sk-abcdefgh")
+    assert answer.status == 200
+    assert answer.headers["content-type"] == "application/json"
+    assert json.loads(answer.content)["choices"][0]["text"] == "answer-1 to 'hi'"
     [seen] = server.requests
     assert seen.body == {"model": "m", "prompt": "hi"}
     assert seen.headers["authorization"] == "Bearer sk-abcdefgh"
-    assert "user-agent" not in seen.headers  # aiohttp adds none of its own
+    assert "user-agent" not in seen.headers  # the transport adds none of its own
 
 
-def test_error_statuses_are_responses_not_exceptions(server: FakeServer) -> None:
+def test_error_statuses_are_responses_not_exceptions(kind: str, server: FakeServer) -> None:
     server.faults = Faults(rate_429=1.0, retry_after="3")
-    response = exchange(f"{server.base_url}/completions")
-    assert (response.status_code, response.headers["retry-after"]) == (429, "3")
+    answer = exchange(kind, f"{server.base_url}/completions")
+    assert (answer.status, answer.headers["retry-after"]) == (429, "3")
 
 
 @pytest.mark.parametrize(("faults", "error"), [
     (Faults(drop_rate=1.0), httpx.RemoteProtocolError),
     (Faults(truncated_body_rate=1.0), httpx.RemoteProtocolError),
 ])
-def test_broken_answers_become_httpx_errors(server: FakeServer, faults: Faults, error: type) -> None:
+def test_broken_answers_become_httpx_errors(kind: str, server: FakeServer, faults: Faults, error: type) -> None:
     server.faults = faults
     with pytest.raises(error):
-        exchange(f"{server.base_url}/completions")
+        exchange(kind, f"{server.base_url}/completions")
 
 
-def test_a_refused_connection_is_a_connect_error() -> None:
+def test_a_refused_connection_is_a_connect_error(kind: str) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(httpx.ConnectError):
-        exchange(f"http://127.0.0.1:{port}/v1/completions")
+        exchange(kind, f"http://127.0.0.1:{port}/v1/completions")
 
 
 @pytest.mark.slow  # a server of its own, on a socket
-def test_timeout_bounds_the_whole_exchange_not_each_read() -> None:
+def test_timeout_bounds_the_whole_exchange_not_each_read(kind: str) -> None:
     """A server dripping keep-alive comments answers every read at once, and never ends."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -98,7 +115,7 @@ def test_timeout_bounds_the_whole_exchange_not_each_read() -> None:
     started = time.monotonic()
     try:
         with pytest.raises(httpx.ReadTimeout):
-            exchange(f"http://127.0.0.1:{port}/v1/completions", timeout_s=0.3)
+            exchange(kind, f"http://127.0.0.1:{port}/v1/completions", timeout_s=0.3)
         elapsed = time.monotonic() - started
     finally:
         stop.set()
@@ -140,36 +157,37 @@ HOSTILE_ANSWERS = pytest.mark.parametrize("answer", [
 
 
 @HOSTILE_ANSWERS
-def test_an_answer_past_the_limit_fails_without_growing_memory(server: FakeServer, answer: Callable) -> None:
+def test_an_answer_past_the_limit_fails_without_growing_memory(kind: str, server: FakeServer,
+                                                                answer: Callable) -> None:
     server.faults = Faults(raw_answer=answer)
     limit = 4 << 20
     tracemalloc.start()
     try:
         with pytest.raises(AnswerTooLarge, match="answer too large: more than 4,194,304 bytes"):
-            exchange(f"{server.base_url}/completions", max_answer_bytes=limit)
+            exchange(kind, f"{server.base_url}/completions", max_answer_bytes=limit)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < 3 * limit, f"{peak:,} bytes held for an answer refused at {limit:,}"
 
 
-def test_compressed_answers_are_inflated_and_the_headers_say_so(server: FakeServer) -> None:
+def test_compressed_answers_are_inflated_and_the_headers_say_so(kind: str, server: FakeServer) -> None:
     text = json.dumps({"choices": [{"text": "é" * 1000, "finish_reason": "stop"}]}).encode()
     packed = gzip.compress(text)
     server.faults = Faults(raw_answer=raw(
         f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
         f"content-length: {len(packed)}\r\n\r\n", packed))
-    response = exchange(f"{server.base_url}/completions")
-    assert response.content == text
-    assert "content-encoding" not in response.headers
+    answer = exchange(kind, f"{server.base_url}/completions")
+    assert answer.content == text
+    assert "content-encoding" not in answer.headers and "content-length" not in answer.headers
     server.faults = Faults(raw_answer=raw(
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: br\r\ncontent-length: 2\r\n\r\n",
         b"{}"))
     with pytest.raises(httpx.DecodingError, match="'br', which batchrun never asked for"):
-        exchange(f"{server.base_url}/completions")
+        exchange(kind, f"{server.base_url}/completions")
 
 
-def test_answers_over_the_shared_budget_take_turns_and_all_arrive(server: FakeServer,
+def test_answers_over_the_shared_budget_take_turns_and_all_arrive(kind: str, server: FakeServer,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     big = json.dumps({"choices": [{"text": "x" * (3 << 20), "finish_reason": "stop"}]}).encode()
     server.faults = Faults(raw_answer=raw(
@@ -185,19 +203,19 @@ def test_answers_over_the_shared_budget_take_turns_and_all_arrive(server: FakeSe
     monkeypatch.setattr(_transport._Memory, "hold", hold)
 
     async def main() -> list[int]:
-        transport = AiohttpTransport(max_connections=8, max_answer_bytes=4 << 20)
+        sender = transport(kind, max_connections=8, max_answer_bytes=4 << 20)
         sizes: list[int] = []
+        url, body = f"{server.base_url}/completions", b'{"model": "m", "prompt": "p"}'
 
         async def one() -> None:
-            request = httpx.Request("POST", f"{server.base_url}/completions", content=b'{"model": "m", "prompt": "p"}')
-            sizes.append(len((await transport.handle_async_request(request)).content))
+            sizes.append(len((await sender.exchange(url, headers_for(url, body), body)).content))
 
         try:
             async with anyio.create_task_group() as tasks:
                 for _ in range(8):
                     tasks.start_soon(one)
         finally:
-            await transport.aclose()
+            await sender.aclose()
         return sizes
 
     assert anyio.run(main) == [len(big)] * 8
@@ -249,20 +267,20 @@ def exchange_all(handler: Callable[[httpx.Request], httpx.Response], count: int,
                  max_answer_bytes: int) -> tuple[list[bytes | Exception], _transport._Memory]:
     """`count` requests at once through BoundedTransport: their bodies (or errors) and the memory they shared."""
     async def main() -> tuple[list[bytes | Exception], _transport._Memory]:
-        transport = BoundedTransport(httpx.MockTransport(handler), timeout_s=60, max_answer_bytes=max_answer_bytes)
+        bounded = BoundedTransport(httpx.MockTransport(handler), timeout_s=60, max_answer_bytes=max_answer_bytes)
         answers: list[bytes | Exception] = [b""] * count
 
         async def one(i: int) -> None:
-            request = httpx.Request("POST", f"http://api.test/v1/completions?{i}", content=b"{}")
+            url = f"http://api.test/v1/completions?{i}"
             try:
-                answers[i] = (await transport.handle_async_request(request)).content
+                answers[i] = (await bounded.exchange(url, headers_for(url, b"{}"), b"{}")).content
             except AnswerTooLarge as exc:
                 answers[i] = exc
 
         async with anyio.create_task_group() as tasks:
             for i in range(count):
                 tasks.start_soon(one, i)
-        return answers, transport._memory
+        return answers, bounded._memory
 
     return anyio.run(main)
 
@@ -311,11 +329,11 @@ def kept_by_errors(exchange_failing: Callable[[], Exception], count: int = 4) ->
         tracemalloc.stop()
 
 
-@pytest.mark.parametrize("kind", HOSTILE)
-def test_the_error_of_a_refused_answer_keeps_none_of_it(kind: str) -> None:
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_the_error_of_a_refused_answer_keeps_none_of_it(hostile: str) -> None:
     """A retry waiting keeps the last attempt's error: at 400 rows in flight, a megabyte
     each of an answer refused was 400 MB."""
-    headers, chunks = HOSTILE[kind]
+    headers, chunks = HOSTILE[hostile]
 
     def failing() -> Exception:
         [error] = exchange_all(lambda request: httpx.Response(200, headers=headers, stream=Chunks(chunks())), 1,
@@ -328,13 +346,13 @@ def test_the_error_of_a_refused_answer_keeps_none_of_it(kind: str) -> None:
 
 @pytest.mark.slow
 @HOSTILE_ANSWERS
-def test_the_error_of_a_refused_answer_keeps_none_of_it_nor_of_aiohttps_buffers(server: FakeServer,
-                                                                                answer: Callable) -> None:
+def test_the_error_of_a_refused_answer_keeps_none_of_it_nor_of_the_connections_buffers(
+        kind: str, server: FakeServer, answer: Callable) -> None:
     server.faults = Faults(raw_answer=answer)
 
     def failing() -> Exception:
         with pytest.raises(AnswerTooLarge) as caught:
-            exchange(f"{server.base_url}/completions", max_answer_bytes=4 << 20)
+            exchange(kind, f"{server.base_url}/completions", max_answer_bytes=4 << 20)
         return caught.value
 
     # Four errors and their tracebacks alone hold about 70 KB through aiohttp; an answer

@@ -35,9 +35,11 @@ from ..policy.rate import Limiter, RateLimiter, Usage, estimate_tokens
 from ..policy.retry import error_for, retrying
 from ..policy.verdict import Verdict, judge, unanswered
 from ..spec.model import JobSpec
+from .aio import AiohttpTransport
 from .network import proxy_for, ssl_context
 from .secrets import MIN_RUN, Redactor
-from .transport import AiohttpTransport, AnswerTooLarge, BoundedTransport
+from .transport import Answer, AnswerTooLarge, BoundedTransport, Transport
+from .wire import WireTransport
 
 ERROR_CHARS = 500  # of an error message, kept in the state and the output
 PARK_S = 2.0  # a server's retry-after this long sets the row aside (see `Client.send`)
@@ -63,7 +65,7 @@ class Unsendable(ValueError):
 class Request:
     """One request, encoded once and sent as often as it takes."""
 
-    url: httpx.URL
+    url: str
     payload: bytes
     endpoint: str
     stream: bool
@@ -87,9 +89,9 @@ class Client:
 
     `limiter` and `in_flight`: the rate limiter and the gate on requests in flight, by
     default the process's own (from the spec); a backend that spreads one job over several
-    processes passes its own. Requests go straight to an httpx transport: the
-    AsyncClient layer above it (URL merging, cookies, redirects, auth flows) costs
-    more per request than everything else batchrun does, and a batch job needs none of it.
+    processes passes its own. Requests go through the transport seam (`http.transport`):
+    bytes and headers out, status, headers and body back, with no request or response
+    objects between; a batch job needs none of what an HTTP client library's layers do.
     """
 
     def __init__(self, spec: JobSpec, *, api_key: str | None, transport: httpx.AsyncBaseTransport | None = None,
@@ -103,7 +105,7 @@ class Client:
         url = (base_url or spec.api.base_url).rstrip("/")
         self._transport = _transport(spec, url, transport, os.environ if environ is None else environ)
         base = httpx.URL(url)
-        self._urls = {name: endpoint_url(url, name) for name in ENDPOINTS}
+        self._urls = {name: str(endpoint_url(url, name)) for name in ENDPOINTS}
         headers = [
             ("host", base.netloc.decode("ascii")),
             ("content-type", "application/json"),
@@ -224,31 +226,30 @@ class Client:
         self.requests_sent += 1
         request.count += 1
         request.tries += 1
-        response, verdict, answered = await self._exchange(request)
+        answer, verdict, answered = await self._exchange(request)
         self.limiter.observe(verdict, answered)
         if not verdict.ok:
-            raise error_for(verdict, response.headers, response.content)
+            raise error_for(verdict, answer.headers, answer.content)
         try:
-            return self._read(request, response)
+            return self._read(request, answer)
         except RetryableAPIError as exc:  # an answer that cannot be read: retried as its verdict says
             if exc.verdict is None:
                 exc.verdict = verdict
             raise
 
-    async def _exchange(self, request: Request) -> tuple[httpx.Response, Verdict, float]:
+    async def _exchange(self, request: Request) -> tuple[Answer, Verdict, float]:
         """The request through the gate and over the wire: the answer, its verdict, and when it
         came. `timeout_s` bounds the whole answer, not each read: a server dripping keep-alive
         comments must not hold a worker."""
         headers = [*self._headers, ("content-length", str(len(request.payload)))]
         if request.affinity is not None:
             headers.append(("x-session-affinity", request.affinity))
-        sent_request = httpx.Request("POST", request.url, headers=headers, stream=httpx.ByteStream(request.payload))
         sent = await self.in_flight.enter(cautious=request.pushed_back)
         started = time.monotonic()  # latency_s is the time on the wire, not the wait at the gate
         verdict = request.verdict = None
         try:
-            response = await self._transport.handle_async_request(sent_request)
-            verdict = request.verdict = judge(response.status_code, response.headers, response.content,
+            answer = await self._transport.exchange(request.url, headers, request.payload)
+            verdict = request.verdict = judge(answer.status, answer.headers, answer.content,
                                               now=time.time(), attempt=request.tries, retry=self.spec.retry)
             if verdict.pushed_back:
                 request.pushed_back = True
@@ -263,7 +264,7 @@ class Client:
                 self.in_flight.leave(sent, None, now)
             else:
                 self.in_flight.leave(sent, verdict.load, now, verdict.retry_after if verdict.pushed_back else None)
-        return response, verdict, now
+        return answer, verdict, now
 
     def _failure(self, exc: httpx.TransportError, tries: int) -> Exception:
         """The error an attempt that got no answer stands for."""
@@ -279,21 +280,21 @@ class Client:
             message = f"connection failed: {type(exc).__name__}: {exc}"
         return RetryableAPIError(message, verdict=unanswered(tries, self.spec.retry))
 
-    def _read(self, request: Request, response: httpx.Response) -> Result:
+    def _read(self, request: Request, answer: Answer) -> Result:
         """A good answer as a Result, whole or streamed."""
         try:
-            if request.stream and _is_event_stream(response):
+            if request.stream and answer.headers.get("content-type", "").startswith("text/event-stream"):
                 assembler = StreamAssembler(request.endpoint)
-                for line in response.iter_lines():  # the body is in memory: see the transports
+                for line in answer.lines():
                     assembler.feed_line(line)
                 return assembler.result()
             try:
-                data = json.loads(response.content)
+                data = json.loads(answer.content)
             except ValueError:
-                raise RetryableAPIError("the response body is not valid JSON", status=response.status_code) from None
+                raise RetryableAPIError("the response body is not valid JSON", status=answer.status) from None
             return get_endpoint(request.endpoint).parse(data)
         except RecursionError:
-            raise RetryableAPIError("the answer is nested too deeply to read", status=response.status_code) from None
+            raise RetryableAPIError("the answer is nested too deeply to read", status=answer.status) from None
 
     def error_text(self, text: str) -> str:
         """An error as it may be stored: servers echo the key they rejected, and it must
@@ -302,16 +303,19 @@ class Client:
 
 
 def _transport(spec: JobSpec, url: str, transport: httpx.AsyncBaseTransport | None,
-               environ: Mapping[str, str]) -> httpx.AsyncBaseTransport:
-    """The transport given (tests, `mock://`), else aiohttp's pool through the user's network.
-    Every answer arrives read in full, within timeout_s and max_answer_mb: the bounds are
-    the transport's, so the client adds no clock of its own to each request."""
+               environ: Mapping[str, str]) -> Transport:
+    """The httpx transport given (tests, `mock://`), else the wire transport, or aiohttp's pool
+    where the user's network sends requests through a proxy. Every answer arrives read in
+    full, within timeout_s and max_answer_mb: the bounds are the transport's, so the client
+    adds no clock of its own to each request."""
     bounds = {"timeout_s": spec.api.timeout_s, "max_answer_bytes": spec.api.max_answer_bytes}
     if transport:
         return BoundedTransport(transport, **bounds)
     https = url.startswith("https://")
-    return AiohttpTransport(max_connections=spec.concurrency, proxy=proxy_for(url, environ),
-                            ssl_context=ssl_context(environ) if https else False, **bounds)
+    context = ssl_context(environ) if https else None
+    if (proxy := proxy_for(url, environ)) is not None:
+        return AiohttpTransport(max_connections=spec.concurrency, proxy=proxy, ssl_context=context or False, **bounds)
+    return WireTransport(max_connections=spec.concurrency, ssl_context=context, **bounds)
 
 
 def _unburdened(error: RetryableAPIError) -> RetryableAPIError:
@@ -321,7 +325,3 @@ def _unburdened(error: RetryableAPIError) -> RetryableAPIError:
     traceback.clear_frames(error.__traceback__)
     error.__cause__ = error.__context__ = None
     return error
-
-
-def _is_event_stream(response: httpx.Response) -> bool:
-    return response.headers.get("content-type", "").startswith("text/event-stream")

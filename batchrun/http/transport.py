@@ -1,10 +1,13 @@
-"""An httpx transport over aiohttp's connection pool, and the bounds every answer keeps.
+"""The transport seam: a request's bytes out, its whole answer in, within the bounds every answer keeps.
 
-httpx stays the client API (requests, responses, MockTransport in tests), but its
-default pool slows as concurrency grows: measured on these 2-core machines at 256
-requests in flight it managed about a seventh of what aiohttp's pool does (see
-tests/bench). This transport hands each request to one aiohttp session and maps
-aiohttp's errors onto httpx's, so the client maps errors in one place as before.
+    Transport.exchange(url, headers, payload) ──▶ Answer(status, headers, content)
+
+Three transports stand behind it: `wire.WireTransport` (HTTP/1.1 on asyncio's protocols,
+the default), `aio.AiohttpTransport` (aiohttp's pool, for proxies) and `BoundedTransport`
+here, which holds any httpx transport (MockTransport in tests, `mock://`) to the same
+contract. The client above builds no request or response objects: an answer is three
+values, and what goes wrong is raised as the httpx exception for it, so the client maps
+errors in one place.
 
 Whatever the server sends, an answer is read within `timeout_s` and holds at most
 `max_answer_bytes` once decoded (a gzip bomb is stopped as it inflates, an endless
@@ -18,17 +21,18 @@ refused leaves nothing of itself in its error: a retry waiting keeps that error.
 from __future__ import annotations
 
 import asyncio
-import ssl
+import re
 import traceback
 import zlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
-import aiohttp
 import anyio
 import httpx
 
-__all__ = ["AiohttpTransport", "AnswerTooLarge", "BoundedTransport", "DEFAULT_MAX_ANSWER_BYTES"]
+__all__ = ["Answer", "AnswerTooLarge", "BoundedTransport", "DEFAULT_MAX_ANSWER_BYTES", "Transport"]
 
 DEFAULT_MAX_ANSWER_BYTES = 32 * 2**20
 ANSWERS_BUDGET_BYTES = 128 * 2**20  # what all answers being read hold together, at most
@@ -38,6 +42,38 @@ INFLATE_STEP = 2**20  # the most one inflate call makes, whatever the compressed
 
 class AnswerTooLarge(httpx.TransportError):
     """The answer grew past the limit; the rest of it was not read."""
+
+
+@dataclass(slots=True)
+class Answer:
+    """One answer, read whole: its headers by lower-case name (a repeated header's values
+    joined by ", "), its body decoded (the encoding headers gone with the encoding)."""
+
+    status: int
+    headers: dict[str, str]
+    content: bytes
+
+    def lines(self) -> list[str]:
+        """The body as text lines, split where an event stream's lines end: CR, LF or CRLF
+        (not at the other breaks str.splitlines knows, which JSON may hold unescaped)."""
+        lines = _LINE_END.split(self.content.decode("utf-8", errors="replace"))
+        if lines[-1] == "":
+            lines.pop()  # what followed the last line's end
+        return lines
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+class Transport(Protocol):
+    """What the client sends through: one POST, its whole answer."""
+
+    async def exchange(self, url: str, headers: Sequence[tuple[str, str]], payload: bytes) -> Answer:
+        """POST `payload` to `url` with `headers` and read the whole answer within the bounds;
+        raises the httpx error for what went wrong."""
+
+    async def aclose(self) -> None:
+        """Close every connection."""
 
 
 class _Memory:
@@ -101,7 +137,7 @@ class _Body:
     deflate are inflated here, a step at a time, never past the limit.
     """
 
-    def __init__(self, encoding: str | None, limit: int, request: httpx.Request, memory: _Memory) -> None:
+    def __init__(self, encoding: str | None, limit: int, request: httpx.Request | None, memory: _Memory) -> None:
         self.limit = limit
         self.request = request
         self.encoded = (encoding or "identity").strip().lower() not in ("", "identity")
@@ -153,7 +189,7 @@ class _Body:
                               request=self.request)
 
 
-def _decompressor(encoding: str | None, request: httpx.Request) -> zlib._Decompress:
+def _decompressor(encoding: str | None, request: httpx.Request | None) -> zlib._Decompress:
     name = (encoding or "").strip().lower()
     if name in ("gzip", "x-gzip"):
         return zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -163,16 +199,16 @@ def _decompressor(encoding: str | None, request: httpx.Request) -> zlib._Decompr
                               request=request)
 
 
-def _response(status: int, headers: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]],
-              content: bytes, encoded: bool, request: httpx.Request) -> httpx.Response:
-    """The answer as read; once inflated, its length and encoding headers describe what is
-    no longer there, and go."""
-    if encoded:
-        headers = [(k, v) for k, v in headers
-                   if (k.lower() if isinstance(k, str) else k.lower().decode("latin-1")) not in _DECODED]
-    response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(content), request=request)
-    response.read()  # in memory already: the plain read costs half of `aread`'s async iteration
-    return response
+def decoded_headers(items: Sequence[tuple[str, str]], encoded: bool) -> dict[str, str]:
+    """The answer's headers by lower-case name; once its body is inflated, its length and
+    encoding describe what is no longer there, and go."""
+    headers: dict[str, str] = {}
+    for name, value in items:
+        key = name.lower()
+        if encoded and key in _DECODED:
+            continue
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return headers
 
 
 def _forget(exc: BaseException) -> BaseException:
@@ -185,79 +221,8 @@ def _forget(exc: BaseException) -> BaseException:
 _DECODED = frozenset({"content-encoding", "content-length"})
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """One aiohttp session with at most `max_connections` connections.
-
-    `timeout_s` bounds each exchange as a whole (waiting for a connection, sending,
-    and reading the entire body), not each read; running out raises httpx.ReadTimeout.
-    """
-
-    def __init__(self, *, max_connections: int, timeout_s: float | None = None,
-                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES, proxy: str | None = None,
-                 ssl_context: ssl.SSLContext | bool | None = None) -> None:
-        self._proxy = proxy  # every request goes through it (see `_network.proxy_for`)
-        self._ssl = ssl_context  # None: aiohttp's default; False: plain http only, no CAs to load
-        self._max_connections = max_connections
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._max_answer_bytes = max_answer_bytes
-        self._memory: _Memory | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    def _open(self) -> aiohttp.ClientSession:
-        # Made on first use: a session belongs to the running event loop.
-        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300,
-                                         ssl=True if self._ssl is None else self._ssl)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            # httpx decodes content-encoding itself; decoding twice would corrupt bodies.
-            auto_decompress=False,
-            # What aiohttp buffers for an answer nobody reads yet (one waiting for the
-            # memory budget): measured here, about 160 KB a connection with this, 700 KB
-            # with aiohttp 3.14's default.
-            read_bufsize=READ_BUFFER_BYTES,
-            timeout=self._timeout,
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-        )
-        self._memory = answers_budget(self._max_answer_bytes)
-        return self._session
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Send the request and read the whole answer before returning it.
-
-        Reading here rather than lazily costs nothing a batch job needs (answers
-        are small, and the caller bounds each attempt as a whole) and saves httpx's
-        per-chunk stream machinery on every request.
-        """
-        session = self._session or self._open()
-        try:
-            return await self._exchange(session, request)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise _httpx_error(exc, request) from _forget(exc)
-        except BaseException as exc:
-            raise _forget(exc)
-
-    async def _exchange(self, session: aiohttp.ClientSession, request: httpx.Request) -> httpx.Response:
-        assert self._memory is not None
-        async with session.request(
-            request.method,
-            str(request.url),
-            data=request.read(),
-            headers=request.headers.multi_items(),
-            allow_redirects=False,
-            proxy=self._proxy,
-        ) as response:
-            body = _Body(response.headers.get("content-encoding"), self._max_answer_bytes, request, self._memory)
-            content = await body.read(response.content.readany)
-        return _response(response.status, response.raw_headers, content, body.encoded, request)
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-class BoundedTransport(httpx.AsyncBaseTransport):
-    """Any other transport (MockTransport, mock://) held to AiohttpTransport's contract:
+class BoundedTransport:
+    """Any httpx transport (MockTransport, mock://) behind the seam, held to its contract:
     each answer read in full within `timeout_s` and the budget all answers share, or
     httpx.ReadTimeout."""
 
@@ -268,7 +233,8 @@ class BoundedTransport(httpx.AsyncBaseTransport):
         self._max_answer_bytes = max_answer_bytes
         self._memory = answers_budget(max_answer_bytes)
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def exchange(self, url: str, headers: Sequence[tuple[str, str]], payload: bytes) -> Answer:
+        request = httpx.Request("POST", url, headers=headers, content=payload)
         try:
             with anyio.fail_after(self._timeout_s):
                 return await self._exchange(request)
@@ -278,7 +244,7 @@ class BoundedTransport(httpx.AsyncBaseTransport):
         except BaseException as exc:
             raise _forget(exc)
 
-    async def _exchange(self, request: httpx.Request) -> httpx.Response:
+    async def _exchange(self, request: httpx.Request) -> Answer:
         response = await self._transport.handle_async_request(request)
         try:
             consumed = response.is_stream_consumed  # MockTransport reads (and decodes) answers itself
@@ -288,20 +254,9 @@ class BoundedTransport(httpx.AsyncBaseTransport):
         finally:
             await response.aclose()
         encoded = "content-encoding" in response.headers if consumed else body.encoded  # decoded by httpx
-        return _response(response.status_code, response.headers.raw, content, encoded, request)  # bytes: as they came
+        return Answer(response.status_code, decoded_headers(response.headers.multi_items(), encoded), content)
 
     async def aclose(self) -> None:
         await self._transport.aclose()
 
 
-def _httpx_error(exc: Exception, request: httpx.Request) -> httpx.TransportError:
-    """The httpx exception for an aiohttp one."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return httpx.ConnectError(str(exc), request=request)
-    if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
-        return httpx.ReadTimeout(str(exc) or "timed out", request=request)
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
-        return httpx.RemoteProtocolError(str(exc) or type(exc).__name__, request=request)
-    if isinstance(exc, aiohttp.InvalidURL):
-        return httpx.UnsupportedProtocol(str(exc), request=request)
-    return httpx.ReadError(str(exc) or type(exc).__name__, request=request)

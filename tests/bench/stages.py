@@ -86,7 +86,10 @@ rule("hand-off+commit", "batchrun/engine/writer.py")
 rule("hand-off+commit", "batchrun/engine/cache.py")
 rule("hand-off+commit", "sqlite3/")
 rule("send: httpx objects", "httpx/")
-rule("send: transport.py", "batchrun/http/transport.py")
+rule("send: transports", "batchrun/http/transport.py")
+rule("send: transports", "batchrun/http/wire.py")
+rule("send: transports", "batchrun/http/aio.py")
+rule("send: transports", "httptools/")
 rule("send: aiohttp", "aiohttp/")
 rule("send: aiohttp", "multidict/")
 rule("send: aiohttp", "yarl/")
@@ -117,7 +120,7 @@ CONTEXT = [
 
 FRAME = re.compile(r"^(?P<function>.*) \((?P<path>.*):(?P<line>\d+)\)$")
 # The stages as reported: a line of its own, or a total over its parts (indented below it)
-SEND = ("send: httpx objects", "send: transport.py", "send: aiohttp", "send: event loop I/O", "send: client.py rest")
+SEND = ("send: httpx objects", "send: transports", "send: aiohttp", "send: event loop I/O", "send: client.py rest")
 OTHER = ("other: pool/call", "other: asyncio", "other: anyio", "other: threads", "other: input", "other: start-up",
          "other: progress/status", "other: rest")
 REPORTED: list[tuple[str, tuple[str, ...]]] = [
@@ -125,7 +128,7 @@ REPORTED: list[tuple[str, tuple[str, ...]]] = [
     ("pacing/gate (rate.py, concurrency.py, holds.py)", ("pacing/gate",)),
     ("send", SEND),
     ("  httpx Request/Response objects", ("send: httpx objects",)),
-    ("  http/transport.py", ("send: transport.py",)),
+    ("  http/ transports (transport.py, wire.py, aio.py, httptools)", ("send: transports",)),
     ("  aiohttp (with multidict, yarl)", ("send: aiohttp",)),
     ("  event loop I/O (selector, socket, epoll)", ("send: event loop I/O",)),
     ("  http/client.py's own lines", ("send: client.py rest",)),

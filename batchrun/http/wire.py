@@ -1,0 +1,355 @@
+"""HTTP/1.1 straight on asyncio's protocols, parsed by httptools: the default transport.
+
+A batch job sends one kind of request, a POST with a JSON body, to one origin, over
+connections it keeps alive, and reads each answer whole. aiohttp's client spends about
+170 µs of Python on each such request (its request and response objects, streams,
+tracing, cookies); this transport writes the request's bytes to a kept-alive
+connection and hands what arrives to llhttp (Node's parser, through httptools), which
+calls back with the status, the headers and the body. Measured on these 2-core
+machines, a bare loop over it costs 59 µs of CPU a request where the same loop over
+aiohttp costs 228 (tests/bench/stages.py: see the README's performance section).
+
+It keeps every promise the aiohttp transport keeps: `timeout_s` bounds each exchange as
+a whole (waiting for a connection, connecting, sending, reading the whole body); the
+body is read within `max_answer_bytes` and the budget all answers share (`transport._Body`),
+the connection paused, so TCP holds the server back, while an answer waits for it; TLS
+verifies against the user's CA bundle. An error is raised as the httpx exception for it,
+so the client maps errors in one place. A connection is reused only after an answer read
+whole that the server let keep it alive; any failure closes it. Proxies are aiohttp's
+(see `client.transport_for`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import sys
+from collections import deque
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+import httptools
+import httpx
+
+from .transport import DEFAULT_MAX_ANSWER_BYTES, READ_BUFFER_BYTES, Answer, _Body, _forget, answers_budget
+
+__all__ = ["WireTransport"]
+
+_UNCANCEL = sys.version_info >= (3, 11)  # Task.uncancel: a timeout's own cancel is taken back
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to the origin, one exchange at a time: what the parser reads is
+    kept here, at most READ_BUFFER_BYTES of body before reading pauses, until the
+    exchange takes it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.parts: list[bytes] = []
+        self.buffered = 0
+        self.head = False  # the headers of the current answer are in
+        self.complete = False  # the whole answer is in
+        self.to_eof = False  # the body ends when the connection does (no length, not chunked)
+        self.keep_alive = False  # the server lets the connection carry another request
+        self.error: Exception | None = None
+        self.busy = False  # an exchange is using it
+        self.paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None and self.transport is not None and not self.transport.is_closing()
+
+    # asyncio's side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream's: asyncio's, or uvloop's
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy:  # nothing was asked: a server talking out of turn is not to be trusted
+            self._fail(httpx.RemoteProtocolError("the server sent data no request asked for"))
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(httpx.RemoteProtocolError("the server switched protocols"))
+        except httptools.HttpParserError as exc:
+            ours = exc.__context__  # raised by a callback below: it says what was wrong
+            self._fail(ours if isinstance(ours, httpx.TransportError) else
+                       httpx.RemoteProtocolError(f"the answer is not valid HTTP/1.1: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        return None  # close: a half-closed connection has nothing more to give
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head and self.to_eof and not self.complete and exc is None:
+            self.complete = True  # a body that ends with the connection ended
+        elif not self.complete and self.error is None:
+            detail = f": {exc}" if exc else ""
+            self.error = httpx.RemoteProtocolError(f"the server closed the connection before it answered{detail}")
+        if self.error is None:
+            self.error = httpx.RemoteProtocolError("the connection is closed")
+        self._wake()
+
+    # the parser's side
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+
+    def on_headers_complete(self) -> None:
+        if self.complete:  # a second answer to one request: what else it sends cannot be trusted
+            raise httpx.RemoteProtocolError("the server sent more than one answer")
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # informational: the answer follows
+            self.headers = {}
+            return
+        self.status = status
+        self.head = True
+        self.to_eof = ("content-length" not in self.headers and "chunked" not in
+                       self.headers.get("transfer-encoding", "").lower() and status not in (204, 304))
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        if not self.head:
+            return  # an informational answer's
+        self.parts.append(body)
+        self.buffered += len(body)
+        if self.buffered > READ_BUFFER_BYTES and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()  # TCP holds the server back until the body is taken
+            self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.head:
+            self.complete = True
+            self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the message is over
+            self._wake()
+
+    # the exchange's side
+
+    def start(self, data: bytes) -> None:
+        """Send one request; what came of the last one is gone."""
+        assert self.transport is not None
+        self.status, self.headers, self.head, self.complete, self.to_eof, self.keep_alive = 0, {}, False, False, False, False
+        self.busy = True
+        self.transport.write(data)
+
+    async def wait_head(self) -> None:
+        while not self.head:
+            await self._wait()
+
+    async def next_chunk(self) -> bytes:
+        """The body as it arrives, b"" at its end."""
+        while not self.parts:
+            if self.complete:
+                return b""
+            await self._wait()
+        chunk = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+        self.parts, self.buffered = [], 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    def finish(self) -> bool:
+        """The exchange is over: whether the connection may carry another."""
+        self.busy = False
+        return self.complete and self.keep_alive and not self.parts and self.usable
+
+    def close(self) -> None:
+        self.busy = False
+        self.parts, self.buffered = [], 0
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def _wait(self) -> None:
+        if self.error is not None:
+            raise self.error
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        if self.error is not None and not self.complete:
+            raise self.error
+
+    def _fail(self, error: Exception) -> None:
+        self.error = error
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class _Origin:
+    """The connections to one scheme://host:port: at most `limit`, the idle ones reused
+    last-in first-out (the warmest), the rest opened as needed."""
+
+    def __init__(self, scheme: str, host: str, port: int, limit: int, ssl_context: ssl.SSLContext | None) -> None:
+        self.host, self.port, self.limit = host, port, limit
+        self.ssl = ssl_context if scheme == "https" else None
+        self.idle: list[_Connection] = []
+        self.opened = 0  # connections open or opening
+        self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
+
+    async def acquire(self) -> _Connection:
+        while self.idle:
+            connection = self.idle.pop()
+            if connection.usable:
+                return connection
+            self.opened -= 1
+        while self.opened >= self.limit:
+            handed = await self._wait_turn()
+            if handed is not None:
+                return handed
+        self.opened += 1
+        try:
+            return await self._connect()
+        except BaseException:
+            self.opened -= 1
+            self._hand_over(None)
+            raise
+
+    def release(self, connection: _Connection, reuse: bool) -> None:
+        if reuse:
+            self._hand_over(connection)
+        else:
+            connection.close()
+            self.opened -= 1
+            self._hand_over(None)
+
+    def close(self) -> None:
+        for connection in self.idle:
+            connection.close()
+        self.idle.clear()
+
+    async def _wait_turn(self) -> _Connection | None:
+        """A connection released to this waiter, or None: one closed, so a new one may open."""
+        turn: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            return await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self._hand_over(turn.result())  # handed over as this waiter gave up: to the next one
+            raise
+
+    def _hand_over(self, connection: _Connection | None) -> None:
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(connection)
+                return
+        if connection is not None:
+            self.idle.append(connection)
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await loop.create_connection(
+                _Connection, self.host, self.port, ssl=self.ssl,
+                server_hostname=self.host if self.ssl is not None else None)
+        except ssl.SSLError as exc:
+            raise httpx.ConnectError(f"TLS with {self.host}:{self.port} failed: {exc}") from None
+        except (OSError, socket.gaierror) as exc:
+            raise httpx.ConnectError(f"cannot connect to {self.host}:{self.port}: {exc}") from None
+        return connection
+
+
+class WireTransport:
+    """POST requests over HTTP/1.1 and kept-alive connections, at most `max_connections`
+    to each origin. `ssl_context` verifies https:// origins (None: the system's CAs)."""
+
+    def __init__(self, *, max_connections: int, timeout_s: float,
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._max_connections = max_connections
+        self._timeout_s = timeout_s
+        self._max_answer_bytes = max_answer_bytes
+        self._ssl = ssl_context
+        self._origins: dict[tuple[str, str, int], _Origin] = {}
+        self._targets: dict[str, tuple[_Origin, bytes]] = {}
+        self._memory = answers_budget(max_answer_bytes)
+
+    async def exchange(self, url: str, headers: Sequence[tuple[str, str]], payload: bytes) -> Answer:
+        """POST `payload` to `url` with `headers` (the host's among them) and read the whole
+        answer, within `timeout_s` from now; raises the httpx error for what went wrong."""
+        origin, start_line = self._targets.get(url) or self._target(url)
+        head = _head(start_line, headers)
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        expired: list[bool] = []
+        timer = loop.call_at(loop.time() + self._timeout_s, _expire, task, expired)
+        try:
+            return await self._exchange(origin, head + payload)
+        except asyncio.CancelledError as exc:
+            if not expired or (_UNCANCEL and task.uncancel() > 0):  # not (only) the timeout's
+                raise
+            raise httpx.ReadTimeout(f"no complete answer within {self._timeout_s:g} s") from _forget(exc)
+        except BaseException as exc:
+            raise _forget(exc)
+        finally:
+            timer.cancel()
+
+    async def _exchange(self, origin: _Origin, data: bytes) -> Answer:
+        connection = await origin.acquire()
+        reuse = False
+        try:
+            connection.start(data)
+            await connection.wait_head()
+            body = _Body(connection.headers.get("content-encoding"), self._max_answer_bytes, None, self._memory)
+            content = await body.read(connection.next_chunk)
+            headers = connection.headers
+            if body.encoded:  # inflated: its length and encoding describe what is no longer there
+                headers = {k: v for k, v in headers.items() if k not in ("content-encoding", "content-length")}
+            answer = Answer(connection.status, headers, content)
+            reuse = connection.finish()
+            return answer
+        finally:
+            origin.release(connection, reuse)
+
+    def _target(self, url: str) -> tuple[_Origin, bytes]:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise httpx.UnsupportedProtocol(f"cannot send to {url!r}: only http:// and https:// URLs")
+        port = parts.port or (443 if scheme == "https" else 80)
+        key = (scheme, parts.hostname, port)
+        if key not in self._origins:
+            context = self._ssl if self._ssl is not None or scheme == "http" else ssl.create_default_context()
+            self._origins[key] = _Origin(scheme, parts.hostname, port, self._max_connections, context)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._targets[url] = found = (self._origins[key], f"POST {path} HTTP/1.1\r\n".encode("ascii"))
+        return found
+
+    async def aclose(self) -> None:
+        for origin in self._origins.values():
+            origin.close()
+        self._origins.clear()
+        self._targets.clear()
+
+
+def _head(start_line: bytes, headers: Sequence[tuple[str, str]]) -> bytes:
+    """The request's start line and headers, as sent; a header that would break the framing
+    (a line break in a value, a name or value outside Latin-1) is refused, never sent."""
+    text = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    if text.count("\n") != len(headers) or text.count("\r") != len(headers) or "\0" in text:
+        raise httpx.LocalProtocolError("a header holds a line break or a NUL")
+    try:
+        return start_line + text.encode("latin-1") + b"\r\n"
+    except UnicodeEncodeError:
+        raise httpx.LocalProtocolError("a header holds a character outside Latin-1") from None
+
+
+def _expire(task: asyncio.Task, expired: list[bool]) -> None:
+    expired.append(True)
+    task.cancel()

@@ -1,0 +1,308 @@
+"""The wire transport's own promises: connections kept alive and reused, closed on any doubt,
+given back when an exchange is cancelled; headers that would break the framing never sent;
+answers framed every way HTTP/1.1 allows; TLS verified against the CA bundle given."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from batchrun.http.transport import Answer
+from batchrun.http.wire import WireTransport
+from tests.conftest import read_output, run_cli, write_jsonl, write_spec
+from tests.fakeserver import FakeServer
+from tests.test_e2e import assert_exact_answers
+
+pytestmark = pytest.mark.slow  # every test here starts a server
+
+BODY = b'{"model": "m", "prompt": "hi"}'
+ANSWER = json.dumps({"choices": [{"text": "ok", "finish_reason": "stop"}]}).encode()
+
+
+def headers_for(url: str, body: bytes = BODY, **more: str) -> list[tuple[str, str]]:
+    return [("host", httpx.URL(url).netloc.decode()), ("content-type", "application/json"),
+            ("content-length", str(len(body))), *more.items()]
+
+
+def send_all(url: str, count: int, *, parallel: int = 1, **options: object) -> list[Answer | Exception]:
+    """`count` exchanges through one transport, `parallel` at a time."""
+    async def main() -> list[Answer | Exception]:
+        transport = WireTransport(**{"max_connections": parallel, "timeout_s": 30.0, **options})  # type: ignore[arg-type]
+        answers: list[Answer | Exception] = []
+
+        async def worker(share: range) -> None:
+            for _ in share:
+                try:
+                    answers.append(await transport.exchange(url, headers_for(url), BODY))
+                except httpx.TransportError as exc:
+                    answers.append(exc)
+
+        try:
+            async with anyio.create_task_group() as tasks:
+                for i in range(parallel):
+                    tasks.start_soon(worker, range(i, count, parallel))
+        finally:
+            await transport.aclose()
+        return answers
+
+    return anyio.run(main)
+
+
+def test_connections_are_kept_alive_and_reused(server: FakeServer) -> None:
+    answers = send_all(f"{server.base_url}/completions", 40, parallel=4)
+    assert [a.status for a in answers if isinstance(a, Answer)] == [200] * 40
+    assert server.connections == 4  # one per request in flight, each carrying ten
+    assert len(server.requests) == 40
+
+
+class RawServer:
+    """A server on 127.0.0.1 that reads each request whole and answers it with `answer(n)`'s
+    bytes (n counts requests); None closes the connection unanswered. It counts connections."""
+
+    def __init__(self, answer: Callable[[int], bytes | None], *, close_after: bool = False,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.answer, self.close_after, self.tls = answer, close_after, tls
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = self.requests = 0
+        self.received: list[bytes] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> RawServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() waiting (close alone does not)
+        self.listener.close()
+        self._thread.join(timeout=10)
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1/completions"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._talk, args=(connection,), daemon=True).start()
+
+    def _talk(self, connection: socket.socket) -> None:
+        try:
+            if self.tls is not None:
+                connection = self.tls.wrap_socket(connection, server_side=True)
+            with connection:
+                while (request := _read_request(connection)) is not None:
+                    self.received.append(request)
+                    self.requests += 1
+                    answer = self.answer(self.requests)
+                    if answer is None:
+                        return
+                    connection.sendall(answer)
+                    if self.close_after:
+                        return
+        except (OSError, ssl.SSLError):
+            return
+
+
+def _read_request(connection: socket.socket) -> bytes | None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return data
+
+
+def http_answer(body: bytes = ANSWER, *extra: str) -> bytes:
+    head = "".join(f"{line}\r\n" for line in ("HTTP/1.1 200 OK", "content-type: application/json", *extra))
+    return head.encode() + b"\r\n" + body
+
+
+def test_a_server_closing_after_each_answer_gets_a_new_connection_each_time() -> None:
+    with RawServer(lambda n: http_answer(ANSWER, f"content-length: {len(ANSWER)}", "connection: close"),
+                   close_after=True) as server:
+        answers = send_all(server.url, 5)
+    assert [a.content for a in answers if isinstance(a, Answer)] == [ANSWER] * 5
+    assert server.connections == 5
+
+
+def test_framing_by_length_by_chunks_and_by_the_connections_end() -> None:
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (ANSWER[:10], ANSWER[10:])) + b"0\r\n\r\n"
+    framings = {
+        "length": http_answer(ANSWER, f"content-length: {len(ANSWER)}"),
+        "chunked": http_answer(chunked, "transfer-encoding: chunked"),
+        "to the end": http_answer(ANSWER),  # no length, not chunked: the body ends with the connection
+    }
+    for name, raw in framings.items():
+        with RawServer(lambda n: raw, close_after=name == "to the end") as server:
+            answers = send_all(server.url, 3)
+        assert [a.content for a in answers if isinstance(a, Answer)] == [ANSWER] * 3, name
+        assert server.connections == (3 if name == "to the end" else 1), name
+
+
+def test_an_informational_answer_is_passed_over() -> None:
+    with RawServer(lambda n: b"HTTP/1.1 100 Continue\r\n\r\n" + http_answer(ANSWER, f"content-length: {len(ANSWER)}")) \
+            as server:
+        [answer] = send_all(server.url, 1)
+    assert isinstance(answer, Answer) and (answer.status, answer.content) == (200, ANSWER)
+
+
+@pytest.mark.parametrize(("answer", "words"), [
+    (lambda n: None, "closed the connection before it answered"),
+    (lambda n: http_answer(ANSWER[:20], f"content-length: {len(ANSWER)}"), "closed the connection before it answered"),
+    (lambda n: b"HTTP/1.1 banana\r\n\r\n", "not valid HTTP/1.1"),
+], ids=["no answer", "cut short", "not http"])
+def test_a_broken_answer_is_a_protocol_error_and_its_connection_goes(answer: Callable, words: str) -> None:
+    def first_broken(n: int) -> bytes | None:
+        return answer(n) if n == 1 else http_answer(ANSWER, f"content-length: {len(ANSWER)}")
+
+    with RawServer(first_broken, close_after=True) as server:
+        failed, ok = send_all(server.url, 2)
+    assert isinstance(failed, httpx.RemoteProtocolError) and words in str(failed)
+    assert isinstance(ok, Answer) and ok.content == ANSWER  # on a new connection
+
+
+def test_an_answer_followed_by_another_is_taken_and_its_connection_goes() -> None:
+    """What follows an answer on its connection belongs to no request: the answer stands,
+    and the connection, whose next bytes cannot be trusted, is closed."""
+    two = http_answer(b"{}", "content-length: 2") + http_answer(b"[]", "content-length: 2")
+    with RawServer(lambda n: two) as server:
+        answers = send_all(server.url, 2)
+    assert [a.content for a in answers if isinstance(a, Answer)] == [b"{}", b"{}"]
+    assert server.connections == 2
+
+
+def test_a_cancelled_exchange_gives_its_connection_back() -> None:
+    """At one connection, an exchange given up on (its answer never came) leaves the
+    connection closed and the slot free: the next exchange gets a new one."""
+    release = threading.Event()
+
+    def slow_first(n: int) -> bytes:
+        if n == 1:
+            release.wait(10)
+        return http_answer(ANSWER, f"content-length: {len(ANSWER)}")
+
+    async def main(url: str) -> Answer:
+        transport = WireTransport(max_connections=1, timeout_s=30)
+        try:
+            with anyio.move_on_after(0.2):
+                await transport.exchange(url, headers_for(url), BODY)
+            release.set()
+            with anyio.fail_after(10):
+                return await transport.exchange(url, headers_for(url), BODY)
+        finally:
+            await transport.aclose()
+
+    with RawServer(slow_first) as server:
+        answer = anyio.run(main, server.url)
+        assert answer.content == ANSWER
+        assert server.connections == 2
+
+
+def test_waiting_for_a_connection_counts_against_the_timeout() -> None:
+    """At one connection, the first exchange waits for an answer that never comes, the second
+    for the first's connection: both run out at the timeout."""
+    hold = threading.Event()
+    with RawServer(lambda n: (hold.wait(5), None)[1]) as server:
+        answers = send_all(server.url, 2, parallel=2, max_connections=1, timeout_s=0.5)
+        hold.set()
+    assert [type(a) for a in answers] == [httpx.ReadTimeout] * 2
+    assert all("within 0.5 s" in str(a) for a in answers)
+    assert server.requests == 1
+
+
+@pytest.mark.parametrize("value", ["a\r\nx-injected: 1", "a\nb", "a\0b", "caf\u00e9\u2603"])
+def test_a_header_that_would_break_the_framing_is_never_sent(value: str) -> None:
+    async def main(url: str) -> None:
+        transport = WireTransport(max_connections=1, timeout_s=5)
+        try:
+            await transport.exchange(url, headers_for(url, authorization=value), BODY)
+        finally:
+            await transport.aclose()
+
+    with RawServer(lambda n: http_answer(ANSWER, f"content-length: {len(ANSWER)}")) as server:
+        with pytest.raises(httpx.LocalProtocolError):
+            anyio.run(main, server.url)
+        assert server.requests == 0
+
+
+def test_only_http_urls_are_sent_to() -> None:
+    [failed] = send_all("ftp://127.0.0.1/v1/completions", 1)
+    assert isinstance(failed, httpx.UnsupportedProtocol) and "only http:// and https://" in str(failed)
+
+
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1: (certificate, key) files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[RawServer, Path]]:
+    cert_file, key_file = certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    with RawServer(lambda n: http_answer(ANSWER, f"content-length: {len(ANSWER)}"), tls=context) as server:
+        yield server, cert_file
+
+
+def test_tls_is_verified_against_the_ca_bundle_given(tls_server: tuple[RawServer, Path]) -> None:
+    server, cert_file = tls_server
+    trusted = ssl.create_default_context(cafile=str(cert_file))
+    answers = send_all(server.url, 3, ssl_context=trusted)
+    assert [a.content for a in answers if isinstance(a, Answer)] == [ANSWER] * 3
+    assert server.connections == 1
+
+
+def test_a_certificate_no_ca_vouches_for_is_refused(tls_server: tuple[RawServer, Path]) -> None:
+    server, _ = tls_server
+    [failed] = send_all(server.url, 1, ssl_context=ssl.create_default_context())  # the system's CAs
+    assert isinstance(failed, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(failed)
+    assert server.requests == 0
+
+
+def test_a_job_reuses_one_connection_for_each_request_in_flight(tmp_path: Path, server: FakeServer) -> None:
+    """The CLI's default transport, end to end: every row answered once, over at most
+    `concurrency` connections."""
+    write_jsonl(tmp_path / "input.jsonl", [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(200)])
+    spec = write_spec(tmp_path, concurrency=8, api={"base_url": server.base_url})
+    result = run_cli("run", str(spec), "--no-progress")
+    assert result.code == 0, result.stderr
+    assert sorted(r.body["prompt"] for r in server.requests) == sorted(f"p{i}" for i in range(200))
+    assert_exact_answers(read_output(tmp_path / "out/result.parquet"), server, [f"p{i}" for i in range(200)])
+    assert server.connections <= 8
