@@ -23,7 +23,8 @@ MAX_FUNCTION_LINES = 60
 OPTIONAL = {"ray", "tokenizers", "tiktoken", "fsspec"}
 # `python -m batchrun` loads the command inside `main`, where a Ctrl-C while pyarrow and
 # the HTTP stack load can end it quietly (see batchrun/__main__.py).
-LATE_ON_PURPOSE = {("__main__.py", "batchrun._cli")}
+# aiohttp (0.1 s to import) carries requests only through a proxy: it loads then.
+LATE_ON_PURPOSE = {("__main__.py", "batchrun._cli"), ("client.py", "batchrun.http.aio")}
 
 
 def modules() -> Iterator[tuple[str, Path, ast.Module]]:
