@@ -3,9 +3,10 @@
     python tests/bench/run.py [--scenario NAME ...] [--rows N] [--keep]
 
 Scenarios (default: zero latency memory; the minute-long ones only when named):
-  zero       20,000 rows, concurrency 256, zero latency: batchrun vs AsyncOpenAI baseline
+  zero       20,000 rows, concurrency 256, zero latency: batchrun vs the bare aiohttp loop, a
+             bare loop over batchrun's wire transport, and the AsyncOpenAI baseline
   latency    16,000 rows, concurrency 400, 200 +- 50 ms: % of the Little's-law bound, beside
-             a bare aiohttp loop (the floor of client cost) and the baseline
+             the two bare loops and the baseline
   ratelimit  3,000 rows, spec rate_limit 1200 rpm, unlimited server: what the server sees
   adapt      3,000 rows, server limited to 1200 rpm, no rate_limit in the spec: 429s
   adapt-blind  the same, the server sending no x-ratelimit-* headers (429s teach the limit)
@@ -241,6 +242,11 @@ def floor(label: str, workdir: Path, input_path: Path, rows: int, concurrency: i
     return run_client(label, rows, cmd, workdir, server)
 
 
+def wire_floor(label: str, workdir: Path, input_path: Path, rows: int, concurrency: int, *, server: Server) -> Run:
+    cmd = [PY, str(HERE / "bare_wire.py"), str(input_path), server.base_url, str(concurrency)]
+    return run_client(label, rows, cmd, workdir, server)
+
+
 def measured(workdir: Path, client, label: str, input_path: Path, rows: int, concurrency: int,
              server_opts: dict | None = None, **kw) -> Run:
     """One client against its own fresh server; the server's stats end up in the Run."""
@@ -301,12 +307,15 @@ def scenario_zero(workdir: Path, rows: int | None) -> None:
     rows = rows or 20_000
     data = make_input(workdir / "zero.jsonl", rows)
     b = measured(workdir, batchrun, "batchrun", data, rows, 256)
+    f = measured(workdir, floor, "bare aiohttp", data, rows, 256)
+    w = measured(workdir, wire_floor, "bare wire", data, rows, 256)
     o = measured(workdir, baseline, "openai baseline", data, rows, 256)
-    body = table(THROUGHPUT_HEADERS + ["batchrun/baseline req/s"], [
-        throughput_row(b) + [f"{ratio(b.rps, o.rps)} (wall), {ratio(b.span_rps, o.span_rps)} (span)"],
-        throughput_row(o) + [""],
+    body = table(THROUGHPUT_HEADERS + ["batchrun/this req/s"], [
+        throughput_row(b) + [""],
+        *(throughput_row(r) + [f"{ratio(b.rps, r.rps)} (wall), {ratio(b.span_rps, r.span_rps)} (span)"]
+          for r in (f, w, o)),
     ])
-    report(f"zero: {rows:,} rows, concurrency 256, zero latency", body, [b, o])
+    report(f"zero: {rows:,} rows, concurrency 256, zero latency", body, [b, f, w, o])
 
 
 def scenario_latency(workdir: Path, rows: int | None) -> None:
@@ -317,14 +326,15 @@ def scenario_latency(workdir: Path, rows: int | None) -> None:
     opts = {"latency_ms": 200, "jitter_ms": 50}
     b = measured(workdir, batchrun, "batchrun", data, rows, concurrency, opts)
     f = measured(workdir, floor, "bare aiohttp", data, rows, concurrency, opts)
+    w = measured(workdir, wire_floor, "bare wire", data, rows, concurrency, opts)
     o = measured(workdir, baseline, "openai baseline", data, rows, concurrency, opts)
     body = table(THROUGHPUT_HEADERS + ["% of bound (wall)", "% of bound (span)"], [
-        throughput_row(r) + [f"{100 * r.rps / bound:.1f}", f"{100 * r.span_rps / bound:.1f}"] for r in (b, f, o)
+        throughput_row(r) + [f"{100 * r.rps / bound:.1f}", f"{100 * r.span_rps / bound:.1f}"] for r in (b, f, w, o)
     ])
     body += f"\n\nLittle's-law bound: {concurrency} / {latency_s} s = {bound:,.0f} req/s; " \
             f"batchrun/baseline req/s: {ratio(b.rps, o.rps)} (wall), {ratio(b.span_rps, o.span_rps)} (span); " \
             f"batchrun/bare aiohttp: {ratio(b.rps, f.rps)} (wall), {ratio(b.span_rps, f.span_rps)} (span)"
-    report(f"latency: {rows:,} rows, concurrency {concurrency}, 200 ± 50 ms", body, [b, f, o])
+    report(f"latency: {rows:,} rows, concurrency {concurrency}, 200 ± 50 ms", body, [b, f, w, o])
 
 
 def rejected_rate_limit(run: Run) -> str | None:
