@@ -23,8 +23,10 @@ MAX_FUNCTION_LINES = 60
 OPTIONAL = {"ray", "tokenizers", "tiktoken", "fsspec"}
 # `python -m batchrun` loads the command inside `main`, where a Ctrl-C while pyarrow and
 # the HTTP stack load can end it quietly (see batchrun/__main__.py).
-# aiohttp (0.1 s to import) carries requests only through a proxy: it loads then.
-LATE_ON_PURPOSE = {("__main__.py", "batchrun._cli"), ("client.py", "batchrun.http.aio")}
+# aiohttp (0.1 s to import) carries requests only through a proxy, jsonschema (50 ms)
+# checks answers only for a schema, Jinja2 (20 ms) renders only templates: each loads then.
+LATE_ON_PURPOSE = {("__main__.py", "batchrun._cli"), ("client.py", "batchrun.http.aio"), ("schema.py", "jsonschema"),
+                   ("template.py", "jinja2"), ("template.py", "jinja2.sandbox"), ("template.py", "jinja2.nodes")}
 
 
 def modules() -> Iterator[tuple[str, Path, ast.Module]]:

@@ -25,10 +25,6 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jinja2
-from jinja2 import nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from .._exceptions import SpecError
 from ..endpoints import field_of, implied_by
 
@@ -102,6 +98,9 @@ class _Constant:
 
 
 def _compile_string(source: str, path: str) -> Render:
+    import jinja2  # only a job with a template pays its 20 ms of import
+    from jinja2 import nodes
+
     env = _environment()
     try:
         tree = env.parse(source)
@@ -129,6 +128,8 @@ def _compile_string(source: str, path: str) -> Render:
 def _concatenation(parts: list[Any], path: str) -> Render:
     """Text and `{{ name }}`s only: `str.format` does what Jinja2 would, `format(value, "")`
     being `str(value)` for every type a row holds."""
+    from jinja2 import nodes
+
     names = [p.name for p in parts if isinstance(p, nodes.Name)]
     pattern = "".join("{}" if isinstance(p, nodes.Name) else p.data.replace("{", "{{").replace("}", "}}")
                       for p in parts)
@@ -154,6 +155,9 @@ def _undefined(path: str, message: str, record: Mapping[str, Any]) -> str:
 
 @functools.cache
 def _environment() -> Any:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     env = ImmutableSandboxedEnvironment(
         undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
     env.filters["data_url"] = data_url

@@ -18,7 +18,6 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-import jsonschema
 import pyarrow as pa
 
 from .._exceptions import SpecError
@@ -44,6 +43,8 @@ class Structure:
     """One schema, checked once and compiled; `parse(text)` gives the value or says what is wrong."""
 
     def __init__(self, schema: Mapping[str, Any], where: str = "schema") -> None:
+        import jsonschema  # only a job with a schema pays its 50 ms of import
+
         cls = jsonschema.validators.validator_for(schema)
         try:
             cls.check_schema(schema)
