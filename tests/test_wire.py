@@ -4,6 +4,7 @@ answers framed every way HTTP/1.1 allows; TLS verified against the CA bundle giv
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import json
@@ -139,6 +140,24 @@ def _read_request(connection: socket.socket) -> bytes | None:
 def http_answer(body: bytes = ANSWER, *extra: str) -> bytes:
     head = "".join(f"{line}\r\n" for line in ("HTTP/1.1 200 OK", "content-type: application/json", *extra))
     return head.encode() + b"\r\n" + body
+
+
+def test_connections_opening_together_look_the_host_up_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`localhost` may name ::1 before 127.0.0.1, where the server listens: each connection
+    tries the addresses in turn, and eight opening at once make one lookup."""
+    lookups: list[str] = []
+    real = asyncio.BaseEventLoop.getaddrinfo
+
+    async def getaddrinfo(self: asyncio.BaseEventLoop, host: str, *args: object, **kwargs: object) -> list:
+        lookups.append(host)
+        return await real(self, host, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", getaddrinfo)
+    with RawServer(lambda n: http_answer(ANSWER, f"content-length: {len(ANSWER)}")) as server:
+        answers = send_all(server.url.replace("127.0.0.1", "localhost"), 16, parallel=8)
+    assert [a.content for a in answers if isinstance(a, Answer)] == [ANSWER] * 16
+    assert lookups.count("localhost") == 1
+    assert server.connections == 8
 
 
 def test_a_server_closing_after_each_answer_gets_a_new_connection_each_time() -> None:

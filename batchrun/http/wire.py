@@ -36,6 +36,7 @@ from .transport import DEFAULT_MAX_ANSWER_BYTES, READ_BUFFER_BYTES, Answer, _Bod
 
 __all__ = ["WireTransport"]
 
+DNS_TTL_S = 300.0  # a host's addresses are looked up again after this long, as aiohttp does
 _UNCANCEL = sys.version_info >= (3, 11)  # Task.uncancel: a timeout's own cancel is taken back
 
 
@@ -199,6 +200,9 @@ class _Origin:
         self.ssl = ssl_context if scheme == "https" else None
         self.idle: list[_Connection] = []
         self.opened = 0  # connections open or opening
+        self._lookup: asyncio.Future[list] | None = None  # of the host's addresses
+        self._looked_up = 0.0
+        self._turn = 0
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
 
     async def acquire(self) -> _Connection:
@@ -253,16 +257,37 @@ class _Origin:
             self.idle.append(connection)
 
     async def _connect(self) -> _Connection:
+        """A new connection, to the host's addresses in turn: the first that takes it."""
         loop = asyncio.get_running_loop()
+        addresses = await self._addresses()
+        self._turn += 1
+        failure: Exception | None = None
+        for i in range(len(addresses)):  # each new connection starts at the next address
+            family, address = addresses[(self._turn + i) % len(addresses)]
+            try:
+                _, connection = await loop.create_connection(
+                    _Connection, address[0], address[1], family=family, ssl=self.ssl,
+                    server_hostname=self.host if self.ssl is not None else None)
+                return connection
+            except ssl.SSLError as exc:
+                raise httpx.ConnectError(f"TLS with {self.host}:{self.port} failed: {exc}") from None
+            except OSError as exc:
+                failure = exc
+        raise httpx.ConnectError(f"cannot connect to {self.host}:{self.port}: {failure}") from None
+
+    async def _addresses(self) -> list[tuple[int, tuple]]:
+        """The host's addresses, looked up once for every connection opening within
+        DNS_TTL_S: hundreds of connections opening at once make one lookup, not hundreds."""
+        loop = asyncio.get_running_loop()
+        if self._lookup is None or loop.time() - self._looked_up > DNS_TTL_S or self._lookup.done() and (
+                self._lookup.cancelled() or self._lookup.exception() is not None):
+            self._looked_up = loop.time()
+            self._lookup = asyncio.ensure_future(loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM))
         try:
-            _, connection = await loop.create_connection(
-                _Connection, self.host, self.port, ssl=self.ssl,
-                server_hostname=self.host if self.ssl is not None else None)
-        except ssl.SSLError as exc:
-            raise httpx.ConnectError(f"TLS with {self.host}:{self.port} failed: {exc}") from None
-        except (OSError, socket.gaierror) as exc:
-            raise httpx.ConnectError(f"cannot connect to {self.host}:{self.port}: {exc}") from None
-        return connection
+            found = await asyncio.shield(self._lookup)
+        except OSError as exc:
+            raise httpx.ConnectError(f"cannot find {self.host}: {exc}") from None
+        return [(family, address) for family, _, _, _, address in found]
 
 
 class WireTransport:
