@@ -204,6 +204,16 @@ def test_a_broken_answer_is_a_protocol_error_and_its_connection_goes(answer: Cal
     assert isinstance(ok, Answer) and ok.content == ANSWER  # on a new connection
 
 
+def test_a_request_meeting_a_kept_alive_connections_close_goes_again_at_once() -> None:
+    """The server closes the connection its second request came on (its idle timeout met the
+    request in flight): the request goes again on a new connection, and its answer comes.
+    A connection that carried nothing before fails as it is (see above): it was no race."""
+    with RawServer(lambda n: None if n == 2 else http_answer(ANSWER, f"content-length: {len(ANSWER)}")) as server:
+        answers = send_all(server.url, 3)
+    assert [a.content for a in answers if isinstance(a, Answer)] == [ANSWER] * 3
+    assert (server.requests, server.connections) == (4, 2)
+
+
 def test_an_answer_followed_by_another_is_taken_and_its_connection_goes() -> None:
     """What follows an answer on its connection belongs to no request: the answer stands,
     and the connection, whose next bytes cannot be trusted, is closed."""
