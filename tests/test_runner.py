@@ -160,9 +160,21 @@ def test_a_first_row_without_any_answer_stops_the_job_after_its_retries(tmp_path
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(40)])
     spec = write_spec(tmp_path, api={"base_url": "http://127.0.0.1:9/v1"})
 
-    with pytest.raises(JobFatalAPIError, match="the first row got no answer in 6 attempts .*check api.base_url"):
+    with pytest.raises(JobFatalAPIError, match="the first row got no answer in 6 attempts .*check api.base_url and"):
         run_job(spec, transport=httpx.MockTransport(down), environ={"OPENAI_API_KEY": "k"})
     assert len(seen) == 6
+
+
+def test_a_first_row_refused_with_500s_names_the_key_among_the_suspects(tmp_path: Path) -> None:
+    """A proxy's auth hook that raises answers a wrong key with a 500 (LiteLLM, measured)."""
+    def refusing(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, text="Internal Server Error")
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(40)])
+    spec = write_spec(tmp_path, api={"base_url": "http://127.0.0.1:9/v1"})
+
+    with pytest.raises(JobFatalAPIError, match=r"\(HTTP 500: Internal Server Error\); check api.base_url, the API key and"):
+        run_job(spec, transport=httpx.MockTransport(refusing), environ={"OPENAI_API_KEY": "k"})
 
 
 def test_a_key_read_from_a_file_is_stripped_and_a_mangled_one_refused(tmp_path: Path) -> None:

@@ -212,9 +212,11 @@ class Pool:
         """Open the pool after the first answer; stop when answers show a broken job."""
         if not self.answered_once.is_set():
             if result.transient:
+                # A proxy may refuse a wrong key with a 500 (LiteLLM's auth hooks do)
+                key = ", the API key" if (result.error or "").startswith("HTTP 5") else ""
                 self.stop(JobFatalAPIError(
                     f"the first row got no answer in {result.attempts} attempts ({result.error}); "
-                    "check api.base_url and that the API is up, then rerun"
+                    f"check api.base_url{key} and that the API is up, then rerun"
                 ))
                 return
             self.answered_once.set()
