@@ -173,7 +173,8 @@ def test_a_first_row_refused_with_500s_names_the_key_among_the_suspects(tmp_path
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(40)])
     spec = write_spec(tmp_path, api={"base_url": "http://127.0.0.1:9/v1"})
 
-    with pytest.raises(JobFatalAPIError, match=r"\(HTTP 500: Internal Server Error\); check api.base_url, the API key and"):
+    advice = r"\(HTTP 500: Internal Server Error\); check api.base_url, the API key and"
+    with pytest.raises(JobFatalAPIError, match=advice):
         run_job(spec, transport=httpx.MockTransport(refusing), environ={"OPENAI_API_KEY": "k"})
 
 
