@@ -42,7 +42,8 @@ def headers_for(url: str, body: bytes = BODY, **more: str) -> list[tuple[str, st
 def send_all(url: str, count: int, *, parallel: int = 1, **options: object) -> list[Answer | Exception]:
     """`count` exchanges through one transport, `parallel` at a time."""
     async def main() -> list[Answer | Exception]:
-        transport = WireTransport(**{"max_connections": parallel, "timeout_s": 30.0, **options})  # type: ignore[arg-type]
+        settings = {"max_connections": parallel, "timeout_s": 30.0, **options}
+        transport = WireTransport(**settings)  # type: ignore[arg-type]
         answers: list[Answer | Exception] = []
 
         async def worker(share: range) -> None:
@@ -131,7 +132,8 @@ def _read_request(connection: socket.socket) -> bytes | None:
             return None
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
     while len(body) < length:
         body += connection.recv(65536)
     return data

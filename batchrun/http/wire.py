@@ -16,7 +16,7 @@ the connection paused, so TCP holds the server back, while an answer waits for i
 verifies against the user's CA bundle. An error is raised as the httpx exception for it,
 so the client maps errors in one place. A connection is reused only after an answer read
 whole that the server let keep it alive; any failure closes it. Proxies are aiohttp's
-(see `client.transport_for`).
+(see `client._transport`).
 """
 
 from __future__ import annotations
@@ -145,7 +145,8 @@ class _Connection(asyncio.Protocol):
     def start(self, data: bytes) -> None:
         """Send one request; what came of the last one is gone."""
         assert self.transport is not None
-        self.status, self.headers, self.head, self.complete, self.to_eof, self.keep_alive = 0, {}, False, False, False, False
+        self.status, self.headers = 0, {}
+        self.head = self.complete = self.to_eof = self.keep_alive = False
         self.busy = True
         self.sent += 1
         self.received = False
