@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from batchrun.http.transport import Answer
 from batchrun.http.wire import WireTransport
-from tests.conftest import read_output, run_cli, write_jsonl, write_spec
+from tests.conftest import TEST_KEY, cli_env, read_output, run_cli, write_jsonl, write_spec
 from tests.fakeserver import FakeServer
 from tests.test_e2e import assert_exact_answers
 
@@ -325,6 +325,25 @@ def test_a_certificate_no_ca_vouches_for_is_refused(tls_server: tuple[RawServer,
     [failed] = send_all(server.url, 1, ssl_context=ssl.create_default_context())  # the system's CAs
     assert isinstance(failed, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(failed)
     assert server.requests == 0
+
+
+def test_a_job_trusts_the_ca_bundle_ssl_cert_file_names(tmp_path: Path, tls_server: tuple[RawServer, Path]) -> None:
+    """SSL_CERT_FILE reaches the wire transport: with it, the job's rows are answered over
+    TLS; without it, the first row's connection is refused and no row is sent."""
+    server, cert_file = tls_server
+    write_jsonl(tmp_path / "input.jsonl", [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(5)])
+    spec = write_spec(tmp_path, endpoint="completions", api={"base_url": server.url.removesuffix("/completions")})
+
+    refused = run_cli("run", str(spec), "--no-progress", env=cli_env(OPENAI_API_KEY=TEST_KEY))
+    assert refused.code == 3 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr
+    assert server.requests == 0
+
+    trusted = run_cli("run", str(spec), "--no-progress",
+                      env=cli_env(OPENAI_API_KEY=TEST_KEY, SSL_CERT_FILE=str(cert_file)))
+    assert trusted.code == 0, trusted.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert [(r["id"], r["status"], r["output_text"]) for r in rows] == [(f"r{i}", "ok", "ok") for i in range(5)]
+    assert server.requests == 5
 
 
 def test_a_job_reuses_one_connection_for_each_request_in_flight(tmp_path: Path, server: FakeServer) -> None:
