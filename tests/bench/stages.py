@@ -30,7 +30,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from run import HERE, PY, REPO, Server, child_env, git_describe, job_spec, make_input, source_fingerprint
+from run import HERE, PY, REPO, Server, child_env, compile_checkout, git_describe, job_spec, make_input, \
+    source_fingerprint
 
 SCENARIOS = {"zero": (20_000, 256, {}), "latency": (16_000, 400, {"latency_ms": 200, "jitter_ms": 50})}
 
@@ -299,6 +300,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     label = args.label or f"{args.scenario}-{args.client}"
     print(f"batchrun: {git_describe()}; source fingerprint {source_fingerprint()}; load {os.getloadavg()[0]:.2f}")
+    compile_checkout()
     result = measure(args.scenario, args.client, args.rate, args.out, label, spy=not args.no_spy)
     (args.out / f"{label}.json").write_text(json.dumps(result, indent=1))
     if args.no_spy:
