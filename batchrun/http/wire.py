@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import httptools
 import httpx
 
-from .transport import DEFAULT_MAX_ANSWER_BYTES, READ_BUFFER_BYTES, Answer, _Body, _forget, answers_budget
+from .transport import _DECODED, DEFAULT_MAX_ANSWER_BYTES, READ_BUFFER_BYTES, Answer, _Body, _forget, answers_budget
 
 __all__ = ["WireTransport"]
 
@@ -362,7 +362,7 @@ class WireTransport:
             content = await body.read(connection.next_chunk)
             headers = connection.headers
             if body.encoded:  # inflated: its length and encoding describe what is no longer there
-                headers = {k: v for k, v in headers.items() if k not in ("content-encoding", "content-length")}
+                headers = {k: v for k, v in headers.items() if k not in _DECODED}
             answer = Answer(connection.status, headers, content)
             reuse = connection.finish()
             return answer
