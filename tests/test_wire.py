@@ -195,7 +195,9 @@ def test_an_informational_answer_is_passed_over() -> None:
     (lambda n: None, "closed the connection before it answered"),
     (lambda n: http_answer(ANSWER[:20], f"content-length: {len(ANSWER)}"), "closed the connection before it answered"),
     (lambda n: b"HTTP/1.1 banana\r\n\r\n", "not valid HTTP/1.1"),
-], ids=["no answer", "cut short", "not http"])
+    (lambda n: b"HTTP/1.1 200 OK\r\nx-endless: " + b"a" * (4 << 20), "headers run past 65,536 bytes"),
+    (lambda n: b"HTTP/1.1 100 Continue\r\n\r\n" * 20_000, "headers run past 65,536 bytes"),
+], ids=["no answer", "cut short", "not http", "endless header", "endless 100s"])
 def test_a_broken_answer_is_a_protocol_error_and_its_connection_goes(answer: Callable, words: str) -> None:
     def first_broken(n: int) -> bytes | None:
         return answer(n) if n == 1 else http_answer(ANSWER, f"content-length: {len(ANSWER)}")

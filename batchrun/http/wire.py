@@ -36,6 +36,7 @@ from .transport import _DECODED, DEFAULT_MAX_ANSWER_BYTES, READ_BUFFER_BYTES, An
 
 __all__ = ["WireTransport"]
 
+MAX_HEAD_BYTES = 64 * 2**10  # an answer's status line and headers; aiohttp's limits are 8 KB a line
 DNS_TTL_S = 300.0  # a host's addresses are looked up again after this long, as aiohttp does
 _UNCANCEL = sys.version_info >= (3, 11)  # Task.uncancel: a timeout's own cancel is taken back
 
@@ -60,6 +61,7 @@ class _Connection(asyncio.Protocol):
         self.busy = False  # an exchange is using it
         self.sent = 0  # requests sent over it
         self.received = False  # a byte of the current answer came
+        self.head_bytes = 0  # of the current answer, read before its headers ended
         self.paused = False
         self._waiter: asyncio.Future[None] | None = None
 
@@ -84,6 +86,12 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if not self.head:  # httptools keeps a header's parts until it ends: endless ones would grow
+                self.head_bytes += len(data)
+                if self.head_bytes > MAX_HEAD_BYTES:
+                    raise httpx.RemoteProtocolError(f"the answer's headers run past {MAX_HEAD_BYTES:,} bytes")
+        except httpx.RemoteProtocolError as exc:
+            self._fail(exc)
         except httptools.HttpParserUpgrade:
             self._fail(httpx.RemoteProtocolError("the server switched protocols"))
         except httptools.HttpParserError as exc:
@@ -150,6 +158,7 @@ class _Connection(asyncio.Protocol):
         self.busy = True
         self.sent += 1
         self.received = False
+        self.head_bytes = 0
         self.transport.write(data)
 
     async def wait_head(self) -> None:
