@@ -171,7 +171,8 @@ def test_a_server_closing_after_each_answer_gets_a_new_connection_each_time() ->
 
 
 def test_framing_by_length_by_chunks_and_by_the_connections_end() -> None:
-    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (ANSWER[:10], ANSWER[10:])) + b"0\r\n\r\n"
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (ANSWER[:10], ANSWER[10:])) + \
+        b"0\r\nx-trailer: 1\r\n\r\n"
     framings = {
         "length": http_answer(ANSWER, f"content-length: {len(ANSWER)}"),
         "chunked": http_answer(chunked, "transfer-encoding: chunked"),
@@ -182,6 +183,18 @@ def test_framing_by_length_by_chunks_and_by_the_connections_end() -> None:
             answers = send_all(server.url, 3)
         assert [a.content for a in answers if isinstance(a, Answer)] == [ANSWER] * 3, name
         assert server.connections == (3 if name == "to the end" else 1), name
+
+
+def test_a_long_answer_in_many_chunks_is_read_whole() -> None:
+    """2 MB in chunks of 1,000 bytes, a chunk's header often the last bytes of a read: no
+    chunk is taken for the last one, whose trailers are bounded."""
+    body = bytes(range(256)) * (2 << 12)
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 1000]), body[i:i + 1000])
+                       for i in range(0, len(body), 1000)) + b"0\r\n\r\n"
+    with RawServer(lambda n: http_answer(chunked, "transfer-encoding: chunked")) as server:
+        answers = send_all(server.url, 2)
+    assert [a.content for a in answers if isinstance(a, Answer)] == [body] * 2
+    assert server.connections == 1
 
 
 def test_an_informational_answer_is_passed_over() -> None:
@@ -197,7 +210,9 @@ def test_an_informational_answer_is_passed_over() -> None:
     (lambda n: b"HTTP/1.1 banana\r\n\r\n", "not valid HTTP/1.1"),
     (lambda n: b"HTTP/1.1 200 OK\r\nx-endless: " + b"a" * (4 << 20), "headers run past 65,536 bytes"),
     (lambda n: b"HTTP/1.1 100 Continue\r\n\r\n" * 20_000, "headers run past 65,536 bytes"),
-], ids=["no answer", "cut short", "not http", "endless header", "endless 100s"])
+    (lambda n: http_answer(b"2\r\n{}\r\n0\r\nx-endless: " + b"a" * (4 << 20), "transfer-encoding: chunked"),
+     "headers run past 65,536 bytes"),
+], ids=["no answer", "cut short", "not http", "endless header", "endless 100s", "endless trailer"])
 def test_a_broken_answer_is_a_protocol_error_and_its_connection_goes(answer: Callable, words: str) -> None:
     def first_broken(n: int) -> bytes | None:
         return answer(n) if n == 1 else http_answer(ANSWER, f"content-length: {len(ANSWER)}")

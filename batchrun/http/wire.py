@@ -61,7 +61,8 @@ class _Connection(asyncio.Protocol):
         self.busy = False  # an exchange is using it
         self.sent = 0  # requests sent over it
         self.received = False  # a byte of the current answer came
-        self.head_bytes = 0  # of the current answer, read before its headers ended
+        self.head_bytes = 0  # of the current answer, read before its headers ended or among its trailers
+        self.trailers = False  # a chunk began and no byte of it came: the last one's, whose trailers follow
         self.paused = False
         self._waiter: asyncio.Future[None] | None = None
 
@@ -85,8 +86,11 @@ class _Connection(asyncio.Protocol):
             self._fail(httpx.RemoteProtocolError("the server sent data no request asked for"))
             return
         try:
+            trailing = self.trailers
             self.parser.feed_data(data)
-            if not self.head:  # httptools keeps a header's parts until it ends: endless ones would grow
+            # httptools keeps a header's parts until the header ends: endless headers, or
+            # trailers after a chunked body, would grow without bound
+            if not self.head or trailing and self.trailers:
                 self.head_bytes += len(data)
                 if self.head_bytes > MAX_HEAD_BYTES:
                     raise httpx.RemoteProtocolError(f"the answer's headers run past {MAX_HEAD_BYTES:,} bytes")
@@ -132,9 +136,16 @@ class _Connection(asyncio.Protocol):
                        self.headers.get("transfer-encoding", "").lower() and status not in (204, 304))
         self._wake()
 
+    def on_chunk_header(self) -> None:
+        self.trailers = True
+
+    def on_chunk_complete(self) -> None:
+        self.trailers = False
+
     def on_body(self, body: bytes) -> None:
         if not self.head:
             return  # an informational answer's
+        self.trailers = False
         self.parts.append(body)
         self.buffered += len(body)
         if self.buffered > READ_BUFFER_BYTES and not self.paused and self.transport is not None:
@@ -158,7 +169,7 @@ class _Connection(asyncio.Protocol):
         self.busy = True
         self.sent += 1
         self.received = False
-        self.head_bytes = 0
+        self.head_bytes, self.trailers = 0, False
         self.transport.write(data)
 
     async def wait_head(self) -> None:
