@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import aiohttp
 import httpx
 
-from .transport import DEFAULT_MAX_ANSWER_BYTES, READ_BUFFER_BYTES, Answer, _Body, _forget, answers_budget, \
-    decoded_headers
+from .transport import DEFAULT_MAX_ANSWER_BYTES, READ_BUFFER_BYTES, Answer, BoundedBody, answers_budget, \
+    decoded_headers, forget
 
 __all__ = ["AiohttpTransport"]
 
@@ -44,7 +44,7 @@ class AiohttpTransport:
                                          ssl=True if self._ssl is None else self._ssl)
         self._session = aiohttp.ClientSession(
             connector=connector,
-            # The bounded reader inflates, a step at a time (`transport._Body`).
+            # The bounded reader inflates, a step at a time (`transport.BoundedBody`).
             auto_decompress=False,
             # What aiohttp buffers for an answer nobody reads yet (one waiting for the
             # memory budget): measured here, about 160 KB a connection with this, 700 KB
@@ -60,17 +60,17 @@ class AiohttpTransport:
         try:  # the answer is read in a frame of its own, which the error keeps none of
             return await self._exchange(session, url, headers, payload)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise _httpx_error(exc) from _forget(exc)
+            raise _httpx_error(exc) from forget(exc)
         except ValueError as exc:  # a header aiohttp will not send
-            raise httpx.LocalProtocolError(str(exc)) from _forget(exc)
+            raise httpx.LocalProtocolError(str(exc)) from forget(exc)
         except BaseException as exc:
-            raise _forget(exc)
+            raise forget(exc)
 
     async def _exchange(self, session: aiohttp.ClientSession, url: str, headers: Sequence[tuple[str, str]],
                         payload: bytes) -> Answer:
         async with session.request("POST", url, data=payload, headers=headers, allow_redirects=False,
                                    proxy=self._proxy) as response:
-            body = _Body(response.headers.get("content-encoding"), self._max_answer_bytes, None, self._memory)
+            body = BoundedBody(response.headers.get("content-encoding"), self._max_answer_bytes, None, self._memory)
             content = await body.read(response.content.readany)
         items = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
         return Answer(response.status, decoded_headers(items, body.encoded), content)

@@ -32,7 +32,10 @@ from typing import Protocol
 import anyio
 import httpx
 
-__all__ = ["Answer", "AnswerTooLarge", "BoundedTransport", "DEFAULT_MAX_ANSWER_BYTES", "Transport"]
+# Answer, Transport: the seam; BoundedBody, answers_budget, decoded_headers, forget: what every
+# transport behind it reads an answer with
+__all__ = ["Answer", "AnswerTooLarge", "BoundedBody", "BoundedTransport", "DECODED_HEADERS", "DEFAULT_MAX_ANSWER_BYTES",
+           "READ_BUFFER_BYTES", "Transport", "answers_budget", "decoded_headers", "forget"]
 
 DEFAULT_MAX_ANSWER_BYTES = 32 * 2**20
 ANSWERS_BUDGET_BYTES = 128 * 2**20  # what all answers being read hold together, at most
@@ -129,7 +132,7 @@ def answers_budget(max_answer_bytes: int) -> _Memory:
     return _Memory(max(ANSWERS_BUDGET_BYTES, 2 * one_answer), one_answer)
 
 
-class _Body:
+class BoundedBody:
     """One answer's body as it arrives: decoded, counted, and refused past `limit` bytes,
     every byte reserved from `memory` before it is kept or inflated.
 
@@ -205,20 +208,20 @@ def decoded_headers(items: Sequence[tuple[str, str]], encoded: bool) -> dict[str
     headers: dict[str, str] = {}
     for name, value in items:
         key = name.lower()
-        if encoded and key in _DECODED:
+        if encoded and key in DECODED_HEADERS:
             continue
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     return headers
 
 
-def _forget(exc: BaseException) -> BaseException:
+def forget(exc: BaseException) -> BaseException:
     """`exc`, keeping none of the frames it came through: their locals hold the answer
     read so far (and aiohttp's buffers), and an error is kept while its retry waits."""
     traceback.clear_frames(exc.__traceback__)
     return exc
 
 
-_DECODED = frozenset({"content-encoding", "content-length"})
+DECODED_HEADERS = frozenset({"content-encoding", "content-length"})
 
 
 class BoundedTransport:
@@ -240,15 +243,15 @@ class BoundedTransport:
                 return await self._exchange(request)
         except TimeoutError as exc:
             raise httpx.ReadTimeout(f"no complete answer within {self._timeout_s:g} s",
-                                    request=request) from _forget(exc)
+                                    request=request) from forget(exc)
         except BaseException as exc:
-            raise _forget(exc)
+            raise forget(exc)
 
     async def _exchange(self, request: httpx.Request) -> Answer:
         response = await self._transport.handle_async_request(request)
         try:
             consumed = response.is_stream_consumed  # MockTransport reads (and decodes) answers itself
-            body = _Body(None if consumed else response.headers.get("content-encoding"), self._max_answer_bytes,
+            body = BoundedBody(None if consumed else response.headers.get("content-encoding"), self._max_answer_bytes,
                          request, self._memory)
             content = await body.read(partial(anext, response.aiter_bytes() if consumed else response.aiter_raw(), b""))
         finally:

@@ -11,7 +11,7 @@ aiohttp costs 228 (tests/bench/stages.py: see the README's performance section).
 
 It keeps every promise the aiohttp transport keeps: `timeout_s` bounds each exchange as
 a whole (waiting for a connection, connecting, sending, reading the whole body); the
-body is read within `max_answer_bytes` and the budget all answers share (`transport._Body`),
+body is read within `max_answer_bytes` and the budget all answers share (`transport.BoundedBody`),
 the connection paused, so TCP holds the server back, while an answer waits for it; TLS
 verifies against the user's CA bundle. An error is raised as the httpx exception for it,
 so the client maps errors in one place. A connection is reused only after an answer read
@@ -32,7 +32,8 @@ from urllib.parse import urlsplit
 import httptools
 import httpx
 
-from .transport import _DECODED, DEFAULT_MAX_ANSWER_BYTES, READ_BUFFER_BYTES, Answer, _Body, _forget, answers_budget
+from .transport import DECODED_HEADERS, DEFAULT_MAX_ANSWER_BYTES, READ_BUFFER_BYTES, Answer, BoundedBody, \
+    answers_budget, forget
 
 __all__ = ["WireTransport"]
 
@@ -353,9 +354,9 @@ class WireTransport:
         except asyncio.CancelledError as exc:
             if not expired or (_UNCANCEL and task.uncancel() > 0):  # not (only) the timeout's
                 raise
-            raise httpx.ReadTimeout(f"no complete answer within {self._timeout_s:g} s") from _forget(exc)
+            raise httpx.ReadTimeout(f"no complete answer within {self._timeout_s:g} s") from forget(exc)
         except BaseException as exc:
-            raise _forget(exc)
+            raise forget(exc)
         finally:
             timer.cancel()
 
@@ -378,11 +379,11 @@ class WireTransport:
         try:
             connection.start(data)
             await connection.wait_head()
-            body = _Body(connection.headers.get("content-encoding"), self._max_answer_bytes, None, self._memory)
+            body = BoundedBody(connection.headers.get("content-encoding"), self._max_answer_bytes, None, self._memory)
             content = await body.read(connection.next_chunk)
             headers = connection.headers
             if body.encoded:  # inflated: its length and encoding describe what is no longer there
-                headers = {k: v for k, v in headers.items() if k not in _DECODED}
+                headers = {k: v for k, v in headers.items() if k not in DECODED_HEADERS}
             answer = Answer(connection.status, headers, content)
             reuse = connection.finish()
             return answer
