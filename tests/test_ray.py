@@ -70,10 +70,14 @@ def test_four_workers_find_the_servers_limit_on_requests_in_flight_together(
     assert result.code == 0, result.stderr
     assert_every_row_once_as_answered(spec, server, rows, paid_twice=0)
     busy = sum(r.outcome == "busy" for r in server.requests)
-    # The first burst, then a few probes: not a 429 per row. Four workers, each on its own,
-    # keep 4 or more in flight, and meet a 429 all along. (How long the job took is not
-    # asked: 4 s of answers and a 6 s wait aside or two, but a busy machine slows them.)
-    assert busy < rows / 10, busy
+    # No more than one process meets at `concurrency: 32`: its first burst (31 at once, 2
+    # held) and a few probes, 32 in all. The four workers' first grants come close together
+    # or apart as the machine lets them start, so their first burst is one process's at
+    # most (5 to 12 when they start apart, 43 once under load). Four workers, each finding
+    # the limit on its own (4 x `--shard I/4`), met 209: a 429 all along. (How long the job
+    # took is not asked: 4 s of answers and a 6 s wait aside or two, but a busy machine
+    # slows them.)
+    assert busy <= 32 + rows / 20, busy
 
 
 def test_without_ray_installed_the_message_says_how_to_get_it(tmp_path: Path) -> None:
