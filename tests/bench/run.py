@@ -130,6 +130,20 @@ class Run:
     server: dict = field(default_factory=dict)
     log: str = ""
     output: Path | None = None
+    started: float = 0.0  # monotonic, as the server's first_at and last_at (one clock per machine)
+    ended: float = 0.0
+
+    @property
+    def lead_s(self) -> float:
+        """From the client's start to the server's first request: start-up, input, validation."""
+        first = self.server.get("first_at")
+        return first - self.started if first else 0.0
+
+    @property
+    def tail_s(self) -> float:
+        """From the server's last answer to the client's exit: the output's last writes."""
+        last = self.server.get("last_at")
+        return self.ended - last if last else 0.0
 
     @property
     def rps(self) -> float:
@@ -170,11 +184,13 @@ def run_client(label: str, rows: int, cmd: list[str], workdir: Path, server: Ser
     log_path = workdir / f"{label.replace(' ', '_')}.log"
     with open(log_path, "wb") as log:
         started = time.perf_counter()
+        run.started = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=workdir)
         watchdog = threading.Timer(CLIENT_TIMEOUT_S, proc.kill)
         watchdog.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
+            run.ended = time.monotonic()
         finally:
             watchdog.cancel()
         run.wall_s = time.perf_counter() - started
@@ -289,12 +305,12 @@ def report(title: str, body: str, runs: list[Run]) -> None:
 
 
 THROUGHPUT_HEADERS = ["client", "rows", "exit", "wall s", "req/s (wall)", "req/s (server span)",
-                      "CPU s / 1k req", "peak RSS MB", "server CPU %"]
+                      "CPU s / 1k req", "peak RSS MB", "server CPU %", "s to first request", "s after last answer"]
 
 
 def throughput_row(run: Run) -> list[object]:
     return [run.label, run.rows, run.rc, run.wall_s, run.rps, run.span_rps, run.cpu_per_1k, run.maxrss_mb,
-            f"{run.server_cpu_pct:.0f}"]
+            f"{run.server_cpu_pct:.0f}", run.lead_s, run.tail_s]
 
 
 def ratio(a: float, b: float) -> str:

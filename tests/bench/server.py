@@ -87,6 +87,7 @@ class Stats:
             "requests": self.requests,
             "throttled_429": self.throttled,
             "span_s": span,  # first request received -> last response sent
+            "first_at": self.t0, "last_at": self.last,  # monotonic: the client's lead and tail
             "cpu_s": usage.ru_utime + usage.ru_stime,  # the server's own CPU, whole life
             "received_per_s": self.received,
             "ok_per_s": self.ok,
