@@ -10,6 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun import InputError
+from batchrun.inputs import reader as reader_module
+from batchrun.inputs.files import InputFile
 from batchrun.inputs.reader import InputReader
 from tests.conftest import write_jsonl
 
@@ -343,3 +345,56 @@ def test_a_given_id_that_is_another_rows_position_is_a_duplicate(tmp_path: Path)
     assert "'03'" not in str(info.value)  # "03" is no position; row 4's own id 3 is its position
     write_jsonl(path, [{"prompt": "a"}, {"id": 7, "prompt": "b"}, {"id": "x", "prompt": "c"}])
     assert InputReader(path).validate()[0] == 3
+
+
+def _counting_passes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The passes made over the input's files: each is one `records` call."""
+    passes: list[str] = []
+    records = InputFile.records
+
+    def counted(self: InputFile, **kwargs: object) -> object:
+        passes.append(self.path.name)
+        return records(self, **kwargs)
+
+    monkeypatch.setattr(InputFile, "records", counted)
+    return passes
+
+
+def test_a_small_inputs_validated_rows_serve_the_next_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = [{"id": f"r{i}", "prompt": f"p{i}", "tag": i} for i in range(50)]
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    expected = [(r.index, r.id, r.endpoint, r.body, r.where) for r in InputReader(path).rows()]
+    passes = _counting_passes(monkeypatch)
+
+    with InputReader(path) as reader:
+        assert reader.validate()[0] == 50
+        assert passes == ["in.jsonl"]
+        assert [(r.index, r.id, r.endpoint, r.body, r.where) for r in reader.rows(10)] == expected[10:]
+        assert passes == ["in.jsonl"]  # read once, by validation
+        # Handed out once: the pass after reads the file again
+        assert [r.id for r in reader.rows()] == [r["id"] for r in records]
+        assert passes == ["in.jsonl", "in.jsonl"]
+
+
+def test_a_larger_input_is_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x" * 100} for _ in range(30)])
+    monkeypatch.setattr(reader_module, "KEEP_BYTES", path.stat().st_size - 1)
+    passes = _counting_passes(monkeypatch)
+
+    with InputReader(path) as reader:
+        reader.validate()
+        assert len(list(reader.rows())) == 30
+    assert passes == ["in.jsonl", "in.jsonl"]
+
+
+def test_a_compressed_input_counts_as_ten_times_its_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "in.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("".join(json.dumps({"prompt": "x" * 100}) + "\n" for _ in range(30)))
+    monkeypatch.setattr(reader_module, "KEEP_BYTES", path.stat().st_size * 10 - 1)
+    passes = _counting_passes(monkeypatch)
+
+    with InputReader(path) as reader:
+        reader.validate()
+        list(reader.rows())
+    assert passes == ["in.jsonl.gz", "in.jsonl.gz"]

@@ -31,6 +31,7 @@ from .pinned import PinnedFile
 __all__ = ["INPUT_SUFFIXES", "InputFile", "check_all_unchanged", "combined_fingerprint", "expand_inputs"]
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".csv")
+COMPRESSION = 10  # what a compressed input's size is multiplied by, to bound the text it holds
 Record = tuple[str, dict[str, Any], bool]  # (where, record, suspect)
 
 
@@ -92,6 +93,13 @@ class InputFile:
     @property
     def digest(self) -> str | None:
         return self._pinned.digest
+
+    @property
+    def text_bytes(self) -> int:
+        """About how many bytes of text its rows hold, at most: a compressed file's (gzip,
+        Parquet) counted as COMPRESSION times its size on disk."""
+        compressed = self.is_parquet or self.path.name.endswith(".gz")
+        return self._pinned.size * (COMPRESSION if compressed else 1)
 
     def fingerprint(self) -> str:
         return self._pinned.fingerprint()
