@@ -4,6 +4,7 @@ A Ctrl-C while the command loads (pyarrow and the HTTP stack take a second or tw
 ends it quietly, as one during a run does: no traceback for a user's key press.
 """
 
+import gc
 import sys
 
 
@@ -13,7 +14,12 @@ def main() -> int:
     except KeyboardInterrupt:
         print("batchrun: interrupted while starting; nothing was sent", file=sys.stderr)
         return 3
-    return cli()
+    code = cli()
+    # The command is done, its files closed and synced. At exit the collector would walk
+    # every object left (pyarrow's, the HTTP stack's, the modules') for cycles: 40-60 ms
+    # of every run. Frozen, they are let go without that walk; exit handlers still run.
+    gc.freeze()
+    return code
 
 
 if __name__ == "__main__":
