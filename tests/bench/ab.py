@@ -1,11 +1,13 @@
 """Two commits side by side: batchrun's zero-latency throughput, alternating runs.
 
-    python tests/bench/ab.py REV [--rounds 6] [--rows 20000]
+    python tests/bench/ab.py REV [--scenario zero|latency] [--rounds 6] [--rows N]
 
-Checks REV out into a temporary worktree and runs the same job (the `zero` scenario's
-rows, concurrency 256) with it and with this checkout, one after the other, `rounds`
-times, each against a fresh bench server. Prints every run and the median ratio: the
-machine is shared and noisy, so only runs this close together compare.
+Checks REV out into a temporary worktree and runs the same job (the scenario's rows:
+`zero`, 20,000 at concurrency 256; `latency`, 16,000 at 400 with 200 +- 50 ms answers)
+with it and with this checkout, one after the other, `rounds` times, each against a
+fresh bench server. Prints every run and the median ratios of the rates, over the wall
+time and over the server's span (first request to last answer): the machine is shared
+and noisy, so only runs this close together compare.
 """
 
 from __future__ import annotations
@@ -19,38 +21,45 @@ import time
 from pathlib import Path
 
 import run as bench
+from stages import SCENARIOS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rev", help="the commit to compare with this checkout")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="zero")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--rows", type=int)
     args = parser.parse_args()
+    rows, concurrency, server_opts = SCENARIOS[args.scenario]
+    rows = args.rows or rows
     work = Path(tempfile.mkdtemp(prefix="batchrun-ab-"))
     old = work / "old"
     subprocess.run(["git", "worktree", "add", "-q", "--detach", str(old), args.rev], cwd=bench.REPO, check=True)
     try:
-        data = bench.make_input(work / "in.jsonl", args.rows)
-        rates: dict[str, list[float]] = {"old": [], "new": []}
+        data = bench.make_input(work / "in.jsonl", rows)
+        times: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
         for n in range(args.rounds):
             for name, tree in (("old", old), ("new", bench.REPO)):
-                rates[name].append(args.rows / run_once(work / f"{name}{n}", tree, data))
+                times[name].append(run_once(work / f"{name}{n}", tree, data, concurrency, server_opts))
+                wall, span = times[name][-1]
                 print(f"{name} ({args.rev if name == 'old' else 'this checkout'}) round {n}: "
-                      f"{rates[name][-1]:,.0f} req/s", flush=True)
-        ratios = [new / old for new, old in zip(rates["new"], rates["old"])]
-        print(f"median new/old: {sorted(ratios)[len(ratios) // 2]:.3f} (rounds: "
-              f"{', '.join(f'{r:.3f}' for r in ratios)})")
+                      f"{rows / wall:,.0f} req/s, {rows / span:,.0f} over the span", flush=True)
+        for label, at in (("wall", 0), ("span", 1)):
+            ratios = [old[at] / new[at] for new, old in zip(times["new"], times["old"])]
+            print(f"median new/old ({label}): {sorted(ratios)[len(ratios) // 2]:.3f} (rounds: "
+                  f"{', '.join(f'{r:.3f}' for r in ratios)})")
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=bench.REPO, check=False)
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_once(job: Path, tree: Path, data: Path) -> float:
+def run_once(job: Path, tree: Path, data: Path, concurrency: int, server_opts: dict) -> tuple[float, float]:
+    """(wall seconds, the server's span) of one run of `tree`'s batchrun."""
     job.mkdir()
-    with bench.Server(job, "server") as server:
+    with bench.Server(job, "server", **server_opts) as server:
         spec = {"input": str(data), "output": str(job / "out.parquet"), "model": "bench", "endpoint": "completions",
-                "params": {"max_tokens": 16}, "concurrency": 256,
+                "params": {"max_tokens": 16}, "concurrency": concurrency,
                 "api": {"base_url": server.base_url, "api_key_env": bench.KEY_ENV}}
         (job / "job.yaml").write_text(json.dumps(spec))
         env = bench.child_env()
@@ -61,7 +70,7 @@ def run_once(job: Path, tree: Path, data: Path) -> float:
         wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"{tree}: exit {result.returncode}: {result.stderr[-500:]}")
-    return wall
+    return wall, server.stats["span_s"]
 
 
 if __name__ == "__main__":
