@@ -13,7 +13,6 @@ re-ask) is the engine's (`engine.call`).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import traceback
@@ -26,6 +25,7 @@ import anyio
 import httpx
 
 from .._exceptions import APIError, JobFatalAPIError, RetryableAPIError
+from .._json import dumps, loads_utf8
 from .._version import __version__
 from ..endpoints import ENDPOINTS, get_endpoint
 from ..endpoints.result import Result, storable_text
@@ -133,7 +133,7 @@ class Client:
         """`body` to `endpoint`, encoded once for every attempt; raises Unsendable. `tokens`:
         the request's estimate, for a tokens-per-minute limit (None: from the body)."""
         try:
-            payload = json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
+            payload = dumps(body).encode()
         except (ValueError, TypeError, RecursionError) as exc:
             raise Unsendable(f"the request cannot be sent as JSON: {exc}") from None
         if not self.limiter.tokens_per_s:  # only a tokens-per-minute limit needs the estimate
@@ -288,7 +288,7 @@ class Client:
                     assembler.feed_line(line)
                 return assembler.result()
             try:
-                data = json.loads(answer.content)
+                data = loads_utf8(answer.content)
             except ValueError:
                 raise RetryableAPIError("the response body is not valid JSON", status=answer.status) from None
             return get_endpoint(request.endpoint).parse(data)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
-import json
 import os
 import zlib
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .._exceptions import InputError
+from .._json import loads_utf8
 from . import csv_lines
 from .checks import MAX_DEPTH, SUSPECT, check_record
 from .pinned import PinnedFile
@@ -122,7 +122,7 @@ class InputFile:
                         continue
                     where = f"line {number}"
                     try:
-                        record = json.loads(_text(line))
+                        record = loads_utf8(line)
                     except RecursionError:
                         raise self.error(where, "nested too deeply to read; no request needs that") from None
                     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
@@ -248,14 +248,3 @@ def check_all_unchanged(files: Sequence[InputFile]) -> None:
 
 def _parquet_batches(raw: Any, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
     yield from pq.ParquetFile(raw).iter_batches(batch_size=batch_rows, columns=columns)
-
-
-def _text(line: bytes) -> str | bytes:
-    """A JSONL line as `json.loads` decodes it, without its guess at the encoding (a
-    fifth of its time on a short line): given bytes, it looks for a BOM and for zero
-    bytes among the first four (UTF-16 or -32). A line that opens an object, `{` then no
-    zero byte, is UTF-8 to it, decoded just so (`surrogatepass`); any other goes to it as
-    it is."""
-    if line[:1] == b"{" and line[1:2] != b"\x00":
-        return line.decode("utf-8", "surrogatepass")
-    return line
