@@ -542,16 +542,16 @@ def scenario_embeddings(workdir: Path, rows: int | None) -> None:
     rows = rows or 20_000
     data = make_docs(workdir / "docs.jsonl", rows)
     headers = ["client", "dimension", "rows", "exit", "wall s", "rows/s (wall)", "rows/s (server span)", "CPU s",
-               "peak RSS MB", "batchrun/baseline rows/s"]
+               "peak RSS MB", "s to first request", "s after last answer", "batchrun/baseline rows/s"]
     lines, runs = [], []
     for dims in EMBED_DIMS:
         server_opts = {"embed_dims": dims}
         b = measured(workdir, batchrun, f"batchrun {dims}", data, rows, 16, extra=EMBED, server_opts=server_opts)
         o = measured(workdir, embeddings_baseline, f"openai embeddings.create {dims}", data, rows, 16,
                      server_opts=server_opts)
-        lines += [[b.label, dims, b.rows, b.rc, b.wall_s, b.rps, b.span_rps, b.cpu_s, b.maxrss_mb,
+        lines += [[b.label, dims, b.rows, b.rc, b.wall_s, b.rps, b.span_rps, b.cpu_s, b.maxrss_mb, b.lead_s, b.tail_s,
                    f"{ratio(b.rps, o.rps)} (wall), {ratio(b.span_rps, o.span_rps)} (span)"],
-                  [o.label, dims, o.rows, o.rc, o.wall_s, o.rps, o.span_rps, o.cpu_s, o.maxrss_mb, ""]]
+                  [o.label, dims, o.rows, o.rc, o.wall_s, o.rps, o.span_rps, o.cpu_s, o.maxrss_mb, o.lead_s, o.tail_s, ""]]
         runs += [b, o]
     report(f"embeddings: {rows:,} rows, 64 a request, concurrency 16, zero latency", table(headers, lines), runs)
 
