@@ -50,6 +50,26 @@ def test_importing_batchrun_loads_neither_pyarrow_nor_httpx() -> None:
 
 
 @pytest.mark.slow
+def test_a_live_run_loads_no_http_library_it_does_not_send_with(tmp_path) -> None:
+    """httpx (80 ms), aiohttp (0.1 s), jsonschema and Jinja2 stay out of a plain job's start."""
+    import subprocess
+
+    from tests.conftest import TEST_KEY, cli_env, write_jsonl, write_spec
+    from tests.fakeserver import FakeServer, Faults
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
+    code = ("import sys; from batchrun._cli import main; main(sys.argv[1:]); "
+            "print(sorted(m for m in ('httpx', 'aiohttp', 'jsonschema', 'jinja2') if m in sys.modules))")
+    with FakeServer(Faults()) as server:
+        spec = write_spec(tmp_path, api={"base_url": server.base_url})
+        result = subprocess.run([sys.executable, "-c", code, "run", str(spec), "--no-progress"], capture_output=True,
+                                text=True, env=cli_env(OPENAI_API_KEY=TEST_KEY), timeout=120)
+        assert len(server.requests) == 1
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
+@pytest.mark.slow
 def test_output_piped_into_a_reader_that_leaves_early_is_no_internal_error(tmp_path) -> None:
     import subprocess
 

@@ -7,11 +7,13 @@ from collections.abc import Callable
 import anyio
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchrun import JobFatalAPIError, parse_spec
 from batchrun.endpoints.result import Result
 from batchrun.engine.call import Caller
-from batchrun.http.client import Client
+from batchrun.http.client import Client, normalized
 from batchrun.inputs.reader import Row
 
 KEY = "sk-unit-secret"
@@ -249,3 +251,29 @@ def test_a_failed_answer_is_not_kept_while_its_retry_waits() -> None:
         tracemalloc.stop()
     assert result.status == "failed" and result.attempts == 3
     assert len(held) == 2 and max(held) < 4 << 20, held
+
+
+urls = st.builds(
+    "{}://{}{}{}".format,
+    st.sampled_from(["http", "https", "HTTP", "ftp"]),
+    st.sampled_from(["127.0.0.1", "256.1.1.1", "010.0.0.1", "api.fireworks.ai", "Api.Example.COM", "a-b.c", "x",
+                     "1.2.3", "xn--bcher-kva.example", "b\u00fccher.example", "a_b.c", "", "a.-b", "a..b", "a.b.",
+                     "localhost", "a.1", "a.300"]),
+    st.sampled_from(["", ":80", ":443", ":8080", ":08080", ":0", ":65535", ":65536", ":99999", ":x"]),
+    st.lists(st.sampled_from(["v1", "inference", ".", "..", "", "~u", "a%20b", "a b", "A.Z", "x-y_z", "?q=1", "#f"]),
+             max_size=4).map(lambda parts: "".join("/" + part for part in parts)),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(urls)
+def test_a_base_url_is_written_as_httpx_writes_it(url: str) -> None:
+    """The endpoint URLs are the cache's keys: read here without httpx, they must be httpx's."""
+    try:
+        parsed = httpx.URL(url)
+        expected = (str(parsed), parsed.netloc.decode("ascii"))
+    except Exception as exc:  # noqa: BLE001 (whichever httpx raises, the same)
+        with pytest.raises(type(exc)):
+            normalized(url)
+        return
+    assert normalized(url) == expected

@@ -19,7 +19,8 @@ import pytest
 
 from batchrun.http import transport as _transport
 from batchrun.http.aio import AiohttpTransport
-from batchrun.http.transport import Answer, AnswerTooLarge, BoundedTransport
+from batchrun.http.bounded import BoundedTransport
+from batchrun.http.transport import Answer, AnswerTooLarge
 from batchrun.http.wire import WireTransport
 from tests.fakeserver import FakeServer, Faults
 
@@ -72,10 +73,10 @@ def test_error_statuses_are_responses_not_exceptions(kind: str, server: FakeServ
 
 
 @pytest.mark.parametrize(("faults", "error"), [
-    (Faults(drop_rate=1.0), httpx.RemoteProtocolError),
-    (Faults(truncated_body_rate=1.0), httpx.RemoteProtocolError),
+    (Faults(drop_rate=1.0), _transport.RemoteProtocolError),
+    (Faults(truncated_body_rate=1.0), _transport.RemoteProtocolError),
 ])
-def test_broken_answers_become_httpx_errors(kind: str, server: FakeServer, faults: Faults, error: type) -> None:
+def test_broken_answers_become_the_seams_errors(kind: str, server: FakeServer, faults: Faults, error: type) -> None:
     server.faults = faults
     with pytest.raises(error):
         exchange(kind, f"{server.base_url}/completions")
@@ -85,7 +86,7 @@ def test_a_refused_connection_is_a_connect_error(kind: str) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(httpx.ConnectError):
+    with pytest.raises(_transport.ConnectError):
         exchange(kind, f"http://127.0.0.1:{port}/v1/completions")
 
 
@@ -114,7 +115,7 @@ def test_timeout_bounds_the_whole_exchange_not_each_read(kind: str) -> None:
     server.start()
     started = time.monotonic()
     try:
-        with pytest.raises(httpx.ReadTimeout):
+        with pytest.raises(_transport.ReadTimeout):
             exchange(kind, f"http://127.0.0.1:{port}/v1/completions", timeout_s=0.3)
         elapsed = time.monotonic() - started
     finally:
@@ -183,7 +184,7 @@ def test_compressed_answers_are_inflated_and_the_headers_say_so(kind: str, serve
     server.faults = Faults(raw_answer=raw(
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: br\r\ncontent-length: 2\r\n\r\n",
         b"{}"))
-    with pytest.raises(httpx.DecodingError, match="'br', which batchrun never asked for"):
+    with pytest.raises(_transport.DecodingError, match="'br', which batchrun never asked for"):
         exchange(kind, f"{server.base_url}/completions")
 
 
@@ -358,3 +359,29 @@ def test_the_error_of_a_refused_answer_keeps_none_of_it_nor_of_the_connections_b
     # Four errors and their tracebacks alone hold about 70 KB through aiohttp; an answer
     # kept with them held 0.5 to 5.9 MB
     assert kept_by_errors(failing) < 256 << 10
+
+
+@pytest.mark.parametrize(("raised", "seams", "kind"), [
+    (httpx.ConnectError("refused"), _transport.ConnectError, "ConnectError"),
+    (httpx.ReadTimeout("slow"), _transport.ReadTimeout, "ReadTimeout"),
+    (httpx.PoolTimeout("no connection"), _transport.ReadTimeout, "ReadTimeout"),
+    (httpx.RemoteProtocolError("cut"), _transport.RemoteProtocolError, "RemoteProtocolError"),
+    (httpx.LocalProtocolError("bad header"), _transport.LocalProtocolError, "LocalProtocolError"),
+    (httpx.UnsupportedProtocol("ftp"), _transport.UnsupportedProtocol, "UnsupportedProtocol"),
+    (httpx.DecodingError("bad gzip"), _transport.DecodingError, "DecodingError"),
+    (httpx.ReadError("reset"), _transport.TransportError, "ReadError"),
+    (httpx.ProxyError("proxy said no"), _transport.TransportError, "ProxyError"),
+])
+def test_an_httpx_transports_errors_become_the_seams_by_name(raised: httpx.TransportError, seams: type,
+                                                             kind: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise raised
+
+    async def main() -> None:
+        bounded = BoundedTransport(httpx.MockTransport(handler), timeout_s=60)
+        with pytest.raises(seams) as caught:
+            await bounded.exchange("http://127.0.0.1:9/v1/completions", [("host", "127.0.0.1:9")], b"{}")
+        assert type(caught.value) is seams and caught.value.kind == kind and str(caught.value) == str(raised)
+        assert not isinstance(caught.value, httpx.HTTPError)
+
+    anyio.run(main)

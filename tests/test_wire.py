@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from batchrun.http import transport as seam
 from batchrun.http.transport import Answer
 from batchrun.http.wire import WireTransport
 from tests.conftest import TEST_KEY, cli_env, read_output, run_cli, write_jsonl, write_spec
@@ -50,7 +51,7 @@ def send_all(url: str, count: int, *, parallel: int = 1, **options: object) -> l
             for _ in share:
                 try:
                     answers.append(await transport.exchange(url, headers_for(url), BODY))
-                except httpx.TransportError as exc:
+                except seam.TransportError as exc:
                     answers.append(exc)
 
         try:
@@ -219,7 +220,7 @@ def test_a_broken_answer_is_a_protocol_error_and_its_connection_goes(answer: Cal
 
     with RawServer(first_broken, close_after=True) as server:
         failed, ok = send_all(server.url, 2)
-    assert isinstance(failed, httpx.RemoteProtocolError) and words in str(failed)
+    assert isinstance(failed, seam.RemoteProtocolError) and words in str(failed)
     assert isinstance(ok, Answer) and ok.content == ANSWER  # on a new connection
 
 
@@ -281,7 +282,7 @@ def test_waiting_for_a_connection_counts_against_the_timeout() -> None:
         try:
             origin, _ = transport._target(url)
             held = await origin.acquire()
-            with pytest.raises(httpx.ReadTimeout) as waited:
+            with pytest.raises(seam.ReadTimeout) as waited:
                 await transport.exchange(url, headers_for(url), BODY)
             origin.release(held, True)
             return waited.value, await transport.exchange(url, headers_for(url), BODY)
@@ -305,14 +306,14 @@ def test_a_header_that_would_break_the_framing_is_never_sent(value: str) -> None
             await transport.aclose()
 
     with RawServer(lambda n: http_answer(ANSWER, f"content-length: {len(ANSWER)}")) as server:
-        with pytest.raises(httpx.LocalProtocolError):
+        with pytest.raises(seam.LocalProtocolError):
             anyio.run(main, server.url)
         assert server.requests == 0
 
 
 def test_only_http_urls_are_sent_to() -> None:
     [failed] = send_all("ftp://127.0.0.1/v1/completions", 1)
-    assert isinstance(failed, httpx.UnsupportedProtocol) and "only http:// and https://" in str(failed)
+    assert isinstance(failed, seam.UnsupportedProtocol) and "only http:// and https://" in str(failed)
 
 
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
@@ -353,7 +354,7 @@ def test_tls_is_verified_against_the_ca_bundle_given(tls_server: tuple[RawServer
 def test_a_certificate_no_ca_vouches_for_is_refused(tls_server: tuple[RawServer, Path]) -> None:
     server, _ = tls_server
     [failed] = send_all(server.url, 1, ssl_context=ssl.create_default_context())  # the system's CAs
-    assert isinstance(failed, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(failed)
+    assert isinstance(failed, seam.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(failed)
     assert server.requests == 0
 
 
@@ -386,3 +387,24 @@ def test_a_job_reuses_one_connection_for_each_request_in_flight(tmp_path: Path, 
     assert sorted(r.body["prompt"] for r in server.requests) == sorted(f"p{i}" for i in range(200))
     assert_exact_answers(read_output(tmp_path / "out/result.parquet"), server, [f"p{i}" for i in range(200)])
     assert server.connections <= 8
+
+
+@pytest.mark.parametrize(("encoding", "body", "says"), [
+    ("br", b"\x0b\x02\x80hello", "the answer is encoded as 'br', which batchrun never asked for"),
+    ("gzip", b"\x1f\x8b\x08\x00not gzip at all", "the compressed answer cannot be inflated"),
+])
+def test_an_answer_that_cannot_be_decoded_fails_its_row_not_the_program(tmp_path: Path, encoding: str, body: bytes,
+                                                                     says: str) -> None:
+    """An encoding never asked for, or a broken one, is a failed attempt like any answer
+    that cannot be read: retried, then the row fails (here the first, which stops the
+    job), never an internal error."""
+    write_jsonl(tmp_path / "input.jsonl", [{"id": "r0", "prompt": "p0"}])
+    answer = http_answer(body, f"content-encoding: {encoding}", f"content-length: {len(body)}")
+    with RawServer(lambda n: answer) as server:
+        spec = write_spec(tmp_path, endpoint="completions", retry={"max_attempts": 2, "backoff_initial_s": 0.01},
+                          api={"base_url": server.url.removesuffix("/completions")})
+        result = run_cli("run", str(spec), "--no-progress", env=cli_env(OPENAI_API_KEY=TEST_KEY))
+    assert result.code == 3, result.stderr
+    assert f"the first row got no answer in 2 attempts ({says}" in result.stderr
+    assert "internal error" not in result.stderr
+    assert server.requests == 2

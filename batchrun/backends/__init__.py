@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-
-import httpx
+from typing import TYPE_CHECKING
 
 from .._exceptions import ConfigError
 from ..engine.limits import Limits
@@ -32,10 +31,12 @@ from ..policy.concurrency import InFlightControl
 from ..policy.rate import Limiter
 from ..spec.parse import JobSpec, load_spec
 from .base import Backend
-from .batch.backend import BatchBackend
 from .layout import Shard
 from .local import LocalBackend
 from .shards import ShardBackend
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["Backend", "LocalBackend", "ShardBackend", "run_job"]
 
@@ -93,6 +94,8 @@ def run_job(
         if shard is not None:
             raise ConfigError(f"{spec.name}: batch_api and --shard do not go together: a provider's batch API "
                               "takes the whole job at once; drop one of them")
+        from .batch.backend import BatchBackend  # its HTTP client (httpx) loads only for a batch job
+
         backend: Backend = BatchBackend(limits, wait=not submit)
     else:
         backend = LocalBackend(limits) if shard is None else ShardBackend(shard, merge=merge, limits=limits)

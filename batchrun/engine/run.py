@@ -18,9 +18,9 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
-import httpx
 
 from .._exceptions import BatchrunError, ConfigError, JobAborted, StorageError
 from ..http.client import Client
@@ -43,6 +43,9 @@ from .progress import NullProgress, Progress
 from .status import StatusFile, status_path
 from .summary import Summary
 from .writer import Writer
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["GRACE_S", "RunOptions", "Summary", "read_api_key", "run_part"]
 

@@ -2,7 +2,7 @@
 
 `wire.WireTransport` carries every request it can, for a fraction of the CPU; aiohttp
 speaks to an http:// or https:// proxy (absolute-form requests, CONNECT tunnels), which
-the wire transport does not. Its errors are mapped onto httpx's, as the seam says.
+the wire transport does not. Its errors are mapped onto the seam's.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import ssl
 from collections.abc import Sequence
 
 import aiohttp
-import httpx
 
-from .transport import DEFAULT_MAX_ANSWER_BYTES, READ_BUFFER_BYTES, Answer, BoundedBody, answers_budget, \
-    decoded_headers, forget
+from .transport import DEFAULT_MAX_ANSWER_BYTES, READ_BUFFER_BYTES, Answer, BoundedBody, ConnectError, \
+    LocalProtocolError, ReadError, ReadTimeout, RemoteProtocolError, TransportError, UnsupportedProtocol, \
+    answers_budget, decoded_headers, forget
 
 __all__ = ["AiohttpTransport"]
 
@@ -24,7 +24,7 @@ class AiohttpTransport:
     """One aiohttp session with at most `max_connections` connections.
 
     `timeout_s` bounds each exchange as a whole (waiting for a connection, sending,
-    and reading the entire body), not each read; running out raises httpx.ReadTimeout.
+    and reading the entire body), not each read; running out raises ReadTimeout.
     """
 
     def __init__(self, *, max_connections: int, timeout_s: float | None = None,
@@ -60,9 +60,9 @@ class AiohttpTransport:
         try:  # the answer is read in a frame of its own, which the error keeps none of
             return await self._exchange(session, url, headers, payload)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise _httpx_error(exc) from forget(exc)
+            raise _seams_error(exc) from forget(exc)
         except ValueError as exc:  # a header aiohttp will not send
-            raise httpx.LocalProtocolError(str(exc)) from forget(exc)
+            raise LocalProtocolError(str(exc)) from forget(exc)
         except BaseException as exc:
             raise forget(exc)
 
@@ -70,7 +70,7 @@ class AiohttpTransport:
                         payload: bytes) -> Answer:
         async with session.request("POST", url, data=payload, headers=headers, allow_redirects=False,
                                    proxy=self._proxy) as response:
-            body = BoundedBody(response.headers.get("content-encoding"), self._max_answer_bytes, None, self._memory)
+            body = BoundedBody(response.headers.get("content-encoding"), self._max_answer_bytes, self._memory)
             content = await body.read(response.content.readany)
         items = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
         return Answer(response.status, decoded_headers(items, body.encoded), content)
@@ -83,14 +83,14 @@ class AiohttpTransport:
 
 
 
-def _httpx_error(exc: Exception) -> httpx.TransportError:
-    """The httpx exception for an aiohttp one."""
+def _seams_error(exc: Exception) -> TransportError:
+    """The seam's error for an aiohttp one."""
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return httpx.ConnectError(str(exc))
+        return ConnectError(str(exc))
     if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
-        return httpx.ReadTimeout(str(exc) or "timed out")
+        return ReadTimeout(str(exc) or "timed out")
     if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
-        return httpx.RemoteProtocolError(str(exc) or type(exc).__name__)
+        return RemoteProtocolError(str(exc) or type(exc).__name__)
     if isinstance(exc, aiohttp.InvalidURL):
-        return httpx.UnsupportedProtocol(str(exc))
-    return httpx.ReadError(str(exc) or type(exc).__name__)
+        return UnsupportedProtocol(str(exc))
+    return ReadError(str(exc) or type(exc).__name__)

@@ -14,10 +14,9 @@ from typing import Any
 
 import httpx
 
-__all__ = ["MOCK_BASE_URL", "MOCK_SCHEME", "mock_transport"]
+from ..spec.urls import MOCK_BASE_URL, MOCK_SCHEME
 
-MOCK_SCHEME = "mock://"
-MOCK_BASE_URL = "http://mock.batchrun.invalid/v1"  # never resolved: the transport answers in-process
+__all__ = ["MOCK_BASE_URL", "MOCK_SCHEME", "mock_transport"]
 
 
 def mock_transport() -> httpx.MockTransport:

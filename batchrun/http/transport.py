@@ -3,10 +3,11 @@
     Transport.exchange(url, headers, payload) ──▶ Answer(status, headers, content)
 
 Three transports stand behind it: `wire.WireTransport` (HTTP/1.1 on asyncio's protocols,
-the default), `aio.AiohttpTransport` (aiohttp's pool, for proxies) and `BoundedTransport`
-here, which holds any httpx transport (MockTransport in tests, `mock://`) to the same
-contract. The client above builds no request or response objects: an answer is three
-values, and what goes wrong is raised as the httpx exception for it, so the client maps
+the default), `aio.AiohttpTransport` (aiohttp's pool, for proxies) and one that holds any
+httpx transport (MockTransport in tests, `mock://`) to the same
+contract (`bounded.BoundedTransport`, which alone imports httpx). The client above builds
+no request or response objects: an answer is three values, and what goes wrong is raised
+as one of the seam's errors below (named as httpx names them), so the client maps
 errors in one place.
 
 Whatever the server sends, an answer is read within `timeout_s` and holds at most
@@ -26,16 +27,14 @@ import traceback
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Protocol
 
-import anyio
-import httpx
-
-# Answer, Transport: the seam; BoundedBody, answers_budget, decoded_headers, forget: what every
-# transport behind it reads an answer with
-__all__ = ["Answer", "AnswerTooLarge", "BoundedBody", "BoundedTransport", "DECODED_HEADERS", "DEFAULT_MAX_ANSWER_BYTES",
-           "READ_BUFFER_BYTES", "Transport", "answers_budget", "decoded_headers", "forget"]
+# Answer, Transport and the errors: the seam; BoundedBody, answers_budget, decoded_headers, forget:
+# what every transport behind it reads an answer with
+__all__ = ["Answer", "AnswerTooLarge", "BoundedBody", "ConnectError", "DECODED_HEADERS", "DEFAULT_MAX_ANSWER_BYTES",
+           "DecodingError", "LocalProtocolError", "READ_BUFFER_BYTES", "ReadError", "ReadTimeout",
+           "RemoteProtocolError", "Transport", "TransportError", "UnsupportedProtocol", "answers_budget",
+           "decoded_headers", "forget"]
 
 DEFAULT_MAX_ANSWER_BYTES = 32 * 2**20
 ANSWERS_BUDGET_BYTES = 128 * 2**20  # what all answers being read hold together, at most
@@ -43,7 +42,44 @@ READ_BUFFER_BYTES = 2**16
 INFLATE_STEP = 2**20  # the most one inflate call makes, whatever the compressed chunk holds
 
 
-class AnswerTooLarge(httpx.TransportError):
+class TransportError(Exception):
+    """An attempt that got no answer: what a transport raises, and the client maps.
+    `kind`: what went wrong, as messages name it (the class's name, unless told)."""
+
+    def __init__(self, message: str, *, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind or type(self).__name__
+
+
+class ConnectError(TransportError):
+    """No connection: the host not found, refused, unreachable, or TLS failed."""
+
+
+class ReadTimeout(TransportError):
+    """No complete answer within `timeout_s`."""
+
+
+class ReadError(TransportError):
+    """The connection failed while the answer was read."""
+
+
+class RemoteProtocolError(TransportError):
+    """The server broke HTTP: a bad answer, a closed connection, bytes nobody asked for."""
+
+
+class LocalProtocolError(TransportError):
+    """The request itself cannot be sent (a header that would break the framing)."""
+
+
+class UnsupportedProtocol(TransportError):
+    """A URL that is not http:// or https://."""
+
+
+class DecodingError(TransportError):
+    """An encoded answer that cannot be decoded."""
+
+
+class AnswerTooLarge(TransportError):
     """The answer grew past the limit; the rest of it was not read."""
 
 
@@ -73,7 +109,7 @@ class Transport(Protocol):
 
     async def exchange(self, url: str, headers: Sequence[tuple[str, str]], payload: bytes) -> Answer:
         """POST `payload` to `url` with `headers` and read the whole answer within the bounds;
-        raises the httpx error for what went wrong."""
+        raises the TransportError for what went wrong."""
 
     async def aclose(self) -> None:
         """Close every connection."""
@@ -140,11 +176,10 @@ class BoundedBody:
     deflate are inflated here, a step at a time, never past the limit.
     """
 
-    def __init__(self, encoding: str | None, limit: int, request: httpx.Request | None, memory: _Memory) -> None:
+    def __init__(self, encoding: str | None, limit: int, memory: _Memory) -> None:
         self.limit = limit
-        self.request = request
         self.encoded = (encoding or "identity").strip().lower() not in ("", "identity")
-        self._inflate = _decompressor(encoding, request) if self.encoded else None
+        self._inflate = _decompressor(encoding) if self.encoded else None
         self._memory = memory
         self._parts: list[bytes] = []
         self.received = 0  # bytes off the wire
@@ -175,8 +210,7 @@ class BoundedBody:
             try:
                 data = inflate.decompress(chunk, step)
             except zlib.error as exc:
-                raise httpx.DecodingError(f"the compressed answer cannot be inflated: {exc}",
-                                          request=self.request) from None
+                raise DecodingError(f"the compressed answer cannot be inflated: {exc}") from None
             chunk = inflate.unconsumed_tail
             await self._keep(data)
 
@@ -188,18 +222,16 @@ class BoundedBody:
         self._parts.append(data)
 
     def _too_large(self) -> AnswerTooLarge:
-        return AnswerTooLarge(f"answer too large: more than {self.limit:,} bytes (api.max_answer_mb)",
-                              request=self.request)
+        return AnswerTooLarge(f"answer too large: more than {self.limit:,} bytes (api.max_answer_mb)")
 
 
-def _decompressor(encoding: str | None, request: httpx.Request | None) -> zlib._Decompress:
+def _decompressor(encoding: str | None) -> zlib._Decompress:
     name = (encoding or "").strip().lower()
     if name in ("gzip", "x-gzip"):
         return zlib.decompressobj(16 + zlib.MAX_WBITS)
     if name == "deflate":
         return zlib.decompressobj(32 + zlib.MAX_WBITS)  # zlib-wrapped, as the standard says
-    raise httpx.DecodingError(f"the answer is encoded as {encoding!r}, which batchrun never asked for",
-                              request=request)
+    raise DecodingError(f"the answer is encoded as {encoding!r}, which batchrun never asked for")
 
 
 def decoded_headers(items: Sequence[tuple[str, str]], encoded: bool) -> dict[str, str]:
@@ -222,44 +254,3 @@ def forget(exc: BaseException) -> BaseException:
 
 
 DECODED_HEADERS = frozenset({"content-encoding", "content-length"})
-
-
-class BoundedTransport:
-    """Any httpx transport (MockTransport, mock://) behind the seam, held to its contract:
-    each answer read in full within `timeout_s` and the budget all answers share, or
-    httpx.ReadTimeout."""
-
-    def __init__(self, transport: httpx.AsyncBaseTransport, *, timeout_s: float,
-                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES) -> None:
-        self._transport = transport
-        self._timeout_s = timeout_s
-        self._max_answer_bytes = max_answer_bytes
-        self._memory = answers_budget(max_answer_bytes)
-
-    async def exchange(self, url: str, headers: Sequence[tuple[str, str]], payload: bytes) -> Answer:
-        request = httpx.Request("POST", url, headers=headers, content=payload)
-        try:
-            with anyio.fail_after(self._timeout_s):
-                return await self._exchange(request)
-        except TimeoutError as exc:
-            raise httpx.ReadTimeout(f"no complete answer within {self._timeout_s:g} s",
-                                    request=request) from forget(exc)
-        except BaseException as exc:
-            raise forget(exc)
-
-    async def _exchange(self, request: httpx.Request) -> Answer:
-        response = await self._transport.handle_async_request(request)
-        try:
-            consumed = response.is_stream_consumed  # MockTransport reads (and decodes) answers itself
-            body = BoundedBody(None if consumed else response.headers.get("content-encoding"), self._max_answer_bytes,
-                         request, self._memory)
-            content = await body.read(partial(anext, response.aiter_bytes() if consumed else response.aiter_raw(), b""))
-        finally:
-            await response.aclose()
-        encoded = "content-encoding" in response.headers if consumed else body.encoded  # decoded by httpx
-        return Answer(response.status_code, decoded_headers(response.headers.multi_items(), encoded), content)
-
-    async def aclose(self) -> None:
-        await self._transport.aclose()
-
-

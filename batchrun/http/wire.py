@@ -13,8 +13,8 @@ It keeps every promise the aiohttp transport keeps: `timeout_s` bounds each exch
 a whole (waiting for a connection, connecting, sending, reading the whole body); the
 body is read within `max_answer_bytes` and the budget all answers share (`transport.BoundedBody`),
 the connection paused, so TCP holds the server back, while an answer waits for it; TLS
-verifies against the user's CA bundle. An error is raised as the httpx exception for it,
-so the client maps errors in one place. A connection is reused only after an answer read
+verifies against the user's CA bundle. An error is raised as the seam's (`transport`) for
+it, so the client maps errors in one place. A connection is reused only after an answer read
 whole that the server let keep it alive; any failure closes it. Proxies are aiohttp's
 (see `client._transport`).
 """
@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import httptools
-import httpx
 
 from .transport import DECODED_HEADERS, DEFAULT_MAX_ANSWER_BYTES, READ_BUFFER_BYTES, Answer, BoundedBody, \
+    ConnectError, LocalProtocolError, ReadTimeout, RemoteProtocolError, TransportError, UnsupportedProtocol, \
     answers_budget, forget
 
 __all__ = ["WireTransport"]
@@ -84,7 +84,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.received = True
         if not self.busy:  # nothing was asked: a server talking out of turn is not to be trusted
-            self._fail(httpx.RemoteProtocolError("the server sent data no request asked for"))
+            self._fail(RemoteProtocolError("the server sent data no request asked for"))
             return
         try:
             trailing = self.trailers
@@ -94,15 +94,15 @@ class _Connection(asyncio.Protocol):
             if not self.head or trailing and self.trailers:
                 self.head_bytes += len(data)
                 if self.head_bytes > MAX_HEAD_BYTES:
-                    raise httpx.RemoteProtocolError(f"the answer's headers run past {MAX_HEAD_BYTES:,} bytes")
-        except httpx.RemoteProtocolError as exc:
+                    raise RemoteProtocolError(f"the answer's headers run past {MAX_HEAD_BYTES:,} bytes")
+        except RemoteProtocolError as exc:
             self._fail(exc)
         except httptools.HttpParserUpgrade:
-            self._fail(httpx.RemoteProtocolError("the server switched protocols"))
+            self._fail(RemoteProtocolError("the server switched protocols"))
         except httptools.HttpParserError as exc:
             ours = exc.__context__  # raised by a callback below: it says what was wrong
-            self._fail(ours if isinstance(ours, httpx.TransportError) else
-                       httpx.RemoteProtocolError(f"the answer is not valid HTTP/1.1: {exc}"))
+            self._fail(ours if isinstance(ours, TransportError) else
+                       RemoteProtocolError(f"the answer is not valid HTTP/1.1: {exc}"))
 
     def eof_received(self) -> bool | None:
         return None  # close: a half-closed connection has nothing more to give
@@ -112,9 +112,9 @@ class _Connection(asyncio.Protocol):
             self.complete = True  # a body that ends with the connection ended
         elif not self.complete and self.error is None:
             detail = f": {exc}" if exc else ""
-            self.error = httpx.RemoteProtocolError(f"the server closed the connection before it answered{detail}")
+            self.error = RemoteProtocolError(f"the server closed the connection before it answered{detail}")
         if self.error is None:
-            self.error = httpx.RemoteProtocolError("the connection is closed")
+            self.error = RemoteProtocolError("the connection is closed")
         self._wake()
 
     # the parser's side
@@ -126,7 +126,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         if self.complete:  # a second answer to one request: what else it sends cannot be trusted
-            raise httpx.RemoteProtocolError("the server sent more than one answer")
+            raise RemoteProtocolError("the server sent more than one answer")
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # informational: the answer follows
             self.headers = {}
@@ -305,10 +305,10 @@ class _Origin:
                     server_hostname=self.host if self.ssl is not None else None)
                 return connection
             except ssl.SSLError as exc:
-                raise httpx.ConnectError(f"TLS with {self.host}:{self.port} failed: {exc}") from None
+                raise ConnectError(f"TLS with {self.host}:{self.port} failed: {exc}") from None
             except OSError as exc:
                 failure = exc
-        raise httpx.ConnectError(f"cannot connect to {self.host}:{self.port}: {failure}") from None
+        raise ConnectError(f"cannot connect to {self.host}:{self.port}: {failure}") from None
 
     async def _addresses(self) -> list[tuple[int, tuple]]:
         """The host's addresses, looked up once for every connection opening within
@@ -321,7 +321,7 @@ class _Origin:
         try:
             found = await asyncio.shield(self._lookup)
         except OSError as exc:
-            raise httpx.ConnectError(f"cannot find {self.host}: {exc}") from None
+            raise ConnectError(f"cannot find {self.host}: {exc}") from None
         return [(family, address) for family, _, _, _, address in found]
 
 
@@ -341,7 +341,7 @@ class WireTransport:
 
     async def exchange(self, url: str, headers: Sequence[tuple[str, str]], payload: bytes) -> Answer:
         """POST `payload` to `url` with `headers` (the host's among them) and read the whole
-        answer, within `timeout_s` from now; raises the httpx error for what went wrong."""
+        answer, within `timeout_s` from now; raises the TransportError for what went wrong."""
         origin, start_line = self._targets.get(url) or self._target(url)
         head = _head(start_line, headers)
         loop = asyncio.get_running_loop()
@@ -354,7 +354,7 @@ class WireTransport:
         except asyncio.CancelledError as exc:
             if not expired or (_UNCANCEL and task.uncancel() > 0):  # not (only) the timeout's
                 raise
-            raise httpx.ReadTimeout(f"no complete answer within {self._timeout_s:g} s") from forget(exc)
+            raise ReadTimeout(f"no complete answer within {self._timeout_s:g} s") from forget(exc)
         except BaseException as exc:
             raise forget(exc)
         finally:
@@ -364,7 +364,7 @@ class WireTransport:
         connection = await origin.acquire()
         try:
             return await self._over(origin, connection, data)
-        except httpx.RemoteProtocolError:
+        except RemoteProtocolError:
             if not connection.stale:
                 raise
         # The server closed a kept-alive connection as the request reached it (its idle
@@ -379,7 +379,7 @@ class WireTransport:
         try:
             connection.start(data)
             await connection.wait_head()
-            body = BoundedBody(connection.headers.get("content-encoding"), self._max_answer_bytes, None, self._memory)
+            body = BoundedBody(connection.headers.get("content-encoding"), self._max_answer_bytes, self._memory)
             content = await body.read(connection.next_chunk)
             headers = connection.headers
             if body.encoded:  # inflated: its length and encoding describe what is no longer there
@@ -394,7 +394,7 @@ class WireTransport:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https") or not parts.hostname:
-            raise httpx.UnsupportedProtocol(f"cannot send to {url!r}: only http:// and https:// URLs")
+            raise UnsupportedProtocol(f"cannot send to {url!r}: only http:// and https:// URLs")
         port = parts.port or (443 if scheme == "https" else 80)
         key = (scheme, parts.hostname, port)
         if key not in self._origins:
@@ -416,11 +416,11 @@ def _head(start_line: bytes, headers: Sequence[tuple[str, str]]) -> bytes:
     (a line break in a value, a name or value outside Latin-1) is refused, never sent."""
     text = "".join(f"{name}: {value}\r\n" for name, value in headers)
     if text.count("\n") != len(headers) or text.count("\r") != len(headers) or "\0" in text:
-        raise httpx.LocalProtocolError("a header holds a line break or a NUL")
+        raise LocalProtocolError("a header holds a line break or a NUL")
     try:
         return start_line + text.encode("latin-1") + b"\r\n"
     except UnicodeEncodeError:
-        raise httpx.LocalProtocolError("a header holds a character outside Latin-1") from None
+        raise LocalProtocolError("a header holds a character outside Latin-1") from None
 
 
 def _expire(task: asyncio.Task, expired: list[bool]) -> None:

@@ -12,7 +12,10 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["is_url", "work_folder"]
+__all__ = ["MOCK_BASE_URL", "MOCK_SCHEME", "is_url", "work_folder"]
+
+MOCK_SCHEME = "mock://"  # the in-process endpoint (`http.mock`), for trying batchrun out
+MOCK_BASE_URL = "http://mock.batchrun.invalid/v1"  # never resolved: the transport answers in-process
 
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 

@@ -12,8 +12,8 @@ from ...endpoints import get_endpoint
 from ...endpoints.result import Result
 from ...engine.cache import cacheable, from_cache
 from ...http.client import endpoint_url
-from ...http.mock import MOCK_BASE_URL, MOCK_SCHEME
 from ...inputs.rows import Row
+from ...spec.urls import MOCK_BASE_URL, MOCK_SCHEME
 from .session import Session
 
 __all__ = ["answer_from_cache", "cache_key", "remember"]
