@@ -81,8 +81,6 @@ class AiohttpTransport:
             self._session = None
 
 
-
-
 def _seams_error(exc: Exception) -> TransportError:
     """The seam's error for an aiohttp one."""
     if isinstance(exc, aiohttp.ClientConnectorError):
