@@ -51,7 +51,7 @@ def test_importing_batchrun_loads_neither_pyarrow_nor_httpx() -> None:
 
 @pytest.mark.slow
 def test_a_live_run_loads_no_http_library_it_does_not_send_with(tmp_path) -> None:
-    """httpx (80 ms), aiohttp (0.1 s), jsonschema and Jinja2 stay out of a plain job's start."""
+    """httpx (80 ms), aiohttp (0.1 s), jsonschema, Jinja2 and, without a bar, tqdm stay out of a plain job's start."""
     import subprocess
 
     from tests.conftest import TEST_KEY, cli_env, write_jsonl, write_spec
@@ -59,7 +59,7 @@ def test_a_live_run_loads_no_http_library_it_does_not_send_with(tmp_path) -> Non
 
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p"}])
     code = ("import sys; from batchrun._cli import main; main(sys.argv[1:]); "
-            "print(sorted(m for m in ('httpx', 'aiohttp', 'jsonschema', 'jinja2') if m in sys.modules))")
+            "print(sorted(m for m in ('httpx', 'aiohttp', 'jsonschema', 'jinja2', 'tqdm') if m in sys.modules))")
     with FakeServer(Faults()) as server:
         spec = write_spec(tmp_path, api={"base_url": server.base_url})
         result = subprocess.run([sys.executable, "-c", code, "run", str(spec), "--no-progress"], capture_output=True,

@@ -26,11 +26,13 @@ OPTIONAL = {"ray", "tokenizers", "tiktoken", "fsspec"}
 # aiohttp (0.1 s to import) carries requests only through a proxy, jsonschema (50 ms)
 # checks answers only for a schema, Jinja2 (20 ms) renders only templates: each loads then.
 # httpx (80 ms) serves an httpx transport (tests, `mock://`), a URL out of the ordinary and
-# the batch backend, never the live path's requests.
+# the batch backend, never the live path's requests. urllib.request (12 ms) reads NO_PROXY
+# only where a proxy is set; tqdm (14 ms) draws a bar only on a terminal.
 LATE_ON_PURPOSE = {("__main__.py", "batchrun._cli"), ("client.py", "batchrun.http.aio"), ("schema.py", "jsonschema"),
                    ("template.py", "jinja2"), ("template.py", "jinja2.sandbox"), ("template.py", "jinja2.nodes"),
                    ("client.py", "batchrun.http.bounded"), ("client.py", "httpx"),
-                   ("preflight.py", "batchrun.http.mock"), ("__init__.py", "batchrun.backends.batch.backend")}
+                   ("preflight.py", "batchrun.http.mock"), ("__init__.py", "batchrun.backends.batch.backend"),
+                   ("network.py", "urllib.request"), ("progress.py", "tqdm")}
 
 
 def modules() -> Iterator[tuple[str, Path, ast.Module]]:
