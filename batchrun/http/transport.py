@@ -3,12 +3,12 @@
     Transport.exchange(url, headers, payload) ──▶ Answer(status, headers, content)
 
 Three transports stand behind it: `wire.WireTransport` (HTTP/1.1 on asyncio's protocols,
-the default), `aio.AiohttpTransport` (aiohttp's pool, for proxies) and one that holds any
-httpx transport (MockTransport in tests, `mock://`) to the same
-contract (`bounded.BoundedTransport`, which alone imports httpx). The client above builds
-no request or response objects: an answer is three values, and what goes wrong is raised
-as one of the seam's errors below (named as httpx names them), so the client maps
-errors in one place.
+the default), `aio.AiohttpTransport` (aiohttp's pool, for proxies) and
+`bounded.BoundedTransport`, which holds any httpx transport (MockTransport in tests,
+`mock://`) to the same contract and alone imports httpx. The client above builds no
+request or response objects: an answer is three values, and what goes wrong is raised as
+one of the seam's errors below (named as httpx names them), so the client maps errors in
+one place.
 
 Whatever the server sends, an answer is read within `timeout_s` and holds at most
 `max_answer_bytes` once decoded (a gzip bomb is stopped as it inflates, an endless

@@ -34,8 +34,12 @@ class PinnedFile:
         self._fd = os.open(path, os.O_RDONLY)
         stat = os.fstat(self._fd)
         self._version = (stat.st_size, stat.st_mtime_ns)
-        self.size = stat.st_size
         self.digest: str | None = None  # the fingerprint, once a pass has read every byte
+
+    @property
+    def size(self) -> int:
+        """Its size in bytes, as the job began with it."""
+        return self._version[0]
 
     def open(self, buffer_size: int = 1 << 20) -> io.BufferedReader:
         return io.BufferedReader(_Reader(self), buffer_size)
