@@ -5,12 +5,17 @@ stored exactly once."""
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
+import httpx
 import pytest
 
-from batchrun import run_job
+from batchrun import JobAborted, run_job
+from batchrun.backends.batch import remote
+from batchrun.backends.batch.remote import ATTEMPTS
 from tests.batchjob import ENV, job
 from tests.conftest import cli_env, read_output, run_cli, write_jsonl, write_spec
 from tests.fakebatch import BatchFaults, FakeBatchAPI
@@ -234,3 +239,20 @@ def test_rows_handed_back_for_live_fail_instead_once_the_spec_says_fallback_none
     again = run_cli("run", str(spec), "--retry-failed", env=cli_env(**ENV))  # they go to a batch again
     assert again.code == 0, again.stderr
     assert sorted(int(c.split("-")[1]) for c in batches.created[1].custom_ids) == [r["row_index"] for r in failed]
+
+
+@pytest.mark.parametrize("error", [httpx.DecodingError("gzip broken on the way"), httpx.ReadError("reset")])
+def test_a_batch_api_call_that_gets_no_readable_answer_is_retried_then_stops_the_job(error: Exception) -> None:
+    """Never an internal error: an answer that cannot be decoded is retried as a lost
+    connection is, then the job stops (exit 3) for a rerun to go on."""
+    session = SimpleNamespace(batch=SimpleNamespace(poll_interval_s=0.001), stop=threading.Event(), stopped_by=None)
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        raise error
+
+    with pytest.raises(JobAborted, match=f"still fails after {ATTEMPTS} attempts") as caught:
+        remote.call(session, fn)  # type: ignore[arg-type]
+    assert caught.value.exit_code == 3
+    assert len(calls) == ATTEMPTS

@@ -28,7 +28,8 @@ T = TypeVar("T")
 def call(session: Session, fn: Callable[..., T], *args: object) -> T:
     """`fn(*args)`, retried; see the module's docstring."""
     first = min(1.0, session.batch.poll_interval_s)
-    retrying = Retrying(retry=retry_if_exception_type((RetryableAPIError, httpx.TransportError)),
+    # httpx's DecodingError (a file whose gzip broke on the way) is no TransportError: retried too
+    retrying = Retrying(retry=retry_if_exception_type((RetryableAPIError, httpx.TransportError, httpx.DecodingError)),
                         wait=wait_exponential(multiplier=first, max=max(60.0, first)) + wait_random(0, first),
                         stop=stop_after_attempt(ATTEMPTS), sleep=lambda s: pause(session, s))
     try:
