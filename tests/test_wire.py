@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import ipaddress
 import json
 import socket
 import ssl
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,10 +24,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from batchrun import parse_spec
 from batchrun.http import transport as seam
+from batchrun.http.client import Client
 from batchrun.http.transport import Answer
 from batchrun.http.wire import WireTransport
-from tests.conftest import TEST_KEY, cli_env, read_output, run_cli, write_jsonl, write_spec
+from tests.conftest import TEST_KEY, cli_env, read_output, run_cli, run_cli_process, write_jsonl, write_spec
 from tests.fakeserver import FakeServer
 from tests.test_e2e import assert_exact_answers
 
@@ -74,7 +78,8 @@ def test_connections_are_kept_alive_and_reused(server: FakeServer) -> None:
 
 class RawServer:
     """A server on 127.0.0.1 that reads each request whole and answers it with `answer(n)`'s
-    bytes (n counts requests); None closes the connection unanswered. It counts connections."""
+    bytes (n counts requests); None closes the connection unanswered. It counts connections;
+    `answer` may ask `current` which connection the request came on, and its how many'th."""
 
     def __init__(self, answer: Callable[[int], bytes | None], *, close_after: bool = False,
                  tls: ssl.SSLContext | None = None) -> None:
@@ -83,6 +88,8 @@ class RawServer:
         self.port = self.listener.getsockname()[1]
         self.connections = self.requests = 0
         self.received: list[bytes] = []
+        self._local = threading.local()
+        self._accepted = threading.Condition()
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
     def __enter__(self) -> RawServer:
@@ -98,16 +105,30 @@ class RawServer:
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1/completions"
 
+    @property
+    def current(self) -> tuple[int, int]:
+        """(the connection's number, counted from 1 as accepted; the request's number on it)."""
+        return self._local.connection, self._local.sent
+
     def _serve(self) -> None:
         while True:
             try:
                 connection, _ = self.listener.accept()
             except OSError:
                 return
-            self.connections += 1
-            threading.Thread(target=self._talk, args=(connection,), daemon=True).start()
+            with self._accepted:
+                self.connections += 1
+                self._accepted.notify_all()
+            threading.Thread(target=self._talk, args=(connection, self.connections), daemon=True).start()
 
-    def _talk(self, connection: socket.socket) -> None:
+    def wait_for_connections(self, count: int, timeout: float = 30) -> int:
+        """Once `count` connections were accepted (or `timeout` passed): how many were."""
+        with self._accepted:
+            self._accepted.wait_for(lambda: self.connections >= count, timeout)
+            return self.connections
+
+    def _talk(self, connection: socket.socket, number: int) -> None:
+        self._local.connection, self._local.sent = number, 0
         try:
             if self.tls is not None:
                 connection = self.tls.wrap_socket(connection, server_side=True)
@@ -115,6 +136,7 @@ class RawServer:
                 while (request := _read_request(connection)) is not None:
                     self.received.append(request)
                     self.requests += 1
+                    self._local.sent += 1
                     answer = self.answer(self.requests)
                     if answer is None:
                         return
@@ -375,6 +397,98 @@ def test_a_job_trusts_the_ca_bundle_ssl_cert_file_names(tmp_path: Path, tls_serv
     rows = read_output(tmp_path / "out/result.parquet")
     assert [(r["id"], r["status"], r["output_text"]) for r in rows] == [(f"r{i}", "ok", "ok") for i in range(5)]
     assert server.requests == 5
+
+
+def test_a_job_opens_its_other_connections_while_its_first_request_is_out(tmp_path: Path) -> None:
+    """The first row goes alone; the job's other connections open while its answer is
+    awaited, so the rows after it find theirs ready and none opens after."""
+    open_at_first_answer = []
+
+    def answer(n: int) -> bytes:
+        if n == 1:
+            open_at_first_answer.append(server.wait_for_connections(8))
+        return http_answer(ANSWER, f"content-length: {len(ANSWER)}")
+
+    write_jsonl(tmp_path / "input.jsonl", [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(40)])
+    with RawServer(answer) as server:
+        spec = write_spec(tmp_path, concurrency=8, api={"base_url": server.url.removesuffix("/completions")})
+        result = run_cli("run", str(spec), "--no-progress")
+    assert result.code == 0, result.stderr
+    assert open_at_first_answer == [8]
+    assert (server.requests, server.connections) == (40, 8)
+
+
+def test_a_connection_opened_ahead_and_closed_unused_costs_no_attempt(tmp_path: Path) -> None:
+    """A server may close a connection that waited idle (its keep-alive timeout) just as a
+    request reaches it. One opened ahead waited idle too: its request goes again at once on a
+    new connection, as a kept-alive one's does, not as a failed attempt with its backoff."""
+    closed: list[int] = []
+
+    def answer(n: int) -> bytes | None:
+        if n == 1:
+            server.wait_for_connections(4)  # the first's and the three opened ahead
+        number, sent = server.current
+        if 1 < number <= 4 and sent == 1:
+            closed.append(number)
+            return None  # closed as the request reached it
+        return http_answer(ANSWER, f"content-length: {len(ANSWER)}")
+
+    write_jsonl(tmp_path / "input.jsonl", [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(20)])
+    with RawServer(answer) as server:
+        spec = write_spec(tmp_path, concurrency=4, api={"base_url": server.url.removesuffix("/completions")},
+                          retry={"max_attempts": 6, "backoff_initial_s": 5, "backoff_max_s": 5})
+        result = run_cli("run", str(spec), "--no-progress")
+    assert result.code == 0, result.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert [(r["id"], r["status"], r["attempts"]) for r in rows] == [(f"r{i}", "ok", 1) for i in range(20)]
+    # The rows after the first took the connections opened ahead (one may be closed unused to make room
+    # for a new one): each request refused on one went again on a new connection
+    assert closed and server.requests == 20 + len(closed) and server.connections == 4 + len(closed)
+
+
+def test_a_wrong_key_stops_the_job_while_connections_open_ahead(tmp_path: Path) -> None:
+    """The first answer refuses the key while the other 199 connections are opening: the
+    job stops with that message, and what was opening is closed, not left behind."""
+    refused = b'{"error": {"message": "invalid api key", "type": "invalid_request_error"}}'
+    write_jsonl(tmp_path / "input.jsonl", [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(400)])
+    with RawServer(lambda n: http_answer(refused, f"content-length: {len(refused)}").replace(
+            b"200 OK", b"401 Unauthorized")) as server:
+        spec = write_spec(tmp_path, concurrency=200, api={"base_url": server.url.removesuffix("/completions")})
+        result = run_cli_process("run", str(spec), "--no-progress",
+                                 env=cli_env(OPENAI_API_KEY=TEST_KEY, PYTHONWARNINGS="always::ResourceWarning"))
+    assert result.code == 3, result.stderr
+    assert "401" in result.stderr and server.requests == 1
+    for leftover in ("unclosed", "Task was destroyed", "Exception ignored", "Traceback"):
+        assert leftover not in result.stderr
+
+
+def test_closing_the_transport_closes_what_it_was_opening_ahead() -> None:
+    """Closed just after its first answer, with connections still opening ahead: every one
+    is closed by then, none left for the collector to find open."""
+    async def main() -> Answer:
+        transport = WireTransport(max_connections=100, timeout_s=30.0, open_ahead=True)
+        try:
+            return await transport.exchange(server.url, headers_for(server.url), BODY)
+        finally:
+            await transport.aclose()
+
+    with RawServer(lambda n: http_answer(ANSWER, f"content-length: {len(ANSWER)}")) as server:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            answer = anyio.run(main)
+            gc.collect()
+    assert answer.content == ANSWER
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_requests_paced_by_a_rate_limit_open_no_connections_ahead() -> None:
+    """Paced, requests go one by one: there is no crowd after the first to open them for."""
+    spec = {"input": "i.jsonl", "output": "o.parquet", "model": "m", "api": {"base_url": "http://127.0.0.1:9/v1"}}
+    paced = [{"requests_per_minute": 600}, {"tokens_per_minute": 60_000}]
+    opening_ahead = [Client(parse_spec({**spec, "rate_limit": limit}, environ={}), api_key=None,
+                            environ={})._transport._open_ahead  # type: ignore[attr-defined]
+                     for limit in [{}, *paced]]
+    assert opening_ahead == [True, False, False]
 
 
 def test_a_job_reuses_one_connection_for_each_request_in_flight(tmp_path: Path, server: FakeServer) -> None:

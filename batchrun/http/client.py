@@ -343,7 +343,9 @@ def _transport(spec: JobSpec, url: str, transport: httpx.AsyncBaseTransport | No
         from .aio import AiohttpTransport  # aiohttp loads only for a proxy: 0.1 s of every start
 
         return AiohttpTransport(max_connections=spec.concurrency, proxy=proxy, ssl_context=context or False, **bounds)
-    return WireTransport(max_connections=spec.concurrency, ssl_context=context, **bounds)
+    # Requests paced by a rate limit go one by one, so there is no crowd to open ahead for
+    paced = spec.rate_limit.requests_per_minute is not None or spec.rate_limit.tokens_per_minute is not None
+    return WireTransport(max_connections=spec.concurrency, ssl_context=context, open_ahead=not paced, **bounds)
 
 
 def _unburdened(error: RetryableAPIError) -> RetryableAPIError:
