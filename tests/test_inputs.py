@@ -93,7 +93,15 @@ def test_bad_rows_name_file_and_line(tmp_path: Path, line: str, message: str) ->
     assert message in str(info.value)
 
 
-def test_duplicate_ids_are_named_with_both_places(tmp_path: Path) -> None:
+@pytest.fixture(params=["in memory", "on disk"])
+def ids_kept(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A small input's ids are checked in memory, a large one's on disk: both ways."""
+    if request.param == "on disk":
+        monkeypatch.setattr(reader_module, "KEEP_BYTES", 0)
+    return request.param
+
+
+def test_duplicate_ids_are_named_with_both_places(tmp_path: Path, ids_kept: str) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"id": "x", "prompt": "a"}, {"id": "y", "prompt": "b"},
                                                {"custom_id": "x", "body": {"prompt": "c"}}])
     with pytest.raises(InputError, match="duplicate row ids: 'x' at line 1 and line 3"):
@@ -290,11 +298,18 @@ def test_a_glob_reads_its_files_in_sorted_order_as_one_table(tmp_path: Path) -> 
         expand_inputs([tmp_path / "data" / "*"])
 
 
-def test_ids_and_errors_name_the_file_they_are_in(tmp_path: Path) -> None:
+def test_ids_and_errors_name_the_file_they_are_in(tmp_path: Path, ids_kept: str) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", [{"id": "x", "prompt": "1"}])
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "2"}, {"id": "x", "prompt": "3"}])
     with pytest.raises(InputError, match="duplicate row ids: 'x' at a.jsonl line 1 and b.jsonl line 2"):
         InputReader([a, b]).validate()
+    # Files of one name in two folders: each place is its own, though they read alike
+    (tmp_path / "other").mkdir()
+    c = write_jsonl(tmp_path / "other" / "a.jsonl", [{"id": "x", "prompt": "4"}])
+    with pytest.raises(InputError, match="duplicate row ids: 'x' at a.jsonl line 1 and a.jsonl line 1"):
+        InputReader([a, c]).validate()
+    write_jsonl(c, [{"id": "y", "prompt": "4"}, {"id": "z", "prompt": "5"}])
+    assert InputReader([a, c]).validate()[0] == 3
     write_jsonl(b, [{"prompt": "2"}, {"prompt": 3}])
     with pytest.raises(InputError, match=r"b.jsonl: line 2: prompt must be a string"):
         InputReader([a, b]).validate()
@@ -337,7 +352,7 @@ def test_a_template_renders_each_row_and_every_column_passes_through(tmp_path: P
     ]
 
 
-def test_a_given_id_that_is_another_rows_position_is_a_duplicate(tmp_path: Path) -> None:
+def test_a_given_id_that_is_another_rows_position_is_a_duplicate(tmp_path: Path, ids_kept: str) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}, {"id": 1, "prompt": "c"},
                                                {"id": "03", "prompt": "d"}, {"id": 3, "prompt": "e"}])
     with pytest.raises(InputError, match=r"'1' at line 3 and at position 1, a row without an id") as info:

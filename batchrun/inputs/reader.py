@@ -107,7 +107,8 @@ class InputReader:
         """Parse every row once before any request; return (row count, passthrough types).
 
         Ids are checked for duplicates in a temporary on-disk SQLite table so that
-        memory does not grow with the input.
+        memory does not grow with the input; a small input's, whose rows are kept
+        anyway, in memory.
         """
         with self._before_the_run(), fewer_collections():
             count, types = self._validate()
@@ -127,12 +128,12 @@ class InputReader:
                              "rerun once it is written in full") from None
 
     def _validate(self) -> tuple[int, dict[str, str]]:
-        ids = _id_table()
         kinds = self._schema_kinds()
         count = 0
         asks: set[str] = set()
         duplicates: list[str] = []
         kept: list[Row] | None = [] if sum(f.text_bytes for f in self.files) <= KEEP_BYTES else None
+        ids = _GivenIds(on_disk=kept is None)
         # Most inputs have no ids: a row's id is then its position, unique by itself, and
         # only ids given in the input go to the table. taken[i]: row i's id is "i".
         taken = bytearray()
@@ -147,11 +148,11 @@ class InputReader:
                     kept += rows
                 if self.template is None:
                     asks.update(*(_asks(row.body) for row in rows if "n" in row.body or "logprobs" in row.body))
-                duplicates += _insert_ids(ids, rows, taken)
+                duplicates += ids.add(rows, taken)
                 if len(duplicates) >= 5:
                     break
             else:
-                duplicates += _ids_at_positions(ids, taken)
+                duplicates += ids.at_positions(taken)
         finally:
             self._checking = False
             ids.close()
@@ -323,15 +324,56 @@ def fewer_collections() -> Iterator[None]:
 
 
 
-def _id_table() -> sqlite3.Connection:
-    """A table of the ids given in the input, in a private temporary database on disk
-    (""): memory does not grow with the input."""
-    try:
-        ids = sqlite3.connect("")
-        ids.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, place TEXT)")
-    except sqlite3.Error as exc:
-        raise _no_room(exc) from exc
-    return ids
+class _GivenIds:
+    """The ids the input gives, checked for duplicates as they come (an id that is its
+    row's position is only marked in `taken`): `on_disk`, in a table in a private
+    temporary database (""), so that memory does not grow with the input; else in a
+    dict, for an input whose rows are kept in memory anyway (SQLite's inserts were a
+    fifth of its validation)."""
+
+    def __init__(self, *, on_disk: bool) -> None:
+        self.places: dict[str, str] = {}
+        self.table: sqlite3.Connection | None = None
+        if on_disk:
+            try:
+                self.table = sqlite3.connect("")
+                self.table.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, place TEXT)")
+            except sqlite3.Error as exc:
+                raise _no_room(exc) from exc
+
+    def add(self, rows: list[Row], taken: bytearray) -> list[str]:
+        """Marks the rows whose id is their position in `taken`, adds the others' ids;
+        returns the duplicates found."""
+        given = []
+        for row in rows:
+            if row.id == str(row.index):
+                taken[row.index] = 1
+            else:
+                given.append(row)
+        if self.table is not None:
+            return _insert(self.table, given)
+        found = []
+        places = self.places
+        for row in given:
+            if (first := places.setdefault(row.id, row.where)) is not row.where:
+                found.append(f"{row.id!r} at {first} and {row.where}")
+        return found
+
+    def at_positions(self, taken: bytearray) -> list[str]:
+        """Given ids that are another row's position, that row having no id of its own."""
+        found = []
+        pairs = self.places.items() if self.table is None else \
+            self.table.execute("SELECT id, place FROM ids WHERE id GLOB '[0-9]*'")
+        for row_id, place in pairs:
+            if row_id.isascii() and row_id.isdigit() and str(int(row_id)) == row_id \
+                    and int(row_id) < len(taken) and taken[int(row_id)]:
+                found.append(f"{row_id!r} at {place} and at position {row_id}, a row without "
+                             "an id (its id is its position)")
+        return found
+
+    def close(self) -> None:
+        if self.table is not None:
+            self.table.close()
 
 
 def _no_room(exc: sqlite3.Error) -> StorageError:
@@ -339,45 +381,27 @@ def _no_room(exc: sqlite3.Error) -> StorageError:
                         "free space in the temporary folder (or point TMPDIR elsewhere) and rerun")
 
 
-def _insert_ids(ids: sqlite3.Connection, rows: list[Row], taken: bytearray) -> list[str]:
-    """Marks the rows whose id is their position in `taken`, inserts the others' ids;
-    returns the duplicates found. A batch goes in at once; only a batch with a
-    duplicate is redone row by row."""
-    given = []
-    for row in rows:
-        if row.id == str(row.index):
-            taken[row.index] = 1
-        else:
-            given.append(row)
+def _insert(table: sqlite3.Connection, rows: list[Row]) -> list[str]:
+    """The rows' ids into `table`; returns the duplicates found. A batch goes in at once;
+    only a batch with a duplicate is redone row by row."""
     try:
-        with ids:
-            ids.executemany("INSERT INTO ids VALUES (?, ?)", [(row.id, row.where) for row in given])
+        with table:
+            table.executemany("INSERT INTO ids VALUES (?, ?)", [(row.id, row.where) for row in rows])
     except sqlite3.IntegrityError:
-        return _duplicates(ids, given)
+        return _duplicates(table, rows)
     except sqlite3.Error as exc:
         raise _no_room(exc) from exc
     return []
 
 
-def _ids_at_positions(ids: sqlite3.Connection, taken: bytearray) -> list[str]:
-    """Given ids that are another row's position, that row having no id of its own."""
-    found = []
-    for row_id, place in ids.execute("SELECT id, place FROM ids WHERE id GLOB '[0-9]*'"):
-        if row_id.isascii() and row_id.isdigit() and str(int(row_id)) == row_id \
-                and int(row_id) < len(taken) and taken[int(row_id)]:
-            found.append(f"{row_id!r} at {place} and at position {row_id}, a row without "
-                         "an id (its id is its position)")
-    return found
-
-
-def _duplicates(ids: sqlite3.Connection, rows: list[Row]) -> list[str]:
+def _duplicates(table: sqlite3.Connection, rows: list[Row]) -> list[str]:
     """Insert one by one, naming each id already there (earlier, or in this batch)."""
     found = []
     for row in rows:
         try:
-            with ids:
-                ids.execute("INSERT INTO ids VALUES (?, ?)", (row.id, row.where))
+            with table:
+                table.execute("INSERT INTO ids VALUES (?, ?)", (row.id, row.where))
         except sqlite3.IntegrityError:
-            (first,) = ids.execute("SELECT place FROM ids WHERE id = ?", (row.id,)).fetchone()
+            (first,) = table.execute("SELECT place FROM ids WHERE id = ?", (row.id,)).fetchone()
             found.append(f"{row.id!r} at {first} and {row.where}")
     return found
