@@ -65,6 +65,37 @@ def test_embedding_rows_go_64_a_request_and_a_refused_row_fails_alone(tmp_path: 
     assert len(answered) == sum(len(a) for a in server.answers.values())
 
 
+def test_row_groups_of_vectors_hold_megabytes_not_thousands_of_rows(tmp_path: Path, server: FakeServer,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row group is one table in memory, and the last is written after the last answer:
+    rows of 1,024 floats (4 KB) go fewer to a group, so that it holds about
+    ROW_GROUP_BYTES; rows of short texts still go up to ROW_GROUP_ROWS to a group."""
+    monkeypatch.setattr("batchrun.storage.output.ROW_GROUP_BYTES", 256 << 10)  # 60 vectors, 1,000 short texts
+    monkeypatch.setattr("batchrun.storage.output.ROW_GROUP_ROWS", 500)
+
+    def group_sizes() -> list[int]:
+        groups = pq.ParquetFile(tmp_path / "out/result.parquet").metadata
+        return [groups.row_group(i).num_rows for i in range(groups.num_row_groups)]
+
+    texts = [f"document {i}" for i in range(1200)]
+    write_jsonl(tmp_path / "input.jsonl", [{"input": t} for t in texts])
+    spec = write_spec(tmp_path, endpoint="embeddings", concurrency=4, params={"dimensions": 1024},
+                      api={"base_url": server.base_url})
+    result = run_cli("run", str(spec), "--no-progress")
+    assert result.code == 0, result.stderr
+    assert [r["embedding"] for r in read_output(tmp_path / "out/result.parquet")] == \
+        [fake_vector(t, 1024) for t in texts]
+    sizes = group_sizes()
+    assert sum(sizes) == 1200 and max(sizes) <= 64  # MIN_GROUP_ROWS: 60 would do
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": t} for t in texts])
+    spec = write_spec(tmp_path, endpoint="completions", concurrency=4, api={"base_url": server.base_url})
+    assert run_cli("run", str(spec), "--no-progress", "--restart").code == 0
+    sizes = group_sizes()
+    # Up to 500, in halves when a few more than 500 were settled at once; and the last rows after the rest
+    assert sum(sizes) == 1200 and 250 <= max(sizes) <= 500
+
+
 def test_float_answers_and_templates_work_too(tmp_path: Path, server: FakeServer) -> None:
     pq.write_table(pa.table({"title": [f"t{i}" for i in range(100)], "body": [f"b{i}" for i in range(100)]}),
                    tmp_path / "docs.parquet")

@@ -295,7 +295,6 @@ def test_restart_with_a_bad_input_keeps_the_progress_it_would_discard(tmp_path: 
 def test_the_output_is_written_as_rows_settle_and_published_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("batchrun.engine.writer.ROW_GROUP_ROWS", 10)
     monkeypatch.setattr("batchrun.storage.output.ROW_GROUP_ROWS", 10)
     rows = [{"prompt": f"p{i}", "tag": f"t{i}", "n_words": i} for i in range(95)]
     write_jsonl(tmp_path / "input.jsonl", rows)

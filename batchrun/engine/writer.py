@@ -17,7 +17,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from .._exceptions import InputChangedError, JobAborted, StorageError
 from ..endpoints.result import Result
 from ..policy.pricing import Hold
-from ..storage.output import ROW_GROUP_ROWS, OutputWriter
+from ..storage.output import OutputWriter, group_rows
 from ..storage.state import FAILED, FAILED_FOR_GOOD, OK, StateStore
 from .cache import ResponseCache
 from .progress import Progress
@@ -66,6 +66,7 @@ class Writer:
         self.state_failed = False  # nothing more can be saved
         self.output_failed = False  # answers are still saved; the output waits for a rerun
         self.progressed = (0.0, 0)  # when a row was last settled, and the requests sent by then
+        self.sized = (0, 0)  # rows saved in this run, and about the bytes they hold (see `_row_bytes`)
 
     def begin(self, notes: ObjectSendStream[Result | HoldNote], *, stop: Callable[[JobAborted], None],
               sent: Callable[[], int], gather: int = 1) -> None:
@@ -130,6 +131,9 @@ class Writer:
         if not group:
             return
         failed, tokens, usd = self._count(group)
+        rows, size = self.sized
+        self.sized = rows, size = rows + len(group), size + sum(map(_row_bytes, group))
+        self.output.group_rows = group_rows(size / rows)
         self.progressed = anyio.current_time(), self.sent()
         self.progress.advance(len(group) - failed, failed, tokens, usd)
         while self.prefix < self.total and self.settled[self.prefix]:
@@ -138,7 +142,7 @@ class Writer:
         # been sent, what is settled goes at once (a shorter group), so that the end
         # of the job waits only for the last few rows.
         ready = self.prefix - self.published
-        if ready >= ROW_GROUP_ROWS or (self.fed_all and ready > 0 and not self.tail_written):
+        if ready >= self.output.group_rows or (self.fed_all and ready > 0 and not self.tail_written):
             self.tail_written = self.fed_all
             with contextlib.suppress(anyio.WouldBlock):  # one is pending: it will take these too
                 due.send_nowait(None)
@@ -205,6 +209,13 @@ class Writer:
         totals["completion_tokens"] += completion  # type: ignore[operator]
         totals["total_tokens"] += total  # type: ignore[operator]
         return failed, total, usd
+
+
+def _row_bytes(result: Result) -> int:
+    """About what a result holds in the output: its vector and its texts, the rest a few
+    numbers and short strings (the columns a job asks for are not counted)."""
+    return 200 + len(result.embedding or b"") + len(result.output_text or "") + \
+        len(result.reasoning_content or "") + len(result.tool_calls or "")
 
 
 def _take_waiting(results: ObjectReceiveStream[Result | HoldNote], group: list[Result | HoldNote]) -> None:
