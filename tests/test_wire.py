@@ -466,7 +466,7 @@ def test_closing_the_transport_closes_what_it_was_opening_ahead() -> None:
     """Closed just after its first answer, with connections still opening ahead: every one
     is closed by then, none left for the collector to find open."""
     async def main() -> Answer:
-        transport = WireTransport(max_connections=100, timeout_s=30.0, open_ahead=True)
+        transport = WireTransport(max_connections=100, timeout_s=30.0, open_ahead=100)
         try:
             return await transport.exchange(server.url, headers_for(server.url), BODY)
         finally:
@@ -481,14 +481,34 @@ def test_closing_the_transport_closes_what_it_was_opening_ahead() -> None:
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
-def test_requests_paced_by_a_rate_limit_open_no_connections_ahead() -> None:
-    """Paced, requests go one by one: there is no crowd after the first to open them for."""
-    spec = {"input": "i.jsonl", "output": "o.parquet", "model": "m", "api": {"base_url": "http://127.0.0.1:9/v1"}}
-    paced = [{"requests_per_minute": 600}, {"tokens_per_minute": 60_000}]
-    opening_ahead = [Client(parse_spec({**spec, "rate_limit": limit}, environ={}), api_key=None,
-                            environ={})._transport._open_ahead  # type: ignore[attr-defined]
-                     for limit in [{}, *paced]]
-    assert opening_ahead == [True, False, False]
+def test_connections_opened_ahead_are_those_the_requests_left_can_use() -> None:
+    """One a request that may go at once: `concurrency`, or fewer with fewer rows left (64
+    embedding rows go in one request); none for requests a rate limit paces one by one."""
+    spec = {"input": "i.jsonl", "output": "o.parquet", "model": "m", "concurrency": 8,
+            "api": {"base_url": "http://127.0.0.1:9/v1"}}
+
+    def ahead(rows: int | None = None, **more: object) -> int:
+        client = Client(parse_spec({**spec, **more}, environ={}), api_key=None, environ={}, rows=rows)
+        return client._transport._open_ahead  # type: ignore[attr-defined]
+
+    assert [ahead(), ahead(100), ahead(3), ahead(130, endpoint="embeddings"), ahead(2000, endpoint="embeddings")] \
+        == [8, 8, 3, 3, 8]
+    assert [ahead(rate_limit={"requests_per_minute": 600}), ahead(rate_limit={"tokens_per_minute": 60_000})] == [0, 0]
+
+
+def test_a_few_rows_open_no_more_connections_than_they_need(tmp_path: Path) -> None:
+    """`--limit 3` at `concurrency: 8` (trying a job on its first rows): three connections."""
+    def answer(n: int) -> bytes:
+        if n == 1:
+            server.wait_for_connections(3)
+        return http_answer(ANSWER, f"content-length: {len(ANSWER)}")
+
+    write_jsonl(tmp_path / "input.jsonl", [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(40)])
+    with RawServer(answer) as server:
+        spec = write_spec(tmp_path, concurrency=8, api={"base_url": server.url.removesuffix("/completions")})
+        result = run_cli("run", str(spec), "--no-progress", "--limit", "3")
+    assert result.code == 0, result.stderr
+    assert (server.requests, server.connections) == (3, 3)
 
 
 def test_a_job_reuses_one_connection_for_each_request_in_flight(tmp_path: Path, server: FakeServer) -> None:

@@ -91,9 +91,10 @@ def run_part(spec: JobSpec, part: Part, options: RunOptions = RunOptions(), limi
     run = _Run(spec, part, options.progress or NullProgress())
     run.open(limit=options.limit, restart=options.restart)
     try:
-        run.wire(retry_failed=options.retry_failed, grace_s=options.grace_s, client=lambda cache, hold_log: _caller(
-            spec, run.store, api_key=api_key, transport=transport, base_url=base_url, environ=env,
-            limits=limits, cache=cache, hold_log=hold_log))
+        run.wire(retry_failed=options.retry_failed, grace_s=options.grace_s,
+                 client=lambda cache, hold_log, rows: _caller(
+                     spec, run.store, api_key=api_key, transport=transport, base_url=base_url, environ=env,
+                     limits=limits, cache=cache, hold_log=hold_log, rows=rows))
         run.drive(options.handle_signals)
         run.finish()
     finally:
@@ -109,13 +110,13 @@ def run_part(spec: JobSpec, part: Part, options: RunOptions = RunOptions(), limi
 
 def _caller(spec: JobSpec, store: StateStore, *, api_key: str | None, transport: httpx.AsyncBaseTransport | None,
             base_url: str | None, environ: Mapping[str, str], limits: Limits, cache: ResponseCache | None,
-            hold_log: HoldLog) -> Caller:
+            hold_log: HoldLog, rows: int | None = None) -> Caller:
     """The run's calls: its client with the limits it was given, the cache, and the budget
-    earlier runs left, its holds recorded by `hold_log`."""
+    earlier runs left, its holds recorded by `hold_log`; `rows`: those it has to do."""
     control = limits.concurrency_control
     in_flight = ConcurrencyLimit(spec.concurrency, control=control) if control is not None else None
     client = Client(spec, api_key=api_key, transport=transport, base_url=base_url, environ=environ,
-                    limiter=limits.rate_limiter, in_flight=in_flight)
+                    limiter=limits.rate_limiter, in_flight=in_flight, rows=rows)
     budget = job_budget(spec, store.spend()) if spec.budget.is_set else None
     return Caller(spec, client, cache=cache, budget=budget, hold_log=hold_log)
 
@@ -166,7 +167,7 @@ class _Run:
         self.start, self.total = part.bounds(total)
 
     def wire(self, *, retry_failed: bool, grace_s: float,
-             client: Callable[[ResponseCache | None, HoldLog], Caller]) -> None:
+             client: Callable[[ResponseCache | None, HoldLog, int], Caller]) -> None:
         """The writer, the client and the pool, from the state's rows and counts."""
         spec, store, start, total = self.spec, self.store, self.start, self.total
         states = store.row_states(total)
@@ -180,7 +181,7 @@ class _Run:
                                    extras=extra_columns(spec, self.asks), start=start)
         writer = Writer(store, self.output, self.progress, self.cache, done=done, total=total, start=start,
                         states=states, totals=store.counts(below=total))
-        self.client = made = client(self.cache, writer)
+        self.client = made = client(self.cache, writer, done.count(0))  # (and the rows it has to do)
         self.pool = Pool(spec, made, writer, self.reader, done=done, total=total, status=self.status,
                          storage=self.storage, grace_s=grace_s)
 

@@ -122,13 +122,13 @@ class Client:
     def __init__(self, spec: JobSpec, *, api_key: str | None, transport: httpx.AsyncBaseTransport | None = None,
                  base_url: str | None = None, sleep: Callable[[float], Any] = anyio.sleep,
                  environ: Mapping[str, str] | None = None, limiter: Limiter | None = None,
-                 in_flight: ConcurrencyLimit | None = None) -> None:
+                 in_flight: ConcurrencyLimit | None = None, rows: int | None = None) -> None:
         self.spec = spec
         self.redact = Redactor(api_key)
         # The key as looked for in every answer (see `engine.call`): none shorter than MIN_RUN
         self.echoed_key = api_key if api_key and len(api_key) >= MIN_RUN else None
         url = (base_url or spec.api.base_url).rstrip("/")
-        self._transport = _transport(spec, url, transport, os.environ if environ is None else environ)
+        self._transport = _transport(spec, url, transport, os.environ if environ is None else environ, rows)
         self._urls = {name: endpoint_url(url, name) for name in ENDPOINTS}
         headers = [
             ("host", normalized(url)[1]),
@@ -327,7 +327,7 @@ class Client:
 
 
 def _transport(spec: JobSpec, url: str, transport: httpx.AsyncBaseTransport | None,
-               environ: Mapping[str, str]) -> Transport:
+               environ: Mapping[str, str], rows: int | None = None) -> Transport:
     """The httpx transport given (tests, `mock://`), else the wire transport, or aiohttp's pool
     where the user's network sends requests through a proxy. Every answer arrives read in
     full, within timeout_s and max_answer_mb: the bounds are the transport's, so the client
@@ -343,9 +343,20 @@ def _transport(spec: JobSpec, url: str, transport: httpx.AsyncBaseTransport | No
         from .aio import AiohttpTransport  # aiohttp loads only for a proxy: 0.1 s of every start
 
         return AiohttpTransport(max_connections=spec.concurrency, proxy=proxy, ssl_context=context or False, **bounds)
-    # Requests paced by a rate limit go one by one, so there is no crowd to open ahead for
-    paced = spec.rate_limit.requests_per_minute is not None or spec.rate_limit.tokens_per_minute is not None
-    return WireTransport(max_connections=spec.concurrency, ssl_context=context, open_ahead=not paced, **bounds)
+    return WireTransport(max_connections=spec.concurrency, ssl_context=context,
+                         open_ahead=_connections_ahead(spec, rows), **bounds)
+
+
+def _connections_ahead(spec: JobSpec, rows: int | None) -> int:
+    """How many connections to have open once the first is (see `WireTransport`): one for
+    each request that may go at once, as many as `rows` (those left to send) make at most.
+    0 where a rate limit paces the requests: they go one by one, no crowd to open for."""
+    if spec.rate_limit.requests_per_minute is not None or spec.rate_limit.tokens_per_minute is not None:
+        return 0
+    if rows is None:
+        return spec.concurrency
+    requests = -(-rows // spec.inputs_per_request) if spec.endpoint and ENDPOINTS[spec.endpoint].grouped else rows
+    return min(spec.concurrency, requests)
 
 
 def _unburdened(error: RetryableAPIError) -> RetryableAPIError:

@@ -227,14 +227,14 @@ class _Connection(asyncio.Protocol):
 
 class _Origin:
     """The connections to one scheme://host:port: at most `limit`, the idle ones reused
-    last-in first-out (the warmest), the rest opened as needed; with `open_ahead`, all
-    `limit` opened once the first is."""
+    last-in first-out (the warmest), the rest opened as needed; `open_ahead` of them
+    (at most `limit`) opened once the first is."""
 
     def __init__(self, scheme: str, host: str, port: int, limit: int, ssl_context: ssl.SSLContext | None,
-                 open_ahead: bool = False, timeout_s: float = 60.0) -> None:
+                 open_ahead: int = 0, timeout_s: float = 60.0) -> None:
         self.host, self.port, self.limit = host, port, limit
         self.ssl = ssl_context if scheme == "https" else None
-        self.open_ahead = open_ahead
+        self.open_ahead = min(open_ahead, limit)
         self.timeout_s = timeout_s  # to open those ahead: a request's own opening is within its exchange's
         self.opening_ahead: asyncio.Task[None] | None = None
         self.idle: list[_Connection] = []
@@ -264,9 +264,9 @@ class _Origin:
             self.opened -= 1
             self._hand_over(None)
             raise
-        if self.open_ahead:  # the origin takes connections: the others open while this one's request is out
-            self.open_ahead = False
-            self.opening_ahead = asyncio.get_running_loop().create_task(self._open_the_rest())
+        if self.open_ahead > 1:  # the origin takes connections: the others open while this one's request is out
+            self.opening_ahead = asyncio.get_running_loop().create_task(self._open_the_rest(self.open_ahead))
+            self.open_ahead = 0
         return connection
 
     def release(self, connection: _Connection, reuse: bool) -> None:
@@ -284,14 +284,14 @@ class _Origin:
             connection.close()
         self.idle.clear()
 
-    async def _open_the_rest(self) -> None:
-        """Up to `limit` connections, opened at once and kept idle for the requests to come;
+    async def _open_the_rest(self, total: int) -> None:
+        """Up to `total` connections, opened at once and kept idle for the requests to come;
         those not open within `timeout_s` are given up, as at `close`."""
         task = asyncio.current_task()
         assert task is not None
         timer = asyncio.get_running_loop().call_later(self.timeout_s, task.cancel)
         try:
-            await asyncio.gather(*(self._open_one_ahead() for _ in range(self.limit - self.opened)))
+            await asyncio.gather(*(self._open_one_ahead() for _ in range(total - self.opened)))
         finally:
             timer.cancel()
 
@@ -368,15 +368,15 @@ class WireTransport:
     """POST requests over HTTP/1.1 and kept-alive connections, at most `max_connections`
     to each origin. `ssl_context` verifies https:// origins (None: the system's CAs).
 
-    `open_ahead`: once the first connection to an origin is open, the others open beside
-    it, idle until requests take them. A job's first request goes alone (`engine.pool`),
+    `open_ahead`: once the first connection to an origin is open, others open beside it
+    until that many are, idle until requests take them. A job's first request goes alone (`engine.pool`),
     and `concurrency` requests follow its answer at once: at 400 in flight, opening
     their connections then kept the server waiting 0.09-0.12 s more than the first
     answer's own latency; opened while it is awaited, they are ready when it comes.
     """
 
     def __init__(self, *, max_connections: int, timeout_s: float, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
-                 ssl_context: ssl.SSLContext | None = None, open_ahead: bool = False) -> None:
+                 ssl_context: ssl.SSLContext | None = None, open_ahead: int = 0) -> None:
         self._max_connections = max_connections
         self._open_ahead = open_ahead
         self._timeout_s = timeout_s
