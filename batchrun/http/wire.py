@@ -369,10 +369,11 @@ class WireTransport:
     to each origin. `ssl_context` verifies https:// origins (None: the system's CAs).
 
     `open_ahead`: once the first connection to an origin is open, others open beside it
-    until that many are, idle until requests take them. A job's first request goes alone (`engine.pool`),
-    and `concurrency` requests follow its answer at once: at 400 in flight, opening
-    their connections then kept the server waiting 0.09-0.12 s more than the first
-    answer's own latency; opened while it is awaited, they are ready when it comes.
+    until that many are, idle until requests take them. A job's first request goes
+    alone (`engine.pool`), and `concurrency` requests follow its answer at once: at 400
+    in flight, opening their connections then kept the server waiting 0.09-0.12 s more
+    than the first answer's own latency; opened while it is awaited, they are ready
+    when it comes.
     """
 
     def __init__(self, *, max_connections: int, timeout_s: float, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
