@@ -332,7 +332,7 @@ class _GivenIds:
     fifth of its validation)."""
 
     def __init__(self, *, on_disk: bool) -> None:
-        self.places: dict[str, str] = {}
+        self.places: dict[str, str] = {}  # in memory: where each id was first given
         self.table: sqlite3.Connection | None = None
         if on_disk:
             try:
@@ -355,7 +355,9 @@ class _GivenIds:
         found = []
         places = self.places
         for row in given:
-            if (first := places.setdefault(row.id, row.where)) is not row.where:
+            if (first := places.get(row.id)) is None:
+                places[row.id] = row.where
+            else:
                 found.append(f"{row.id!r} at {first} and {row.where}")
         return found
 
