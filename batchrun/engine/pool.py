@@ -24,7 +24,6 @@ if sys.version_info < (3, 11):  # anyio brings the backport there
     from exceptiongroup import BaseExceptionGroup
 
 from .._exceptions import BatchrunError, InputChangedError, JobAborted, JobFatalAPIError
-from ..endpoints import get_endpoint
 from ..endpoints.result import Result
 from ..http.client import Deferred
 from ..inputs.reader import InputReader, Row, fewer_collections
@@ -71,8 +70,8 @@ class Pool:
         self.carried: dict[int, tuple[int, int, tuple[int, int]]] = {}
         # Rows a worker takes at once: embeddings go several to a request (one, if so asked,
         # still as a group: the group's answer is what shares out the vectors)
-        self.grouped = spec.endpoint is not None and get_endpoint(spec.endpoint).grouped
-        self.group = spec.inputs_per_request if self.grouped else 1
+        self.grouped = spec.grouped
+        self.group = spec.rows_per_request
 
     def stop_from_outside(self, reason: JobAborted) -> None:
         """`stop`, from another thread (see `bridge.run_beside`)."""

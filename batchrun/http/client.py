@@ -355,8 +355,7 @@ def _connections_ahead(spec: JobSpec, rows: int | None) -> int:
         return 0
     if rows is None:
         return spec.concurrency
-    requests = -(-rows // spec.inputs_per_request) if spec.endpoint and ENDPOINTS[spec.endpoint].grouped else rows
-    return min(spec.concurrency, requests)
+    return min(spec.concurrency, -(-rows // spec.rows_per_request))
 
 
 def _unburdened(error: RetryableAPIError) -> RetryableAPIError:

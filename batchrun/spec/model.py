@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..endpoints import get_endpoint
 from ..policy.pricing import Price
 from .schema import schema_of
 
@@ -125,6 +126,15 @@ class JobSpec:
     @property
     def name(self) -> str:
         return str(self.source) if self.source else "job spec"
+
+    @property
+    def grouped(self) -> bool:
+        """Whether several rows go in one request (embeddings): the endpoint's say."""
+        return self.endpoint is not None and get_endpoint(self.endpoint).grouped
+
+    @property
+    def rows_per_request(self) -> int:
+        return self.inputs_per_request if self.grouped else 1
 
     def request_config(self) -> dict[str, Any]:
         """What shapes the answers: a resume must match it, or two jobs would mix."""

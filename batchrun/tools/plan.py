@@ -93,9 +93,8 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
         done, answered = _done(spec, storage, digest, total, restart=restart)
         count, tokenizer = _counter(spec)
         rows, prompt, completion_max = _count(spec, (row for row in reader.rows() if not done[row.index]), count)
-    endpoint = get_endpoint(spec.endpoint) if spec.endpoint else None
-    grouped = endpoint is not None and endpoint.grouped
-    requests = math.ceil(rows / spec.inputs_per_request) if grouped else rows
+    grouped = spec.grouped
+    requests = math.ceil(rows / spec.rows_per_request)
     if grouped:
         completion_max = 0
     mean_completion, mean_latency = answered
