@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -178,3 +179,36 @@ def test_plan_and_export_on_a_fresh_machine_read_the_store(tmp_path: Path, s3: d
                        env=_env(s3, tmp_path / "three"))
     assert exported.code == 0, exported.stderr
     assert len((tmp_path / "sft.jsonl").read_text().splitlines()) == 12
+
+
+def test_vectors_settled_on_one_machine_are_in_the_output_written_on_another(
+        tmp_path: Path, s3: dict[str, str], server: FakeServer) -> None:
+    """A machine's vectors live in a file beside its state; the state it uploads holds them itself."""
+    from tests.fakeserver import fake_vector
+
+    fs = _bucket(s3, "vectors")
+    texts = [f"passage {i}" for i in range(120)]
+    _put_jsonl(fs, "vectors/in.jsonl", [{"input": t} for t in texts])
+    spec = write_spec(tmp_path, input="s3://vectors/in.jsonl", output="s3://vectors/out/emb.parquet",
+                      endpoint="embeddings", inputs_per_request=8, concurrency=4, api={"base_url": server.base_url})
+
+    first = run_cli("run", str(spec), "--no-progress", "--limit", "40", env=_env(s3, tmp_path / "machine-1"))
+    assert first.code == 0, first.stderr
+    assert [p.name for p in (tmp_path / "machine-1").rglob("*-vectors")] == ["emb.batchrun.sqlite-vectors"]
+    uploaded = tmp_path / "uploaded.sqlite"
+    with fs.open_input_stream("vectors/out/emb.batchrun.sqlite") as f:
+        uploaded.write_bytes(f.read())
+    db = sqlite3.connect(uploaded)
+    assert db.execute("SELECT typeof(embedding), COUNT(*) FROM results GROUP BY 1").fetchall() == [("blob", 40)]
+    db.close()
+    embedded_first = sum(len(json.loads(r.key)[1]) for r in server.requests if r.outcome == "ok")
+    assert embedded_first == 40
+
+    second = run_cli("run", str(spec), "--no-progress", env=_env(s3, tmp_path / "machine-2"))
+
+    assert second.code == 0, second.stderr
+    out = pq.read_table("s3://vectors/out/emb.parquet").to_pylist()
+    assert [r["row_index"] for r in out] == list(range(120))
+    assert [r["embedding"] for r in out] == [fake_vector(t) for t in texts]
+    embedded = [t for r in server.requests if r.outcome == "ok" for t in json.loads(r.key)[1]]
+    assert sorted(embedded) == sorted(texts)  # the first machine's 40 were not sent again

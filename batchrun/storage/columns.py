@@ -101,8 +101,11 @@ def _float32_lists(blobs: Sequence[bytes | None]) -> pa.Array:
         offsets.append(offsets[-1] + (len(blob) // 4 if blob is not None else 0))
     values = pa.Array.from_buffers(pa.float32(), offsets[-1],
                                    [None, pa.py_buffer(b"".join(b for b in blobs if b is not None))])
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values,
-                                    mask=pa.array([b is None for b in blobs], pa.bool_()))
+    # Validity as a bitmap of its own: a mask (ListArray.from_arrays) imports
+    # pyarrow.compute, 0.1 s, in the middle of the job
+    valid = pa.array([b is not None for b in blobs], pa.bool_()).buffers()[1] if None in blobs else None
+    return pa.Array.from_buffers(_float32_list(), len(blobs), [valid, pa.array(offsets, pa.int32()).buffers()[1]],
+                                 children=[values])
 
 
 def extra_columns(spec: JobSpec, asks: Sequence[str] = ()) -> list[ExtraColumn]:

@@ -2,7 +2,9 @@
 
 It holds a `meta` table (what the state was written for: the input's digest, the
 request configuration, the row count) and a `results` table with one row per
-settled input row, keyed by row_index, so a row can never be stored twice.
+settled input row, keyed by row_index, so a row can never be stored twice. An
+embedding's vector is kept in a file beside it, referred to from its row
+(storage/vectors.py).
 SQLite in WAL mode with synchronous=FULL makes each commit atomic and durable:
 a kill -9 loses only what was not yet committed, never a committed row, never
 half a row.
@@ -38,12 +40,14 @@ from ..policy.pricing import Hold
 from .durable import fsync
 from .ledger import LEDGER_SCHEMA, LEDGER_TABLES, Entry, Ledger
 from .lock import JobLock
+from .vectors import SUFFIX as VECTORS
+from .vectors import LONGEST, VectorFile, inline
 
 __all__ = ["Spend", "StateStore", "batches_out", "differences", "replace_state", "state_copy", "state_path", "upsert"]
 
 SCHEMA_VERSION = "1"
 PRIVATE = 0o600
-_COMPANIONS = ("-wal", "-shm", "-journal")
+_COMPANIONS = ("-wal", "-shm", "-journal", VECTORS)
 
 _COLUMNS = ", ".join(RESULT_FIELDS)
 # What adds up over runs: a row that failed before (an answer that broke the schema,
@@ -85,7 +89,7 @@ _SCHEMA = (
 _ADDED = ("extra", "embedding", "cost_usd", "transient")
 
 
-_EXTRA = RESULT_FIELDS.index("extra")
+_EXTRA, _EMBEDDING = RESULT_FIELDS.index("extra"), RESULT_FIELDS.index("embedding")
 
 
 _FIELDS_OF = operator.attrgetter(*RESULT_FIELDS)  # a Result's stored values, as a tuple
@@ -142,6 +146,11 @@ def state_copy(path: Path) -> Iterator[Path]:
                 target = sqlite3.connect(copy)
                 try:
                     source.backup(target)
+                    vectors = VectorFile(path)
+                    try:
+                        inline(target, vectors)
+                    finally:
+                        vectors.close()
                 finally:
                     target.close()
             finally:
@@ -184,6 +193,7 @@ class StateStore:
         self._lock = lock
         self._inode = os.stat(path).st_ino
         self._wal_inode: int | None = None  # known after the first commit made the -wal
+        self._vectors = VectorFile(path)  # the rows' embeddings (storage/vectors.py)
         self.ledger = Ledger(db, self._transaction)  # the rows sent to a provider's batch API
 
     @classmethod
@@ -234,6 +244,7 @@ class StateStore:
         """Close; `remove` deletes the state too (while still holding the lock)."""
         self._read_db.close()
         self._db.close()
+        self._vectors.close()
         if remove:
             self.discard(self.path)
         if self._lock is not None:
@@ -250,6 +261,7 @@ class StateStore:
             self._db.execute("DELETE FROM holds")
             for table in LEDGER_TABLES:
                 self._db.execute(f"DELETE FROM {table}")
+        self._vectors.clear()  # after the commit: a kill between the two leaves unused bytes, never a lost vector
 
     def meta(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
@@ -290,13 +302,13 @@ class StateStore:
         writing to the unlinked files, and a crash would lose every answer since).
         """
         results = list(results)
-        rows = [_stored(r) for r in results]
         new = [(h.id, h.usd, h.tokens) for h in holds]
         gone = [(i,) for i in (*released, *(r.hold for r in results if r.hold is not None))]
-        if not (rows or new or gone or also):
+        if not (results or new or gone or also):
             return
         self._check_files()
         try:
+            rows = self._stored(results)
             with self._transaction():
                 if rows:
                     self._db.executemany(_UPSERT, rows)
@@ -313,8 +325,20 @@ class StateStore:
         if self._wal_inode is None:
             self._wal_inode = _inode(self.path.with_name(self.path.name + "-wal"))
 
+    def _stored(self, results: list[Result]) -> list[tuple[Any, ...]]:
+        """The rows to store: their vectors appended to the vectors file and synced (before
+        the commit that refers to them), a reference to each in its row."""
+        rows = [_stored(r) for r in results]
+        placed = [i for i, r in enumerate(results) if r.embedding is not None and len(r.embedding) <= LONGEST]
+        if placed:
+            refs = self._vectors.append(results[i].embedding for i in placed)  # type: ignore[misc]
+            for i, ref in zip(placed, refs):
+                row = rows[i]
+                rows[i] = (*row[:_EMBEDDING], ref, *row[_EMBEDDING + 1:])
+        return rows
+
     def _check_files(self) -> None:
-        """The state, its -wal and the lock must be the files this job opened."""
+        """The state, its -wal, the lock and the vectors file must be the files this job opened."""
         if _inode(self.path) != self._inode:
             what, restored = self._restore()
             error = StorageError(f"{self.path}: the job's state file was removed or replaced while the job ran; "
@@ -332,6 +356,8 @@ class StateStore:
                                "Stopping; rerun to resume")
         if self._lock is not None:
             self._lock.check()
+        if problem := self._vectors.check():
+            raise StorageError(f"{problem}. Stopping; rerun to resume")
 
     def _restore(self) -> tuple[str, bool]:
         """Write what this job still holds open back to the state's path, if it is free
@@ -340,6 +366,7 @@ class StateStore:
             return ("the file there now is not this job's progress: stopping. Put this job's state back, or "
                     "rerun with --restart to start over (every answer is then paid again)"), False
         try:
+            self._vectors.restore()  # first: the state written back refers to them
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE)
             os.close(fd)
@@ -371,10 +398,15 @@ class StateStore:
         own connection, which sees whole commits only (WAL readers never block the
         writer).
         """
-        return self._read_db.execute(
+        rows = self._read_db.execute(
             f"SELECT {_COLUMNS} FROM results WHERE row_index >= ? AND row_index < ? ORDER BY row_index",
             (start, stop),
         ).fetchall()
+        read = self._vectors.read
+        for i, row in enumerate(rows):
+            if type(row[_EMBEDDING]) is int:
+                rows[i] = (*row[:_EMBEDDING], read(row[_EMBEDDING]), *row[_EMBEDDING + 1:])
+        return rows
 
     def counts(self, below: int | None = None) -> dict[str, int]:
         """ok, failed, and token sums over rows with row_index < below (all by default)."""

@@ -1,0 +1,218 @@
+"""The state's vectors file (storage/vectors.py): embeddings beside the SQLite state."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sqlite3
+import struct
+from pathlib import Path
+
+import pytest
+
+from batchrun import StorageError
+from batchrun.endpoints.result import RESULT_FIELDS, Result
+from batchrun.storage import state as state_module
+from batchrun.storage import vectors as vectors_module
+from batchrun.storage.state import StateStore, state_copy
+
+META = {"input_digest": "abc", "rows": 9, "passthrough": [], "request": {"model": "m", "params": {}}}
+EMBEDDING = RESULT_FIELDS.index("embedding")
+
+
+def vector(*values: float) -> bytes:
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+def opened(path: Path) -> StateStore:
+    store = StateStore.open(path)
+    store.claim(META, spec_name="job.yaml")
+    return store
+
+
+def stored(path: Path) -> list[tuple[int, str]]:
+    """Each row's index and the SQLite type its embedding column holds."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT row_index, typeof(embedding) FROM results ORDER BY row_index").fetchall()
+    finally:
+        db.close()
+
+
+def embeddings(store: StateStore, stop: int = 9) -> dict[int, bytes | None]:
+    return {row[0]: row[EMBEDDING] for row in store.results(0, stop)}
+
+
+def test_vectors_go_to_their_file_and_the_state_keeps_references(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = opened(path)
+    store.save([Result(0, "a", "ok", embedding=vector(0.5, -1.0)), Result(1, "b", "failed", error="HTTP 400: x"),
+                Result(2, "c", "ok", embedding=vector(3.0))])
+    store.save([Result(3, "d", "ok", embedding=vector(1.0, 2.0, 4.0))])
+
+    assert embeddings(store) == {0: vector(0.5, -1.0), 1: None, 2: vector(3.0), 3: vector(1.0, 2.0, 4.0)}
+    assert stored(path) == [(0, "integer"), (1, "null"), (2, "integer"), (3, "integer")]
+    kept = tmp_path / "s.sqlite-vectors"
+    assert kept.read_bytes() == vector(0.5, -1.0) + vector(3.0) + vector(1.0, 2.0, 4.0)
+    assert kept.stat().st_mode & 0o777 == 0o600
+    store.close()
+    again = StateStore.open(path)  # a rerun reads what the last one wrote
+    assert embeddings(again)[3] == vector(1.0, 2.0, 4.0)
+    again.close()
+
+
+def test_a_state_written_before_keeps_its_vectors_inline_beside_new_ones(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = opened(path)
+    store.save([Result(0, "a", "ok")])
+    store.close()
+    db = sqlite3.connect(path)  # as batchrun stored a vector before: in the row
+    db.execute("UPDATE results SET embedding = ? WHERE row_index = 0", (vector(7.0),))
+    db.commit()
+    db.close()
+
+    store = StateStore.open(path)
+    store.save([Result(1, "b", "ok", embedding=vector(8.0))])
+    assert embeddings(store) == {0: vector(7.0), 1: vector(8.0)}
+    assert stored(path) == [(0, "blob"), (1, "integer")]
+    store.close()
+
+
+def test_bytes_a_kill_left_before_its_commit_are_passed_over(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = opened(path)
+    store.save([Result(0, "a", "ok", embedding=vector(1.0))])
+    store.close()
+    with open(tmp_path / "s.sqlite-vectors", "ab") as f:  # appended and synced, then killed before the commit
+        f.write(vector(99.0, 99.0))
+
+    store = StateStore.open(path)
+    store.save([Result(1, "b", "ok", embedding=vector(2.0))])
+    assert embeddings(store) == {0: vector(1.0), 1: vector(2.0)}
+    store.close()
+
+
+def test_nothing_is_committed_unless_its_vectors_are_on_disk_first(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s.sqlite"
+    store = opened(path)
+    store.save([Result(0, "a", "ok", embedding=vector(1.0))])
+
+    def failing_sync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(vectors_module, "_sync", failing_sync)
+    with pytest.raises(StorageError, match="cannot save answers.*Input/output error"):
+        store.save([Result(1, "b", "ok", embedding=vector(2.0))])
+    assert stored(path) == [(0, "integer")]  # the row whose vector may not be on disk was not committed
+    store.close()
+
+
+def test_a_write_the_disk_cut_short_is_written_over_by_the_next(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s.sqlite"
+    store = opened(path)
+    store.save([Result(0, "a", "ok", embedding=vector(1.0))])
+    real = os.pwrite
+
+    def half_then_full(fd: int, data: memoryview, offset: int) -> int:
+        real(fd, bytes(data[:2]), offset)
+        monkeypatch.setattr(vectors_module.os, "pwrite", real)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(vectors_module.os, "pwrite", half_then_full)
+    with pytest.raises(StorageError, match="the disk is full"):
+        store.save([Result(1, "b", "ok", embedding=vector(2.0))])
+    store.save([Result(1, "b", "ok", embedding=vector(3.0))])
+
+    assert embeddings(store) == {0: vector(1.0), 1: vector(3.0)}
+    assert (tmp_path / "s.sqlite-vectors").read_bytes() == vector(1.0) + vector(3.0)
+    store.close()
+
+
+def test_a_vector_too_long_for_a_reference_stays_in_the_state(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(state_module, "LONGEST", 8)
+    path = tmp_path / "s.sqlite"
+    store = opened(path)
+    store.save([Result(0, "a", "ok", embedding=vector(1.0, 2.0)), Result(1, "b", "ok", embedding=vector(1.0, 2.0, 3.0))])
+    assert stored(path) == [(0, "integer"), (1, "blob")]
+    assert embeddings(store) == {0: vector(1.0, 2.0), 1: vector(1.0, 2.0, 3.0)}
+    store.close()
+
+
+def test_restart_empties_the_vectors_with_the_rows(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = opened(path)
+    store.save([Result(0, "a", "ok", embedding=vector(1.0, 2.0))])
+    store.close()
+    store = StateStore.open(path)
+    store.reset()
+    assert (tmp_path / "s.sqlite-vectors").stat().st_size == 0
+    store.claim(META, spec_name="job.yaml")
+    store.save([Result(0, "a", "ok", embedding=vector(5.0))])
+    assert embeddings(store) == {0: vector(5.0)}
+    store.close()
+
+
+def test_the_copy_for_upload_holds_its_vectors_itself(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = opened(path)
+    store.save([Result(0, "a", "ok", embedding=vector(1.0)), Result(1, "b", "ok", embedding=vector(2.0, 3.0))])
+    elsewhere = tmp_path / "elsewhere" / "s.sqlite"
+    elsewhere.parent.mkdir()
+    with state_copy(path) as copy:
+        shutil.copy(copy, elsewhere)  # as object storage gets it: one file
+    store.close()
+
+    assert not (tmp_path / "elsewhere" / "s.sqlite-vectors").exists()
+    pulled = StateStore.open(elsewhere)
+    assert embeddings(pulled) == {0: vector(1.0), 1: vector(2.0, 3.0)}
+    assert stored(elsewhere) == [(0, "blob"), (1, "blob")]
+    pulled.close()
+    assert stored(path) == [(0, "integer"), (1, "integer")]  # the job's own state is left as it was
+
+
+def test_a_vectors_file_removed_mid_run_is_written_back_and_the_job_stops(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = opened(path)
+    store.save([Result(0, "a", "ok", embedding=vector(1.0))])
+    (tmp_path / "s.sqlite-vectors").unlink()
+
+    with pytest.raises(StorageError, match="vectors file was removed while the job ran; batchrun wrote it back"):
+        store.save([Result(1, "b", "ok", embedding=vector(2.0))])
+    store.close()
+    assert (tmp_path / "s.sqlite-vectors").read_bytes() == vector(1.0)
+    again = StateStore.open(path)
+    again.save([Result(1, "b", "ok", embedding=vector(2.0))])
+    assert embeddings(again) == {0: vector(1.0), 1: vector(2.0)}
+    again.close()
+
+
+def test_a_state_whose_folder_went_mid_run_gets_its_vectors_back_too(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "s.sqlite"
+    path.parent.mkdir()
+    store = opened(path)
+    store.save([Result(0, "a", "ok", embedding=vector(1.0, 2.0))])
+    shutil.rmtree(path.parent)
+
+    with pytest.raises(StorageError, match="wrote every answer saved so far back to it"):
+        store.save([Result(1, "b", "ok", embedding=vector(3.0))])
+    store.close()
+    again = StateStore.open(path)
+    assert embeddings(again) == {0: vector(1.0, 2.0)}
+    again.close()
+
+
+def test_a_missing_vectors_file_is_named_when_the_output_needs_it(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = opened(path)
+    store.save([Result(0, "a", "ok", embedding=vector(1.0))])
+    store.close()
+    (tmp_path / "s.sqlite-vectors").unlink()
+
+    store = StateStore.open(path)
+    with pytest.raises(StorageError, match=r"s\.sqlite-vectors is missing.*--restart"):
+        store.results(0, 1)
+    store.close()
