@@ -212,3 +212,26 @@ def test_one_input_a_request_stores_every_vector(tmp_path: Path) -> None:
 
     assert (summary.ok, summary.requests) == (5, 5)
     assert [r["embedding"] for r in read_output(summary.output)] == [[float(i + 1), 0.5] for i in range(5)]
+
+
+@pytest.mark.parametrize("decode", ["simd", "standard library"])
+def test_a_vector_is_strict_base64_with_either_decoder(decode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pybase64 decodes where its wheel is installed, binascii elsewhere: the same vectors,
+    and the same answers refused (a retry: the server sent what it should not have)."""
+    import base64
+
+    from batchrun._exceptions import RetryableAPIError
+    from batchrun.endpoints import embeddings
+
+    if decode == "standard library":
+        monkeypatch.setattr(embeddings, "_decode", embeddings._strict_b64decode)
+    else:
+        assert embeddings._decode is not embeddings._strict_b64decode  # pybase64 is a dependency
+    vector = struct.pack("<3f", 0.5, -2.0, 1e-3)
+    assert embeddings._float32(base64.b64encode(vector).decode()) == vector
+    assert embeddings._float32("") == b""
+    for bad in ("AAAA\n", "AA AA", "AAA*", "AAA", "A===", "AA==AA==", "ÀAAA"):
+        with pytest.raises(RetryableAPIError, match="not base64"):
+            embeddings._float32(bad)
+    with pytest.raises(RetryableAPIError, match="not float32s"):
+        embeddings._float32(base64.b64encode(b"\x00" * 6).decode())

@@ -136,7 +136,8 @@ def test_a_vector_too_long_for_a_reference_stays_in_the_state(tmp_path: Path,
     monkeypatch.setattr(state_module, "LONGEST", 8)
     path = tmp_path / "s.sqlite"
     store = opened(path)
-    store.save([Result(0, "a", "ok", embedding=vector(1.0, 2.0)), Result(1, "b", "ok", embedding=vector(1.0, 2.0, 3.0))])
+    store.save([Result(0, "a", "ok", embedding=vector(1.0, 2.0)),
+                Result(1, "b", "ok", embedding=vector(1.0, 2.0, 3.0))])
     assert stored(path) == [(0, "integer"), (1, "blob")]
     assert embeddings(store) == {0: vector(1.0, 2.0), 1: vector(1.0, 2.0, 3.0)}
     store.close()

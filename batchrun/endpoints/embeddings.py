@@ -136,13 +136,24 @@ def _float32(value: Any) -> bytes:
     raise RetryableAPIError("the answer has an embedding that is neither base64 nor a list of numbers", status=200)
 
 
-def _decode(text: str) -> bytes:
-    """Strict base64: a character outside the alphabet is an error, never skipped.
-    (binascii's strict mode is C; `b64decode(validate=True)` checks with a regex that
-    costs more than the decoding.)"""
+def _strict_b64decode(text: str) -> bytes:
+    """Strict base64 in the standard library: binascii's strict mode is C, where
+    `b64decode(validate=True)` checks with a regex that costs more than the decoding."""
     if sys.version_info >= (3, 11):
         return binascii.a2b_base64(text, strict_mode=True)
     return base64.b64decode(text, validate=True)
+
+
+try:
+    # SIMD base64: 1.6 µs a vector of 1,024 floats where binascii takes 16-18, and these
+    # are most of an embeddings job's work in the event loop
+    from pybase64 import b64decode as _simd_b64decode
+except ImportError:  # a platform without its wheel
+    _decode = _strict_b64decode
+else:
+    def _decode(text: str) -> bytes:
+        """Strict base64: a character outside the alphabet is an error, never skipped."""
+        return _simd_b64decode(text, validate=True)
 
 
 def _swapped(raw: bytes) -> bytes:
