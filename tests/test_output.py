@@ -127,3 +127,27 @@ def test_a_folder_that_cannot_take_the_file_is_a_storage_error_and_nothing_is_le
                                            "sending a request"):
         out.finish()
     assert not out.tmp.exists()
+
+
+def test_each_write_starts_putting_its_row_groups_on_disk(tmp_path: Path, store: StateStore,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """So that the fsync at the end waits for the last rows, not the whole file."""
+    from batchrun.storage import durable, output
+
+    started: list[tuple[str, int]] = []
+
+    def write_back(path: Path) -> None:
+        started.append((path.name, path.stat().st_size))
+        durable.write_back(path)
+
+    monkeypatch.setattr(output, "write_back", write_back)
+    store.save(answered(range(6)))
+    out = writer(tmp_path, store, 6)
+    out.write(2)
+    out.write(6)
+    out.finish()
+    assert [name for name, _ in started] == [out.tmp.name] * 2
+    assert 0 < started[0][1] < started[1][1]  # after each write, with what it wrote
+    assert pq.read_table(tmp_path / "out.parquet").column("row_index").to_pylist() == list(range(6))
+    monkeypatch.delattr(os, "posix_fadvise")  # macOS has none: nothing to do, and no error
+    durable.write_back(tmp_path / "out.parquet")
