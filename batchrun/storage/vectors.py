@@ -45,6 +45,7 @@ class VectorFile:
         self.fd: int | None = None
         self.inode: int | None = None
         self.end = 0  # where the next vectors go: the file's size when opened, then past each append
+        self._retired: list[int] = []  # the removed file's descriptors: a read may be using one
         try:
             self._open(os.O_RDWR)
         except FileNotFoundError:
@@ -123,11 +124,14 @@ class VectorFile:
         except BaseException:
             os.close(fd)
             raise
-        os.close(self.fd)
+        self._retired.append(self.fd)
         self.fd, self.inode = fd, os.fstat(fd).st_ino
         fsync(self.path.parent)
 
     def close(self) -> None:
+        for fd in self._retired:
+            os.close(fd)
+        self._retired = []
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
