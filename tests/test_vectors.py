@@ -157,10 +157,12 @@ def test_restart_empties_the_vectors_with_the_rows(tmp_path: Path) -> None:
     store.close()
 
 
-def test_the_copy_for_upload_holds_its_vectors_itself(tmp_path: Path) -> None:
+def test_the_copy_for_upload_holds_its_vectors_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vectors_module, "_INLINE_ROWS", 2)  # taken in a few rows at a time
     path = tmp_path / "s.sqlite"
     store = opened(path)
     store.save([Result(0, "a", "ok", embedding=vector(1.0)), Result(1, "b", "ok", embedding=vector(2.0, 3.0))])
+    store.save([Result(i, "x", "ok", embedding=vector(i)) for i in (2, 4, 5, 6)] + [Result(3, "y", "ok")])
     elsewhere = tmp_path / "elsewhere" / "s.sqlite"
     elsewhere.parent.mkdir()
     with state_copy(path) as copy:
@@ -169,10 +171,12 @@ def test_the_copy_for_upload_holds_its_vectors_itself(tmp_path: Path) -> None:
 
     assert not (tmp_path / "elsewhere" / "s.sqlite-vectors").exists()
     pulled = StateStore.open(elsewhere)
-    assert embeddings(pulled) == {0: vector(1.0), 1: vector(2.0, 3.0)}
-    assert stored(elsewhere) == [(0, "blob"), (1, "blob")]
+    assert embeddings(pulled) == {0: vector(1.0), 1: vector(2.0, 3.0), 2: vector(2), 3: None, 4: vector(4),
+                                  5: vector(5), 6: vector(6)}
+    assert stored(elsewhere) == [(0, "blob"), (1, "blob"), (2, "blob"), (3, "null"), (4, "blob"), (5, "blob"),
+                                 (6, "blob")]
     pulled.close()
-    assert stored(path) == [(0, "integer"), (1, "integer")]  # the job's own state is left as it was
+    assert stored(path)[:2] == [(0, "integer"), (1, "integer")]  # the job's own state is left as it was
 
 
 def test_a_vectors_file_removed_mid_run_is_written_back_and_the_job_stops(tmp_path: Path) -> None:
