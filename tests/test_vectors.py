@@ -25,10 +25,18 @@ def vector(*values: float) -> bytes:
     return struct.pack(f"<{len(values)}f", *values)
 
 
-def opened(path: Path) -> StateStore:
+def opened(path: Path, *first: float) -> StateStore:
+    """A job's state, with row 0's vector saved if `first` gives its values."""
     store = StateStore.open(path)
     store.claim(META, spec_name="job.yaml")
+    if first:
+        store.save([Result(0, "a", "ok", embedding=vector(*first))])
     return store
+
+
+def saved_and_closed(path: Path, *values: float) -> None:
+    """A state whose run saved row 0's vector, then stopped."""
+    opened(path, *values).close()
 
 
 def stored(path: Path) -> list[tuple[int, str]]:
@@ -81,9 +89,7 @@ def test_a_state_written_before_keeps_its_vectors_inline_beside_new_ones(tmp_pat
 
 def test_bytes_a_kill_left_before_its_commit_are_passed_over(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
-    store = opened(path)
-    store.save([Result(0, "a", "ok", embedding=vector(1.0))])
-    store.close()
+    saved_and_closed(path, 1.0)
     with open(tmp_path / "s.sqlite-vectors", "ab") as f:  # appended and synced, then killed before the commit
         f.write(vector(99.0, 99.0))
 
@@ -96,8 +102,7 @@ def test_bytes_a_kill_left_before_its_commit_are_passed_over(tmp_path: Path) -> 
 def test_nothing_is_committed_unless_its_vectors_are_on_disk_first(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "s.sqlite"
-    store = opened(path)
-    store.save([Result(0, "a", "ok", embedding=vector(1.0))])
+    store = opened(path, 1.0)
 
     def failing_sync(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
@@ -112,8 +117,7 @@ def test_nothing_is_committed_unless_its_vectors_are_on_disk_first(tmp_path: Pat
 def test_a_write_the_disk_cut_short_is_written_over_by_the_next(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "s.sqlite"
-    store = opened(path)
-    store.save([Result(0, "a", "ok", embedding=vector(1.0))])
+    store = opened(path, 1.0)
     real = os.pwrite
 
     def half_then_full(fd: int, data: memoryview, offset: int) -> int:
@@ -145,9 +149,7 @@ def test_a_vector_too_long_for_a_reference_stays_in_the_state(tmp_path: Path,
 
 def test_restart_empties_the_vectors_with_the_rows(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
-    store = opened(path)
-    store.save([Result(0, "a", "ok", embedding=vector(1.0, 2.0))])
-    store.close()
+    saved_and_closed(path, 1.0, 2.0)
     store = StateStore.open(path)
     store.reset()
     assert (tmp_path / "s.sqlite-vectors").stat().st_size == 0
@@ -181,8 +183,7 @@ def test_the_copy_for_upload_holds_its_vectors_itself(tmp_path: Path, monkeypatc
 
 def test_a_vectors_file_removed_mid_run_is_written_back_and_the_job_stops(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
-    store = opened(path)
-    store.save([Result(0, "a", "ok", embedding=vector(1.0))])
+    store = opened(path, 1.0)
     (tmp_path / "s.sqlite-vectors").unlink()
 
     with pytest.raises(StorageError, match="vectors file was removed while the job ran; batchrun wrote it back"):
@@ -198,8 +199,7 @@ def test_a_vectors_file_removed_mid_run_is_written_back_and_the_job_stops(tmp_pa
 def test_a_state_whose_folder_went_mid_run_gets_its_vectors_back_too(tmp_path: Path) -> None:
     path = tmp_path / "out" / "s.sqlite"
     path.parent.mkdir()
-    store = opened(path)
-    store.save([Result(0, "a", "ok", embedding=vector(1.0, 2.0))])
+    store = opened(path, 1.0, 2.0)
     shutil.rmtree(path.parent)
 
     with pytest.raises(StorageError, match="wrote every answer saved so far back to it"):
@@ -212,9 +212,7 @@ def test_a_state_whose_folder_went_mid_run_gets_its_vectors_back_too(tmp_path: P
 
 def test_a_missing_vectors_file_is_named_when_the_output_needs_it(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
-    store = opened(path)
-    store.save([Result(0, "a", "ok", embedding=vector(1.0))])
-    store.close()
+    saved_and_closed(path, 1.0)
     (tmp_path / "s.sqlite-vectors").unlink()
 
     store = StateStore.open(path)
