@@ -224,5 +224,12 @@ def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     # compression do much for them: zstd saves 7 % of a float32 embedding for half the time.
     dictionary = [name for name in schema.names if name not in ("embedding", "logprobs")]
     compression = {name: "none" if name == "embedding" else "zstd" for name in schema.names}
-    return pq.ParquetWriter(path, schema, compression=compression, use_dictionary=dictionary)
+    if "embedding" not in schema.names:
+        return pq.ParquetWriter(path, schema, compression=compression, use_dictionary=dictionary)
+    # Nor does a vector's minimum and maximum help a reader; without them, and with the
+    # values written 64 Ki at a time rather than 1 Ki, 20,000 vectors of 1,024 floats
+    # went to the file in 290 ms against 370 (the median of seven, twice)
+    return pq.ParquetWriter(path, schema, compression=compression, use_dictionary=dictionary,
+                            write_statistics=[name for name in schema.names if name != "embedding"],
+                            write_batch_size=64 << 10)
 
