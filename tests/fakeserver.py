@@ -136,6 +136,7 @@ class FakeServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.connections = 0  # accepted, over the server's life
+        self.open_connections = 0  # being read or answered now
         self.litellm_windows = 0  # windows of litellm_rpm begun
         # fireworks_budgets: what is left of each, and every request admitted: (when, prompt, uncached, generated)
         self.budget_levels: list[float] | None = None
@@ -197,6 +198,13 @@ class FakeServer:
             if not self._cond.wait_for(lambda: len(self.requests) >= n, timeout):
                 raise TimeoutError(f"{len(self.requests)} requests arrived, expected {n}")
 
+    def wait_for_no_connection(self, timeout: float = 30) -> None:
+        """Until every connection has closed: a client killed mid-run may have left requests
+        in its sockets that the server reads (and records) only after it has died."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.open_connections == 0, timeout):
+                raise TimeoutError(f"{self.open_connections} connections still open")
+
     # ---- server loop thread ----
 
     def _run(self, ready: threading.Event) -> None:
@@ -226,6 +234,8 @@ class FakeServer:
         task = asyncio.current_task()
         self._tasks.add(task)
         self.connections += 1
+        with self._cond:
+            self.open_connections += 1
         try:
             while (request := await _read_request(reader)) is not None:
                 if not await self._respond(reader, writer, *request):
@@ -235,6 +245,9 @@ class FakeServer:
         finally:
             self._tasks.discard(task)
             writer.close()
+            with self._cond:
+                self.open_connections -= 1
+                self._cond.notify_all()
 
     async def _respond(self, reader, writer, method: str, path: str, headers: dict[str, str], raw: bytes) -> bool:
         """Answer one request; return whether the connection stays open."""

@@ -46,6 +46,7 @@ def test_every_fault_and_six_kills_lose_nothing_and_repay_only_what_was_in_fligh
     for _ in range(6):
         kill = kill_9_mid_run(spec, server, rng.randint(200, 800), timeout=120)
         kills.append(kill)
+        server.wait_for_no_connection()  # what the killed run sent is all recorded: its rows are in this run's
         saved = {keys[row_id] for row_id in _saved_ids(tmp_path / "out/result.batchrun.sqlite")}
         in_progress.append({r.key for r in server.requests[kill.sent_before:]} - saved)
 
