@@ -219,3 +219,16 @@ def test_a_missing_vectors_file_is_named_when_the_output_needs_it(tmp_path: Path
     with pytest.raises(StorageError, match=r"s\.sqlite-vectors is missing.*--restart"):
         store.results(0, 1)
     store.close()
+
+
+def test_a_vectors_file_replaced_mid_run_stops_the_job_and_says_how_to_go_on(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = opened(path, 1.0)
+    (tmp_path / "s.sqlite-vectors").unlink()
+    (tmp_path / "s.sqlite-vectors").write_bytes(b"someone else's bytes")
+
+    with pytest.raises(StorageError, match="replaced while the job ran.*Put this job's file back, or rerun with "
+                                           "--restart"):
+        store.save([Result(1, "b", "ok", embedding=vector(2.0))])
+    assert stored(path) == [(0, "integer")]
+    store.close()

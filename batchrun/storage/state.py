@@ -308,7 +308,7 @@ class StateStore:
             return
         self._check_files()
         try:
-            rows = self._stored(results)
+            rows = self._rows_of(results)
             with self._transaction():
                 if rows:
                     self._db.executemany(_UPSERT, rows)
@@ -325,7 +325,7 @@ class StateStore:
         if self._wal_inode is None:
             self._wal_inode = _inode(self.path.with_name(self.path.name + "-wal"))
 
-    def _stored(self, results: list[Result]) -> list[tuple[Any, ...]]:
+    def _rows_of(self, results: list[Result]) -> list[tuple[Any, ...]]:
         """The rows to store: their vectors appended to the vectors file and synced (before
         the commit that refers to them), a reference to each in its row."""
         rows = [_stored(r) for r in results]
@@ -357,7 +357,7 @@ class StateStore:
         if self._lock is not None:
             self._lock.check()
         if problem := self._vectors.check():
-            raise StorageError(f"{problem}. Stopping; rerun to resume")
+            raise StorageError(problem)
 
     def _restore(self) -> tuple[str, bool]:
         """Write what this job still holds open back to the state's path, if it is free

@@ -8,8 +8,8 @@ where appending the same bytes to a file and syncing it cost ~0.4 s.
 So a commit's vectors are appended to `<state>-vectors` and synced first, and only then
 is the commit that refers to them made: a row in the state refers to bytes already on
 disk. A kill between the two leaves bytes that no row refers to, and the next run
-appends after them. Nothing is ever written over: a reference stays good for the life
-of the state, until `--restart` empties both.
+appends after them. Nothing a row refers to is ever written over: a reference stays
+good for the life of the state, until `--restart` empties both.
 
 A row's `embedding` column holds a BLOB (the vector itself) or an INTEGER (a reference
 into this file: `offset << 24 | length`). States written before, rows answered by a
@@ -93,18 +93,21 @@ class VectorFile:
         self.end = 0
 
     def check(self) -> str | None:
-        """What happened to the file, if it is no longer the one this job writes: it is
-        written back from the job's open copy first."""
+        """What happened to the file, and the way on, if it is no longer the one this job
+        writes (one removed is written back from the job's open copy first)."""
         if self.fd is None or _inode(self.path) == self.inode:
             return None
         if self.path.exists():
-            return f"{self.path}: the state's vectors file was replaced while the job ran"
+            return (f"{self.path}: the state's vectors file was replaced while the job ran, so the vectors its rows "
+                    "refer to may not be there: stopping. Put this job's file back, or rerun with --restart to start "
+                    "over (every answer is then paid again)")
         try:
             self.restore()
         except OSError as exc:
-            return f"{self.path}: the state's vectors file was removed while the job ran, and writing it back " \
-                   f"failed ({exc})"
-        return f"{self.path}: the state's vectors file was removed while the job ran; batchrun wrote it back"
+            return (f"{self.path}: the state's vectors file was removed while the job ran, and writing it back "
+                    f"failed ({exc}): stopping. Rerun with --restart to start over")
+        return (f"{self.path}: the state's vectors file was removed while the job ran; batchrun wrote it back. "
+                "Stopping; rerun to resume")
 
     def restore(self) -> None:
         """Write the file back to its path from the open copy (its folder made again, if
@@ -154,8 +157,8 @@ def inline(db: sqlite3.Connection, vectors: VectorFile) -> None:
     db.execute("PRAGMA synchronous=OFF")
     db.execute("BEGIN")
     last = -1
-    while refs := db.execute("SELECT row_index, embedding FROM results WHERE row_index > ? AND "
-                             "typeof(embedding) = 'integer' ORDER BY row_index LIMIT ?", (last, _INLINE_ROWS)).fetchall():
+    while refs := db.execute("SELECT row_index, embedding FROM results WHERE row_index > ? AND typeof(embedding) "
+                             "= 'integer' ORDER BY row_index LIMIT ?", (last, _INLINE_ROWS)).fetchall():
         db.executemany("UPDATE results SET embedding = ? WHERE row_index = ?",
                        ((vectors.read(ref), index) for index, ref in refs))
         last = refs[-1][0]
