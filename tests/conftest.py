@@ -46,6 +46,20 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return cores if "not slow" in (config.getoption("markexpr") or "") else 2 * cores
 
 
+_FAST_SUBSET = False  # `pytest -m "not slow"`: set by pytest_configure, in each worker
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _FAST_SUBSET
+    _FAST_SUBSET = "not slow" in (config.getoption("markexpr") or "")
+
+
+def examples(n: int) -> int:
+    """A property's Hypothesis examples: all `n` in the whole suite (CI), a tenth in the
+    fast subset, which is for seconds."""
+    return max(10, n // 10) if _FAST_SUBSET else n
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):

@@ -15,6 +15,7 @@ from batchrun.endpoints.result import Result
 from batchrun.engine.call import Caller
 from batchrun.http.client import Client, normalized
 from batchrun.inputs.reader import Row
+from tests.conftest import examples
 
 KEY = "sk-unit-secret"
 ANSWER = {"id": "r", "model": "m", "choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}],
@@ -265,7 +266,7 @@ urls = st.builds(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(urls)
 def test_a_base_url_is_written_as_httpx_writes_it(url: str) -> None:
     """The endpoint URLs are the cache's keys: read here without httpx, they must be httpx's."""

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from batchrun import InputError
 from batchrun.inputs import csv_lines as _csv
 from batchrun.inputs.reader import InputReader
+from tests.conftest import examples
 
 
 def write_csv(path: Path, lines: list[str]) -> Path:
@@ -134,7 +135,7 @@ def field(value: str, quoted: bool) -> str:
     return value
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(values, st.booleans(), st.integers(0, 2)), min_size=1, max_size=8),
        st.sampled_from(["\n", "\r\n", "\r"]))
 def test_every_row_is_named_by_the_line_it_starts_on(tmp_path: Path, rows: list[tuple[str, bool, int]],
@@ -185,7 +186,7 @@ def pyarrow_rows(data: bytes) -> tuple[list[int], int | None]:
     return starts, quote if state == "quoted" else None
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(st.text(alphabet='a,"\n\r ', max_size=40).map(str.encode), st.integers(1, 9), st.booleans())
 def test_the_scan_finds_the_rows_pyarrow_reads_in_chunks_of_any_size(data: bytes, block: int, bom: bool) -> None:
     data = (b"\xef\xbb\xbf" if bom else b"") + data

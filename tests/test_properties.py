@@ -25,8 +25,9 @@ from batchrun.http.client import Client
 from batchrun.inputs.reader import InputReader, Row
 from batchrun.storage.output import result_schema
 from batchrun.storage.state import StateStore
+from tests.conftest import examples
 
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
