@@ -232,3 +232,20 @@ def test_a_vectors_file_replaced_mid_run_stops_the_job_and_says_how_to_go_on(tmp
         store.save([Result(1, "b", "ok", embedding=vector(2.0))])
     assert stored(path) == [(0, "integer")]
     store.close()
+
+
+def test_a_vector_that_cannot_be_read_for_the_upload_copy_is_a_storage_error(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not an internal error: the run stops as for any store it cannot write."""
+    path = tmp_path / "s.sqlite"
+    store = opened(path, 1.0)
+
+    def failing_read(fd: int, length: int, offset: int) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(vectors_module.os, "pread", failing_read)
+    with pytest.raises(StorageError, match=r"cannot snapshot the job's state for upload: .*Input/output error"):
+        with state_copy(path):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no copy left
+    store.close()

@@ -351,7 +351,7 @@ def _connections_ahead(spec: JobSpec, rows: int | None) -> int:
     """How many connections to have open once the first is (see `WireTransport`): one for
     each request that may go at once, as many as `rows` (those left to send) make at most.
     0 where a rate limit paces the requests: they go one by one, no crowd to open for."""
-    if spec.rate_limit.requests_per_minute is not None or spec.rate_limit.tokens_per_minute is not None:
+    if spec.rate_limit.is_set:
         return 0
     if rows is None:
         return spec.concurrency

@@ -38,6 +38,10 @@ class RateLimitSpec:
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
 
+    @property
+    def is_set(self) -> bool:
+        return self.requests_per_minute is not None or self.tokens_per_minute is not None
+
 
 @dataclass(frozen=True)
 class CheckpointSpec:

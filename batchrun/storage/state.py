@@ -141,21 +141,11 @@ def state_copy(path: Path) -> Iterator[Path]:
     copy = path.with_name(f".{path.name}.{os.getpid()}.upload")
     try:
         try:
-            source = sqlite3.connect(path)
-            try:
-                target = sqlite3.connect(copy)
-                try:
-                    source.backup(target)
-                    vectors = VectorFile(path)
-                    try:
-                        inline(target, vectors)
-                    finally:
-                        vectors.close()
-                finally:
-                    target.close()
-            finally:
-                source.close()
-        except sqlite3.Error as exc:
+            with contextlib.closing(sqlite3.connect(path)) as source, \
+                    contextlib.closing(sqlite3.connect(copy)) as target:
+                source.backup(target)
+                inline(target, path)  # the vectors its rows refer to, into the copy: it goes alone
+        except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"{path}: cannot snapshot the job's state for upload: {exc}") from exc
         yield copy
     finally:

@@ -148,9 +148,17 @@ class VectorFile:
         self.fd, self.inode, self.end = fd, info.st_ino, info.st_size
 
 
-def inline(db: sqlite3.Connection, vectors: VectorFile) -> None:
-    """Put the vectors that `db`'s rows refer to in the rows themselves (a copy of the state
-    that goes on its own, to object storage), some thousands of rows at a time."""
+def inline(db: sqlite3.Connection, state: Path) -> None:
+    """Put the vectors that `db`'s rows refer to (a copy of the state at `state`) in the rows
+    themselves, some thousands of rows at a time: the copy goes on its own, to object storage."""
+    vectors = VectorFile(state)
+    try:
+        _inline(db, vectors)
+    finally:
+        vectors.close()
+
+
+def _inline(db: sqlite3.Connection, vectors: VectorFile) -> None:
     # A copy being made: nothing to roll back to, nothing to survive a crash (it is made again).
     # So it costs what a copy of a state holding its vectors did (0.5-0.6 s for 20,000 of 1,024)
     db.execute("PRAGMA journal_mode=OFF")
