@@ -249,3 +249,18 @@ def test_a_vector_that_cannot_be_read_for_the_upload_copy_is_a_storage_error(tmp
             pass
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no copy left
     store.close()
+
+
+def test_a_vectors_file_that_cannot_be_opened_is_a_storage_error(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    saved_and_closed(path, 1.0)
+    (tmp_path / "s.sqlite-vectors").unlink()
+    (tmp_path / "s.sqlite-vectors").mkdir()  # something in its place that is no file
+
+    with pytest.raises(StorageError, match=r"s\.sqlite-vectors: cannot open the state's vectors file"):
+        StateStore.open(path)
+    (tmp_path / "s.sqlite-vectors").rmdir()
+    (tmp_path / "s.sqlite-vectors").write_bytes(vector(1.0))
+    again = StateStore.open(path)  # the failed open held no lock
+    assert embeddings(again) == {0: vector(1.0)}
+    again.close()

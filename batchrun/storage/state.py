@@ -222,7 +222,14 @@ class StateStore:
             if isinstance(exc, (sqlite3.Error, OSError)):
                 raise _storage_error(exc, f"{path}: cannot open the job's state") from exc
             raise
-        return cls(path, db, read_db, job_lock)
+        try:
+            return cls(path, db, read_db, job_lock)
+        except BaseException:  # its vectors file would not open: nothing is left held
+            read_db.close()
+            db.close()
+            if job_lock is not None:
+                job_lock.release()
+            raise
 
     @staticmethod
     def discard(path: Path) -> None:

@@ -48,11 +48,14 @@ class VectorFile:
         self.end = 0  # where the next vectors go: the file's size when opened, then past each append
         self._retired: list[int] = []  # the removed file's descriptors: a read may be using one
         try:
-            self._open(os.O_RDWR)
+            try:
+                self._open(os.O_RDWR)
+            except PermissionError:
+                self._open(os.O_RDONLY)  # a reader that may not write (`batchrun status` on another's state)
         except FileNotFoundError:
             pass  # none yet: a job without vectors, or none saved so far
-        except PermissionError:
-            self._open(os.O_RDONLY)  # a reader that may not write (`batchrun status` on another's state)
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot open the state's vectors file: {exc.strerror or exc}") from exc
 
     def append(self, vectors: Iterable[bytes]) -> list[int]:
         """Write `vectors` after the last ones and sync them; their references, in order."""
