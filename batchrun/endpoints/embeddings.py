@@ -127,7 +127,8 @@ def _float32(value: Any) -> bytes:
     if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
         # llama.cpp's server answers so for a model without pooling: every row would
         raise JobFatalAPIError("the server answered one vector per token, not one per input: the model does not "
-                               "pool its embeddings. Use an embedding model (llama.cpp: one with a pooling type)")
+                               "pool its embeddings. Serve an embedding model (llama.cpp: one with a pooling "
+                               "type), then rerun")
     if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         packed = array.array("f", value)
         if sys.byteorder != "little":
