@@ -170,8 +170,6 @@ def test_the_progress_line_shows_the_jobs_cost_so_far() -> None:
 
 def _json_answers(valid: list[bool]):
     """A MockTransport handler: a JSON answer (valid for {"a": int} while valid[0]), usage 10 + 5."""
-    import json
-
     import httpx
 
     def handler(request: httpx.Request) -> httpx.Response:
