@@ -182,6 +182,17 @@ def test_a_server_error_fails_the_group_without_splitting_it() -> None:
     assert len(seen) == 1 and all("HTTP 200 without embeddings" in r.error for r in results)
 
 
+def test_a_server_without_the_route_fails_the_group_in_one_request_and_says_what_to_check() -> None:
+    import httpx
+
+    # vLLM serving a generative model answers /v1/embeddings so: no half of the group fares better
+    results, seen = group(lambda body: httpx.Response(404, json={"detail": "Not Found"}))
+    assert len(seen) == 1
+    assert all(r.status == "failed" and not r.transient for r in results)
+    assert {r.error for r in results} == {
+        "HTTP 404: Not Found (no such route or model on this server: check api.base_url, endpoint and model)"}
+
+
 def test_one_vector_per_token_stops_the_job_with_what_to_do() -> None:
     import httpx
 

@@ -34,7 +34,8 @@ def test_transient_statuses_are_retryable(status: int) -> None:
 def test_other_client_errors_fail_the_row_with_the_api_message(status: int) -> None:
     error = classify(status, {}, body("max_tokens is too large"), now=NOW)
     assert isinstance(error, RowFatalAPIError)
-    assert str(error) == f"HTTP {status}: max_tokens is too large"
+    hint = " (no such route or model on this server: check api.base_url, endpoint and model)" if status == 404 else ""
+    assert str(error) == f"HTTP {status}: max_tokens is too large{hint}"
 
 
 def test_auth_and_quota_errors_stop_the_job() -> None:

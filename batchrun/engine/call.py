@@ -31,7 +31,9 @@ from .holds import HoldLog, Holds
 
 __all__ = ["Caller", "HoldLog"]
 
-_REFUSED = re.compile(r"HTTP 4\d\d: ")  # a request refused for what it holds, not an answer we cannot read
+# A request refused for what it holds (not an answer we cannot read, nor a route or model
+# the server does not have: a 404 is the same for every half of the group)
+_REFUSED = re.compile(r"HTTP (?:400|413|422): ")
 
 
 class Caller:

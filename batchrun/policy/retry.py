@@ -45,6 +45,8 @@ def error_for(verdict: Verdict, headers: Mapping[str, str], body: bytes) -> APIE
         return JobFatalAPIError(f"{message} ({hint})", status=status)
     if verdict.kind == RETRY:
         return RetryableAPIError(message, status=status, retry_after=verdict.retry_after, verdict=verdict)
+    if status in (404, 405):  # no such route, or no such model there
+        message += " (no such route or model on this server: check api.base_url, endpoint and model)"
     return RowFatalAPIError(message, status=status)
 
 
