@@ -218,6 +218,7 @@ class _Run:
         self.written = pool.aborted is None and counts["ok"] + counts["failed"] == self.total - self.start
         if self.written:
             try:
+                store.check_files()  # a file removed under a run that saved nothing: written back, and said
                 self.reader.check_unchanged()  # the passthrough just copied is the fingerprinted one
                 self.output.finish()
             except JobAborted as exc:  # StorageError, InputChangedError: every answer is saved

@@ -29,6 +29,8 @@ import json
 import operator
 import os
 import sqlite3
+import stat
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,7 @@ from .durable import fsync
 from .ledger import LEDGER_SCHEMA, LEDGER_TABLES, Entry, Ledger
 from .lock import JobLock
 from .vectors import SUFFIX as VECTORS
-from .vectors import LONGEST, VectorFile, inline
+from .vectors import LONGEST, VectorFile, inline, need
 
 __all__ = ["Spend", "StateStore", "batches_out", "differences", "replace_state", "state_copy", "state_path", "upsert"]
 
@@ -49,7 +51,9 @@ SCHEMA_VERSION = "1"
 PRIVATE = 0o600
 _COMPANIONS = ("-wal", "-shm", "-journal", VECTORS)
 
-_COLUMNS = ", ".join(RESULT_FIELDS)
+# A row as stored: the Result's fields, then the CRC-32 of a vector kept in the vectors file
+_STORED = (*RESULT_FIELDS, "vector_crc")
+_COLUMNS = ", ".join(_STORED)
 # What adds up over runs: a row that failed before (an answer that broke the schema,
 # say) and succeeds now paid for both, in tokens as in money. A null is no count, and
 # so is a sum of tokens past int64 (SQLite would make it a float).
@@ -65,9 +69,9 @@ def _added(name: str, whole: bool) -> str:
 
 
 _UPSERT = (
-    f"INSERT INTO results ({_COLUMNS}) VALUES ({', '.join('?' * len(RESULT_FIELDS))}) "
+    f"INSERT INTO results ({_COLUMNS}) VALUES ({', '.join('?' * len(_STORED))}) "
     "ON CONFLICT(row_index) DO UPDATE SET "
-    + ", ".join(f"{f} = excluded.{f}" for f in RESULT_FIELDS
+    + ", ".join(f"{f} = excluded.{f}" for f in _STORED
                 if f not in ("row_index", "attempts", "cost_usd", *_TOKENS))
     + ", attempts = results.attempts + excluded.attempts, "
     + ", ".join([*(_added(f, True) for f in _TOKENS), _added("cost_usd", False)])
@@ -78,7 +82,7 @@ _HOLDS = "CREATE TABLE IF NOT EXISTS holds (id INTEGER PRIMARY KEY, usd REAL NOT
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE results ({})".format(
-        ", ".join("row_index INTEGER PRIMARY KEY" if f == "row_index" else f for f in RESULT_FIELDS)),
+        ", ".join("row_index INTEGER PRIMARY KEY" if f == "row_index" else f for f in _STORED)),
     _HOLDS,
     *LEDGER_SCHEMA,
 )
@@ -86,7 +90,7 @@ _SCHEMA = (
 
 # Columns added since states were first written: a state without them gets them when
 # a runner opens it (SQLite adds a column without rewriting the table).
-_ADDED = ("extra", "embedding", "cost_usd", "transient")
+_ADDED = ("extra", "embedding", "cost_usd", "transient", "vector_crc")
 
 
 _EXTRA, _EMBEDDING = RESULT_FIELDS.index("extra"), RESULT_FIELDS.index("embedding")
@@ -96,11 +100,12 @@ _FIELDS_OF = operator.attrgetter(*RESULT_FIELDS)  # a Result's stored values, as
 
 
 def _stored(result: Result) -> tuple[Any, ...]:
+    """The row to store (`_STORED`), its vector in it, if any."""
     row = _FIELDS_OF(result)
     if result.extra is None:
-        return row
+        return (*row, None)
     # allow_nan: a logprob may be -inf; batchrun reads it back, and Parquet holds it
-    return (*row[:_EXTRA], json.dumps(result.extra, ensure_ascii=False), *row[_EXTRA + 1:])
+    return (*row[:_EXTRA], json.dumps(result.extra, ensure_ascii=False), *row[_EXTRA + 1:], None)
 
 
 def upsert(db: sqlite3.Connection, results: Iterable[Result]) -> None:
@@ -303,7 +308,7 @@ class StateStore:
         gone = [(i,) for i in (*released, *(r.hold for r in results if r.hold is not None))]
         if not (results or new or gone or also):
             return
-        self._check_files()
+        self.check_files()
         try:
             rows = self._rows_of(results)
             with self._transaction():
@@ -327,15 +332,16 @@ class StateStore:
         the commit that refers to them), a reference to each in its row."""
         rows = [_stored(r) for r in results]
         placed = [i for i, r in enumerate(results) if r.embedding is not None and len(r.embedding) <= LONGEST]
-        if placed:
-            refs = self._vectors.append(results[i].embedding for i in placed)  # type: ignore[misc]
-            for i, ref in zip(placed, refs):
+        if placed and self._vectors.fits(sum(len(results[i].embedding) for i in placed)):  # type: ignore[arg-type]
+            vectors: list[bytes] = [results[i].embedding for i in placed]  # type: ignore[misc]
+            for i, ref, vector in zip(placed, self._vectors.append(vectors), vectors):
                 row = rows[i]
-                rows[i] = (*row[:_EMBEDDING], ref, *row[_EMBEDDING + 1:])
+                rows[i] = (*row[:_EMBEDDING], ref, *row[_EMBEDDING + 1:-1], zlib.crc32(vector))
         return rows
 
-    def _check_files(self) -> None:
-        """The state, its -wal, the lock and the vectors file must be the files this job opened."""
+    def check_files(self) -> None:
+        """StorageError unless the state, its -wal, the lock and the vectors file are the
+        files this job opened (one removed is written back first, if it can be)."""
         if _inode(self.path) != self._inode:
             what, restored = self._restore()
             error = StorageError(f"{self.path}: the job's state file was removed or replaced while the job ran; "
@@ -353,8 +359,7 @@ class StateStore:
                                "Stopping; rerun to resume")
         if self._lock is not None:
             self._lock.check()
-        if problem := self._vectors.check():
-            raise StorageError(problem)
+        self._vectors.check()
 
     def _restore(self) -> tuple[str, bool]:
         """Write what this job still holds open back to the state's path, if it is free
@@ -402,7 +407,9 @@ class StateStore:
         read = self._vectors.read
         for i, row in enumerate(rows):
             if type(row[_EMBEDDING]) is int:
-                rows[i] = (*row[:_EMBEDDING], read(row[_EMBEDDING]), *row[_EMBEDDING + 1:])
+                rows[i] = (*row[:_EMBEDDING], read(row[_EMBEDDING], row[-1]), *row[_EMBEDDING + 1:-1])
+            else:
+                rows[i] = row[:-1]
         return rows
 
     def counts(self, below: int | None = None) -> dict[str, int]:
@@ -494,6 +501,7 @@ def _connect_whole(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         _inspect(db, path)
+        _vectors_whole(db, path)
     except sqlite3.DatabaseError as exc:
         db.close()
         if isinstance(exc, sqlite3.OperationalError):
@@ -512,14 +520,14 @@ def _inspect(db: sqlite3.Connection, path: Path) -> None:
     # Columns are read by name, so their order in the table does not matter: a column
     # added to an older state (ALTER TABLE) comes last there.
     found = set(tables.get("results") or ())
-    missing = set(RESULT_FIELDS) - found
+    missing = set(_STORED) - found
     if tables.get("meta") == ["key", "value"] and missing and found and missing <= set(_ADDED) \
-            and found <= set(RESULT_FIELDS):
+            and found <= set(_STORED):
         with _Transaction(db):
-            for name in sorted(missing, key=RESULT_FIELDS.index):
+            for name in sorted(missing, key=_STORED.index):
                 db.execute(f"ALTER TABLE results ADD COLUMN {name}")
-        found = set(RESULT_FIELDS)
-    if tables.get("meta") != ["key", "value"] or found != set(RESULT_FIELDS):
+        found = set(_STORED)
+    if tables.get("meta") != ["key", "value"] or found != set(_STORED):
         raise _damaged(path, f"it is a SQLite database, but not a batchrun state (tables: "
                              f"{', '.join(sorted(tables)) or 'none'})")
     if "holds" not in tables:  # a state from before budgets' holds were recorded
@@ -549,6 +557,23 @@ def _inspect(db: sqlite3.Connection, path: Path) -> None:
     ) if not ok]
     if wrong:
         raise _damaged(path, f"its metadata was edited or damaged ({', '.join(wrong)})")
+
+
+def _vectors_whole(db: sqlite3.Connection, path: Path) -> None:
+    """Raise StateDamagedError unless the state's vectors file holds every byte its rows
+    refer to (the end the next vectors go after, too: none is written over)."""
+    needed = need(db)
+    if not needed:
+        return
+    vectors = path.with_name(path.name + VECTORS)
+    try:
+        info = os.stat(vectors)
+    except FileNotFoundError:
+        raise _damaged(path, f"its rows refer to {needed:,} bytes of vectors kept in {vectors.name}, which is "
+                             "missing") from None
+    if stat.S_ISREG(info.st_mode) and (size := info.st_size) < needed:  # (a folder there: opening it says so)
+        raise _damaged(path, f"its rows refer to {needed:,} bytes of vectors kept in {vectors.name}, which holds "
+                             f"{size:,}: it was cut short")
 
 
 def _damaged(path: Path, what: str) -> StateDamagedError:

@@ -12,8 +12,16 @@ appends after them. Nothing a row refers to is ever written over: a reference st
 good for the life of the state, until `--restart` empties both.
 
 A row's `embedding` column holds a BLOB (the vector itself) or an INTEGER (a reference
-into this file: `offset << 24 | length`). States written before, rows answered by a
-provider's batch API, and the copy of a state that is uploaded (`inline`) hold BLOBs.
+into this file: `offset << 24 | length`), and then its `vector_crc` the vector's CRC-32.
+States written before, rows answered by a provider's batch API, vectors past 16 MB or
+past the first 512 GiB of the file, and the copy of a state that is uploaded (`inline`)
+hold BLOBs.
+
+The file is the state's as much as the SQLite file is: the state opens only with every
+byte its rows refer to there (`need`), and a vector read back must have the CRC saved
+with its row. A file removed, cut short or written over between runs, or overwritten
+while a job runs, stops the job with the way on; it never puts another row's vector,
+or garbage, in the output.
 """
 
 from __future__ import annotations
@@ -21,17 +29,19 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from .._exceptions import StorageError
+from .._exceptions import ConfigError, StorageError
 from .durable import fsync
 
-__all__ = ["LONGEST", "SUFFIX", "VectorFile", "inline"]
+__all__ = ["LONGEST", "SUFFIX", "VectorFile", "inline", "need"]
 
 SUFFIX = "-vectors"
 _LENGTH_BITS = 24
 LONGEST = (1 << _LENGTH_BITS) - 1  # a longer vector (16 MB) is stored in the state itself
+FARTHEST = 1 << (63 - _LENGTH_BITS)  # a reference is an int64: vectors past 512 GiB stay in the state
 _INLINE_ROWS = 4096  # rows a step when a copy takes its vectors in
 _sync = os.fdatasync if sys.platform.startswith("linux") else os.fsync  # macOS has no fdatasync
 
@@ -54,11 +64,22 @@ class VectorFile:
                 self._open(os.O_RDONLY)  # a reader that may not write (`batchrun status` on another's state)
         except FileNotFoundError:
             pass  # none yet: a job without vectors, or none saved so far
+        except IsADirectoryError:
+            raise ConfigError(f"{self.path} is a folder where the state keeps its vectors: move it away") from None
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot open the state's vectors file: {exc.strerror or exc}") from exc
 
+    @property
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size if self.fd is not None else 0
+
+    def fits(self, size: int) -> bool:
+        """Whether `size` more bytes can be referred to from a row."""
+        return self.end + size <= FARTHEST
+
     def append(self, vectors: Iterable[bytes]) -> list[int]:
-        """Write `vectors` after the last ones and sync them; their references, in order."""
+        """Write `vectors` after the last ones and sync them; their references, in order
+        (each vector's CRC-32 goes in its row beside it)."""
         vectors = list(vectors)
         if self.fd is None:
             self._open(os.O_RDWR | os.O_CREAT)
@@ -76,15 +97,18 @@ class VectorFile:
         self.end = at
         return refs
 
-    def read(self, ref: int) -> bytes:
+    def read(self, ref: int, crc: int | None) -> bytes:
+        """The vector `ref` refers to; `crc`, its CRC-32 as saved (None in states written
+        before CRCs were kept)."""
         if self.fd is None:
-            raise StorageError(f"{self.path} is missing: the job's state refers to vectors kept there. Put it "
-                               "back beside the state, or rerun with --restart to start over")
+            raise _lost(f"{self.path} is missing: the job's state refers to vectors kept there")
         offset, length = ref >> _LENGTH_BITS, ref & LONGEST
         vector = os.pread(self.fd, length, offset)
         if len(vector) != length:
-            raise StorageError(f"{self.path} ends before a vector the job's state refers to: it was cut short. "
-                               "Rerun with --restart to start over")
+            raise _lost(f"{self.path} ends before a vector the job's state refers to: it was cut short")
+        if crc is not None and zlib.crc32(vector) != crc:
+            raise _lost(f"{self.path} does not hold the vector the job saved there (its CRC differs): the file "
+                        "was written over or replaced")
         return vector
 
     def clear(self) -> None:
@@ -95,22 +119,22 @@ class VectorFile:
         _sync(self.fd)
         self.end = 0
 
-    def check(self) -> str | None:
-        """What happened to the file, and the way on, if it is no longer the one this job
-        writes (one removed is written back from the job's open copy first)."""
+    def check(self) -> None:
+        """StorageError, saying what happened to the file and the way on, if it is no
+        longer the one this job writes (one removed is written back from the job's open
+        copy first)."""
         if self.fd is None or _inode(self.path) == self.inode:
-            return None
+            return
         if self.path.exists():
-            return (f"{self.path}: the state's vectors file was replaced while the job ran, so the vectors its rows "
-                    "refer to may not be there: stopping. Put this job's file back, or rerun with --restart to start "
-                    "over (every answer is then paid again)")
+            raise _lost(f"{self.path}: the state's vectors file was replaced while the job ran, so the vectors its "
+                        "rows refer to may not be there")
         try:
             self.restore()
         except OSError as exc:
-            return (f"{self.path}: the state's vectors file was removed while the job ran, and writing it back "
-                    f"failed ({exc}): stopping. Rerun with --restart to start over")
-        return (f"{self.path}: the state's vectors file was removed while the job ran; batchrun wrote it back. "
-                "Stopping; rerun to resume")
+            raise _lost(f"{self.path}: the state's vectors file was removed while the job ran, and writing it back "
+                        f"failed ({exc})") from exc
+        raise StorageError(f"{self.path}: the state's vectors file was removed while the job ran; batchrun wrote it "
+                           "back. Stopping; rerun to resume")
 
     def restore(self) -> None:
         """Write the file back to its path from the open copy (its folder made again, if
@@ -125,11 +149,11 @@ class VectorFile:
                 chunk = os.pread(self.fd, min(1 << 20, self.end - at), at)
                 if not chunk:
                     break
-                os.pwrite(fd, chunk, at)
-                at += len(chunk)
+                at += os.pwrite(fd, chunk, at)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
+            self.path.unlink(missing_ok=True)  # not half a file: a missing one says what it is
             raise
         self._retired.append(self.fd)
         self.fd, self.inode = fd, os.fstat(fd).st_ino
@@ -151,6 +175,20 @@ class VectorFile:
         self.fd, self.inode, self.end = fd, info.st_ino, info.st_size
 
 
+def need(db: sqlite3.Connection) -> int:
+    """How long the vectors file of the state `db` must be: the end of the last vector a
+    row refers to (references grow with their offset, until `--restart` empties both)."""
+    (last,) = db.execute("SELECT MAX(embedding) FROM results WHERE typeof(embedding) = 'integer'").fetchone()
+    return 0 if last is None else (last >> _LENGTH_BITS) + (last & LONGEST)
+
+
+def _lost(what: str) -> StorageError:
+    error = StorageError(f"{what}: stopping. Put this job's file back beside the state, or rerun with --restart to "
+                         "start over (every answer is then paid again)")
+    error.rerun_resumes = False  # type: ignore[misc]
+    return error
+
+
 def inline(db: sqlite3.Connection, state: Path) -> None:
     """Put the vectors that `db`'s rows refer to (a copy of the state at `state`) in the rows
     themselves, some thousands of rows at a time: the copy goes on its own, to object storage."""
@@ -168,10 +206,11 @@ def _inline(db: sqlite3.Connection, vectors: VectorFile) -> None:
     db.execute("PRAGMA synchronous=OFF")
     db.execute("BEGIN")
     last = -1
-    while refs := db.execute("SELECT row_index, embedding FROM results WHERE row_index > ? AND typeof(embedding) "
-                             "= 'integer' ORDER BY row_index LIMIT ?", (last, _INLINE_ROWS)).fetchall():
-        db.executemany("UPDATE results SET embedding = ? WHERE row_index = ?",
-                       ((vectors.read(ref), index) for index, ref in refs))
+    while refs := db.execute("SELECT row_index, embedding, vector_crc FROM results WHERE row_index > ? AND "
+                             "typeof(embedding) = 'integer' ORDER BY row_index LIMIT ?",
+                             (last, _INLINE_ROWS)).fetchall():
+        db.executemany("UPDATE results SET embedding = ?, vector_crc = NULL WHERE row_index = ?",
+                       ((vectors.read(ref, crc), index) for index, ref, crc in refs))
         last = refs[-1][0]
     db.execute("COMMIT")
 
