@@ -1,16 +1,24 @@
 """`python -m batchrun` and the `batchrun` command.
 
-A Ctrl-C while the command loads (pyarrow and the HTTP stack take a second or two)
-ends it quietly, as one during a run does: no traceback for a user's key press.
+A Ctrl-C or a SIGTERM while the command loads (pyarrow and the HTTP stack take a
+fraction of a second, more on a cold disk) ends it quietly with exit 3, as one during a
+run does: no traceback for a user's key press, and no death by the signal for a
+scheduler that reads the exit code.
 """
 
 import gc
+import signal
 import sys
 
 
+def _stop_starting(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _stop_starting)  # the command sets its own once it has loaded
     try:
-        from ._cli import main as cli  # the heavy imports, where a Ctrl-C can be caught
+        from ._cli import main as cli  # the heavy imports, where a signal can be caught
     except KeyboardInterrupt:
         print("batchrun: interrupted while starting; nothing was sent", file=sys.stderr)
         return 3

@@ -40,6 +40,31 @@ def test_ctrl_c_while_the_command_loads_ends_quietly(monkeypatch: pytest.MonkeyP
     assert capsys.readouterr().err == "batchrun: interrupted while starting; nothing was sent\n"
 
 
+def test_sigterm_while_the_command_loads_ends_it_with_exit_3(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A scheduler's stop that lands in the imports: exit 3 as for one during the run, not death by the signal."""
+    import os
+    import signal
+
+    class Terminated:  # the signal arrives while the heavy modules are imported
+        def find_spec(self, name: str, path: object, target: object = None) -> None:
+            if name == "batchrun._cli":
+                # (unhandled, it would end this test process, not fail the test)
+                assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "no handler while loading"
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    from batchrun.__main__ import main as command
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.delitem(sys.modules, "batchrun._cli")
+    monkeypatch.setattr(sys, "meta_path", [Terminated(), *sys.meta_path])
+    try:
+        assert command() == 3
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert capsys.readouterr().err == "batchrun: interrupted while starting; nothing was sent\n"
+
+
 @pytest.mark.slow
 def test_importing_batchrun_loads_neither_pyarrow_nor_httpx() -> None:
     import subprocess
