@@ -238,4 +238,4 @@ def _counter(spec: JobSpec) -> tuple[Callable[[list[str]], int], str]:
             return (lambda parts: sum(len(encoding.encode(p)) for p in parts) + 4 * len(parts),
                     f"tiktoken {encoding.name}, plus 4 tokens a message")
     return (lambda parts: sum(len(p.encode()) for p in parts) // 4 + 4 * len(parts),
-            "heuristic: UTF-8 bytes / 4, plus 4 tokens a message; name a tokenizer.json in the spec for an exact count")
+            "heuristic: UTF-8 bytes / 4, plus 4 tokens a message; name a tokenizer.json in the spec for a closer count")
