@@ -295,7 +295,7 @@ def test_a_vectors_file_that_cannot_be_written_back_leaves_no_half_of_it(tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(vectors_module.os, "pwrite", full)
-    with pytest.raises(StorageError, match="writing it back failed .*No space left") as caught:
+    with pytest.raises(StorageError, match="writing it back failed .*No space left.*are lost.*--restart") as caught:
         store.save([Result(1, "b", "ok", embedding=vector(2.0))])
     assert caught.value.rerun_resumes is False
     assert not (tmp_path / "s.sqlite-vectors").exists()  # a rerun finds it missing, and says so

@@ -131,8 +131,11 @@ class VectorFile:
         try:
             self.restore()
         except OSError as exc:
-            raise _lost(f"{self.path}: the state's vectors file was removed while the job ran, and writing it back "
-                        f"failed ({exc})") from exc
+            error = StorageError(f"{self.path}: the state's vectors file was removed while the job ran, and writing "
+                                 f"it back failed ({exc}), so the vectors saved so far are lost: stopping. Rerun with "
+                                 "--restart to start over (every answer is then paid again)")
+            error.rerun_resumes = False  # type: ignore[misc]
+            raise error from exc
         raise StorageError(f"{self.path}: the state's vectors file was removed while the job ran; batchrun wrote it "
                            "back. Stopping; rerun to resume")
 
