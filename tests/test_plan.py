@@ -13,8 +13,8 @@ from tests.fakeserver import FakeServer
 PRICES = {"test-model": {"input": 2.0, "cached_input": 1.0, "output": 8.0}}
 
 
-def plan(spec: Path) -> dict:
-    result = run_cli("plan", str(spec), "--json")
+def plan(spec: Path, *options: str) -> dict:
+    result = run_cli("plan", str(spec), "--json", *options)
     assert result.code == 0, result.stderr
     [line] = result.stdout.splitlines()
     return json.loads(line)
@@ -59,6 +59,10 @@ def test_a_resumed_job_plans_what_remains_with_the_answers_it_has_seen(tmp_path:
     mean = sum(r["completion_tokens"] for r in seen) / len(seen)
     assert left["completion_tokens_expected"] == round(mean * 60)
     assert left["completion_tokens_max"] == 60 * 16
+    assert not [note for note in left["notes"] if "answer" in note]
+    anew = plan(spec, "--restart")  # what the state saw does not count for a run that discards it
+    assert anew["completion_tokens_expected"] == 100 * 16
+    assert "duration assumes 2 s a request (--restart: no saved answer counts to measure)" in anew["notes"]
 
 
 @pytest.mark.slow

@@ -98,9 +98,11 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
     if grouped:
         completion_max = 0
     mean_completion, mean_latency = answered
+    # (--restart discards what the state saw; failed answers say nothing of a good one's length)
+    none = "--restart: no saved answer counts" if restart else "no answer ok in the state yet"
     expected = round(mean_completion * rows) if mean_completion is not None else completion_max
     if mean_completion is None and expected is not None and not grouped:
-        notes.append("no answers yet to learn the typical answer length from: expected completion tokens "
+        notes.append(f"{none} to learn the typical answer length from: expected completion tokens "
                      "are the worst case")
     price = spec.pricing.get(spec.model) if spec.model else None
     if spec.pricing and price is None:
@@ -111,7 +113,7 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
                      f"batch_api.max_wait_h ({spec.batch_api.max_wait_h:g} h); the duration is the live path's")
     latency = mean_latency if mean_latency is not None else ASSUMED_LATENCY_S
     if mean_latency is None:
-        notes.append(f"duration assumes {ASSUMED_LATENCY_S:g} s a request (no answers yet to measure)")
+        notes.append(f"duration assumes {ASSUMED_LATENCY_S:g} s a request ({none} to measure)")
     seconds = requests * latency / spec.concurrency
     if spec.rate_limit.requests_per_minute:
         seconds = max(seconds, requests / spec.rate_limit.requests_per_minute * 60)
