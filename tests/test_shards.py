@@ -133,6 +133,31 @@ def test_shards_of_another_n_or_a_changed_spec_never_mix(sharded: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_job_begun_in_shards_is_never_run_whole_nor_one_run_whole_in_shards(sharded: Path) -> None:
+    """Either would pay for every row again, and its output would take the other's place."""
+    import shutil
+
+    for index in range(3):
+        assert run_cli("run", str(sharded), "--shard", f"{index}/3", "--no-progress").code == 0
+    merged = sharded.parent / "out/result.parquet"
+    made = merged.read_bytes()
+    for extra in ([], ["--limit", "5"], ["--restart"]):
+        whole = run_cli("run", str(sharded), "--no-progress", *extra)
+        assert whole.code == 2, whole.stdout
+        assert "out/result.shards holds this job's progress in 3 shards: run it with --shard I/3" in whole.stderr
+        assert " requests " not in whole.stdout
+    assert merged.read_bytes() == made  # not replaced, nor moved aside
+    assert sum(json.loads(run_cli("status", str(sharded), "--json").stdout)[key] for key in ("ok",)) == 30
+
+    shutil.rmtree(sharded.parent / "out/result.shards")
+    assert run_cli("run", str(sharded), "--no-progress").code == 0
+    sharded_after = run_cli("run", str(sharded), "--shard", "0/2", "--no-progress")
+    assert sharded_after.code == 2
+    assert "result.batchrun.sqlite holds this job's progress run whole: run it without --shard" in sharded_after.stderr
+    assert not (sharded.parent / "out/result.shards/00000-of-00002.batchrun.sqlite").exists()
+
+
+@pytest.mark.slow
 def test_limit_and_shard_do_not_go_together(sharded: Path) -> None:
     result = run_cli("run", str(sharded), "--shard", "0/3", "--limit", "5", "--no-progress")
     assert result.code == 2 and "--limit and --shard" in result.stderr

@@ -25,9 +25,9 @@ from typing import Any
 from .._exceptions import ConfigError, JobAborted, StateMismatchError, UsageError
 from ..storage import Store
 from ..storage.lock import lock_holder
-from ..storage.state import StateStore, differences
+from ..storage.state import StateStore, differences, state_path
 
-__all__ = ["NotReady", "Shard", "check_siblings", "dataset_folder", "dataset_part", "find_shards", "input_rows",
+__all__ = ["NotReady", "Shard", "check_siblings", "check_unsharded", "dataset_folder", "dataset_part", "find_shards", "input_rows",
            "pull_shard_states", "same_job", "shard_folder", "shard_output", "shard_sums", "slice_of"]
 
 _NAME = re.compile(r"(\d{5})-of-(\d{5})\.batchrun\.sqlite")
@@ -149,8 +149,24 @@ def same_job(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return differences({k: v for k, v in a.items() if k not in ignored}, {k: v for k, v in b.items() if k not in ignored})
 
 
+def check_unsharded(output: Path) -> None:
+    """Refuse to run a job whole beside the progress of its shards: it would pay for
+    every row again, and its output would take the place of theirs."""
+    if shards := find_shards(output):
+        count = next(iter(shards)).count
+        raise ConfigError(
+            f"{shard_folder(output)} holds this job's progress in {count} shards: run it with --shard I/{count} "
+            "(then merge), or remove that folder to run the job whole (every answer is then paid again)")
+
+
 def check_siblings(output: Path, shard: Shard, meta: dict[str, Any]) -> None:
-    """Refuse to run a shard beside shards of another N, or of another input or spec."""
+    """Refuse to run a shard beside shards of another N, or of another input or spec, or
+    beside the job's progress run whole."""
+    whole = state_path(output)
+    if whole.exists():
+        raise ConfigError(
+            f"{whole} holds this job's progress run whole: run it without --shard, or remove that file and those "
+            f"named after it beside it to run the job in shards (every answer is then paid again)")
     others = {s: p for s, p in find_shards(output).items() if s != shard}
     counts = sorted({s.count for s in others} - {shard.count})
     if counts:

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..engine.limits import Limits
 from ..engine.part import WholeJob
 from ..engine.run import RunOptions, run_part
 from ..engine.summary import Summary
 from ..spec.parse import JobSpec
 from .base import Backend
+from .layout import check_unsharded
 
-__all__ = ["LocalBackend"]
+__all__ = ["LocalBackend", "Unsharded"]
+
+
+class Unsharded(WholeJob):
+    """Every row of the job, into its own output, unless the job was begun in shards."""
+
+    def claim(self, meta: dict[str, Any]) -> None:
+        check_unsharded(self.output)
 
 
 class LocalBackend(Backend):
@@ -19,4 +29,4 @@ class LocalBackend(Backend):
         self.limits = limits
 
     def run(self, spec: JobSpec, options: RunOptions) -> Summary:
-        return run_part(spec, WholeJob(spec.output), options, self.limits)
+        return run_part(spec, Unsharded(spec.output), options, self.limits)

@@ -45,9 +45,7 @@ def open_state(spec: JobSpec, reader: InputReader, part: Part, status: StatusFil
     fresh = not path.exists()
     store = StateStore.open(path, discard_damaged=restart)
     try:
-        if restart:
-            store.reset()
-        else:
+        if not restart:
             digest = reader.fingerprint()
             saved = store.meta()
             if saved.get("input_digest") == digest:
@@ -64,7 +62,9 @@ def open_state(spec: JobSpec, reader: InputReader, part: Part, status: StatusFil
                 "request": spec.request_config()}
         if asks:  # only when rows ask: states saved before this key still match
             meta["asks"] = asks
-        part.claim(meta)  # which part of the job this is, checked against the others
+        part.claim(meta)  # which part of the job this is, checked against the others (before a restart discards)
+        if restart:
+            store.reset()
         store.claim(meta, spec_name=spec.name)
     except BatchrunError as exc:
         store.close(remove=fresh)

@@ -31,7 +31,6 @@ from ...engine.cache import ResponseCache
 from ...engine.holds import job_budget
 from ...engine.limits import Limits
 from ...engine.opening import open_reader, open_state
-from ...engine.part import WholeJob
 from ...engine.preflight import check_free_space, check_output, read_key
 from ...engine.run import RunOptions
 from ...engine.status import StatusFile, status_path
@@ -42,7 +41,7 @@ from ...storage import Store, open_store
 from ...storage.ledger import Entry
 from ...storage.state import batches_out, done_rows, state_path
 from ..base import Backend
-from ..local import LocalBackend
+from ..local import LocalBackend, Unsharded
 from . import PROVIDERS
 from .cached import answer_from_cache
 from .collect import BACKEND, collect
@@ -102,7 +101,7 @@ def _opened(spec: JobSpec, options: RunOptions) -> Iterator[tuple[Session, Statu
     reader = open_reader(spec, storage)
     status = StatusFile(status_path(spec.output), job=spec.name, output=spec.output, rows=0)
     try:
-        store, total, _, _ = open_state(spec, reader, WholeJob(spec.output), status, limit=options.limit,
+        store, total, _, _ = open_state(spec, reader, Unsharded(spec.output), status, limit=options.limit,
                                         restart=options.restart)
     except BaseException:
         reader.close()
