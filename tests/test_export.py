@@ -61,6 +61,35 @@ def test_sft_export_of_a_templated_job(tmp_path: Path, server: FakeServer) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("change", ["template", "input", "shards' input"])
+def test_answers_are_never_exported_beside_prompts_they_did_not_answer(tmp_path: Path, change: str) -> None:
+    """An edited template or input would pair each answer with another prompt: a wrong
+    training set, written with exit 0. It is refused as a resume is, naming the change."""
+    write_jsonl(tmp_path / "input.jsonl", [{"question": f"q{i}"} for i in range(6)])
+    template = {"messages": [{"role": "user", "content": "Question: {{ question }}"}]}
+    spec = write_spec(tmp_path, template=template, api={"base_url": "mock://"})
+    if change.startswith("shards"):
+        for index in range(2):
+            assert run_cli("run", str(spec), "--shard", f"{index}/2", "--no-progress").code == 0
+    else:
+        assert run_cli("run", str(spec), "--no-progress").code == 0
+    before = run_cli("export", str(spec), "--format", "sft", str(tmp_path / "before.jsonl"), "--include-truncated")
+    assert before.code == 0, before.stderr
+
+    if change == "template":
+        spec.write_text(spec.read_text().replace("Question: ", "Answer in French: "))
+        named = "request.template.messages"
+    else:
+        (tmp_path / "input.jsonl").write_text((tmp_path / "input.jsonl").read_text().replace('"q0"', '"CHANGED"'))
+        named = "the input file's content changed"
+    result = run_cli("export", str(spec), "--format", "sft", str(tmp_path / "train.jsonl"), "--include-truncated")
+
+    assert result.code == 2, result.stdout
+    assert named in result.stderr and "restore the original input and" in result.stderr
+    assert not (tmp_path / "train.jsonl").exists()
+
+
+@pytest.mark.slow
 def test_sft_leaves_out_truncated_answers_unless_asked_and_keeps_every_choice(
         tmp_path: Path, server: FakeServer) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(5)]

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .._exceptions import ConfigError, InputError, StorageError
+from ..backends.layout import find_shards, pull_shard_states
 from ..endpoints import get_endpoint, job_endpoint
 from ..inputs.reader import InputReader
 from ..inputs.rows import Row
@@ -40,6 +41,8 @@ from ..inputs.template import Template
 from ..spec.model import JobSpec
 from ..spec.parse import load_spec
 from ..storage import Store, open_store
+from ..storage.lock import lock_holder
+from ..storage.state import StateStore, state_path
 
 __all__ = ["ExportSummary", "export_job"]
 
@@ -100,6 +103,7 @@ def _answered_rows(spec: JobSpec, storage: Store) -> Iterator[tuple[Row, dict[st
     """(the row's request, its output row), in order, for every row of the output."""
     template = Template(spec.template) if spec.template is not None else None
     with InputReader(storage.inputs(), endpoint=spec.endpoint, template=template) as reader:
+        _check_made_so(spec, storage, reader.fingerprint())
         rows = reader.rows()
         try:
             output = pq.ParquetFile(spec.output)
@@ -112,6 +116,28 @@ def _answered_rows(spec: JobSpec, storage: Store) -> Iterator[tuple[Row, dict[st
                     raise InputError(f"{spec.output}: row {answer['row_index']} has no matching input row; the "
                                      "input changed since the job ran")
                 yield row, answer
+
+
+def _check_made_so(spec: JobSpec, storage: Store, digest: str) -> None:
+    """Refuse (exit 2, naming what changed) answers made from another input, template or
+    request than the job's now: each would be paired with a prompt it never answered. The
+    job's state (its own, or a shard's) says what made them; without one, nothing can."""
+    path = state_path(spec.output)
+    if not lock_holder(path):  # a run here has the newest
+        storage.pull_state(path)
+    if not path.exists():
+        pull_shard_states(storage, spec.output)
+        path = next(iter(find_shards(spec.output).values()), path)
+    try:
+        store = StateStore.open(path, lock=False)
+    except FileNotFoundError:
+        return
+    try:
+        saved = store.meta()
+        wanted = {"input_digest": digest, "request": spec.request_config()}
+        store.check({key: saved.get(key) for key in wanted}, wanted, spec_name=spec.name)
+    finally:
+        store.close()
 
 
 def _sft(pairs: Iterator[tuple[Row, dict[str, Any]]], f: IO[str], *, include_truncated: bool,
