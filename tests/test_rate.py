@@ -349,4 +349,6 @@ def test_a_job_fills_fireworks_tightest_token_budget_with_no_429(tmp_path: Path)
     # The generated tokens a second, from the first second on (the first answer goes alone)
     start, end = admitted[0][0] + 1.0, admitted[-1][0]
     generated = sum(tokens for at, _, _, tokens in admitted if start <= at <= end)
+    print(f"generated tokens a second: {generated / (end - start):.1f}, {generated / (end - start) / 250:.1%} of "
+          "the tightest budget, 0 429s")
     assert generated / (end - start) >= 0.9 * 250, generated / (end - start)
