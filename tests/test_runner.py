@@ -125,10 +125,13 @@ def test_every_row_failing_alike_stops_the_job(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(1000)])
     spec = write_spec(tmp_path, concurrency=8, api={"base_url": "http://127.0.0.1:9/v1"})
 
-    with pytest.raises(JobFatalAPIError, match="50 rows in a row failed with the same error: HTTP 404: Model not found"):
+    with pytest.raises(JobFatalAPIError, match="50 rows in a row failed with the same error: HTTP 404: Model not "
+                                               "found") as caught:
         run_job(spec, transport=httpx.MockTransport(no_such_model), environ={"OPENAI_API_KEY": "k"})
 
     assert 50 <= len(seen) <= 50 + 8
+    # The way on: a fixed model is another configuration (the same command would be refused)
+    assert "fix it and rerun with --restart" in str(caught.value) and caught.value.rerun_resumes is False
 
 
 def test_answers_in_flight_when_the_job_stops_are_saved(tmp_path: Path) -> None:

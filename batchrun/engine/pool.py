@@ -220,10 +220,14 @@ class Pool:
                 return
             self.answered_once.set()
         if self.streak.observe(result.status, result.error):
-            self.stop(JobFatalAPIError(
+            streak = JobFatalAPIError(
                 f"{self.streak.count} rows in a row failed with the same error: {result.error}; "
-                "stopping so the rest are not spent the same way. Fix the spec and rerun"
-            ))
+                "stopping so the rest are not spent the same way. If the spec is wrong (the model, params), fix it "
+                "and rerun with --restart: answers of two configurations never mix. If the server was, rerun with "
+                "--retry-failed to ask these rows again"
+            )
+            streak.rerun_resumes = False  # (the same command would leave these rows failed)
+            self.stop(streak)
 
     def stop(self, reason: JobAborted) -> None:
         """Start no new row; requests in flight get `grace_s` to bring their answers home."""
