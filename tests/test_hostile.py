@@ -332,7 +332,9 @@ def test_files_that_hold_answers_are_private_whatever_the_umask(tmp_path: Path, 
     modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
     assert modes == {"result.parquet": 0o600, "result.batchrun.sqlite": 0o600, "result.batchrun.sqlite.lock": 0o600,
                      "result.status.json": 0o600}
-    assert folder.stat().st_mode & 0o777 == 0o700  # the -wal and -shm: tests/test_state.py
+    # Every folder it made, not only the last (mkdir's parents take the umask's mode)
+    for made in (folder, folder.parent, folder.parent.parent):
+        assert made.stat().st_mode & 0o777 == 0o700, made  # the -wal and -shm: tests/test_state.py
 
 
 def test_another_jobs_temporary_output_is_left_alone(tmp_path: Path, server: FakeServer) -> None:

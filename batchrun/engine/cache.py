@@ -27,6 +27,7 @@ from .._exceptions import ConfigError
 from ..endpoints.result import Result
 from ..policy.pricing import Price, cost
 from ..spec.model import CacheSpec
+from ..storage.durable import private_folder
 
 __all__ = ["ResponseCache", "cacheable", "from_cache"]
 
@@ -60,7 +61,7 @@ class ResponseCache:
         self.spec = spec
         path = spec.path
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_folder(path.parent)
             if not path.exists():
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
             self._read = self._connect(path)

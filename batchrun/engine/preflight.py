@@ -13,6 +13,7 @@ from .._exceptions import ConfigError, StorageError
 from ..http.network import check_key_route, proxy_for
 from ..spec.parse import JobSpec
 from ..spec.urls import MOCK_BASE_URL, MOCK_SCHEME
+from ..storage.durable import private_folder
 
 if TYPE_CHECKING:
     import httpx
@@ -58,7 +59,7 @@ def read_key(name: str, env: Mapping[str, str], setting: str) -> str:
 def check_output(output: Path) -> None:
     folder = output.parent
     try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # if batchrun makes it, it is private
+        private_folder(folder)  # if batchrun makes it, it is private
     except OSError as exc:
         raise ConfigError(f"{output}: cannot create the output folder {folder}: {exc.strerror}") from exc
     if output.is_dir():

@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 from .._exceptions import ConfigError
 from . import transfer
 from .base import Store
+from .durable import private_folder
 from .lock import lock_holder
 from .state import replace_state, state_copy
 from .transfer import store_errors
@@ -70,7 +71,7 @@ class ObjectStore(Store):
             raise ConfigError(f"this job is already running (pid {holder}, in {local.parent})")
         if not self.exists(local):
             return  # no state on the store yet
-        local.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(local.parent)
         with store_errors(f"{self.url_of(local)}: cannot download the job's state"):
             # Unless this machine uploaded it last: then the local state is as new or newer
             transfer.pull_file(self.fs, self.path_of(local), local, replace=replace_state)
@@ -90,7 +91,7 @@ class ObjectStore(Store):
                 if not lock_holder(local):  # a shard running here has the newest state
                     self.pull_state(local)
             else:
-                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+                private_folder(folder)
                 with store_errors(f"{self.url_of(local)}: cannot download"):
                     transfer.pull_file(self.fs, info.path, local)
 
@@ -105,7 +106,7 @@ class ObjectStore(Store):
 
     def pull_file(self, local: Path) -> None:
         if self.exists(local):
-            local.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_folder(local.parent)
             with store_errors(f"{self.url_of(local)}: cannot download"):
                 transfer.pull_file(self.fs, self.path_of(local), local)
 

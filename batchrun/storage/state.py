@@ -39,7 +39,7 @@ from typing import Any
 from .._exceptions import ConfigError, StateDamagedError, StateMismatchError, StorageError
 from ..endpoints.result import RESULT_FIELDS, Result
 from ..policy.pricing import Hold
-from .durable import fsync
+from .durable import fsync, private_folder
 from .ledger import LEDGER_SCHEMA, LEDGER_TABLES, Entry, Ledger
 from .lock import JobLock
 from .vectors import SUFFIX as VECTORS
@@ -369,7 +369,7 @@ class StateStore:
                     "rerun with --restart to start over (every answer is then paid again)"), False
         try:
             self._vectors.restore()  # first: the state written back refers to them
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_folder(self.path.parent)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE)
             os.close(fd)
             self._db.execute("VACUUM INTO ?", (str(self.path),))

@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 from .._exceptions import ConfigError, InputError, StorageError
 from ..inputs.files import INPUT_SUFFIXES, expand_inputs
 from ..spec.urls import work_folder
+from .durable import private_folder
 
 __all__ = ["fetch_inputs", "input_files", "open_filesystem", "pull_file", "push_file", "store_errors"]
 
@@ -96,7 +97,7 @@ def fetch_inputs(urls: Sequence[str], folder: Path) -> list[Path]:
             if not info.base_name.endswith(INPUT_SUFFIXES):
                 raise InputError(f"{url}: {info.base_name} is not one of {', '.join(INPUT_SUFFIXES)}")
             found[f"{scheme}://{info.path}"] = (fs, info)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_folder(folder)
     local_files = []
     for n, (url, (fs, info)) in enumerate(sorted(found.items())):
         # Numbered so that the local names sort as the URLs do: the order rows are read in

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .._exceptions import ConfigError, StorageError
-from .durable import fsync
+from .durable import fsync, private_folder
 
 __all__ = ["LONGEST", "SUFFIX", "VectorFile", "inline", "need"]
 
@@ -144,7 +144,7 @@ class VectorFile:
         that went too), if this job holds it open and the path is free."""
         if self.fd is None or self.path.exists():
             return
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             at = 0

@@ -41,6 +41,7 @@ from ..inputs.template import Template
 from ..spec.model import JobSpec
 from ..spec.parse import load_spec
 from ..storage import Store, open_store
+from ..storage.durable import private_folder
 from ..storage.lock import lock_holder
 from ..storage.state import StateStore, state_path
 
@@ -228,7 +229,7 @@ def _body(row: Row, answer: dict[str, Any], request: dict[str, Any], created: in
 @contextlib.contextmanager
 def _atomic(path: Path) -> Iterator[IO[str]]:
     """A file written under a temporary name and renamed over `path` once whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_folder(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
