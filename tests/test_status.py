@@ -138,6 +138,21 @@ def test_a_sharded_job_on_object_storage_reports_its_shards(tmp_path: Path, s3: 
     assert [(s["shard"], s["state"]) for s in done["shards"]] == [("0/2", "finished"), ("1/2", "finished")]
 
 
+def test_a_finished_job_whose_rerun_was_refused_is_stopped_in_its_status_and_status_json_alike(
+        tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(5)])
+    spec = write_spec(tmp_path, params={"max_tokens": 16}, api={"base_url": "mock://"})
+    assert run_cli("run", str(spec), "--no-progress").code == 0
+    assert (status_json(spec)["state"], status_json(spec)["exit_code"]) == ("finished", 0)
+
+    spec.write_text(spec.read_text().replace("max_tokens: 16", "max_tokens: 32"))
+    assert run_cli("run", str(spec), "--no-progress").code == 2
+    file = json.loads((tmp_path / "out" / "result.status.json").read_text())
+    data = status_json(spec)
+    assert (file["state"], file["exit_code"]) == (data["state"], data["exit_code"]) == ("stopped", 2)
+    assert "params.max_tokens was 16, now 32" in data["reason"]
+
+
 @pytest.mark.slow
 def test_a_stopped_run_says_why_in_its_status(tmp_path: Path, server: FakeServer) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(300)])

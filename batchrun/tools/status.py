@@ -111,9 +111,11 @@ def _status_of(job: str, output: Path, *, published: bool) -> dict[str, Any]:
         rows = stop - start
     remaining = max(0, rows - counts["ok"] - counts["failed"])
     # Batches out at the provider: submitted, whether or not a run is waiting for them
-    state = "submitted" if out else "running" if holder else (
-        "finished" if remaining == 0 and published else "stopped")
     last_run = saved if saved.get("state") != "running" else {}
+    # A last run refused (exit 2: the spec or input changed since, say) leaves the job
+    # stopped, as its status file says: its output is of the configuration before
+    state = "submitted" if out else "running" if holder else (
+        "finished" if remaining == 0 and published and last_run.get("exit_code") != 2 else "stopped")
     # A run that has not written its status yet (it is still checking its input): what is known
     running = {"started_at": _lock_taken(path), "requests": None, "rows_per_s": None, "eta_s": None} if holder else {}
     return {**base, "state": state, "reason": last_run.get("reason"), "exit_code": last_run.get("exit_code"),
