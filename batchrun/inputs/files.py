@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import json
 import os
 import zlib
 from collections.abc import Iterator, Sequence
@@ -125,7 +126,10 @@ class InputFile:
                         record = loads_utf8(line)
                     except RecursionError:
                         raise self.error(where, "nested too deeply to read; no request needs that") from None
-                    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
+                    except json.JSONDecodeError as exc:  # where in this line, not at the parser's "line 2"
+                        at = "the end of the line" if exc.pos >= len(line.rstrip()) else f"column {exc.pos + 1}"
+                        raise self.error(where, f"not valid JSON ({exc.msg} at {at})") from None
+                    except ValueError as exc:  # UnicodeDecodeError, huge integers
                         raise self.error(where, f"not valid JSON ({exc})") from None
                     if not isinstance(record, dict):
                         raise self.error(where, f"expected a JSON object, got {type(record).__name__}")
