@@ -56,7 +56,7 @@ def test_sft_export_of_a_templated_job(tmp_path: Path, server: FakeServer) -> No
             {"role": "user", "content": f"Context: context {i}\nQuestion: question {i}?"},
             {"role": "assistant", "content": row["output_text"], "weight": i % 2},
         ]}
-    assert "59 lines to" in result.stdout
+    assert "59 lines to" in result.stdout and "(1 rows left out: 1 failed)" in result.stdout
     assert len(server.requests) == before  # export sends nothing
 
 
@@ -105,8 +105,10 @@ def test_sft_leaves_out_truncated_answers_unless_asked_and_keeps_every_choice(
     pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(tmp_path / "out/result.parquet")),
                    tmp_path / "out/result.parquet")
 
-    assert run_cli("export", str(spec), "--format", "sft", str(tmp_path / "a.jsonl")).code == 0
+    first = run_cli("export", str(spec), "--format", "sft", str(tmp_path / "a.jsonl"))
+    assert first.code == 0
     assert len(lines(tmp_path / "a.jsonl")) == 5
+    assert "(1 rows left out: 1 cut at max_tokens (--include-truncated keeps them))" in first.stdout
     assert run_cli("export", str(spec), "--format", "sft", str(tmp_path / "b.jsonl"), "--include-truncated").code == 0
     assert len(lines(tmp_path / "b.jsonl")) == 6
     assert run_cli("export", str(spec), "--format", "sft", str(tmp_path / "c.jsonl"), "--all-choices").code == 0

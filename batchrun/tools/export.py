@@ -58,9 +58,11 @@ class ExportSummary:
     skipped: int
     errors_path: Path | None = None
     errors: int = 0
+    why: tuple[tuple[str, int], ...] = ()  # what was left out, and how many of each
 
     def line(self) -> str:
-        text = f"{self.written:,} lines to {self.path} ({self.skipped:,} rows left out)"
+        reasons = "".join(f"{'; ' if i else ': '}{count:,} {what}" for i, (what, count) in enumerate(self.why))
+        text = f"{self.written:,} lines to {self.path} ({self.skipped:,} rows left out{reasons})"
         if self.errors_path is not None:
             text += f"; {self.errors:,} failed rows to {self.errors_path}"
         return text
@@ -91,9 +93,9 @@ def export_job(job: str | os.PathLike[str] | JobSpec, fmt: str, out: str | os.Pa
     pairs = _answered_rows(spec, storage)
     if fmt == "sft":
         with _atomic(out) as f:
-            written, skipped = _sft(pairs, f, include_truncated=include_truncated, all_choices=all_choices,
-                                    weight=weight)
-        return ExportSummary(out, written, skipped)
+            written, why = _sft(pairs, f, include_truncated=include_truncated, all_choices=all_choices,
+                                weight=weight)
+        return ExportSummary(out, written, sum(why.values()), why=tuple(why.items()))
     params = {"model": spec.model, **spec.params} if spec.model else dict(spec.params)
     with _atomic(out) as f, _atomic(errors_path) as errors:
         written, failed = _openai_batch(pairs, f, errors, params=params, created=created)
@@ -142,12 +144,15 @@ def _check_made_so(spec: JobSpec, storage: Store, digest: str) -> None:
 
 
 def _sft(pairs: Iterator[tuple[Row, dict[str, Any]]], f: IO[str], *, include_truncated: bool,
-         all_choices: bool, weight: str | None) -> tuple[int, int]:
-    written = skipped = 0
+         all_choices: bool, weight: str | None) -> tuple[int, dict[str, int]]:
+    """Lines written, and what was left out: how many, by why."""
+    written = 0
+    why: dict[str, int] = {}
     finishes = ("stop", "length") if include_truncated else ("stop",)
     for row, answer in pairs:
         if answer["status"] != "ok" or not get_endpoint(row.endpoint).answers_with_message:
-            skipped += 1
+            reason = "failed" if answer["status"] != "ok" else "with no message to train on"
+            why[reason] = why.get(reason, 0) + 1
             continue
         if weight is not None and weight not in answer:
             raise ConfigError(f"--weight {weight}: the output has no such column")
@@ -157,7 +162,9 @@ def _sft(pairs: Iterator[tuple[Row, dict[str, Any]]], f: IO[str], *, include_tru
              "reasoning_content": answer["reasoning_content"], "tool_calls": answer["tool_calls"]}]
         for choice in choices:
             if choice["finish_reason"] not in finishes:
-                skipped += 1
+                reason = ("cut at max_tokens (--include-truncated keeps them)" if choice["finish_reason"] == "length"
+                          else f"finished with {choice['finish_reason'] or 'no finish_reason'}")
+                why[reason] = why.get(reason, 0) + 1
                 continue
             assistant: dict[str, Any] = {"role": "assistant", "content": choice["text"] or ""}
             if choice.get("reasoning_content"):
@@ -168,7 +175,7 @@ def _sft(pairs: Iterator[tuple[Row, dict[str, Any]]], f: IO[str], *, include_tru
                 assistant["weight"] = _weight(answer, weight)
             f.write(json.dumps({"messages": [*prompt, assistant]}, ensure_ascii=False) + "\n")
             written += 1
-    return written, skipped
+    return written, why
 
 
 def _weight(answer: dict[str, Any], column: str) -> int:
