@@ -243,6 +243,23 @@ def test_an_input_rewritten_in_place_stops_the_job_and_no_answer_is_mispaired(tm
     assert_paired(out)
 
 
+def test_a_small_input_rewritten_in_place_stops_the_job_soon_not_at_its_end(tmp_path: Path,
+                                                                             server: FakeServer) -> None:
+    """A small input is read once, before the first request: a change is seen by its size
+    or time within seconds, not after every row was paid for into a state the next run refuses."""
+    server.faults = Faults(latency_s=0.5)  # 200 rows, 2 at a time: 50 s of answers
+    write_jsonl(tmp_path / "input.jsonl", versioned("v1", 200))
+    spec = write_spec(tmp_path, concurrency=2, api={"base_url": server.base_url})
+    proc = start_cli("run", str(spec), "--no-progress")
+    server.wait_for_requests(1, timeout=60)
+    write_jsonl(tmp_path / "input.jsonl", versioned("v2", 200))  # same inode, same size
+    _, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 3, stderr
+    assert "input.jsonl: the input file was changed while the job read it" in stderr
+    assert len(server.requests) < 200  # stopped within seconds of the change (5 s checks), not 50
+
+
 def damage_overwrite_middle(state: Path) -> None:
     data = bytearray(state.read_bytes())
     middle = len(data) // 2

@@ -33,7 +33,7 @@ from ..storage import Store
 from ..storage.output import load_arrow
 from .call import Caller
 from .status import StatusFile
-from .watch import report, upload, watch_progress, watch_signals
+from .watch import report, upload, watch_input, watch_progress, watch_signals
 from .writer import HoldNote, Writer
 
 __all__ = ["GRACE_S", "Pool"]
@@ -124,6 +124,7 @@ class Pool:
         if handle_signals:
             outer.start_soon(watch_signals, self)
         outer.start_soon(report, self.status, self.writer, self.client)
+        outer.start_soon(watch_input, self.reader, self)
         outer.start_soon(watch_progress, self.spec.stall_s, self.spec.name, self.writer, self.client, self)
         outer.start_soon(upload, self.storage, self.writer, self.status, self.spec.checkpoint.interval_s, self)
 

@@ -8,13 +8,14 @@ from typing import Protocol
 
 import anyio
 
-from .._exceptions import Interrupted, JobAborted, Stalled, StorageError
+from .._exceptions import InputChangedError, Interrupted, JobAborted, Stalled, StorageError
+from ..inputs.reader import InputReader
 from ..storage import Store
 from .call import Caller
 from .status import EVERY_S, StatusFile
 from .writer import Writer
 
-__all__ = ["Stoppable", "report", "upload", "watch_progress", "watch_signals"]
+__all__ = ["Stoppable", "report", "upload", "watch_input", "watch_progress", "watch_signals"]
 
 
 class Stoppable(Protocol):
@@ -65,6 +66,20 @@ async def watch_progress(stall_s: float, spec_name: str, writer: Writer, client:
                 "went unanswered or were refused (the server may be holding every request back with a "
                 "retry-after). Every answer is saved; rerun to resume once the server answers again, or "
                 f"raise retry.max_stall_s in {spec_name} to wait longer"))
+            return
+
+
+async def watch_input(reader: InputReader, pool: Stoppable, every_s: float = EVERY_S) -> None:
+    """Stop the job soon after its input is changed in place, not at its end: a small
+    input is read once, before the first request, and the rows sent since are its old
+    version's, so the answers saved are right, but every further one would be paid for
+    a state the next run refuses (another input)."""
+    while True:
+        await anyio.sleep(every_s)
+        try:
+            reader.check_unchanged()
+        except InputChangedError as exc:
+            pool.stop(exc)
             return
 
 
