@@ -303,6 +303,9 @@ def _status(args: argparse.Namespace) -> int:
           f"{data['completion_tokens']:,} completion)")
     if data.get("cost_usd") is not None:
         print(f"  cost       {usd(data['cost_usd'])}")
+    if data.get("lost_requests"):  # with a budget: what a kill left in flight counts as spent
+        print(f"  lost       {data['lost_requests']:,} requests a kill left in flight, counted against the budget"
+              + (f" at {usd(data['lost_usd'])}" if data.get("lost_usd") else ""))
     if data.get("exit_code") is not None:
         print(f"  exit code  {data['exit_code']} (the last run's)")
     written = data["state"] == "finished" or Path(data["output"]).exists()

@@ -314,3 +314,6 @@ def test_requests_in_flight_at_a_kill_9_count_against_the_budget(tmp_path: Path,
 
     status = job_status(load_spec(tmp_path / "job.yaml"))  # the lost requests, as the summary said
     assert status["lost_requests"] == 24 and usd(status["lost_usd"]) in result.stderr
+    shown = run_cli("status", str(tmp_path / "job.yaml")).stdout  # and as a person reads the status
+    assert f"  lost       24 requests a kill left in flight, counted against the budget at {usd(status['lost_usd'])}" \
+        in shown
