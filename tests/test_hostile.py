@@ -212,18 +212,26 @@ def test_an_input_replaced_during_the_run_is_read_as_it_was(tmp_path: Path, serv
     assert {r.body["prompt"][:2] for r in server.requests} == {"v1"}
 
 
-def test_an_input_rewritten_in_place_stops_the_job_and_no_answer_is_mispaired(tmp_path: Path,
-                                                                               server: FakeServer) -> None:
-    server.faults = Faults(latency_s=0.02)
-    write_jsonl(tmp_path / "input.jsonl", versioned("v1", 6000))
-    spec = write_spec(tmp_path, concurrency=32, api={"base_url": server.base_url})
+def rewritten_during_a_run(tmp_path: Path, server: FakeServer, rows: int, *, concurrency: int, latency_s: float,
+                           after: int) -> tuple[Path, str]:
+    """A job of `rows` whose input is rewritten in place (same inode, same size) once the
+    server has seen `after` requests; its spec, and what it said as it stopped (exit 3)."""
+    server.faults = Faults(latency_s=latency_s)
+    write_jsonl(tmp_path / "input.jsonl", versioned("v1", rows))
+    spec = write_spec(tmp_path, concurrency=concurrency, api={"base_url": server.base_url})
     proc = start_cli("run", str(spec), "--no-progress")
-    server.wait_for_requests(1500, timeout=60)
-    write_jsonl(tmp_path / "input.jsonl", versioned("v2", 6000))  # same inode, same size
+    server.wait_for_requests(after, timeout=60)
+    write_jsonl(tmp_path / "input.jsonl", versioned("v2", rows))
     _, stderr = proc.communicate(timeout=120)
-
     assert proc.returncode == 3, stderr
     assert "input.jsonl: the input file was changed while the job read it" in stderr
+    return spec, stderr
+
+
+def test_an_input_rewritten_in_place_stops_the_job_and_no_answer_is_mispaired(tmp_path: Path,
+                                                                               server: FakeServer) -> None:
+    spec, stderr = rewritten_during_a_run(tmp_path, server, 6000, concurrency=32, latency_s=0.02, after=1500)
+
     assert "rerun the same command to resume" not in stderr  # not as it stands: it says what to do
     assert "Traceback" not in stderr
     assert not (tmp_path / "out/result.parquet").exists()
@@ -247,16 +255,8 @@ def test_a_small_input_rewritten_in_place_stops_the_job_soon_not_at_its_end(tmp_
                                                                              server: FakeServer) -> None:
     """A small input is read once, before the first request: a change is seen by its size
     or time within seconds, not after every row was paid for into a state the next run refuses."""
-    server.faults = Faults(latency_s=0.5)  # 200 rows, 2 at a time: 50 s of answers
-    write_jsonl(tmp_path / "input.jsonl", versioned("v1", 200))
-    spec = write_spec(tmp_path, concurrency=2, api={"base_url": server.base_url})
-    proc = start_cli("run", str(spec), "--no-progress")
-    server.wait_for_requests(1, timeout=60)
-    write_jsonl(tmp_path / "input.jsonl", versioned("v2", 200))  # same inode, same size
-    _, stderr = proc.communicate(timeout=120)
+    rewritten_during_a_run(tmp_path, server, 200, concurrency=2, latency_s=0.5, after=1)  # 50 s of answers
 
-    assert proc.returncode == 3, stderr
-    assert "input.jsonl: the input file was changed while the job read it" in stderr
     assert len(server.requests) < 200  # stopped within seconds of the change (5 s checks), not 50
 
 
