@@ -69,10 +69,6 @@ class VectorFile:
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot open the state's vectors file: {exc.strerror or exc}") from exc
 
-    @property
-    def size(self) -> int:
-        return os.fstat(self.fd).st_size if self.fd is not None else 0
-
     def fits(self, size: int) -> bool:
         """Whether `size` more bytes can be referred to from a row."""
         return self.end + size <= FARTHEST
