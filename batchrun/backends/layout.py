@@ -27,8 +27,8 @@ from ..storage import Store
 from ..storage.lock import lock_holder
 from ..storage.state import StateStore, differences, state_path
 
-__all__ = ["NotReady", "Shard", "check_siblings", "check_unsharded", "dataset_folder", "dataset_part", "find_shards", "input_rows",
-           "pull_shard_states", "same_job", "shard_folder", "shard_output", "shard_sums", "slice_of"]
+__all__ = ["NotReady", "Shard", "check_siblings", "check_unsharded", "dataset_folder", "dataset_part", "find_shards",
+           "input_rows", "pull_shard_states", "same_job", "shard_folder", "shard_output", "shard_sums", "slice_of"]
 
 _NAME = re.compile(r"(\d{5})-of-(\d{5})\.batchrun\.sqlite")
 

@@ -280,6 +280,12 @@ class StateStore:
             return
         self.check(saved, {"version": SCHEMA_VERSION, **meta}, spec_name=spec_name)
 
+    def check_made_by(self, digest: str, request: dict[str, Any], *, spec_name: str) -> None:
+        """StateMismatchError unless the state's answers were made from the input of this
+        digest and this request configuration (`plan` and `export`, before they read them)."""
+        saved, wanted = self.meta(), {"input_digest": digest, "request": request}
+        self.check({key: saved.get(key) for key in wanted}, wanted, spec_name=spec_name)
+
     def check(self, saved: dict[str, Any], wanted: dict[str, Any], *, spec_name: str) -> None:
         """StateMismatchError, naming what changed and the way out, unless `saved` (the
         state's meta, or the part of it that `wanted` names) is `wanted`."""

@@ -136,9 +136,7 @@ def _check_made_so(spec: JobSpec, storage: Store, digest: str) -> None:
     except FileNotFoundError:
         return
     try:
-        saved = store.meta()
-        wanted = {"input_digest": digest, "request": spec.request_config()}
-        store.check({key: saved.get(key) for key in wanted}, wanted, spec_name=spec.name)
+        store.check_made_by(digest, spec.request_config(), spec_name=spec.name)
     finally:
         store.close()
 

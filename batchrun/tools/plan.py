@@ -176,8 +176,7 @@ def _done(spec: JobSpec, storage: Store, digest: str, total: int, *,
         if not saved or restart:  # a state made but never claimed, or one a run would discard
             return bytearray(total), (None, None)
         # What a run checks, and refuses as it would (exit 2, naming what changed)
-        wanted = {"input_digest": digest, "request": spec.request_config()}
-        store.check({key: saved.get(key) for key in wanted}, wanted, spec_name=spec.name)
+        store.check_made_by(digest, spec.request_config(), spec_name=spec.name)
         return done_rows(store.row_states(total)), store.means()
     finally:
         store.close()
