@@ -406,23 +406,26 @@ def test_a_job_whose_vectors_file_was_cut_short_stops_before_any_request_and_res
     assert [r["embedding"] for r in read_output(summary.output)] == [[2.0, float(i)] for i in range(7)]
 
 
+@pytest.mark.parametrize("when", ["as it begins", "as it writes its output"])
 def test_a_vectors_file_removed_while_a_finished_job_rewrites_its_output_is_written_back(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
     from batchrun import JobAborted, run_job
     from batchrun.engine import run as run_module
+    from batchrun.storage import output as output_module
     from tests.conftest import read_output
 
     spec, transport = embedding_job(tmp_path)
     summary = run_job(spec, transport=transport, environ={"OPENAI_API_KEY": "k"})
     (file,) = tmp_path.rglob("*.sqlite-vectors")
     kept = file.read_bytes()
-    drive = run_module._Run.drive
+    owner, name = (run_module._Run, "drive") if when == "as it begins" else (output_module.OutputWriter, "finish")
+    step = getattr(owner, name)
 
     def removing(self: object, *args: object) -> None:
         file.unlink()  # while the rerun holds it open, and has nothing to commit
-        drive(self, *args)
+        step(self, *args)
 
-    monkeypatch.setattr(run_module._Run, "drive", removing)
+    monkeypatch.setattr(owner, name, removing)
     with pytest.raises(JobAborted, match="vectors file was removed while the job ran; batchrun wrote it back"):
         run_job(spec, transport=transport, environ={"OPENAI_API_KEY": "k"})
     assert file.read_bytes() == kept

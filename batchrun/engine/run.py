@@ -218,13 +218,16 @@ class _Run:
         self.written = pool.aborted is None and counts["ok"] + counts["failed"] == self.total - self.start
         if self.written:
             try:
-                store.check_files()  # a file removed under a run that saved nothing: written back, and said
                 self.reader.check_unchanged()  # the passthrough just copied is the fingerprinted one
                 self.output.finish()
             except JobAborted as exc:  # StorageError, InputChangedError: every answer is saved
                 pool.aborted, self.written = exc, False
         if not self.written:
             self.output.discard()
+        try:  # a file removed since the last commit (a run that saved nothing, the output's writing): put back
+            store.check_files()
+        except StorageError as exc:  # (the output, if written, is right: it read the files this run opened)
+            pool.aborted = pool.aborted or exc
 
     def close(self) -> None:
         self.store.close()
