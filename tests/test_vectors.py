@@ -265,9 +265,22 @@ def test_a_vectors_file_written_over_in_place_never_gives_its_bytes_as_a_rows_ve
         store.results(0, 1)
     assert caught.value.rerun_resumes is False
     store.close()
-    again = StateStore.open(path)  # as long as the rows need: it opens, and still gives no wrong vector
+    with pytest.raises(StateDamagedError, match=r"s\.sqlite-vectors does not hold the last vector its rows refer to "
+                                                r"\(its CRC differs\): it was replaced or written over.*--restart"):
+        StateStore.open(path)  # the next run: before any request, not at its output
+
+
+def test_a_vector_written_over_that_is_not_the_last_is_caught_when_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = opened(path, 1.0)
+    store.save([Result(1, "b", "ok", embedding=vector(2.0))])
+    store.close()
+    with open(tmp_path / "s.sqlite-vectors", "r+b") as f:
+        f.write(vector(9.0))  # row 0's; the open looks at the last one only
+
+    again = StateStore.open(path)
     with pytest.raises(StorageError, match="its CRC differs"):
-        again.results(0, 1)
+        again.results(0, 2)
     again.close()
 
 

@@ -29,7 +29,6 @@ import json
 import operator
 import os
 import sqlite3
-import stat
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from .durable import fsync, private_folder
 from .ledger import LEDGER_SCHEMA, LEDGER_TABLES, Entry, Ledger
 from .lock import JobLock
 from .vectors import SUFFIX as VECTORS
-from .vectors import LONGEST, VectorFile, inline, need
+from .vectors import LONGEST, VectorFile, fault, inline
 
 __all__ = ["Spend", "StateStore", "batches_out", "differences", "replace_state", "state_copy", "state_path", "upsert"]
 
@@ -566,20 +565,10 @@ def _inspect(db: sqlite3.Connection, path: Path) -> None:
 
 
 def _vectors_whole(db: sqlite3.Connection, path: Path) -> None:
-    """Raise StateDamagedError unless the state's vectors file holds every byte its rows
-    refer to (the end the next vectors go after, too: none is written over)."""
-    needed = need(db)
-    if not needed:
-        return
-    vectors = path.with_name(path.name + VECTORS)
-    try:
-        info = os.stat(vectors)
-    except FileNotFoundError:
-        raise _damaged(path, f"its rows refer to {needed:,} bytes of vectors kept in {vectors.name}, which is "
-                             "missing") from None
-    if stat.S_ISREG(info.st_mode) and (size := info.st_size) < needed:  # (a folder there: opening it says so)
-        raise _damaged(path, f"its rows refer to {needed:,} bytes of vectors kept in {vectors.name}, which holds "
-                             f"{size:,}: it was cut short")
+    """Raise StateDamagedError unless the state's vectors file holds the vectors its rows
+    refer to (and reaches their end, where the next go: none is written over)."""
+    if what := fault(db, path):
+        raise _damaged(path, what)
 
 
 def _damaged(path: Path, what: str) -> StateDamagedError:

@@ -18,7 +18,7 @@ past the first 512 GiB of the file, and the copy of a state that is uploaded (`i
 hold BLOBs.
 
 The file is the state's as much as the SQLite file is: the state opens only with every
-byte its rows refer to there (`need`), and a vector read back must have the CRC saved
+byte its rows refer to there (`fault`), and a vector read back must have the CRC saved
 with its row. A file removed, cut short or written over between runs, or overwritten
 while a job runs, stops the job with the way on; it never puts another row's vector,
 or garbage, in the output.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import sys
 import zlib
 from collections.abc import Iterable
@@ -36,7 +37,7 @@ from pathlib import Path
 from .._exceptions import ConfigError, StorageError
 from .durable import fsync, private_folder
 
-__all__ = ["LONGEST", "SUFFIX", "VectorFile", "inline", "need"]
+__all__ = ["LONGEST", "SUFFIX", "VectorFile", "fault", "inline"]
 
 SUFFIX = "-vectors"
 _LENGTH_BITS = 24
@@ -174,11 +175,36 @@ class VectorFile:
         self.fd, self.inode, self.end = fd, info.st_ino, info.st_size
 
 
-def need(db: sqlite3.Connection) -> int:
-    """How long the vectors file of the state `db` must be: the end of the last vector a
-    row refers to (references grow with their offset, until `--restart` empties both)."""
-    (last,) = db.execute("SELECT MAX(embedding) FROM results WHERE typeof(embedding) = 'integer'").fetchone()
-    return 0 if last is None else (last >> _LENGTH_BITS) + (last & LONGEST)
+def fault(db: sqlite3.Connection, state: Path) -> str | None:
+    """What is wrong with the vectors file of the state `db` (at `state`), if anything:
+    missing, shorter than its rows need, or not holding the last vector a row refers to
+    (its CRC differs: replaced or written over). References grow with their offset, until
+    `--restart` empties both: the last one ends where the file must reach at least."""
+    last, crc = db.execute("SELECT MAX(embedding), vector_crc FROM results "  # (the row with the MAX)
+                           "WHERE typeof(embedding) = 'integer'").fetchone()
+    if last is None:
+        return None
+    offset, length = last >> _LENGTH_BITS, last & LONGEST
+    path = state.with_name(state.name + SUFFIX)
+    needed = f"its rows refer to {offset + length:,} bytes of vectors kept in {path.name}"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return f"{needed}, which is missing"
+    except OSError:
+        return None  # opening it for the job says what is wrong
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None  # (a folder there: as above)
+        if info.st_size < offset + length:
+            return f"{needed}, which holds {info.st_size:,}: it was cut short"
+        if crc is not None and zlib.crc32(os.pread(fd, length, offset)) != crc:
+            return f"{path.name} does not hold the last vector its rows refer to (its CRC differs): it was replaced " \
+                   "or written over"
+    finally:
+        os.close(fd)
+    return None
 
 
 def _lost(what: str) -> StorageError:
