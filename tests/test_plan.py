@@ -111,6 +111,11 @@ def test_a_plan_refuses_a_state_of_other_params_as_the_run_does(tmp_path: Path, 
     assert main(["plan", str(spec), "--json", "--restart"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 200
 
+    (tmp_path / "out/result.batchrun.sqlite").write_bytes(b"not a state")  # damaged: a run refuses it ...
+    assert main(["plan", str(spec)]) == 2 and "not a usable batchrun state" in capsys.readouterr().err
+    assert main(["plan", str(spec), "--json", "--restart"]) == 0  # ... unless --restart, which discards it
+    assert json.loads(capsys.readouterr().out)["rows"] == 200
+
 
 def test_a_plan_shows_the_cost_through_the_batch_api_beside_the_live_one(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"question {i}"} for i in range(100)])

@@ -164,6 +164,8 @@ def _done(spec: JobSpec, storage: Store, digest: str, total: int, *,
     """Rows a resumed run would leave alone, and the state's mean completion tokens and
     latency; nothing when there is no state (or `restart`). A state of another input or
     request shape is refused as a run refuses it."""
+    if restart:  # a run would discard the state, damaged or not
+        return bytearray(total), (None, None)
     path = state_path(spec.output)
     if not lock_holder(path):  # the newest state there is is the job's progress (a run here has it)
         storage.pull_state(path)
@@ -173,7 +175,7 @@ def _done(spec: JobSpec, storage: Store, digest: str, total: int, *,
         return bytearray(total), (None, None)
     try:
         saved = store.meta()
-        if not saved or restart:  # a state made but never claimed, or one a run would discard
+        if not saved:  # a state made but never claimed
             return bytearray(total), (None, None)
         # What a run checks, and refuses as it would (exit 2, naming what changed)
         store.check_made_by(digest, spec.request_config(), spec_name=spec.name)
