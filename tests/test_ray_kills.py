@@ -20,7 +20,7 @@ import pytest
 
 from batchrun.backends.ray.driver import limiter_name
 from batchrun.spec.parse import load_spec
-from tests.conftest import kill_9
+from tests.conftest import kill_9, run_cli
 from tests.fakeserver import FakeServer, Faults
 from tests.raykit import (
     HANG_S,
@@ -86,6 +86,25 @@ def test_a_driver_killed_mid_run_then_run_again_finishes_the_job(
     assert f"{rows} rows: {rows} ok" in result.stdout
     assert_every_row_once_as_answered(spec, server, rows, paid_twice=8)  # the requests in flight at the kill
     assert len(server.requests) < rows + 8 + 1
+
+
+def test_a_driver_stopped_by_sigterm_ends_with_its_shards_counts_as_one_process_does(
+        tmp_path: Path, server: FakeServer, cluster: str) -> None:
+    rows = 600
+    answer = threading.Event()
+    server.faults = Faults(latency_s=0.002, hold=after_first(200, answer))  # the run cannot end first
+    spec = job(tmp_path, server, rows, rpm=6000)
+    with started_ray_cli(spec, cluster) as driver:
+        wait_for_requests(server, 200)
+        driver.send_signal(signal.SIGTERM)
+        answer.set()  # the requests in flight bring their answers home within the grace
+        _, err = driver.communicate(timeout=HANG_S)
+
+    assert driver.returncode == 3, err
+    assert "aborted: interrupted by SIGTERM" in err
+    saved = json.loads(run_cli("status", str(spec), "--json").stdout)["ok"]
+    assert 200 <= saved < rows
+    assert f"batchrun: {rows:,} rows: {saved:,} ok, 0 failed, {rows - saved:,} remaining;" in err, err
 
 
 KILL_LIMITER = """

@@ -111,8 +111,11 @@ class RayBackend(Backend):
                 refs = _start(ray, spec, workers, actor, options)
                 try:
                     outcomes = _wait(ray, refs, spec, progress, signals)
-                except BaseException:  # Ctrl-C, SIGTERM: each shard stops as on SIGTERM, its answers saved
+                except BaseException as exc:  # Ctrl-C, SIGTERM: each shard stops as on SIGTERM, its answers saved
                     _cancel(ray, refs, signals)
+                    if isinstance(exc, JobAborted):  # the summary line a stop ends with, as one process's does
+                        summary = _stopped(spec, str(exc), workers, time.monotonic() - started)
+                        exc.summary = summary  # type: ignore[attr-defined]
                     raise
                 finally:
                     progress.close()
@@ -310,6 +313,19 @@ class _ProgressWatch:
             if ok > 0 or failed > 0:
                 self.progress.advance(ok, failed, int(tokens), cost)
         self.seen = now
+
+
+def _stopped(spec: JobSpec, reason: str, workers: int, elapsed_s: float) -> Summary | None:
+    """The job's Summary when the driver was stopped: its shards' states, as they saved them."""
+    try:
+        data = job_status(spec)
+    except Exception:  # noqa: BLE001 - a state being replaced: the stop is said without its counts
+        return None
+    return Summary(
+        job=spec.name, output=spec.output, state=shard_folder(spec.output), elapsed_s=elapsed_s, output_written=False,
+        aborted=reason, shard=None, merged=f"{workers} shards on Ray", cost_usd=data.get("cost_usd"),
+        requests=sum(part.get("requests") or 0 for part in data.get("shards", ())),
+        **{name: data.get(name) or 0 for name in SUMMED if name != "requests"})
 
 
 def _finish(ray: ModuleType, spec: JobSpec, outcomes: list[Any], merge: str | None, elapsed_s: float,
