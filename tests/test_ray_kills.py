@@ -68,14 +68,23 @@ def test_a_worker_killed_mid_run_is_replaced_and_its_shard_resumes(
     assert status["state"] == "finished" and status["pid"] != victim  # run again, by another worker
 
 
-def test_a_driver_killed_mid_run_then_run_again_finishes_the_job(
-        tmp_path: Path, server: FakeServer, cluster: str) -> None:
-    rows = 600
-    rerun = threading.Event()
-    server.faults = Faults(latency_s=0.002, hold=after_first(200, rerun))  # the first run cannot end
+@contextlib.contextmanager
+def held_driver(tmp_path: Path, server: FakeServer, cluster: str,
+                rows: int) -> Iterator[tuple[Path, subprocess.Popen[str], threading.Event]]:
+    """A --ray driver of `rows` once the server has had 200 requests, and holds the answers
+    to those after them (the run cannot end): its spec, the driver, and what lets them go."""
+    release = threading.Event()
+    server.faults = Faults(latency_s=0.002, hold=after_first(200, release))
     spec = job(tmp_path, server, rows, rpm=6000)
     with started_ray_cli(spec, cluster) as driver:
         wait_for_requests(server, 200)
+        yield spec, driver, release
+
+
+def test_a_driver_killed_mid_run_then_run_again_finishes_the_job(
+        tmp_path: Path, server: FakeServer, cluster: str) -> None:
+    rows = 600
+    with held_driver(tmp_path, server, cluster, rows) as (spec, driver, rerun):
         kill_9(driver)
     assert not (tmp_path / "out/result.parquet").exists()
     rerun.set()
@@ -91,11 +100,7 @@ def test_a_driver_killed_mid_run_then_run_again_finishes_the_job(
 def test_a_driver_stopped_by_sigterm_ends_with_its_shards_counts_as_one_process_does(
         tmp_path: Path, server: FakeServer, cluster: str) -> None:
     rows = 600
-    answer = threading.Event()
-    server.faults = Faults(latency_s=0.002, hold=after_first(200, answer))  # the run cannot end first
-    spec = job(tmp_path, server, rows, rpm=6000)
-    with started_ray_cli(spec, cluster) as driver:
-        wait_for_requests(server, 200)
+    with held_driver(tmp_path, server, cluster, rows) as (spec, driver, answer):
         driver.send_signal(signal.SIGTERM)
         answer.set()  # the requests in flight bring their answers home within the grace
         _, err = driver.communicate(timeout=HANG_S)
