@@ -51,8 +51,9 @@ PRIVATE = 0o600
 _COMPANIONS = ("-wal", "-shm", "-journal", VECTORS)
 
 # A row as stored: the Result's fields, then the CRC-32 of a vector kept in the vectors file
+# (set with the vector only: other rows pay nothing for it, written or read)
 _STORED = (*RESULT_FIELDS, "vector_crc")
-_COLUMNS = ", ".join(_STORED)
+_COLUMNS = ", ".join(RESULT_FIELDS)
 # What adds up over runs: a row that failed before (an answer that broke the schema,
 # say) and succeeds now paid for both, in tokens as in money. A null is no count, and
 # so is a sum of tokens past int64 (SQLite would make it a float).
@@ -67,14 +68,19 @@ def _added(name: str, whole: bool) -> str:
             f"THEN results.{name} ELSE {both} END")
 
 
-_UPSERT = (
-    f"INSERT INTO results ({_COLUMNS}) VALUES ({', '.join('?' * len(_STORED))}) "
-    "ON CONFLICT(row_index) DO UPDATE SET "
-    + ", ".join(f"{f} = excluded.{f}" for f in _STORED
-                if f not in ("row_index", "attempts", "cost_usd", *_TOKENS))
-    + ", attempts = results.attempts + excluded.attempts, "
-    + ", ".join([*(_added(f, True) for f in _TOKENS), _added("cost_usd", False)])
-)
+def _upsert(columns: tuple[str, ...]) -> str:
+    """Store a row of `columns` (a vector's CRC among them, or none: then the row has none)."""
+    return (
+        f"INSERT INTO results ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+        "ON CONFLICT(row_index) DO UPDATE SET "
+        + ", ".join(f"{f} = excluded.{f}" for f in columns if f not in ("row_index", "attempts", "cost_usd", *_TOKENS))
+        + ("" if "vector_crc" in columns else ", vector_crc = NULL")
+        + ", attempts = results.attempts + excluded.attempts, "
+        + ", ".join([*(_added(f, True) for f in _TOKENS), _added("cost_usd", False)])
+    )
+
+
+_UPSERT, _UPSERT_VECTOR = _upsert(RESULT_FIELDS), _upsert(_STORED)
 # A budget's holds: a request's worst case, recorded before it is sent and deleted with
 # its answer. One left by a kill -9 was paid for all anyone knows: it counts as spent.
 _HOLDS = "CREATE TABLE IF NOT EXISTS holds (id INTEGER PRIMARY KEY, usd REAL NOT NULL, tokens INTEGER NOT NULL)"
@@ -99,12 +105,12 @@ _FIELDS_OF = operator.attrgetter(*RESULT_FIELDS)  # a Result's stored values, as
 
 
 def _stored(result: Result) -> tuple[Any, ...]:
-    """The row to store (`_STORED`), its vector in it, if any."""
+    """The row to store (RESULT_FIELDS), its vector in it, if any."""
     row = _FIELDS_OF(result)
     if result.extra is None:
-        return (*row, None)
+        return row
     # allow_nan: a logprob may be -inf; batchrun reads it back, and Parquet holds it
-    return (*row[:_EXTRA], json.dumps(result.extra, ensure_ascii=False), *row[_EXTRA + 1:], None)
+    return (*row[:_EXTRA], json.dumps(result.extra, ensure_ascii=False), *row[_EXTRA + 1:])
 
 
 def upsert(db: sqlite3.Connection, results: Iterable[Result]) -> None:
@@ -315,10 +321,12 @@ class StateStore:
             return
         self.check_files()
         try:
-            rows = self._rows_of(results)
+            rows, referring = self._rows_of(results)
             with self._transaction():
                 if rows:
                     self._db.executemany(_UPSERT, rows)
+                if referring:
+                    self._db.executemany(_UPSERT_VECTOR, referring)
                 if new:  # only with a budget
                     self._db.executemany("INSERT INTO holds VALUES (?, ?, ?)", new)
                 if gone:
@@ -332,17 +340,20 @@ class StateStore:
         if self._wal_inode is None:
             self._wal_inode = _inode(self.path.with_name(self.path.name + "-wal"))
 
-    def _rows_of(self, results: list[Result]) -> list[tuple[Any, ...]]:
-        """The rows to store: their vectors appended to the vectors file and synced (before
-        the commit that refers to them), a reference to each in its row."""
-        rows = [_stored(r) for r in results]
+    def _rows_of(self, results: list[Result]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """The rows to store (RESULT_FIELDS), and those referring to vectors appended to the
+        vectors file and synced before the commit that refers to them (`_STORED`: a
+        reference in place of each vector, its CRC-32 last)."""
         placed = [i for i, r in enumerate(results) if r.embedding is not None and len(r.embedding) <= LONGEST]
-        if placed and self._vectors.fits(sum(len(results[i].embedding) for i in placed)):  # type: ignore[arg-type]
-            vectors: list[bytes] = [results[i].embedding for i in placed]  # type: ignore[misc]
-            for i, ref, vector in zip(placed, self._vectors.append(vectors), vectors):
-                row = rows[i]
-                rows[i] = (*row[:_EMBEDDING], ref, *row[_EMBEDDING + 1:-1], zlib.crc32(vector))
-        return rows
+        vectors: list[bytes] = [results[i].embedding for i in placed]  # type: ignore[misc]
+        if not placed or not self._vectors.fits(sum(map(len, vectors))):
+            return [_stored(r) for r in results], []
+        referring = []
+        for i, ref, vector in zip(placed, self._vectors.append(vectors), vectors):
+            row = _stored(results[i])
+            referring.append((*row[:_EMBEDDING], ref, *row[_EMBEDDING + 1:], zlib.crc32(vector)))
+        rest = set(range(len(results))).difference(placed)
+        return [_stored(results[i]) for i in sorted(rest)], referring
 
     def check_files(self) -> None:
         """StorageError unless the state, its -wal, the lock and the vectors file are the
@@ -409,12 +420,14 @@ class StateStore:
             f"SELECT {_COLUMNS} FROM results WHERE row_index >= ? AND row_index < ? ORDER BY row_index",
             (start, stop),
         ).fetchall()
-        read = self._vectors.read
+        read, crcs = self._vectors.read, None
         for i, row in enumerate(rows):
             if type(row[_EMBEDDING]) is int:
-                rows[i] = (*row[:_EMBEDDING], read(row[_EMBEDDING], row[-1]), *row[_EMBEDDING + 1:-1])
-            else:
-                rows[i] = row[:-1]
+                if crcs is None:  # a job of vectors: theirs, once for the rows asked for
+                    crcs = dict(self._read_db.execute(
+                        "SELECT row_index, vector_crc FROM results WHERE row_index >= ? AND row_index < ? AND "
+                        "typeof(embedding) = 'integer'", (start, stop)))
+                rows[i] = (*row[:_EMBEDDING], read(row[_EMBEDDING], crcs.get(row[0])), *row[_EMBEDDING + 1:])
         return rows
 
     def counts(self, below: int | None = None) -> dict[str, int]:
