@@ -27,8 +27,9 @@ from ..storage import Store
 from ..storage.lock import lock_holder
 from ..storage.state import StateStore, differences, state_path
 
-__all__ = ["NotReady", "Shard", "check_siblings", "check_unsharded", "dataset_folder", "dataset_part", "find_shards",
-           "input_rows", "pull_shard_states", "same_job", "shard_folder", "shard_output", "shard_sums", "slice_of"]
+__all__ = ["NotReady", "Shard", "a_shard_state", "check_siblings", "check_unsharded", "dataset_folder", "dataset_part",
+           "find_shards", "input_rows", "pull_shard_states", "same_job", "shard_folder", "shard_output", "shard_sums",
+           "slice_of"]
 
 _NAME = re.compile(r"(\d{5})-of-(\d{5})\.batchrun\.sqlite")
 
@@ -124,6 +125,18 @@ def pull_shard_states(storage: Store, output: Path) -> set[str]:
         if _NAME.fullmatch(name) and not lock_holder(folder / name):  # a shard running here has the newest
             storage.pull_state(folder / name)
     return names
+
+
+def a_shard_state(storage: Store, output: Path) -> Path | None:
+    """One shard's state (any: each records the job's input and request), brought from the
+    store if it holds one; None for a job with no shard begun."""
+    folder = shard_folder(output)
+    for name in sorted(storage.names_in(folder)):
+        if _NAME.fullmatch(name):
+            if not lock_holder(folder / name):  # a shard running here has the newest
+                storage.pull_state(folder / name)
+            return folder / name
+    return next(iter(find_shards(output).values()), None)
 
 
 def input_rows(shards: dict[Shard, Path]) -> int | None:

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .._exceptions import ConfigError, InputError, StorageError
-from ..backends.layout import find_shards, pull_shard_states
+from ..backends.layout import a_shard_state
 from ..endpoints import get_endpoint, job_endpoint
 from ..inputs.reader import InputReader
 from ..inputs.rows import Row
@@ -128,9 +128,8 @@ def _check_made_so(spec: JobSpec, storage: Store, digest: str) -> None:
     path = state_path(spec.output)
     if not lock_holder(path):  # a run here has the newest
         storage.pull_state(path)
-    if not path.exists():
-        pull_shard_states(storage, spec.output)
-        path = next(iter(find_shards(spec.output).values()), path)
+    if not path.exists():  # a job run in shards: one shard's state says it (the parts are its size)
+        path = a_shard_state(storage, spec.output) or path
     try:
         store = StateStore.open(path, lock=False)
     except FileNotFoundError:
