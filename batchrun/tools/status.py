@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._exceptions import UsageError
 from .._version import __version__
 from ..backends.layout import (
     Shard,
@@ -115,7 +116,7 @@ def _status_of(job: str, output: Path, *, published: bool) -> dict[str, Any]:
     # A last run refused (exit 2: the spec or input changed since, say) leaves the job
     # stopped, as its status file says: its output is of the configuration before
     state = "submitted" if out else "running" if holder else (
-        "finished" if remaining == 0 and published and last_run.get("exit_code") != 2 else "stopped")
+        "finished" if remaining == 0 and published and last_run.get("exit_code") != UsageError.exit_code else "stopped")
     # A run that has not written its status yet (it is still checking its input): what is known
     running = {"started_at": _lock_taken(path), "requests": None, "rows_per_s": None, "eta_s": None} if holder else {}
     return {**base, "state": state, "reason": last_run.get("reason"), "exit_code": last_run.get("exit_code"),
