@@ -63,6 +63,8 @@ def test_gzipped_jsonl_reads_as_the_plain_file(tmp_path: Path) -> None:
     ('{"prompt": "p",', "line 2: not valid JSON (Expecting property name enclosed in double quotes at the end of "
                         "the line)"),
     ('{"prompt": "p" "q"}', "line 2: not valid JSON (Expecting ',' delimiter at column 16)"),
+    ('{"prompt": "ééé",', "line 2: not valid JSON (Expecting property name enclosed in double quotes at the end of "
+                        "the line)"),
     ('["a list"]', "line 2: expected a JSON object, got list"),
     ('{"prompt": "\\ud800"}', "line 2: prompt holds a lone surrogate"),
 ])

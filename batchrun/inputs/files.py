@@ -127,7 +127,8 @@ class InputFile:
                     except RecursionError:
                         raise self.error(where, "nested too deeply to read; no request needs that") from None
                     except json.JSONDecodeError as exc:  # where in this line, not at the parser's "line 2"
-                        at = "the end of the line" if exc.pos >= len(line.rstrip()) else f"column {exc.pos + 1}"
+                        end = len(line.rstrip().decode("utf-8", "replace"))  # (the parser counts characters)
+                        at = "the end of the line" if exc.pos >= end else f"column {exc.pos + 1}"
                         raise self.error(where, f"not valid JSON ({exc.msg} at {at})") from None
                     except ValueError as exc:  # UnicodeDecodeError, huge integers
                         raise self.error(where, f"not valid JSON ({exc})") from None
