@@ -5,6 +5,7 @@ answers framed every way HTTP/1.1 allows; TLS verified against the CA bundle giv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import gc
 import ipaddress
@@ -377,7 +378,31 @@ def test_a_certificate_no_ca_vouches_for_is_refused(tls_server: tuple[RawServer,
     server, _ = tls_server
     [failed] = send_all(server.url, 1, ssl_context=ssl.create_default_context())  # the system's CAs
     assert isinstance(failed, seam.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(failed)
+    assert "SSL_CERT_FILE names the bundle to trust" in str(failed)
     assert server.requests == 0
+
+
+def test_https_to_a_plain_http_server_says_so() -> None:
+    """A server that speaks plain HTTP answers the TLS greeting with a 400 (as uvicorn's and
+    aiohttp's do): the failure names the scheme, not only OpenSSL's WRONG_VERSION_NUMBER."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_in_plain_http() -> None:
+        with contextlib.suppress(OSError):
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+
+    thread = threading.Thread(target=answer_in_plain_http, daemon=True)
+    thread.start()
+    try:
+        [failed] = send_all(f"https://127.0.0.1:{listener.getsockname()[1]}/v1/completions", 1)
+    finally:
+        listener.close()
+        thread.join(timeout=10)
+    assert isinstance(failed, seam.ConnectError)
+    assert "the server speaks plain HTTP there: check the scheme of api.base_url" in str(failed)
 
 
 def test_a_job_trusts_the_ca_bundle_ssl_cert_file_names(tmp_path: Path, tls_server: tuple[RawServer, Path]) -> None:

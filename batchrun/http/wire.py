@@ -344,7 +344,7 @@ class _Origin:
                     server_hostname=self.host if self.ssl is not None else None)
                 return connection
             except ssl.SSLError as exc:
-                raise ConnectError(f"TLS with {self.host}:{self.port} failed: {exc}") from None
+                raise ConnectError(f"TLS with {self.host}:{self.port} failed: {exc}{_tls_hint(exc)}") from None
             except OSError as exc:
                 failure = exc
         raise ConnectError(f"cannot connect to {self.host}:{self.port}: {failure}") from None
@@ -478,3 +478,12 @@ def _head(start_line: bytes, headers: Sequence[tuple[str, str]]) -> bytes:
 def _expire(task: asyncio.Task, expired: list[bool]) -> None:
     expired.append(True)
     task.cancel()
+
+
+def _tls_hint(exc: ssl.SSLError) -> str:
+    """What a TLS failure that no retry mends most likely means, and where to mend it."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return " (no CA in the bundle vouches for the server's certificate: SSL_CERT_FILE names the bundle to trust)"
+    if exc.reason == "WRONG_VERSION_NUMBER":  # the server's plain-HTTP answer read as a TLS record
+        return " (the server speaks plain HTTP there: check the scheme of api.base_url)"
+    return ""
