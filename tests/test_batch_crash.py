@@ -4,9 +4,11 @@ a file the provider lost, a batch stuck past max_wait_h, a restart with batches 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -183,3 +185,46 @@ def test_restart_cancels_the_batches_it_discards_and_a_live_restart_is_refused_w
     assert batches.batch(old.batch_id).obj["status"] == "cancelling" and old.custom_ids == new.custom_ids
     assert batches.batch(new.batch_id).obj["status"] == "validating"
 
+
+
+def forget_batch_id(spec: Path, batch_id: str) -> None:
+    """The state as a run leaves it when kill -9 fell while the provider made the batch:
+    planned, its file uploaded, the batch's id never recorded."""
+    with contextlib.closing(sqlite3.connect(spec.parent / "out/result.batchrun.sqlite")) as db, db:
+        db.execute("UPDATE batches SET batch_id = NULL, state = 'planned' WHERE batch_id = ?", (batch_id,))
+
+
+def test_restart_cancels_an_unrecorded_batch_and_passes_over_one_that_ended(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    """A batch that ended is refused a cancel (409) and needs none; one a killed run
+    created but never recorded is found under its key and cancelled. Nothing the restart
+    discards is left answering (and billing) rows a second time."""
+    batches.polls_to_finish = None
+    spec = job(tmp_path, live, batches, 30, batch={"rows_per_batch": 10})
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0
+    ended, unrecorded, waiting = (c.batch_id for c in batches.created)
+    batches.finish(ended)
+    forget_batch_id(spec, unrecorded)
+    restarted = run_cli("submit", "--restart", str(spec), env=cli_env(**ENV))
+    assert restarted.code == 0, restarted.stderr
+    assert [batches.batch(b).obj["status"] for b in (ended, unrecorded, waiting)] == \
+        ["completed", "cancelling", "cancelling"]
+    assert len(batches.created) == 6  # the rows again, in new batches
+    batches.finish()
+    assert batches.custom_ids_in_two_batches() == {c for c in batches.created[0].custom_ids}  # the ended one's only
+
+
+def test_a_restart_whose_cancels_fail_discards_nothing(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    batches.polls_to_finish = None
+    spec = job(tmp_path, live, batches, 20, batch={"rows_per_batch": 10})
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0
+    monkeypatch.setattr(batches, "cancel_batch", lambda batch_id: (503, {"error": {"message": "overloaded"}}))
+    failed = run_cli("submit", "--restart", str(spec), env=cli_env(**ENV))
+    assert failed.code == 3 and "cancelling batch" in failed.stderr and "overloaded" in failed.stderr, failed.stderr
+    assert len(batches.created) == 2  # nothing sent again
+    status = json.loads(run_cli("status", str(spec), "--json").stdout)
+    assert [b["id"] for b in status["batches"]] == [c.batch_id for c in batches.created]  # still known
+    monkeypatch.undo()
+    assert run_cli("submit", "--restart", str(spec), env=cli_env(**ENV)).code == 0
+    assert [batches.batch(c.batch_id).obj["status"] for c in batches.created[:2]] == ["cancelling"] * 2

@@ -163,14 +163,15 @@ def state_copy(path: Path) -> Iterator[Path]:
 
 
 def batches_out(path: Path) -> list[Entry]:
-    """The batches a state records as out at the provider, read without the job's lock
-    (before a `--restart` discards them); none for a state that is absent or not whole."""
+    """The batches a state records as out at the provider, or on their way there (planned:
+    one may have been created by a run that died before it could record it), read without
+    the job's lock; none for a state that is absent or not whole."""
     try:
         store = StateStore.open(path, lock=False)
     except (FileNotFoundError, StateMismatchError, StorageError, ConfigError):
         return []
     try:
-        return [entry for entry in store.ledger.entries(outstanding=True) if entry.batch_id is not None]
+        return store.ledger.entries(outstanding=True)
     finally:
         store.close()
 

@@ -38,16 +38,16 @@ from ...engine.summary import Summary
 from ...http.network import check_key_route
 from ...spec.model import JobSpec
 from ...storage import Store, open_store
-from ...storage.ledger import Entry
-from ...storage.state import batches_out, done_rows, state_path
+from ...storage.state import StateStore, done_rows, state_path
 from ..base import Backend
 from ..local import LocalBackend, Unsharded
 from . import PROVIDERS
+from .base import Provider
 from .cached import answer_from_cache
 from .collect import BACKEND, collect
-from .remote import call, pause
+from .remote import Caller, call, pause
 from .send import cancel_duplicates, send, send_planned
-from .session import Session, fingerprint
+from .session import KEY_TAG, TAG, Session, fingerprint
 
 __all__ = ["BatchBackend"]
 
@@ -97,23 +97,23 @@ def _opened(spec: JobSpec, options: RunOptions) -> Iterator[tuple[Session, Statu
     storage = open_store(spec)
     storage.pull_state(state_path(spec.output))
     fresh = not state_path(spec.output).exists()
-    abandoned = batches_out(state_path(spec.output)) if options.restart else []  # cancelled once the state is ours
     reader = open_reader(spec, storage)
     status = StatusFile(status_path(spec.output), job=spec.name, output=spec.output, rows=0)
+    http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"},
+                        timeout=httpx.Timeout(spec.api.timeout_s, connect=30.0))
     try:
-        store, total, _, _ = open_state(spec, reader, Unsharded(spec.output), status, limit=options.limit,
-                                        restart=options.restart)
+        store, total, _, _ = open_state(
+            spec, reader, Unsharded(spec.output), status, limit=options.limit, restart=options.restart,
+            before_reset=lambda old: _cancel_discarded(Caller(batch), provider, http, old))
     except BaseException:
+        http.close()
         reader.close()
         raise
     status.fixed["rows"] = total
-    http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"},
-                        timeout=httpx.Timeout(spec.api.timeout_s, connect=30.0))
     cache = ResponseCache(spec.cache) if spec.cache is not None else None
     unbegun = False
     try:
         session = Session(spec, store, reader, provider, http, fingerprint(store.meta()), total, cache)
-        _cancel(session, abandoned)
         yield session, status, storage
     except ConfigError:
         # Refused before a row was sent or answered (a wrong account, a model that cannot
@@ -134,12 +134,22 @@ def _opened(spec: JobSpec, options: RunOptions) -> Iterator[tuple[Session, Statu
                 storage.push_file(status.path)
 
 
-def _cancel(session: Session, abandoned: list[Entry]) -> None:
-    """Cancel the batches a `--restart` discarded: nobody would collect what they answer.
-    One that has ended (a 4xx for the cancel) needs nothing."""
-    for entry in abandoned:
+def _cancel_discarded(caller: Caller, provider: Provider, http: httpx.Client, old: StateStore) -> None:
+    """Cancel the batches a `--restart` is about to discard (nobody would collect what
+    they answer), before it does, so that a cancel that fails leaves them known: those the
+    state records, and those the provider lists under their keys (created by a run that
+    died before it could record them). One that ended needs nothing; one the provider
+    does not know (a 4xx) neither."""
+    entries = old.ledger.entries(outstanding=True)
+    if not entries:
+        return
+    keys = {entry.key for entry in entries}
+    ids = {entry.batch_id for entry in entries if entry.batch_id is not None}
+    ids |= {batch.id for batch in call(caller, provider.tagged, http, TAG, fingerprint(old.meta()))
+            if batch.metadata.get(KEY_TAG) in keys and not batch.done}
+    for batch_id in sorted(ids):
         with contextlib.suppress(ConfigError):
-            call(session, session.provider.cancel, session.http, entry.batch_id)
+            call(caller, provider.cancel, http, batch_id)
 
 
 @contextlib.contextmanager

@@ -57,8 +57,13 @@ class OpenAIBatches(Provider):
         return _read(checked(http.get(f"/batches/{batch}"), what), what, _batch)
 
     def cancel(self, http: httpx.Client, batch: str) -> Batch:
+        """A batch that ended is refused a cancel with 409 ("Cannot cancel a batch with
+        status 'completed'"): then it is as the provider reads it."""
         what = f"cancelling batch {batch}"
-        return _read(checked(http.post(f"/batches/{batch}/cancel"), what), what, _batch)
+        response = http.post(f"/batches/{batch}/cancel")
+        if response.status_code == 409:
+            return self.get(http, batch)
+        return _read(checked(response, what), what, _batch)
 
     def tagged(self, http: httpx.Client, key: str, value: str) -> list[Batch]:
         found: list[Batch] = []

@@ -10,22 +10,42 @@ the state knows it, so a rerun goes on from there.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import httpx
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
 from ..._exceptions import Interrupted, JobAborted, RetryableAPIError
-from .session import Session
+from ...spec.model import BatchApiSpec
 
-__all__ = ["ATTEMPTS", "call", "pause"]
+__all__ = ["ATTEMPTS", "Caller", "Calls", "call", "pause"]
 
 ATTEMPTS = 8
 T = TypeVar("T")
 
 
-def call(session: Session, fn: Callable[..., T], *args: object) -> T:
+class Calls(Protocol):
+    """What the calls go by: the spec's `batch_api` (its poll interval paces the retries),
+    and a way to be asked to stop. A run's `Session`, or a `Caller` before there is one."""
+
+    @property
+    def batch(self) -> BatchApiSpec: ...
+
+    stop: threading.Event
+    stopped_by: str | None  # the signal's name, when one asked the job to stop
+
+
+@dataclass
+class Caller:
+    batch: BatchApiSpec
+    stop: threading.Event = field(default_factory=threading.Event)
+    stopped_by: str | None = None
+
+
+def call(session: Calls, fn: Callable[..., T], *args: object) -> T:
     """`fn(*args)`, retried; see the module's docstring."""
     first = min(1.0, session.batch.poll_interval_s)
     # httpx's DecodingError (a file whose gzip broke on the way) is no TransportError: retried too
@@ -40,7 +60,7 @@ def call(session: Session, fn: Callable[..., T], *args: object) -> T:
                          "with the provider and the state knows it: rerun to go on") from None
 
 
-def pause(session: Session, seconds: float) -> None:
+def pause(session: Calls, seconds: float) -> None:
     """Wait `seconds`, or less if the job is asked to stop: then Interrupted (exit 3)."""
     if session.stop.wait(seconds):
         raise Interrupted(f"stopped by {session.stopped_by or 'request'}; the batches sent stay with the provider "
