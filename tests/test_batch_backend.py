@@ -102,12 +102,15 @@ def test_fallback_none_leaves_what_the_batch_did_not_answer_failed_and_retry_fai
 
 def test_the_budget_holds_each_batch_at_its_worst_case_before_its_upload(
         tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    """A batch that does not fit beside those out is not even uploaded: `submit` leaves it
+    (exit 0, saying why) for a run after they are collected, whose real cost lets go of
+    their worst case; that run sends the rest and answers every row."""
     batches.polls_to_finish = None
     spec = job(tmp_path, live, batches, 400, batch={"rows_per_batch": 100}, params={"max_tokens": 10},
                budget={"max_usd": 0.03})
-    stopped = run_cli("submit", str(spec), env=cli_env(**ENV))
-    assert stopped.code == 3 and "the budget is reached" in stopped.stderr, stopped.stderr
-    assert "a batch cannot be stopped once sent, so it was not sent" in stopped.stderr
+    submitted = run_cli("submit", str(spec), env=cli_env(**ENV))
+    assert submitted.code == 0, submitted.stderr
+    assert "the budget holds the other rows back until the batches out are collected" in submitted.stdout
     sent = len(batches.created)
     assert 1 <= sent < 4 and len(batches.uploads) == sent  # the one that did not fit was not even uploaded
     # Each sent batch's worst case: its bytes as prompt tokens, 10 completion tokens a row, at half price
@@ -115,6 +118,41 @@ def test_the_budget_holds_each_batch_at_its_worst_case_before_its_upload(
     assert worst <= 0.03 < worst * (sent + 1) / sent  # (the batches are alike)
     status = json.loads(run_cli("status", str(spec), "--json").stdout)
     assert status["state"] == "submitted" and len(status["batches"]) == sent and not status["lost_requests"]
+    assert "the budget holds the other rows back" in status["reason"]
+    batches.polls_to_finish = 1
+    done = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert done.code == 0, done.stderr
+    assert len(batches.created) == 4 and batches.custom_ids_in_two_batches() == set() and not live.requests
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [(r["status"], r["backend"]) for r in out] == [("ok", "batch")] * 400
+    assert sum(r["cost_usd"] for r in out) < 0.03
+
+
+def test_a_batch_waits_for_those_out_when_the_budget_cannot_hold_both(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch's worst case is most of the budget: `run` sends one, collects it, then
+    the next. A budget that cannot hold even one batch with none out stops the job."""
+    out_at_create: list[int] = []
+    create = batches.create_batch
+
+    def counting(body: dict) -> tuple[int, dict]:
+        out_at_create.append(sum(b.obj["status"] not in ("completed", "failed", "expired", "cancelled")
+                                 for b in batches.batches.values()))
+        return create(body)
+
+    monkeypatch.setattr(batches, "create_batch", counting)
+    spec = job(tmp_path, live, batches, 20, batch={"rows_per_batch": 4}, params={"max_tokens": 100_000},
+               budget={"max_usd": 0.5})
+    done = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert done.code == 0, done.stderr
+    assert out_at_create == [0] * 5 and not live.requests
+    assert [r["status"] for r in read_output(tmp_path / "out/result.parquet")] == ["ok"] * 20
+
+    (tmp_path / "small").mkdir()
+    spec = job(tmp_path / "small", live, batches, 20, batch={"rows_per_batch": 4}, params={"max_tokens": 100_000},
+               budget={"max_usd": 0.1})
+    stopped = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert stopped.code == 3 and "the budget is reached" in stopped.stderr and len(batches.created) == 5
 
 
 @pytest.mark.parametrize("endpoint,params,rows,check", [
@@ -195,18 +233,21 @@ def test_a_batch_that_fails_whole_is_answered_live_and_a_refused_key_stops_the_j
 
 def test_submit_again_collects_what_ended_and_leaves_what_the_batch_did_not_answer_to_run(
         tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
-    batches.faults = BatchFaults(seed=5, expire_share=0.2)
+    """A row the batch refused (a 4xx) is failed for good, as live: `submit` still exits 0,
+    since its work is the sending (a scheduler's sensor waits on it); `run` says 1."""
+    batches.faults = BatchFaults(seed=5, expire_share=0.2, refuse_share=0.05)
     batches.polls_to_finish = 1
     spec = job(tmp_path, live, batches, 100)
     assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0
     again = run_cli("submit", str(spec), env=cli_env(**ENV))  # its poll ends the batch: collected
     assert again.code == 0, again.stderr
     status = json.loads(run_cli("status", str(spec), "--json").stdout)
-    expired = status["remaining"]
-    assert 5 < expired < 40 and f"{expired} they did not answer, to answer live" in again.stdout
+    expired, refused = status["remaining"], status["failed"]
+    assert 5 < expired < 40 and f"{expired} they did not answer, to answer live" in again.stdout and refused > 0
     assert status["state"] == "stopped" and "`batchrun run` finishes the job" in status["reason"]
+    assert status["exit_code"] == 0
     assert len(batches.created) == 1 and not live.requests
-    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 1
     assert len(live.requests) == expired and len(batches.created) == 1
 
 

@@ -45,6 +45,8 @@ class Summary:
     in_batches: int = 0
     for_live: int = 0
     from_batches: int = 0  # rows answered through a provider's batch API, over all runs
+    submitted: bool = False  # `batchrun submit`: exit 0 unless aborted (the rows are sent, or left for `run`)
+    waiting: str | None = None  # why rows no batch holds wait for a later run (the budget)
 
     @property
     def remaining(self) -> int:
@@ -57,7 +59,11 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        if self.aborted or self.remaining > self.in_batches + self.for_live:
+        if self.aborted:
+            return 3
+        if self.submitted:
+            return 0
+        if self.remaining > self.in_batches + self.for_live:
             return 3
         return 1 if self.failed and not self.tolerated else 0
 
@@ -74,6 +80,8 @@ class Summary:
             later = [f"{self.in_batches:,} in the provider's batches"] if self.in_batches else []
             later += [f"{self.for_live:,} they did not answer, to answer live"] if self.for_live else []
             head += f" ({' and '.join(later)}: `batchrun run` finishes the job)"
+        if self.waiting:
+            head += f" ({self.waiting})"
         tokens = f"{self.total_tokens:,} tokens ({self.prompt_tokens:,} prompt, {self.completion_tokens:,} completion)"
         if self.cost_usd is not None:
             tokens += f", {usd(self.cost_usd)}"

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from ..._exceptions import BatchrunError, ConfigError, JobAborted
+from ..._exceptions import BatchrunError, BudgetReached, ConfigError, JobAborted
 from ...endpoints.result import Result
 from ...engine.cache import ResponseCache
 from ...engine.holds import job_budget
@@ -64,15 +64,16 @@ class BatchBackend(Backend):
         with _opened(spec, options) as (session, status, storage):
             try:
                 with _stoppable(session, options.handle_signals):
-                    _batches(session, status, wait=self.wait, retry_failed=options.retry_failed)
+                    waiting = _batches(session, status, wait=self.wait, retry_failed=options.retry_failed)
             except JobAborted as exc:
                 exc.summary = _summary(session, storage, started, str(exc))  # type: ignore[attr-defined]
                 _write(session, status, state="stopped", reason=str(exc), exit_code=3)
                 raise
             out = session.store.ledger.rows_out()
-            summary = _summary(session, storage, started, None)
+            summary = dataclasses.replace(_summary(session, storage, started, None), submitted=not self.wait,
+                                          waiting=waiting)
             if out or not self.wait:
-                done = None if out else "no rows are in the provider's batches: `batchrun run` finishes the job"
+                done = waiting if out else "no rows are in the provider's batches: `batchrun run` finishes the job"
                 _write(session, status, state="submitted" if out else "stopped", reason=done,
                        exit_code=summary.exit_code)
                 return summary
@@ -172,26 +173,52 @@ def _stoppable(session: Session, handle_signals: bool) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def _batches(session: Session, status: StatusFile, *, wait: bool, retry_failed: bool) -> None:
+def _batches(session: Session, status: StatusFile, *, wait: bool, retry_failed: bool) -> str | None:
     """The batch part of the job: see through what an earlier run began, send the rows no
     batch holds, then collect what finished and (`wait`) poll to the end. Sending comes
-    before polling: a row's batch never waits on another's, and `submit` returns sooner."""
+    before polling: a row's batch never waits on another's, and `submit` returns sooner.
+
+    A batch the budget cannot hold beside those out waits for them to be collected (their
+    answers' real cost lets go of their worst case), then goes if it fits; BudgetReached
+    once nothing is out and it still does not. Returns why rows are left unsent (`submit`,
+    with batches still out), or None."""
     store, provider = session.store, session.provider
     call(session, provider.check, session.http, session.spec.model)
     made = send_planned(session, store.ledger.entries(outstanding=True)) > 0
     if session.batch.fallback == "none":
         _fail_handed_back(session)
+    while True:
+        blocked = None
+        try:
+            made = _send_wanted(session, retry_failed) > 0 or made
+        except BudgetReached as exc:
+            if not store.ledger.rows_out():  # nothing out whose collection could make room
+                raise
+            blocked, made = exc, True
+        retry_failed = False  # a row failed again by a batch of this run stays failed
+        if made:  # a batch made twice (a retry whose first answer was lost) would answer its rows twice
+            cancel_duplicates(session)
+            made = False
+        _write(session, status, state="submitted")
+        _poll(session, status, wait=wait)
+        if blocked is None:
+            return None
+        if store.ledger.rows_out():  # `submit`: a later run collects them, then sends the rest
+            return "the budget holds the other rows back until the batches out are collected and cost what they cost"
+
+
+def _send_wanted(session: Session, retry_failed: bool) -> int:
+    """Send the rows that are neither done nor in a batch (nor answered by the cache)
+    within the budget; the rows sent."""
+    store = session.store
     done = done_rows(store.row_states(session.total), retry_failed=retry_failed)
     taken = store.ledger.taken(session.total)
     wanted = [index for index in range(session.total) if not done[index] and not taken[index]]
     wanted = answer_from_cache(session, wanted)
-    if wanted:
-        budget = job_budget(session.spec, store.spend()) if session.spec.budget.is_set else None
-        made = send(session, wanted, budget) > 0 or made
-    if made:  # a batch made twice (a retry whose first answer was lost) would answer its rows twice
-        cancel_duplicates(session)
-    _write(session, status, state="submitted")
-    _poll(session, status, wait=wait)
+    if not wanted:
+        return 0
+    budget = job_budget(session.spec, store.spend()) if session.spec.budget.is_set else None
+    return send(session, wanted, budget)
 
 
 def _fail_handed_back(session: Session) -> None:
