@@ -297,3 +297,21 @@ def test_a_batch_api_call_that_gets_no_readable_answer_is_retried_then_stops_the
         remote.call(session, fn)  # type: ignore[arg-type]
     assert caught.value.exit_code == 3
     assert len(calls) == ATTEMPTS
+
+
+def test_a_batch_answer_without_usage_is_charged_its_worst_case_as_live(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    """Never free: the row's worst case at batch prices (its line's bytes as prompt tokens
+    at $0.5, max_tokens as completion at $1 a million), counted against the budget."""
+    no_usage = {"id": "cmpl-x", "object": "text_completion", "model": "test-model",
+                "choices": [{"index": 0, "text": "no usage here", "finish_reason": "stop"}]}
+    batches.faults = BatchFaults(seed=1, status_for=lambda row: (200, no_usage))
+    spec = job(tmp_path, live, batches, 10, params={"max_tokens": 1000}, budget={"max_usd": 5.0})
+    done = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert done.code == 0, done.stderr
+    assert "10 rows answered without usage, charged at the worst case" in done.stdout
+    out = read_output(tmp_path / "out/result.parquet")
+    worst = [(len(line.encode()) + 1) * 0.5e-6 + 1000 * 1.0e-6 for line in batches.uploads[0].lines]
+    assert [r["cost_usd"] for r in out] == pytest.approx(worst) and all(r["backend"] == "batch" for r in out)
+    status = json.loads(run_cli("status", str(spec), "--json").stdout)
+    assert status["cost_usd"] == pytest.approx(sum(worst))

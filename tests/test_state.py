@@ -247,3 +247,24 @@ def test_a_state_put_in_place_leaves_no_log_of_the_old_one(tmp_path: Path) -> No
     again = StateStore.open(old)
     assert again.meta()["input_digest"] == "abc" and list(again.ok_rows(3)) == [0, 1, 0]
     again.close()
+
+
+def test_a_batch_ledger_from_before_the_rows_worst_case_gains_it_and_keeps_its_rows(tmp_path: Path) -> None:
+    """A state whose batches went out before a batch's rows kept their worst case opens with
+    the columns added (null for those rows: charged nothing more than before)."""
+    path = tmp_path / "s.sqlite"
+    store = StateStore.open(path)
+    store.claim(META, spec_name="job.yaml")
+    store.ledger.plan("k1", "chat", [(0, "a", None, None, 0.5, 100), (1, "b", "m2", "key", None, None)], 1.0)
+    store.close()
+    with sqlite3.connect(path) as db:  # as the older version made it
+        db.execute("DELETE FROM batch_rows WHERE key = 'k1'")
+        db.execute("ALTER TABLE batch_rows DROP COLUMN worst_usd")
+        db.execute("ALTER TABLE batch_rows DROP COLUMN worst_tokens")
+        db.execute("INSERT INTO batch_rows VALUES (0, 'k1', 'a', NULL, NULL)")
+    db.close()
+    store = StateStore.open(path)
+    assert store.ledger.asked("k1") == {0: (0, "a", None, None, None, None)}
+    store.ledger.plan("k2", "chat", [(2, "c", None, None, 0.25, 50)], 2.0)
+    assert store.ledger.asked("k2") == {2: (2, "c", None, None, 0.25, 50)}
+    store.close()

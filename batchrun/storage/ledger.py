@@ -2,7 +2,8 @@
 
     batches     key, endpoint, file_id, batch_id, state, counts, hold, since, collected
     batch_rows  row_index (PRIMARY KEY: no row is ever in two batches), key, and what its
-                answer needs of the row (its id, the model it asked for, its cache key), so
+                answer needs of the row (its id, the model it asked for, its cache key, its
+                worst case in USD and tokens: an answer without usage is charged that), so
                 that collecting a batch reads no input
     unbatched   row_index, reason: rows a batch gave back unanswered (expired, cancelled,
                 failed as a whole), to go live (`fallback: live`)
@@ -29,21 +30,23 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LEDGER_SCHEMA", "BatchRow", "Entry", "Ledger"]
+__all__ = ["BATCH_ROW_ADDED", "LEDGER_SCHEMA", "BatchRow", "Entry", "Ledger"]
 
 LEDGER_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS batches (key TEXT PRIMARY KEY, endpoint TEXT NOT NULL, file_id TEXT, batch_id TEXT, "
     "state TEXT NOT NULL, counts TEXT, hold INTEGER, since REAL NOT NULL, collected INTEGER NOT NULL DEFAULT 0)",
     "CREATE TABLE IF NOT EXISTS batch_rows (row_index INTEGER PRIMARY KEY, key TEXT NOT NULL, row_id TEXT NOT NULL, "
-    "model TEXT, cache_key TEXT)",
+    "model TEXT, cache_key TEXT, worst_usd REAL, worst_tokens INTEGER)",
     "CREATE TABLE IF NOT EXISTS unbatched (row_index INTEGER PRIMARY KEY, reason TEXT NOT NULL)",
 )
 LEDGER_TABLES = ("batches", "batch_rows", "unbatched")
 
 PLANNED = "planned"  # rows recorded; the file may or may not be uploaded (file_id says)
 
-# A row of a batch: (row_index, row_id, model, cache_key); the model None where the spec names it
-BatchRow = tuple[int, str, "str | None", "str | None"]
+# A row of a batch: (row_index, row_id, model, cache_key, worst_usd, worst_tokens); the model
+# None where the spec names it, the worst case None where it has no bound (no price, no max_tokens)
+BatchRow = tuple[int, str, "str | None", "str | None", "float | None", "int | None"]
+BATCH_ROW_ADDED = ("worst_usd REAL", "worst_tokens INTEGER")  # columns a state from before them lacks
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,11 @@ class Ledger:
         with self._transaction():
             self._db.execute("INSERT INTO batches (key, endpoint, state, hold, since) VALUES (?, ?, ?, ?, ?)",
                              (key, endpoint, PLANNED, hold[0] if hold else None, since))
-            self._db.executemany("INSERT INTO batch_rows VALUES (?, ?, ?, ?, ?)",
-                                 ((index, key, row_id, model, cache_key) for index, row_id, model, cache_key in rows))
+            self._db.executemany(
+                "INSERT INTO batch_rows (row_index, key, row_id, model, cache_key, worst_usd, worst_tokens) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((index, key, row_id, model, cache_key, usd, tokens)
+                 for index, row_id, model, cache_key, usd, tokens in rows))
             self._db.execute("DELETE FROM unbatched WHERE row_index IN (SELECT row_index FROM batch_rows WHERE key = ?)",
                              (key,))
             if hold is not None:
@@ -144,7 +150,8 @@ class Ledger:
     def asked(self, key: str) -> dict[int, BatchRow]:
         """A batch's rows, as `plan` recorded them, by row index."""
         return {row[0]: row for row in self._db.execute(
-            "SELECT row_index, row_id, model, cache_key FROM batch_rows WHERE key = ?", (key,))}
+            "SELECT row_index, row_id, model, cache_key, worst_usd, worst_tokens FROM batch_rows WHERE key = ?",
+            (key,))}
 
     def rows_out(self) -> int:
         """Rows in batches not yet collected: a live run must not send them."""

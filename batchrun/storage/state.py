@@ -39,7 +39,7 @@ from .._exceptions import ConfigError, StateDamagedError, StateMismatchError, St
 from ..endpoints.result import RESULT_FIELDS, Result
 from ..policy.pricing import Hold
 from .durable import fsync, private_folder
-from .ledger import LEDGER_SCHEMA, LEDGER_TABLES, Entry, Ledger
+from .ledger import BATCH_ROW_ADDED, LEDGER_SCHEMA, LEDGER_TABLES, Entry, Ledger
 from .lock import JobLock
 from .vectors import SUFFIX as VECTORS
 from .vectors import LONGEST, VectorFile, fault, inline
@@ -553,6 +553,10 @@ def _inspect(db: sqlite3.Connection, path: Path) -> None:
         db.execute(_HOLDS)
     for statement in LEDGER_SCHEMA:  # a state from before the batch ledger
         db.execute(statement)
+    batch_rows = {c[1] for c in db.execute("PRAGMA table_info(batch_rows)")}
+    for column in BATCH_ROW_ADDED:  # one from before a batch's rows kept their worst case
+        if column.split()[0] not in batch_rows:
+            db.execute(f"ALTER TABLE batch_rows ADD COLUMN {column}")
     problems = [row[0] for row in db.execute("PRAGMA quick_check(5)") if row[0] != "ok"]
     if problems:
         raise _damaged(path, f"SQLite finds it damaged ({'; '.join(problems)})")

@@ -85,7 +85,7 @@ class _Reading:
 
     def __init__(self, session: Session, entry: Entry, batch: Batch) -> None:
         self.session, self.entry, self.batch = session, entry, batch
-        self.asked = session.store.ledger.asked(entry.key)  # each row's id, model (its price) and cache key
+        self.asked = session.store.ledger.asked(entry.key)  # each row's id, model (its price), cache key, worst case
         schema = session.spec.answer_schema()
         self.structure = Structure(schema) if schema is not None else None
         self.live = session.batch.fallback == "live"
@@ -151,8 +151,8 @@ class _Reading:
             return None
         if why is not None:
             result = Result(index, "", "failed", error=f"the batch did not answer it ({self.batch.state}): {why}")
-        _, row_id, model, key = self.asked[index]
-        settled = _settled(self.session, result, row_id, model or self.session.spec.model)
+        _, row_id, model, key, worst_usd, worst_tokens = self.asked[index]
+        settled = _settled(self.session, result, row_id, model or self.session.spec.model, worst_usd, worst_tokens)
         self.settled += 1
         if self.session.cache is not None and key is not None and settled.status == "ok":
             self.cached.append((key, settled))
@@ -175,14 +175,21 @@ def _lines_of(path: Path, limit: int) -> Iterator[bytes | None]:
             yield line
 
 
-def _settled(session: Session, result: Result, row_id: str, model: str | None) -> Result:
-    """A row's Result as the state keeps it: its id, one attempt, cost at batch prices,
-    a failure final (a 4xx, an answer that breaks the schema), the path that answered."""
+def _settled(session: Session, result: Result, row_id: str, model: str | None, worst_usd: float | None,
+             worst_tokens: int | None) -> Result:
+    """A row's Result as the state keeps it: its id, one attempt, cost at batch prices (an
+    answer without usage at its worst case, as live: never free, and counted against the
+    budget), a failure final (a 4xx, an answer that breaks the schema), the path that
+    answered."""
     result.id, result.attempts = row_id, 1
+    extra = {**(result.extra or {}), BACKEND: "batch"}
     if result.status != "ok":
         result.transient = False
-    price = session.spec.pricing.get(model or "") if session.spec.pricing else None
-    if price is not None and result.status == "ok":
+    elif result.prompt_tokens is None and result.completion_tokens is None:
+        if worst_usd is not None or worst_tokens is not None:
+            result.cost_usd = worst_usd
+            extra.update(unmetered=1, unmetered_tokens=worst_tokens or 0)
+    elif (price := session.spec.pricing.get(model or "") if session.spec.pricing else None) is not None:
         result.cost_usd = cost(price.batched(), result.prompt_tokens, result.completion_tokens, result.cached_tokens)
-    result.extra = {**(result.extra or {}), BACKEND: "batch"}
+    result.extra = extra
     return result

@@ -41,7 +41,7 @@ def send(session: Session, wanted: Iterable[int], budget: Budget | None) -> int:
     sent = 0
     facts: dict[int, _Facts] = {}
     for endpoint, rows in itertools.groupby(session.rows(wanted), key=lambda row: row.endpoint):
-        for chunk in chunks(_lines(session, rows, facts, priced=budget is not None),
+        for chunk in chunks(_lines(session, rows, facts),
                             max_rows=_most_rows(session), max_bytes=session.provider.max_bytes):
             key = secrets.token_hex(6)
             these = [facts.pop(index) for index, _ in chunk]
@@ -144,18 +144,24 @@ def _most_rows(session: Session) -> int:
 
 @dataclass(frozen=True)
 class _Facts:
-    """What a batch keeps of a row (`row`: as the ledger records it) and its worst case."""
+    """What a batch keeps of a row, as the ledger records it, its worst case among it."""
 
     row: BatchRow
-    usd: float = 0.0
-    tokens: int = 0
+
+    @property
+    def usd(self) -> float:
+        return self.row[4] or 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.row[5] or 0
 
 
-def _lines(session: Session, rows: Iterable[Row], facts: dict[int, _Facts] | None = None, *,
-           priced: bool = False) -> Iterator[tuple[int, bytes]]:
+def _lines(session: Session, rows: Iterable[Row], facts: dict[int, _Facts] | None = None,
+           ) -> Iterator[tuple[int, bytes]]:
     """(row index, input line) for each row, as the live path would send it; what the
-    batch keeps of each row goes in `facts`, with (`priced`) its worst case: a live
-    request's at batch prices."""
+    batch keeps of each row goes in `facts`, with its worst case: a live request's at
+    batch prices."""
     spec, provider = session.spec, session.provider
     holds = Holds(spec, Budget(None, None), None)
     for row in rows:
@@ -167,13 +173,11 @@ def _lines(session: Session, rows: Iterable[Row], facts: dict[int, _Facts] | Non
         line = batch_line(provider, session.job, row, spec.model, spec.params, body)
         if facts is not None:
             model = row.body.get("model")
-            worst = None
-            if priced:
-                price = spec.pricing.get(model or spec.model or "") if spec.pricing else None
-                worst = holds.worst(price.batched() if price else None, body, len(line))
+            price = spec.pricing.get(model or spec.model or "") if spec.pricing else None
+            worst = holds.worst(price.batched() if price else None, body, len(line))
             facts[row.index] = _Facts((row.index, row.id, model if isinstance(model, str) else None,
-                                       cache_key(session, row, body)),
-                                      (worst.usd or 0.0) if worst else 0.0, (worst.tokens or 0) if worst else 0)
+                                       cache_key(session, row, body), worst.usd if worst else None,
+                                       worst.tokens if worst else None))
         yield row.index, line
 
 
