@@ -30,6 +30,25 @@ def test_the_worst_case_is_the_requests_bytes_and_its_max_tokens_times_n() -> No
     assert holds(None).worst(None, {"max_tokens": 10}, 100) is None  # nothing asks for it
 
 
+@pytest.mark.parametrize("max_tokens,bound", [(200, 200), (200.0, 200), (None, None), (200.5, None), ("200", None),
+                                              (True, None), (-1, None)])
+def test_only_a_whole_max_tokens_bounds_the_answer(max_tokens: object, bound: int | None) -> None:
+    """A null asks for no bound (the API's default, or none): never a worst case of 0."""
+    h = holds(Budget(1.0, None))
+    worst = h.worst(PRICE, {"max_tokens": max_tokens}, 100)
+    assert worst == (Worst(usd=(100 + 2 * bound) * 1e-6, tokens=100 + bound) if bound is not None else
+                     Worst(usd=None, tokens=None))
+    spec = parse_spec({"input": "i.jsonl", "output": "o.parquet", "model": "m", "pricing": {"m": {"input": 1.0}},
+                       "budget": {"max_usd": 1.0, "assume_max_tokens": 50}}, environ={})
+    assumed = Holds(spec, Budget(1.0, None), None).worst(PRICE, {"max_tokens": max_tokens}, 100)
+    assert assumed is not None and assumed.tokens == 100 + (bound if bound is not None else 50)
+
+
+def test_an_embeddings_request_is_held_at_its_bytes_with_no_completion() -> None:
+    h = holds(Budget(1.0, None))
+    assert h.worst(PRICE, {}, 1000, generates=False) == Worst(usd=1000 * 1e-6, tokens=1000)
+
+
 def test_a_hold_that_would_not_fit_even_alone_stops_the_job_with_what_to_do() -> None:
     h = holds(Budget(1e-5, None, spent_usd=0.9e-5))
 

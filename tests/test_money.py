@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,25 @@ def test_requests_in_flight_at_a_kill_9_count_against_the_budget(tmp_path: Path,
     shown = run_cli("status", str(tmp_path / "job.yaml")).stdout  # and as a person reads the status
     assert f"  lost       24 requests a kill left in flight, counted against the budget at {usd(status['lost_usd'])}" \
         in shown
+
+
+def test_a_budget_refuses_a_max_tokens_that_bounds_nothing_before_any_request(
+        tmp_path: Path, server: FakeServer) -> None:
+    """A null (or 200.5, or text) max_tokens asks for no bound: the budget could not hold a
+    request's worst case. The spec's is refused with the spec, a row's with the input;
+    YAML's 200.0 is 200 and bounds."""
+    write_jsonl(tmp_path / "input.jsonl", [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(5)])
+    for bad in (None, 200.5):
+        spec = write_spec(tmp_path, pricing=PRICES, params={"max_tokens": bad}, budget={"max_usd": 1.0},
+                          api={"base_url": server.base_url})
+        refused = run_cli("run", str(spec), "--no-progress")
+        assert refused.code == 2 and f"params.max_tokens is {json.dumps(bad)}, which bounds no answer" in refused.stderr
+    write_jsonl(tmp_path / "input.jsonl", [{"id": "r0", "prompt": "p0"}, {"id": "r1", "prompt": "p1", "max_tokens": "x"}])
+    spec = write_spec(tmp_path, pricing=PRICES, params={"max_tokens": 200.0}, budget={"max_usd": 1.0},
+                      api={"base_url": server.base_url})
+    refused = run_cli("run", str(spec), "--no-progress")
+    assert refused.code == 2 and "line 2: max_tokens 'x' is no whole number" in refused.stderr, refused.stderr
+    assert not server.requests
+    write_jsonl(tmp_path / "input.jsonl", [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(5)])
+    assert run_cli("run", str(spec), "--no-progress").code == 0
+    assert [r.body["max_tokens"] for r in server.requests] == [200.0] * 5

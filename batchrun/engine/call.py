@@ -34,6 +34,8 @@ __all__ = ["Caller", "HoldLog"]
 # A request refused for what it holds (not an answer we cannot read, nor a route or model
 # the server does not have: a 404 is the same for every half of the group)
 _REFUSED = re.compile(r"HTTP (?:400|413|422): ")
+_UNBOUNDED = ("not sent: its max_tokens is no whole number, so the budget cannot hold what its answer may cost; "
+              "give it one, or set budget.assume_max_tokens")
 
 
 class Caller:
@@ -90,7 +92,10 @@ class Caller:
         key = self._cache_key(request, body)
         if key is not None and (hit := self.cache.get(key)) is not None:  # type: ignore[union-attr]
             return self._from_cache(row, hit, price, request.payload)
-        worst = self.holds.worst(price, body, len(request.payload))
+        worst = self.holds.worst(price, body, len(request.payload), generates=get_endpoint(row.endpoint).generates)
+        if worst is not None and worst.tokens is None and self.holds.budget is not None:
+            # (validation refuses such rows; one validated before the spec had a budget may come)
+            return Result(row.index, row.id, "failed", error=_UNBOUNDED)
         held = None  # (no budget and no price: nothing to hold, not even an await's worth)
         if worst is not None:
             # Re-asks may follow the first answer: all of them are held against the budget.
@@ -202,7 +207,7 @@ class Caller:
         except Unsendable as exc:
             return [Result(r.index, r.id, "failed", error=str(exc)) for r in rows]
         price = self._price(body)
-        worst = self.holds.worst(price, {}, len(request.payload))
+        worst = self.holds.worst(price, {}, len(request.payload), generates=endpoint.generates)
         hold = await self.holds.hold(worst, 1)
         try:
             answer = await self._send(rows[0], request)

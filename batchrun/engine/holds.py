@@ -67,16 +67,18 @@ class Holds:
         self.closing = False
         self._settled: anyio.Event | None = None  # set when a hold is let go; made by the first waiter
 
-    def worst(self, price: Price | None, body: Mapping[str, Any], payload_bytes: int) -> Worst | None:
+    def worst(self, price: Price | None, body: Mapping[str, Any], payload_bytes: int, *,
+              generates: bool = True) -> Worst | None:
         """The most one answer to this request can cost, where a budget or a price asks.
 
         The worst case of the prompt is the request's size in bytes (no tokenizer makes
         more tokens than bytes, and the JSON around the text covers a chat template's
-        own tokens); of the completion, max_tokens (or the spec's bound) times n.
+        own tokens); of the completion, max_tokens (or the spec's bound) times n, and
+        none for an endpoint that `generates` nothing (embeddings).
         """
         if self.budget is None and price is None:
             return None
-        completion = completion_bound(body, self.spec.budget.assume_max_tokens)
+        completion = completion_bound(body, self.spec.budget.assume_max_tokens) if generates else 0
         known = completion is not None
         completion = completion or 0
         usd = price.worst(payload_bytes, completion) if price is not None and known else None

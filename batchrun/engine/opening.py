@@ -26,7 +26,8 @@ def open_reader(spec: JobSpec, storage: Store) -> InputReader:
     template = Template(spec.template) if spec.template is not None else None
     return InputReader(storage.inputs(), endpoint=spec.endpoint, require_model=spec.model is None, template=template,
                        reserved=[column.name for column in extra_columns(spec)],
-                       priced=spec.pricing if spec.budget.max_usd is not None else None)
+                       priced=spec.pricing if spec.budget.max_usd is not None else None,
+                       bounded=spec.budget.is_set and spec.budget.assume_max_tokens is None)
 
 
 def open_state(spec: JobSpec, reader: InputReader, part: Part, status: StatusFile, *, limit: int | None,

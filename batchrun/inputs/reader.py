@@ -52,13 +52,13 @@ class InputReader:
     def __init__(
         self, paths: Path | Sequence[Path], *, endpoint: str | None = None, require_model: bool = False,
         template: Template | None = None, reserved: Sequence[str] = (), priced: Collection[str] | None = None,
-        batch_rows: int = 1024,
+        bounded: bool = False, batch_rows: int = 1024,
     ) -> None:
         paths = [paths] if isinstance(paths, Path) else list(paths)
         self.endpoint = endpoint
         self.template = template
         self._rows = RowReader(endpoint=endpoint, require_model=require_model, template=template, priced=priced,
-                               several_files=len(paths) > 1)
+                               bounded=bounded, several_files=len(paths) > 1)
         # The output's columns (the job's optional ones too): an input column must not take a name
         self.reserved = frozenset(OUTPUT_COLUMNS).union(reserved)
         self.batch_rows = batch_rows

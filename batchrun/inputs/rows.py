@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._exceptions import InputError
+from ..policy.pricing import MAX_TOKENS_KEYS, whole
 from ..endpoints import ENDPOINTS, Endpoint, endpoint_at, implied_by, job_endpoint, taking
 from .checks import check_body, check_messages, check_record
 from .files import InputFile
@@ -46,7 +47,7 @@ class RowReader:
     template, and what a row must name (a model, a priced model)."""
 
     def __init__(self, *, endpoint: str | None = None, require_model: bool = False, template: Template | None = None,
-                 priced: Collection[str] | None = None, several_files: bool = False) -> None:
+                 priced: Collection[str] | None = None, bounded: bool = False, several_files: bool = False) -> None:
         self.endpoint = endpoint
         self.named = ENDPOINTS.get(endpoint) if endpoint else None
         self.require_model = require_model
@@ -57,6 +58,7 @@ class RowReader:
         # The fields a flat record carries for the request; its other columns pass through
         self.request_fields = (self.named or job_endpoint(None)).request_fields
         self.priced = priced  # with a budget in USD: the models a row may name
+        self.bounded = bounded  # with a budget and no assumed bound: a row's own max_tokens must be a whole number
         self.several_files = several_files  # places then name the file too
         # The registry read once: every row asks which field it gives and where it goes
         self._fields = tuple(dict.fromkeys(e.field for e in ENDPOINTS.values()))  # in the order rows are read
@@ -150,6 +152,11 @@ class RowReader:
         problem = (endpoint.take(body, field) if field != endpoint.field else None) or endpoint.check(body)
         if problem:
             raise fail(problem)
+        if self.bounded and endpoint.generates:
+            for key in MAX_TOKENS_KEYS:
+                if key in body and whole(body[key]) is None:
+                    raise fail(f"{key} {body[key]!r} is no whole number, so the budget cannot hold what the "
+                               "answer may cost; give one, or set budget.assume_max_tokens")
         if endpoint.grouped and self.named is None:
             raise fail(f"{endpoint.name} go several rows to a request: set endpoint: {endpoint.name} in the spec")
         return Row(index, str(row_id), endpoint.name, body, place)

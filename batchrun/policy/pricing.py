@@ -27,12 +27,24 @@ MAX_TOKENS_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")  
 
 
 def completion_bound(body: Mapping[str, Any], default: int | None) -> int | None:
-    """The most completion tokens a request can be billed: its max_tokens (else `default`) times n."""
-    most = next((body[k] for k in MAX_TOKENS_KEYS if type(body.get(k)) is int), default)
+    """The most completion tokens a request can be billed: its max_tokens (else `default`) times n.
+    Only a whole number bounds (200, or YAML's 200.0); a null asks for no bound at all."""
+    most = default
+    for key in MAX_TOKENS_KEYS:
+        if (value := whole(body.get(key))) is not None:
+            most = value
+            break
     if most is None:
         return None
     n = body["n"] if type(body.get("n")) is int and body["n"] > 0 else 1
     return most * n
+
+
+def whole(value: Any) -> int | None:
+    """`value` as a count of tokens, if it is a whole number of them (not a bool)."""
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    return value if type(value) is int and value >= 0 else None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from ..endpoints.base import Endpoint
 from ..endpoints.chat import Chat
 from ..inputs.files import INPUT_SUFFIXES
 from ..inputs.template import Template
-from ..policy.pricing import MAX_TOKENS_KEYS, Price
+from ..policy.pricing import MAX_TOKENS_KEYS, Price, completion_bound
 from .model import (
     BATCH_KINDS,
     DEFAULT_BASE_URL,
@@ -516,7 +516,12 @@ def _check_budget(budget: BudgetSpec, pricing: Mapping[str, Price], model: str |
         known = f" (priced: {', '.join(sorted(pricing))})" if pricing else ""
         raise SpecError(f"budget.max_usd: model {model!r} has no price in pricing{known}; "
                         "add its prices, USD per million tokens")
-    if budget.is_set and budget.assume_max_tokens is None and not any(k in params for k in MAX_TOKENS_KEYS) \
-            and job_endpoint(endpoint).generates:
-        raise SpecError("budget: the worst case of a request needs its max_tokens: set params.max_tokens, "
-                        "or budget.assume_max_tokens for requests without one")
+    if budget.is_set and budget.assume_max_tokens is None and job_endpoint(endpoint).generates:
+        given = next((k for k in MAX_TOKENS_KEYS if k in params), None)
+        if given is None:
+            raise SpecError("budget: the worst case of a request needs its max_tokens: set params.max_tokens, "
+                            "or budget.assume_max_tokens for requests without one")
+        if completion_bound(params, None) is None:
+            raise SpecError(f"budget: params.{given} is {json.dumps(params[given])}, which bounds no answer, so the budget "
+                            f"cannot hold a request's worst case: make it a whole number, or set "
+                            "budget.assume_max_tokens")

@@ -174,7 +174,8 @@ def _lines(session: Session, rows: Iterable[Row], facts: dict[int, _Facts] | Non
         if facts is not None:
             model = row.body.get("model")
             price = spec.pricing.get(model or spec.model or "") if spec.pricing else None
-            worst = holds.worst(price.batched() if price else None, body, len(line))
+            worst = holds.worst(price.batched() if price else None, body, len(line),
+                                generates=get_endpoint(row.endpoint).generates)
             facts[row.index] = _Facts((row.index, row.id, model if isinstance(model, str) else None,
                                        cache_key(session, row, body), worst.usd if worst else None,
                                        worst.tokens if worst else None))
