@@ -46,6 +46,7 @@ class Faults:
     error_503_rate: float = 0.0
     rate_429: float = 0.0  # 429 with Retry-After: retry_after
     retry_after: str = "0"
+    shed_503: bool = False  # a 503 names Retry-After: retry_after too (load shed)
     first_attempt_status: int | None = None  # status of the first request for each key (per Faults object)
     hang_rate: float = 0.0  # wait hang_s, then answer normally if the client is still there
     hang_s: float = 30.0
@@ -309,7 +310,7 @@ class FakeServer:
                     await writer.drain()
                 return False
             if error is not None:
-                retry = {"Retry-After": faults.retry_after} if status == 429 else {}
+                retry = {"Retry-After": faults.retry_after} if status == 429 or status == 503 and faults.shed_503 else {}
                 await _send(writer, status, error, headers=retry, close=close)
                 return not close
             if outcome == "drop":

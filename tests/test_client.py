@@ -77,6 +77,18 @@ def test_a_429_waits_its_retry_after_and_is_not_a_spent_attempt() -> None:
     assert sleeps == [2.0]
 
 
+def test_load_shed_with_a_wait_is_no_spent_attempt_and_a_wait_of_nothing_is_the_backoff() -> None:
+    """A 503 naming its wait is load shed, as a 429 is a rate limit: a row outlasts a storm
+    of them. `retry-after: 0` names no wait: the backoff stands (never hundreds of tries a
+    second)."""
+    shed = [httpx.Response(503, headers={"retry-after": "1"}, text="shedding load")] * 8
+    result, seen, sleeps = call([*shed, httpx.Response(200, json=ANSWER)], retry={"max_attempts": 2})
+    assert (result.status, len(seen), sleeps) == ("ok", 9, [1.0] * 8)
+    now = [httpx.Response(429, headers={"retry-after": "0"}, json={"error": {"message": "slow down"}})] * 3
+    result, seen, sleeps = call([*now, httpx.Response(200, json=ANSWER)])
+    assert result.status == "ok" and 0.05 <= sleeps[0] <= 0.1 and 0.1 <= sleeps[1] <= 0.2 and 0.2 <= sleeps[2] <= 0.4
+
+
 def test_connection_errors_and_timeouts_are_retried() -> None:
     def drop(request: httpx.Request) -> httpx.Response:
         raise httpx.RemoteProtocolError("peer closed connection", request=request)

@@ -77,6 +77,19 @@ def test_flaky_server_every_prompt_answered_exactly(tmp_path: Path, server: Fake
     assert {"drop", "500", "first_attempt", "ok"} <= outcomes
 
 
+def test_a_server_shedding_load_with_a_retry_after_fails_no_row(tmp_path: Path, server: FakeServer) -> None:
+    """Half the answers are 503s naming a wait: with two attempts a row, a row whose 503s
+    were spent attempts would fail one time in four."""
+    server.faults = Faults(seed=3, error_503_rate=0.5, shed_503=True, retry_after="0.02")
+    rows = prompts(30)
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    spec = write_spec(tmp_path, retry={"max_attempts": 2}, api={"base_url": server.base_url})
+    result = run_cli("run", str(spec), "--no-progress")
+    assert result.code == 0, result.stderr
+    assert_exact_answers(read_output(tmp_path / "out/result.parquet"), server, [r["prompt"] for r in rows])
+    assert sum(r.outcome == "503" for r in server.requests) > 20
+
+
 def test_chat_rows_from_parquet(tmp_path: Path, server: FakeServer) -> None:
     server.faults = Faults(seed=2, **FLAKY)
     rows = chat_rows(1000)

@@ -59,6 +59,11 @@ def test_retry_after_header_sets_the_wait() -> None:
     assert retry_after({"retry-after": formatdate(NOW + 30, usegmt=True)}, now=NOW) == pytest.approx(30, abs=1)
     assert retry_after({"retry-after": "3600"}, now=NOW) == 120.0  # capped, not ignored
     assert retry_after({"retry-after": "-1"}, now=NOW) is None
+    # A wait of nothing names none (the backoff stands), and does not hide the other header
+    assert retry_after({"retry-after": "0"}, now=NOW) is None
+    assert retry_after({"retry-after": formatdate(NOW - 30, usegmt=True)}, now=NOW) is None
+    assert retry_after({"retry-after-ms": "-5", "retry-after": "7"}, now=NOW) == 7.0
+    assert retry_after({"retry-after-ms": "0", "retry-after": "2"}, now=NOW) == 2.0
     assert retry_after({"retry-after": "soon"}, now=NOW) is None
     assert retry_after({}, now=NOW) is None
     error = classify(429, {"retry-after": "3"}, body(), now=NOW)

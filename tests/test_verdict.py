@@ -68,8 +68,10 @@ def test_each_status_has_its_kind(status: int, kind: str) -> None:
 
 
 def test_a_503_is_a_push_back_only_when_it_names_a_wait() -> None:
+    """One that names a wait is load shed: "not now", like a 429, so no spent attempt."""
     named, bare = verdict(503, {"retry-after-ms": "1500"}), verdict(503, attempt=2)
-    assert (named.pushed_back, named.wait, named.rate_limited) == (True, 1.5, False)  # a failure, not a 429
+    assert (named.pushed_back, named.wait, named.rate_limited) == (True, 1.5, True)
+    assert bare.rate_limited is False
     assert (bare.pushed_back, bare.wait, bare.kind) == (False, 0.5, RETRY)
 
 

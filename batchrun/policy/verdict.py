@@ -74,8 +74,9 @@ class Verdict:
 
     @property
     def rate_limited(self) -> bool:
-        """A 429 to retry: "not now", not "not this"; it is no spent attempt (see `retry`)."""
-        return self.status == 429 and self.kind == RETRY
+        """A push-back to retry (a 429, or a 503 naming a wait: load shed): "not now", not
+        "not this"; it is no spent attempt (see `retry`)."""
+        return self.pushed_back and self.kind == RETRY
 
     @property
     def load(self) -> str | None:
@@ -129,24 +130,26 @@ def pushed_back(status: int, headers: Mapping[str, str]) -> bool:
 def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:
     """Seconds the server asks us to wait: `retry-after-ms`, else `retry-after`.
 
-    `retry-after` is seconds or an HTTP date. Negative or unparsable values are
-    ignored; long ones are capped at RETRY_AFTER_MAX_S.
+    `retry-after` is seconds or an HTTP date. A wait of nothing (0, a date past, a
+    negative value) or an unparsable one names none: the backoff stands, so a server
+    answering `retry-after: 0` to everything is not asked again at once, hundreds of
+    times a second (the openai SDK ignores such values too). Long ones are capped at
+    RETRY_AFTER_MAX_S.
     """
-    seconds: float | None = None
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms is not None:
-        seconds = _float(raw_ms)
-        seconds = None if seconds is None else seconds / 1000
-    if seconds is None and (raw := headers.get("retry-after")) is not None:
+    for name in ("retry-after-ms", "retry-after"):
+        if (raw := headers.get(name)) is None:
+            continue
         seconds = _float(raw)
-        if seconds is None:
+        if seconds is not None and name == "retry-after-ms":
+            seconds /= 1000
+        elif seconds is None and name == "retry-after":
             try:
                 seconds = parsedate_to_datetime(raw).timestamp() - now
             except (TypeError, ValueError, IndexError):
-                return None
-    if seconds is None or seconds < 0:
-        return None
-    return min(seconds, RETRY_AFTER_MAX_S)
+                seconds = None
+        if seconds is not None and seconds > 0:
+            return min(seconds, RETRY_AFTER_MAX_S)
+    return None
 
 
 def backoff(attempt: int, spec: RetrySpec, rand: Callable[[], float] = random.random) -> float:
