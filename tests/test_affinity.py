@@ -84,6 +84,18 @@ def test_a_template_system_message_or_a_long_prompt_is_the_shared_prefix() -> No
     assert affinity("embeddings", {"model": "m", "input": [long]}) is None
 
 
+def test_a_rows_own_fields_beside_its_prompt_leave_its_key_alone() -> None:
+    """`user` or `seed` change no prompt token, whether encoded before the messages (a
+    row's columns in that order) or after: rows sharing a system message share a key."""
+    system = {"role": "system", "content": "the shared instructions"}
+    keys = {affinity("chat", {"model": "m", **extra, "messages": [system, {"role": "user", "content": f"q{i}"}]})
+            for i, extra in enumerate([{}, {"user": "u1"}, {"user": "u2", "seed": 3}, {"seed": 4}])}
+    keys.add(affinity("chat", {"model": "m", "messages": [system, {"role": "user", "content": "q9"}], "user": "u9"}))
+    assert len(keys) == 1 and None not in keys
+    assert affinity("responses", {"model": "m", "user": "u1", "input": [system, {"role": "user", "content": "a"}]}) \
+        == affinity("responses", {"model": "m", "input": [system, {"role": "user", "content": "b"}]}) is not None
+
+
 def test_affinity_is_on_by_default_for_fireworks_only(tmp_path: Path) -> None:
     base = {"input": "in.jsonl", "output": "out.parquet", "model": "m"}
     assert parse_spec({**base, "api": {"base_url": "https://api.fireworks.ai/inference/v1"}}, base_dir=tmp_path).api \

@@ -123,24 +123,28 @@ class Endpoint:
             body.setdefault("stream_options", {"include_usage": True})
         return body
 
-    def shared_prefix(self, body: Mapping[str, Any], payload: bytes) -> int | None:
-        """How much of the request's JSON (`payload`, `body` encoded as the client sends it)
+    def shared_prefix(self, body: Mapping[str, Any], payload: bytes) -> tuple[int, int] | None:
+        """The span of the request's JSON (`payload`, `body` encoded as the client sends it)
         it may share with other rows' requests (a template's system message, a few-shot
-        block), for the prompt cache's affinity (`api.affinity`): up to its last message,
-        else through the first PREFIX_CHARS of a long prompt; None when there is nothing
-        worth sharing. Found in the bytes already encoded, not encoded again."""
-        messages = body.get("messages", body.get("input"))
+        block), for the prompt cache's affinity (`api.affinity`): its messages up to the
+        last one, else the first PREFIX_CHARS of a long prompt; None when there is nothing
+        worth sharing. Only the prompt: a row's own fields beside it (`user`, `seed`) change
+        no prompt token, whichever side of it they are encoded. Found in the bytes already
+        encoded, not encoded again."""
+        name = "messages" if "messages" in body else "input"
+        messages = body.get(name)
         if isinstance(messages, list) and len(messages) > 1:
             last = json.dumps(messages[-1], ensure_ascii=False, allow_nan=False, default=str).encode()
             end = payload.rfind(last)
-            return end if end > 0 else None
+            start = payload.find(b'"%s":' % name.encode())
+            return (start, end) if 0 <= start < end else None
         text = messages[0].get("content") if isinstance(messages, list) and messages and \
             isinstance(messages[0], Mapping) else body.get("prompt", body.get("input"))
         if not isinstance(text, str) or len(text) < PREFIX_CHARS:
             return None
         start = json.dumps(text[:PREFIX_CHARS], ensure_ascii=False)[:-1].encode()  # (without its closing quote)
         found = payload.find(start)
-        return found + len(start) if found >= 0 else None
+        return (found, found + len(start)) if found >= 0 else None
 
     def parse(self, data: Any) -> Result:
         """A whole (non-streamed) answer as a Result, row_index and id left blank."""

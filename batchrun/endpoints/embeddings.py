@@ -76,7 +76,7 @@ class Embeddings(Endpoint):
         return [Result(-1, "", "ok", model=answer.model, response_id=answer.response_id, embedding=vector,
                        **{name: usage[name][i] for name in _USAGE}) for i, vector in enumerate(vectors)]
 
-    def shared_prefix(self, body: Mapping[str, Any], payload: bytes) -> int | None:
+    def shared_prefix(self, body: Mapping[str, Any], payload: bytes) -> tuple[int, int] | None:
         """Embeddings are not generated from a prompt: no prefix cache to share."""
         return None
 

@@ -172,10 +172,13 @@ class Client:
     @staticmethod
     def _affinity(endpoint: str, body: Mapping[str, Any], payload: bytes) -> str | None:
         """The key of the replica whose prompt cache may hold this request's prefix: the
-        same for every request whose JSON agrees up to there (model and params included).
-        A checksum, not a digest: it only routes, and costs a few µs for 10 KB."""
-        end = ENDPOINTS[endpoint].shared_prefix(body, payload)
-        return None if end is None else f"{zlib.crc32(payload[:end]):08x}"
+        same for every request of the model whose prompt agrees up to there. A checksum,
+        not a digest: it only routes, and costs a few µs for 10 KB."""
+        span = ENDPOINTS[endpoint].shared_prefix(body, payload)
+        if span is None:
+            return None
+        model = zlib.crc32(str(body.get("model", "")).encode())
+        return f"{zlib.crc32(payload[span[0]:span[1]], model):08x}"
 
     async def send(self, request: Request, *, park: bool = False) -> Result:
         """One answer, retried as the policy says; a failure the row bears is a failed Result.
