@@ -9,6 +9,7 @@ import json
 import random
 import signal
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,53 @@ def test_a_restart_whose_cancels_fail_discards_nothing(
     monkeypatch.undo()
     assert run_cli("submit", "--restart", str(spec), env=cli_env(**ENV)).code == 0
     assert [batches.batch(c.batch_id).obj["status"] for c in batches.created[:2]] == ["cancelling"] * 2
+
+
+def test_sigterm_while_sending_sends_no_more_and_a_second_one_stops_at_once(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ten batches to send, the third's upload held at the server: a SIGTERM then lets that
+    upload end but creates nothing more (a rerun creates it from its file, never twice); a
+    second signal cuts the call under way short."""
+    batches.polls_to_finish = None
+    arrived, gate = threading.Event(), threading.Event()
+    upload = batches.upload
+
+    def held_third(*args: object, **kwargs: object) -> tuple[int, dict]:
+        if len(batches.uploads) == 2:
+            arrived.set()
+            batches.lock.release()  # (the fake answers under its lock)
+            try:
+                gate.wait(timeout=60)
+            finally:
+                batches.lock.acquire()
+        return upload(*args, **kwargs)
+
+    monkeypatch.setattr(batches, "upload", held_third)
+    spec = job(tmp_path, live, batches, 100, batch={"rows_per_batch": 10})
+    proc = start_cli("run", "--no-progress", str(spec), env=cli_env(**ENV))
+    assert arrived.wait(timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    gate.set()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 3 and "stopped by SIGTERM" in stderr, stderr
+    assert (len(batches.uploads), len(batches.created)) == (3, 2)
+
+    arrived.clear()
+    gate.clear()
+    monkeypatch.setattr(batches, "upload", held_third)  # the next upload (the fourth batch's) is held
+    batches.uploads.pop()  # (so that it is the one held: the third's file is reused, not uploaded again)
+    proc = start_cli("run", "--no-progress", str(spec), env=cli_env(**ENV))
+    assert arrived.wait(timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)  # (two of one signal at once may arrive as one)
+    try:
+        _, stderr = proc.communicate(timeout=30)  # the held upload never ends by itself
+    finally:
+        gate.set()
+    assert proc.returncode == 3 and "stopped at once by a second SIG" in stderr, stderr
+    assert len(batches.created) == 3  # the third's, from the file already uploaded
+    monkeypatch.undo()
+    batches.polls_to_finish = 1
+    assert run_cli("run", "--no-progress", str(spec), env=cli_env(**ENV)).code == 0
+    assert len(batches.created) == 10 and batches.custom_ids_in_two_batches() == set()
+    assert [r["backend"] for r in read_output(tmp_path / "out/result.parquet")] == ["batch"] * 100

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from ..._exceptions import BatchrunError, BudgetReached, ConfigError, JobAborted
+from ..._exceptions import BatchrunError, BudgetReached, ConfigError, Interrupted, JobAborted
 from ...endpoints.result import Result
 from ...engine.cache import ResponseCache
 from ...engine.holds import job_budget
@@ -156,13 +156,20 @@ def _cancel_discarded(caller: Caller, provider: Provider, http: httpx.Client, ol
 @contextlib.contextmanager
 def _stoppable(session: Session, handle_signals: bool) -> Iterator[None]:
     """SIGINT and SIGTERM (with `handle_signals`: the CLI) ask the job to stop: the call
-    under way ends, nothing more is sent, and the batches stay with the provider."""
+    under way ends, nothing more is sent, and the batches stay with the provider. A second
+    one stops at once, the call under way cut short: the state records each step's intent
+    before its call (a batch cut short in its upload is uploaded again by a rerun, one cut
+    short in its creation is found under its key) and a collection commits whole or not."""
     if not handle_signals:
         yield
         return
 
     def stop(signum: int, _frame: object) -> None:
-        session.stopped_by = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if session.stop.is_set():
+            raise Interrupted(f"stopped at once by a second {name}; the batches sent stay with the provider and "
+                              "the state knows them: rerun (`batchrun run` or `submit`) to go on")
+        session.stopped_by = name
         session.stop.set()
 
     saved = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}

@@ -21,7 +21,7 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_a
 from ..._exceptions import Interrupted, JobAborted, RetryableAPIError
 from ...spec.model import BatchApiSpec
 
-__all__ = ["ATTEMPTS", "Caller", "Calls", "call", "pause"]
+__all__ = ["ATTEMPTS", "Caller", "Calls", "call", "go_on", "pause"]
 
 ATTEMPTS = 8
 T = TypeVar("T")
@@ -65,3 +65,8 @@ def pause(session: Calls, seconds: float) -> None:
     if session.stop.wait(seconds):
         raise Interrupted(f"stopped by {session.stopped_by or 'request'}; the batches sent stay with the provider "
                           "and the state knows them: rerun (`batchrun run` or `submit`) to go on")
+
+
+def go_on(session: Calls) -> None:
+    """Before a batch is sent: Interrupted if the job was asked to stop (nothing more goes)."""
+    pause(session, 0)

@@ -27,7 +27,7 @@ from ...storage.ledger import BatchRow, Entry
 from .base import Batch
 from .cached import cache_key
 from .lines import batch_line, chunks
-from .remote import call
+from .remote import call, go_on
 from .session import KEY_TAG, TAG, Session
 
 __all__ = ["cancel_duplicates", "send", "send_planned"]
@@ -43,6 +43,7 @@ def send(session: Session, wanted: Iterable[int], budget: Budget | None) -> int:
     for endpoint, rows in itertools.groupby(session.rows(wanted), key=lambda row: row.endpoint):
         for chunk in chunks(_lines(session, rows, facts),
                             max_rows=_most_rows(session), max_bytes=session.provider.max_bytes):
+            go_on(session)  # a SIGTERM between two batches: the next is not sent
             key = secrets.token_hex(6)
             these = [facts.pop(index) for index, _ in chunk]
             hold = _hold(session, budget, these)
@@ -61,6 +62,7 @@ def send_planned(session: Session, entries: list[Entry]) -> int:
         return 0
     found = _tagged(session)
     for entry in missing:
+        go_on(session)
         if (batch := found.get(entry.key)) is not None:
             session.store.ledger.seen(entry.key, batch.state, batch.counts, batch.id)
             continue
@@ -111,6 +113,7 @@ def _upload_and_create(session: Session, key: str, endpoint: str, data: Callable
         if batch is None:
             file_id = call(session, provider.upload, http, f"batchrun-{session.job}-{key}.jsonl", data())
             ledger.uploaded(key, file_id)
+            go_on(session)  # stopped during the upload: a rerun creates the batch from the file
             batch = _create(session, key, endpoint, file_id)
     except ConfigError as exc:
         ledger.forget(key)
