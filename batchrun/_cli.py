@@ -256,6 +256,9 @@ def _submit(args: argparse.Namespace) -> int:
 def _run_ray(args: argparse.Namespace) -> int:
     if args.shard is not None or args.limit is not None:
         raise ConfigError("--ray makes the shards itself and runs every row: drop --shard and --limit")
+    if args.batch_api:  # its shards would send live what the batch API answers at half price
+        raise ConfigError("--batch-api and --ray do not go together: a provider's batch API takes the whole job "
+                          "at once; drop one of them")
     summary = run_on_ray(
         args.job, address=args.ray or None, workers=args.ray_workers, restart=args.restart,
         retry_failed=args.retry_failed, max_failed_share=args.max_failed_share,

@@ -261,6 +261,10 @@ def test_run_with_the_batch_api_flag_sends_a_spec_without_the_section_through_th
     assert done.code == 0, done.stderr
     assert [r["backend"] for r in read_output(tmp_path / "out/result.parquet")] == ["batch"] * 12
     assert len(batches.created) == 1 and spec.read_text() == text
+    # With --ray its shards would send live, at full price, what the batch API answers at half
+    refused = run_cli("run", str(spec), "--batch-api", "--ray", "127.0.0.1:1", "--restart", env=cli_env(**ENV))
+    assert refused.code == 2 and "--batch-api and --ray do not go together" in refused.stderr, refused.stderr
+    assert len(batches.created) == 1 and not batches.uploads[1:]
 
 
 def test_rows_handed_back_for_live_fail_instead_once_the_spec_says_fallback_none(
