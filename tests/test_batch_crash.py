@@ -279,3 +279,20 @@ def test_sigterm_while_sending_sends_no_more_and_a_second_one_stops_at_once(
     assert run_cli("run", "--no-progress", str(spec), env=cli_env(**ENV)).code == 0
     assert len(batches.created) == 10 and batches.custom_ids_in_two_batches() == set()
     assert [r["backend"] for r in read_output(tmp_path / "out/result.parquet")] == ["batch"] * 100
+
+
+def test_a_batch_whose_output_file_is_gone_hands_its_rows_on_and_the_others_are_collected(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    """Its file deleted before collection (by hand, by the provider's retention): its rows
+    have no answer from it, which fallback: none fails with the reason; the job is not stuck."""
+    batches.polls_to_finish = None
+    spec = job(tmp_path, live, batches, 20, batch={"rows_per_batch": 10, "fallback": "none"})
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0
+    batches.finish()
+    gone = batches.batch(batches.created[0].batch_id).obj["output_file_id"]
+    del batches.files[gone]
+    done = run_cli("run", str(spec), env=cli_env(**ENV))
+    assert done.code == 1, done.stderr
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["status"] for r in out] == ["failed"] * 10 + ["ok"] * 10 and not live.requests
+    assert all("its output file is gone from the provider" in r["error"] for r in out[:10]), out[0]["error"]

@@ -137,23 +137,25 @@ class BatchAPI(Protocol):
         """Every batch whose metadata holds `key: value`, newest first: what a rerun finds of
         the batches an earlier run created, whatever it managed to record."""
 
-    def download(self, http: httpx.Client, file: str, into: BinaryIO) -> None:
+    def download(self, http: httpx.Client, file: str, into: BinaryIO) -> bool:
         """Write the file's bytes into `into` as they arrive (a batch's answers may be
-        larger than memory); a file the provider does not have writes nothing."""
+        larger than memory); a file the provider does not have writes nothing (False)."""
 
 
 def stream_into(http: httpx.Client, request: httpx.Request, into: BinaryIO, what: str,
-                check: Callable[[httpx.Response, str], httpx.Response] = checked) -> None:
+                check: Callable[[httpx.Response, str], httpx.Response] = checked) -> bool:
     """Send `request` and write its answer's body into `into` as it arrives; an answer
-    that is not a success raises what `check` makes of it."""
+    that is not a success raises what `check` makes of it, or (one it lets pass) writes
+    nothing: False."""
     response = http.send(request, stream=True)
     try:
         if not response.is_success:
             response.read()
             check(response, what)
-            return
+            return False
         for chunk in response.iter_bytes():
             into.write(chunk)
+        return True
     finally:
         response.close()
 

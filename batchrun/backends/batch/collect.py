@@ -50,7 +50,7 @@ def collect(session: Session, entry: Entry, batch: Batch) -> tuple[int, int]:
     The files go to disk as they arrive, and their lines into the state as they are
     read, in the one transaction: a batch's answers never need to fit in memory."""
     reading = _Reading(session, entry, batch)
-    with _downloaded(session, batch) as files:
+    with _downloaded(session, batch) as (files, reading.gone):
         session.store.save((), released=[entry.hold] if entry.hold is not None else [],
                            also=lambda db: reading.commit(db, files))
     remember(session, reading.cached)
@@ -58,26 +58,29 @@ def collect(session: Session, entry: Entry, batch: Batch) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _downloaded(session: Session, batch: Batch) -> Iterator[list[tuple[Path, bool]]]:
+def _downloaded(session: Session, batch: Batch) -> Iterator[tuple[list[tuple[Path, bool]], list[str]]]:
     """The batch's output and error files (path, from_errors) downloaded beside the state
-    (private, like it), for as long as the `with` lasts."""
+    (private, like it), for as long as the `with` lasts; and which of them the provider
+    no longer has ("output", "error": their rows have no answer from them)."""
     files: list[tuple[Path, bool]] = []
+    gone: list[str] = []
     try:
         for file, from_errors in ((batch.output_file, False), (batch.error_file, True)):
             if file:
                 path = session.store.path.with_name(f".{session.store.path.name}.{len(files)}.download")
                 files.append((path, from_errors))
-                call(session, _fetch, session, file, path)
-        yield files
+                if not call(session, _fetch, session, file, path):
+                    gone.append("error" if from_errors else "output")
+        yield files, gone
     finally:
         for path, _ in files:
             path.unlink(missing_ok=True)
 
 
-def _fetch(session: Session, file: str, path: Path) -> None:
-    """One try at the download: the file starts empty each time."""
+def _fetch(session: Session, file: str, path: Path) -> bool:
+    """One try at the download: the file starts empty each time. Whether it was there."""
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as into:
-        session.provider.download(session.http, file, into)
+        return session.provider.download(session.http, file, into)
 
 
 class _Reading:
@@ -95,6 +98,7 @@ class _Reading:
         # paid for all the same: a rerun may take it from there)
         self.cached: list[tuple[str | None, Result]] = []
         self.settled = 0
+        self.gone: list[str] = []  # its files the provider no longer has
 
     def commit(self, db: sqlite3.Connection, files: list[tuple[Path, bool]]) -> None:
         upsert(db, self._results(files))
@@ -129,6 +133,9 @@ class _Reading:
         batch, waited_h = self.batch, (time.time() - self.entry.since) / 3600
         errors = "; ".join(batch.errors[:3])
         why = f"the batch {batch.state} without an answer for it" + (f" ({errors})" if errors else "")
+        if self.gone:
+            why += f"; its {' and '.join(self.gone)} file{'s' if len(self.gone) > 1 else ''} " \
+                   f"{'are' if len(self.gone) > 1 else 'is'} gone from the provider"
         if batch.state in ("cancelled", "deleted") and waited_h > self.session.batch.max_wait_h:
             why += f", cancelled by batchrun past batch_api.max_wait_h ({self.session.batch.max_wait_h:g} h)"
         return why

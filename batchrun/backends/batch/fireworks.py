@@ -188,7 +188,7 @@ class FireworksBatches(Provider):
             if not token or not jobs:
                 return found
 
-    def download(self, http: httpx.Client, file: str, into: BinaryIO) -> None:
+    def download(self, http: httpx.Client, file: str, into: BinaryIO) -> bool:
         """`file`: "{dataset}/{file name}"; a file (or dataset) that is not there holds
         nothing. A signed URL refused (expired) is asked for again."""
         dataset, _, name = file.partition("/")
@@ -196,16 +196,16 @@ class FireworksBatches(Provider):
         for tries in range(1, SIGNED_TRIES + 1):
             asked = http.get(f"/datasets/{dataset}:getDownloadEndpoint")
             if asked.status_code == 404:
-                return
+                return False
             urls = _read(checked(asked, what), what, lambda data: dict(data.get("filenameToSignedUrls") or {}))
             if name not in urls:
-                return
+                return False
             try:
-                stream_into(http, _unsigned(http, "GET", str(urls[name])), into, what,
-                            check=_stored if tries == SIGNED_TRIES else _signed)
-                return
+                return stream_into(http, _unsigned(http, "GET", str(urls[name])), into, what,
+                                   check=_stored if tries == SIGNED_TRIES else _signed)
             except _Expired:
                 continue
+        return False  # (not reached: the last try's refusal is retried by the caller)
 
 
 def dataset_id(name: str) -> str:

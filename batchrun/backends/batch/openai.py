@@ -77,11 +77,19 @@ class OpenAIBatches(Provider):
                 return found
             after = batches[-1].id
 
-    def download(self, http: httpx.Client, file: str, into: BinaryIO) -> None:
-        stream_into(http, http.build_request("GET", f"/files/{file}/content"), into, f"downloading {file}")
+    def download(self, http: httpx.Client, file: str, into: BinaryIO) -> bool:
+        """A file the provider no longer has (a 404: deleted by hand or by its retention)
+        holds nothing: its batch's rows have no answer from it."""
+        return stream_into(http, http.build_request("GET", f"/files/{file}/content"), into, f"downloading {file}",
+                           check=_present)
 
 
 T = TypeVar("T")
+
+
+def _present(response: httpx.Response, what: str) -> httpx.Response:
+    """A download's refusal as `checked` reads it, but for a 404: the file is gone."""
+    return response if response.status_code == 404 else checked(response, what)
 
 
 def _read(response: httpx.Response, what: str, read: Callable[[Any], T]) -> T:
