@@ -105,6 +105,17 @@ def test_an_answer_without_usage_is_charged_at_its_worst_case_never_free() -> No
     assert budget.spent_tokens == 50
 
 
+def test_an_answer_whose_usage_leaves_out_its_completion_is_charged_at_its_worst_case() -> None:
+    """A completion its usage does not count is no free one; an embedding has none to count."""
+    budget = Budget(1.0, None)
+    result = answer(100, None)
+    holds(budget).charge(result, [result], PRICE, Worst(5e-4, 300), budget.reserve(5e-4, 300))
+    assert (result.cost_usd, result.extra) == (5e-4, {"unmetered": 1, "unmetered_tokens": 300})
+    embedded = answer(100, None)
+    holds(budget).charge(embedded, [embedded], PRICE, Worst(1e-4, 100), budget.reserve(1e-4, 100), generates=False)
+    assert (embedded.cost_usd, embedded.extra) == (pytest.approx(1e-4), None)
+
+
 def test_a_hold_let_go_without_an_answer_to_save_is_released_from_the_state() -> None:
     released: list[int] = []
 

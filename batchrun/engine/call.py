@@ -112,7 +112,7 @@ class Caller:
             self._scrub(result)
         if self.spec.keep_request:
             result.extra = {**(result.extra or {}), "request": request.payload.decode()}
-        self.holds.charge(result, paid, price, worst, held)
+        self.holds.charge(result, paid, price, worst, held, generates=get_endpoint(row.endpoint).generates)
         if key is not None and result.status == "ok":
             result.cache_key = key  # cached by the writer, once the state has it
         return result
@@ -215,7 +215,8 @@ class Caller:
             self.holds.let_go(hold)
             raise
         paid = [answer] if answer.status == "ok" else []
-        self.holds.charge(answer, paid, price, worst, hold)  # the request's cost; its hold goes with the rows
+        # the request's cost; its hold goes with the rows
+        self.holds.charge(answer, paid, price, worst, hold, generates=endpoint.generates)
         attempts = before + request.count
         if answer.status != "ok" and len(rows) > 1 and _REFUSED.match(answer.error or ""):
             # Refused for what it holds (nothing paid): find the row, in halves

@@ -25,7 +25,7 @@ from ..policy.pricing import usd as format_usd
 from ..spec.model import JobSpec
 from ..storage.state import Spend
 
-__all__ = ["HoldLog", "Holds", "Worst", "job_budget"]
+__all__ = ["HoldLog", "Holds", "Worst", "job_budget", "metered"]
 
 USAGE = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 
@@ -38,6 +38,13 @@ class HoldLog(Protocol):
 
     def release(self, hold: Hold) -> None:
         """`hold` ended without an answer to save (set aside, or refused as a whole)."""
+
+
+def metered(answer: Result, generates: bool) -> bool:
+    """Whether the answer's usage says what it cost: its prompt tokens, and (`generates`)
+    its completion tokens. One that leaves either out is charged at its worst case: a
+    completion it does not count is no free one."""
+    return answer.prompt_tokens is not None and (answer.completion_tokens is not None or not generates)
 
 
 def job_budget(spec: JobSpec, spend: Spend) -> Budget | None:
@@ -130,16 +137,17 @@ class Holds:
             self._settled.set()
 
     def charge(self, result: Result, paid: list[Result], price: Price | None, worst: Worst | None,
-               hold: Hold | None) -> None:
+               hold: Hold | None, *, generates: bool = True) -> None:
         """The row's cost: every answer paid for at its model's price, one without usage
-        at its worst case (never free); the budget lets go of the hold."""
+        (or without its completion count, where the endpoint `generates`) at its worst
+        case (never free); the budget lets go of the hold."""
         if price is None and worst is None and hold is None:  # no budget, no price: the usual row
             _add_usage(result, paid)
             return
         usd: float | None = None
         tokens = unmetered = unmetered_tokens = 0
         for answer in paid:
-            if answer.prompt_tokens is None and answer.completion_tokens is None:
+            if not metered(answer, generates):
                 if worst is None:  # no price and no budget: nothing is charged, nothing to say
                     continue
                 unmetered += 1

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ...endpoints import get_endpoint
 from ...endpoints.result import Result
+from ...engine.holds import metered
 from ...policy.pricing import cost
 from ...spec.schema import Structure
 from ...storage.ledger import Entry
@@ -159,7 +160,8 @@ class _Reading:
         if why is not None:
             result = Result(index, "", "failed", error=f"the batch did not answer it ({self.batch.state}): {why}")
         _, row_id, model, key, worst_usd, worst_tokens = self.asked[index]
-        settled = _settled(self.session, result, row_id, model or self.session.spec.model, worst_usd, worst_tokens)
+        settled = _settled(self.session, result, row_id, model or self.session.spec.model, worst_usd, worst_tokens,
+                           get_endpoint(self.entry.endpoint).generates)
         self.settled += 1
         if self.session.cache is not None and key is not None and settled.status == "ok":
             self.cached.append((key, settled))
@@ -183,7 +185,7 @@ def _lines_of(path: Path, limit: int) -> Iterator[bytes | None]:
 
 
 def _settled(session: Session, result: Result, row_id: str, model: str | None, worst_usd: float | None,
-             worst_tokens: int | None) -> Result:
+             worst_tokens: int | None, generates: bool) -> Result:
     """A row's Result as the state keeps it: its id, one attempt, cost at batch prices (an
     answer without usage at its worst case, as live: never free, and counted against the
     budget), a failure final (a 4xx, an answer that breaks the schema), the path that
@@ -192,7 +194,7 @@ def _settled(session: Session, result: Result, row_id: str, model: str | None, w
     extra = {**(result.extra or {}), BACKEND: "batch"}
     if result.status != "ok":
         result.transient = False
-    elif result.prompt_tokens is None and result.completion_tokens is None:
+    elif not metered(result, generates):
         if worst_usd is not None or worst_tokens is not None:
             result.cost_usd = worst_usd
             extra.update(unmetered=1, unmetered_tokens=worst_tokens or 0)
