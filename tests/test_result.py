@@ -56,3 +56,16 @@ def test_texts_are_made_storable_everywhere_in_an_answer() -> None:
 def test_any_shape_the_server_sends_becomes_text() -> None:
     assert text_of([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]) == "ab"
     assert (text_of(3), text_of(None), text_of(True), text_of({"x": 1})) == ("3", None, "true", '{"x": 1}')
+
+
+def test_cached_tokens_are_read_where_each_server_puts_them() -> None:
+    """OpenAI's and Fireworks' prompt_tokens_details first; else a top-level count (some
+    proxies) or DeepSeek's prompt_cache_hit_tokens: a cached token is priced as one."""
+    base = {"prompt_tokens": 100, "completion_tokens": 5}
+    for usage, cached in [({**base, "prompt_tokens_details": {"cached_tokens": 64}}, 64),
+                          ({**base, "cached_tokens": 32}, 32), ({**base, "prompt_cache_hit_tokens": 16}, 16),
+                          ({**base, "prompt_tokens_details": {"cached_tokens": 8}, "cached_tokens": 32}, 8),
+                          (base, None)]:
+        result = Result(0, "a", "ok")
+        set_usage(result, usage)
+        assert result.cached_tokens == cached, usage

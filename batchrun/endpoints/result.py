@@ -128,6 +128,8 @@ def set_usage(result: Result, usage: Any) -> None:
     details = usage.get("prompt_tokens_details")
     if isinstance(details, dict):
         result.cached_tokens = _int(details.get("cached_tokens"))
+    if result.cached_tokens is None:  # where other servers put it: top-level (some proxies), DeepSeek's name
+        result.cached_tokens = _int(usage.get("cached_tokens", usage.get("prompt_cache_hit_tokens")))
     details = usage.get("completion_tokens_details")
     if isinstance(details, dict):
         result.reasoning_tokens = _int(details.get("reasoning_tokens"))
