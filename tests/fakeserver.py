@@ -84,6 +84,11 @@ class Faults:
     # admitted; one that would take more than is left is answered 429. Every answer states
     # the budgets (x-ratelimit-limit-tokens-*) and what is left (x-ratelimit-remaining-tokens-*).
     fireworks_budgets: tuple[float, float, float] | None = None
+    # OpenAI's tokens a minute, counted as OpenAI counts them: a request's prompt / 4 plus its
+    # max_tokens × n, taken as it is admitted from a bucket of a second's tokens (whatever
+    # its answer then uses); one over is answered 429. Every answer states
+    # x-ratelimit-limit-tokens and -remaining-tokens.
+    openai_tpm: int | None = None
     # Replicas with prompt caches of their own: a chat request goes to the replica its
     # x-session-affinity header names (else one drawn at random), and its messages before
     # the last are cached tokens there if that replica served them lately (its last
@@ -279,6 +284,11 @@ class FakeServer:
                 if not stated:
                     outcome, status, error = "limited", 429, error_body(
                         "rate limit exceeded for api_key (injected)", "rate_limit_error", "rate_limit_exceeded")
+            elif faults.openai_tpm is not None and error is None:
+                stated = self._openai_tokens(faults.openai_tpm, body)
+                if stated.pop("over", None):
+                    outcome, status, error = "limited", 429, error_body(
+                        "Rate limit reached for tokens per min (TPM) (injected)", "tokens", "rate_limit_exceeded")
             elif faults.fireworks_budgets is not None and error is None:
                 stated = self._fireworks_budgets(faults.fireworks_budgets, key)
                 if "x-ratelimit-over-limit" in stated:
@@ -288,7 +298,7 @@ class FakeServer:
             if outcome in ("busy", "limited"):
                 self._cond.notify_all()
         if outcome in ("busy", "limited"):
-            wait = faults.retry_after if outcome == "busy" else "1" if faults.fireworks_budgets else \
+            wait = faults.retry_after if outcome == "busy" else "1" if faults.fireworks_budgets or faults.openai_tpm else \
                 f"{faults.litellm_window_s:g}"
             await _send(writer, 429, error, headers={"Retry-After": wait, **stated}, close=close)
             return not close
@@ -386,6 +396,25 @@ class FakeServer:
         stated = {f"x-ratelimit-limit-tokens-{n}": f"{limit:g}" for n, limit in zip(names, limits)}
         stated |= {f"x-ratelimit-remaining-tokens-{n}": f"{level:.0f}" for n, level in zip(names, levels)}
         return {**stated, "x-ratelimit-over-limit": "yes"} if over else stated
+
+    def _openai_tokens(self, tpm: int, body: dict) -> dict[str, str]:
+        """Take a request's tokens as OpenAI books them on admission (its prompt / 4 plus its
+        max_tokens × n) from a bucket of a second's tokens: its answer's headers, with "over"
+        when it has not enough left (refused). The admitted go in `budget_used` (when, tokens)."""
+        now, per_s = time.monotonic(), tpm / 60
+        if self.budget_levels is None:
+            self.budget_levels, self._budget_at = [per_s], now
+        level = min(per_s, self.budget_levels[0] + (now - self._budget_at) * per_s)
+        self._budget_at = now
+        prompt = sum(len(str(m.get("content", ""))) for m in body.get("messages", ())) or len(str(body.get("prompt")))
+        asked = prompt // 4 + int(body.get("max_tokens") or 16) * int(body.get("n") or 1)
+        over = asked > level
+        if not over:
+            level -= asked
+            self.budget_used.append((now, asked, 0, 0))
+        self.budget_levels = [level]
+        stated = {"x-ratelimit-limit-tokens": str(tpm), "x-ratelimit-remaining-tokens": f"{level * 60:.0f}"}
+        return {**stated, "over": "yes"} if over else stated
 
     def _litellm_window(self, faults: Faults) -> dict[str, str]:
         """Count a request in litellm_rpm's window: its answer's headers, or {} when it is one over."""

@@ -183,7 +183,8 @@ FIREWORKS = {"x-ratelimit-limit-tokens-prompt": "2000", "x-ratelimit-remaining-t
 def test_openai_limits_are_read_per_minute_with_their_reset_durations() -> None:
     stated = ServerLimits.read(OPENAI)
     assert stated.requests == (Allowance(limit=500, remaining=499, reset_s=0.12, window_s=60),)
-    assert stated.tokens == (Allowance(limit=200000, remaining=199000, reset_s=360, window_s=60),)
+    # OpenAI counts a request's tokens as it admits it: its prompt and its max_tokens
+    assert stated.tokens == (Allowance(limit=200000, remaining=199000, reset_s=360, window_s=60, booked=True),)
     assert ServerLimits.read({"x-ratelimit-reset-requests": "1s"}).requests == (Allowance(reset_s=1.0),)
 
 
@@ -280,6 +281,19 @@ def test_token_budgets_cap_the_rate_by_what_a_request_uses_of_each() -> None:
     assert limiter.rate == pytest.approx(20 * 0.95)
 
 
+def test_openais_token_limit_counts_a_request_by_its_max_tokens_litellms_key_by_its_usage() -> None:
+    """OpenAI books a request's prompt and max_tokens as it admits it; an answer using far
+    less (56 of 251) must not pace as if only that were counted: 429s come in waves.
+    LiteLLM's key counts what the answer used."""
+    limits = {"x-ratelimit-limit-tokens": "60000", "x-ratelimit-api_key-limit-tokens": "120000"}
+    limiter = RateLimiter()
+    send_times(limiter, 3, tokens=251)  # (estimate_tokens: prompt / 4 + max_tokens)
+    limiter.observe(heard(200, limits), 0.0)
+    limiter.used(Usage.of(prompt=40, cached=0, completion=16))  # type: ignore[arg-type]
+    # OpenAI's 1,000 a second over 251 a request binds (LiteLLM's 2,000 over 56 would allow 35/s)
+    assert limiter.rate == pytest.approx(1000 / 251 * 0.95)
+
+
 def test_a_budget_that_grows_lifts_the_ceiling_and_the_rate_climbs_to_it() -> None:
     limiter = RateLimiter()
     limiter.used(Usage.of(prompt=100, cached=0, completion=10))  # type: ignore[arg-type]
@@ -332,6 +346,27 @@ def test_a_job_paced_by_litellm_headers_meets_at_most_one_429(tmp_path: Path) ->
 
 
 @pytest.mark.slow
+def test_a_job_keeps_to_openais_tokens_a_minute_counted_by_max_tokens_with_no_429(tmp_path: Path) -> None:
+    """OpenAI books a request's max_tokens as it admits it: answers of a few tokens must not
+    pace the job as if only those were counted (before: 429s in waves). 100 max_tokens a
+    request, 6,000 tokens a second: about 50 requests a second."""
+    rows = 200
+    with FakeServer(Faults(openai_tpm=360_000, latency_s=0.01)) as server:
+        write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"question {i:04d}: " + "tell me more " * 20}
+                                               for i in range(rows)])
+        spec = write_spec(tmp_path, api={"base_url": server.base_url}, endpoint="chat", concurrency=64,
+                          params={"max_tokens": 100})
+        result = run_cli("run", str(spec), "--no-progress")
+        assert result.code == 0, result.stderr
+        assert [r["status"] for r in read_output(tmp_path / "out/result.parquet")] == ["ok"] * rows
+        assert [r for r in server.requests if r.outcome == "limited"] == []  # no 429
+        admitted = server.budget_used
+    start, end = admitted[0][0] + 1.0, admitted[-1][0]
+    booked = sum(tokens for at, tokens, _, _ in admitted if start <= at <= end)
+    print(f"booked tokens a second: {booked / (end - start):.0f}, {booked / (end - start) / 6000:.1%} of the limit")
+    assert booked / (end - start) >= 0.85 * 6000, booked / (end - start)
+
+
 def test_a_job_fills_fireworks_tightest_token_budget_with_no_429(tmp_path: Path) -> None:
     """Three budgets a second, the generated one tightest (250 tokens/s, about 50 answers):
     paced by what a request uses of each, the job keeps to it from its first answer on:

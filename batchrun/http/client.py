@@ -156,12 +156,15 @@ class Client:
     def request(self, endpoint: str, body: Mapping[str, Any], *, tokens: int | None = None,
                 pushed_back: bool = False, spent: tuple[int, int] = (0, 0)) -> Request:
         """`body` to `endpoint`, encoded once for every attempt; raises Unsendable. `tokens`:
-        the request's estimate, for a tokens-per-minute limit (None: from the body)."""
+        the request's estimate, for a tokens-per-minute limit or one the server states
+        (None: from the body)."""
         try:
             payload = dumps(body).encode()
         except (ValueError, TypeError, RecursionError) as exc:
             raise Unsendable(f"the request cannot be sent as JSON: {exc}") from None
-        if not self.limiter.tokens_per_s:  # only a tokens-per-minute limit needs the estimate
+        # A token limit needs the estimate: the spec's, or one the server states (the first
+        # request's is kept for its answer, which may state one)
+        if not (self.limiter.tokens_per_s or self.limiter.wants_usage or not self.requests_sent):
             tokens = 0
         elif tokens is None:
             tokens = estimate_tokens(body)

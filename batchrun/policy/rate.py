@@ -89,6 +89,7 @@ class RateLimiter:
         self.tokens_per_s = tokens_per_minute / 60 if tokens_per_minute else None
         self._next_request = 0.0
         self._next_tokens = 0.0
+        self._booked = 0.0  # a request's size as booked (`estimate_tokens`: max_tokens included), lately
         self._sent: deque[float] = deque()  # times of recent requests
         self._admitted: deque[float] = deque()  # times of recent successful answers
         self._pushed: deque[float] = deque()  # times of recent push-backs
@@ -105,6 +106,7 @@ class RateLimiter:
 
     def reserve(self, tokens: int, now: float) -> float:
         """Book a send slot for a request of about `tokens` tokens; return the wait."""
+        self._booked += (tokens - self._booked) * (USAGE_WEIGHT if self._booked else 1.0)
         start = now
         if self.rate is not None:
             start = max(start, self._next_request)
@@ -196,10 +198,11 @@ class RateLimiter:
         """The token budgets stated, as requests/s: each budget over a request's mean use of
         it (Fireworks: prompt, uncached prompt, generated; OpenAI and LiteLLM: all tokens).
         Stated anew with every answer, a budget moves the cap down and up."""
-        usage = self.usage
+        usage, booked = self.usage, max(self.usage.total, self._booked)
         budgets = [(budget, each) for budget, each in (
             (stated.prompt_tokens, usage.prompt), (stated.cache_adjusted_prompt_tokens, usage.uncached),
-            (stated.generated_tokens, usage.completion), *((budget, usage.total) for budget in stated.tokens),
+            (stated.generated_tokens, usage.completion),
+            *((budget, booked if budget.booked else usage.total) for budget in stated.tokens),
         ) if budget is not None]
         if budgets:
             self.wants_usage = True
@@ -328,6 +331,9 @@ class Allowance:
     remaining: float | None = None
     reset_s: float | None = None
     window_s: float = MINUTE_S
+    # A token limit that counts a request as it is admitted, by its size as sent (its prompt
+    # and its max_tokens: OpenAI's), not by the usage of its answer (LiteLLM's keys)
+    booked: bool = False
 
     @property
     def per_s(self) -> float | None:
@@ -385,9 +391,9 @@ class ServerLimits:
             return NOTHING_STATED
         scoped: dict[str, list[Allowance]] = {"requests": [], "tokens": []}
         budgets: dict[str, Allowance] = {}  # Fireworks'
-        for (kind, _), fields in sorted(found.items()):
+        for (kind, place), fields in sorted(found.items()):
             if kind in scoped:
-                scoped[kind].append(Allowance(**fields))
+                scoped[kind].append(Allowance(**fields, booked=kind == "tokens" and place == 0))
             else:
                 budgets[kind] = Allowance(**fields, window_s=FIREWORKS_WINDOW_S)
         return cls(requests=tuple(scoped["requests"]), tokens=tuple(scoped["tokens"]), **budgets)
