@@ -367,6 +367,7 @@ def test_a_job_keeps_to_openais_tokens_a_minute_counted_by_max_tokens_with_no_42
     assert booked / (end - start) >= 0.85 * 6000, booked / (end - start)
 
 
+@pytest.mark.slow
 def test_a_job_fills_fireworks_tightest_token_budget_with_no_429(tmp_path: Path) -> None:
     """Three budgets a second, the generated one tightest (250 tokens/s, about 50 answers):
     paced by what a request uses of each, the job keeps to it from its first answer on:
