@@ -90,6 +90,22 @@ def test_a_server_shedding_load_with_a_retry_after_fails_no_row(tmp_path: Path, 
     assert sum(r.outcome == "503" for r in server.requests) > 20
 
 
+def test_a_first_row_refused_for_its_route_or_model_stops_the_job_after_one_request(
+        tmp_path: Path, server: FakeServer) -> None:
+    """A wrong base_url path (or model) answers 404 to every row alike: one request says so.
+    Rows naming models of their own may each fare otherwise: they go on."""
+    server.faults = Faults(status_for=lambda body: (404, {"detail": "Not Found"}))
+    write_jsonl(tmp_path / "input.jsonl", prompts(100))
+    spec = write_spec(tmp_path, concurrency=16, api={"base_url": server.base_url})
+    refused = run_cli("run", str(spec), "--no-progress")
+    assert refused.code == 3 and len(server.requests) == 1, refused.stderr
+    assert "the first row was refused (HTTP 404: Not Found (no such route or model" in refused.stderr
+    assert "rerun with --retry-failed" in refused.stderr and "rerun the same command" not in refused.stderr
+    write_jsonl(tmp_path / "input.jsonl", [{**row, "model": f"m{i % 3}"} for i, row in enumerate(prompts(20))])
+    run_cli("run", str(spec), "--no-progress", "--restart")
+    assert len(server.requests) == 1 + 20
+
+
 def test_chat_rows_from_parquet(tmp_path: Path, server: FakeServer) -> None:
     server.faults = Faults(seed=2, **FLAKY)
     rows = chat_rows(1000)

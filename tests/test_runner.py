@@ -118,19 +118,19 @@ def test_log_progress_prints_a_line_every_few_seconds() -> None:
 def test_every_row_failing_alike_stops_the_job(tmp_path: Path) -> None:
     seen = []
 
-    def no_such_model(request: httpx.Request) -> httpx.Response:
+    def bad_param(request: httpx.Request) -> httpx.Response:  # (a 404 would stop it at the first row)
         seen.append(request)
-        return httpx.Response(404, json={"error": {"message": "Model not found: test-modle"}})
+        return httpx.Response(400, json={"error": {"message": "Unrecognized request argument: tempreature"}})
 
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(1000)])
     spec = write_spec(tmp_path, concurrency=8, api={"base_url": "http://127.0.0.1:9/v1"})
 
-    with pytest.raises(JobFatalAPIError, match="50 rows in a row failed with the same error: HTTP 404: Model not "
-                                               "found") as caught:
-        run_job(spec, transport=httpx.MockTransport(no_such_model), environ={"OPENAI_API_KEY": "k"})
+    with pytest.raises(JobFatalAPIError, match="50 rows in a row failed with the same error: HTTP 400: "
+                                               "Unrecognized request argument") as caught:
+        run_job(spec, transport=httpx.MockTransport(bad_param), environ={"OPENAI_API_KEY": "k"})
 
     assert 50 <= len(seen) <= 50 + 8
-    # The way on: a fixed model is another configuration (the same command would be refused)
+    # The way on: fixed params are another configuration (the same command would be refused)
     assert "fix it and rerun with --restart" in str(caught.value) and caught.value.rerun_resumes is False
 
 

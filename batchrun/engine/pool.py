@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import re
 import sys
 from collections.abc import Generator, Iterator
 
@@ -42,6 +43,7 @@ GRACE_S = 10.0  # after SIGTERM/SIGINT, how long requests in flight may finish
 MAX_PARKS = 10  # times a row is set aside for a retry-after; then its worker waits with it
 _FRESH = (0, 0, (0, 0))  # a row never set aside: no requests, no parks, no failures
 PARKED_POLL_S = 0.5  # a worker waiting for rows set aside looks at `stopping` this often
+_NO_ROUTE = re.compile(r"HTTP 40[45]: ")  # no such route, or no such model there
 
 
 class Pool:
@@ -182,7 +184,7 @@ class Pool:
                         for result in answers:
                             if self.carried and (carried := self.carried.pop(result.row_index, None)):
                                 result.attempts += carried[0]  # the requests before it was set aside
-                            self._judge(result)
+                            self._judge(result, taken[0])
                             results.send_nowait(result)
                     except anyio.BrokenResourceError:
                         return
@@ -208,7 +210,7 @@ class Pool:
             await anyio.sleep(min(PARKED_POLL_S, max(0.0, self.parked[0][0] - anyio.current_time())))
         return None
 
-    def _judge(self, result: Result) -> None:
+    def _judge(self, result: Result, row: Row) -> None:
         """Open the pool after the first answer; stop when answers show a broken job."""
         if not self.answered_once.is_set():
             if result.transient:
@@ -218,6 +220,15 @@ class Pool:
                     f"the first row got no answer in {result.attempts} attempts ({result.error}); "
                     f"check api.base_url{key} and that the API is up, then rerun"
                 ))
+                return
+            if _NO_ROUTE.match(result.error or "") and row.body.get("model", self.spec.model) == self.spec.model:
+                # The rows after it go to the same route and model: each would be refused alike
+                refused = JobFatalAPIError(
+                    f"the first row was refused ({result.error}), and the rows after it go to the same route and "
+                    "model, so none was sent. Once api.base_url is right, rerun with --retry-failed; once the model "
+                    "or endpoint is, with --restart")
+                refused.rerun_resumes = False
+                self.stop(refused)
                 return
             self.answered_once.set()
         if self.streak.observe(result.status, result.error):
