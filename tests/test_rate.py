@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,12 @@ def test_fireworks_over_limit_header_is_push_back() -> None:
                                                ("7", 7), ("soon", None), ("", None), (None, None), ("5x", None)])
 def test_parse_duration(text: str | None, seconds: float | None) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_a_reset_given_as_a_unix_time_is_the_seconds_until_then() -> None:
+    """Read as a duration, 1.7e9 s pinned the rate to remaining / 54 years (the floor)."""
+    assert parse_duration(f"{time.time() + 30:.0f}") == pytest.approx(30, abs=2)
+    assert parse_duration(f"{time.time() - 30:.0f}") is None  # past: says nothing
 
 
 def test_estimate_tokens() -> None:

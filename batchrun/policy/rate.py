@@ -26,6 +26,7 @@ Two mechanisms share one schedule:
 from __future__ import annotations
 
 import re
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ __all__ = ["NOTHING_STATED", "RATE_HEADERS", "Allowance", "Heard", "Limiter", "R
 
 DECREASE_FACTOR = 0.9  # of the rate the server admitted when it pushed back
 MIN_RATE = 0.2  # requests/s: never stall completely
+EPOCH_FROM = 1e9  # a reset "in" more seconds than this (31 years) is a Unix time (2001 on)
 QUIET_S = 1.0  # how long without push-back before raising the rate a step
 STEP = 0.05  # raise by 5 % (at least STEP_MIN requests/s) per quiet spell
 STEP_MIN = 0.5
@@ -262,10 +264,15 @@ _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(text: str | None) -> float | None:
-    """`6m0s`, `1.5s`, `250ms` or plain seconds, as OpenAI's reset headers write them."""
+    """`6m0s`, `1.5s`, `250ms` or plain seconds, as OpenAI's reset headers write them; a
+    plain number past EPOCH_FROM is a time (Unix seconds, as some servers write a reset):
+    the seconds until then."""
     if not text:
         return None
     plain = header_number(text)
+    if plain is not None and plain >= EPOCH_FROM:
+        left = plain - time.time()
+        return left if left > 0 else None
     if plain is not None:
         return plain
     parts = _DURATION.findall(text)
