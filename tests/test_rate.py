@@ -313,6 +313,22 @@ def test_a_budget_that_grows_lifts_the_ceiling_and_the_rate_climbs_to_it() -> No
     assert limiter.ceiling == pytest.approx(40 * 0.95) and limiter.rate == pytest.approx(40 * 0.95)
 
 
+def test_one_answer_stating_a_budget_far_too_low_neither_stalls_nor_slows_the_job() -> None:
+    """A glitch: one answer of many states 1 generated token a second. The rate comes down
+    to it, and the slot booked meanwhile (seconds away); the next answer, stating the
+    budget again, puts both back: no waiting out the slot, no climbing from nothing."""
+    limiter = RateLimiter()
+    limiter.used(Usage.of(prompt=100, cached=0, completion=10))  # type: ignore[arg-type]
+    limiter.observe(heard(200, budgets(100_000, 100_000, 1_000)), 0.0)
+    assert limiter.rate == pytest.approx(100 * 0.95)
+    limiter.observe(heard(200, budgets(100_000, 100_000, 1)), 0.1)
+    assert limiter.rate == pytest.approx(0.1 * 0.95)
+    assert limiter.reserve(1, 0.1) == 0  # it goes; the next slot is ten seconds on
+    limiter.observe(heard(200, budgets(100_000, 100_000, 1_000)), 0.2)
+    assert limiter.rate == pytest.approx(100 * 0.95)
+    assert limiter.reserve(1, 0.2) == 0  # (a request already waiting for a slot keeps it)
+
+
 def test_openai_and_litellm_tokens_per_minute_cap_the_rate_by_a_requests_total_tokens() -> None:
     limiter = RateLimiter()
     limiter.used(Usage.of(prompt=80, cached=None, completion=40))  # type: ignore[arg-type]

@@ -89,7 +89,10 @@ class RateLimiter:
         self.wants_usage = False  # once the server states a token budget
         self._budgets: tuple[ServerLimits, float] | None = None  # the token budgets stated last, and when
         self.tokens_per_s = tokens_per_minute / 60 if tokens_per_minute else None
-        self._next_request = 0.0
+        self._next_request = 0.0  # the next slot, at the rate it was booked at
+        self._last_slot = 0.0  # the last slot booked (from which a higher rate books the next)
+        self._held_until = 0.0  # no send before then: a window the server says is spent
+        self._held_by_ceiling = False  # the rate is where a limit the server stated put it
         self._next_tokens = 0.0
         self._booked = 0.0  # a request's size as booked (`estimate_tokens`: max_tokens included), lately
         self._sent: deque[float] = deque()  # times of recent requests
@@ -111,8 +114,9 @@ class RateLimiter:
         self._booked += (tokens - self._booked) * (USAGE_WEIGHT if self._booked else 1.0)
         start = now
         if self.rate is not None:
-            start = max(start, self._next_request)
+            start = max(start, self._next_request, self._held_until)
             self._next_request = start + 1 / self.rate
+            self._last_slot = start
         if self.tokens_per_s is not None:
             start = max(start, self._next_tokens)
             self._next_tokens = start + tokens / self.tokens_per_s
@@ -173,6 +177,7 @@ class RateLimiter:
         target = admitted if admitted else _rate_of(self._sent, now) / 2
         current = self.rate if self.rate is not None else float("inf")
         self._set(min(current, target) * DECREASE_FACTOR, now)
+        self._held_by_ceiling = False  # the server pushed back below what it states: climb
 
     def _follow(self, stated: ServerLimits, now: float) -> None:
         """Keep within the request limits and the token budgets the server states."""
@@ -191,7 +196,7 @@ class RateLimiter:
                 # The window is spent (others share the key): hold the sends until it
                 # refills, at most a second. Slowing the rate to match it instead would
                 # book every waiting request seconds apart, long after the window is back.
-                self._next_request = max(self._next_request, now + min(allowance.refill_s, EMPTY_WINDOW_WAIT_S))
+                self._held_until = max(self._held_until, now + min(allowance.refill_s, EMPTY_WINDOW_WAIT_S))
             elif allowance.remaining is not None and allowance.reset_s:
                 # A count left says how fast only with the time it must last (LiteLLM gives none)
                 self.rate = min(self.rate, max(self._floor(), allowance.remaining / allowance.reset_s))
@@ -216,11 +221,19 @@ class RateLimiter:
 
     def _cap(self, now: float, window_s: float) -> None:
         """A rate above the ceiling comes down to it at once, and the requests sent before
-        it was known count against it."""
+        it was known count against it. A rate a lower statement of the limits held down
+        (not push-back) goes back up as soon as they state more: one answer that stated a
+        budget of 1 token/s must not leave the job crawling (or stalled: no request, no
+        answer to climb by)."""
         ceiling = self.ceiling
-        if ceiling is not None and (self.rate is None or self.rate > ceiling):
+        if ceiling is None:
+            return
+        if self.rate is None or self.rate > ceiling:
             self.rate = ceiling
+            self._held_by_ceiling = True
             self._count_earlier(now, window_s)
+        elif self._held_by_ceiling and self.rate < ceiling:
+            self._set(ceiling, now)
 
     def _count_earlier(self, now: float, window_s: float) -> None:
         """The requests booked lately, before this rate held, count against it (the job's
@@ -238,8 +251,12 @@ class RateLimiter:
     def _set(self, rate: float, now: float) -> None:
         if self.ceiling is not None:
             rate = min(rate, self.ceiling)
-        self.rate = max(self._floor(), rate)
+        before, self.rate = self.rate, max(self._floor(), rate)
         self._last_change = now
+        if before is not None and self.rate > before:
+            # The next slot comes at the new rate: one booked at a rate a glitch in one answer
+            # set (a budget of 1 token/s, a slot 1,000 s off) must not stall the job
+            self._next_request = min(self._next_request, self._last_slot + 1 / self.rate)
 
 
 def _rate_of(times: deque[float], now: float) -> float:
