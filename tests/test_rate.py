@@ -253,6 +253,19 @@ def test_a_spent_litellm_window_pauses_the_sends() -> None:
     assert limiter.rate == pytest.approx(600 / 60 * 0.95)
 
 
+def test_a_429_naming_a_wait_after_the_window_said_spent_pauses_the_sends_until_then() -> None:
+    """Two jobs on one LiteLLM key: the window says nothing is left, then a 429 says 60 s.
+    The sends wait those 60 s (not a second, then a 429 a second); a 429 with no spent
+    window before it is one row's matter."""
+    limiter = RateLimiter()
+    limiter.observe(heard(200, {"x-ratelimit-api_key-limit-requests": "60"}), 0.0)
+    limiter.observe(heard(429, {"retry-after": "60"}), 1.0)
+    assert limiter.reserve(1, 1.0) < 2
+    limiter.observe(heard(200, {"x-ratelimit-api_key-remaining-requests": "0"}), 30.0)
+    limiter.observe(heard(429, {"retry-after": "30"}), 31.0)
+    assert limiter.reserve(1, 31.0) == pytest.approx(30.0)
+
+
 def test_requests_sent_before_the_limit_was_known_count_against_it() -> None:
     limiter = RateLimiter()
     assert send_times(limiter, 4) == [0.0] * 4  # nothing known yet: all four leave

@@ -61,6 +61,8 @@ class Heard(Protocol):
     @property
     def pushed_back(self) -> bool: ...
     @property
+    def retry_after(self) -> float | None: ...
+    @property
     def limits(self) -> ServerLimits: ...
 
 
@@ -93,6 +95,7 @@ class RateLimiter:
         self._last_slot = 0.0  # the last slot booked (from which a higher rate books the next)
         self._held_until = 0.0  # no send before then: a window the server says is spent
         self._held_by_ceiling = False  # the rate is where a limit the server stated put it
+        self._spent_until = float("-inf")  # till when a window the server said is spent stays so
         self._next_tokens = 0.0
         self._booked = 0.0  # a request's size as booked (`estimate_tokens`: max_tokens included), lately
         self._sent: deque[float] = deque()  # times of recent requests
@@ -156,6 +159,10 @@ class RateLimiter:
             _record(self._admitted, now, now)
         if answer.pushed_back:
             self.pushbacks += 1
+            if answer.retry_after and now < self._spent_until:
+                # The window said spent, and now a wait: the key is shared (another job, another
+                # user); the sends pause till then, rather than each meet its 429 (LiteLLM's 60 s)
+                self._held_until = max(self._held_until, now + answer.retry_after)
             _record(self._pushed, now, now)
             _record(self._admitted, None, now)
             pushed, admitted = len(self._pushed), len(self._admitted)
@@ -193,6 +200,7 @@ class RateLimiter:
             return
         for allowance in stated.requests:
             if allowance.spent and allowance.refill_s:
+                self._spent_until = now + allowance.refill_s
                 # The window is spent (others share the key): hold the sends until it
                 # refills, at most a second. Slowing the rate to match it instead would
                 # book every waiting request seconds apart, long after the window is back.
