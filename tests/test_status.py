@@ -103,6 +103,20 @@ def test_a_running_job_before_its_first_status_write_has_every_running_field(tmp
     assert (data["requests"], data["rows_per_s"], data["eta_s"]) == (None, None, None)  # not known yet
 
 
+def test_a_run_that_died_without_a_word_is_stopped_saying_so(tmp_path: Path) -> None:
+    """Its status file still says running, and nobody holds the lock (kill -9): a scheduler
+    reading `status --json` is told the run is gone, not a bare null reason."""
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(30)])
+    spec = load_spec(write_spec(tmp_path, api={"base_url": "mock://"}))
+    run_job(spec, limit=10)
+    path = tmp_path / "out/result.status.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "state": "running", "exit_code": None,
+                                "reason": None, "pid": 4242}))  # as a run killed mid-way leaves it
+    data = job_status(spec)
+    assert (data["state"], data["exit_code"], data["pid"], data["ok"]) == ("stopped", None, None, 10)
+    assert data["reason"].startswith("the last run (pid 4242) ended without a word: killed")
+
+
 def test_a_sharded_job_counts_the_rows_of_shards_not_started_as_remaining(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(30)])
     spec = load_spec(write_spec(tmp_path, api={"base_url": "mock://"}))

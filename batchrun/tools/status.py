@@ -113,6 +113,9 @@ def _status_of(job: str, output: Path, *, published: bool) -> dict[str, Any]:
     remaining = max(0, rows - counts["ok"] - counts["failed"])
     # Batches out at the provider: submitted, whether or not a run is waiting for them
     last_run = saved if saved.get("state") != "running" else {}
+    if saved.get("state") == "running" and not holder:  # its runner is gone, and wrote no end
+        last_run = {"reason": f"the last run (pid {saved.get('pid')}) ended without a word: killed (kill -9, out "
+                              "of memory) or its machine stopped; rerun to resume", "exit_code": None}
     # A last run refused (exit 2: the spec or input changed since, say) leaves the job
     # stopped, as its status file says: its output is of the configuration before
     state = "submitted" if out else "running" if holder else (
