@@ -93,6 +93,7 @@ def test_fallback_none_leaves_what_the_batch_did_not_answer_failed_and_retry_fai
     expired = [r for r in out if r["status"] == "failed"]
     assert 5 < len(expired) < 40 and not live.requests
     assert all("the batch did not answer it (expired)" in r["error"] and "batch_expired" in r["error"] for r in expired)
+    assert f"{100 - len(expired)} answered by the provider's batches" in first.stdout  # not the rows they failed
     batches.faults = BatchFaults(seed=4)
     again = run_cli("run", str(spec), "--retry-failed", env=cli_env(**ENV))
     assert again.code == 0, again.stderr
@@ -199,6 +200,8 @@ def test_the_response_cache_answers_rows_before_any_batch_and_keeps_what_the_bat
     assert [(r["cached"], r["backend"]) for r in again] == [(True, None)] * 30 + [(False, "batch")] * 10
     assert [r["output_text"] for r in again[:30]] == [r["output_text"] for r in first]
     assert all(r["cost_usd"] == 0 for r in again[:30]) and all(r["cost_usd"] > 0 for r in again[30:])
+    saved = json.loads(run_cli("status", str(spec), "--json").stdout)["saved_usd"]
+    assert saved == pytest.approx(sum(r["cost_usd"] for r in first))  # what a batch answer costs, not a live one
     # only the ten new rows went to a batch
     assert len(batches.created) == 2 and len(batches.created[1].custom_ids) == 10 and not live.requests
 

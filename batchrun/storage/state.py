@@ -440,7 +440,7 @@ class StateStore:
             "COALESCE(SUM(status = 'failed' AND transient = 0), 0), "
             "TOTAL(prompt_tokens), TOTAL(completion_tokens), TOTAL(total_tokens), SUM(cost_usd), "
             "COALESCE(SUM(json_extract(extra, '$.cached') = 1), 0), SUM(json_extract(extra, '$.saved_usd')), "
-            "COALESCE(SUM(json_extract(extra, '$.backend') = 'batch'), 0) "
+            "COALESCE(SUM(status = 'ok' AND json_extract(extra, '$.backend') = 'batch'), 0) "
             "FROM results WHERE row_index < ?",
             (limit,),
         ).fetchone()

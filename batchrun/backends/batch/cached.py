@@ -52,7 +52,8 @@ def answer_from_cache(session: Session, wanted: list[int]) -> list[int]:
             continue
         model = row.body.get("model") or session.spec.model
         price = session.spec.pricing.get(model or "") if session.spec.pricing else None
-        answered.append(from_cache(hit, row.index, row.id, price, None))
+        # What it saved: a batch's answer, at batch prices
+        answered.append(from_cache(hit, row.index, row.id, price.batched() if price else None, None))
         if len(answered) >= SAVE_EVERY:
             session.store.save(answered)
             answered = []
