@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_output, run_cli, write_jsonl, write_spec
-from tests.fakeserver import FakeServer
+from tests.fakeserver import FakeServer, Faults
 
 PRICES = {"test-model": {"input": 2.0, "cached_input": 1.0, "output": 8.0}}
 
@@ -63,6 +63,14 @@ def test_a_resumed_job_plans_what_remains_with_the_answers_it_has_seen(tmp_path:
     anew = plan(spec, "--restart")  # what the state saw does not count for a run that discards it
     assert anew["completion_tokens_expected"] == 100 * 16
     assert "duration assumes 2 s a request (--restart: no saved answer counts to measure)" in anew["notes"]
+
+    # Answers without usage (llama.cpp's streams) say how long they took, not how long they were
+    server.faults = Faults(status_for=lambda body: (200, {"choices": [{"text": "an answer", "finish_reason": "stop"}]}))
+    assert run_cli("run", str(spec), "--no-progress", "--restart", "--limit", "10").code == 0
+    unmetered = plan(spec)
+    assert "no answer ok with its completion tokens in the state yet to learn the typical answer length from: " \
+           "expected completion tokens are the worst case" in unmetered["notes"]
+    assert not [note for note in unmetered["notes"] if note.startswith("duration assumes")]
 
 
 @pytest.mark.slow

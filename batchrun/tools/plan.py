@@ -102,7 +102,9 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
     none = "--restart: no saved answer counts" if restart else "no answer ok in the state yet"
     expected = round(mean_completion * rows) if mean_completion is not None else completion_max
     if mean_completion is None and expected is not None and not grouped:
-        notes.append(f"{none} to learn the typical answer length from: expected completion tokens "
+        # (answers without usage, as llama.cpp streams them, do not say their length)
+        learn = "no answer ok with its completion tokens in the state yet" if mean_latency is not None else none
+        notes.append(f"{learn} to learn the typical answer length from: expected completion tokens "
                      "are the worst case")
     price = spec.pricing.get(spec.model) if spec.model else None
     if spec.pricing and price is None:
