@@ -381,22 +381,27 @@ def test_a_job_paced_by_litellm_headers_meets_at_most_one_429(tmp_path: Path) ->
         assert server.litellm_windows <= math.ceil(rows / per_window) + 1, server.litellm_windows
 
 
+def admitted_with_no_429(tmp_path: Path, faults: Faults, rows: int, **spec: object) -> list[tuple[float, ...]]:
+    """A job of `rows` questions against a fake holding token limits (`faults`): every row
+    ok with no 429; what the fake admitted (when, and the tokens it counted)."""
+    with FakeServer(faults) as server:
+        write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"question {i:04d}: " + "tell me more " * 20}
+                                               for i in range(rows)])
+        spec_path = write_spec(tmp_path, api={"base_url": server.base_url}, endpoint="chat", **spec)
+        result = run_cli("run", str(spec_path), "--no-progress")
+        assert result.code == 0, result.stderr
+        assert [r["status"] for r in read_output(tmp_path / "out/result.parquet")] == ["ok"] * rows
+        assert [r for r in server.requests if r.outcome == "limited"] == []  # no 429
+        return server.budget_used
+
+
 @pytest.mark.slow
 def test_a_job_keeps_to_openais_tokens_a_minute_counted_by_max_tokens_with_no_429(tmp_path: Path) -> None:
     """OpenAI books a request's max_tokens as it admits it: answers of a few tokens must not
     pace the job as if only those were counted (before: 429s in waves). 100 max_tokens a
     request, 6,000 tokens a second: about 50 requests a second."""
-    rows = 200
-    with FakeServer(Faults(openai_tpm=360_000, latency_s=0.01)) as server:
-        write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"question {i:04d}: " + "tell me more " * 20}
-                                               for i in range(rows)])
-        spec = write_spec(tmp_path, api={"base_url": server.base_url}, endpoint="chat", concurrency=64,
-                          params={"max_tokens": 100})
-        result = run_cli("run", str(spec), "--no-progress")
-        assert result.code == 0, result.stderr
-        assert [r["status"] for r in read_output(tmp_path / "out/result.parquet")] == ["ok"] * rows
-        assert [r for r in server.requests if r.outcome == "limited"] == []  # no 429
-        admitted = server.budget_used
+    admitted = admitted_with_no_429(tmp_path, Faults(openai_tpm=360_000, latency_s=0.01), 200, concurrency=64,
+                                    params={"max_tokens": 100})
     start, end = admitted[0][0] + 1.0, admitted[-1][0]
     booked = sum(tokens for at, tokens, _, _ in admitted if start <= at <= end)
     print(f"booked tokens a second: {booked / (end - start):.0f}, {booked / (end - start) / 6000:.1%} of the limit")
@@ -408,16 +413,8 @@ def test_a_job_fills_fireworks_tightest_token_budget_with_no_429(tmp_path: Path)
     """Three budgets a second, the generated one tightest (250 tokens/s, about 50 answers):
     paced by what a request uses of each, the job keeps to it from its first answer on:
     the first round (128 in flight, two seconds of the budget) goes paced too."""
-    rows = 200
-    with FakeServer(Faults(fireworks_budgets=(40_000, 40_000, 250), latency_s=0.01)) as server:
-        write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"question {i:04d}: " + "tell me more " * 20}
-                                               for i in range(rows)])
-        spec = write_spec(tmp_path, api={"base_url": server.base_url}, endpoint="chat", concurrency=128)
-        result = run_cli("run", str(spec), "--no-progress")
-        assert result.code == 0, result.stderr
-        assert [r["status"] for r in read_output(tmp_path / "out/result.parquet")] == ["ok"] * rows
-        assert [r for r in server.requests if r.outcome == "limited"] == []  # no 429
-        admitted = server.budget_used
+    admitted = admitted_with_no_429(tmp_path, Faults(fireworks_budgets=(40_000, 40_000, 250), latency_s=0.01), 200,
+                                    concurrency=128)
     # The generated tokens a second, from the first second on (the first answer goes alone)
     start, end = admitted[0][0] + 1.0, admitted[-1][0]
     generated = sum(tokens for at, _, _, tokens in admitted if start <= at <= end)
