@@ -106,6 +106,18 @@ def test_a_first_row_refused_for_its_route_or_model_stops_the_job_after_one_requ
     assert len(server.requests) == 1 + 20
 
 
+def test_answers_with_fewer_choices_than_n_are_counted_in_the_summary(tmp_path: Path, server: FakeServer) -> None:
+    """llama.cpp's server ignores n: a user who asked for two samples a row is told."""
+    one = {"choices": [{"index": 0, "text": "only one", "finish_reason": "stop"}],
+           "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    server.faults = Faults(status_for=lambda body: (200, one) if "number 2:" not in body["prompt"] else None)
+    write_jsonl(tmp_path / "input.jsonl", prompts(4))
+    spec = write_spec(tmp_path, params={"n": 2}, api={"base_url": server.base_url})
+    done = run_cli("run", str(spec), "--no-progress")
+    assert done.code == 0, done.stderr
+    assert "3 answers with fewer choices than n asked for (the server may not do n)" in done.stdout
+
+
 def test_chat_rows_from_parquet(tmp_path: Path, server: FakeServer) -> None:
     server.faults = Faults(seed=2, **FLAKY)
     rows = chat_rows(1000)

@@ -51,6 +51,7 @@ class Caller:
         self.holds = Holds(spec, budget, hold_log)
         self.cache_hits = 0
         self.uncacheable = 0  # requests the cache may not answer: not deterministic
+        self.short_choices = 0  # answers with fewer choices than their request's n (a server that ignores n)
         schema = spec.answer_schema()
         self._structure = Structure(schema) if schema is not None else None
 
@@ -106,6 +107,9 @@ class Caller:
             self.holds.let_go(held)
             raise
         paid = [result] if result.status == "ok" else []
+        if result.status == "ok" and type(asked := body.get("n")) is int and asked > 1 and \
+                len((result.extra or {}).get("choices") or (None,)) < asked:
+            self.short_choices += 1
         if self._structure is not None and result.status == "ok":
             result, paid = await self._validated(row, request, result)
         if self.client.echoed_key is not None:

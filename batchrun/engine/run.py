@@ -255,7 +255,8 @@ class _Run:
             elapsed_s=time.monotonic() - started, output_written=self.written,
             aborted=str(pool.aborted) if pool.aborted else None, max_failed_share=max_failed_share,
             shard=self.part.label, set_aside=self.set_aside,
-            uncacheable=client.uncacheable, unmetered=self.spend.unmetered, **self.counts)
+            uncacheable=client.uncacheable, short_choices=client.short_choices, unmetered=self.spend.unmetered,
+            **self.counts)
         self.status.write(self.counts, requests=client.requests_sent, state="finished" if self.written else "stopped",
                           reason=summary.aborted, exit_code=summary.exit_code)
         with contextlib.suppress(StorageError):  # the state on the store holds the truth

@@ -37,6 +37,7 @@ class Summary:
     merged: str | None = None  # a shard's run: the merge it made, or why it made none
     set_aside: str | None = None  # where --restart moved the previous output
     uncacheable: int = 0  # with a cache: requests of this run it could not answer (not deterministic)
+    short_choices: int = 0  # answers of this run with fewer choices than their n asked for
     unmetered: int = 0  # rows with answers that came without usage: charged at their worst case
     lost_requests: int = 0  # a kill -9 left them unsettled: counted against the budget at their worst case
     lost_usd: float = 0.0
@@ -99,6 +100,9 @@ class Summary:
         if self.uncacheable:
             tokens += (f"; {self.uncacheable:,} request{'s' if self.uncacheable > 1 else ''} not looked up in the "
                        "cache: not deterministic (no temperature: 0 or seed; cache: {everything: true} caches all)")
+        if self.short_choices:
+            tokens += (f"; {self.short_choices:,} answer{'s' if self.short_choices > 1 else ''} with fewer choices "
+                       "than n asked for (the server may not do n)")
         tail = f"output: {self.output}" if self.output_written else f"progress saved in {self.state}"
         sent = f"{self.requests:,} request{'' if self.requests == 1 else 's'}"
         if self.from_batches:

@@ -56,7 +56,7 @@ NAMESPACE = "batchrun"  # named actors are found across drivers only within a na
 MAX_RETRIES = 5  # runs of a shard whose worker was lost, after the first
 POLL_S = 0.25  # the driver's look at its tasks and signals (the shards' progress: every second)
 SUMMED = ("rows", "ok", "failed", "prompt_tokens", "completion_tokens", "total_tokens", "requests", "failed_for_good",
-          "cache_hits")  # the job's Summary: its shards' added up
+          "cache_hits", "short_choices")  # the job's Summary: its shards' added up
 
 
 def run_on_ray(
