@@ -253,6 +253,12 @@ def test_a_spent_litellm_window_pauses_the_sends() -> None:
     assert limiter.rate == pytest.approx(600 / 60 * 0.95)
 
 
+def test_a_spent_window_pauses_the_sends_though_no_limit_is_stated() -> None:
+    limiter = RateLimiter()
+    limiter.observe(heard(200, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "500ms"}), 0.0)
+    assert limiter.rate is None and limiter.reserve(1, 0.0) == pytest.approx(0.5)
+
+
 def test_a_429_naming_a_wait_after_the_window_said_spent_pauses_the_sends_until_then() -> None:
     """Two jobs on one LiteLLM key: the window says nothing is left, then a 429 says 60 s.
     The sends wait those 60 s (not a second, then a 429 a second); a 429 with no spent

@@ -115,9 +115,9 @@ class RateLimiter:
     def reserve(self, tokens: int, now: float) -> float:
         """Book a send slot for a request of about `tokens` tokens; return the wait."""
         self._booked += (tokens - self._booked) * (USAGE_WEIGHT if self._booked else 1.0)
-        start = now
+        start = max(now, self._held_until)
         if self.rate is not None:
-            start = max(start, self._next_request, self._held_until)
+            start = max(start, self._next_request)
             self._next_request = start + 1 / self.rate
             self._last_slot = start
         if self.tokens_per_s is not None:
@@ -196,16 +196,15 @@ class RateLimiter:
                 self._request_ceiling = limit
                 self._cap(now, tightest.window_s)
         self._follow_tokens(stated, now)
-        if self.rate is None:
-            return
         for allowance in stated.requests:
             if allowance.spent and allowance.refill_s:
                 self._spent_until = now + allowance.refill_s
-                # The window is spent (others share the key): hold the sends until it
-                # refills, at most a second. Slowing the rate to match it instead would
-                # book every waiting request seconds apart, long after the window is back.
+                # The window is spent (others share the key), whether or not a limit is
+                # stated: hold the sends until it refills, at most a second. Slowing the rate
+                # to match it instead would book every waiting request seconds apart, long
+                # after the window is back.
                 self._held_until = max(self._held_until, now + min(allowance.refill_s, EMPTY_WINDOW_WAIT_S))
-            elif allowance.remaining is not None and allowance.reset_s:
+            elif allowance.remaining is not None and allowance.reset_s and self.rate is not None:
                 # A count left says how fast only with the time it must last (LiteLLM gives none)
                 self.rate = min(self.rate, max(self._floor(), allowance.remaining / allowance.reset_s))
 
