@@ -100,10 +100,15 @@ def test_a_first_row_refused_for_its_route_or_model_stops_the_job_after_one_requ
     refused = run_cli("run", str(spec), "--no-progress")
     assert refused.code == 3 and len(server.requests) == 1, refused.stderr
     assert "the first row was refused (HTTP 404: Not Found (no such route or model" in refused.stderr
-    assert "rerun with --retry-failed" in refused.stderr and "rerun the same command" not in refused.stderr
+    assert "then rerun with --restart" in refused.stderr and "rerun the same command" not in refused.stderr
+    # LiteLLM answers an unknown model with a 400 that says so: the same
+    server.faults = Faults(status_for=lambda body: (400, {"error": {"message": "Invalid model name passed in "
+                                                                               "model=test-modle"}}))
+    refused = run_cli("run", str(spec), "--no-progress", "--restart")
+    assert refused.code == 3 and len(server.requests) == 2 and "the first row was refused" in refused.stderr
     write_jsonl(tmp_path / "input.jsonl", [{**row, "model": f"m{i % 3}"} for i, row in enumerate(prompts(20))])
     run_cli("run", str(spec), "--no-progress", "--restart")
-    assert len(server.requests) == 1 + 20
+    assert len(server.requests) == 2 + 20
 
 
 def test_answers_with_fewer_choices_than_n_are_counted_in_the_summary(tmp_path: Path, server: FakeServer) -> None:

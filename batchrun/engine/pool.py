@@ -43,7 +43,10 @@ GRACE_S = 10.0  # after SIGTERM/SIGINT, how long requests in flight may finish
 MAX_PARKS = 10  # times a row is set aside for a retry-after; then its worker waits with it
 _FRESH = (0, 0, (0, 0))  # a row never set aside: no requests, no parks, no failures
 PARKED_POLL_S = 0.5  # a worker waiting for rows set aside looks at `stopping` this often
-_NO_ROUTE = re.compile(r"HTTP 40[45]: ")  # no such route, or no such model there
+# No such route, or no such model there: a 404 or 405, or a 400 that names the model as
+# unknown (LiteLLM's "Invalid model name passed in model=...")
+_NO_ROUTE = re.compile(r"HTTP 40[45]: |HTTP 400: .*(?:invalid model|model.{0,80}(?:not found|does not exist|unknown))",
+                       re.IGNORECASE)
 
 
 class Pool:
@@ -215,18 +218,22 @@ class Pool:
         if not self.answered_once.is_set():
             if result.transient:
                 # A proxy may refuse a wrong key with a 500 (LiteLLM's auth hooks do)
-                key = ", the API key" if (result.error or "").startswith("HTTP 5") else ""
+                server = (result.error or "").startswith("HTTP 5")
+                key = ", the API key" if server else ""
+                # (llama.cpp's server answers a response_format it does not take with a 500)
+                takes = "; or, if the server's words say it cannot take the request, change the spec " \
+                    "(then rerun with --restart)" if server else ""
                 self.stop(JobFatalAPIError(
                     f"the first row got no answer in {result.attempts} attempts ({result.error}); "
-                    f"check api.base_url{key} and that the API is up, then rerun"
+                    f"check api.base_url{key} and that the API is up, then rerun{takes}"
                 ))
                 return
             if _NO_ROUTE.match(result.error or "") and row.body.get("model", self.spec.model) == self.spec.model:
                 # The rows after it go to the same route and model: each would be refused alike
                 refused = JobFatalAPIError(
                     f"the first row was refused ({result.error}), and the rows after it go to the same route and "
-                    "model, so none was sent. Once api.base_url is right, rerun with --retry-failed; once the model "
-                    "or endpoint is, with --restart")
+                    "model, so none was sent. Fix api.base_url, the model or the endpoint, then rerun with --restart "
+                    "(only that row's refusal is discarded)")
                 refused.rerun_resumes = False
                 self.stop(refused)
                 return
