@@ -22,8 +22,10 @@ ANSWER = {"id": "r", "model": "m", "choices": [{"index": 0, "message": {"content
           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
 
-def call(responses: list[Callable[[httpx.Request], httpx.Response] | httpx.Response], **spec: object):
-    """Run one chat row through a Client over MockTransport; return (result, requests seen, sleeps)."""
+def call(responses: list[Callable[[httpx.Request], httpx.Response] | httpx.Response],
+         setup: Callable[[Client], None] | None = None, **spec: object):
+    """Run one chat row through a Client over MockTransport (`setup` sees the client first);
+    return (result, requests seen, sleeps)."""
     seen: list[httpx.Request] = []
     sleeps: list[float] = []
 
@@ -39,6 +41,8 @@ def call(responses: list[Callable[[httpx.Request], httpx.Response] | httpx.Respo
            "retry": {"backoff_initial_s": 0.1}, **spec}
     client = Client(parse_spec(raw, environ={}), api_key=KEY, transport=httpx.MockTransport(handler), sleep=sleep)
     row = Row(0, "r0", "chat", {"messages": [{"role": "user", "content": "q"}]}, "line 1")
+    if setup is not None:
+        setup(client)
 
     async def main() -> Result:
         async with client:
@@ -87,6 +91,19 @@ def test_load_shed_with_a_wait_is_no_spent_attempt_and_a_wait_of_nothing_is_the_
     now = [httpx.Response(429, headers={"retry-after": "0"}, json={"error": {"message": "slow down"}})] * 3
     result, seen, sleeps = call([*now, httpx.Response(200, json=ANSWER)])
     assert result.status == "ok" and 0.05 <= sleeps[0] <= 0.1 and 0.1 <= sleeps[1] <= 0.2 and 0.2 <= sleeps[2] <= 0.4
+
+
+def test_a_hold_set_while_a_request_waits_for_its_slot_holds_it_too() -> None:
+    """Its slot was booked a second off; meanwhile the server said wait (a spent window, then
+    a 429 naming 5 s): the request waits for that too, rather than meet its own 429."""
+    def booked_then_held(client: Client) -> None:
+        def reserve(tokens: int, now: float) -> float:
+            client.limiter.held_until = now + 5.0  # (set while it sleeps, as an answer would)
+            return 1.0
+        client.limiter.reserve = reserve  # type: ignore[method-assign]
+
+    result, seen, sleeps = call([httpx.Response(200, json=ANSWER)], booked_then_held)
+    assert result.status == "ok" and sleeps[0] == 1.0 and 3.9 < sleeps[1] <= 5.0
 
 
 def test_connection_errors_and_timeouts_are_retried() -> None:

@@ -270,6 +270,10 @@ def test_a_429_naming_a_wait_after_the_window_said_spent_pauses_the_sends_until_
     limiter.observe(heard(200, {"x-ratelimit-api_key-remaining-requests": "0"}), 30.0)
     limiter.observe(heard(429, {"retry-after": "30"}), 31.0)
     assert limiter.reserve(1, 31.0) == pytest.approx(30.0)
+    # Once an answer says the window has requests again, a 429 is one row's matter again
+    limiter.observe(heard(200, {"x-ratelimit-api_key-remaining-requests": "40"}), 62.0)
+    limiter.observe(heard(429, {"retry-after": "30"}), 63.0)
+    assert limiter.reserve(1, 63.0) < 2
 
 
 def test_requests_sent_before_the_limit_was_known_count_against_it() -> None:

@@ -253,6 +253,10 @@ class Client:
         wait = self.limiter.reserve(request.tokens, time.monotonic())
         if wait > 0:
             await self._sleep(wait)
+            # A hold set meanwhile (a window said spent, then a 429 naming a wait: a key another
+            # job shares) reaches this slot too, booked before it
+            if (held := self.limiter.held_until - time.monotonic()) > 0:
+                await self._sleep(held)
         self.requests_sent += 1
         request.count += 1
         request.tries += 1

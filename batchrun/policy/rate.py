@@ -72,6 +72,7 @@ class Limiter(Protocol):
 
     tokens_per_s: float | None
     wants_usage: bool  # whether `used` is worth calling (a token budget is stated)
+    held_until: float  # no send before then, whenever it was booked (a spent window, a wait asked)
 
     def reserve(self, tokens: int, now: float) -> float: ...
     def observe(self, answer: Heard, now: float) -> None: ...
@@ -93,7 +94,7 @@ class RateLimiter:
         self.tokens_per_s = tokens_per_minute / 60 if tokens_per_minute else None
         self._next_request = 0.0  # the next slot, at the rate it was booked at
         self._last_slot = 0.0  # the last slot booked (from which a higher rate books the next)
-        self._held_until = 0.0  # no send before then: a window the server says is spent
+        self.held_until = 0.0  # no send before then (monotonic): a window the server says is spent
         self._held_by_ceiling = False  # the rate is where a limit the server stated put it
         self._spent_until = float("-inf")  # till when a window the server said is spent stays so
         self._next_tokens = 0.0
@@ -115,7 +116,7 @@ class RateLimiter:
     def reserve(self, tokens: int, now: float) -> float:
         """Book a send slot for a request of about `tokens` tokens; return the wait."""
         self._booked += (tokens - self._booked) * (USAGE_WEIGHT if self._booked else 1.0)
-        start = max(now, self._held_until)
+        start = max(now, self.held_until)
         if self.rate is not None:
             start = max(start, self._next_request)
             self._next_request = start + 1 / self.rate
@@ -162,7 +163,7 @@ class RateLimiter:
             if answer.retry_after and now < self._spent_until:
                 # The window said spent, and now a wait: the key is shared (another job, another
                 # user); the sends pause till then, rather than each meet its 429 (LiteLLM's 60 s)
-                self._held_until = max(self._held_until, now + answer.retry_after)
+                self.held_until = max(self.held_until, now + answer.retry_after)
             _record(self._pushed, now, now)
             _record(self._admitted, None, now)
             pushed, admitted = len(self._pushed), len(self._admitted)
@@ -197,13 +198,15 @@ class RateLimiter:
                 self._cap(now, tightest.window_s)
         self._follow_tokens(stated, now)
         for allowance in stated.requests:
+            if allowance.remaining is not None and not allowance.spent:
+                self._spent_until = float("-inf")  # the window has requests again: a 429 is a row's own
             if allowance.spent and allowance.refill_s:
                 self._spent_until = now + allowance.refill_s
                 # The window is spent (others share the key), whether or not a limit is
                 # stated: hold the sends until it refills, at most a second. Slowing the rate
                 # to match it instead would book every waiting request seconds apart, long
                 # after the window is back.
-                self._held_until = max(self._held_until, now + min(allowance.refill_s, EMPTY_WINDOW_WAIT_S))
+                self.held_until = max(self.held_until, now + min(allowance.refill_s, EMPTY_WINDOW_WAIT_S))
             elif allowance.remaining is not None and allowance.reset_s and self.rate is not None:
                 # A count left says how fast only with the time it must last (LiteLLM gives none)
                 self.rate = min(self.rate, max(self._floor(), allowance.remaining / allowance.reset_s))

@@ -319,6 +319,7 @@ class LeasedLimiter:
         self._tokens = 0
         self._usage = Usage()  # the answers' usage since the last report, summed
         self.wants_usage = True  # the Quota follows the token budgets the server states
+        self.held_until = 0.0  # (the Quota's holds reach the workers in their leases' slots)
         self._borrowed: list[tuple[float, int]] = []  # (when, tokens)
         self._alone_request = self._alone_tokens = 0.0  # the schedule of slots taken without a lease
         self.worker = worker
