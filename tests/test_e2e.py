@@ -96,7 +96,7 @@ def test_a_first_row_refused_for_its_route_or_model_stops_the_job_after_one_requ
     Rows naming models of their own may each fare otherwise: they go on."""
     server.faults = Faults(status_for=lambda body: (404, {"detail": "Not Found"}))
     write_jsonl(tmp_path / "input.jsonl", prompts(100))
-    spec = write_spec(tmp_path, concurrency=16, api={"base_url": server.base_url})
+    spec = write_spec(tmp_path, concurrency=16, endpoint="completions", api={"base_url": server.base_url})
     refused = run_cli("run", str(spec), "--no-progress")
     assert refused.code == 3 and len(server.requests) == 1, refused.stderr
     assert "the first row was refused (HTTP 404: Not Found (no such route or model" in refused.stderr
@@ -109,6 +109,13 @@ def test_a_first_row_refused_for_its_route_or_model_stops_the_job_after_one_requ
     write_jsonl(tmp_path / "input.jsonl", [{**row, "model": f"m{i % 3}"} for i, row in enumerate(prompts(20))])
     run_cli("run", str(spec), "--no-progress", "--restart")
     assert len(server.requests) == 2 + 20
+    # Without an endpoint in the spec, each row's own fields say where it goes: a chat row may fare otherwise
+    write_jsonl(tmp_path / "input.jsonl", prompts(1) + [{"messages": [{"role": "user", "content": f"q{i}"}]}
+                                                       for i in range(9)])
+    spec = write_spec(tmp_path, concurrency=4, api={"base_url": server.base_url})
+    server.faults = Faults(status_for=lambda body: (404, {"detail": "Not Found"}) if "prompt" in body else None)
+    assert run_cli("run", str(spec), "--no-progress", "--restart").code == 1
+    assert len(server.requests) == 2 + 20 + 10
 
 
 def test_answers_with_fewer_choices_than_n_are_counted_in_the_summary(tmp_path: Path, server: FakeServer) -> None:

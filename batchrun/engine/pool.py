@@ -228,8 +228,9 @@ class Pool:
                     f"check api.base_url{key} and that the API is up, then rerun{takes}"
                 ))
                 return
-            if _NO_ROUTE.match(result.error or "") and row.body.get("model", self.spec.model) == self.spec.model:
-                # The rows after it go to the same route and model: each would be refused alike
+            if _NO_ROUTE.match(result.error or "") and self.spec.endpoint is not None and \
+                    row.body.get("model", self.spec.model) == self.spec.model:
+                # The rows after it go to the same route and model (the spec's): each would be refused alike
                 refused = JobFatalAPIError(
                     f"the first row was refused ({result.error}), and the rows after it go to the same route and "
                     "model, so none was sent. Fix api.base_url, the model or the endpoint, then rerun with --restart "
