@@ -44,6 +44,14 @@ def test_only_a_whole_max_tokens_bounds_the_answer(max_tokens: object, bound: in
     assert assumed is not None and assumed.tokens == 100 + (bound if bound is not None else 50)
 
 
+def test_n_and_best_of_multiply_the_worst_case_and_bound_only_as_whole_numbers() -> None:
+    h = holds(Budget(1.0, None))
+    assert h.worst(PRICE, {"max_tokens": 10, "n": 4.0}, 100).tokens == 140
+    assert h.worst(PRICE, {"max_tokens": 10, "best_of": 8, "n": 2}, 100).tokens == 180  # best_of are all billed
+    assert h.worst(PRICE, {"max_tokens": 10, "n": "4"}, 100) == Worst(usd=None, tokens=None)  # a server may read 4
+    assert h.worst(PRICE, {"max_tokens": 10, "n": None}, 100).tokens == 110
+
+
 def test_an_embeddings_request_is_held_at_its_bytes_with_no_completion() -> None:
     h = holds(Budget(1.0, None))
     assert h.worst(PRICE, {}, 1000, generates=False) == Worst(usd=1000 * 1e-6, tokens=1000)

@@ -340,3 +340,8 @@ def test_a_budget_refuses_a_max_tokens_that_bounds_nothing_before_any_request(
     write_jsonl(tmp_path / "input.jsonl", [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(5)])
     assert run_cli("run", str(spec), "--no-progress").code == 0
     assert [r.body["max_tokens"] for r in server.requests] == [200.0] * 5
+    # n, answers each up to max_tokens, must be a whole number too (even with an assumed bound)
+    spec = write_spec(tmp_path, pricing=PRICES, params={"max_tokens": 16, "n": "4"},
+                      budget={"max_usd": 1.0, "assume_max_tokens": 16}, api={"base_url": server.base_url})
+    refused = run_cli("run", str(spec), "--no-progress")
+    assert refused.code == 2 and 'budget: params.n is "4", no whole number' in refused.stderr, refused.stderr

@@ -34,8 +34,8 @@ __all__ = ["Caller", "HoldLog"]
 # A request refused for what it holds (not an answer we cannot read, nor a route or model
 # the server does not have: a 404 is the same for every half of the group)
 _REFUSED = re.compile(r"HTTP (?:400|413|422): ")
-_UNBOUNDED = ("not sent: its max_tokens is no whole number, so the budget cannot hold what its answer may cost; "
-              "give it one, or set budget.assume_max_tokens")
+_UNBOUNDED = ("not sent: its max_tokens, n or best_of is no whole number, so the budget cannot hold what its "
+              "answer may cost; give it one (for max_tokens, budget.assume_max_tokens may stand in)")
 
 
 class Caller:

@@ -153,7 +153,7 @@ class RowReader:
         if problem:
             raise fail(problem)
         if self.bounded and endpoint.generates:
-            for key in MAX_TOKENS_KEYS:
+            for key in (*MAX_TOKENS_KEYS, "n", "best_of"):
                 if key in body and whole(body[key]) is None:
                     raise fail(f"{key} {body[key]!r} is no whole number, so the budget cannot hold what the "
                                "answer may cost; give one, or set budget.assume_max_tokens")

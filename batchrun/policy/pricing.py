@@ -36,8 +36,15 @@ def completion_bound(body: Mapping[str, Any], default: int | None) -> int | None
             break
     if most is None:
         return None
-    n = body["n"] if type(body.get("n")) is int and body["n"] > 0 else 1
-    return most * n
+    # Answers generated: n (OpenAI's completions bill best_of of them); one that is no whole
+    # number (4.0 is 4) bounds nothing, as a server may read "4" as 4
+    times = 1
+    for key in ("n", "best_of"):
+        if key in body and body[key] is not None:
+            if (count := whole(body[key])) is None:
+                return None
+            times = max(times, count)
+    return most * times
 
 
 def whole(value: Any) -> int | None:

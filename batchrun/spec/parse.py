@@ -30,7 +30,7 @@ from ..endpoints.base import Endpoint
 from ..endpoints.chat import Chat
 from ..inputs.files import INPUT_SUFFIXES
 from ..inputs.template import Template
-from ..policy.pricing import MAX_TOKENS_KEYS, Price, completion_bound
+from ..policy.pricing import MAX_TOKENS_KEYS, Price, completion_bound, whole
 from .model import (
     BATCH_KINDS,
     DEFAULT_BASE_URL,
@@ -516,6 +516,11 @@ def _check_budget(budget: BudgetSpec, pricing: Mapping[str, Price], model: str |
         known = f" (priced: {', '.join(sorted(pricing))})" if pricing else ""
         raise SpecError(f"budget.max_usd: model {model!r} has no price in pricing{known}; "
                         "add its prices, USD per million tokens")
+    if budget.is_set and job_endpoint(endpoint).generates:
+        for key in ("n", "best_of"):  # answers generated, each up to max_tokens
+            if params.get(key) is not None and whole(params[key]) is None:
+                raise SpecError(f"budget: params.{key} is {json.dumps(params[key])}, no whole number, so the budget "
+                                "cannot hold a request's worst case: make it one")
     if budget.is_set and budget.assume_max_tokens is None and job_endpoint(endpoint).generates:
         given = next((k for k in MAX_TOKENS_KEYS if k in params), None)
         if given is None:
