@@ -111,6 +111,7 @@ class FakeBatchAPI:
         self.batches: dict[str, _Batch] = {}  # in creation order
         self.lock = threading.RLock()
         self.calls = 0  # requests answered (any route): what a test waits on, say to kill a client mid-job
+        self.list_page: Callable[[dict], tuple[int, dict]] | None = None  # query -> answer: the list, otherwise
         self._called = threading.Condition(self.lock)
         self._ids = itertools.count(1)
         self._id_rng = random.Random("ids")  # apart from the fault draws, so ids never shift them
@@ -581,6 +582,8 @@ class _Handler(BaseHTTPRequestHandler):
         return self.api.create_batch(body if isinstance(body, dict) else {})
 
     def list_batches(self, *, raw: bytes, query: dict) -> tuple[int, dict]:
+        if self.api.list_page is not None:
+            return self.api.list_page(query)
         return 200, _page([b.obj for b in reversed(self.api.batches.values())], query, 20)
 
     def get_batch(self, batch_id: str, *, raw: bytes, query: dict) -> tuple[int, dict]:

@@ -296,3 +296,35 @@ def test_a_batch_whose_output_file_is_gone_hands_its_rows_on_and_the_others_are_
     out = read_output(tmp_path / "out/result.parquet")
     assert [r["status"] for r in out] == ["failed"] * 10 + ["ok"] * 10 and not live.requests
     assert all("its output file is gone from the provider" in r["error"] for r in out[:10]), out[0]["error"]
+
+
+def test_a_restart_keeps_the_state_when_a_running_batch_refuses_its_cancel(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4xx to a cancel of a batch that has not ended leaves it answering (and billing):
+    discarding the state then would have every row paid twice."""
+    batches.polls_to_finish = None
+    spec = job(tmp_path, live, batches, 20, batch={"rows_per_batch": 10})
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0
+    monkeypatch.setattr(batches, "cancel_batch", lambda batch_id: (400, {"error": {"message": "not now"}}))
+    refused = run_cli("submit", "--restart", str(spec), env=cli_env(**ENV))
+    assert refused.code == 2 and "is still validating at the provider and its cancel was refused" in refused.stderr
+    assert "nothing was discarded" in refused.stderr and len(batches.created) == 2
+    status = json.loads(run_cli("status", str(spec), "--json").stdout)
+    assert [b["id"] for b in status["batches"]] == [c.batch_id for c in batches.created]
+
+
+def test_a_restart_of_a_damaged_state_cancels_the_batches_the_provider_lists_for_the_job(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    """The damaged state records nothing readable: the provider's list under the job's
+    fingerprint says what is out."""
+    batches.polls_to_finish = None
+    spec = job(tmp_path, live, batches, 20, batch={"rows_per_batch": 10})
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0
+    state = tmp_path / "out/result.batchrun.sqlite"
+    state.write_bytes(b"not a database" * 100)
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 2  # damaged: says so
+    assert run_cli("submit", "--restart", str(spec), env=cli_env(**ENV)).code == 0
+    old = [c.batch_id for c in batches.created[:2]]
+    assert [batches.batch(b).obj["status"] for b in old] == ["cancelling"] * 2 and len(batches.created) == 4
+    batches.finish()
+    assert batches.custom_ids_in_two_batches() == set()

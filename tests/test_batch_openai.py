@@ -99,6 +99,18 @@ def test_a_rerun_finds_the_batches_an_earlier_run_created_by_their_tag(fake: Fak
     assert [b.metadata["batchrun_batch"] for b in found] == ["0"]
 
 
+def test_a_list_that_does_not_move_on_ends(fake: FakeBatchAPI) -> None:
+    """A server answering the same page with has_more whatever `after` says: the listing
+    (a rerun's, a restart's, under the job's lock) must end, not page for ever."""
+    with client(fake) as http:
+        run_batch(fake, http, 3)
+        page = {"object": "list", "data": [b.obj for b in fake.batches.values()], "has_more": True}
+        fake.list_page = lambda query: (200, page)
+        calls = fake.calls
+        found = OPENAI.tagged(http, "batchrun_job", JOB)
+    assert [b.metadata["batchrun_batch"] for b in found] == ["0"] and fake.calls - calls <= 2
+
+
 def test_a_failed_validation_says_which_line(fake: FakeBatchAPI) -> None:
     line = batch_line(OPENAI, JOB, rows(1)[0], "m", {})
     with client(fake) as http:

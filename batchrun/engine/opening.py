@@ -31,13 +31,14 @@ def open_reader(spec: JobSpec, storage: Store) -> InputReader:
 
 
 def open_state(spec: JobSpec, reader: InputReader, part: Part, status: StatusFile, *, limit: int | None,
-               restart: bool, before_reset: Callable[[StateStore], None] | None = None,
+               restart: bool, before_reset: Callable[[StateStore, dict], None] | None = None,
                ) -> tuple[StateStore, int, dict[str, str], list[str]]:
     """Open (or make) the job's state and check it belongs to this input and spec.
 
     `before_reset`: with `restart`, what must happen to the state's progress before it is
-    discarded, the job's lock held (the batch backend cancels its batches): if it fails,
-    nothing is discarded and the same command can try again.
+    discarded, the job's lock held (the batch backend cancels its batches), given the state
+    (empty if it was damaged: discarded as it opened) and the job's meta as this run makes
+    it; if it fails, nothing is discarded and the same command can try again.
 
     The input is validated in full the first time; a resume whose input digest
     matches the saved one trusts the saved row count, column types and the optional
@@ -71,8 +72,8 @@ def open_state(spec: JobSpec, reader: InputReader, part: Part, status: StatusFil
             meta["asks"] = asks
         part.claim(meta)  # which part of the job this is, checked against the others (before a restart discards)
         if restart:
-            if before_reset is not None:
-                before_reset(store)
+            if before_reset is not None and not fresh:
+                before_reset(store, meta)
             store.reset()
         store.claim(meta, spec_name=spec.name)
     except BatchrunError as exc:

@@ -105,7 +105,7 @@ def _opened(spec: JobSpec, options: RunOptions) -> Iterator[tuple[Session, Statu
     try:
         store, total, _, _ = open_state(
             spec, reader, Unsharded(spec.output), status, limit=options.limit, restart=options.restart,
-            before_reset=lambda old: _cancel_discarded(Caller(batch), provider, http, old))
+            before_reset=lambda old, meta: _cancel_discarded(Caller(batch), provider, http, old, meta))
     except BaseException:
         http.close()
         reader.close()
@@ -135,22 +135,34 @@ def _opened(spec: JobSpec, options: RunOptions) -> Iterator[tuple[Session, Statu
                 storage.push_file(status.path)
 
 
-def _cancel_discarded(caller: Caller, provider: Provider, http: httpx.Client, old: StateStore) -> None:
+def _cancel_discarded(caller: Caller, provider: Provider, http: httpx.Client, old: StateStore, meta: dict) -> None:
     """Cancel the batches a `--restart` is about to discard (nobody would collect what
     they answer), before it does, so that a cancel that fails leaves them known: those the
     state records, and those the provider lists under their keys (created by a run that
-    died before it could record them). One that ended needs nothing; one the provider
-    does not know (a 4xx) neither."""
+    died before it could record them). A damaged state (discarded as it opened) records
+    none: then every batch the provider lists under this job's fingerprint that has not
+    ended. One that ended needs nothing; one the provider does not know neither; one still
+    running whose cancel is refused stops the restart, nothing discarded."""
     entries = old.ledger.entries(outstanding=True)
-    if not entries:
+    known = old.meta()
+    if known and not entries:
         return
     keys = {entry.key for entry in entries}
     ids = {entry.batch_id for entry in entries if entry.batch_id is not None}
-    ids |= {batch.id for batch in call(caller, provider.tagged, http, TAG, fingerprint(old.meta()))
-            if batch.metadata.get(KEY_TAG) in keys and not batch.done}
+    ids |= {batch.id for batch in call(caller, provider.tagged, http, TAG, fingerprint(known or meta))
+            if (batch.metadata.get(KEY_TAG) in keys or not known) and not batch.done}
     for batch_id in sorted(ids):
-        with contextlib.suppress(ConfigError):
+        try:
             call(caller, provider.cancel, http, batch_id)
+        except ConfigError as refused:
+            try:
+                batch = call(caller, provider.get, http, batch_id)
+            except ConfigError:  # the provider does not know it: nothing to cancel
+                continue
+            if not batch.done:
+                raise ConfigError(f"--restart: batch {batch_id} is still {batch.state} at the provider and its "
+                                  f"cancel was refused ({refused}); nothing was discarded. Cancel it at the provider "
+                                  "(or let it end), then rerun") from None
 
 
 @contextlib.contextmanager

@@ -178,15 +178,18 @@ class FireworksBatches(Provider):
                      output_file=_file(job.id, RESULTS_FILE), error_file=_file(job.id, ERRORS_FILE))
 
     def tagged(self, http: httpx.Client, key: str, value: str) -> list[Batch]:
+        """A list that does not move on (a page token again) ends: it holds nothing more."""
         found: list[Batch] = []
         token = ""
+        tokens: set[str] = set()
         while True:
             params = {"pageSize": PAGE, "orderBy": "createTime desc", **({"pageToken": token} if token else {})}
             page = checked(http.get("/batchInferenceJobs", params=params), "listing the batch inference jobs")
             jobs, token = _read(page, "listing the batch inference jobs", _page)
             found += [job for job in jobs if job.metadata.get(key) == value]
-            if not token or not jobs:
+            if not token or not jobs or token in tokens:
                 return found
+            tokens.add(token)
 
     def download(self, http: httpx.Client, file: str, into: BinaryIO) -> bool:
         """`file`: "{dataset}/{file name}"; a file (or dataset) that is not there holds

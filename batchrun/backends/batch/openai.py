@@ -66,14 +66,17 @@ class OpenAIBatches(Provider):
         return _read(checked(response, what), what, _batch)
 
     def tagged(self, http: httpx.Client, key: str, value: str) -> list[Batch]:
+        """A list that does not move on (the same page again) ends: it holds nothing more."""
         found: list[Batch] = []
         after = None
+        seen: set[str] = set()
         while True:
             params = {"limit": PAGE, **({"after": after} if after else {})}
             page = checked(http.get("/batches", params=params), "listing the batches")
             batches, more = _read(page, "listing the batches", _page)
-            found += [b for b in batches if b.metadata.get(key) == value]
-            if not more or not batches:
+            found += [b for b in batches if b.metadata.get(key) == value and b.id not in seen]
+            seen.update(b.id for b in batches)
+            if not more or not batches or batches[-1].id == after:
                 return found
             after = batches[-1].id
 
