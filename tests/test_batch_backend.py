@@ -322,3 +322,24 @@ def test_a_batch_answer_without_usage_is_charged_its_worst_case_as_live(
     assert [r["cost_usd"] for r in out] == pytest.approx(worst) and all(r["backend"] == "batch" for r in out)
     status = json.loads(run_cli("status", str(spec), "--json").stdout)
     assert status["cost_usd"] == pytest.approx(sum(worst))
+
+
+def test_retry_failed_under_a_budget_that_holds_one_batch_at_a_time_asks_every_failed_row_again(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    """The failed rows wait for room as the others do: all of them go, one batch at a time;
+    none that this run's batches failed again is sent once more."""
+    def refuse_even(row: dict) -> tuple[int, dict] | None:
+        return (400, {"error": {"message": "refused"}}) if int(row["custom_id"].rsplit("-", 1)[1]) % 2 == 0 else None
+
+    batches.faults = BatchFaults(seed=1, status_for=refuse_even)
+    spec = job(tmp_path, live, batches, 20, batch={"fallback": "none"}, params={"max_tokens": 100_000})
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 1  # ten rows refused
+    batches.faults = BatchFaults(seed=2, status_for=lambda row: refuse_even(row) if row["custom_id"].endswith("-0")
+                                 else None)  # row 0 is refused again
+    spec = job(tmp_path, live, batches, 20, batch={"fallback": "none", "rows_per_batch": 4},
+               params={"max_tokens": 100_000}, budget={"max_usd": 0.45})
+    again = run_cli("run", str(spec), "--retry-failed", env=cli_env(**ENV))
+    assert again.code == 1, again.stderr
+    assert [len(c.custom_ids) for c in batches.created[1:]] == [4, 4, 2]  # the ten, each once
+    out = read_output(tmp_path / "out/result.parquet")
+    assert [r["row_index"] for r in out if r["status"] == "failed"] == [0]

@@ -206,15 +206,15 @@ def _batches(session: Session, status: StatusFile, *, wait: bool, retry_failed: 
     made = send_planned(session, store.ledger.entries(outstanding=True)) > 0
     if session.batch.fallback == "none":
         _fail_handed_back(session)
+    tried: set[int] = set()  # rows this run sent: one its batch failed again stays failed
     while True:
         blocked = None
         try:
-            made = _send_wanted(session, retry_failed) > 0 or made
+            made = _send_wanted(session, retry_failed, tried) > 0 or made
         except BudgetReached as exc:
             if not store.ledger.rows_out():  # nothing out whose collection could make room
                 raise
             blocked, made = exc, True
-        retry_failed = False  # a row failed again by a batch of this run stays failed
         if made:  # a batch made twice (a retry whose first answer was lost) would answer its rows twice
             cancel_duplicates(session)
             made = False
@@ -226,18 +226,22 @@ def _batches(session: Session, status: StatusFile, *, wait: bool, retry_failed: 
             return "the budget holds the other rows back until the batches out are collected and cost what they cost"
 
 
-def _send_wanted(session: Session, retry_failed: bool) -> int:
-    """Send the rows that are neither done nor in a batch (nor answered by the cache)
-    within the budget; the rows sent."""
+def _send_wanted(session: Session, retry_failed: bool, tried: set[int]) -> int:
+    """Send the rows that are neither done nor in a batch (nor answered by the cache, nor
+    `tried` already by this run) within the budget; the rows sent, added to `tried`."""
     store = session.store
     done = done_rows(store.row_states(session.total), retry_failed=retry_failed)
     taken = store.ledger.taken(session.total)
-    wanted = [index for index in range(session.total) if not done[index] and not taken[index]]
+    wanted = [index for index in range(session.total) if not done[index] and not taken[index] and index not in tried]
     wanted = answer_from_cache(session, wanted)
     if not wanted:
         return 0
     budget = job_budget(session.spec, store.spend()) if session.spec.budget.is_set else None
-    return send(session, wanted, budget)
+    try:
+        return send(session, wanted, budget)
+    finally:
+        taken = store.ledger.taken(session.total)
+        tried.update(index for index in wanted if taken[index])
 
 
 def _fail_handed_back(session: Session) -> None:
