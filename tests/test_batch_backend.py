@@ -4,7 +4,9 @@ stored exactly once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import threading
 from collections import Counter
 from pathlib import Path
@@ -343,3 +345,21 @@ def test_retry_failed_under_a_budget_that_holds_one_batch_at_a_time_asks_every_f
     assert [len(c.custom_ids) for c in batches.created[1:]] == [4, 4, 2]  # the ten, each once
     out = read_output(tmp_path / "out/result.parquet")
     assert [r["row_index"] for r in out if r["status"] == "failed"] == [0]
+
+
+def test_a_batch_planned_before_rows_kept_their_worst_case_charges_its_hold_shared(
+        tmp_path: Path, live: FakeServer, batches: FakeBatchAPI) -> None:
+    """A state from before the ledger's worst-case columns (null there): an answer without
+    usage is charged its share of the batch's budget hold, never nothing."""
+    no_usage = {"id": "cmpl-x", "object": "text_completion", "model": "test-model",
+                "choices": [{"index": 0, "text": "no usage here", "finish_reason": "stop"}]}
+    batches.faults = BatchFaults(seed=1, status_for=lambda row: (200, no_usage))
+    batches.polls_to_finish = None
+    spec = job(tmp_path, live, batches, 4, params={"max_tokens": 1000}, budget={"max_usd": 5.0})
+    assert run_cli("submit", str(spec), env=cli_env(**ENV)).code == 0
+    with contextlib.closing(sqlite3.connect(tmp_path / "out/result.batchrun.sqlite")) as db, db:
+        db.execute("UPDATE batch_rows SET worst_usd = NULL, worst_tokens = NULL")  # as an older version left them
+        [(held,)] = db.execute("SELECT usd FROM holds")
+    batches.finish()
+    assert run_cli("run", str(spec), env=cli_env(**ENV)).code == 0
+    assert [r["cost_usd"] for r in read_output(tmp_path / "out/result.parquet")] == pytest.approx([held / 4] * 4)

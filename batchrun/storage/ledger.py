@@ -153,6 +153,11 @@ class Ledger:
             "SELECT row_index, row_id, model, cache_key, worst_usd, worst_tokens FROM batch_rows WHERE key = ?",
             (key,))}
 
+    def hold_of(self, key: str) -> tuple[float, int] | None:
+        """The budget's hold on a batch (its worst case: usd, tokens), if it has one."""
+        return self._db.execute("SELECT usd, tokens FROM holds WHERE id = (SELECT hold FROM batches WHERE key = ?)",
+                                (key,)).fetchone()
+
     def rows_out(self) -> int:
         """Rows in batches not yet collected: a live run must not send them."""
         return self._db.execute("SELECT COUNT(*) FROM batch_rows").fetchone()[0]

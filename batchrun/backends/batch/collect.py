@@ -100,6 +100,10 @@ class _Reading:
         self.cached: list[tuple[str | None, Result]] = []
         self.settled = 0
         self.gone: list[str] = []  # its files the provider no longer has
+        # A batch planned before its rows kept their worst case (an older state): its hold,
+        # shared among them, stands in for it
+        hold = session.store.ledger.hold_of(entry.key) if entry.hold is not None else None
+        self.share = (hold[0] / len(self.asked), int(hold[1] / len(self.asked))) if hold and self.asked else None
 
     def commit(self, db: sqlite3.Connection, files: list[tuple[Path, bool]]) -> None:
         upsert(db, self._results(files))
@@ -160,6 +164,8 @@ class _Reading:
         if why is not None:
             result = Result(index, "", "failed", error=f"the batch did not answer it ({self.batch.state}): {why}")
         _, row_id, model, key, worst_usd, worst_tokens = self.asked[index]
+        if worst_usd is None and worst_tokens is None and self.share is not None:
+            worst_usd, worst_tokens = self.share
         settled = _settled(self.session, result, row_id, model or self.session.spec.model, worst_usd, worst_tokens,
                            get_endpoint(self.entry.endpoint).generates)
         self.settled += 1
