@@ -322,6 +322,12 @@ def test_openais_token_limit_counts_a_request_by_its_max_tokens_litellms_key_by_
     limiter.used(Usage.of(prompt=40, cached=0, completion=16))  # type: ignore[arg-type]
     # OpenAI's 1,000 a second over 251 a request binds (LiteLLM's 2,000 over 56 would allow 35/s)
     assert limiter.rate == pytest.approx(1000 / 251 * 0.95)
+    # The LiteLLM proxy states its model's tpm under OpenAI's names, and counts it by usage
+    proxied = RateLimiter()
+    send_times(proxied, 3, tokens=251)
+    proxied.observe(heard(200, {"x-ratelimit-limit-tokens": "60000", "x-litellm-call-id": "c-1"}), 0.0)
+    proxied.used(Usage.of(prompt=40, cached=0, completion=16))  # type: ignore[arg-type]
+    assert proxied.rate == pytest.approx(1000 / 56 * 0.95)
 
 
 def test_a_budget_that_grows_lifts_the_ceiling_and_the_rate_climbs_to_it() -> None:

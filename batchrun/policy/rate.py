@@ -366,7 +366,8 @@ class Allowance:
     reset_s: float | None = None
     window_s: float = MINUTE_S
     # A token limit that counts a request as it is admitted, by its size as sent (its prompt
-    # and its max_tokens: OpenAI's), not by the usage of its answer (LiteLLM's keys)
+    # and its max_tokens: OpenAI's), not by the usage of its answer (LiteLLM's, its keys' and
+    # its models', which it states under OpenAI's names)
     booked: bool = False
 
     @property
@@ -416,18 +417,21 @@ class ServerLimits:
     @classmethod
     def read(cls, headers: Mapping[str, str]) -> ServerLimits:
         found: dict[tuple[str, int], dict[str, float]] = {}  # (kind, scope's place) -> fields
+        litellm = False  # the LiteLLM proxy answered: OpenAI's names carry its model's limits, counted by usage
         for name, text in headers.items():
-            if (where := _LIMIT_HEADERS.get(name.lower())) is not None:
+            if (where := _LIMIT_HEADERS.get(lower := name.lower())) is not None:
                 kind, place, field = where
                 if (value := _READ_FIELD[field](text)) is not None:
                     found.setdefault((kind, place), {})[field] = value
+            elif lower in LITELLM_MARKS:
+                litellm = True
         if not found:
             return NOTHING_STATED
         scoped: dict[str, list[Allowance]] = {"requests": [], "tokens": []}
         budgets: dict[str, Allowance] = {}  # Fireworks'
         for (kind, place), fields in sorted(found.items()):
             if kind in scoped:
-                scoped[kind].append(Allowance(**fields, booked=kind == "tokens" and place == 0))
+                scoped[kind].append(Allowance(**fields, booked=kind == "tokens" and place == 0 and not litellm))
             else:
                 budgets[kind] = Allowance(**fields, window_s=FIREWORKS_WINDOW_S)
         return cls(requests=tuple(scoped["requests"]), tokens=tuple(scoped["tokens"]), **budgets)
@@ -458,8 +462,10 @@ _LIMIT_HEADERS: dict[str, tuple[str, int, str]] = {
     for budget in ("prompt", "cache-adjusted-prompt", "generated")
     for field in ("limit", "remaining")
 }
+# On every answer of the LiteLLM proxy (1.108.7): whose limits, under OpenAI's names, count usage
+LITELLM_MARKS = frozenset({"x-litellm-call-id", "x-litellm-model-id"})
 # Every header the rate policy reads (from an answer's verdict: see `policy.verdict`)
-RATE_HEADERS = frozenset(_LIMIT_HEADERS) | {"x-ratelimit-over-limit", "retry-after", "retry-after-ms"}
+RATE_HEADERS = frozenset(_LIMIT_HEADERS) | LITELLM_MARKS | {"x-ratelimit-over-limit", "retry-after", "retry-after-ms"}
 
 
 def estimate_tokens(body: Mapping[str, object]) -> int:
