@@ -227,7 +227,7 @@ class RateLimiter:
         rates = [(budget.per_s * HEADROOM / each, budget.window_s) for budget, each in budgets if budget.per_s and each]
         if rates:
             self._token_ceiling, window_s = min(rates)
-            self._cap(now, window_s)  # (a ceiling that rose leaves the rate to climb to it)
+            self._cap(now, window_s)  # (down at once; up at once too where a statement held it down)
 
     def _cap(self, now: float, window_s: float) -> None:
         """A rate above the ceiling comes down to it at once, and the requests sent before
