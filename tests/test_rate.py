@@ -274,6 +274,11 @@ def test_a_429_naming_a_wait_after_the_window_said_spent_pauses_the_sends_until_
     limiter.observe(heard(200, {"x-ratelimit-api_key-remaining-requests": "40"}), 62.0)
     limiter.observe(heard(429, {"retry-after": "30"}), 63.0)
     assert limiter.reserve(1, 63.0) < 2
+    # ... unless fewer are left than this job sent lately: the other job took the last one
+    send_times(limiter, 4, start=64.0)
+    limiter.observe(heard(200, {"x-ratelimit-api_key-remaining-requests": "1"}), 65.0)
+    limiter.observe(heard(429, {"retry-after": "60"}), 66.0)
+    assert limiter.reserve(1, 66.0) == pytest.approx(60.0)
 
 
 def test_requests_sent_before_the_limit_was_known_count_against_it() -> None:

@@ -97,6 +97,7 @@ class RateLimiter:
         self.held_until = 0.0  # no send before then (monotonic): a window the server says is spent
         self._held_by_ceiling = False  # the rate is where a limit the server stated put it
         self._spent_until = float("-inf")  # till when a window the server said is spent stays so
+        self._left: float | None = None  # the fewest requests a window was said to have left, lately
         self._next_tokens = 0.0
         self._booked = 0.0  # a request's size as booked (`estimate_tokens`: max_tokens included), lately
         self._sent: deque[float] = deque()  # times of recent requests
@@ -160,9 +161,11 @@ class RateLimiter:
             _record(self._admitted, now, now)
         if answer.pushed_back:
             self.pushbacks += 1
-            if answer.retry_after and now < self._spent_until:
-                # The window said spent, and now a wait: the key is shared (another job, another
-                # user); the sends pause till then, rather than each meet its 429 (LiteLLM's 60 s)
+            if answer.retry_after and (now < self._spent_until or self._left is not None and
+                                       self._left < len(self._sent)):
+                # The window said spent (or about to be: fewer left than this job sent lately),
+                # and now a wait: the key is shared (another job, another user); the sends pause
+                # till then, rather than each meet its 429 (LiteLLM's 60 s)
                 self.held_until = max(self.held_until, now + answer.retry_after)
             _record(self._pushed, now, now)
             _record(self._admitted, None, now)
@@ -197,6 +200,9 @@ class RateLimiter:
                 self._request_ceiling = limit
                 self._cap(now, tightest.window_s)
         self._follow_tokens(stated, now)
+        left = [allowance.remaining for allowance in stated.requests if allowance.remaining is not None]
+        if left:
+            self._left = min(left)
         for allowance in stated.requests:
             if allowance.remaining is not None and not allowance.spent:
                 self._spent_until = float("-inf")  # the window has requests again: a 429 is a row's own
