@@ -96,8 +96,7 @@ class RateLimiter:
         self._last_slot = 0.0  # the last slot booked (from which a higher rate books the next)
         self.held_until = 0.0  # no send before then (monotonic): a window the server says is spent
         self._held_by_ceiling = False  # the rate is where a limit the server stated put it
-        self._spent_until = float("-inf")  # till when a window the server said is spent stays so
-        self._left: float | None = None  # the fewest requests a window was said to have left, lately
+        self._left: float | None = None  # the fewest requests a window was said to have left, last
         self._next_tokens = 0.0
         self._booked = 0.0  # a request's size as booked (`estimate_tokens`: max_tokens included), lately
         self._sent: deque[float] = deque()  # times of recent requests
@@ -161,11 +160,11 @@ class RateLimiter:
             _record(self._admitted, now, now)
         if answer.pushed_back:
             self.pushbacks += 1
-            if answer.retry_after and (now < self._spent_until or self._left is not None and
-                                       self._left < len(self._sent)):
+            if answer.retry_after and self._left is not None and self._left < max(1, len(self._sent)):
                 # The window said spent (or about to be: fewer left than this job sent lately),
                 # and now a wait: the key is shared (another job, another user); the sends pause
-                # till then, rather than each meet its 429 (LiteLLM's 60 s)
+                # till then, rather than each meet its 429 (LiteLLM's 60 s). After an answer with
+                # more left, a 429 is one row's matter.
                 self.held_until = max(self.held_until, now + answer.retry_after)
             _record(self._pushed, now, now)
             _record(self._admitted, None, now)
@@ -204,10 +203,7 @@ class RateLimiter:
         if left:
             self._left = min(left)
         for allowance in stated.requests:
-            if allowance.remaining is not None and not allowance.spent:
-                self._spent_until = float("-inf")  # the window has requests again: a 429 is a row's own
             if allowance.spent and allowance.refill_s:
-                self._spent_until = now + allowance.refill_s
                 # The window is spent (others share the key), whether or not a limit is
                 # stated: hold the sends until it refills, at most a second. Slowing the rate
                 # to match it instead would book every waiting request seconds apart, long
