@@ -82,7 +82,8 @@ class Caller:
         with `park` (see `Client.send`). `pushed_back`: the row met a 429 before (it was
         set aside), so it never probes; `spent`: the failures and 429s it met then.
         """
-        body = get_endpoint(row.endpoint).build_body(row.body, self.spec.model, self.spec.params)
+        endpoint = get_endpoint(row.endpoint)
+        body = endpoint.build_body(row.body, self.spec.model, self.spec.params)
         try:
             request = self.client.request(row.endpoint, body, pushed_back=pushed_back, spent=spent)
         except Unsendable as exc:
@@ -93,7 +94,7 @@ class Caller:
         key = self._cache_key(request, body)
         if key is not None and (hit := self.cache.get(key)) is not None:  # type: ignore[union-attr]
             return self._from_cache(row, hit, price, request.payload)
-        worst = self.holds.worst(price, body, len(request.payload), generates=get_endpoint(row.endpoint).generates)
+        worst = self.holds.worst(price, body, len(request.payload), generates=endpoint.generates)
         if worst is not None and worst.tokens is None and self.holds.budget is not None:
             # (validation refuses such rows; one validated before the spec had a budget may come)
             return Result(row.index, row.id, "failed", error=_UNBOUNDED)
@@ -116,7 +117,7 @@ class Caller:
             self._scrub(result)
         if self.spec.keep_request:
             result.extra = {**(result.extra or {}), "request": request.payload.decode()}
-        self.holds.charge(result, paid, price, worst, held, generates=get_endpoint(row.endpoint).generates)
+        self.holds.charge(result, paid, price, worst, held, generates=endpoint.generates)
         if key is not None and result.status == "ok":
             result.cache_key = key  # cached by the writer, once the state has it
         return result
