@@ -51,7 +51,8 @@ def collect(session: Session, entry: Entry, batch: Batch) -> tuple[int, int]:
     The files go to disk as they arrive, and their lines into the state as they are
     read, in the one transaction: a batch's answers never need to fit in memory."""
     reading = _Reading(session, entry, batch)
-    with _downloaded(session, batch) as (files, reading.gone):
+    with _downloaded(session, batch) as (files, gone):
+        reading.gone = gone
         session.store.save((), released=[entry.hold] if entry.hold is not None else [],
                            also=lambda db: reading.commit(db, files))
     remember(session, reading.cached)
@@ -93,6 +94,7 @@ class _Reading:
         schema = session.spec.answer_schema()
         self.structure = Structure(schema) if schema is not None else None
         self.live = session.batch.fallback == "live"
+        self.generates = get_endpoint(entry.endpoint).generates  # (embeddings count no completion)
         self.unanswered: dict[int, str] = {}  # row -> why: handed on
         # (cache key, answer), with a cache: added to it a thousand at a time as they are
         # read (an answer in the cache and not in the state, should the commit fail, was
@@ -167,7 +169,7 @@ class _Reading:
         if worst_usd is None and worst_tokens is None and self.share is not None:
             worst_usd, worst_tokens = self.share
         settled = _settled(self.session, result, row_id, model or self.session.spec.model, worst_usd, worst_tokens,
-                           get_endpoint(self.entry.endpoint).generates)
+                           self.generates)
         self.settled += 1
         if self.session.cache is not None and key is not None and settled.status == "ok":
             self.cached.append((key, settled))
