@@ -155,8 +155,9 @@ class RowReader:
         if self.bounded and endpoint.generates:
             for key in (*MAX_TOKENS_KEYS, "n", "best_of"):
                 if key in body and whole(body[key]) is None:
+                    assume = ", or set budget.assume_max_tokens" if key in MAX_TOKENS_KEYS else ""
                     raise fail(f"{key} {body[key]!r} is no whole number, so the budget cannot hold what the "
-                               "answer may cost; give one, or set budget.assume_max_tokens")
+                               f"answer may cost; give one{assume}")
         if endpoint.grouped and self.named is None:
             raise fail(f"{endpoint.name} go several rows to a request: set endpoint: {endpoint.name} in the spec")
         return Row(index, str(row_id), endpoint.name, body, place)
