@@ -103,7 +103,7 @@ def test_a_hold_set_while_a_request_waits_for_its_slot_holds_it_too() -> None:
         client.limiter.reserve = reserve  # type: ignore[method-assign]
 
     result, seen, sleeps = call([httpx.Response(200, json=ANSWER)], booked_then_held)
-    assert result.status == "ok" and sleeps[0] == 1.0 and 3.9 < sleeps[1] <= 5.0
+    assert result.status == "ok" and sleeps[0] == 1.0 and 0 < sleeps[1] <= 5.0  # (what is left of the 5 s)
 
 
 def test_connection_errors_and_timeouts_are_retried() -> None:

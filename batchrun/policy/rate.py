@@ -115,7 +115,8 @@ class RateLimiter:
 
     def reserve(self, tokens: int, now: float) -> float:
         """Book a send slot for a request of about `tokens` tokens; return the wait."""
-        self._booked += (tokens - self._booked) * (USAGE_WEIGHT if self._booked else 1.0)
+        if tokens:  # (estimated only where a token limit asks: most requests skip this)
+            self._booked += (tokens - self._booked) * (USAGE_WEIGHT if self._booked else 1.0)
         start = max(now, self.held_until)
         if self.rate is not None:
             start = max(start, self._next_request)
