@@ -306,8 +306,9 @@ def _status(args: argparse.Namespace) -> int:
           f"{data['completion_tokens']:,} completion)")
     if data.get("cost_usd") is not None:
         print(f"  cost       {usd(data['cost_usd'])}")
-    if data.get("lost_requests"):  # with a budget: what a kill left in flight counts as spent
-        print(f"  lost       {data['lost_requests']:,} requests a kill left in flight, counted against the budget"
+    if data.get("lost_requests"):  # with a budget: what may have been paid for with no answer counts as spent
+        print(f"  lost       {data['lost_requests']:,} requests that may have been paid for with no answer kept "
+              "(in flight at a kill, timed out, cut short), counted against the budget"
               + (f" at {usd(data['lost_usd'])}" if data.get("lost_usd") else ""))
     if data.get("exit_code") is not None:
         print(f"  exit code  {data['exit_code']} (the last run's)")

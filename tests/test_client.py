@@ -117,6 +117,55 @@ def test_connection_errors_and_timeouts_are_retried() -> None:
     assert (result.status, result.attempts, len(seen)) == ("ok", 3, 3)
 
 
+def send_with(responses: list, again: Callable[[int], bool]) -> tuple[Result, list[int], int]:
+    """One chat request through Client.send with `Request.again` set: (the result, the lost
+    attempts counted at each call of `again`, requests seen)."""
+    seen: list[int] = []
+    lost_at: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        answer = responses.pop(0)
+        return answer(request) if callable(answer) else answer
+
+    async def no_sleep(seconds: float) -> None:
+        pass
+
+    raw = {"input": "i.jsonl", "output": "o.parquet", "model": "m", "api": {"base_url": "http://127.0.0.1:9/v1"}}
+    client = Client(parse_spec(raw, environ={}), api_key=KEY, transport=httpx.MockTransport(handler), sleep=no_sleep)
+
+    async def main() -> Result:
+        async with client:
+            request = client.request("chat", {"model": "m", "messages": [{"role": "user", "content": "q"}]})
+
+            async def hook() -> bool:
+                lost_at.append(request.lost)
+                return again(request.lost)
+
+            request.again = hook
+            return await client.send(request)
+
+    return anyio.run(main), lost_at, len(seen)
+
+
+def test_a_timeout_and_an_unreadable_2xx_are_attempts_that_may_have_been_paid() -> None:
+    def hang(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    cut = httpx.Response(200, content=b'{"id": "r", "choices": [')  # a 2xx, billed, not readable
+    error = httpx.Response(500, json={"error": {"message": "boom"}})  # an error: no answer to pay for
+    result, lost_at, sent = send_with([hang, error, cut, httpx.Response(200, json=ANSWER)], lambda lost: True)
+    assert (result.status, sent) == ("ok", 4)
+    assert lost_at == [1, 1, 2]  # asked before each attempt after the first lost one
+
+
+def test_a_budget_that_holds_no_other_attempt_ends_the_retries_with_a_transient_failure() -> None:
+    cut = httpx.Response(200, content=b"not json")
+    result, lost_at, sent = send_with([cut, httpx.Response(200, json=ANSWER)], lambda lost: False)
+    assert (result.status, result.transient, sent, lost_at) == ("failed", True, 1, [1])
+    assert result.error == "the response body is not valid JSON; not sent again: the budget holds no other attempt"
+
+
 def test_exhausted_retries_give_a_failed_row_with_the_last_error() -> None:
     result, seen, _ = call([httpx.Response(500, json={"error": {"message": "boom"}})] * 3, retry={"max_attempts": 3})
     assert (result.status, result.attempts, result.error, len(seen)) == ("failed", 3, "HTTP 500: boom", 3)

@@ -149,3 +149,38 @@ def test_a_failed_groups_cost_is_split_by_input_length() -> None:
     unpaid = [Result(i, f"r{i}", "failed") for i in range(2)]
     Holds.split_cost(unpaid, request, [2, 1], paid=False)
     assert [r.cost_usd for r in unpaid] == [None, None]
+
+
+def test_a_lost_attempt_is_spent_and_kept_in_the_state_and_the_next_attempt_held_anew() -> None:
+    recorded: list[Hold] = []
+    released: list[int] = []
+
+    class Log:
+        async def record(self, hold: Hold) -> None:
+            recorded.append(hold)
+
+        def release(self, hold: Hold) -> None:
+            released.append(hold.id)
+
+    budget = Budget(1.0, None, next_hold=1)
+    h = holds(budget, Log())
+    worst = Worst(0.3, 30)
+
+    async def main() -> tuple[Hold | None, Hold | None]:
+        first = await h.hold(worst, 1)
+        again = await h.unanswered(first, worst, 1, again=True)  # 0.3 spent, 0.3 held anew
+        last = await h.unanswered(again, worst, 1, again=False)  # the last attempt: nothing follows
+        return first, again, last
+
+    first, again, last = anyio.run(main)
+    assert [hold.id for hold in recorded] == [1, 2, 3, 4]  # held, lost (kept), held anew, lost (kept)
+    assert released == [1]  # only the first hold: the lost attempts stay, as a kill's do
+    assert again is not None and again.id == 3 and last is again  # (let go with the row's answer)
+    assert (budget.spent_usd, budget.held_usd) == (pytest.approx(0.6), pytest.approx(0.3))
+
+    async def no_room() -> None:
+        await h.unanswered(last, worst, 1, again=True)  # 0.9 spent: another 0.3 would pass 1.0
+
+    with pytest.raises(BudgetReached):
+        anyio.run(no_room)
+    assert budget.spent_usd == pytest.approx(0.9) and budget.held_usd == 0.0

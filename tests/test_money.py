@@ -310,14 +310,15 @@ def test_requests_in_flight_at_a_kill_9_count_against_the_budget(tmp_path: Path,
 
     assert result.code == 3 and "the budget is reached" in result.stderr, result.stderr
     assert bill() <= budget
-    assert "24 requests in flight at a kill, counted at the worst case" in result.stderr
+    assert "24 requests that may have been paid for with no answer kept (in flight at a kill, timed out, cut short), " \
+        "counted at the worst case" in result.stderr
     from batchrun import job_status, load_spec
 
     status = job_status(load_spec(tmp_path / "job.yaml"))  # the lost requests, as the summary said
     assert status["lost_requests"] == 24 and usd(status["lost_usd"]) in result.stderr
     shown = run_cli("status", str(tmp_path / "job.yaml")).stdout  # and as a person reads the status
-    assert f"  lost       24 requests a kill left in flight, counted against the budget at {usd(status['lost_usd'])}" \
-        in shown
+    assert "  lost       24 requests that may have been paid for with no answer kept (in flight at a kill, timed out, " \
+        f"cut short), counted against the budget at {usd(status['lost_usd'])}" in shown
 
 
 def test_a_budget_refuses_a_max_tokens_that_bounds_nothing_before_any_request(
@@ -345,3 +346,53 @@ def test_a_budget_refuses_a_max_tokens_that_bounds_nothing_before_any_request(
                       budget={"max_usd": 1.0, "assume_max_tokens": 16}, api={"base_url": server.base_url})
     refused = run_cli("run", str(spec), "--no-progress")
     assert refused.code == 2 and 'budget: params.n is "4", no whole number' in refused.stderr, refused.stderr
+
+
+def test_attempts_that_may_have_been_paid_with_no_answer_count_against_the_budget(tmp_path: Path) -> None:
+    """A 2xx that cannot be read (here a stream cut short) was billed, for all anyone knows:
+    each such attempt is spent at its worst case before the next goes, so the job stays
+    within its budget whatever the server bills for it."""
+    import threading
+
+    import httpx
+
+    from batchrun import BudgetReached, job_status, load_spec, run_job
+
+    price = Price(**PRICES["test-model"])
+    seen: dict[str, int] = {}
+    billed_usd = [0.0]
+    lock = threading.Lock()
+
+    def stream(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        with lock:
+            seen[body["prompt"]] = attempt = seen.get(body["prompt"], 0) + 1
+            # The server bills every stream it sends: a whole one by its usage, one it cut
+            # short here at the most it could have cost
+            billed_usd[0] += price.worst(len(request.content), body["max_tokens"]) if attempt == 1 else \
+                cost(price, 5, 5, 0)
+        chunk = {"id": "s", "model": "test-model", "choices": [{"index": 0, "text": "hi", "finish_reason": None}]}
+        if attempt == 1:  # cut short: no finish_reason
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=_sse(chunk))
+        end = {"id": "s", "model": "test-model", "choices": [{"index": 0, "text": "", "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}}
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=_sse(chunk, end))
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i:03}"} for i in range(200)])
+    size = len(b'{"model": "test-model", "prompt": "p000", "max_tokens": 16, "stream": true, '
+               b'"stream_options": {"include_usage": true}}')
+    budget = 20 * price.worst(size, 16)  # about ten rows: each is a lost attempt, then an answer
+    spec = write_spec(tmp_path, pricing=PRICES, params={"max_tokens": 16, "stream": True}, concurrency=4,
+                      budget={"max_usd": budget}, api={"base_url": "http://127.0.0.1:9/v1"},
+                      retry={"backoff_initial_s": 0.001, "backoff_max_s": 0.002})
+
+    with pytest.raises(BudgetReached) as info:
+        run_job(spec, transport=httpx.MockTransport(stream), environ={"OPENAI_API_KEY": "k"})
+
+    summary = info.value.summary
+    assert budget - 4 * price.worst(size, 16) <= billed_usd[0] <= budget, (billed_usd[0], budget)
+    assert summary.ok > 5, summary
+    cut = sum(1 for n in seen.values() if n >= 1)
+    status = job_status(load_spec(spec))
+    assert status["lost_requests"] == cut, (status, seen)
+    assert f"{cut} requests that may have been paid for with no answer kept" in summary.line(), summary.line()

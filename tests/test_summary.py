@@ -129,10 +129,11 @@ def test_line_counts_rows_answered_without_usage_singular_and_plural() -> None:
     assert "; 3 rows answered without usage, charged at the worst case;" in summary(unmetered=3).line()
 
 
-def test_line_counts_requests_lost_to_a_kill_with_their_worst_case_cost() -> None:
+def test_line_counts_requests_lost_with_their_worst_case_cost() -> None:
     line = summary(lost_requests=2, lost_usd=0.5).line()
-    assert "; 2 requests in flight at a kill, counted at the worst case ($0.50);" in line
-    assert "; 1 request in flight at a kill" in summary(lost_requests=1, lost_usd=0.01).line()
+    assert "; 2 requests that may have been paid for with no answer kept (in flight at a kill, timed out, cut short), " \
+           "counted at the worst case ($0.50);" in line
+    assert "; 1 request that may have been paid for" in summary(lost_requests=1, lost_usd=0.01).line()
 
 
 def test_line_explains_requests_the_cache_could_not_look_up() -> None:

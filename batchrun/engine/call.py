@@ -18,16 +18,16 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .._exceptions import APIError, JobFatalAPIError
+from .._exceptions import APIError, BudgetReached, JobFatalAPIError
 from ..endpoints import get_endpoint
 from ..endpoints.result import Result, map_texts
 from ..http.client import Client, Deferred, Request, Unsendable
 from ..inputs.reader import Row
-from ..policy.pricing import Budget, Price, cost
+from ..policy.pricing import Budget, Hold, Price, cost
 from ..spec.model import JobSpec
 from ..spec.schema import Structure
 from .cache import ResponseCache, cacheable, from_cache
-from .holds import HoldLog, Holds
+from .holds import HoldLog, Holds, Worst
 
 __all__ = ["Caller", "HoldLog"]
 
@@ -98,14 +98,13 @@ class Caller:
         if worst is not None and worst.tokens is None and self.holds.budget is not None:
             # (validation refuses such rows; one validated before the spec had a budget may come)
             return Result(row.index, row.id, "failed", error=_UNBOUNDED)
-        held = None  # (no budget and no price: nothing to hold, not even an await's worth)
-        if worst is not None:
-            # Re-asks may follow the first answer: all of them are held against the budget.
-            held = await self.holds.hold(worst, 1 + (self.spec.retry.max_reasks if self._structure else 0))
+        # Re-asks may follow the first answer: all of them are held against the budget.
+        held = _UNHELD if worst is None else \
+            await _Held.take(self.holds, request, worst, 1 + (self.spec.retry.max_reasks if self._structure else 0))
         try:
             result = await self._send(row, request, park=park)  # (nothing is paid before its answer)
-        except (Deferred, JobFatalAPIError):  # no answer came: nothing was paid
-            self.holds.let_go(held)
+        except (Deferred, JobFatalAPIError):  # no answer came: none was paid but those lost (counted)
+            self.holds.let_go(held.hold)
             raise
         paid = [result] if result.status == "ok" else []
         if result.status == "ok" and type(asked := body.get("n")) is int and asked > 1 and \
@@ -113,11 +112,13 @@ class Caller:
             self.short_choices += 1
         if self._structure is not None and result.status == "ok":
             result, paid = await self._validated(row, request, result)
+        if request.lost:
+            await held.count_lost()  # the last attempt's, if lost: no other follows
         if self.client.echoed_key is not None:
             self._scrub(result)
         if self.spec.keep_request:
             result.extra = {**(result.extra or {}), "request": request.payload.decode()}
-        self.holds.charge(result, paid, price, worst, held, generates=endpoint.generates)
+        self.holds.charge(result, paid, price, worst, held.hold, generates=endpoint.generates)
         if key is not None and result.status == "ok":
             result.cache_key = key  # cached by the writer, once the state has it
         return result
@@ -213,12 +214,15 @@ class Caller:
             return [Result(r.index, r.id, "failed", error=str(exc)) for r in rows]
         price = self._price(body)
         worst = self.holds.worst(price, {}, len(request.payload), generates=endpoint.generates)
-        hold = await self.holds.hold(worst, 1)
+        held = await _Held.take(self.holds, request, worst, 1)
         try:
             answer = await self._send(rows[0], request)
         except JobFatalAPIError:
-            self.holds.let_go(hold)
+            self.holds.let_go(held.hold)
             raise
+        if request.lost:
+            await held.count_lost()
+        hold = held.hold
         paid = [answer] if answer.status == "ok" else []
         # the request's cost; its hold goes with the rows
         self.holds.charge(answer, paid, price, worst, hold, generates=endpoint.generates)
@@ -251,6 +255,44 @@ class Caller:
                 return parts
         return [Result(r.index, r.id, "failed", attempts=attempts, latency_s=answer.latency_s, error=error,
                        transient=answer.transient, hold=answer.hold) for r in rows]
+
+
+class _Held:
+    """A request's hold on the budget (None: no budget, or none left), with the attempts it
+    lost counted as spent (see `Request.lost`, `Holds.unanswered`)."""
+
+    def __init__(self, holds: Holds | None, request: Request | None, worst: Worst | None, times: int,
+                 hold: Hold | None) -> None:
+        self.holds, self.request, self.worst, self.times, self.hold = holds, request, worst, times, hold
+        self.counted = 0
+
+    @classmethod
+    async def take(cls, holds: Holds, request: Request, worst: Worst | None, times: int) -> _Held:
+        """Hold `times` answers' worst case (none without a budget); the request asks
+        again (`Request.again`) before an attempt follows a lost one."""
+        held = cls(holds, request, worst, times, await holds.hold(worst, times) if worst is not None else None)
+        if held.hold is not None:
+            request.again = held.again
+        return held
+
+    async def again(self) -> bool:
+        """Whether the budget holds another attempt, the lost ones spent."""
+        return await self.count_lost(again=True)
+
+    async def count_lost(self, *, again: bool = False) -> bool:
+        if self.holds is None or self.request is None:  # nothing held, nothing to count
+            return True
+        while self.counted < self.request.lost:
+            self.counted += 1
+            last, self.hold = self.hold, None  # (let go inside: until held anew, nothing to let go)
+            try:
+                self.hold = await self.holds.unanswered(last, self.worst, self.times, again=again)
+            except BudgetReached:  # the row fails (transient); the next row's hold stops the job
+                return False
+        return True
+
+
+_UNHELD = _Held(None, None, None, 0, None)  # no price and no budget: nothing to hold or count
 
 
 def _holds(value: Any, key: str) -> bool:

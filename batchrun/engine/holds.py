@@ -113,12 +113,33 @@ class Holds:
             await self.log.record(hold)
         return hold
 
+    async def unanswered(self, hold: Hold | None, worst: Worst | None, times: int, *, again: bool) -> Hold | None:
+        """An attempt under `hold` may have been paid for and left no answer (a 2xx that
+        could not be read, a timeout): its worst case is spent, kept in the state as a
+        kill's unsettled holds are, before anything else goes. With `again`, another
+        attempt follows: `hold` is let go and `times` answers held anew, as for a new
+        request (waiting for room; BudgetReached when none is left). Returns the hold
+        the row goes on with."""
+        if hold is None or worst is None or self.budget is None:
+            return hold
+        spent = self.budget.spent_unanswered(worst.usd or 0.0, worst.tokens or 0)
+        if self.log is not None:
+            await self.log.record(spent)  # (never released: it stays counted)
+        if not again:
+            return hold
+        self.let_go(hold)
+        return await self.hold(worst, times)
+
     def let_go(self, hold: Hold | None, spent_usd: float = 0.0, spent_tokens: int = 0, *,
                saved: bool = False) -> None:
-        """A held request ended; `saved`: its hold goes from the state with its answer."""
-        if hold is None or self.budget is None:
+        """A held request ended; `saved`: its hold goes from the state with its answer.
+        (Without a hold, what it spent still counts: re-asks whose hold was let go for a
+        lost attempt the budget could not hold again, see `unanswered`.)"""
+        if self.budget is None:
             return
         self.budget.settle(hold, spent_usd, spent_tokens)
+        if hold is None:
+            return
         if not saved:
             self.forget(hold)
         if self._settled is not None:

@@ -8,7 +8,8 @@ every `EVERY_S` seconds while it runs and once at its end, so a scheduler, a sen
      "exit_code": null while running, then the CLI's exit code,
      "rows", "ok", "failed", "failed_for_good", "remaining",
      "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd",
-     "lost_requests", "lost_usd" (a kill's requests in flight, with a budget: at their worst case),
+     "lost_requests", "lost_usd" (with a budget: requests that may have been paid for with no
+     answer kept, a kill's in flight, a timed-out one, a 2xx that could not be read; at their worst case),
      "from_batches" (rows answered through a provider's batch API), "batches" (with batch_api),
      "requests", "rows_per_s", "eta_s", "started_at", "updated_at", "pid", "version", ...}
 

@@ -39,7 +39,8 @@ class Summary:
     uncacheable: int = 0  # with a cache: requests of this run it could not answer (not deterministic)
     short_choices: int = 0  # answers of this run with fewer choices than their n asked for
     unmetered: int = 0  # rows with answers that came without usage: charged at their worst case
-    lost_requests: int = 0  # a kill -9 left them unsettled: counted against the budget at their worst case
+    lost_requests: int = 0  # paid for, for all anyone knows, with no answer kept (a kill -9's in flight, a
+    # timeout, a 2xx that could not be read): counted against the budget at their worst case
     lost_usd: float = 0.0
     # `batchrun submit`: rows a later run settles, in the provider's batches or handed back
     # by them unanswered, to go live
@@ -91,8 +92,8 @@ class Summary:
                        "charged at the worst case")
         if self.lost_requests:
             lost = self.lost_requests
-            tokens += (f"; {lost:,} request{'s' if lost > 1 else ''} in flight at a kill, counted at the worst case "
-                       f"({usd(self.lost_usd)})")
+            tokens += (f"; {lost:,} request{'s' if lost > 1 else ''} that may have been paid for with no answer kept "
+                       f"(in flight at a kill, timed out, cut short), counted at the worst case ({usd(self.lost_usd)})")
         if self.cache_hits:
             tokens += f"; {self.cache_hits:,} from the cache"
             if self.saved_usd is not None:

@@ -18,7 +18,7 @@ import re
 import time
 import traceback
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,10 @@ ERROR_CHARS = 500  # of an error message, kept in the state and the output
 PARK_S = 2.0  # a server's retry-after this long sets the row aside (see `Client.send`)
 
 __all__ = ["Client", "Deferred", "Request", "Unsendable", "endpoint_url"]
+
+# Failures after which the server may have billed the request: it was sent and not
+# answered in time, or an answer came that could not be taken (too large, undecodable)
+_MAYBE_PAID = (ReadTimeout, AnswerTooLarge, DecodingError)
 
 
 class Deferred(Exception):
@@ -80,6 +84,11 @@ class Request:
     verdict: Verdict | None = None  # on the last answer
     spent: tuple[int, int] = (0, 0)  # (failures, 429s) before the row was set aside
     affinity: str | None = None  # `x-session-affinity`: requests sharing a prompt prefix share it
+    # Attempts that may have been paid for and left no answer: a 2xx that could not be read
+    # (a stream cut short, a body that is no JSON), a timeout. `again` is awaited before an
+    # attempt follows one: False, none may (the budget counts it and holds the next: `engine.call`).
+    lost: int = 0
+    again: Callable[[], Awaitable[bool]] | None = None
 
 
 def endpoint_url(base_url: str, endpoint: str) -> str:
@@ -219,8 +228,13 @@ class Client:
         sleep = self._parking_sleep(request) if park else self._sleep
         controller = retrying(self.spec.retry, sleep=sleep, spent=request.spent)
         result: Result | None = None
+        last = failure
         try:
             async for retry in controller:
+                if replay is None and request.lost and request.again is not None and not await request.again():
+                    # Still retryable: a later run (a larger budget) asks it again
+                    raise RetryableAPIError(f"{last}; not sent again: the budget holds no other attempt",
+                                            status=last.status)
                 with retry:
                     if replay is not None:
                         error, replay = replay, None
@@ -228,7 +242,8 @@ class Client:
                     try:
                         result = await self._attempt(request)
                     except RetryableAPIError as again:
-                        raise _unburdened(again) from None
+                        last = _unburdened(again)
+                        raise last from None
         except Deferred as deferred:  # its retries so far go aside with it
             deferred.spent = controller.stop.spent
             raise
@@ -267,6 +282,7 @@ class Client:
         try:
             return self._read(request, answer)
         except RetryableAPIError as exc:  # an answer that cannot be read: retried as its verdict says
+            request.lost += 1  # a 2xx: paid for, for all anyone knows
             if exc.verdict is None:
                 exc.verdict = verdict
             raise
@@ -290,6 +306,8 @@ class Client:
             elif verdict.in_flight_limit:
                 self.in_flight.stated(verdict.in_flight_limit)
         except TransportError as exc:
+            if isinstance(exc, _MAYBE_PAID):
+                request.lost += 1
             raise self._failure(exc, request.tries) from exc
         finally:
             now = time.monotonic()

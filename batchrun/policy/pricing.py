@@ -129,10 +129,19 @@ class Budget:
         self.held_tokens += worst_tokens
         return Hold(next(self._ids), worst_usd, worst_tokens)
 
-    def settle(self, hold: Hold, spent_usd: float, spent_tokens: int) -> None:
-        """A reserved request ended: let go of its worst case, count what it cost."""
-        self.held_usd = max(0.0, self.held_usd - hold.usd)
-        self.held_tokens = max(0, self.held_tokens - hold.tokens)
+    def spent_unanswered(self, usd: float, tokens: int) -> Hold:
+        """A request that may have been paid for and left no answer (it timed out, its
+        answer could not be read): counted as spent at its worst case, now. Its Hold is
+        kept in the state, as a kill's unsettled ones are (see `StateStore.spend`)."""
+        self.spent_usd += usd
+        self.spent_tokens += tokens
+        return Hold(next(self._ids), usd, tokens)
+
+    def settle(self, hold: Hold | None, spent_usd: float, spent_tokens: int) -> None:
+        """A reserved request ended: let go of its worst case (if it is still held), count what it cost."""
+        if hold is not None:
+            self.held_usd = max(0.0, self.held_usd - hold.usd)
+            self.held_tokens = max(0, self.held_tokens - hold.tokens)
         self.spent_usd += spent_usd
         self.spent_tokens += spent_tokens
 
