@@ -28,7 +28,7 @@ import json
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["BATCH_ROW_ADDED", "LEDGER_SCHEMA", "BatchRow", "Entry", "Ledger"]
 
@@ -43,9 +43,17 @@ LEDGER_TABLES = ("batches", "batch_rows", "unbatched")
 
 PLANNED = "planned"  # rows recorded; the file may or may not be uploaded (file_id says)
 
-# A row of a batch: (row_index, row_id, model, cache_key, worst_usd, worst_tokens); the model
-# None where the spec names it, the worst case None where it has no bound (no price, no max_tokens)
-BatchRow = tuple[int, str, "str | None", "str | None", "float | None", "int | None"]
+class BatchRow(NamedTuple):
+    """A row of a batch, as `plan` records it."""
+
+    row_index: int
+    row_id: str
+    model: str | None  # None where the spec names it
+    cache_key: str | None
+    worst_usd: float | None  # None where it has no bound (no price)
+    worst_tokens: int | None  # (no max_tokens)
+
+
 BATCH_ROW_ADDED = ("worst_usd REAL", "worst_tokens INTEGER")  # columns a state from before them lacks
 
 
@@ -149,7 +157,7 @@ class Ledger:
 
     def asked(self, key: str) -> dict[int, BatchRow]:
         """A batch's rows, as `plan` recorded them, by row index."""
-        return {row[0]: row for row in self._db.execute(
+        return {row[0]: BatchRow(*row) for row in self._db.execute(
             "SELECT row_index, row_id, model, cache_key, worst_usd, worst_tokens FROM batch_rows WHERE key = ?",
             (key,))}
 

@@ -15,7 +15,6 @@ import itertools
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 from ..._exceptions import BudgetReached, ConfigError
 from ...endpoints import get_endpoint
@@ -39,7 +38,7 @@ def send(session: Session, wanted: Iterable[int], budget: Budget | None) -> int:
     hold (the batches before it are sent: a sent batch cannot be stopped from spending)."""
     wanted = set(wanted)
     sent = 0
-    facts: dict[int, _Facts] = {}
+    facts: dict[int, BatchRow] = {}
     for endpoint, rows in itertools.groupby(session.rows(wanted), key=lambda row: row.endpoint):
         for chunk in chunks(_lines(session, rows, facts),
                             max_rows=_most_rows(session), max_bytes=session.provider.max_bytes):
@@ -47,7 +46,7 @@ def send(session: Session, wanted: Iterable[int], budget: Budget | None) -> int:
             key = secrets.token_hex(6)
             these = [facts.pop(index) for index, _ in chunk]
             hold = _hold(session, budget, these)
-            session.store.ledger.plan(key, endpoint, (fact.row for fact in these), time.time(), hold)
+            session.store.ledger.plan(key, endpoint, these, time.time(), hold)
             _upload_and_create(session, key, endpoint, lambda chunk=chunk: b"".join(line for _, line in chunk), None)
             sent += len(chunk)
     return sent
@@ -145,22 +144,7 @@ def _most_rows(session: Session) -> int:
     return min(limits) if limits else 1_000_000
 
 
-@dataclass(frozen=True)
-class _Facts:
-    """What a batch keeps of a row, as the ledger records it, its worst case among it."""
-
-    row: BatchRow
-
-    @property
-    def usd(self) -> float:
-        return self.row[4] or 0.0
-
-    @property
-    def tokens(self) -> int:
-        return self.row[5] or 0
-
-
-def _lines(session: Session, rows: Iterable[Row], facts: dict[int, _Facts] | None = None,
+def _lines(session: Session, rows: Iterable[Row], facts: dict[int, BatchRow] | None = None,
            ) -> Iterator[tuple[int, bytes]]:
     """(row index, input line) for each row, as the live path would send it; what the
     batch keeps of each row goes in `facts`, with its worst case: a live request's at
@@ -179,19 +163,19 @@ def _lines(session: Session, rows: Iterable[Row], facts: dict[int, _Facts] | Non
             price = spec.pricing.get(model or spec.model or "") if spec.pricing else None
             worst = holds.worst(price.batched() if price else None, body, len(line),
                                 generates=get_endpoint(row.endpoint).generates)
-            facts[row.index] = _Facts((row.index, row.id, model if isinstance(model, str) else None,
-                                       cache_key(session, row, body), worst.usd if worst else None,
-                                       worst.tokens if worst else None))
+            facts[row.index] = BatchRow(row.index, row.id, model if isinstance(model, str) else None,
+                                        cache_key(session, row, body), worst.usd if worst else None,
+                                        worst.tokens if worst else None)
         yield row.index, line
 
 
-def _hold(session: Session, budget: Budget | None, facts: list[_Facts]) -> tuple[int, float, int] | None:
+def _hold(session: Session, budget: Budget | None, facts: list[BatchRow]) -> tuple[int, float, int] | None:
     """The batch's worst case held against the budget (id, usd, tokens); BudgetReached
     when it does not fit."""
     if budget is None:
         return None
-    usd = sum(fact.usd for fact in facts)
-    tokens = sum(fact.tokens for fact in facts)
+    usd = sum(fact.worst_usd or 0.0 for fact in facts)
+    tokens = sum(fact.worst_tokens or 0 for fact in facts)
     hold = budget.reserve(usd, tokens)
     if hold is None:
         most = f"{format_usd(usd)} ({tokens:,} tokens)" if budget.max_usd is not None else f"{tokens:,} tokens"
