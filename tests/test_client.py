@@ -117,7 +117,7 @@ def test_connection_errors_and_timeouts_are_retried() -> None:
     assert (result.status, result.attempts, len(seen)) == ("ok", 3, 3)
 
 
-def send_with(responses: list, again: Callable[[int], bool]) -> tuple[Result, list[int], int]:
+def send_with(responses: list, again: Callable[[int], str | None]) -> tuple[Result, list[int], int]:
     """One chat request through Client.send with `Request.again` set: (the result, the lost
     attempts counted at each call of `again`, requests seen)."""
     seen: list[int] = []
@@ -138,7 +138,7 @@ def send_with(responses: list, again: Callable[[int], bool]) -> tuple[Result, li
         async with client:
             request = client.request("chat", {"model": "m", "messages": [{"role": "user", "content": "q"}]})
 
-            async def hook() -> bool:
+            async def hook() -> str | None:
                 lost_at.append(request.lost)
                 return again(request.lost)
 
@@ -154,14 +154,15 @@ def test_a_timeout_and_an_unreadable_2xx_are_attempts_that_may_have_been_paid() 
 
     cut = httpx.Response(200, content=b'{"id": "r", "choices": [')  # a 2xx, billed, not readable
     error = httpx.Response(500, json={"error": {"message": "boom"}})  # an error: no answer to pay for
-    result, lost_at, sent = send_with([hang, error, cut, httpx.Response(200, json=ANSWER)], lambda lost: True)
+    result, lost_at, sent = send_with([hang, error, cut, httpx.Response(200, json=ANSWER)], lambda lost: None)
     assert (result.status, sent) == ("ok", 4)
     assert lost_at == [1, 1, 2]  # asked before each attempt after the first lost one
 
 
 def test_a_budget_that_holds_no_other_attempt_ends_the_retries_with_a_transient_failure() -> None:
     cut = httpx.Response(200, content=b"not json")
-    result, lost_at, sent = send_with([cut, httpx.Response(200, json=ANSWER)], lambda lost: False)
+    result, lost_at, sent = send_with([cut, httpx.Response(200, json=ANSWER)],
+                                      lambda lost: "the budget holds no other attempt")
     assert (result.status, result.transient, sent, lost_at) == ("failed", True, 1, [1])
     assert result.error == "the response body is not valid JSON; not sent again: the budget holds no other attempt"
 

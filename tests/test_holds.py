@@ -184,3 +184,21 @@ def test_a_lost_attempt_is_spent_and_kept_in_the_state_and_the_next_attempt_held
     with pytest.raises(BudgetReached):
         anyio.run(no_room)
     assert budget.spent_usd == pytest.approx(0.9) and budget.held_usd == 0.0
+
+
+def test_a_retry_the_budget_cannot_hold_says_why_it_was_not_sent() -> None:
+    from batchrun.engine.call import _Held
+    from batchrun.http.client import Request
+
+    async def why(closing: bool) -> str | None:
+        budget = Budget(2.0 if closing else 1.0, None)  # (stopping, the budget would hold it)
+        h = holds(budget)
+        request = Request("http://127.0.0.1:9/v1/completions", b"{}", "completions", False, 0)
+        held = await _Held.take(h, request, Worst(0.6, 60), 1)
+        request.lost = 1  # its attempt may have been paid for: 0.6 spent
+        if closing:
+            h.stop()
+        return await request.again()  # type: ignore[misc]
+
+    assert anyio.run(why, False) == "the budget holds no other attempt"
+    assert anyio.run(why, True) == "the job is stopping"

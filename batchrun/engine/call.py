@@ -275,21 +275,21 @@ class _Held:
             request.again = held.again
         return held
 
-    async def again(self) -> bool:
-        """Whether the budget holds another attempt, the lost ones spent."""
+    async def again(self) -> str | None:
+        """None if the budget holds another attempt, the lost ones spent; else why not."""
         return await self.count_lost(again=True)
 
-    async def count_lost(self, *, again: bool = False) -> bool:
+    async def count_lost(self, *, again: bool = False) -> str | None:
         if self.holds is None or self.request is None:  # nothing held, nothing to count
-            return True
+            return None
         while self.counted < self.request.lost:
             self.counted += 1
             last, self.hold = self.hold, None  # (let go inside: until held anew, nothing to let go)
             try:
                 self.hold = await self.holds.unanswered(last, self.worst, self.times, again=again)
             except BudgetReached:  # the row fails (transient); the next row's hold stops the job
-                return False
-        return True
+                return "the job is stopping" if self.holds.closing else "the budget holds no other attempt"
+        return None
 
 
 _UNHELD = _Held(None, None, None, 0, None)  # no price and no budget: nothing to hold or count

@@ -86,9 +86,10 @@ class Request:
     affinity: str | None = None  # `x-session-affinity`: requests sharing a prompt prefix share it
     # Attempts that may have been paid for and left no answer: a 2xx that could not be read
     # (a stream cut short, a body that is no JSON), a timeout. `again` is awaited before an
-    # attempt follows one: False, none may (the budget counts it and holds the next: `engine.call`).
+    # attempt follows one: None, it may go; else why not (the budget counts the lost one and
+    # holds the next: `engine.call`).
     lost: int = 0
-    again: Callable[[], Awaitable[bool]] | None = None
+    again: Callable[[], Awaitable[str | None]] | None = None
 
 
 def endpoint_url(base_url: str, endpoint: str) -> str:
@@ -231,10 +232,10 @@ class Client:
         last = failure
         try:
             async for retry in controller:
-                if replay is None and request.lost and request.again is not None and not await request.again():
+                if replay is None and request.lost and request.again is not None and \
+                        (why := await request.again()) is not None:
                     # Still retryable: a later run (a larger budget) asks it again
-                    raise RetryableAPIError(f"{last}; not sent again: the budget holds no other attempt",
-                                            status=last.status)
+                    raise RetryableAPIError(f"{last}; not sent again: {why}", status=last.status)
                 with retry:
                     if replay is not None:
                         error, replay = replay, None
