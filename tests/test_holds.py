@@ -191,13 +191,15 @@ def test_a_retry_the_budget_cannot_hold_says_why_it_was_not_sent() -> None:
     from batchrun.http.client import Request
 
     async def why(closing: bool) -> str | None:
-        budget = Budget(2.0 if closing else 1.0, None)  # (stopping, the budget would hold it)
+        # Stopping: 0.6 more fits alone (it would wait for the 0.5 in flight), but the job stops
+        budget = Budget(1.5 if closing else 1.0, None)
         h = holds(budget)
         request = Request("http://127.0.0.1:9/v1/completions", b"{}", "completions", False, 0)
-        held = await _Held.take(h, request, Worst(0.6, 60), 1)
-        request.lost = 1  # its attempt may have been paid for: 0.6 spent
+        await _Held.take(h, request, Worst(0.6, 60), 1)
         if closing:
+            await h.hold(Worst(0.5, 50), 1)  # another request in flight
             h.stop()
+        request.lost = 1  # its attempt may have been paid for: 0.6 spent
         return await request.again()  # type: ignore[misc]
 
     assert anyio.run(why, False) == "the budget holds no other attempt"
