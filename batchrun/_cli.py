@@ -308,8 +308,9 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  cost       {usd(data['cost_usd'])}")
     if data.get("lost_requests"):  # with a budget: what may have been paid for with no answer counts as spent
         print(f"  lost       {data['lost_requests']:,} requests that may have been paid for with no answer kept "
-              "(in flight at a kill, timed out, cut short), counted against the budget"
-              + (f" at {usd(data['lost_usd'])}" if data.get("lost_usd") else ""))
+              "(in flight at a kill, timed out, cut short), counted against the budget at "
+              + (f"{usd(data['lost_usd'])}, " if data.get("lost_usd") else "")
+              + f"{data.get('lost_tokens') or 0:,} tokens")
     if data.get("exit_code") is not None:
         print(f"  exit code  {data['exit_code']} (the last run's)")
     written = data["state"] == "finished" or Path(data["output"]).exists()

@@ -159,6 +159,42 @@ def test_a_timeout_and_an_unreadable_2xx_are_attempts_that_may_have_been_paid() 
     assert lost_at == [1, 1, 2]  # asked before each attempt after the first lost one
 
 
+def test_a_2xx_cut_off_mid_body_is_an_attempt_that_may_have_been_paid() -> None:
+    class CutOff(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            yield b'{"id": "r", "choices": ['
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    def cut(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=CutOff())
+
+    def refused(request: httpx.Request) -> httpx.Response:  # no answer begun: nothing to pay for
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+
+    result, lost_at, sent = send_with([refused, cut, httpx.Response(200, json=ANSWER)], lambda lost: None)
+    assert (result.status, sent, lost_at) == ("ok", 3, [1])
+
+
+def test_a_2xx_read_whole_that_stops_the_job_or_fails_the_row_was_paid_for_all_the_same() -> None:
+    per_token = {"object": "list", "data": [{"index": 0, "embedding": [[0.1, 0.2], [0.3, 0.4]]}]}
+    empty = {"id": "r", "model": "m", "choices": []}  # a 200 without an answer: the row fails
+
+    async def main(endpoint: str, body: dict, answer: dict) -> int:
+        raw = {"input": "i.jsonl", "output": "o.parquet", "model": "m", "api": {"base_url": "http://127.0.0.1:9/v1"}}
+        client = Client(parse_spec(raw, environ={}), api_key=KEY,
+                        transport=httpx.MockTransport(lambda request: httpx.Response(200, json=answer)))
+        async with client:
+            request = client.request(endpoint, body)
+            try:
+                await client.send(request)
+            except JobFatalAPIError:
+                pass
+            return request.lost
+
+    assert anyio.run(main, "embeddings", {"model": "m", "input": ["a"]}, per_token) == 1
+    assert anyio.run(main, "chat", {"model": "m", "messages": [{"role": "user", "content": "q"}]}, empty) == 1
+
+
 def test_a_budget_that_holds_no_other_attempt_ends_the_retries_with_a_transient_failure() -> None:
     cut = httpx.Response(200, content=b"not json")
     result, lost_at, sent = send_with([cut, httpx.Response(200, json=ANSWER)],

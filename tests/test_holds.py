@@ -153,11 +153,14 @@ def test_a_failed_groups_cost_is_split_by_input_length() -> None:
 
 def test_a_lost_attempt_is_spent_and_kept_in_the_state_and_the_next_attempt_held_anew() -> None:
     recorded: list[Hold] = []
+    for_good: list[int] = []
     released: list[int] = []
 
     class Log:
-        async def record(self, hold: Hold) -> None:
+        async def record(self, hold: Hold, kept: bool = False) -> None:
             recorded.append(hold)
+            if kept:
+                for_good.append(hold.id)
 
         def release(self, hold: Hold) -> None:
             released.append(hold.id)
@@ -175,6 +178,7 @@ def test_a_lost_attempt_is_spent_and_kept_in_the_state_and_the_next_attempt_held
     first, again, last = anyio.run(main)
     assert [hold.id for hold in recorded] == [1, 2, 3, 4]  # held, lost (kept), held anew, lost (kept)
     assert released == [1]  # only the first hold: the lost attempts stay, as a kill's do
+    assert for_good == [2, 4]
     assert again is not None and again.id == 3 and last is again  # (let go with the row's answer)
     assert (budget.spent_usd, budget.held_usd) == (pytest.approx(0.6), pytest.approx(0.3))
 
@@ -204,3 +208,28 @@ def test_a_retry_the_budget_cannot_hold_says_why_it_was_not_sent() -> None:
 
     assert anyio.run(why, False) == "the budget holds no other attempt"
     assert anyio.run(why, True) == "the job is stopping"
+
+
+def test_a_lost_re_ask_keeps_the_hold_that_covers_the_answers_already_paid() -> None:
+    """Answers were paid under the hold (a re-ask's attempt was lost): the hold stays, so
+    they stay covered, and another attempt goes only if the budget holds it now."""
+    from batchrun.engine.holds import Crowded
+
+    budget = Budget(1.0, None)
+    h = holds(budget)
+    worst = Worst(0.2, 20)
+
+    async def main() -> None:
+        held = await h.hold(worst, 3)  # the answer and two re-asks: 0.6
+        assert await h.unanswered(held, worst, 3, again=True, paid=True) is held  # 0.2 spent: 0.8 of 1.0
+        assert (budget.spent_usd, budget.held_usd) == (pytest.approx(0.2), pytest.approx(0.6))
+        other = await h.hold(Worst(0.2, 20), 1)  # a request in flight beside it: 1.0
+        assert other is not None
+        with pytest.raises(Crowded):  # 0.4 spent + 0.8 held: not now (the other may settle for less)
+            await h.unanswered(held, worst, 3, again=True, paid=True)
+        assert budget.held_usd == pytest.approx(0.8)  # still held: the paid answers stay covered
+        h.let_go(other)
+        with pytest.raises(BudgetReached):  # 0.6 spent + 0.6 held: not even alone
+            await h.unanswered(held, worst, 3, again=True, paid=True)
+
+    anyio.run(main)

@@ -396,3 +396,109 @@ def test_attempts_that_may_have_been_paid_with_no_answer_count_against_the_budge
     status = job_status(load_spec(spec))
     assert status["lost_requests"] == cut, (status, seen)
     assert f"{cut} requests that may have been paid for with no answer kept" in summary.line(), summary.line()
+
+
+@pytest.mark.parametrize("cut", ["content-length", "chunked"])
+def test_a_2xx_the_connection_cut_short_counts_against_the_budget(tmp_path: Path, server: FakeServer,
+                                                                   cut: str) -> None:
+    """The server began a 200 and closed the connection mid-body: that answer was billed,
+    for all anyone knows. Each row's first attempt is cut so; the job stays in its budget."""
+    import threading
+
+    price = Price(**PRICES["test-model"])
+    seen: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def first_cut(body: dict) -> list[bytes] | None:
+        with lock:
+            seen[body["prompt"]] = seen.get(body["prompt"], 0) + 1
+            if seen[body["prompt"]] > 1:
+                return None  # answered whole
+        if cut == "content-length":
+            return [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n",
+                    b'{"id": "r", "choices": [{"index": 0, "text": "half']
+        event = b'data: {"id": "s", "choices": [{"index": 0, "text": "hi", "finish_reason": null}]}\n\n'
+        return [b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+                b"%x\r\n%s\r\n" % (len(event), event)]  # and no last chunk
+
+    server.faults = Faults(raw_answer=first_cut)
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i:03}"} for i in range(200)])
+    params = {"max_tokens": 16, **({"stream": True} if cut == "chunked" else {})}
+    size = len(json.dumps({"model": "test-model", "prompt": "p000", **params,
+                           **({"stream_options": {"include_usage": True}} if cut == "chunked" else {})}))
+    worst = price.worst(size, 16)
+    budget = 20 * worst
+    spec = write_spec(tmp_path, pricing=PRICES, params=params, concurrency=4, budget={"max_usd": budget},
+                      api={"base_url": server.base_url})
+
+    result = run_cli("run", str(spec), "--no-progress")
+
+    assert result.code == 3 and "the budget is reached" in result.stderr, result.stderr
+    cut_answers = sum(1 for n in seen.values() if n >= 1)
+    assert billed(server) + cut_answers * worst <= budget + 1e-12, (billed(server), cut_answers)
+    from batchrun import job_status, load_spec
+
+    assert job_status(load_spec(spec))["lost_requests"] == cut_answers
+
+
+def test_a_running_jobs_counts_show_each_lost_attempt_as_it_is_recorded(tmp_path: Path) -> None:
+    """`batchrun status` of a running job reads the writer's counts: a lost attempt kept in
+    the state shows there at once, not from the next run on."""
+    import anyio
+
+    from batchrun.engine.progress import NullProgress
+    from batchrun.engine.writer import Writer
+    from batchrun.policy.pricing import Hold
+    from batchrun.storage.state import StateStore
+
+    store = StateStore.open(tmp_path / "s.sqlite")
+    store.claim({"input_digest": "abc", "rows": 3, "passthrough": [], "request": {"model": "m", "params": {}}},
+                spec_name="job.yaml")
+    writer = Writer(store, None, NullProgress(), None, done=bytearray(3), total=3, start=0,  # type: ignore[arg-type]
+                    states=bytearray(3), totals=store.counts(below=3))
+
+    async def main() -> dict:
+        send, receive = anyio.create_memory_object_stream(10)
+        due_send, due_receive = anyio.create_memory_object_stream(1)
+        writer.begin(send, stop=lambda exc: None, sent=lambda: 0)
+        async with due_receive, anyio.create_task_group() as tasks:
+            tasks.start_soon(writer.write, receive, due_send)
+            await writer.record(Hold(1, 0.25, 30), kept=True)  # a lost attempt: in the state for good
+            await writer.record(Hold(2, 0.5, 60))  # a request in flight: not lost
+            counts = writer.counts()
+            send.close()
+        return counts
+
+    counts = anyio.run(main)
+    assert (counts["lost_requests"], counts["lost_usd"], counts["lost_tokens"]) == (1, 0.25, 30)
+    store.close()
+
+
+def test_a_budget_spent_on_the_last_rows_retries_stops_the_job_with_its_reason(tmp_path: Path) -> None:
+    """The last row's retry is one the budget cannot hold: no later row meets the budget,
+    yet the job stops as at any spent budget (exit 3, its reason), not as a failed row."""
+    import httpx
+
+    from batchrun import BudgetReached, run_job
+
+    seen: dict[str, int] = {}
+
+    def first_cut(request: httpx.Request) -> httpx.Response:
+        prompt = json.loads(request.content)["prompt"]
+        seen[prompt] = seen.get(prompt, 0) + 1
+        chunk = {"id": "s", "model": "test-model", "choices": [{"index": 0, "text": "hi", "finish_reason": None}]}
+        end = {"id": "s", "model": "test-model", "choices": [{"index": 0, "text": "", "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}}
+        events = _sse(chunk) if seen[prompt] == 1 else _sse(chunk, end)  # each row's first stream is cut short
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events)
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": "p000"}, {"prompt": "p001"}])
+    size = len(b'{"model": "test-model", "prompt": "p000", "max_tokens": 16, "stream": true, '
+               b'"stream_options": {"include_usage": true}}')
+    worst = Price(**PRICES["test-model"]).worst(size, 16)
+    spec = write_spec(tmp_path, pricing=PRICES, params={"max_tokens": 16, "stream": True}, concurrency=1,
+                      budget={"max_usd": 2.5 * worst}, api={"base_url": "http://127.0.0.1:9/v1"})
+
+    with pytest.raises(BudgetReached, match="the budget is reached"):
+        run_job(spec, transport=httpx.MockTransport(first_cut), environ={"OPENAI_API_KEY": "k"})
+    assert seen == {"p000": 2, "p001": 1}  # the first row's retry fit; the second's did not

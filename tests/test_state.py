@@ -28,7 +28,7 @@ def test_results_upsert_by_row_and_attempts_add_up(tmp_path: Path) -> None:
                                                                           (1, "ok", None, 1, None)]
     assert store.counts() == {"ok": 2, "failed": 0, "failed_for_good": 0, "prompt_tokens": 0,
                               "completion_tokens": 0, "total_tokens": 3, "cost_usd": None, "cache_hits": 0,
-                              "saved_usd": None, "lost_requests": 0, "lost_usd": 0.0,
+                              "saved_usd": None, "lost_requests": 0, "lost_usd": 0.0, "lost_tokens": 0,
                               "from_batches": 0}
     # the cost of a row adds up over runs too: both answers were paid for
     store.save([Result(2, "c", "failed", attempts=3, cost_usd=0.25, error="the answer breaks the schema")])

@@ -130,10 +130,12 @@ def test_line_counts_rows_answered_without_usage_singular_and_plural() -> None:
 
 
 def test_line_counts_requests_lost_with_their_worst_case_cost() -> None:
-    line = summary(lost_requests=2, lost_usd=0.5).line()
+    line = summary(lost_requests=2, lost_usd=0.5, lost_tokens=1200).line()
     assert "; 2 requests that may have been paid for with no answer kept (in flight at a kill, timed out, cut short), " \
-           "counted at the worst case ($0.50);" in line
+           "counted at the worst case ($0.50, 1,200 tokens);" in line
     assert "; 1 request that may have been paid for" in summary(lost_requests=1, lost_usd=0.01).line()
+    # A budget of tokens alone: no price, so no dollars to show
+    assert "counted at the worst case (2,636 tokens);" in summary(lost_requests=14, lost_tokens=2636).line()
 
 
 def test_line_explains_requests_the_cache_could_not_look_up() -> None:

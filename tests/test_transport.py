@@ -72,14 +72,16 @@ def test_error_statuses_are_responses_not_exceptions(kind: str, server: FakeServ
     assert (answer.status, answer.headers["retry-after"]) == (429, "3")
 
 
-@pytest.mark.parametrize(("faults", "error"), [
-    (Faults(drop_rate=1.0), _transport.RemoteProtocolError),
-    (Faults(truncated_body_rate=1.0), _transport.RemoteProtocolError),
+@pytest.mark.parametrize(("faults", "error", "begun"), [
+    (Faults(drop_rate=1.0), _transport.RemoteProtocolError, None),
+    (Faults(truncated_body_rate=1.0), _transport.RemoteProtocolError, 200),
 ])
-def test_broken_answers_become_the_seams_errors(kind: str, server: FakeServer, faults: Faults, error: type) -> None:
+def test_broken_answers_become_the_seams_errors(kind: str, server: FakeServer, faults: Faults, error: type,
+                                                begun: int | None) -> None:
     server.faults = faults
-    with pytest.raises(error):
+    with pytest.raises(error) as info:
         exchange(kind, f"{server.base_url}/completions")
+    assert info.value.status == begun  # the status of an answer cut short (paid for, for all anyone knows)
 
 
 def test_a_refused_connection_is_a_connect_error(kind: str) -> None:

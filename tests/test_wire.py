@@ -228,22 +228,25 @@ def test_an_informational_answer_is_passed_over() -> None:
     assert isinstance(answer, Answer) and (answer.status, answer.content) == (200, ANSWER)
 
 
-@pytest.mark.parametrize(("answer", "words"), [
-    (lambda n: None, "closed the connection before it answered"),
-    (lambda n: http_answer(ANSWER[:20], f"content-length: {len(ANSWER)}"), "closed the connection before it answered"),
-    (lambda n: b"HTTP/1.1 banana\r\n\r\n", "not valid HTTP/1.1"),
-    (lambda n: b"HTTP/1.1 200 OK\r\nx-endless: " + b"a" * (4 << 20), "headers run past 65,536 bytes"),
-    (lambda n: b"HTTP/1.1 100 Continue\r\n\r\n" * 20_000, "headers run past 65,536 bytes"),
+@pytest.mark.parametrize(("answer", "words", "begun"), [
+    (lambda n: None, "closed the connection before it answered", None),
+    (lambda n: http_answer(ANSWER[:20], f"content-length: {len(ANSWER)}"),
+     "closed the connection in the middle of its HTTP 200 answer", 200),
+    (lambda n: b"HTTP/1.1 banana\r\n\r\n", "not valid HTTP/1.1", None),
+    (lambda n: b"HTTP/1.1 200 OK\r\nx-endless: " + b"a" * (4 << 20), "headers run past 65,536 bytes", None),
+    (lambda n: b"HTTP/1.1 100 Continue\r\n\r\n" * 20_000, "headers run past 65,536 bytes", None),
     (lambda n: http_answer(b"2\r\n{}\r\n0\r\nx-endless: " + b"a" * (4 << 20), "transfer-encoding: chunked"),
-     "headers run past 65,536 bytes"),
+     "headers run past 65,536 bytes", 200),
 ], ids=["no answer", "cut short", "not http", "endless header", "endless 100s", "endless trailer"])
-def test_a_broken_answer_is_a_protocol_error_and_its_connection_goes(answer: Callable, words: str) -> None:
+def test_a_broken_answer_is_a_protocol_error_and_its_connection_goes(answer: Callable, words: str,
+                                                                      begun: int | None) -> None:
     def first_broken(n: int) -> bytes | None:
         return answer(n) if n == 1 else http_answer(ANSWER, f"content-length: {len(ANSWER)}")
 
     with RawServer(first_broken, close_after=True) as server:
         failed, ok = send_all(server.url, 2)
     assert isinstance(failed, seam.RemoteProtocolError) and words in str(failed)
+    assert failed.status == begun  # an answer begun (its status): paid for, for all anyone knows
     assert isinstance(ok, Answer) and ok.content == ANSWER  # on a new connection
 
 

@@ -27,7 +27,7 @@ from ..policy.pricing import Budget, Hold, Price, cost
 from ..spec.model import JobSpec
 from ..spec.schema import Structure
 from .cache import ResponseCache, cacheable, from_cache
-from .holds import HoldLog, Holds, Worst
+from .holds import Crowded, HoldLog, Holds, Worst
 
 __all__ = ["Caller", "HoldLog"]
 
@@ -52,6 +52,7 @@ class Caller:
         self.cache_hits = 0
         self.uncacheable = 0  # requests the cache may not answer: not deterministic
         self.short_choices = 0  # answers with fewer choices than their request's n (a server that ignores n)
+        self.reached: BudgetReached | None = None  # a row's retry the budget could not hold: the job stops
         schema = spec.answer_schema()
         self._structure = Structure(schema) if schema is not None else None
 
@@ -103,10 +104,14 @@ class Caller:
             await _Held.take(self.holds, request, worst, 1 + (self.spec.retry.max_reasks if self._structure else 0))
         try:
             result = await self._send(row, request, park=park)  # (nothing is paid before its answer)
-        except (Deferred, JobFatalAPIError):  # no answer came: none was paid but those lost (counted)
+        except (Deferred, JobFatalAPIError):  # no answer to save: none was paid but those lost
+            if request.lost:
+                await held.count_lost()
             self.holds.let_go(held.hold)
             raise
         paid = [result] if result.status == "ok" else []
+        if held.hold is not None:
+            held.paid = bool(paid)
         if result.status == "ok" and type(asked := body.get("n")) is int and asked > 1 and \
                 len((result.extra or {}).get("choices") or (None,)) < asked:
             self.short_choices += 1
@@ -119,6 +124,8 @@ class Caller:
         if self.spec.keep_request:
             result.extra = {**(result.extra or {}), "request": request.payload.decode()}
         self.holds.charge(result, paid, price, worst, held.hold, generates=endpoint.generates)
+        if held.reached is not None and self.reached is None:
+            self.reached = held.reached
         if key is not None and result.status == "ok":
             result.cache_key = key  # cached by the writer, once the state has it
         return result
@@ -218,10 +225,13 @@ class Caller:
         try:
             answer = await self._send(rows[0], request)
         except JobFatalAPIError:
+            if request.lost:
+                await held.count_lost()
             self.holds.let_go(held.hold)
             raise
         if request.lost:
             await held.count_lost()
+            self.reached = self.reached or held.reached
         hold = held.hold
         paid = [answer] if answer.status == "ok" else []
         # the request's cost; its hold goes with the rows
@@ -265,6 +275,8 @@ class _Held:
                  hold: Hold | None) -> None:
         self.holds, self.request, self.worst, self.times, self.hold = holds, request, worst, times, hold
         self.counted = 0
+        self.paid = False  # an answer was paid for under the hold (re-asks follow)
+        self.reached: BudgetReached | None = None  # the budget holds no request of this size: the job stops
 
     @classmethod
     async def take(cls, holds: Holds, request: Request, worst: Worst | None, times: int) -> _Held:
@@ -284,11 +296,18 @@ class _Held:
             return None
         while self.counted < self.request.lost:
             self.counted += 1
-            last, self.hold = self.hold, None  # (let go inside: until held anew, nothing to let go)
+            last = self.hold
+            if not self.paid:
+                self.hold = None  # (let go inside: until held anew, nothing to let go)
             try:
-                self.hold = await self.holds.unanswered(last, self.worst, self.times, again=again)
-            except BudgetReached:  # the row fails (transient); the next row's hold stops the job
-                return "the job is stopping" if self.holds.closing else "the budget holds no other attempt"
+                self.hold = await self.holds.unanswered(last, self.worst, self.times, again=again, paid=self.paid)
+            except Crowded:  # the row fails (transient): a rerun asks it again
+                return "the budget holds no other attempt beside the requests in flight"
+            except BudgetReached as reached:  # the row fails (transient), and the job stops
+                if self.holds.closing:
+                    return "the job is stopping"
+                self.reached = reached
+                return "the budget holds no other attempt"
         return None
 
 

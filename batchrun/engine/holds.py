@@ -25,16 +25,22 @@ from ..policy.pricing import usd as format_usd
 from ..spec.model import JobSpec
 from ..storage.state import Spend
 
-__all__ = ["HoldLog", "Holds", "Worst", "job_budget", "metered"]
+__all__ = ["Crowded", "HoldLog", "Holds", "Worst", "job_budget", "metered"]
 
 USAGE = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
+
+
+class Crowded(Exception):
+    """The budget does not hold another attempt beside the requests in flight now (see
+    `Holds.unanswered`); it may later."""
 
 
 class HoldLog(Protocol):
     """Where the budget's holds are kept durably (the run's writer, in the state)."""
 
-    async def record(self, hold: Hold) -> None:
-        """Return once `hold` is in the state: only then may its request go."""
+    async def record(self, hold: Hold, kept: bool = False) -> None:
+        """Return once `hold` is in the state: only then may its request go. `kept`: an
+        attempt that may have been paid for, with no answer: it stays there."""
 
     def release(self, hold: Hold) -> None:
         """`hold` ended without an answer to save (set aside, or refused as a whole)."""
@@ -100,12 +106,7 @@ class Holds:
         usd, tokens = (worst.usd or 0.0) * times, (worst.tokens or 0) * times
         while (hold := self.budget.reserve(usd, tokens)) is None:
             if self.closing or not self.budget.fits(usd, tokens, alone=True):
-                most = f"{format_usd(usd)} ({tokens:,} tokens)" if self.budget.max_usd is not None else \
-                    f"{tokens:,} tokens"
-                raise BudgetReached(f"the budget is reached: {self.budget.describe()}, and the next request could "
-                                    f"cost up to {most}. The requests in flight finish and every answer is saved; "
-                                    f"raise the budget in {self.spec.name} and rerun to go on (the spend so far "
-                                    "is remembered)")
+                raise self.reached(usd, tokens)
             if self._settled is None:
                 self._settled = anyio.Event()
             await self._settled.wait()  # a request in flight settled: the budget may allow this one now
@@ -113,22 +114,41 @@ class Holds:
             await self.log.record(hold)
         return hold
 
-    async def unanswered(self, hold: Hold | None, worst: Worst | None, times: int, *, again: bool) -> Hold | None:
+    async def unanswered(self, hold: Hold | None, worst: Worst | None, times: int, *, again: bool,
+                         paid: bool = False) -> Hold | None:
         """An attempt under `hold` may have been paid for and left no answer (a 2xx that
         could not be read, a timeout): its worst case is spent, kept in the state as a
-        kill's unsettled holds are, before anything else goes. With `again`, another
-        attempt follows: `hold` is let go and `times` answers held anew, as for a new
-        request (waiting for room; BudgetReached when none is left). Returns the hold
-        the row goes on with."""
+        kill's unsettled holds are, before anything else goes. Returns the hold the row
+        goes on with.
+
+        With `again`, another attempt follows: `hold` is let go and `times` answers held
+        anew, as for a new request (waiting for room; BudgetReached when none is left).
+        But once answers were `paid` under it (a re-ask's attempt was lost), `hold` stays
+        to cover them, and another attempt goes only if the budget holds it beside those
+        in flight now: Crowded if not (waiting while holding, such rows could wait for
+        each other for good)."""
         if hold is None or worst is None or self.budget is None:
             return hold
         spent = self.budget.spent_unanswered(worst.usd or 0.0, worst.tokens or 0)
         if self.log is not None:
-            await self.log.record(spent)  # (never released: it stays counted)
+            await self.log.record(spent, kept=True)  # (never released: it stays counted)
         if not again:
+            return hold
+        if paid:
+            if not self.budget.fits(0.0, 0):
+                raise Crowded() if self.budget.fits(hold.usd, hold.tokens, alone=True) and not self.closing else \
+                    self.reached(hold.usd, hold.tokens)
             return hold
         self.let_go(hold)
         return await self.hold(worst, times)
+
+    def reached(self, usd: float, tokens: int) -> BudgetReached:
+        """The stop of a job whose next request, of this worst case, the budget cannot hold."""
+        assert self.budget is not None
+        most = f"{format_usd(usd)} ({tokens:,} tokens)" if self.budget.max_usd is not None else f"{tokens:,} tokens"
+        return BudgetReached(f"the budget is reached: {self.budget.describe()}, and the next request could cost up "
+                             f"to {most}. The requests in flight finish and every answer is saved; raise the budget "
+                             f"in {self.spec.name} and rerun to go on (the spend so far is remembered)")
 
     def let_go(self, hold: Hold | None, spent_usd: float = 0.0, spent_tokens: int = 0, *,
                saved: bool = False) -> None:

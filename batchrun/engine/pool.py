@@ -191,6 +191,8 @@ class Pool:
                             results.send_nowait(result)
                     except anyio.BrokenResourceError:
                         return
+                    if self.client.reached is not None:  # a row's retry the budget could not hold
+                        self.stop(self.client.reached)
                     # The next row waits until this answer is on disk: a kill then costs
                     # at most the rows the workers hold, never answers queued behind them.
                     await self.writer.saved.wait()

@@ -8,8 +8,9 @@ every `EVERY_S` seconds while it runs and once at its end, so a scheduler, a sen
      "exit_code": null while running, then the CLI's exit code,
      "rows", "ok", "failed", "failed_for_good", "remaining",
      "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd",
-     "lost_requests", "lost_usd" (with a budget: requests that may have been paid for with no
-     answer kept, a kill's in flight, a timed-out one, a 2xx that could not be read; at their worst case),
+     "lost_requests", "lost_usd", "lost_tokens" (with a budget: requests that may have been paid
+     for with no answer kept, a kill's in flight, a timed-out one, a 2xx that could not be read;
+     at their worst case),
      "from_batches" (rows answered through a provider's batch API), "batches" (with batch_api),
      "requests", "rows_per_s", "eta_s", "started_at", "updated_at", "pid", "version", ...}
 
@@ -70,7 +71,8 @@ class StatusFile:
             "remaining": remaining, "prompt_tokens": counts["prompt_tokens"],
             "completion_tokens": counts["completion_tokens"], "total_tokens": counts["total_tokens"],
             "cost_usd": counts.get("cost_usd"), "lost_requests": counts.get("lost_requests", 0),
-            "lost_usd": counts.get("lost_usd", 0.0), "from_batches": counts.get("from_batches", 0),
+            "lost_usd": counts.get("lost_usd", 0.0), "lost_tokens": counts.get("lost_tokens", 0),
+            "from_batches": counts.get("from_batches", 0),
             "requests": requests, "rows_per_s": round(rate, 3),
             "eta_s": round(remaining / rate, 1) if rate > 0 and state == "running" else None,
             "updated_at": now_iso(),

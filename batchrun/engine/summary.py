@@ -42,6 +42,7 @@ class Summary:
     lost_requests: int = 0  # paid for, for all anyone knows, with no answer kept (a kill -9's in flight, a
     # timeout, a 2xx that could not be read): counted against the budget at their worst case
     lost_usd: float = 0.0
+    lost_tokens: int = 0
     # `batchrun submit`: rows a later run settles, in the provider's batches or handed back
     # by them unanswered, to go live
     in_batches: int = 0
@@ -92,8 +93,10 @@ class Summary:
                        "charged at the worst case")
         if self.lost_requests:
             lost = self.lost_requests
+            worst = f"{usd(self.lost_usd)}, " if self.lost_usd else ""
             tokens += (f"; {lost:,} request{'s' if lost > 1 else ''} that may have been paid for with no answer kept "
-                       f"(in flight at a kill, timed out, cut short), counted at the worst case ({usd(self.lost_usd)})")
+                       f"(in flight at a kill, timed out, cut short), counted at the worst case ({worst}"
+                       f"{self.lost_tokens:,} tokens)")
         if self.cache_hits:
             tokens += f"; {self.cache_hits:,} from the cache"
             if self.saved_usd is not None:

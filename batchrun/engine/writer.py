@@ -35,10 +35,12 @@ LINGER_S = 0.001
 @dataclass(frozen=True)
 class HoldNote:
     """For the writer: a budget's hold to record before its request goes (`sending`), or
-    to delete when its request was answered with nothing to save."""
+    to delete when its request was answered with nothing to save. `kept`: an attempt that
+    may have been paid for with no answer, recorded for good (the counts' lost requests)."""
 
     hold: Hold
     sending: bool
+    kept: bool = False
 
 
 class Writer:
@@ -128,6 +130,11 @@ class Writer:
             self.state_failed = True
             self.stop(exc)
             return
+        for note in notes:
+            if note.kept:  # in the state for good: the counts show it at once (`batchrun status`)
+                self.totals["lost_requests"] += 1  # type: ignore[operator]
+                self.totals["lost_usd"] += note.hold.usd  # type: ignore[operator]
+                self.totals["lost_tokens"] += note.hold.tokens  # type: ignore[operator]
         if not group:
             return
         failed, tokens, usd = self._count(group)
@@ -163,10 +170,10 @@ class Writer:
 
     # -- the budget's holds (see `engine.holds.HoldLog`) --------------------------------
 
-    async def record(self, hold: Hold) -> None:
+    async def record(self, hold: Hold, kept: bool = False) -> None:
         """In the state before its request goes, in the writer's next commit: a kill -9
         from here on leaves it there, counted as spent by the next run."""
-        self.notes.send_nowait(HoldNote(hold, sending=True))
+        self.notes.send_nowait(HoldNote(hold, sending=True, kept=kept))
         saved = self.saved  # the event of the commit that takes it (see `write`)
         await saved.wait()
         if self.state_failed:

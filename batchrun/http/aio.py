@@ -71,7 +71,15 @@ class AiohttpTransport:
         async with session.request("POST", url, data=payload, headers=headers, allow_redirects=False,
                                    proxy=self._proxy) as response:
             body = BoundedBody(response.headers.get("content-encoding"), self._max_answer_bytes, self._memory)
-            content = await body.read(response.content.readany)
+            try:
+                content = await body.read(response.content.readany)
+            except aiohttp.ClientError as exc:  # the answer was begun
+                error = _seams_error(exc)
+                error.status = response.status
+                raise error from forget(exc)
+            except TransportError as exc:
+                exc.status = response.status
+                raise
         items = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
         return Answer(response.status, decoded_headers(items, body.encoded), content)
 

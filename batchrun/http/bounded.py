@@ -51,7 +51,16 @@ class BoundedTransport:
             consumed = response.is_stream_consumed  # MockTransport reads (and decodes) answers itself
             body = BoundedBody(None if consumed else response.headers.get("content-encoding"), self._max_answer_bytes,
                                self._memory)
-            content = await body.read(partial(anext, response.aiter_bytes() if consumed else response.aiter_raw(), b""))
+            try:
+                content = await body.read(partial(anext, response.aiter_bytes() if consumed else response.aiter_raw(),
+                                                  b""))
+            except httpx.RequestError as exc:  # the answer was begun
+                error = _seams(exc)
+                error.status = response.status_code
+                raise error from forget(exc)
+            except seam.TransportError as exc:
+                exc.status = response.status_code
+                raise
         finally:
             await response.aclose()
         encoded = "content-encoding" in response.headers if consumed else body.encoded  # decoded by httpx

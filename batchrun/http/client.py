@@ -50,7 +50,8 @@ PARK_S = 2.0  # a server's retry-after this long sets the row aside (see `Client
 __all__ = ["Client", "Deferred", "Request", "Unsendable", "endpoint_url"]
 
 # Failures after which the server may have billed the request: it was sent and not
-# answered in time, or an answer came that could not be taken (too large, undecodable)
+# answered in time, or an answer came that could not be taken (too large, undecodable);
+# and any failure once a 2xx answer was begun (`TransportError.status`): cut off mid-body
 _MAYBE_PAID = (ReadTimeout, AnswerTooLarge, DecodingError)
 
 
@@ -287,6 +288,9 @@ class Client:
             if exc.verdict is None:
                 exc.verdict = verdict
             raise
+        except (APIError, JobFatalAPIError):  # the row fails, or the job stops: the 2xx was paid for all the same
+            request.lost += 1
+            raise
 
     async def _exchange(self, request: Request) -> tuple[Answer, Verdict, float]:
         """The request through the gate and over the wire: the answer, its verdict, and when it
@@ -307,7 +311,7 @@ class Client:
             elif verdict.in_flight_limit:
                 self.in_flight.stated(verdict.in_flight_limit)
         except TransportError as exc:
-            if isinstance(exc, _MAYBE_PAID):
+            if isinstance(exc, _MAYBE_PAID) or exc.status is not None and 200 <= exc.status < 300:
                 request.lost += 1
             raise self._failure(exc, request.tries) from exc
         finally:

@@ -114,7 +114,8 @@ class _Connection(asyncio.Protocol):
             self.complete = True  # a body that ends with the connection ended
         elif not self.complete and self.error is None:
             detail = f": {exc}" if exc else ""
-            self.error = RemoteProtocolError(f"the server closed the connection before it answered{detail}")
+            when = f"in the middle of its HTTP {self.status} answer" if self.head else "before it answered"
+            self.error = RemoteProtocolError(f"the server closed the connection {when}{detail}")
         if self.error is None:
             self.error = RemoteProtocolError("the connection is closed")
         self._wake()
@@ -428,7 +429,11 @@ class WireTransport:
             connection.start(data)
             await connection.wait_head()
             body = BoundedBody(connection.headers.get("content-encoding"), self._max_answer_bytes, self._memory)
-            content = await body.read(connection.next_chunk)
+            try:
+                content = await body.read(connection.next_chunk)
+            except TransportError as exc:  # the answer was begun
+                exc.status = connection.status
+                raise
             headers = connection.headers
             if body.encoded:  # inflated: its length and encoding describe what is no longer there
                 headers = {k: v for k, v in headers.items() if k not in DECODED_HEADERS}

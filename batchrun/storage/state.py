@@ -446,12 +446,13 @@ class StateStore:
         ).fetchone()
         # Requests a kill left unsettled (with a budget), at their worst case: not in any row
         # (a batch's hold is not one: the batch is out, not lost)
-        lost, lost_usd = self._db.execute(
-            "SELECT COUNT(*), TOTAL(usd) FROM holds WHERE id NOT IN (SELECT hold FROM batches WHERE hold IS NOT NULL)"
-        ).fetchone()
+        lost, lost_usd, lost_tokens = self._db.execute(
+            "SELECT COUNT(*), TOTAL(usd), TOTAL(tokens) FROM holds "
+            "WHERE id NOT IN (SELECT hold FROM batches WHERE hold IS NOT NULL)").fetchone()
         return {"ok": ok, "failed": failed, "failed_for_good": for_good, "prompt_tokens": int(prompt),
                 "completion_tokens": int(completion), "total_tokens": int(total), "cost_usd": cost,
                 "cache_hits": hits, "saved_usd": saved, "lost_requests": lost, "lost_usd": lost_usd,
+                "lost_tokens": int(lost_tokens),
                 "from_batches": batched}
 
     def spend(self) -> Spend:

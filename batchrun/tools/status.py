@@ -59,7 +59,8 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
     state = ("running" if "running" in states else
              "finished" if states == {"finished"} and len(parts) == count and merged else "stopped")
     total = shard_sums(parts, ("rows", "ok", "failed", "failed_for_good", "remaining", "prompt_tokens",
-                               "completion_tokens", "total_tokens", "lost_requests", "lost_usd"), optional=("cost_usd",))
+                               "completion_tokens", "total_tokens", "lost_requests", "lost_usd", "lost_tokens"),
+                       optional=("cost_usd",))
     rows = input_rows(shards)
     if rows is not None:  # the shards not started (or not begun) have their rows to go too
         total["rows"], total["remaining"] = rows, max(0, rows - total["ok"] - total["failed"])
