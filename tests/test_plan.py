@@ -141,3 +141,32 @@ def test_a_plan_shows_the_cost_through_the_batch_api_beside_the_live_one(tmp_pat
     spec = write_spec(tmp_path, model="other", pricing=prices, params={"max_tokens": 10}, api={"base_url": "mock://"},
                       batch_api={"base_url": "https://batches.example/v1"})
     assert "answered within batch_api.max_wait_h (24 h)" in run_cli("plan", str(spec)).stdout
+
+
+def test_a_streamed_jobs_plan_bounds_what_answers_without_usage_are_charged(tmp_path: Path) -> None:
+    """llama.cpp streams no usage: each such answer is charged at the request's worst case
+    (its bytes as prompt tokens), which the token count's "at most" does not bound. The
+    plan says so, with the bound a budget needs, and the run is charged exactly that."""
+    import httpx
+
+    from batchrun import job_status, load_spec, run_job
+
+    def stream(request: httpx.Request) -> httpx.Response:  # no usage, as llama.cpp streams
+        events = [{"id": "s", "model": "test-model", "choices": [{"index": 0, "text": "hi", "finish_reason": None}]},
+                  {"id": "s", "model": "test-model", "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}]
+        content = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=content)
+
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"tell me about item {i}"} for i in range(50)])
+    spec = write_spec(tmp_path, pricing=PRICES, params={"max_tokens": 16, "stream": True},
+                      api={"base_url": "http://127.0.0.1:9/v1"})
+
+    before = plan(spec)
+    text = run_cli("plan", str(spec)).stdout
+    assert "streamed answers may come without usage" in text and "a budget that must see them through" in text
+    assert before["cost_usd_max_without_usage"] > before["cost_usd_max"]
+
+    run_job(spec, transport=httpx.MockTransport(stream), environ={"OPENAI_API_KEY": "k"})
+    charged = job_status(load_spec(spec))["cost_usd"]
+    assert charged == pytest.approx(before["cost_usd_max_without_usage"])
+    assert charged > before["cost_usd_max"]  # what the token count's bound misses

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .._exceptions import ConfigError
+from .._json import dumps
 from ..endpoints import get_endpoint
 from ..inputs.reader import InputReader, Row
 from ..inputs.template import Template
@@ -54,6 +55,9 @@ class Plan:
     # The same rows through the provider's batch API (`batch_api`): its prices, else half
     batch_cost_usd_max: float | None = None
     batch_cost_usd_expected: float | None = None
+    # Every request at the worst case the budget holds it at (its bytes as prompt tokens),
+    # which is what an answer that comes without usage is charged
+    cost_usd_max_without_usage: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -90,9 +94,10 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
                      template=template) as reader:
         digest = reader.fingerprint()
         total, _ = reader.validate()
-        done, answered = _done(spec, storage, digest, total, restart=restart)
+        done, answered, unmetered = _done(spec, storage, digest, total, restart=restart)
         count, tokenizer = _counter(spec)
-        rows, prompt, completion_max = _count(spec, (row for row in reader.rows() if not done[row.index]), count)
+        rows, prompt, completion_max, payload = _count(spec, (row for row in reader.rows() if not done[row.index]),
+                                                       count)
     grouped = spec.grouped
     requests = math.ceil(rows / spec.rows_per_request)
     if grouped:
@@ -109,6 +114,13 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
     price = spec.pricing.get(spec.model) if spec.model else None
     if spec.pricing and price is None:
         notes.append(f"model {spec.model!r} has no price in pricing: no cost")
+    without_usage = _cost(price, payload, completion_max)
+    if without_usage is not None and (unmetered or spec.params.get("stream") is True):
+        seen = "the state has answers that came without usage" if unmetered else \
+            "streamed answers may come without usage (llama.cpp's do)"
+        notes.append(f"{seen}: such an answer is charged at its worst case, the request's bytes as prompt tokens, "
+                     f"so these rows could be charged up to {usd(without_usage)}: a budget that must see them "
+                     "through needs that much")
 
     if spec.batch_api is not None:
         notes.append(f"batch_api: the rows go to the provider's batch API, answered within "
@@ -131,6 +143,7 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
         duration_s=round(seconds, 1), tokenizer=tokenizer, notes=tuple(notes),
         batch_cost_usd_max=_cost(price and price.batched(), prompt, completion_max),
         batch_cost_usd_expected=_cost(price and price.batched(), prompt, expected),
+        cost_usd_max_without_usage=without_usage,
     )
 
 
@@ -141,16 +154,19 @@ def _cost(price: Price | None, prompt: int, completion: int | None) -> float | N
     return (prompt * price.input + completion * price.output) / 1e6
 
 
-def _count(spec: JobSpec, rows: Iterator[Row], count: Callable[[list[str]], int]) -> tuple[int, int, int | None]:
-    """The rows, their prompt tokens, and their completion tokens at most (None: unbounded,
-    for a row with no max_tokens and no assumed bound)."""
-    n = prompt = completion_max = 0
+def _count(spec: JobSpec, rows: Iterator[Row],
+           count: Callable[[list[str]], int]) -> tuple[int, int, int | None, int]:
+    """The rows, their prompt tokens, their completion tokens at most (None: unbounded,
+    for a row with no max_tokens and no assumed bound), and their requests' bytes (a row's
+    own, where several go to a request: a little more than theirs)."""
+    n = prompt = completion_max = payload = 0
     bounded = True
     for batch in _batches(rows, BATCH):
         n += len(batch)
         texts = []
         for row in batch:
             body = get_endpoint(row.endpoint).build_body(row.body, spec.model, spec.params)
+            payload += len(dumps(body).encode())
             texts.append(_prompt_parts(body))
             most = completion_bound(body, spec.budget.assume_max_tokens)
             if most is None:
@@ -158,30 +174,31 @@ def _count(spec: JobSpec, rows: Iterator[Row], count: Callable[[list[str]], int]
             else:
                 completion_max += most
         prompt += sum(count(parts) for parts in texts)
-    return n, prompt, completion_max if bounded else None
+    return n, prompt, completion_max if bounded else None, payload
 
 
 def _done(spec: JobSpec, storage: Store, digest: str, total: int, *,
-          restart: bool) -> tuple[bytearray, tuple[float | None, ...]]:
-    """Rows a resumed run would leave alone, and the state's mean completion tokens and
-    latency; nothing when there is no state (or `restart`). A state of another input or
-    request shape is refused as a run refuses it."""
+          restart: bool) -> tuple[bytearray, tuple[float | None, ...], int]:
+    """Rows a resumed run would leave alone, the state's mean completion tokens and
+    latency, and its rows answered without usage; nothing when there is no state (or
+    `restart`). A state of another input or request shape is refused as a run refuses it."""
+    nothing = bytearray(total), (None, None), 0
     if restart:  # a run would discard the state, damaged or not
-        return bytearray(total), (None, None)
+        return nothing
     path = state_path(spec.output)
     if not lock_holder(path):  # the newest state there is is the job's progress (a run here has it)
         storage.pull_state(path)
     try:
         store = StateStore.open(path, lock=False)
     except FileNotFoundError:
-        return bytearray(total), (None, None)
+        return nothing
     try:
         saved = store.meta()
         if not saved:  # a state made but never claimed
-            return bytearray(total), (None, None)
+            return nothing
         # What a run checks, and refuses as it would (exit 2, naming what changed)
         store.check_made_by(digest, spec.request_config(), spec_name=spec.name)
-        return done_rows(store.row_states(total)), store.means()
+        return done_rows(store.row_states(total)), store.means(), store.spend().unmetered
     finally:
         store.close()
 
