@@ -116,12 +116,7 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
         notes.append(f"model {spec.model!r} has no price in pricing: no cost")
     without_usage = _cost(price, payload, completion_max)
     if without_usage is not None and (unmetered or spec.params.get("stream") is True):
-        seen = "the state has answers that came without usage" if unmetered else \
-            "streamed answers may come without usage (llama.cpp's do)"
-        notes.append(f"{seen}: such an answer is charged at its worst case, the request's bytes as prompt tokens, "
-                     f"so these rows could be charged up to {usd(without_usage)}: a budget that must see them "
-                     "through needs that much")
-
+        notes.append(_without_usage(without_usage, unmetered))
     if spec.batch_api is not None:
         notes.append(f"batch_api: the rows go to the provider's batch API, answered within "
                      f"batch_api.max_wait_h ({spec.batch_api.max_wait_h:g} h); the duration is the live path's")
@@ -145,6 +140,14 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
         batch_cost_usd_expected=_cost(price and price.batched(), prompt, expected),
         cost_usd_max_without_usage=without_usage,
     )
+
+
+def _without_usage(most: float, unmetered: int) -> str:
+    """What answers without usage may cost: `most`, the rows' requests at their worst case."""
+    seen = "the state has answers that came without usage" if unmetered else \
+        "streamed answers may come without usage (llama.cpp's do)"
+    return (f"{seen}: such an answer is charged at its worst case, the request's bytes as prompt tokens, so "
+            f"these rows could be charged up to {usd(most)}: a budget that must see them through needs that much")
 
 
 def _cost(price: Price | None, prompt: int, completion: int | None) -> float | None:
