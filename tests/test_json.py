@@ -19,7 +19,8 @@ values = st.recursive(
     max_leaves=10,
 )
 # JSON texts, whole or cut, with stray bytes: what an input line or an answer can be
-texts = values.map(json.dumps) | st.text(alphabet='{}[]":,. \t\n0123456789eE+-truefalsnNIaiy\\u\ufeff', max_size=30)
+texts = values.map(json.dumps) | values.map(lambda v: json.dumps(v, ensure_ascii=False)) | \
+    st.text(alphabet='{}[]":,. \t\n0123456789eE+-truefalsnNIaiy\\u\ufeff\ud800\udc00', max_size=30)
 
 
 def outcome(call, argument):
