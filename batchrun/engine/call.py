@@ -124,8 +124,7 @@ class Caller:
         if self.spec.keep_request:
             result.extra = {**(result.extra or {}), "request": request.payload.decode()}
         self.holds.charge(result, paid, price, worst, held.hold, generates=endpoint.generates)
-        if held.reached is not None and self.reached is None:
-            self.reached = held.reached
+        self.reached = self.reached or held.reached
         if key is not None and result.status == "ok":
             result.cache_key = key  # cached by the writer, once the state has it
         return result
