@@ -167,6 +167,23 @@ def test_a_finished_job_whose_rerun_was_refused_is_stopped_in_its_status_and_sta
     assert "params.max_tokens was 16, now 32" in data["reason"]
 
 
+def test_a_finished_job_whose_spec_was_edited_since_is_not_finished_before_any_run(tmp_path: Path) -> None:
+    """A scheduler's sensor waiting for "finished" must not take the old configuration's
+    output for the new one's: the status says what changed, before any run is refused."""
+    write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(5)])
+    spec = write_spec(tmp_path, params={"max_tokens": 16}, api={"base_url": "mock://"})
+    assert run_cli("run", str(spec), "--no-progress").code == 0
+
+    spec.write_text(spec.read_text().replace("max_tokens: 16", "max_tokens: 32"))
+    data = status_json(spec)
+    assert (data["state"], data["exit_code"]) == ("stopped", 0)
+    assert "params.max_tokens was 16, now 32" in data["reason"] and "--restart" in data["reason"]
+    assert "params.max_tokens was 16, now 32" in run_cli("status", str(spec)).stdout
+
+    spec.write_text(spec.read_text().replace("max_tokens: 32", "max_tokens: 16"))
+    assert (status_json(spec)["state"], status_json(spec)["reason"]) == ("finished", None)
+
+
 @pytest.mark.slow
 def test_a_stopped_run_says_why_in_its_status(tmp_path: Path, server: FakeServer) -> None:
     write_jsonl(tmp_path / "input.jsonl", [{"prompt": f"p{i}"} for i in range(300)])

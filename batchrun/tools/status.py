@@ -23,7 +23,7 @@ from ..backends.layout import (
 from ..engine.status import read, status_path
 from ..storage import Store, open_store
 from ..storage.lock import lock_holder, lock_path
-from ..storage.state import StateStore, state_path
+from ..storage.state import StateStore, differences, state_path
 
 if TYPE_CHECKING:
     from ..spec.parse import JobSpec
@@ -51,7 +51,7 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
         output = shard_output(spec.output, shard)
         if status_path(output).name in published and not lock_holder(state_path(output)):
             storage.pull_file(status_path(output))  # the last run's exit code and reason, wherever it ran
-        part = _status_of(spec.name, output, published=output.name in published)
+        part = _status_of(spec, output, published=output.name in published)
         parts.append({"shard": str(shard), **{k: v for k, v in part.items() if k not in ("job", "version")},
                       "output": str(storage.where(output))})
     states = {part["state"] for part in parts}
@@ -85,12 +85,15 @@ def _whole_status(spec: JobSpec, storage: Store) -> dict[str, Any]:
     if not lock_holder(state):  # a job running here has the newest state and status already
         storage.pull_state(state)
         storage.pull_file(status_path(spec.output))
-    return {**_status_of(spec.name, spec.output, published=storage.exists(spec.output)),
+    return {**_status_of(spec, spec.output, published=storage.exists(spec.output)),
             "output": str(storage.where(spec.output))}
 
 
-def _status_of(job: str, output: Path, *, published: bool) -> dict[str, Any]:
-    """`published`: the output is in place where the job publishes it (its store)."""
+def _status_of(spec: JobSpec, output: Path, *, published: bool) -> dict[str, Any]:
+    """`published`: the output is in place where the job publishes it (its store). A state
+    made for another request than the spec's now (its model, params, ...: a run would refuse
+    it) is no finished job of this spec: stopped, saying what changed."""
+    job = spec.name
     path = state_path(output)
     saved = read(status_path(output)) or {}
     holder = lock_holder(path)
@@ -119,8 +122,13 @@ def _status_of(job: str, output: Path, *, published: bool) -> dict[str, Any]:
                               "of memory) or its machine stopped; rerun to resume", "exit_code": None}
     # A last run refused (exit 2: the spec or input changed since, say) leaves the job
     # stopped, as its status file says: its output is of the configuration before
+    changed = differences(meta["request"], spec.request_config()) if meta.get("request") and not holder else []
+    if changed:
+        last_run = {**last_run, "reason": f"the spec changed since this state was made ({'; '.join(changed)}): a run "
+                                          "refuses it; rerun with --restart to start over, or restore the spec"}
     state = "submitted" if out else "running" if holder else (
-        "finished" if remaining == 0 and published and last_run.get("exit_code") != UsageError.exit_code else "stopped")
+        "finished" if remaining == 0 and published and last_run.get("exit_code") != UsageError.exit_code
+        and not changed else "stopped")
     # A run that has not written its status yet (it is still checking its input): what is known
     running = {"started_at": _lock_taken(path), "requests": None, "rows_per_s": None, "eta_s": None} if holder else {}
     return {**base, "state": state, "reason": last_run.get("reason"), "exit_code": last_run.get("exit_code"),
