@@ -5,7 +5,9 @@ An embeddings answer is 350 KB of base64 strings (64 vectors of 1,024 floats): j
 scanner reads it in 0.55 ms, msgspec in 0.10 (a tenth off the embeddings benchmark's
 time); a chat answer takes 2.2 µs against 0.8. Where msgspec refuses what json reads
 (NaN, a lone surrogate, a BOM) or the text is no JSON, json decides, so the values and
-errors are json's own: `loads` is `json.loads` (tests/test_json.py holds them to it).
+errors are json's own: `loads` is `json.loads` (tests/test_json.py holds them to it), but
+for a few levels of nesting near Python's recursion limit, where msgspec reads on (json's
+own depth there depends on the caller's stack).
 `json.loads(bytes)` guesses the encoding, then goes through three Python frames before
 its C scanner; `json.dumps` with any option makes a new encoder each call: here the
 scanner and one encoder are made once. `dumps` is

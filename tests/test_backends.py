@@ -52,6 +52,8 @@ def test_shard_sums_add_counts_and_leave_a_cost_none_when_no_shard_has_one() -> 
     assert shard_sums(parts, ("ok", "failed"), optional=("cost_usd",)) == {"ok": 10, "failed": 1, "cost_usd": None}
     parts[1]["cost_usd"] = 0.25
     assert shard_sums(parts, ("ok",), optional=("cost_usd",)) == {"ok": 10, "cost_usd": 0.25}
+    lost = shard_sums([{"lost_usd": 0.0}, {}], ("lost_usd",))["lost_usd"]
+    assert (lost, type(lost)) == (0.0, float)  # dollars stay a float in status --json, 0 or not
 
 
 def test_answered_lately_is_within_one_epoch() -> None:

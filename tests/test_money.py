@@ -502,3 +502,10 @@ def test_a_budget_spent_on_the_last_rows_retries_stops_the_job_with_its_reason(t
     with pytest.raises(BudgetReached, match="the budget is reached"):
         run_job(spec, transport=httpx.MockTransport(first_cut), environ={"OPENAI_API_KEY": "k"})
     assert seen == {"p000": 2, "p001": 1}  # the first row's retry fit; the second's did not
+
+
+def test_a_budget_spent_but_for_a_sums_rounding_says_nothing_is_left() -> None:
+    # 0.1 + 0.2 spent of 0.3: a float's rounding is no dollar left (it said $0.0000000000000000555)
+    assert Budget(0.3, None, spent_usd=0.1 + 0.2 - 5.55e-17).describe() == \
+        "$0.30 of budget.max_usd $0.30 spent ($0.00 left)"
+    assert "($0.20 left)" in Budget(0.3, None, spent_usd=0.1).describe()

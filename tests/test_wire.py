@@ -233,7 +233,7 @@ def test_an_informational_answer_is_passed_over() -> None:
     (lambda n: http_answer(ANSWER[:20], f"content-length: {len(ANSWER)}"),
      "closed the connection in the middle of its HTTP 200 answer", 200),
     (lambda n: b"HTTP/1.1 banana\r\n\r\n", "not valid HTTP/1.1", None),
-    (lambda n: b"HTTP/1.1 200 OK\r\nx-endless: " + b"a" * (4 << 20), "headers run past 65,536 bytes", None),
+    (lambda n: b"HTTP/1.1 200 OK\r\nx-endless: " + b"a" * (4 << 20), "headers run past 65,536 bytes", 200),
     (lambda n: b"HTTP/1.1 100 Continue\r\n\r\n" * 20_000, "headers run past 65,536 bytes", None),
     (lambda n: http_answer(b"2\r\n{}\r\n0\r\nx-endless: " + b"a" * (4 << 20), "transfer-encoding: chunked"),
      "headers run past 65,536 bytes", 200),
@@ -588,3 +588,22 @@ def test_an_answer_that_cannot_be_decoded_fails_its_row_not_the_program(tmp_path
     assert f"the first row got no answer in 2 attempts ({says}" in result.stderr
     assert "internal error" not in result.stderr
     assert server.requests == 2
+
+
+@pytest.mark.parametrize(("answer", "begun"), [
+    # the head, then a chunk size that is no number, in one packet: the error comes with the head
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5z\r\nhello\r\n", 200),
+    (b"HTTP/1.1 200 OK\r\ncontent-type: application/js", 200),  # the status line, then cut in the headers
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 9\r\n\r\nhello", 200),  # lengths at odds
+    (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 40\r\n\r\nshort", 503),  # begun, not a 2xx
+])
+def test_an_answer_that_fails_once_its_status_line_came_carries_its_status(answer: bytes, begun: int) -> None:
+    """A 2xx begun is paid for, for all anyone knows (the client counts it as a lost attempt),
+    however its head or body then breaks."""
+    def first_broken(n: int) -> bytes | None:
+        return answer if n == 1 else http_answer(ANSWER, f"content-length: {len(ANSWER)}")
+
+    with RawServer(first_broken, close_after=True) as server:
+        failed, ok = send_all(server.url, 2)
+    assert isinstance(failed, seam.TransportError) and failed.status == begun, repr(failed)
+    assert isinstance(ok, Answer) and ok.content == ANSWER

@@ -79,7 +79,8 @@ def shard_sums(parts: Iterable[Mapping[str, Any]], names: Iterable[str], *,
     """The shards' counts added up: each of `names` (a count missing or None is 0), and
     each of `optional` (a cost: None when no shard has one)."""
     parts = list(parts)
-    sums: dict[str, Any] = {name: sum(part.get(name) or 0 for part in parts) for name in names}
+    sums: dict[str, Any] = {name: sum((part.get(name) or 0 for part in parts), 0.0 if name.endswith("_usd") else 0)
+                            for name in names}
     for name in optional:
         values = [part[name] for part in parts if part.get(name) is not None]
         sums[name] = sum(values) if values else None

@@ -45,8 +45,8 @@ INFLATE_STEP = 2**20  # the most one inflate call makes, whatever the compressed
 class TransportError(Exception):
     """An attempt that got no answer: what a transport raises, and the client maps.
     `kind`: what went wrong, as messages name it (the class's name, unless told);
-    `status`: the answer's, when the failure came after its head (the answer was begun:
-    a 2xx then was paid for, for all anyone knows), else None."""
+    `status`: the answer's, when the failure came once its status line had (the answer
+    was begun: a 2xx then was paid for, for all anyone knows), else None."""
 
     def __init__(self, message: str, *, kind: str | None = None) -> None:
         super().__init__(message)

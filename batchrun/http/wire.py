@@ -51,6 +51,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.status = 0
+        self.begun = 0  # the status line's code of the current answer, once it came (its head may not)
         self.headers: dict[str, str] = {}
         self.parts: list[bytes] = []
         self.buffered = 0
@@ -114,13 +115,16 @@ class _Connection(asyncio.Protocol):
             self.complete = True  # a body that ends with the connection ended
         elif not self.complete and self.error is None:
             detail = f": {exc}" if exc else ""
-            when = f"in the middle of its HTTP {self.status} answer" if self.head else "before it answered"
+            when = f"in the middle of its HTTP {self.begun} answer" if self.begun >= 200 else "before it answered"
             self.error = RemoteProtocolError(f"the server closed the connection {when}{detail}")
         if self.error is None:
             self.error = RemoteProtocolError("the connection is closed")
         self._wake()
 
     # the parser's side
+
+    def on_status(self, reason: bytes) -> None:
+        self.begun = self.parser.get_status_code()  # (a 1xx's, until the answer's own comes)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.decode("latin-1").lower()
@@ -168,7 +172,7 @@ class _Connection(asyncio.Protocol):
     def start(self, data: bytes) -> None:
         """Send one request; what came of the last one is gone."""
         assert self.transport is not None
-        self.status, self.headers = 0, {}
+        self.status, self.begun, self.headers = 0, 0, {}
         self.head = self.complete = self.to_eof = self.keep_alive = False
         self.busy = True
         self.sent += 1
@@ -426,13 +430,13 @@ class WireTransport:
         """One exchange over `connection`, which goes back to `origin` after it."""
         reuse = False
         try:
-            connection.start(data)
-            await connection.wait_head()
-            body = BoundedBody(connection.headers.get("content-encoding"), self._max_answer_bytes, self._memory)
             try:
+                connection.start(data)
+                await connection.wait_head()
+                body = BoundedBody(connection.headers.get("content-encoding"), self._max_answer_bytes, self._memory)
                 content = await body.read(connection.next_chunk)
-            except TransportError as exc:  # the answer was begun
-                exc.status = connection.status
+            except TransportError as exc:  # an answer begun (its status line came) was paid for, for all anyone knows
+                exc.status = connection.begun if connection.begun >= 200 else None
                 raise
             headers = connection.headers
             if body.encoded:  # inflated: its length and encoding describe what is no longer there

@@ -149,8 +149,9 @@ class Budget:
         """What is spent and what is left, of each limit."""
         parts = []
         if self.max_usd is not None:
+            left = self.max_usd - self.spent_usd
             parts.append(f"{usd(self.spent_usd)} of budget.max_usd {usd(self.max_usd)} spent "
-                         f"({usd(max(0.0, self.max_usd - self.spent_usd))} left)")
+                         f"({usd(left if left > 1e-12 else 0.0)} left)")  # (a sum's rounding is no dollar left)
         if self.max_tokens is not None:
             parts.append(f"{self.spent_tokens:,} of budget.max_tokens {self.max_tokens:,} tokens spent "
                          f"({max(0, self.max_tokens - self.spent_tokens):,} left)")
