@@ -203,6 +203,20 @@ def test_a_budget_that_holds_no_other_attempt_ends_the_retries_with_a_transient_
     assert result.error == "the response body is not valid JSON; not sent again: the budget holds no other attempt"
 
 
+def test_a_job_that_stops_sends_no_retry_and_the_row_fails_to_be_asked_again() -> None:
+    """A retry is a new request: once the job stops (SIGTERM, a spent budget), the failed
+    attempt is the row's last in this run, a transient failure that a rerun asks again."""
+    clients: list[Client] = []
+
+    def stopped_then_500(request: httpx.Request) -> httpx.Response:
+        clients[0].stopping = True  # the job stops while this request is out
+        return httpx.Response(500, json={"error": {"message": "boom"}})
+
+    result, seen, _ = call([stopped_then_500, httpx.Response(200, json=ANSWER)], clients.append)
+    assert (result.status, result.transient, len(seen)) == ("failed", True, 1)
+    assert result.error == "HTTP 500: boom; not sent again: the job is stopping"
+
+
 def test_exhausted_retries_give_a_failed_row_with_the_last_error() -> None:
     result, seen, _ = call([httpx.Response(500, json={"error": {"message": "boom"}})] * 3, retry={"max_attempts": 3})
     assert (result.status, result.attempts, result.error, len(seen)) == ("failed", 3, "HTTP 500: boom", 3)

@@ -72,8 +72,10 @@ class Caller:
         await self.client.__aexit__(*exc_info)
 
     def stop_holding(self) -> None:
-        """The job is stopping: requests waiting for the budget give up rather than go."""
+        """The job is stopping: requests waiting for the budget give up rather than go, and
+        a failed attempt is not sent again (the requests in flight finish)."""
         self.holds.stop()
+        self.client.stopping = True
 
     async def call(self, row: Row, *, park: bool = False, pushed_back: bool = False,
                    spent: tuple[int, int] = (0, 0)) -> Result:

@@ -157,6 +157,7 @@ class Client:
         # Requests in flight: at most `concurrency`, fewer while the server says it is full
         self.in_flight = in_flight if in_flight is not None else ConcurrencyLimit(spec.concurrency)
         self.requests_sent = 0
+        self.stopping = False  # the job stops: a failed attempt is not sent again (see `_retry`)
 
     async def __aenter__(self) -> Client:
         return self
@@ -233,6 +234,8 @@ class Client:
         last = failure
         try:
             async for retry in controller:
+                if replay is None and self.stopping:  # a retry is a new request: a stop sends none
+                    raise RetryableAPIError(f"{last}; not sent again: the job is stopping", status=last.status)
                 if replay is None and request.lost and request.again is not None and \
                         (why := await request.again()) is not None:
                     # Still retryable: a later run (a larger budget) asks it again
