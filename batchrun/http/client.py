@@ -86,7 +86,8 @@ class Request:
     spent: tuple[int, int] = (0, 0)  # (failures, 429s) before the row was set aside
     affinity: str | None = None  # `x-session-affinity`: requests sharing a prompt prefix share it
     # Attempts that may have been paid for and left no answer: a 2xx that could not be read
-    # (a stream cut short, a body that is no JSON), a timeout. `again` is awaited before an
+    # (a stream cut short, a body that is no JSON or that its connection cut off, one that
+    # fails the row or stops the job), a timeout. `again` is awaited before an
     # attempt follows one: None, it may go; else why not (the budget counts the lost one and
     # holds the next: `engine.call`).
     lost: int = 0
