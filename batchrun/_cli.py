@@ -21,6 +21,7 @@ from .backends.layout import Shard
 from .backends.merge import merge_job
 from .backends.ray.driver import run_on_ray  # Ray itself is imported only when asked for
 from .engine.progress import make_progress
+from .engine.summary import LOST
 from .policy.pricing import usd
 from .spec.parse import load_spec, with_batch_api
 from .tools.export import export_job
@@ -307,8 +308,7 @@ def _status(args: argparse.Namespace) -> int:
     if data.get("cost_usd") is not None:
         print(f"  cost       {usd(data['cost_usd'])}")
     if data.get("lost_requests"):  # with a budget: what may have been paid for with no answer counts as spent
-        print(f"  lost       {data['lost_requests']:,} requests that may have been paid for with no answer kept "
-              "(in flight at a kill, timed out, cut short), counted against the budget at "
+        print(f"  lost       {data['lost_requests']:,} requests {LOST}, counted against the budget at "
               + (f"{usd(data['lost_usd'])}, " if data.get("lost_usd") else "")
               + f"{data.get('lost_tokens') or 0:,} tokens")
     if data.get("exit_code") is not None:

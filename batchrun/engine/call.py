@@ -293,6 +293,8 @@ class _Held:
         return await self.count_lost(again=True)
 
     async def count_lost(self, *, again: bool = False) -> str | None:
+        """The request's lost attempts not counted yet, spent; with `again`, another attempt
+        is to follow: None if it may go, else why not (and `reached`, if the job must stop)."""
         if self.holds is None or self.request is None:  # nothing held, nothing to count
             return None
         while self.counted < self.request.lost:

@@ -135,10 +135,11 @@ class Holds:
         if not again:
             return hold
         if paid:
-            if not self.budget.fits(0.0, 0):
-                raise Crowded() if self.budget.fits(hold.usd, hold.tokens, alone=True) and not self.closing else \
-                    self.reached(hold.usd, hold.tokens)
-            return hold
+            if self.budget.fits(0.0, 0):
+                return hold
+            if self.closing or not self.budget.fits(hold.usd, hold.tokens, alone=True):
+                raise self.reached(hold.usd, hold.tokens)
+            raise Crowded()
         self.let_go(hold)
         return await self.hold(worst, times)
 

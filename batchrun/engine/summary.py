@@ -8,7 +8,10 @@ from pathlib import Path
 
 from ..policy.pricing import usd
 
-__all__ = ["Summary"]
+__all__ = ["LOST", "Summary"]
+
+# What `lost_requests` counts, as the summary and `batchrun status` say it
+LOST = "that may have been paid for with no answer kept (in flight at a kill, timed out, cut short)"
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,7 @@ class Summary:
         if self.lost_requests:
             lost = self.lost_requests
             worst = f"{usd(self.lost_usd)}, " if self.lost_usd else ""
-            tokens += (f"; {lost:,} request{'s' if lost > 1 else ''} that may have been paid for with no answer kept "
-                       f"(in flight at a kill, timed out, cut short), counted at the worst case ({worst}"
+            tokens += (f"; {lost:,} request{'s' if lost > 1 else ''} {LOST}, counted at the worst case ({worst}"
                        f"{self.lost_tokens:,} tokens)")
         if self.cache_hits:
             tokens += f"; {self.cache_hits:,} from the cache"
