@@ -141,8 +141,9 @@ def test_kill_9_during_embeddings_loses_and_repeats_no_row(tmp_path: Path, serve
     assert paid_twice <= 2 * 8 * 16, paid_twice  # a kill loses at most the groups in flight
 
 
-def group(answer, rows: int = 8, **spec: object):
-    """Run `rows` embedding rows through Client.call_group over MockTransport."""
+def group(answer, rows: int = 8, bodies: list[dict] | None = None, **spec: object):
+    """Run `rows` embedding rows (or rows of these `bodies`) through Client.call_group
+    over MockTransport."""
     import anyio
     import httpx
 
@@ -163,13 +164,34 @@ def group(answer, rows: int = 8, **spec: object):
     raw = {"input": "i.jsonl", "output": "o.parquet", "model": "m", "endpoint": "embeddings",
            "api": {"base_url": "http://127.0.0.1:9/v1"}, "retry": {"max_attempts": 2}, **spec}
     client = Client(parse_spec(raw, environ={}), api_key="k", transport=httpx.MockTransport(handler), sleep=noop)
-    batch = [Row(i, f"r{i}", "embeddings", {"input": f"text {i}"}, f"line {i + 1}") for i in range(rows)]
+    bodies = bodies or [{"input": f"text {i}"} for i in range(rows)]
+    batch = [Row(i, f"r{i}", "embeddings", body, f"line {i + 1}") for i, body in enumerate(bodies)]
 
     async def main() -> list:
         async with client:
             return await Caller(client.spec, client).call_group(batch)
 
     return anyio.run(main), seen
+
+
+def test_rows_go_together_only_with_the_same_other_fields() -> None:
+    import base64
+    import struct
+
+    import httpx
+
+    def vectors(body: dict) -> httpx.Response:
+        data = [{"index": i, "embedding": base64.b64encode(struct.pack("<2f", i, 0)).decode()}
+                for i in range(len(body["input"]))]
+        return httpx.Response(200, json={"data": data, "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+    bodies = [{"input": "a"}, {"input": "b", "user": "u1"}, {"input": "c"}, {"user": "u1", "input": "d"},
+              {"input": "e", "user": "u2"}, {"input": "f", "dimensions": 2}, {"input": "g"}]
+    results, seen = group(vectors, bodies=bodies)
+    sent = sorted((body["input"], body.get("user"), body.get("dimensions")) for body in seen)
+    assert sent == [(["a", "c", "g"], None, None), (["b", "d"], "u1", None), (["e"], "u2", None),
+                    (["f"], None, 2)]
+    assert sorted(r.row_index for r in results) == list(range(7)) and {r.status for r in results} == {"ok"}
 
 
 def test_a_server_error_fails_the_group_without_splitting_it() -> None:

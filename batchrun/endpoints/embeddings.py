@@ -72,9 +72,11 @@ class Embeddings(Endpoint):
         vectors = answer.vectors or []
         if len(vectors) != len(weights):
             raise RowFatalAPIError(f"the answer has {len(vectors)} embeddings for {len(weights)} inputs")
-        usage = {name: apportion(getattr(answer, name), weights) for name in _USAGE}
-        return [Result(-1, "", "ok", model=answer.model, response_id=answer.response_id, embedding=vector,
-                       **{name: usage[name][i] for name in _USAGE}) for i, vector in enumerate(vectors)]
+        model, response_id = answer.model, answer.response_id
+        return [Result(-1, "", "ok", model=model, response_id=response_id, embedding=vector, prompt_tokens=prompt,
+                       completion_tokens=completion, total_tokens=total, cached_tokens=cached, reasoning_tokens=reasoning)
+                for vector, prompt, completion, total, cached, reasoning
+                in zip(vectors, *(apportion(getattr(answer, name), weights) for name in _USAGE))]
 
     def shared_prefix(self, body: Mapping[str, Any], payload: bytes) -> tuple[int, int] | None:
         """Embeddings are not generated from a prompt: no prefix cache to share."""
