@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["dumps", "loads", "loads_utf8"]
+__all__ = ["dumps", "loads", "loads_line", "loads_utf8"]
 
 _scan = json.scanner.make_scanner(json.decoder.JSONDecoder())
 _space = json.decoder.WHITESPACE.match
@@ -56,7 +56,20 @@ def loads_utf8(data: bytes) -> Any:
     try:
         return _fast(data)
     except _Refused:
-        pass
+        return _json_utf8(data)
+
+
+def loads_line(data: bytes) -> tuple[Any, bool]:
+    """`loads_utf8(data)`, and whether msgspec read it. What msgspec reads holds no NaN or
+    Infinity, no number past a float's range and no lone surrogate, escaped or as bytes
+    (it refuses them all, and json reads them): only text it refused needs looking at."""
+    try:
+        return _fast(data), True
+    except _Refused:
+        return _json_utf8(data), False
+
+
+def _json_utf8(data: bytes) -> Any:
     if data[:1] == b"{" and data[1:2] != b"\x00":
         return loads(data.decode("utf-8", "surrogatepass"))
     return json.loads(data)

@@ -76,6 +76,7 @@ def test_prompt_rows_go_to_chat_when_the_spec_says_so(tmp_path: Path) -> None:
         ('{"custom_id": "c", "body": {"prompt": 5}}', "line 3: prompt must be a string, got int"),
         ('{"prompt": "x", "temperature": NaN}', "line 3: temperature: nan is not a number JSON can carry"),
         ('{"prompt": "x", "logit_bias": {"7": -Infinity}}', "line 3: logit_bias.7: -inf is not a number"),
+        ('{"prompt": "x", "temperature": 1e999}', "line 3: temperature: inf is not a number JSON can carry"),
         # JSON text inside a field: what it decodes to is held to the same checks
         ('{"messages": "[{\\"role\\": \\"user\\", \\"content\\": \\"\\\\ud800\\"}]"}',
          "line 3: messages[0].content holds a lone surrogate"),
@@ -91,6 +92,14 @@ def test_bad_rows_name_file_and_line(tmp_path: Path, line: str, message: str) ->
     with pytest.raises(InputError) as info:
         InputReader(path).validate()
     assert message in str(info.value)
+
+
+def test_a_surrogate_written_as_bytes_is_refused_with_its_line(tmp_path: Path) -> None:
+    """Bytes ED A0 80 are no UTF-8 but json reads them (surrogatepass) as "\ud800"."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n{"id": 7, "prompt": "bad \xed\xa0\x80 here"}\n')
+    with pytest.raises(InputError, match="line 2: prompt holds a lone surrogate"):
+        InputReader(path).validate()
 
 
 @pytest.fixture(params=["in memory", "on disk"])

@@ -4,29 +4,23 @@ Python parses more than a request can hold: lone surrogates (`"\\ud800"` is vali
 JSON, yet no UTF-8 text), NaN and Infinity, nesting deep enough to break the
 encoder later, and from Parquet or CSV any Arrow type (bytes, dates). These checks
 run once, while the input is validated, so that such a row stops the job before
-any request, named by its file and line. The costly ones run only on lines that a
-byte search (`SUSPECT`) says may need them.
+any request, named by its file and line. The costly ones run only on JSON lines
+that msgspec refused (see `_json.loads_line`) or that hold brackets enough to nest
+past MAX_DEPTH.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
 from .._exceptions import InputError
 
-__all__ = ["MAX_DEPTH", "SUSPECT", "check_body", "check_messages", "check_record", "depth"]
+__all__ = ["MAX_DEPTH", "check_body", "check_messages", "check_record", "depth"]
 
 MAX_DEPTH = 100  # levels of nesting in a line; far past any real request, far below Python's limit
-# Escapes of a high surrogate not followed by a low one, or of a low one not after a
-# high one (a pair such as \ud83d\ude00 is one character), and non-JSON numbers.
-# (Each branch starts with a literal, so the search skips ahead as fast as a find.)
-SUSPECT = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
-                     rb"|\\u[dD][c-fC-F][0-9a-fA-F]{2}(?<!\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-                     rb"|NaN|Infinity")
 
 
 def check_record(record: dict[str, Any], fail: Callable[[str], InputError]) -> None:
@@ -35,8 +29,8 @@ def check_record(record: dict[str, Any], fail: Callable[[str], InputError]) -> N
         raise fail(f"nested more than {MAX_DEPTH} levels deep; no request needs that")
     found = _find(record, lambda v: isinstance(v, str) and not _is_unicode(v))
     if found is not None:
-        raise fail(f"{found[0] or 'a key'} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which "
-                   "is not text and cannot be sent or stored; fix the text")
+        raise fail(f"{found[0] or 'a key'} holds a lone surrogate (an unpaired \\ud800-\\udfff, escaped or as "
+                   "bytes), which is not text and cannot be sent or stored; fix the text")
 
 
 def check_body(body: dict[str, Any], fail: Callable[[str], InputError]) -> None:
