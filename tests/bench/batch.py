@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import KEY_ENV, PY, REPO, Run, Server, child_env, git_describe, run_client, source_fingerprint, table  # noqa: E402,I001
+from run import KEY_ENV, PY, REPO, Run, Server, child_env, compile_checkout, git_describe, run_client, source_fingerprint, table  # noqa: E402,I001,E501
 
 CONCURRENCY = 256  # run.py's zero-latency scenario
 ROWS_PER_BATCH = 50_000
@@ -317,6 +317,7 @@ def main() -> int:
 
     print(f"command: {shlex.join([os.path.relpath(PY, REPO) if PY.startswith(str(REPO)) else PY] + sys.argv)}")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    compile_checkout()
     before = source_fingerprint()
     print(f"batchrun: {git_describe()}; source fingerprint {before}")
     workdir = Path(tempfile.mkdtemp(prefix="batchrun-bench-batch-"))
