@@ -85,6 +85,39 @@ def test_json_lines_give_one_row_each_or_an_input_error(records: list, blanks: l
         assert count == len(records)  # nothing skipped without a word
 
 
+# What json reads and no request can carry, beside what it can
+hostile_values = st.sampled_from([
+    rb'"\ud800"', rb'"x\udc00"', rb'"\udc00\ud800"', b'"\xed\xa0\x80"', b'"\xed\xbf\xbf"', rb'"\ud83d\ude00"',
+    b"NaN", b"-Infinity", b"Infinity", b"1e999", b"-1E400", b"123456789012345678901234567890", b'"plain"',
+    b"0.5", b"[[1, [2]]]", b'{"k": NaN}', b'["\xed\xa0\x80"]', b"\xef\xbb\xbf", b"",
+])
+
+
+@SETTINGS
+@given(st.lists(st.tuples(hostile_values, hostile_values, hostile_values), min_size=1, max_size=4))
+def test_a_row_that_passes_validation_can_be_sent(lines: list[tuple[bytes, bytes, bytes]]) -> None:
+    """Whatever json reads in a line, a row validation lets through has a request body
+    that encodes as the client encodes it (UTF-8 JSON without NaN)."""
+    from batchrun._json import dumps
+
+    data = b"".join(b'{"prompt": %s, "temperature": %s, "note": %s}\n' % line for line in lines)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "in.jsonl"
+        path.write_bytes(data)
+        reader = InputReader(path, endpoint="completions")
+        try:
+            count, types = reader.validate()
+        except InputError as exc:
+            assert "in.jsonl" in str(exc)
+            return
+        rows = list(reader.rows())
+        assert len(rows) == count == len(lines)
+        for row in rows:
+            dumps(row.body).encode("utf-8")  # raises if it cannot be sent
+        if types:
+            assert sum(t.num_rows for t in reader.passthrough_batches(types)) == count
+
+
 stream_chunks = st.one_of(
     json_values.map(json.dumps),
     st.builds(
