@@ -74,7 +74,8 @@ class Embeddings(Endpoint):
             raise RowFatalAPIError(f"the answer has {len(vectors)} embeddings for {len(weights)} inputs")
         model, response_id = answer.model, answer.response_id
         return [Result(-1, "", "ok", model=model, response_id=response_id, embedding=vector, prompt_tokens=prompt,
-                       completion_tokens=completion, total_tokens=total, cached_tokens=cached, reasoning_tokens=reasoning)
+                       completion_tokens=completion, total_tokens=total, cached_tokens=cached,
+                       reasoning_tokens=reasoning)
                 for vector, prompt, completion, total, cached, reasoning
                 in zip(vectors, *(apportion(getattr(answer, name), weights) for name in _USAGE))]
 

@@ -39,7 +39,8 @@ import pyarrow.parquet as pq
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import KEY_ENV, PY, REPO, Run, Server, child_env, compile_checkout, git_describe, run_client, source_fingerprint, table  # noqa: E402,I001,E501
+from run import (KEY_ENV, PY, REPO, Run, Server, child_env, compile_checkout, git_describe, run_client,  # noqa: E402,I001
+                 source_fingerprint, table)
 
 CONCURRENCY = 256  # run.py's zero-latency scenario
 ROWS_PER_BATCH = 50_000
