@@ -170,3 +170,18 @@ def test_a_streamed_jobs_plan_bounds_what_answers_without_usage_are_charged(tmp_
     charged = job_status(load_spec(spec))["cost_usd"]
     assert charged == pytest.approx(before["cost_usd_max_without_usage"])
     assert charged > before["cost_usd_max"]  # what the token count's bound misses
+
+
+def test_a_plan_counts_the_requests_of_rows_that_go_several_to_one_as_the_run_sends_them(
+        tmp_path: Path, server: FakeServer) -> None:
+    """Rows whose other request fields differ (a `user`) go apart within a worker's 16 rows."""
+    rows = [{"input": f"text {i}", **({"user": "u1"} if i % 16 == 7 else {})} for i in range(320)]
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    spec = write_spec(tmp_path, endpoint="embeddings", inputs_per_request=16, concurrency=2,
+                      api={"base_url": server.base_url})
+
+    before = plan(spec)
+
+    assert (before["rows"], before["requests"]) == (320, 40)  # each 16: 15 without a user, 1 with
+    assert run_cli("run", str(spec), "--no-progress").code == 0
+    assert len(server.requests) == before["requests"]

@@ -155,6 +155,14 @@ class Endpoint:
 
     # -- several rows to a request (`grouped` kinds; see `engine.call`) ----------------------
 
+    def group_key(self, body: Mapping[str, Any]) -> str:
+        """Rows whose request fields other than `field` agree go in one request: what they
+        share. A row with nothing but its field (most) needs no JSON made: json.dumps with
+        sort_keys builds an encoder each call, 15 % of an embeddings job's event loop."""
+        if len(body) == 1 and self.field in body:
+            return ""
+        return json.dumps({k: v for k, v in body.items() if k != self.field}, sort_keys=True)
+
     def build_group_body(self, inputs: Sequence[Any], row_body: Mapping[str, Any], model: str | None,
                          params: Mapping[str, Any]) -> dict[str, Any]:
         """One request for rows that differ only in their `field`: `inputs`, in row order."""

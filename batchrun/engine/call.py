@@ -13,7 +13,6 @@ goes, by the `HoldLog` the caller passes in (the run's writer).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -198,15 +197,10 @@ class Caller:
         """Answer rows that go several to a request (a `grouped` endpoint): rows whose other
         request fields agree go in one. A request refused (4xx) for its content is split in
         halves until the row it is about fails alone, with the API's message."""
-        field = get_endpoint(rows[0].endpoint).field
+        endpoint = get_endpoint(rows[0].endpoint)
         groups: dict[str, list[Row]] = {}
         for row in rows:
-            body = row.body
-            # A row with nothing but its input (most) needs no key made: json.dumps with
-            # sort_keys builds an encoder each call, 15 % of an embeddings job's event loop.
-            key = "" if len(body) == 1 and field in body else \
-                json.dumps({k: v for k, v in body.items() if k != field}, sort_keys=True)
-            groups.setdefault(key, []).append(row)
+            groups.setdefault(endpoint.group_key(row.body), []).append(row)
         results: list[Result] = []
         for group in groups.values():
             results += await self._group(group, 0)

@@ -15,7 +15,6 @@ answers already, at their mean. Nothing here opens a connection or writes a file
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -96,10 +95,9 @@ def plan_job(job: str | os.PathLike[str] | JobSpec, *, restart: bool = False) ->
         total, _ = reader.validate()
         done, answered, unmetered = _done(spec, storage, digest, total, restart=restart)
         count, tokenizer = _counter(spec)
-        rows, prompt, completion_max, payload = _count(spec, (row for row in reader.rows() if not done[row.index]),
-                                                       count)
+        rows, requests, prompt, completion_max, payload = _count(
+            spec, (row for row in reader.rows() if not done[row.index]), count)
     grouped = spec.grouped
-    requests = math.ceil(rows / spec.rows_per_request)
     if grouped:
         completion_max = 0
     mean_completion, mean_latency = answered
@@ -158,15 +156,26 @@ def _cost(price: Price | None, prompt: int, completion: int | None) -> float | N
 
 
 def _count(spec: JobSpec, rows: Iterator[Row],
-           count: Callable[[list[str]], int]) -> tuple[int, int, int | None, int]:
-    """The rows, their prompt tokens, their completion tokens at most (None: unbounded,
-    for a row with no max_tokens and no assumed bound), and their requests' bytes (a row's
-    own, where several go to a request: a little more than theirs)."""
-    n = prompt = completion_max = payload = 0
+           count: Callable[[list[str]], int]) -> tuple[int, int, int, int | None, int]:
+    """The rows, their requests, their prompt tokens, their completion tokens at most
+    (None: unbounded, for a row with no max_tokens and no assumed bound), and their
+    requests' bytes (a row's own, where several go to a request: a little more than theirs).
+
+    Rows that go several to a request are counted as a run sends them: a worker takes
+    `rows_per_request` rows at a time, which go in one request for each set of other
+    request fields among them (`Endpoint.group_key`)."""
+    n = requests = prompt = completion_max = payload = 0
     bounded = True
-    for batch in _batches(rows, BATCH):
+    size = spec.rows_per_request
+    for batch in _batches(rows, max(size, BATCH - BATCH % size)):  # whole windows of `size` rows
         n += len(batch)
         texts = []
+        if spec.grouped:
+            endpoint = get_endpoint(batch[0].endpoint)
+            requests += sum(len({endpoint.group_key(row.body) for row in batch[at:at + size]})
+                            for at in range(0, len(batch), size))
+        else:
+            requests += len(batch)
         for row in batch:
             body = get_endpoint(row.endpoint).build_body(row.body, spec.model, spec.params)
             payload += len(dumps(body).encode())
@@ -177,7 +186,7 @@ def _count(spec: JobSpec, rows: Iterator[Row],
             else:
                 completion_max += most
         prompt += sum(count(parts) for parts in texts)
-    return n, prompt, completion_max if bounded else None, payload
+    return n, requests, prompt, completion_max if bounded else None, payload
 
 
 def _done(spec: JobSpec, storage: Store, digest: str, total: int, *,
